@@ -1,0 +1,15 @@
+-- Per-domain counters. fillfactor leaves room on each page so counter updates can be HOT
+-- (heap-only tuple) updates that touch no index.
+CREATE TABLE domains (
+    domain    text   PRIMARY KEY,
+    delivered bigint NOT NULL DEFAULT 0 CHECK (delivered >= 0),
+    bounced   bigint NOT NULL DEFAULT 0 CHECK (bounced >= 0)
+) WITH (fillfactor = 90);
+
+-- Message ids already applied, written in the same transaction as the counters, so a
+-- redelivered or republished message is counted once. Purged after the retention.
+CREATE TABLE applied_messages (
+    message_id text        PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX applied_messages_applied_at ON applied_messages (applied_at);

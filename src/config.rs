@@ -1,0 +1,226 @@
+//! Configuration (SPEC §6): every setting is a flag with an environment variable beside it.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// The worker's command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "catchall",
+    version,
+    about = "Learns which email domains are catch-all from \
+delivered/bounced events on RabbitMQ, and serves their status over HTTP."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub config: Config,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply the database migrations and exit (the worker also applies them at start).
+    Migrate,
+}
+
+/// Where the events come from; shared with the producer.
+#[derive(Debug, Clone, Args)]
+pub struct AmqpArgs {
+    /// RabbitMQ URL. Its password is never logged.
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
+    )]
+    pub amqp_url: String,
+
+    /// Topic exchange events are published to. Its dead-letter exchange is `<exchange>.dlx`.
+    #[arg(
+        long = "exchange",
+        visible_alias = "catchall-exchange",
+        env = "CATCHALL_EXCHANGE",
+        default_value = "catchall.events"
+    )]
+    pub exchange: String,
+}
+
+/// Every setting of the worker.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    #[command(flatten)]
+    pub amqp: AmqpArgs,
+
+    /// Durable quorum queue the workers share. Rejected messages go to `<queue>.dead`.
+    #[arg(
+        long = "queue",
+        visible_alias = "catchall-queue",
+        env = "CATCHALL_QUEUE",
+        default_value = "catchall.events"
+    )]
+    pub queue: String,
+
+    /// Postgres URL. Its password is never logged.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/catchall",
+        hide_env_values = true
+    )]
+    pub database_url: String,
+
+    /// Address of the HTTP server (status, health, metrics). Port 0 picks a free port.
+    #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+
+    /// A domain with no bounce and strictly more deliveries than this is catch-all.
+    #[arg(
+        long = "threshold",
+        visible_alias = "catchall-threshold",
+        env = "CATCHALL_THRESHOLD",
+        default_value_t = 1000
+    )]
+    pub threshold: i64,
+
+    /// Most messages applied in one database transaction.
+    #[arg(long, env = "BATCH_SIZE", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=65_535))]
+    pub batch_size: u32,
+
+    /// How long a batch waits to fill after its first message, in milliseconds.
+    #[arg(long, env = "BATCH_TIMEOUT_MS", default_value_t = 20)]
+    pub batch_timeout_ms: u64,
+
+    /// Unacknowledged messages the broker may hand this worker; at least the batch size, so a
+    /// batch can fill while the previous one commits. It also bounds memory while Postgres is down.
+    #[arg(long, env = "PREFETCH", default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..))]
+    pub prefetch: u16,
+
+    /// Postgres connections in the pool (batch commits, status look-ups, health checks).
+    #[arg(long, env = "DB_POOL_SIZE", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub db_pool_size: u32,
+
+    /// How long applied message ids are remembered for deduplication (e.g. `7d`, `12h`).
+    #[arg(long, env = "DEDUP_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub dedup_retention: Duration,
+
+    /// Deliveries after which the quorum queue dead-letters a message that keeps failing.
+    #[arg(long, env = "DELIVERY_LIMIT", default_value_t = 20)]
+    pub delivery_limit: u32,
+
+    /// How long a stop (SIGTERM/SIGINT) may take to commit and ack what is in flight.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Log format; by default `pretty` on a terminal and `json` otherwise. Levels come from RUST_LOG.
+    #[arg(long, env = "LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+impl Config {
+    /// The configuration with every default and the given database, queue and exchange; for tests
+    /// and benchmarks that run the worker in-process.
+    pub fn with_names(database_url: &str, exchange: &str, queue: &str) -> Self {
+        let mut config = Cli::parse_from(["catchall"]).config;
+        config.database_url = database_url.to_string();
+        config.amqp.exchange = exchange.to_string();
+        config.queue = queue.to_string();
+        config.http_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        config
+    }
+
+    pub fn batch_timeout(&self) -> Duration {
+        Duration::from_millis(self.batch_timeout_ms)
+    }
+
+    /// Checks what clap cannot check alone.
+    pub fn validate(&self) -> Result<(), String> {
+        if u32::from(self.prefetch) < self.batch_size {
+            return Err(format!(
+                "PREFETCH ({}) must be at least BATCH_SIZE ({}), or batches could never fill",
+                self.prefetch, self.batch_size
+            ));
+        }
+        if self.dedup_retention.is_zero() {
+            return Err("DEDUP_RETENTION must be longer than 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// A URL with its password replaced by `***`, for logs.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                let _ = parsed.set_password(Some("***"));
+            }
+            parsed.to_string()
+        }
+        Err(_) => "<unparsable url>".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let config = Cli::try_parse_from(["catchall"]).unwrap().config;
+        assert_eq!(
+            config.amqp.amqp_url,
+            "amqp://guest:guest@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(
+            config.database_url,
+            "postgres://postgres@127.0.0.1:5432/catchall"
+        );
+        assert_eq!(config.http_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.amqp.exchange, "catchall.events");
+        assert_eq!(config.queue, "catchall.events");
+        assert_eq!(config.threshold, 1000);
+        assert_eq!(config.dedup_retention, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(config.shutdown_timeout, Duration::from_secs(10));
+        assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn bad_flags_are_usage_errors() {
+        for args in [
+            vec!["catchall", "--batch-size", "0"],
+            vec!["catchall", "--threshold", "many"],
+            vec!["catchall", "--dedup-retention", "forever"],
+            vec!["catchall", "--http-addr", "nowhere"],
+            vec!["catchall", "--log-format", "xml"],
+            vec!["catchall", "--no-such-flag"],
+        ] {
+            let err = Cli::try_parse_from(&args).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
+        let config = Cli::try_parse_from(["catchall", "--batch-size", "600", "--prefetch", "500"])
+            .unwrap()
+            .config;
+        assert!(config.validate().unwrap_err().contains("PREFETCH"));
+    }
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact_url("amqp://user:s3cret@host:5672/%2f"),
+            "amqp://user:***@host:5672/%2f"
+        );
+        assert_eq!(
+            redact_url("postgres://postgres@127.0.0.1/catchall"),
+            "postgres://postgres@127.0.0.1/catchall"
+        );
+        assert!(!redact_url("postgres://u:pw@h/db").contains("pw"));
+    }
+}

@@ -1,0 +1,317 @@
+//! The consumer: deliveries in, batches applied to Postgres, acks out (SPEC §4).
+//!
+//! [`Consumer::process_batch`] is one unit of work: gather a batch, apply it in one transaction,
+//! then ack it. [`run`] calls it in a loop and reconnects when the broker goes away; tests call it
+//! one step at a time.
+
+use crate::amqp::{self, Topology};
+use crate::backoff::Backoff;
+use crate::config::Config;
+use crate::event::parse_message;
+use crate::health::Health;
+use crate::metrics;
+use crate::store::{Applied, Message, Store};
+use anyhow::{Context, anyhow};
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// How many messages make a batch, and how long a batch waits to fill.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchSettings {
+    pub size: usize,
+    pub timeout: Duration,
+}
+
+/// Deliveries gathered into one unit of work.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Valid messages, in delivery order.
+    pub messages: Vec<Message>,
+    /// Delivery tag of the last valid message: one multiple-ack settles the whole batch.
+    pub last_tag: Option<u64>,
+    /// Invalid messages rejected (dead-lettered) while gathering.
+    pub rejected: usize,
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// A batch was committed and acked (or held only rejected messages).
+    Done { applied: Applied, rejected: usize },
+    /// The stop signal came; what was in flight was committed and acked.
+    Stopped { applied: Applied, rejected: usize },
+}
+
+/// One connection, one channel, one consumer on the events queue.
+pub struct Consumer {
+    connection: Connection,
+    channel: Channel,
+    deliveries: lapin::Consumer,
+    consumer_tag: String,
+    settings: BatchSettings,
+}
+
+impl Consumer {
+    /// Connects, declares the topology, sets the prefetch and starts consuming.
+    pub async fn open(config: &Config) -> anyhow::Result<Self> {
+        let connection = amqp::connect(&config.amqp.amqp_url, "catchall-worker")
+            .await
+            .with_context(|| {
+                format!(
+                    "connecting to RabbitMQ at {}",
+                    crate::config::redact_url(&config.amqp.amqp_url)
+                )
+            })?;
+        let channel = connection
+            .create_channel()
+            .await
+            .context("opening a channel")?;
+        Topology::new(&config.amqp.exchange, &config.queue, config.delivery_limit)
+            .declare(&channel)
+            .await
+            .context("declaring the topology")?;
+        // qos before consume, so the broker never sends more than the prefetch.
+        channel
+            .basic_qos(config.prefetch, BasicQosOptions::default())
+            .await
+            .context("setting the prefetch")?;
+        let consumer_tag = format!("catchall-{}", uuid::Uuid::now_v7());
+        let deliveries = channel
+            .basic_consume(
+                config.queue.as_str().into(),
+                consumer_tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("consuming from queue {}", config.queue))?;
+        tracing::info!(queue = %config.queue, prefetch = config.prefetch, "Consuming.");
+        Ok(Self {
+            connection,
+            channel,
+            deliveries,
+            consumer_tag,
+            settings: BatchSettings {
+                size: config.batch_size as usize,
+                timeout: config.batch_timeout(),
+            },
+        })
+    }
+
+    /// Gathers a batch: waits for a first delivery, then until the batch is full or its timeout
+    /// has passed, whichever comes first. Invalid messages are rejected at once (no requeue, so
+    /// they are dead-lettered). Returns early with what it has when `cancel` fires.
+    pub async fn next_batch(&mut self, cancel: &CancellationToken) -> anyhow::Result<Batch> {
+        let mut batch = Batch::default();
+        let mut deadline: Option<tokio::time::Instant> = None;
+        while batch.messages.len() < self.settings.size {
+            let next = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                next = self.deliveries.next() => next,
+                _ = sleep_until(deadline) => break,
+            };
+            let delivery = match next {
+                Some(Ok(delivery)) => delivery,
+                Some(Err(error)) => return Err(error).context("the consumer failed"),
+                None => return Err(anyhow!("the broker ended the consumer")),
+            };
+            let id = delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.as_str().to_string())
+                .filter(|id| !id.is_empty());
+            match parse_message(&delivery.data) {
+                Ok(events) => {
+                    batch.messages.push(Message { id, events });
+                    batch.last_tag = Some(delivery.delivery_tag);
+                    deadline
+                        .get_or_insert_with(|| tokio::time::Instant::now() + self.settings.timeout);
+                }
+                Err(reason) => {
+                    metrics::message_rejected(reason, delivery.delivery_tag, id.as_deref());
+                    self.channel
+                        .basic_reject(delivery.delivery_tag, BasicRejectOptions { requeue: false })
+                        .await
+                        .context("rejecting an invalid message")?;
+                    batch.rejected += 1;
+                }
+            }
+        }
+        Ok(batch)
+    }
+
+    /// Applies a batch and then acks it. A Postgres failure is retried with backoff and the
+    /// batch stays unacked meanwhile; nothing is acked that was not committed.
+    pub async fn commit(
+        &mut self,
+        batch: &Batch,
+        store: &Store,
+        health: &Health,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<Applied> {
+        let Some(last_tag) = batch.last_tag else {
+            return Ok(Applied::default());
+        };
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let applied = loop {
+            let started = Instant::now();
+            match store.apply(&batch.messages).await {
+                Ok(applied) => {
+                    metrics::batch_committed(
+                        applied.messages,
+                        applied.duplicates,
+                        applied.delivered,
+                        applied.bounced,
+                        started.elapsed(),
+                    );
+                    health.set_db_error(None);
+                    break applied;
+                }
+                Err(error) => {
+                    let error = anyhow::Error::new(error).context("applying a batch");
+                    let wait = backoff.next_wait();
+                    metrics::db_error(&error, wait);
+                    health.set_db_error(Some(format!("{error:#}")));
+                    if !self.channel.status().connected() {
+                        return Err(anyhow!(
+                            "the channel closed while Postgres was failing; the broker redelivers the batch"
+                        ));
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = cancel.cancelled() => return Err(anyhow!(
+                            "stopped while Postgres was failing; the batch stays unacked and is redelivered"
+                        )),
+                    }
+                }
+            }
+        };
+        self.channel
+            .basic_ack(last_tag, BasicAckOptions { multiple: true })
+            .await
+            .context(
+                "acking a committed batch (it will be redelivered and skipped as a duplicate)",
+            )?;
+        Ok(applied)
+    }
+
+    /// One unit of work: gather a batch, commit it, ack it.
+    pub async fn process_batch(
+        &mut self,
+        store: &Store,
+        health: &Health,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<Step> {
+        let batch = self.next_batch(cancel).await?;
+        let applied = self.commit(&batch, store, health, cancel).await?;
+        let rejected = batch.rejected;
+        Ok(if cancel.is_cancelled() {
+            Step::Stopped { applied, rejected }
+        } else {
+            Step::Done { applied, rejected }
+        })
+    }
+
+    /// Cancels the consumer and closes the channel and connection. Deliveries that were
+    /// prefetched but not acked go back to the queue.
+    pub async fn close(self) {
+        let cancel = self
+            .channel
+            .basic_cancel(
+                self.consumer_tag.as_str().into(),
+                BasicCancelOptions::default(),
+            )
+            .await;
+        let channel = self.channel.close(200, "worker stopping".into()).await;
+        let connection = self.connection.close(200, "worker stopping".into()).await;
+        if let Err(error) = cancel.and(channel).and(connection) {
+            tracing::debug!(%error, "RabbitMQ connection closed uncleanly.");
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Consumes until `cancel` fires, reconnecting to RabbitMQ with capped exponential backoff.
+pub async fn run(config: Config, store: Store, health: &Health, cancel: CancellationToken) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+    while !cancel.is_cancelled() {
+        let error = match Consumer::open(&config).await {
+            Ok(mut consumer) => {
+                health.set_consuming(true);
+                let result = loop {
+                    match consumer.process_batch(&store, health, &cancel).await {
+                        Ok(Step::Done { applied, .. }) => {
+                            if applied.messages + applied.duplicates > 0 {
+                                backoff.reset();
+                            }
+                        }
+                        Ok(Step::Stopped { .. }) => break Ok(()),
+                        Err(error) => break Err(error),
+                    }
+                };
+                health.set_consuming(false);
+                if cancel.is_cancelled() {
+                    consumer.close().await;
+                }
+                match result {
+                    Ok(()) => {
+                        tracing::info!("Consumer stopped; in-flight batch committed and acked.");
+                        return;
+                    }
+                    Err(error) => error,
+                }
+            }
+            Err(error) => error,
+        };
+        if cancel.is_cancelled() {
+            tracing::warn!(
+                error = format!("{error:#}"),
+                "Consumer stopped with an error."
+            );
+            return;
+        }
+        let wait = backoff.next_wait();
+        metrics::broker_reconnect(&error, wait);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = cancel.cancelled() => return,
+        }
+    }
+}
+
+/// Purges applied message ids older than the retention, at an interval derived from it
+/// (a quarter of the retention, between 1 s and 10 min), until `cancel` fires.
+pub async fn purge_loop(store: Store, retention: Duration, cancel: CancellationToken) {
+    let every = (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(600));
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = cancel.cancelled() => return,
+        }
+        match store.purge_applied(retention).await {
+            Ok(rows) => metrics::dedup_purged(rows),
+            Err(error) => {
+                tracing::warn!(
+                    error = format!("{:#}", anyhow::Error::new(error)),
+                    "Purging applied message ids failed; will retry."
+                )
+            }
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! catchall: learns which email domains are catch-all from delivered/bounced events.
+//!
+//! Events arrive on RabbitMQ ([`amqp`]), are parsed and normalised ([`event`]), gathered into
+//! batches and applied to Postgres ([`consumer`], [`store`]); [`http`] serves the verdicts.
+
+pub mod amqp;
+pub mod app;
+pub mod backoff;
+pub mod config;
+pub mod consumer;
+pub mod event;
+pub mod health;
+pub mod http;
+pub mod metrics;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,171 @@
+//! Metrics and the logs that go with them, from one place (SPEC §5).
+//!
+//! Each function here is one thing that happens in the worker: it logs it (where a log helps an
+//! operator) and bumps its metric, with a small fixed label set.
+
+use crate::event::{EventType, RejectReason};
+use metrics::{Unit, counter, describe_counter, describe_histogram, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the Prometheus recorder once per process and returns the handle that renders it.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full("catchall_batch_events".into()),
+                    &[
+                        1.0, 10.0, 100.0, 500.0, 1000.0, 5000.0, 10_000.0, 50_000.0, 100_000.0,
+                    ],
+                )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Suffix("_duration_seconds".into()),
+                        &[
+                            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                            2.5, 5.0,
+                        ],
+                    )
+                })
+                .expect("bucket lists are non-empty constants");
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Only this function installs a recorder, and the OnceLock runs it once.
+            metrics::set_global_recorder(recorder)
+                .expect("no other metrics recorder is installed in this process");
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!(
+        "catchall_events_total",
+        "Events counted into Postgres, by type."
+    );
+    describe_counter!(
+        "catchall_messages_total",
+        "Messages settled, by outcome (applied, duplicate, rejected)."
+    );
+    describe_counter!(
+        "catchall_rejections_total",
+        "Messages rejected and dead-lettered, by reason."
+    );
+    describe_histogram!("catchall_batch_events", "Events per committed batch.");
+    describe_histogram!(
+        "catchall_batch_commit_duration_seconds",
+        Unit::Seconds,
+        "Time to apply and commit one batch in Postgres."
+    );
+    describe_counter!(
+        "catchall_db_errors_total",
+        "Postgres errors while applying a batch."
+    );
+    describe_counter!(
+        "catchall_broker_reconnects_total",
+        "Times the worker lost RabbitMQ and connected again."
+    );
+    describe_counter!(
+        "catchall_dedup_purged_total",
+        "Applied message ids purged after the retention."
+    );
+    describe_counter!(
+        "catchall_http_requests_total",
+        "HTTP requests, by route and status code."
+    );
+    describe_histogram!(
+        "catchall_http_request_duration_seconds",
+        Unit::Seconds,
+        "HTTP request latency, by route."
+    );
+    // Register every series at zero, so dashboards and alerts see them before the first event.
+    for kind in [EventType::Delivered, EventType::Bounced] {
+        counter!("catchall_events_total", "type" => kind.as_str()).absolute(0);
+    }
+    for outcome in ["applied", "duplicate", "rejected"] {
+        counter!("catchall_messages_total", "outcome" => outcome).absolute(0);
+    }
+    for reason in RejectReason::ALL {
+        counter!("catchall_rejections_total", "reason" => reason.as_str()).absolute(0);
+    }
+    counter!("catchall_db_errors_total").absolute(0);
+    counter!("catchall_broker_reconnects_total").absolute(0);
+    counter!("catchall_dedup_purged_total").absolute(0);
+}
+
+/// A batch was committed.
+pub fn batch_committed(
+    applied: usize,
+    duplicates: usize,
+    delivered: u64,
+    bounced: u64,
+    took: Duration,
+) {
+    counter!("catchall_messages_total", "outcome" => "applied").increment(applied as u64);
+    counter!("catchall_messages_total", "outcome" => "duplicate").increment(duplicates as u64);
+    counter!("catchall_events_total", "type" => "delivered").increment(delivered);
+    counter!("catchall_events_total", "type" => "bounced").increment(bounced);
+    histogram!("catchall_batch_events").record((delivered + bounced) as f64);
+    histogram!("catchall_batch_commit_duration_seconds").record(took.as_secs_f64());
+    tracing::debug!(
+        applied,
+        duplicates,
+        delivered,
+        bounced,
+        took_ms = took.as_millis() as u64,
+        "Batch committed."
+    );
+}
+
+/// A message was rejected without requeue, so the broker dead-letters it.
+pub fn message_rejected(reason: RejectReason, delivery_tag: u64, message_id: Option<&str>) {
+    counter!("catchall_messages_total", "outcome" => "rejected").increment(1);
+    counter!("catchall_rejections_total", "reason" => reason.as_str()).increment(1);
+    tracing::warn!(
+        reason = reason.as_str(),
+        delivery_tag,
+        message_id,
+        "Message rejected: {reason}; dead-lettered."
+    );
+}
+
+/// Postgres failed while applying a batch; the batch stays unacked and is retried.
+pub fn db_error(error: &anyhow::Error, retry_in: Duration) {
+    counter!("catchall_db_errors_total").increment(1);
+    tracing::warn!(
+        error = format!("{error:#}"),
+        retry_in_ms = retry_in.as_millis() as u64,
+        "Postgres failed to apply a batch; will retry."
+    );
+}
+
+/// The broker connection was lost (or never made) and the worker is connecting again.
+pub fn broker_reconnect(error: &anyhow::Error, retry_in: Duration) {
+    counter!("catchall_broker_reconnects_total").increment(1);
+    tracing::warn!(
+        error = format!("{error:#}"),
+        retry_in_ms = retry_in.as_millis() as u64,
+        "RabbitMQ connection lost; reconnecting."
+    );
+}
+
+/// Old applied message ids were purged.
+pub fn dedup_purged(rows: u64) {
+    counter!("catchall_dedup_purged_total").increment(rows);
+    if rows > 0 {
+        tracing::info!(rows, "Purged applied message ids older than the retention.");
+    }
+}
+
+/// An HTTP request was answered.
+pub fn http_request(route: &str, code: u16, took: Duration) {
+    counter!("catchall_http_requests_total", "route" => route.to_string(), "code" => code.to_string())
+        .increment(1);
+    histogram!("catchall_http_request_duration_seconds", "route" => route.to_string())
+        .record(took.as_secs_f64());
+}

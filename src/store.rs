@@ -1,0 +1,221 @@
+//! Postgres: the per-domain counters, the applied message ids, and the migrations.
+
+use crate::event::{Event, EventType};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+use tokio_postgres::NoTls;
+
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
+
+/// Errors at the store's boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid DATABASE_URL: {0}")]
+    Config(#[source] tokio_postgres::Error),
+    #[error("could not get a Postgres connection from the pool")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("Postgres query failed")]
+    Query(#[from] tokio_postgres::Error),
+    #[error("migration failed")]
+    Migration(#[from] refinery::Error),
+}
+
+/// A message ready to apply: its id (if the publisher set one) and its valid events.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub id: Option<String>,
+    pub events: Vec<Event>,
+}
+
+/// What applying one batch did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    /// Messages whose events were counted.
+    pub messages: usize,
+    /// Messages skipped because their id had already been applied.
+    pub duplicates: usize,
+    pub delivered: u64,
+    pub bounced: u64,
+    /// Distinct domains upserted.
+    pub domains: usize,
+}
+
+/// A domain's counters.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub delivered: i64,
+    pub bounced: i64,
+}
+
+/// The Postgres side of the worker. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+}
+
+const CLAIM_IDS: &str = "INSERT INTO applied_messages (message_id) \
+     SELECT * FROM unnest($1::text[]) ON CONFLICT DO NOTHING RETURNING message_id";
+const UPSERT: &str = "INSERT INTO domains AS d (domain, delivered, bounced) \
+     SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[]) \
+     ON CONFLICT (domain) DO UPDATE \
+     SET delivered = d.delivered + EXCLUDED.delivered, bounced = d.bounced + EXCLUDED.bounced";
+const LOOKUP: &str = "SELECT delivered, bounced FROM domains WHERE domain = $1";
+
+impl Store {
+    /// Builds the pool and checks that Postgres answers (fail fast at start).
+    pub async fn connect(database_url: &str, pool_size: u32) -> Result<Self, StoreError> {
+        let mut pg: tokio_postgres::Config = database_url.parse().map_err(StoreError::Config)?;
+        if pg.get_connect_timeout().is_none() {
+            pg.connect_timeout(Duration::from_secs(5));
+        }
+        pg.keepalives_idle(Duration::from_secs(30));
+        if pg.get_application_name().is_none() {
+            pg.application_name("catchall");
+        }
+        let manager = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size as usize)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(5)))
+            .create_timeout(Some(Duration::from_secs(5)))
+            .recycle_timeout(Some(Duration::from_secs(5)))
+            .build()
+            .expect("a runtime and timeouts are set, so the pool builds");
+        let store = Self { pool };
+        store.ping().await?;
+        Ok(store)
+    }
+
+    /// Applies the migrations in `migrations/`. Replicas starting together serialise on an
+    /// advisory lock, so only one applies each migration.
+    pub async fn migrate(&self) -> Result<refinery::Report, StoreError> {
+        const LOCK: i64 = 0x0063_6174_6368_616c; // "catchal"
+        let mut client = self.pool.get().await?;
+        client
+            .execute("SELECT pg_advisory_lock($1)", &[&LOCK])
+            .await?;
+        let client_ref: &mut tokio_postgres::Client = &mut client;
+        let report = embedded::migrations::runner().run_async(client_ref).await;
+        client
+            .execute("SELECT pg_advisory_unlock($1)", &[&LOCK])
+            .await?;
+        Ok(report?)
+    }
+
+    /// Checks that Postgres answers a query.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let client = self.pool.get().await?;
+        client.simple_query("SELECT 1").await?;
+        Ok(())
+    }
+
+    /// Applies a batch in one transaction: claims the message ids (skipping those already
+    /// applied, here or by another worker), then adds the remaining events per domain with one
+    /// upsert in sorted domain order, so concurrent workers cannot deadlock.
+    pub async fn apply(&self, batch: &[Message]) -> Result<Applied, StoreError> {
+        let mut applied = Applied::default();
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+
+        // Ids, sorted (lock order) and without repeats within the batch.
+        let mut ids: Vec<&str> = batch.iter().filter_map(|m| m.id.as_deref()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let fresh: HashSet<String> = if ids.is_empty() {
+            HashSet::new()
+        } else {
+            let claim = tx.prepare_cached(CLAIM_IDS).await?;
+            tx.query(&claim, &[&ids])
+                .await?
+                .iter()
+                .map(|row| row.get(0))
+                .collect()
+        };
+
+        let mut seen: HashSet<&str> = HashSet::with_capacity(ids.len());
+        let mut totals: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
+        for message in batch {
+            if let Some(id) = message.id.as_deref() {
+                if !fresh.contains(id) || !seen.insert(id) {
+                    applied.duplicates += 1;
+                    continue;
+                }
+            }
+            applied.messages += 1;
+            for event in &message.events {
+                let entry = totals.entry(event.domain.as_str()).or_default();
+                match event.kind {
+                    EventType::Delivered => {
+                        entry.0 += 1;
+                        applied.delivered += 1;
+                    }
+                    EventType::Bounced => {
+                        entry.1 += 1;
+                        applied.bounced += 1;
+                    }
+                }
+            }
+        }
+        applied.domains = totals.len();
+
+        if !totals.is_empty() {
+            let mut domains = Vec::with_capacity(totals.len());
+            let mut delivered = Vec::with_capacity(totals.len());
+            let mut bounced = Vec::with_capacity(totals.len());
+            for (domain, (d, b)) in totals {
+                domains.push(domain);
+                delivered.push(d);
+                bounced.push(b);
+            }
+            let upsert = tx.prepare_cached(UPSERT).await?;
+            tx.execute(&upsert, &[&domains, &delivered, &bounced])
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(applied)
+    }
+
+    /// A domain's counters; zero for a domain never seen.
+    pub async fn lookup(&self, domain: &str) -> Result<Counts, StoreError> {
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(LOOKUP).await?;
+        let row = client.query_opt(&statement, &[&domain]).await?;
+        Ok(row
+            .map(|row| Counts {
+                delivered: row.get(0),
+                bounced: row.get(1),
+            })
+            .unwrap_or_default())
+    }
+
+    /// Deletes applied message ids older than `retention`, a slice at a time so no long lock is
+    /// held. Returns how many were deleted.
+    pub async fn purge_applied(&self, retention: Duration) -> Result<u64, StoreError> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached(
+                "DELETE FROM applied_messages WHERE message_id IN ( \
+                   SELECT message_id FROM applied_messages \
+                   WHERE applied_at < now() - make_interval(secs => $1) LIMIT 10000)",
+            )
+            .await?;
+        let seconds = retention.as_secs_f64();
+        let mut total = 0;
+        loop {
+            let deleted = client.execute(&statement, &[&seconds]).await?;
+            total += deleted;
+            if deleted < 10_000 {
+                return Ok(total);
+            }
+        }
+    }
+}
