@@ -75,7 +75,7 @@ impl App {
             http = %listener.local_addr().context("reading the HTTP address")?,
             amqp = %redact_url(&config.amqp.amqp_url),
             exchange = %config.amqp.exchange,
-            queue = %config.queue,
+            queue = %config.amqp.queue,
             batch_size = config.batch_size,
             batch_timeout_ms = config.batch_timeout_ms,
             prefetch = config.prefetch,

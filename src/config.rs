@@ -25,7 +25,8 @@ pub enum Command {
     Migrate,
 }
 
-/// Where the events come from; shared with the producer.
+/// The broker and the topology (SPEC §3); shared with the producer, which declares the same
+/// topology so that events published before any worker starts are kept.
 #[derive(Debug, Clone, Args)]
 pub struct AmqpArgs {
     /// RabbitMQ URL. Its password is never logged.
@@ -45,13 +46,6 @@ pub struct AmqpArgs {
         default_value = "catchall.events"
     )]
     pub exchange: String,
-}
-
-/// Every setting of the worker.
-#[derive(Debug, Clone, Args)]
-pub struct Config {
-    #[command(flatten)]
-    pub amqp: AmqpArgs,
 
     /// Durable quorum queue the workers share. Rejected messages go to `<queue>.dead`.
     #[arg(
@@ -61,6 +55,17 @@ pub struct Config {
         default_value = "catchall.events"
     )]
     pub queue: String,
+
+    /// Deliveries after which the quorum queue dead-letters a message that keeps failing.
+    #[arg(long, env = "DELIVERY_LIMIT", default_value_t = 20)]
+    pub delivery_limit: u32,
+}
+
+/// Every setting of the worker.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    #[command(flatten)]
+    pub amqp: AmqpArgs,
 
     /// Postgres URL. Its password is never logged.
     #[arg(
@@ -105,10 +110,6 @@ pub struct Config {
     #[arg(long, env = "DEDUP_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
     pub dedup_retention: Duration,
 
-    /// Deliveries after which the quorum queue dead-letters a message that keeps failing.
-    #[arg(long, env = "DELIVERY_LIMIT", default_value_t = 20)]
-    pub delivery_limit: u32,
-
     /// How long a stop (SIGTERM/SIGINT) may take to commit and ack what is in flight.
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
@@ -116,6 +117,13 @@ pub struct Config {
     /// Log format; by default `pretty` on a terminal and `json` otherwise. Levels come from RUST_LOG.
     #[arg(long, env = "LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+}
+
+impl AmqpArgs {
+    /// The exchanges and queues these settings name.
+    pub fn topology(&self) -> crate::amqp::Topology {
+        crate::amqp::Topology::new(&self.exchange, &self.queue, self.delivery_limit)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -131,7 +139,7 @@ impl Config {
         let mut config = Cli::parse_from(["catchall"]).config;
         config.database_url = database_url.to_string();
         config.amqp.exchange = exchange.to_string();
-        config.queue = queue.to_string();
+        config.amqp.queue = queue.to_string();
         config.http_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         config
     }
@@ -185,7 +193,7 @@ mod tests {
         );
         assert_eq!(config.http_addr.to_string(), "127.0.0.1:8080");
         assert_eq!(config.amqp.exchange, "catchall.events");
-        assert_eq!(config.queue, "catchall.events");
+        assert_eq!(config.amqp.queue, "catchall.events");
         assert_eq!(config.threshold, 1000);
         assert_eq!(config.dedup_retention, Duration::from_secs(7 * 24 * 3600));
         assert_eq!(config.shutdown_timeout, Duration::from_secs(10));

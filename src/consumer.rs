@@ -4,7 +4,7 @@
 //! then ack it. [`run`] calls it in a loop and reconnects when the broker goes away; tests call it
 //! one step at a time.
 
-use crate::amqp::{self, Topology};
+use crate::amqp;
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::event::parse_message;
@@ -72,7 +72,9 @@ impl Consumer {
             .create_channel()
             .await
             .context("opening a channel")?;
-        Topology::new(&config.amqp.exchange, &config.queue, config.delivery_limit)
+        config
+            .amqp
+            .topology()
             .declare(&channel)
             .await
             .context("declaring the topology")?;
@@ -84,14 +86,14 @@ impl Consumer {
         let consumer_tag = format!("catchall-{}", uuid::Uuid::now_v7());
         let deliveries = channel
             .basic_consume(
-                config.queue.as_str().into(),
+                config.amqp.queue.as_str().into(),
                 consumer_tag.as_str().into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
             .await
-            .with_context(|| format!("consuming from queue {}", config.queue))?;
-        tracing::info!(queue = %config.queue, prefetch = config.prefetch, "Consuming.");
+            .with_context(|| format!("consuming from queue {}", config.amqp.queue))?;
+        tracing::info!(queue = %config.amqp.queue, prefetch = config.prefetch, "Consuming.");
         Ok(Self {
             connection,
             channel,

@@ -1,1 +1,288 @@
-fn main() {}
+//! `catchall-producer`: publishes delivered/bounced events onto RabbitMQ with publisher confirms.
+
+mod generate;
+mod publisher;
+
+use anyhow::Context;
+use catchall::config::AmqpArgs;
+use catchall::event::{Event, EventType, parse_message};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use publisher::{Outgoing, Publisher, PublisherSettings};
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncBufReadExt;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "catchall-producer",
+    version,
+    about = "Publishes delivered/bounced events for \
+catchall onto RabbitMQ, with publisher confirms and retries."
+)]
+struct Cli {
+    #[command(flatten)]
+    amqp: AmqpArgs,
+
+    /// Most publishes awaiting a broker confirm at once.
+    #[arg(long, env = "PRODUCER_WINDOW", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    window: u32,
+
+    /// How long to wait for a confirm before publishing the message again (same message_id).
+    #[arg(long, env = "PRODUCER_CONFIRM_TIMEOUT", default_value = "10s", value_parser = humantime_duration)]
+    confirm_timeout: Duration,
+
+    /// Attempts per message before the producer gives up on it (and exits non-zero).
+    #[arg(long, env = "PRODUCER_MAX_ATTEMPTS", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
+    max_attempts: u32,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// A synthetic stream shaped like the original assignment's generator.
+    Generate {
+        /// Events to publish.
+        #[arg(long)]
+        events: u64,
+        /// Cap on events per second (default: as fast as the broker confirms).
+        #[arg(long)]
+        rate: Option<u64>,
+        /// Events per message (1 publishes single-event messages).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        batch: u32,
+        /// Seed of the stream; the same seed gives the same events.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Write the confirmed per-domain counts here, as CSV `domain,delivered,bounced`.
+        #[arg(long)]
+        expect: Option<PathBuf>,
+    },
+    /// Publish N copies of one event (each its own message).
+    Send {
+        /// Recipient domain (normalised before publishing).
+        domain: String,
+        /// `delivered` or `bounced`.
+        #[arg(value_parser = event_type)]
+        kind: EventType,
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+    },
+    /// Publish NDJSON events (one `{"domain":…,"type":…}` per line) from a file or stdin (`-`).
+    Publish {
+        #[arg(default_value = "-")]
+        file: String,
+        /// Events per message.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        batch: u32,
+    },
+}
+
+fn event_type(s: &str) -> Result<EventType, String> {
+    s.parse()
+        .map_err(|_| "must be `delivered` or `bounced`".to_string())
+}
+
+fn humantime_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// Counts what the broker confirmed, per domain, and drives the progress bar.
+#[derive(Default)]
+struct Tally {
+    events: u64,
+    messages: u64,
+    per_domain: HashMap<String, (u64, u64)>,
+    keep_domains: bool,
+}
+
+impl Tally {
+    fn confirmed(&mut self, message: &Outgoing) {
+        self.messages += 1;
+        self.events += message.events.len() as u64;
+        if self.keep_domains {
+            for event in &message.events {
+                let entry = self.per_domain.entry(event.domain.clone()).or_default();
+                match event.kind {
+                    EventType::Delivered => entry.0 += 1,
+                    EventType::Bounced => entry.1 += 1,
+                }
+            }
+        }
+    }
+
+    fn write_csv(&self, path: &PathBuf) -> anyhow::Result<()> {
+        let mut rows: Vec<_> = self.per_domain.iter().collect();
+        rows.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let file =
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        let mut out = std::io::BufWriter::new(file);
+        writeln!(out, "domain,delivered,bounced")?;
+        for (domain, (delivered, bounced)) in rows {
+            writeln!(out, "{domain},{delivered},{bounced}")?;
+        }
+        out.flush()
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(())
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    catchall::telemetry::init(None);
+    match run(cli).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(error) => {
+            eprintln!("catchall-producer: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Returns whether every event was confirmed.
+async fn run(cli: Cli) -> anyhow::Result<bool> {
+    let settings = PublisherSettings {
+        window: cli.window as usize,
+        confirm_timeout: cli.confirm_timeout,
+        max_attempts: cli.max_attempts,
+    };
+    let (total, expect) = match &cli.command {
+        Command::Generate { events, expect, .. } => (Some(*events), expect.clone()),
+        Command::Send { count, .. } => (Some(*count), None),
+        Command::Publish { .. } => (None, None),
+    };
+    let progress = progress_bar(total);
+    let mut tally = Tally {
+        keep_domains: expect.is_some(),
+        ..Tally::default()
+    };
+    let started = Instant::now();
+    let mut publisher = Publisher::connect(cli.amqp.clone(), settings, |message: &Outgoing| {
+        tally.confirmed(message);
+        progress.inc(message.events.len() as u64);
+    })
+    .await?;
+
+    let mut invalid_lines = 0u64;
+    match cli.command {
+        Command::Generate {
+            events,
+            rate,
+            batch,
+            seed,
+            ..
+        } => {
+            let mut stream = generate::Generator::new(seed)
+                .take(events as usize)
+                .peekable();
+            let mut sent = 0u64;
+            while stream.peek().is_some() {
+                let chunk: Vec<Event> = stream.by_ref().take(batch as usize).collect();
+                if let Some(rate) = rate.filter(|r| *r > 0) {
+                    let due = started + Duration::from_secs_f64(sent as f64 / rate as f64);
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                sent += chunk.len() as u64;
+                publisher.send(Outgoing::batch(chunk)).await?;
+            }
+        }
+        Command::Send {
+            domain,
+            kind,
+            count,
+        } => {
+            let event = Event::new(&domain, kind)
+                .map_err(|reason| anyhow::anyhow!("{domain:?}: {reason}"))?;
+            for _ in 0..count {
+                publisher.send(Outgoing::single(event.clone())).await?;
+            }
+        }
+        Command::Publish { file, batch } => {
+            let reader: Box<dyn tokio::io::AsyncRead + Unpin> = if file == "-" {
+                Box::new(tokio::io::stdin())
+            } else {
+                Box::new(
+                    tokio::fs::File::open(&file)
+                        .await
+                        .with_context(|| format!("opening {file}"))?,
+                )
+            };
+            let mut lines = tokio::io::BufReader::new(reader).lines();
+            let mut chunk = Vec::with_capacity(batch as usize);
+            let mut number = 0u64;
+            while let Some(line) = lines
+                .next_line()
+                .await
+                .with_context(|| format!("reading {file}"))?
+            {
+                number += 1;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                match parse_message(line.as_bytes()) {
+                    Ok(events) if line.trim_start().starts_with('{') => chunk.extend(events),
+                    Ok(_) => {
+                        invalid_lines += 1;
+                        eprintln!("{file}:{number}: skipped: expected one event object per line");
+                    }
+                    Err(reason) => {
+                        invalid_lines += 1;
+                        eprintln!("{file}:{number}: skipped: {reason}");
+                    }
+                }
+                if chunk.len() >= batch as usize {
+                    publisher
+                        .send(Outgoing::batch(std::mem::take(&mut chunk)))
+                        .await?;
+                }
+            }
+            if !chunk.is_empty() {
+                publisher.send(Outgoing::batch(chunk)).await?;
+            }
+        }
+    }
+    publisher.finish().await?;
+    let (failed, retries) = (publisher.failed, publisher.retries);
+    drop(publisher);
+    progress.finish_and_clear();
+
+    let elapsed = started.elapsed().as_secs_f64();
+    println!(
+        "confirmed {} events in {} messages in {:.2} s ({:.0} events/s); {} retried, {} failed, {} invalid lines",
+        tally.events,
+        tally.messages,
+        elapsed,
+        tally.events as f64 / elapsed.max(1e-9),
+        retries,
+        failed,
+        invalid_lines,
+    );
+    if let Some(path) = expect {
+        tally.write_csv(&path)?;
+    }
+    Ok(failed == 0 && invalid_lines == 0)
+}
+
+/// A progress bar on a terminal; nothing otherwise.
+fn progress_bar(total: Option<u64>) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::with_draw_target(total, ProgressDrawTarget::hidden());
+    }
+    let bar = ProgressBar::with_draw_target(total, ProgressDrawTarget::stderr());
+    let template = if total.is_some() {
+        "{bar:40} {pos}/{len} events confirmed ({per_sec}, eta {eta})"
+    } else {
+        "{spinner} {pos} events confirmed ({per_sec})"
+    };
+    if let Ok(style) = ProgressStyle::with_template(template) {
+        bar.set_style(style);
+    }
+    bar
+}
