@@ -1,0 +1,343 @@
+//! Test helpers: an isolated database and broker topology per test, an in-process worker, the
+//! binaries, and waiting for a condition with a timeout.
+
+use catchall::app::App;
+use catchall::config::Config;
+use lapin::options::{BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// Per-domain (delivered, bounced).
+pub type Counts = HashMap<String, (i64, i64)>;
+
+/// Waits until `check` returns `Some`, polling every 50 ms; panics with `what` after `timeout`.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A fresh database `test_<uuid>`, dropped when this value is dropped (even on panic).
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn create() -> Self {
+        let name = format!("test_{}", uuid::Uuid::now_v7().simple());
+        let (client, connection) = tokio_postgres::connect(PG_ADMIN_URL, tokio_postgres::NoTls)
+            .await
+            .expect("Postgres must answer at 127.0.0.1:5432 (user postgres, trust auth)");
+        tokio::spawn(connection);
+        client
+            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .await
+            .expect("create the test database");
+        let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
+        Self { name, url }
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .expect("connect to the test database");
+        tokio::spawn(connection);
+        client
+    }
+
+    /// Every domain's counters.
+    pub async fn counts(&self) -> Counts {
+        self.client()
+            .await
+            .query("SELECT domain, delivered, bounced FROM domains", &[])
+            .await
+            .expect("read counters")
+            .iter()
+            .map(|row| (row.get(0), (row.get(1), row.get(2))))
+            .collect()
+    }
+
+    /// Sum of all events counted.
+    pub async fn total_events(&self) -> i64 {
+        let client = self.client().await;
+        match client
+            .query_one("SELECT COALESCE(sum(delivered + bounced), 0)::int8 FROM domains", &[])
+            .await
+        {
+            Ok(row) => row.get(0),
+            Err(_) => 0, // not migrated yet
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        run_blocking(async move {
+            if let Ok((client, connection)) =
+                tokio_postgres::connect(PG_ADMIN_URL, tokio_postgres::NoTls).await
+            {
+                tokio::spawn(connection);
+                let _ = client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                    .await;
+            }
+        });
+    }
+}
+
+/// Runs a future to completion on a runtime of its own, from sync code (Drop).
+fn run_blocking(future: impl Future<Output = ()> + Send + 'static) {
+    let _ = std::thread::spawn(move || {
+        if let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            runtime.block_on(future);
+        }
+    })
+    .join();
+}
+
+/// Exchange and queue names of one test; the exchanges and queues are deleted on drop.
+pub struct TestBroker {
+    pub exchange: String,
+    pub queue: String,
+}
+
+impl TestBroker {
+    pub fn new() -> Self {
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        Self {
+            exchange: format!("test.{id}.events"),
+            queue: format!("test.{id}.queue"),
+        }
+    }
+
+    pub fn dead_queue(&self) -> String {
+        format!("{}.dead", self.queue)
+    }
+
+    /// Environment for the binaries.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AMQP_URL", AMQP_URL.to_string()),
+            ("CATCHALL_EXCHANGE", self.exchange.clone()),
+            ("CATCHALL_QUEUE", self.queue.clone()),
+        ]
+    }
+
+    /// A channel with the test's topology declared.
+    pub async fn channel(&self) -> (Connection, Channel) {
+        let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
+            .await
+            .expect("RabbitMQ must answer at 127.0.0.1:5672 (guest/guest)");
+        let channel = connection.create_channel().await.expect("open a channel");
+        catchall::amqp::Topology::new(&self.exchange, &self.queue, 20)
+            .declare(&channel)
+            .await
+            .expect("declare the test topology");
+        (connection, channel)
+    }
+
+    /// Messages ready in a queue.
+    pub async fn depth(&self, queue: &str) -> u32 {
+        let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
+            .await
+            .expect("connect to RabbitMQ");
+        let channel = connection.create_channel().await.expect("open a channel");
+        let declared = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue exists");
+        let _ = connection.close(200, "".into()).await;
+        declared.message_count()
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        let (exchange, queue) = (self.exchange.clone(), self.queue.clone());
+        run_blocking(async move {
+            if let Ok(connection) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await {
+                if let Ok(channel) = connection.create_channel().await {
+                    for q in [queue.clone(), format!("{queue}.dead")] {
+                        let _ = channel.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+                    }
+                    for e in [exchange.clone(), format!("{exchange}.dlx")] {
+                        let _ = channel.exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default()).await;
+                    }
+                }
+                let _ = connection.close(200, "".into()).await;
+            }
+        });
+    }
+}
+
+/// Publishes a raw body with confirms, with or without a message id.
+pub async fn publish_raw(channel: &Channel, exchange: &str, routing_key: &str, body: &[u8], message_id: Option<&str>) {
+    let mut properties = BasicProperties::default().with_delivery_mode(2);
+    if let Some(id) = message_id {
+        properties = properties.with_message_id(id.into());
+    }
+    let confirm = channel
+        .basic_publish(exchange.into(), routing_key.into(), BasicPublishOptions::default(), body, properties)
+        .await
+        .expect("publish");
+    confirm.await.expect("publish confirmed");
+}
+
+/// A worker running in this process.
+pub struct TestWorker {
+    pub addr: SocketAddr,
+    pub cancel: CancellationToken,
+    pub handle: JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestWorker {
+    pub fn config(db: &TestDb, broker: &TestBroker) -> Config {
+        Config::with_names(&db.url, &broker.exchange, &broker.queue)
+    }
+
+    pub async fn start(config: Config) -> Self {
+        let app = App::build(config).await.expect("worker starts");
+        let addr = app.http_addr().expect("bound address");
+        let cancel = CancellationToken::new();
+        let handle = tokio::spawn(app.run(cancel.clone()));
+        Self { addr, cancel, handle }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn ready(&self) {
+        let url = self.url("/readyz");
+        wait_for(Duration::from_secs(30), "the worker to be ready", || {
+            let url = url.clone();
+            async move {
+                let response = reqwest::get(&url).await.ok()?;
+                (response.status() == 200).then_some(())
+            }
+        })
+        .await;
+    }
+
+    /// Stops the worker cleanly and checks it stopped without error.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(15), self.handle)
+            .await
+            .expect("worker stops within 15 s")
+            .expect("worker task did not panic")
+            .expect("worker stopped without error");
+    }
+
+    /// The value of one metric series in `/metrics` (0 if absent).
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = reqwest::get(self.url("/metrics")).await.expect("GET /metrics").text().await.expect("body");
+        metric_value(&text, series)
+    }
+}
+
+/// The value of `series` (name with labels exactly as rendered) in a Prometheus text page.
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+/// A binary of the workspace, built beside the test executable.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(path.exists(), "{} is missing: build the workspace first (`cargo build --workspace`)", path.display());
+    path
+}
+
+/// Reads a `--expect` CSV.
+pub fn read_expect(path: &Path) -> Counts {
+    std::fs::read_to_string(path)
+        .expect("read the expect CSV")
+        .lines()
+        .skip(1)
+        .map(|line| {
+            let mut fields = line.split(',');
+            let domain = fields.next().expect("domain").to_string();
+            let delivered = fields.next().expect("delivered").parse().expect("number");
+            let bounced = fields.next().expect("bounced").parse().expect("number");
+            (domain, (delivered, bounced))
+        })
+        .collect()
+}
+
+/// Runs `catchall-producer generate` and returns the expected counts it confirmed.
+pub async fn generate(broker: &TestBroker, events: u64, batch: u32, seed: u64, extra: &[&str]) -> Counts {
+    let expect = std::env::temp_dir().join(format!("catchall-expect-{}.csv", uuid::Uuid::now_v7()));
+    let output = tokio::process::Command::new(binary("catchall-producer"))
+        .envs(broker.env())
+        .args(["generate", "--events", &events.to_string(), "--batch", &batch.to_string()])
+        .args(["--seed", &seed.to_string(), "--expect"])
+        .arg(&expect)
+        .args(extra)
+        .output()
+        .await
+        .expect("run catchall-producer");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "producer failed: {stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    eprintln!("producer: {}", stdout.trim());
+    let counts = read_expect(&expect);
+    let _ = std::fs::remove_file(&expect);
+    assert_eq!(counts.values().map(|(d, b)| d + b).sum::<i64>(), events as i64, "every event confirmed");
+    counts
+}
+
+/// Waits until the database holds `total` events, then checks every domain against `expected`.
+pub async fn assert_counts_eventually(db: &TestDb, expected: &Counts, timeout: Duration) {
+    let total: i64 = expected.values().map(|(d, b)| d + b).sum();
+    let started = std::time::Instant::now();
+    wait_for(timeout, "every event to be counted", || async {
+        let counted = db.total_events().await;
+        assert!(counted <= total, "counted {counted} events, more than the {total} published");
+        (counted == total).then_some(())
+    })
+    .await;
+    let elapsed = started.elapsed();
+    eprintln!("counted {total} events; {:.0} events/s after the producer finished", total as f64 / elapsed.as_secs_f64().max(1e-3));
+    let actual = db.counts().await;
+    assert_eq!(actual.len(), expected.len(), "same domains");
+    for (domain, want) in expected {
+        assert_eq!(actual.get(domain), Some(want), "counters of {domain}");
+    }
+}

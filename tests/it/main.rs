@@ -1,0 +1,8 @@
+//! Integration tests against the real RabbitMQ and Postgres. Each test has its own database and
+//! its own exchange and queue names, and removes them when it ends.
+
+mod e2e;
+mod helpers;
+mod http;
+mod poison;
+mod shutdown;

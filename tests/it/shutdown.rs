@@ -1,0 +1,71 @@
+//! A clean stop while events flow: SIGTERM, exit 0 in time, and a second worker finishes the
+//! stream with exact counters.
+
+use crate::helpers::*;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_events_flow_loses_and_doubles_nothing() {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let mut worker = tokio::process::Command::new(binary("catchall"))
+        .envs(broker.env())
+        .env("DATABASE_URL", &db.url)
+        .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .env("SHUTDOWN_TIMEOUT", "10s")
+        .env("LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the worker binary");
+
+    // The producer runs at a capped rate so the stop lands mid-stream.
+    let producer_broker_env = broker.env();
+    let expect = std::env::temp_dir().join(format!("catchall-expect-{}.csv", uuid::Uuid::now_v7()));
+    let producer = tokio::process::Command::new(binary("catchall-producer"))
+        .envs(producer_broker_env)
+        .args(["generate", "--events", "60000", "--rate", "15000", "--seed", "3", "--expect"])
+        .arg(&expect)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the producer");
+
+    wait_for(Duration::from_secs(60), "the worker to count some events", || async {
+        (db.total_events().await > 10_000).then_some(())
+    })
+    .await;
+    let pid = worker.id().expect("worker pid") as i32;
+    let stopped_at = Instant::now();
+    // SAFETY: kill(2) on our own child process, which has not been reaped yet.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "send SIGTERM");
+    let status = tokio::time::timeout(Duration::from_secs(10), worker.wait())
+        .await
+        .expect("the worker exits within the shutdown timeout")
+        .expect("wait for the worker");
+    let took = stopped_at.elapsed();
+    assert!(status.success(), "exit status {status:?}");
+    let counted_at_stop = db.total_events().await;
+    eprintln!("worker stopped in {took:?} with {counted_at_stop} events counted");
+    assert!(counted_at_stop < 60_000, "the stop landed mid-stream");
+
+    // A second worker finishes the stream.
+    let restarted = TestWorker::start(TestWorker::config(&db, &broker)).await;
+    let output = producer.wait_with_output().await.expect("producer finishes");
+    assert!(output.status.success(), "producer: {}", String::from_utf8_lossy(&output.stdout));
+    let expected = read_expect(&expect);
+    let _ = std::fs::remove_file(&expect);
+    assert_counts_eventually(&db, &expected, Duration::from_secs(60)).await;
+    assert_eq!(
+        restarted.metric("catchall_messages_total{outcome=\"duplicate\"}").await,
+        0.0,
+        "nothing the first worker committed came back: it acked all it committed"
+    );
+    restarted.stop().await;
+}
