@@ -39,9 +39,17 @@ async fn end_to_end(events: u64, batch: u32, seed: u64) {
         );
         statuses.insert(status);
     }
-    assert_eq!(statuses.len(), 3, "the stream holds all three statuses: {statuses:?}");
+    assert_eq!(
+        statuses.len(),
+        3,
+        "the stream holds all three statuses: {statuses:?}"
+    );
     assert_eq!(broker.depth(&broker.queue).await, 0, "queue drained");
-    assert_eq!(broker.depth(&broker.dead_queue()).await, 0, "nothing dead-lettered");
+    assert_eq!(
+        broker.depth(&broker.dead_queue()).await,
+        0,
+        "nothing dead-lettered"
+    );
     worker.stop().await;
 }
 

@@ -3,7 +3,9 @@
 
 use catchall::app::App;
 use catchall::config::Config;
-use lapin::options::{BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{
+    BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use std::collections::HashMap;
@@ -83,7 +85,10 @@ impl TestDb {
     pub async fn total_events(&self) -> i64 {
         let client = self.client().await;
         match client
-            .query_one("SELECT COALESCE(sum(delivered + bounced), 0)::int8 FROM domains", &[])
+            .query_one(
+                "SELECT COALESCE(sum(delivered + bounced), 0)::int8 FROM domains",
+                &[],
+            )
             .await
         {
             Ok(row) => row.get(0),
@@ -111,7 +116,10 @@ impl Drop for TestDb {
 /// Runs a future to completion on a runtime of its own, from sync code (Drop).
 fn run_blocking(future: impl Future<Output = ()> + Send + 'static) {
     let _ = std::thread::spawn(move || {
-        if let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
             runtime.block_on(future);
         }
     })
@@ -185,13 +193,19 @@ impl Drop for TestBroker {
     fn drop(&mut self) {
         let (exchange, queue) = (self.exchange.clone(), self.queue.clone());
         run_blocking(async move {
-            if let Ok(connection) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await {
+            if let Ok(connection) =
+                Connection::connect(AMQP_URL, ConnectionProperties::default()).await
+            {
                 if let Ok(channel) = connection.create_channel().await {
                     for q in [queue.clone(), format!("{queue}.dead")] {
-                        let _ = channel.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+                        let _ = channel
+                            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                            .await;
                     }
                     for e in [exchange.clone(), format!("{exchange}.dlx")] {
-                        let _ = channel.exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default()).await;
+                        let _ = channel
+                            .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+                            .await;
                     }
                 }
                 let _ = connection.close(200, "".into()).await;
@@ -201,13 +215,25 @@ impl Drop for TestBroker {
 }
 
 /// Publishes a raw body with confirms, with or without a message id.
-pub async fn publish_raw(channel: &Channel, exchange: &str, routing_key: &str, body: &[u8], message_id: Option<&str>) {
+pub async fn publish_raw(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    message_id: Option<&str>,
+) {
     let mut properties = BasicProperties::default().with_delivery_mode(2);
     if let Some(id) = message_id {
         properties = properties.with_message_id(id.into());
     }
     let confirm = channel
-        .basic_publish(exchange.into(), routing_key.into(), BasicPublishOptions::default(), body, properties)
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions::default(),
+            body,
+            properties,
+        )
         .await
         .expect("publish");
     confirm.await.expect("publish confirmed");
@@ -230,7 +256,11 @@ impl TestWorker {
         let addr = app.http_addr().expect("bound address");
         let cancel = CancellationToken::new();
         let handle = tokio::spawn(app.run(cancel.clone()));
-        Self { addr, cancel, handle }
+        Self {
+            addr,
+            cancel,
+            handle,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -262,7 +292,12 @@ impl TestWorker {
 
     /// The value of one metric series in `/metrics` (0 if absent).
     pub async fn metric(&self, series: &str) -> f64 {
-        let text = reqwest::get(self.url("/metrics")).await.expect("GET /metrics").text().await.expect("body");
+        let text = reqwest::get(self.url("/metrics"))
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("body");
         metric_value(&text, series)
     }
 }
@@ -282,7 +317,11 @@ pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let path = dir.join(name);
-    assert!(path.exists(), "{} is missing: build the workspace first (`cargo build --workspace`)", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace first (`cargo build --workspace`)",
+        path.display()
+    );
     path
 }
 
@@ -303,11 +342,23 @@ pub fn read_expect(path: &Path) -> Counts {
 }
 
 /// Runs `catchall-producer generate` and returns the expected counts it confirmed.
-pub async fn generate(broker: &TestBroker, events: u64, batch: u32, seed: u64, extra: &[&str]) -> Counts {
+pub async fn generate(
+    broker: &TestBroker,
+    events: u64,
+    batch: u32,
+    seed: u64,
+    extra: &[&str],
+) -> Counts {
     let expect = std::env::temp_dir().join(format!("catchall-expect-{}.csv", uuid::Uuid::now_v7()));
     let output = tokio::process::Command::new(binary("catchall-producer"))
         .envs(broker.env())
-        .args(["generate", "--events", &events.to_string(), "--batch", &batch.to_string()])
+        .args([
+            "generate",
+            "--events",
+            &events.to_string(),
+            "--batch",
+            &batch.to_string(),
+        ])
         .args(["--seed", &seed.to_string(), "--expect"])
         .arg(&expect)
         .args(extra)
@@ -315,11 +366,19 @@ pub async fn generate(broker: &TestBroker, events: u64, batch: u32, seed: u64, e
         .await
         .expect("run catchall-producer");
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "producer failed: {stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "producer failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     eprintln!("producer: {}", stdout.trim());
     let counts = read_expect(&expect);
     let _ = std::fs::remove_file(&expect);
-    assert_eq!(counts.values().map(|(d, b)| d + b).sum::<i64>(), events as i64, "every event confirmed");
+    assert_eq!(
+        counts.values().map(|(d, b)| d + b).sum::<i64>(),
+        events as i64,
+        "every event confirmed"
+    );
     counts
 }
 
@@ -329,12 +388,18 @@ pub async fn assert_counts_eventually(db: &TestDb, expected: &Counts, timeout: D
     let started = std::time::Instant::now();
     wait_for(timeout, "every event to be counted", || async {
         let counted = db.total_events().await;
-        assert!(counted <= total, "counted {counted} events, more than the {total} published");
+        assert!(
+            counted <= total,
+            "counted {counted} events, more than the {total} published"
+        );
         (counted == total).then_some(())
     })
     .await;
     let elapsed = started.elapsed();
-    eprintln!("counted {total} events; {:.0} events/s after the producer finished", total as f64 / elapsed.as_secs_f64().max(1e-3));
+    eprintln!(
+        "counted {total} events; {:.0} events/s after the producer finished",
+        total as f64 / elapsed.as_secs_f64().max(1e-3)
+    );
     let actual = db.counts().await;
     assert_eq!(actual.len(), expected.len(), "same domains");
     for (domain, want) in expected {

@@ -7,8 +7,14 @@ use std::time::Duration;
 async fn get_json(url: &str) -> (StatusCode, serde_json::Value) {
     let response = reqwest::get(url).await.expect("request");
     let status = response.status();
-    let content_type = response.headers()["content-type"].to_str().unwrap().to_string();
-    assert!(content_type.starts_with("application/json"), "{url}: content-type {content_type}");
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        content_type.starts_with("application/json"),
+        "{url}: content-type {content_type}"
+    );
     (status, response.json().await.expect("JSON body"))
 }
 
@@ -25,10 +31,19 @@ async fn lookups_are_normalised_and_errors_are_json() {
         events.push(serde_json::json!({"domain": "Example.COM", "type": "delivered"}));
     }
     events.push(serde_json::json!({"domain": "bücher.de", "type": "bounced"}));
-    publish_raw(&channel, &broker.exchange, "batch", &serde_json::to_vec(&events).unwrap(), None).await;
-    wait_for(Duration::from_secs(10), "the batch to be counted", || async {
-        (db.total_events().await == 1002).then_some(())
-    })
+    publish_raw(
+        &channel,
+        &broker.exchange,
+        "batch",
+        &serde_json::to_vec(&events).unwrap(),
+        None,
+    )
+    .await;
+    wait_for(
+        Duration::from_secs(10),
+        "the batch to be counted",
+        || async { (db.total_events().await == 1002).then_some(()) },
+    )
     .await;
 
     let (status, canonical) = get_json(&worker.url("/domains/example.com")).await;
@@ -37,9 +52,18 @@ async fn lookups_are_normalised_and_errors_are_json() {
         canonical,
         serde_json::json!({"domain": "example.com", "status": "catch-all", "delivered": 1001, "bounced": 0})
     );
-    for variant in ["EXAMPLE.com.", "Example.Com", "%20example.com%20", "example.com."] {
+    for variant in [
+        "EXAMPLE.com.",
+        "Example.Com",
+        "%20example.com%20",
+        "example.com.",
+    ] {
         let (status, body) = get_json(&worker.url(&format!("/domains/{variant}"))).await;
-        assert_eq!((status, &body), (StatusCode::OK, &canonical), "variant {variant}");
+        assert_eq!(
+            (status, &body),
+            (StatusCode::OK, &canonical),
+            "variant {variant}"
+        );
     }
     let (_, idn) = get_json(&worker.url("/domains/b%C3%BCcher.de")).await;
     assert_eq!(
@@ -54,22 +78,39 @@ async fn lookups_are_normalised_and_errors_are_json() {
     );
 
     // Invalid domains: 400 with a JSON error, including SQL-looking input.
-    for bad in ["a..b", "-a.com", "exa_mple.com", "%27%3B%20DROP%20TABLE%20domains%3B--", "%FF%FE", &"a".repeat(300)] {
+    for bad in [
+        "a..b",
+        "-a.com",
+        "exa_mple.com",
+        "%27%3B%20DROP%20TABLE%20domains%3B--",
+        "%FF%FE",
+        &"a".repeat(300),
+    ] {
         let (status, body) = get_json(&worker.url(&format!("/domains/{bad}"))).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
-        assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()), "{bad}: {body}");
+        assert!(
+            body["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{bad}: {body}"
+        );
     }
     let (status, body) = get_json(&worker.url("/no/such/route")).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(body["error"].is_string());
-    let response = reqwest::Client::new().post(worker.url("/domains/example.com")).send().await.unwrap();
+    let response = reqwest::Client::new()
+        .post(worker.url("/domains/example.com"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
     let body: serde_json::Value = response.json().await.unwrap();
     assert!(body["error"].is_string());
     assert_eq!(db.counts().await.len(), 2, "the table is still there");
 
     let (status, body) = get_json(&worker.url("/healthz")).await;
-    assert_eq!((status, body), (StatusCode::OK, serde_json::json!({"status": "ok"})));
+    assert_eq!(
+        (status, body),
+        (StatusCode::OK, serde_json::json!({"status": "ok"}))
+    );
     worker.stop().await;
 }
 
@@ -80,7 +121,12 @@ async fn metrics_move_with_traffic() {
     let worker = TestWorker::start(TestWorker::config(&db, &broker)).await;
     worker.ready().await;
     let page = reqwest::get(worker.url("/metrics")).await.unwrap();
-    assert!(page.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    assert!(
+        page.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
     let before = page.text().await.unwrap();
     for series in [
         "catchall_events_total{type=\"delivered\"}",
@@ -89,7 +135,10 @@ async fn metrics_move_with_traffic() {
         "catchall_db_errors_total",
         "catchall_broker_reconnects_total",
     ] {
-        assert!(before.contains(series), "{series} is exported before any traffic");
+        assert!(
+            before.contains(series),
+            "{series} is exported before any traffic"
+        );
         assert_eq!(metric_value(&before, series), 0.0, "{series}");
     }
 
@@ -98,37 +147,91 @@ async fn metrics_move_with_traffic() {
     for i in 0..10 {
         let kind = if i % 5 == 0 { "bounced" } else { "delivered" };
         let body = serde_json::json!({"domain": format!("m{i}.example"), "type": kind});
-        publish_raw(&channel, &broker.exchange, kind, &serde_json::to_vec(&body).unwrap(), Some(&format!("id-{i}"))).await;
+        publish_raw(
+            &channel,
+            &broker.exchange,
+            kind,
+            &serde_json::to_vec(&body).unwrap(),
+            Some(&format!("id-{i}")),
+        )
+        .await;
     }
     publish_raw(&channel, &broker.exchange, "x", b"garbage", None).await;
     // A message already applied (same message_id) is a duplicate.
-    publish_raw(&channel, &broker.exchange, "delivered", br#"{"domain":"m1.example","type":"delivered"}"#, Some("id-1")).await;
-    wait_for(Duration::from_secs(10), "metrics to show the traffic", || async {
-        let applied = worker.metric("catchall_messages_total{outcome=\"applied\"}").await;
-        let duplicate = worker.metric("catchall_messages_total{outcome=\"duplicate\"}").await;
-        (applied == 10.0 && duplicate == 1.0).then_some(())
-    })
+    publish_raw(
+        &channel,
+        &broker.exchange,
+        "delivered",
+        br#"{"domain":"m1.example","type":"delivered"}"#,
+        Some("id-1"),
+    )
     .await;
-    reqwest::get(worker.url("/domains/m1.example")).await.unwrap();
-    reqwest::get(worker.url("/domains/bad..domain")).await.unwrap();
+    wait_for(
+        Duration::from_secs(10),
+        "metrics to show the traffic",
+        || async {
+            let applied = worker
+                .metric("catchall_messages_total{outcome=\"applied\"}")
+                .await;
+            let duplicate = worker
+                .metric("catchall_messages_total{outcome=\"duplicate\"}")
+                .await;
+            (applied == 10.0 && duplicate == 1.0).then_some(())
+        },
+    )
+    .await;
+    reqwest::get(worker.url("/domains/m1.example"))
+        .await
+        .unwrap();
+    reqwest::get(worker.url("/domains/bad..domain"))
+        .await
+        .unwrap();
 
-    let after = reqwest::get(worker.url("/metrics")).await.unwrap().text().await.unwrap();
-    assert_eq!(metric_value(&after, "catchall_events_total{type=\"delivered\"}"), 8.0);
-    assert_eq!(metric_value(&after, "catchall_events_total{type=\"bounced\"}"), 2.0);
-    assert_eq!(metric_value(&after, "catchall_messages_total{outcome=\"rejected\"}"), 1.0);
-    assert_eq!(metric_value(&after, "catchall_rejections_total{reason=\"not_json\"}"), 1.0);
+    let after = reqwest::get(worker.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric_value(&after, "catchall_events_total{type=\"delivered\"}"),
+        8.0
+    );
+    assert_eq!(
+        metric_value(&after, "catchall_events_total{type=\"bounced\"}"),
+        2.0
+    );
+    assert_eq!(
+        metric_value(&after, "catchall_messages_total{outcome=\"rejected\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric_value(&after, "catchall_rejections_total{reason=\"not_json\"}"),
+        1.0
+    );
     assert!(metric_value(&after, "catchall_batch_events_count") >= 1.0);
     assert!(metric_value(&after, "catchall_batch_commit_duration_seconds_count") >= 1.0);
     assert!(metric_value(&after, "catchall_batch_events_sum") == 10.0);
     assert_eq!(
-        metric_value(&after, "catchall_http_requests_total{route=\"/domains/{domain}\",code=\"200\"}"),
+        metric_value(
+            &after,
+            "catchall_http_requests_total{route=\"/domains/{domain}\",code=\"200\"}"
+        ),
         1.0
     );
     assert_eq!(
-        metric_value(&after, "catchall_http_requests_total{route=\"/domains/{domain}\",code=\"400\"}"),
+        metric_value(
+            &after,
+            "catchall_http_requests_total{route=\"/domains/{domain}\",code=\"400\"}"
+        ),
         1.0
     );
-    assert!(metric_value(&after, "catchall_http_request_duration_seconds_count{route=\"/domains/{domain}\"}") >= 2.0);
+    assert!(
+        metric_value(
+            &after,
+            "catchall_http_request_duration_seconds_count{route=\"/domains/{domain}\"}"
+        ) >= 2.0
+    );
 
     // The exposition passes Prometheus' own linter when promtool is installed (.ci/run installs it).
     if let Ok(promtool) = which("promtool") {
@@ -140,7 +243,12 @@ async fn metrics_move_with_traffic() {
             .spawn()
             .unwrap();
         use std::io::Write;
-        child.stdin.take().unwrap().write_all(after.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(after.as_bytes())
+            .unwrap();
         let output = child.wait_with_output().unwrap();
         assert!(
             output.status.success(),
@@ -149,14 +257,21 @@ async fn metrics_move_with_traffic() {
             String::from_utf8_lossy(&output.stderr)
         );
     } else {
-        assert!(std::env::var("CI").is_err(), "promtool must be installed in CI");
+        assert!(
+            std::env::var("CI").is_err(),
+            "promtool must be installed in CI"
+        );
     }
     worker.stop().await;
 }
 
 fn which(name: &str) -> Result<std::path::PathBuf, ()> {
     std::env::var_os("PATH")
-        .and_then(|paths| std::env::split_paths(&paths).map(|dir| dir.join(name)).find(|p| p.is_file()))
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(name))
+                .find(|p| p.is_file())
+        })
         .ok_or(())
 }
 
@@ -174,14 +289,23 @@ async fn readyz_is_503_until_the_consumer_runs() {
 
     let (status, body) = get_json(&worker.url("/readyz")).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(body["error"].as_str().unwrap().contains("not consuming"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("not consuming"),
+        "{body}"
+    );
     let (status, _) = get_json(&worker.url("/healthz")).await;
     assert_eq!(status, StatusCode::OK, "alive while not ready");
     let (status, _) = get_json(&worker.url("/domains/example.com")).await;
-    assert_eq!(status, StatusCode::OK, "look-ups are served from Postgres meanwhile");
-    wait_for(Duration::from_secs(10), "reconnect attempts to be counted", || async {
-        (worker.metric("catchall_broker_reconnects_total").await >= 2.0).then_some(())
-    })
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "look-ups are served from Postgres meanwhile"
+    );
+    wait_for(
+        Duration::from_secs(10),
+        "reconnect attempts to be counted",
+        || async { (worker.metric("catchall_broker_reconnects_total").await >= 2.0).then_some(()) },
+    )
     .await;
     worker.stop().await;
 }

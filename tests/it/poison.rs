@@ -46,13 +46,34 @@ async fn invalid_messages_are_dead_lettered_and_valid_ones_counted() {
         for (i, (_, body)) in invalid.iter().enumerate() {
             let domain = format!("valid-{i}.example");
             let single = serde_json::json!({"domain": domain, "type": "delivered"});
-            publish_raw(&channel, &broker.exchange, "delivered", &serde_json::to_vec(&single).unwrap(), None).await;
-            publish_raw(&channel, &broker.exchange, "poison", body, Some(&format!("poison-{round}-{i}"))).await;
+            publish_raw(
+                &channel,
+                &broker.exchange,
+                "delivered",
+                &serde_json::to_vec(&single).unwrap(),
+                None,
+            )
+            .await;
+            publish_raw(
+                &channel,
+                &broker.exchange,
+                "poison",
+                body,
+                Some(&format!("poison-{round}-{i}")),
+            )
+            .await;
             let pair = serde_json::json!([
                 {"domain": domain, "type": "bounced"},
                 {"domain": "Valid-Batch.example.", "type": "delivered"}
             ]);
-            publish_raw(&channel, &broker.exchange, "batch", &serde_json::to_vec(&pair).unwrap(), None).await;
+            publish_raw(
+                &channel,
+                &broker.exchange,
+                "batch",
+                &serde_json::to_vec(&pair).unwrap(),
+                None,
+            )
+            .await;
             let entry = expected.entry(domain).or_default();
             entry.0 += 1;
             entry.1 += 1;
@@ -61,32 +82,70 @@ async fn invalid_messages_are_dead_lettered_and_valid_ones_counted() {
     }
 
     let dead = (invalid.len() * rounds) as u32;
-    wait_for(Duration::from_secs(30), "every invalid message in the dead-letter queue", || async {
-        (broker.depth(&broker.dead_queue()).await == dead).then_some(())
-    })
+    wait_for(
+        Duration::from_secs(30),
+        "every invalid message in the dead-letter queue",
+        || async { (broker.depth(&broker.dead_queue()).await == dead).then_some(()) },
+    )
     .await;
     assert_counts_eventually(&db, &expected, Duration::from_secs(30)).await;
     let counts = db.counts().await;
-    assert!(!counts.contains_key("poison.example"), "nothing of an invalid message is counted");
+    assert!(
+        !counts.contains_key("poison.example"),
+        "nothing of an invalid message is counted"
+    );
 
     // Rejections are counted by reason.
     let reasons = [
-        "not_json", "not_utf8", "unknown_type", "invalid_domain", "empty_batch", "batch_too_large", "too_large",
+        "not_json",
+        "not_utf8",
+        "unknown_type",
+        "invalid_domain",
+        "empty_batch",
+        "batch_too_large",
+        "too_large",
     ];
     for reason in reasons {
         let series = format!("catchall_rejections_total{{reason=\"{reason}\"}}");
-        let expected = if reason == "invalid_domain" { 2 * rounds } else { rounds };
+        let expected = if reason == "invalid_domain" {
+            2 * rounds
+        } else {
+            rounds
+        };
         assert_eq!(worker.metric(&series).await, expected as f64, "{series}");
     }
-    assert_eq!(worker.metric("catchall_messages_total{outcome=\"rejected\"}").await, dead as f64);
+    assert_eq!(
+        worker
+            .metric("catchall_messages_total{outcome=\"rejected\"}")
+            .await,
+        dead as f64
+    );
 
     // The worker keeps running: it is ready and counts what comes next.
     worker.ready().await;
-    publish_raw(&channel, &broker.exchange, "delivered", br#"{"domain":"after.example","type":"delivered"}"#, None).await;
-    wait_for(Duration::from_secs(10), "an event after the poison", || async {
-        db.counts().await.contains_key("after.example").then_some(())
-    })
+    publish_raw(
+        &channel,
+        &broker.exchange,
+        "delivered",
+        br#"{"domain":"after.example","type":"delivered"}"#,
+        None,
+    )
     .await;
-    assert_eq!(broker.depth(&broker.dead_queue()).await, dead, "dead-letter queue unchanged");
+    wait_for(
+        Duration::from_secs(10),
+        "an event after the poison",
+        || async {
+            db.counts()
+                .await
+                .contains_key("after.example")
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        broker.depth(&broker.dead_queue()).await,
+        dead,
+        "dead-letter queue unchanged"
+    );
     worker.stop().await;
 }

@@ -30,16 +30,20 @@ async fn sigterm_while_events_flow_loses_and_doubles_nothing() {
     let expect = std::env::temp_dir().join(format!("catchall-expect-{}.csv", uuid::Uuid::now_v7()));
     let producer = tokio::process::Command::new(binary("catchall-producer"))
         .envs(producer_broker_env)
-        .args(["generate", "--events", "60000", "--rate", "15000", "--seed", "3", "--expect"])
+        .args([
+            "generate", "--events", "60000", "--rate", "15000", "--seed", "3", "--expect",
+        ])
         .arg(&expect)
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("start the producer");
 
-    wait_for(Duration::from_secs(60), "the worker to count some events", || async {
-        (db.total_events().await > 10_000).then_some(())
-    })
+    wait_for(
+        Duration::from_secs(60),
+        "the worker to count some events",
+        || async { (db.total_events().await > 10_000).then_some(()) },
+    )
     .await;
     let pid = worker.id().expect("worker pid") as i32;
     let stopped_at = Instant::now();
@@ -57,13 +61,22 @@ async fn sigterm_while_events_flow_loses_and_doubles_nothing() {
 
     // A second worker finishes the stream.
     let restarted = TestWorker::start(TestWorker::config(&db, &broker)).await;
-    let output = producer.wait_with_output().await.expect("producer finishes");
-    assert!(output.status.success(), "producer: {}", String::from_utf8_lossy(&output.stdout));
+    let output = producer
+        .wait_with_output()
+        .await
+        .expect("producer finishes");
+    assert!(
+        output.status.success(),
+        "producer: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
     let expected = read_expect(&expect);
     let _ = std::fs::remove_file(&expect);
     assert_counts_eventually(&db, &expected, Duration::from_secs(60)).await;
     assert_eq!(
-        restarted.metric("catchall_messages_total{outcome=\"duplicate\"}").await,
+        restarted
+            .metric("catchall_messages_total{outcome=\"duplicate\"}")
+            .await,
         0.0,
         "nothing the first worker committed came back: it acked all it committed"
     );

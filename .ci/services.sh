@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Makes sure RabbitMQ and Postgres answer on 127.0.0.1 (5672, 5432): starts them on this machine
+# (installing them with apt-get if missing), or with `docker compose up -d` where a Docker engine
+# runs, then creates the `catchall` database if it is missing.
+set -euo pipefail
+
+answers() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+wait_port() { # port name seconds
+  for _ in $(seq 1 "$3"); do answers "$1" && return 0; sleep 1; done
+  echo "services: $2 does not answer on 127.0.0.1:$1" >&2
+  return 1
+}
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+apt_install() {
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$@" >/dev/null
+}
+
+if ! answers 5672 || ! answers 5432; then
+  if docker info >/dev/null 2>&1; then
+    docker compose up -d --wait rabbitmq postgres
+  fi
+fi
+
+if ! answers 5432; then
+  command -v pg_ctlcluster >/dev/null || apt_install postgresql
+  version=$(ls /etc/postgresql | sort -V | tail -n 1)
+  if ! pg_lsclusters -h 2>/dev/null | grep -q " main "; then
+    as_root pg_createcluster "$version" main
+  fi
+  # Trust local connections, as the README's defaults expect (postgres user, no password).
+  hba=/etc/postgresql/$version/main/pg_hba.conf
+  if ! grep -q '^host all all 127.0.0.1/32 trust' "$hba"; then
+    as_root sed -i '1i host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\nlocal all all trust' "$hba"
+  fi
+  as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start
+fi
+wait_port 5432 Postgres 60
+
+if ! answers 5672; then
+  command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
+  as_root rabbitmq-server -detached
+  as_root rabbitmqctl await_startup --timeout 120 >/dev/null
+fi
+wait_port 5672 RabbitMQ 120
+
+if ! psql -h 127.0.0.1 -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'catchall'" | grep -q 1; then
+  psql -h 127.0.0.1 -U postgres -qc "CREATE DATABASE catchall"
+fi
+echo "services: RabbitMQ and Postgres answer; database catchall exists"

@@ -1,0 +1,45 @@
+# catchall tasks. `make start` runs the worker and what it needs; `make test` runs the tests.
+SHELL := /bin/bash
+CARGO ?= cargo
+EVENTS ?= 10000
+
+.PHONY: start services events createEvents test chaos bench lint build
+
+## start: make sure RabbitMQ and Postgres answer (starting them), then run the worker in the foreground
+start: services
+	$(CARGO) run --release --bin catchall
+
+## services: start RabbitMQ and Postgres if they do not answer, and create the catchall database
+services:
+	bash .ci/services.sh
+
+## events: publish $(EVENTS) synthetic events (the original createEvents)
+events:
+	$(CARGO) run --release -p catchall-producer -- generate --events $(EVENTS)
+
+createEvents: events
+
+build:
+	$(CARGO) build --workspace --all-targets
+
+## test: unit and integration tests against the real RabbitMQ and Postgres
+test: build
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+	  $(CARGO) nextest run --workspace --no-fail-fast; \
+	else \
+	  $(CARGO) test --workspace --no-fail-fast; \
+	fi
+
+## bench: throughput against the machine's own ceilings (issue 4)
+bench:
+	@echo "make bench: not yet (see issue 4)"
+
+## lint: formatting, clippy, and compose.yaml against the Compose Specification
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	@if [ -f ../shared/compose-spec.json ] && command -v check-jsonschema >/dev/null; then \
+	  check-jsonschema --schemafile ../shared/compose-spec.json compose.yaml; \
+	else \
+	  python3 -c 'import sys, yaml; yaml.safe_load(open("compose.yaml"))' && echo "compose.yaml parses (schema check skipped: no ../shared/compose-spec.json or check-jsonschema)"; \
+	fi
