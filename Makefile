@@ -30,6 +30,10 @@ test: build
 	  $(CARGO) test --workspace --no-fail-fast; \
 	fi
 
+## chaos: the fault-injection run alone (two workers, random faults, 200,000 events), with its report
+chaos: build
+	$(CARGO) nextest run --workspace --no-capture -E 'test(chaos)'
+
 ## bench: throughput against the machine's own ceilings (issue 4)
 bench:
 	@echo "make bench: not yet (see issue 4)"

@@ -110,7 +110,8 @@ impl Topology {
     }
 }
 
-/// Opens a connection named after this process, so operators can tell clients apart.
+/// Opens a connection with a name, so operators (and `rabbitmqctl list_connections`) can tell
+/// clients apart.
 pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     Connection::connect(url, properties).await

@@ -49,6 +49,11 @@ impl App {
         })
     }
 
+    /// Installs a fault injector (tests only; see [`crate::store::FaultPoint`]).
+    pub fn set_fault_hook(&mut self, hook: crate::store::FaultHook) {
+        self.store.set_fault_hook(hook);
+    }
+
     /// The address the HTTP server listens on (useful with port 0).
     pub fn http_addr(&self) -> anyhow::Result<SocketAddr> {
         self.listener

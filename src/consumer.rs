@@ -10,7 +10,7 @@ use crate::config::Config;
 use crate::event::parse_message;
 use crate::health::Health;
 use crate::metrics;
-use crate::store::{Applied, Message, Store};
+use crate::store::{Applied, FaultPoint, Message, Store};
 use anyhow::{Context, anyhow};
 use futures_util::StreamExt;
 use lapin::options::{
@@ -60,14 +60,17 @@ pub struct Consumer {
 impl Consumer {
     /// Connects, declares the topology, sets the prefetch and starts consuming.
     pub async fn open(config: &Config) -> anyhow::Result<Self> {
-        let connection = amqp::connect(&config.amqp.amqp_url, "catchall-worker")
-            .await
-            .with_context(|| {
-                format!(
-                    "connecting to RabbitMQ at {}",
-                    crate::config::redact_url(&config.amqp.amqp_url)
-                )
-            })?;
+        let connection = amqp::connect(
+            &config.amqp.amqp_url,
+            &format!("catchall-worker {}", config.amqp.queue),
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to RabbitMQ at {}",
+                crate::config::redact_url(&config.amqp.amqp_url)
+            )
+        })?;
         let channel = connection
             .create_channel()
             .await
@@ -196,6 +199,7 @@ impl Consumer {
                 }
             }
         };
+        store.fault(FaultPoint::AfterCommit).await;
         self.channel
             .basic_ack(last_tag, BasicAckOptions { multiple: true })
             .await

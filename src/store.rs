@@ -2,7 +2,9 @@
 
 use crate::event::{Event, EventType};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use futures_util::future::BoxFuture;
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_postgres::NoTls;
 
@@ -50,10 +52,23 @@ pub struct Counts {
     pub bounced: i64,
 }
 
+/// A point in a batch's life where a test can inject a fault (cut a connection, kill the worker).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultPoint {
+    /// The batch's statements ran; `COMMIT` is next.
+    BeforeCommit,
+    /// The transaction committed; the ack is next.
+    AfterCommit,
+}
+
+/// A test's fault injector, awaited at each [`FaultPoint`]. Production code never sets one.
+pub type FaultHook = Arc<dyn Fn(FaultPoint) -> BoxFuture<'static, ()> + Send + Sync>;
+
 /// The Postgres side of the worker. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
+    fault_hook: Option<FaultHook>,
 }
 
 const CLAIM_IDS: &str = "INSERT INTO applied_messages (message_id) \
@@ -90,9 +105,24 @@ impl Store {
             .recycle_timeout(Some(Duration::from_secs(5)))
             .build()
             .expect("a runtime and timeouts are set, so the pool builds");
-        let store = Self { pool };
+        let store = Self {
+            pool,
+            fault_hook: None,
+        };
         store.ping().await?;
         Ok(store)
+    }
+
+    /// Installs a fault injector (tests only).
+    pub fn set_fault_hook(&mut self, hook: FaultHook) {
+        self.fault_hook = Some(hook);
+    }
+
+    /// Awaits the fault injector at `point`, if a test installed one.
+    pub async fn fault(&self, point: FaultPoint) {
+        if let Some(hook) = &self.fault_hook {
+            hook(point).await;
+        }
     }
 
     /// Applies the migrations in `migrations/`. Replicas starting together serialise on an
@@ -180,6 +210,7 @@ impl Store {
             tx.execute(&upsert, &[&domains, &delivered, &bounced])
                 .await?;
         }
+        self.fault(FaultPoint::BeforeCommit).await;
         tx.commit().await?;
         Ok(applied)
     }

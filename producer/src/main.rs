@@ -28,15 +28,15 @@ struct Cli {
     amqp: AmqpArgs,
 
     /// Most publishes awaiting a broker confirm at once.
-    #[arg(long, env = "PRODUCER_WINDOW", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, global = true, env = "PRODUCER_WINDOW", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     window: u32,
 
     /// How long to wait for a confirm before publishing the message again (same message_id).
-    #[arg(long, env = "PRODUCER_CONFIRM_TIMEOUT", default_value = "10s", value_parser = humantime_duration)]
+    #[arg(long, global = true, env = "PRODUCER_CONFIRM_TIMEOUT", default_value = "10s", value_parser = humantime_duration)]
     confirm_timeout: Duration,
 
     /// Attempts per message before the producer gives up on it (and exits non-zero).
-    #[arg(long, env = "PRODUCER_MAX_ATTEMPTS", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, global = true, env = "PRODUCER_MAX_ATTEMPTS", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
     max_attempts: u32,
 
     #[command(subcommand)]

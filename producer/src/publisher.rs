@@ -116,14 +116,17 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
             }
         }
         self.link = None;
-        let connection = catchall::amqp::connect(&self.amqp.amqp_url, "catchall-producer")
-            .await
-            .with_context(|| {
-                format!(
-                    "connecting to RabbitMQ at {}",
-                    redact_url(&self.amqp.amqp_url)
-                )
-            })?;
+        let connection = catchall::amqp::connect(
+            &self.amqp.amqp_url,
+            &format!("catchall-producer {}", self.amqp.exchange),
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to RabbitMQ at {}",
+                redact_url(&self.amqp.amqp_url)
+            )
+        })?;
         let channel = connection
             .create_channel()
             .await

@@ -252,7 +252,12 @@ impl TestWorker {
     }
 
     pub async fn start(config: Config) -> Self {
-        let app = App::build(config).await.expect("worker starts");
+        Self::from_app(App::build(config).await.expect("worker starts"))
+    }
+
+    pub fn from_app(app: App) -> Self {
+        // Logs go to the test's output (shown when it fails); RUST_LOG sets the levels.
+        catchall::telemetry::init(Some(catchall::config::LogFormat::Pretty));
         let addr = app.http_addr().expect("bound address");
         let cancel = CancellationToken::new();
         let handle = tokio::spawn(app.run(cancel.clone()));
@@ -385,7 +390,6 @@ pub async fn generate(
 /// Waits until the database holds `total` events, then checks every domain against `expected`.
 pub async fn assert_counts_eventually(db: &TestDb, expected: &Counts, timeout: Duration) {
     let total: i64 = expected.values().map(|(d, b)| d + b).sum();
-    let started = std::time::Instant::now();
     wait_for(timeout, "every event to be counted", || async {
         let counted = db.total_events().await;
         assert!(
@@ -395,11 +399,6 @@ pub async fn assert_counts_eventually(db: &TestDb, expected: &Counts, timeout: D
         (counted == total).then_some(())
     })
     .await;
-    let elapsed = started.elapsed();
-    eprintln!(
-        "counted {total} events; {:.0} events/s after the producer finished",
-        total as f64 / elapsed.as_secs_f64().max(1e-3)
-    );
     let actual = db.counts().await;
     assert_eq!(actual.len(), expected.len(), "same domains");
     for (domain, want) in expected {

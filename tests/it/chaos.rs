@@ -1,0 +1,188 @@
+//! Chaos: two workers on one queue, random faults of every kind while 200,000 events flow, then
+//! exact counters. Part of `make test` (about 30 s); `make chaos` runs it alone, with its output.
+
+use crate::faults::{Action, Rig, Trigger, broker_closes_connections, start_with_hook};
+use crate::helpers::*;
+use crate::proxy::Proxy;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::sync::Notify;
+
+const EVENTS: u64 = 200_000;
+const MIN_FAULTS: usize = 20;
+
+/// One worker with its own proxies, so a fault can hit one replica alone.
+struct Slot {
+    amqp: Arc<Proxy>,
+    pg: Arc<Proxy>,
+    trigger: Trigger,
+    worker: TestWorker,
+}
+
+impl Slot {
+    async fn start(rig: &Rig) -> Self {
+        let amqp = Arc::new(Proxy::start("127.0.0.1:5672").await);
+        let pg = Arc::new(Proxy::start("127.0.0.1:5432").await);
+        let trigger = Trigger::default();
+        let worker = start_with_hook(Self::config(rig, &amqp, &pg), trigger.hook(pg.clone())).await;
+        Self {
+            amqp,
+            pg,
+            trigger,
+            worker,
+        }
+    }
+
+    fn config(rig: &Rig, amqp: &Proxy, pg: &Proxy) -> catchall::config::Config {
+        let mut config = rig.config();
+        config.amqp.amqp_url = format!("amqp://guest:guest@{}/%2f", amqp.addr);
+        config.database_url = format!("postgres://postgres@{}/{}", pg.addr, rig.db.name);
+        config
+    }
+
+    /// Kills the worker between a commit and its ack, then starts a new one in its place.
+    /// Returns false if no batch came within the wait (nothing to kill).
+    async fn kill_between_commit_and_ack(&mut self, rig: &Rig) -> bool {
+        let (held, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        self.trigger
+            .arm(Action::HoldAfterCommit(held.clone(), release.clone()));
+        if tokio::time::timeout(Duration::from_secs(3), held.notified())
+            .await
+            .is_err()
+        {
+            self.trigger.disarm();
+            return false;
+        }
+        self.amqp.cut();
+        self.pg.cut();
+        self.worker.cancel.cancel();
+        release.notify_one();
+        let dead = std::mem::replace(&mut self.worker, {
+            self.amqp.restore();
+            self.pg.restore();
+            let trigger = Trigger::default();
+            let worker = start_with_hook(
+                Self::config(rig, &self.amqp, &self.pg),
+                trigger.hook(self.pg.clone()),
+            )
+            .await;
+            self.trigger = trigger;
+            worker
+        });
+        let _ = tokio::time::timeout(Duration::from_secs(15), dead.handle).await;
+        true
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_survive_random_faults_with_exact_counts() {
+    let seed: u64 = std::env::var("CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random());
+    eprintln!("chaos seed {seed} (set CHAOS_SEED to replay the fault schedule)");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let rig = Rig::new().await;
+    let mut slots = vec![Slot::start(&rig).await, Slot::start(&rig).await];
+    for slot in &slots {
+        slot.worker.ready().await;
+    }
+    // The producer publishes through the rig's AMQP proxy, so its connection can be cut too.
+    let producer = rig.producer(EVENTS, 8_000, seed, true);
+
+    let mut faults: BTreeMap<&str, usize> = BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    // Faults keep coming until every event is counted.
+    while rig.db.total_events().await < EVENTS as i64 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "chaos did not finish in 180 s: {faults:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(rng.random_range(200..600))).await;
+        let index = rng.random_range(0..slots.len());
+        let slot = &mut slots[index];
+        let kind = match rng.random_range(0..6) {
+            0 => {
+                slot.amqp.cut();
+                tokio::time::sleep(Duration::from_millis(rng.random_range(50..500))).await;
+                slot.amqp.restore();
+                "amqp connection cut"
+            }
+            1 => {
+                let before = slot.trigger.fired.load(Ordering::SeqCst);
+                slot.trigger.arm(Action::CutPgBeforeCommit);
+                if !wait_fired(&slot.trigger, before).await {
+                    continue;
+                }
+                "postgres cut before commit"
+            }
+            2 => {
+                let before = slot.trigger.fired.load(Ordering::SeqCst);
+                slot.trigger.arm(Action::LoseCommitReply);
+                if !wait_fired(&slot.trigger, before).await {
+                    continue;
+                }
+                "postgres cut after commit, before ack"
+            }
+            3 => {
+                if !slot.kill_between_commit_and_ack(&rig).await {
+                    continue;
+                }
+                "worker killed between commit and ack"
+            }
+            4 => {
+                if broker_closes_connections(&format!("catchall-worker {}", rig.broker.queue)).await
+                    == 0
+                {
+                    continue;
+                }
+                "broker closed the workers' connections"
+            }
+            _ => {
+                rig.amqp.drop_connections();
+                "producer connection cut"
+            }
+        };
+        *faults.entry(kind).or_default() += 1;
+    }
+
+    let expected = producer.finish().await;
+    assert_counts_eventually(&rig.db, &expected, Duration::from_secs(120)).await;
+    let actual = rig.db.counts().await;
+    let (mut lost, mut doubled) = (0i64, 0i64);
+    for (domain, (d, b)) in &expected {
+        let (ad, ab) = actual.get(domain).copied().unwrap_or_default();
+        lost += (d - ad).max(0) + (b - ab).max(0);
+        doubled += (ad - d).max(0) + (ab - b).max(0);
+    }
+    let injected: usize = faults.values().sum();
+    eprintln!(
+        "chaos: {injected} faults injected {faults:?}; {} events checked over {} domains; {lost} lost, {doubled} doubled",
+        EVENTS,
+        expected.len()
+    );
+    assert!(injected >= MIN_FAULTS, "{injected} faults injected");
+    assert_eq!((lost, doubled), (0, 0));
+    for slot in slots {
+        slot.worker.ready().await;
+        slot.worker.stop().await;
+    }
+}
+
+/// Waits until an armed trigger has fired; disarms it and returns false if no batch came.
+async fn wait_fired(trigger: &Trigger, before: u64) -> bool {
+    let fired = tokio::time::timeout(Duration::from_secs(3), async {
+        while trigger.fired.load(Ordering::SeqCst) == before {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    if fired.is_err() {
+        trigger.disarm();
+    }
+    fired.is_ok()
+}

@@ -1,0 +1,403 @@
+//! Exactly-once counting under faults (SPEC §4): connections cut and the worker stopped at the
+//! worst moments while a stream of events flows; afterwards the counters equal what the producer
+//! confirmed — nothing lost, nothing doubled — and the worker is ready again by itself.
+
+use crate::helpers::*;
+use crate::proxy::Proxy;
+use catchall::config::Config;
+use catchall::store::{FaultHook, FaultPoint};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::process::Child;
+use tokio::sync::Notify;
+
+/// A test's database and topology, with fault-injecting proxies in front of RabbitMQ and Postgres.
+pub struct Rig {
+    pub db: TestDb,
+    pub broker: TestBroker,
+    pub amqp: Arc<Proxy>,
+    pub pg: Arc<Proxy>,
+}
+
+impl Rig {
+    pub async fn new() -> Self {
+        Self {
+            db: TestDb::create().await,
+            broker: TestBroker::new(),
+            amqp: Arc::new(Proxy::start("127.0.0.1:5672").await),
+            pg: Arc::new(Proxy::start("127.0.0.1:5432").await),
+        }
+    }
+
+    /// A worker configuration that reaches both services through the proxies.
+    pub fn config(&self) -> Config {
+        let mut config = TestWorker::config(&self.db, &self.broker);
+        config.amqp.amqp_url = format!("amqp://guest:guest@{}/%2f", self.amqp.addr);
+        config.database_url = format!("postgres://postgres@{}/{}", self.pg.addr, self.db.name);
+        config
+    }
+
+    /// Starts `catchall-producer generate` in the background, publishing straight to RabbitMQ
+    /// (or through the AMQP proxy).
+    pub fn producer(&self, events: u64, rate: u64, seed: u64, through_proxy: bool) -> Producer {
+        let expect =
+            std::env::temp_dir().join(format!("catchall-expect-{}.csv", uuid::Uuid::now_v7()));
+        let mut command = tokio::process::Command::new(binary("catchall-producer"));
+        command.envs(self.broker.env());
+        if through_proxy {
+            command.env(
+                "AMQP_URL",
+                format!("amqp://guest:guest@{}/%2f", self.amqp.addr),
+            );
+        }
+        let child = command
+            .args([
+                "generate",
+                "--events",
+                &events.to_string(),
+                "--rate",
+                &rate.to_string(),
+            ])
+            .args([
+                "--seed",
+                &seed.to_string(),
+                "--confirm-timeout",
+                "3s",
+                "--expect",
+            ])
+            .arg(&expect)
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the producer");
+        Producer { child, expect }
+    }
+
+    /// Waits until at least `events` are counted, so a fault lands mid-stream.
+    pub async fn counted_at_least(&self, events: i64) {
+        wait_for(Duration::from_secs(60), "events to flow", || async {
+            (self.db.total_events().await >= events).then_some(())
+        })
+        .await;
+    }
+}
+
+pub struct Producer {
+    child: Child,
+    expect: std::path::PathBuf,
+}
+
+impl Producer {
+    /// Waits for the producer to exit 0 and returns the counts it confirmed.
+    pub async fn finish(self) -> Counts {
+        let output = tokio::time::timeout(Duration::from_secs(120), self.child.wait_with_output())
+            .await
+            .expect("the producer finishes within 120 s")
+            .expect("wait for the producer");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "producer failed: {stdout}");
+        eprintln!("producer: {}", stdout.trim());
+        let counts = read_expect(&self.expect);
+        let _ = std::fs::remove_file(&self.expect);
+        counts
+    }
+}
+
+/// What a fault hook does when it fires.
+#[derive(Clone)]
+pub enum Action {
+    /// Cut the Postgres proxy before `COMMIT`, restoring it after a while.
+    CutPgBeforeCommit,
+    /// Let `COMMIT` reach Postgres but swallow its answer, then cut: committed, but the worker
+    /// sees an error and retries the batch.
+    LoseCommitReply,
+    /// Stop between commit and ack until the test lets go (the test kills the worker meanwhile).
+    HoldAfterCommit(Arc<Notify>, Arc<Notify>),
+}
+
+/// A fault hook that performs one armed action at its point, once.
+#[derive(Clone, Default)]
+pub struct Trigger {
+    armed: Arc<Mutex<Option<Action>>>,
+    pub fired: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Trigger {
+    pub fn arm(&self, action: Action) {
+        *self.armed.lock().unwrap() = Some(action);
+    }
+
+    pub fn disarm(&self) {
+        self.armed.lock().unwrap().take();
+    }
+
+    pub fn hook(&self, pg: Arc<Proxy>) -> FaultHook {
+        let trigger = self.clone();
+        Arc::new(move |point| {
+            let mut armed = trigger.armed.lock().unwrap();
+            let action = match (&*armed, point) {
+                (Some(Action::HoldAfterCommit(..)), FaultPoint::AfterCommit)
+                | (
+                    Some(Action::CutPgBeforeCommit | Action::LoseCommitReply),
+                    FaultPoint::BeforeCommit,
+                ) => armed.take(),
+                _ => None,
+            };
+            drop(armed);
+            let pg = pg.clone();
+            let fired = trigger.fired.clone();
+            Box::pin(async move {
+                let Some(action) = action else { return };
+                fired.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                match action {
+                    Action::CutPgBeforeCommit => {
+                        pg.cut();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            pg.restore();
+                        });
+                    }
+                    Action::LoseCommitReply => {
+                        tokio::spawn(async move {
+                            pg.swallow_replies_then_cut(Duration::from_millis(300))
+                                .await;
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            pg.restore();
+                        });
+                        // Give the swallowing a head start over the COMMIT.
+                        tokio::task::yield_now().await;
+                    }
+                    Action::HoldAfterCommit(held, release) => {
+                        held.notify_one();
+                        release.notified().await;
+                    }
+                }
+            })
+        })
+    }
+}
+
+/// Starts a worker with a fault hook installed.
+pub async fn start_with_hook(config: Config, hook: FaultHook) -> TestWorker {
+    let mut app = catchall::app::App::build(config)
+        .await
+        .expect("worker starts");
+    app.set_fault_hook(hook);
+    TestWorker::from_app(app)
+}
+
+/// Closes, from the broker side, every connection whose name contains `name`.
+pub async fn broker_closes_connections(name: &str) -> usize {
+    let listed = tokio::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "pid", "client_properties", "-q"])
+        .output()
+        .await
+        .expect("rabbitmqctl must be installed");
+    assert!(
+        listed.status.success(),
+        "rabbitmqctl list_connections: {}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let mut closed = 0;
+    // One line per connection: `<pid>\t[client properties, with {"connection_name","…"}]`.
+    for line in String::from_utf8_lossy(&listed.stdout).lines() {
+        let Some((pid, properties)) = line.split_once('\t') else {
+            continue;
+        };
+        if !properties.contains(&format!("\"{name}\"")) {
+            continue;
+        }
+        let status = tokio::process::Command::new("rabbitmqctl")
+            .args(["close_connection", pid, "fault injection by a test", "-q"])
+            .status()
+            .await
+            .expect("rabbitmqctl close_connection");
+        assert!(status.success(), "rabbitmqctl close_connection {pid}");
+        closed += 1;
+    }
+    closed
+}
+
+const EVENTS: u64 = 50_000;
+const RATE: u64 = 20_000;
+
+/// Runs one fault against a flowing stream and checks exact counters and recovery.
+async fn survives(seed: u64, inject: impl AsyncFnOnce(&Rig, &TestWorker, &Trigger)) {
+    let rig = Rig::new().await;
+    let trigger = Trigger::default();
+    let worker = start_with_hook(rig.config(), trigger.hook(rig.pg.clone())).await;
+    worker.ready().await;
+    let producer = rig.producer(EVENTS, RATE, seed, false);
+    rig.counted_at_least(10_000).await;
+    inject(&rig, &worker, &trigger).await;
+    let expected = producer.finish().await;
+    assert_counts_eventually(&rig.db, &expected, Duration::from_secs(60)).await;
+    worker.ready().await;
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_connection_cut_mid_batch() {
+    survives(21, async |rig, worker, _| {
+        rig.amqp.cut();
+        wait_for(Duration::from_secs(10), "the worker to notice", || async {
+            (worker.metric("catchall_broker_reconnects_total").await >= 1.0).then_some(())
+        })
+        .await;
+        rig.amqp.restore();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_connection_cut_before_commit() {
+    survives(22, async |_, worker, trigger| {
+        trigger.arm(Action::CutPgBeforeCommit);
+        wait_for(Duration::from_secs(10), "a commit to fail", || async {
+            (worker.metric("catchall_db_errors_total").await >= 1.0).then_some(())
+        })
+        .await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_connection_cut_after_commit_before_ack() {
+    survives(23, async |_, worker, trigger| {
+        trigger.arm(Action::LoseCommitReply);
+        // The batch committed, the worker saw an error and applied it again: every message of
+        // it is a duplicate, skipped.
+        wait_for(
+            Duration::from_secs(10),
+            "the retried batch to be skipped as duplicates",
+            || async {
+                let errors = worker.metric("catchall_db_errors_total").await;
+                let duplicates = worker
+                    .metric("catchall_messages_total{outcome=\"duplicate\"}")
+                    .await;
+                (errors >= 1.0 && duplicates >= 1.0).then_some(())
+            },
+        )
+        .await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_killed_between_commit_and_ack() {
+    let rig = Rig::new().await;
+    let trigger = Trigger::default();
+    let worker = start_with_hook(rig.config(), trigger.hook(rig.pg.clone())).await;
+    worker.ready().await;
+    let producer = rig.producer(EVENTS, RATE, 24, false);
+    rig.counted_at_least(10_000).await;
+
+    let (held, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    trigger.arm(Action::HoldAfterCommit(held.clone(), release.clone()));
+    held.notified().await;
+    // The batch is committed and not acked: the worker dies now. Its connections drop, as a
+    // crashed process's would, and it never acks.
+    rig.amqp.cut();
+    rig.pg.cut();
+    worker.cancel.cancel();
+    release.notify_one();
+    let _ = tokio::time::timeout(Duration::from_secs(15), worker.handle).await;
+    rig.amqp.restore();
+    rig.pg.restore();
+
+    let restarted = TestWorker::start(rig.config()).await;
+    let expected = producer.finish().await;
+    assert_counts_eventually(&rig.db, &expected, Duration::from_secs(60)).await;
+    assert!(
+        restarted
+            .metric("catchall_messages_total{outcome=\"duplicate\"}")
+            .await
+            >= 1.0,
+        "the committed, unacked batch came back and was skipped"
+    );
+    restarted.ready().await;
+    restarted.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_closes_all_connections() {
+    survives(25, async |rig, worker, _| {
+        let closed =
+            broker_closes_connections(&format!("catchall-worker {}", rig.broker.queue)).await;
+        assert_eq!(closed, 1, "the worker's connection was found and closed");
+        wait_for(
+            Duration::from_secs(10),
+            "the worker to reconnect",
+            || async {
+                (worker.metric("catchall_broker_reconnects_total").await >= 1.0).then_some(())
+            },
+        )
+        .await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_down_longer_than_a_batch_timeout() {
+    let rig = Rig::new().await;
+    let config = rig.config();
+    let prefetch = i64::from(config.prefetch);
+    let worker = TestWorker::start(config).await;
+    worker.ready().await;
+    let producer = rig.producer(EVENTS, 50_000, 26, false);
+    rig.counted_at_least(5_000).await;
+    rig.pg.cut();
+
+    // Not ready, with the reason.
+    let reason = wait_for(Duration::from_secs(10), "/readyz to say 503", || async {
+        let response = reqwest::get(worker.url("/readyz")).await.ok()?;
+        (response.status() == 503).then_some(())?;
+        response.json::<serde_json::Value>().await.ok()
+    })
+    .await;
+    assert!(
+        reason["error"].as_str().unwrap().contains("Postgres"),
+        "{reason}"
+    );
+
+    // The producer finishes while Postgres is down: the worker holds at most the prefetch, the
+    // rest waits in the queue.
+    let expected = producer.finish().await;
+    let counted = rig.db.total_events().await;
+    let ready_in_queue = i64::from(rig.broker.depth(&rig.broker.queue).await);
+    eprintln!("Postgres down: {counted} counted, {ready_in_queue} waiting in the queue");
+    assert!(
+        counted + ready_in_queue + prefetch >= EVENTS as i64,
+        "the worker took no more than the prefetch: {counted} counted + {ready_in_queue} queued"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await; // down for longer than a batch timeout and a few retries
+    assert_eq!(
+        i64::from(rig.broker.depth(&rig.broker.queue).await),
+        ready_in_queue,
+        "no new messages taken"
+    );
+
+    rig.pg.restore();
+    assert_counts_eventually(&rig.db, &expected, Duration::from_secs(60)).await;
+    worker.ready().await;
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_survives_its_broker_connection_cut() {
+    let rig = Rig::new().await;
+    let worker = TestWorker::start(TestWorker::config(&rig.db, &rig.broker)).await;
+    worker.ready().await;
+    let producer = rig.producer(EVENTS, RATE, 27, true);
+    rig.counted_at_least(10_000).await;
+    rig.amqp.drop_connections();
+    let expected = producer.finish().await;
+    assert_eq!(
+        expected.values().map(|(d, b)| d + b).sum::<i64>(),
+        EVENTS as i64,
+        "every event confirmed"
+    );
+    assert_counts_eventually(&rig.db, &expected, Duration::from_secs(60)).await;
+    worker.stop().await;
+}

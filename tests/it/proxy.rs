@@ -1,0 +1,142 @@
+//! A TCP proxy for fault injection, placed between the worker (or producer) and RabbitMQ or
+//! Postgres. A test can drop every connection at once, refuse new ones for a while, or swallow
+//! the server's replies before dropping (so a `COMMIT` reaches the server but its answer does not
+//! reach the client).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+struct State {
+    upstream: SocketAddr,
+    /// New connections are refused (accepted and closed) while false.
+    up: AtomicBool,
+    /// Server-to-client bytes are dropped while true.
+    swallow_replies: AtomicBool,
+    /// Cancelling it drops every connection opened under it.
+    generation: Mutex<CancellationToken>,
+}
+
+/// Share it with `Arc` where a fault hook needs it.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+    shutdown: CancellationToken,
+}
+
+impl Proxy {
+    pub async fn start(upstream: &str) -> Self {
+        let upstream: SocketAddr = upstream.parse().expect("upstream address");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let state = Arc::new(State {
+            upstream,
+            up: AtomicBool::new(true),
+            swallow_replies: AtomicBool::new(false),
+            generation: Mutex::new(CancellationToken::new()),
+        });
+        let shutdown = CancellationToken::new();
+        let accept_state = state.clone();
+        let accept_shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let (client, _) = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok(pair) => pair,
+                        Err(_) => continue,
+                    },
+                    _ = accept_shutdown.cancelled() => return,
+                };
+                if !accept_state.up.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let token = accept_state.generation.lock().unwrap().child_token();
+                tokio::spawn(serve(client, accept_state.clone(), token));
+            }
+        });
+        Self {
+            addr,
+            state,
+            shutdown,
+        }
+    }
+
+    /// Drops every open connection at once; new connections are still accepted.
+    pub fn drop_connections(&self) {
+        let mut generation = self.state.generation.lock().unwrap();
+        generation.cancel();
+        *generation = CancellationToken::new();
+    }
+
+    /// Drops every connection and refuses new ones until [`Proxy::restore`].
+    pub fn cut(&self) {
+        self.state.up.store(false, Ordering::SeqCst);
+        self.drop_connections();
+    }
+
+    pub fn restore(&self) {
+        self.state.swallow_replies.store(false, Ordering::SeqCst);
+        self.state.up.store(true, Ordering::SeqCst);
+    }
+
+    /// Stops forwarding the server's replies (requests still flow), waits, then cuts: what the
+    /// client sent last was processed by the server, but the client never learns the outcome.
+    pub async fn swallow_replies_then_cut(&self, wait: std::time::Duration) {
+        self.state.swallow_replies.store(true, Ordering::SeqCst);
+        tokio::time::sleep(wait).await;
+        self.cut();
+        self.state.swallow_replies.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        self.state.generation.lock().unwrap().cancel();
+    }
+}
+
+async fn serve(client: TcpStream, state: Arc<State>, token: CancellationToken) {
+    let Ok(server) = TcpStream::connect(state.upstream).await else {
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let requests = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = client_read.read(&mut buf).await?;
+            if n == 0 {
+                return Ok::<(), std::io::Error>(());
+            }
+            server_write.write_all(&buf[..n]).await?;
+        }
+    };
+    let replies = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = server_read.read(&mut buf).await?;
+            if n == 0 {
+                return Ok::<(), std::io::Error>(());
+            }
+            if !state.swallow_replies.load(Ordering::SeqCst) {
+                client_write.write_all(&buf[..n]).await?;
+            }
+        }
+    };
+    // Either side closing, an error, or a cut ends both directions; dropping the halves closes
+    // the sockets.
+    tokio::select! {
+        _ = requests => {}
+        _ = replies => {}
+        _ = token.cancelled() => {}
+    }
+}
