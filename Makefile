@@ -34,9 +34,9 @@ test: build
 chaos: build
 	$(CARGO) nextest run --workspace --no-capture -E 'test(chaos)'
 
-## bench: throughput against the machine's own ceilings (issue 4)
-bench:
-	@echo "make bench: not yet (see issue 4)"
+## bench: throughput and latency against the machine's own ceilings (BENCH_EVENTS, BENCH_DOMAINS scale it)
+bench: services
+	$(CARGO) bench --bench bench
 
 ## lint: formatting, clippy, and compose.yaml against the Compose Specification
 lint:
