@@ -112,7 +112,7 @@ impl App {
         });
         let consumer_cancel = cancel.clone();
         tracker.spawn(async move {
-            consumer::run(config, store, &health, consumer_cancel).await;
+            consumer::run(config, store, health, consumer_cancel).await;
         });
         tracker.close();
         tracker.wait().await;

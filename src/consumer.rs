@@ -18,6 +18,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -153,60 +154,13 @@ impl Consumer {
         Ok(batch)
     }
 
-    /// Applies a batch and then acks it. A Postgres failure is retried with backoff and the
-    /// batch stays unacked meanwhile; nothing is acked that was not committed.
-    pub async fn commit(
-        &mut self,
-        batch: &Batch,
-        store: &Store,
-        health: &Health,
-        cancel: &CancellationToken,
-    ) -> anyhow::Result<Applied> {
-        let Some(last_tag) = batch.last_tag else {
-            return Ok(Applied::default());
-        };
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-        let applied = loop {
-            let started = Instant::now();
-            match store.apply(&batch.messages).await {
-                Ok(applied) => {
-                    metrics::batch_committed(
-                        applied.messages,
-                        applied.duplicates,
-                        applied.delivered,
-                        applied.bounced,
-                        started.elapsed(),
-                    );
-                    health.set_db_error(None);
-                    break applied;
-                }
-                Err(error) => {
-                    let error = anyhow::Error::new(error).context("applying a batch");
-                    let wait = backoff.next_wait();
-                    metrics::db_error(&error, wait);
-                    health.set_db_error(Some(format!("{error:#}")));
-                    if !self.channel.status().connected() {
-                        return Err(anyhow!(
-                            "the channel closed while Postgres was failing; the broker redelivers the batch"
-                        ));
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = cancel.cancelled() => return Err(anyhow!(
-                            "stopped while Postgres was failing; the batch stays unacked and is redelivered"
-                        )),
-                    }
-                }
-            }
-        };
+    /// Acks everything up to `last_tag` after its batch committed.
+    async fn ack(&self, store: &Store, last_tag: u64) -> anyhow::Result<()> {
         store.fault(FaultPoint::AfterCommit).await;
         self.channel
             .basic_ack(last_tag, BasicAckOptions { multiple: true })
             .await
-            .context(
-                "acking a committed batch (it will be redelivered and skipped as a duplicate)",
-            )?;
-        Ok(applied)
+            .context("acking a committed batch (it will be redelivered and skipped as a duplicate)")
     }
 
     /// One unit of work: gather a batch, commit it, ack it.
@@ -217,13 +171,92 @@ impl Consumer {
         cancel: &CancellationToken,
     ) -> anyhow::Result<Step> {
         let batch = self.next_batch(cancel).await?;
-        let applied = self.commit(&batch, store, health, cancel).await?;
+        let mut applied = Applied::default();
+        if let Some(last_tag) = batch.last_tag {
+            applied =
+                apply_with_retry(store, health, &self.channel, cancel, &batch.messages).await?;
+            self.ack(store, last_tag).await?;
+        }
         let rejected = batch.rejected;
         Ok(if cancel.is_cancelled() {
             Step::Stopped { applied, rejected }
         } else {
             Step::Done { applied, rejected }
         })
+    }
+
+    /// The worker's loop: like [`Consumer::process_batch`] over and over, but the next batch is
+    /// gathered while the previous one commits. Commits run one at a time and are acked in
+    /// order, so a multiple-ack never covers an uncommitted message. Returns `Ok` when `cancel`
+    /// fires (after committing and acking what was in flight), or the error that ended it.
+    pub async fn run_pipelined(
+        &mut self,
+        store: &Store,
+        health: &Arc<Health>,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let mut committing: Option<InFlight> = None;
+        loop {
+            let channel = self.channel.clone();
+            let batch = {
+                let gather = self.next_batch(cancel);
+                tokio::pin!(gather);
+                loop {
+                    tokio::select! {
+                        batch = &mut gather => break batch,
+                        // Ack as soon as the commit ends, even while no new message arrives.
+                        applied = wait(&mut committing), if committing.is_some() => {
+                            if let Some(done) = committing.take() {
+                                applied?;
+                                store.fault(FaultPoint::AfterCommit).await;
+                                channel
+                                    .basic_ack(done.last_tag, BasicAckOptions { multiple: true })
+                                    .await
+                                    .context("acking a committed batch")?;
+                            }
+                        }
+                    }
+                }
+            };
+            let batch = match batch {
+                Ok(batch) => batch,
+                Err(error) => {
+                    // Leave no commit behind: finish it, and ack it if the channel still works.
+                    if let Some(done) = committing.take() {
+                        let last_tag = done.last_tag;
+                        if join(done).await.is_ok() {
+                            let _ = self.ack(store, last_tag).await;
+                        }
+                    }
+                    return Err(error);
+                }
+            };
+            if let Some(done) = committing.take() {
+                let last_tag = done.last_tag;
+                join(done).await?;
+                self.ack(store, last_tag).await?;
+            }
+            if let Some(last_tag) = batch.last_tag {
+                let (store, health, channel, cancel) = (
+                    store.clone(),
+                    health.clone(),
+                    self.channel.clone(),
+                    cancel.clone(),
+                );
+                let task = tokio::spawn(async move {
+                    apply_with_retry(&store, &health, &channel, &cancel, &batch.messages).await
+                });
+                committing = Some(InFlight { task, last_tag });
+            }
+            if cancel.is_cancelled() {
+                if let Some(done) = committing.take() {
+                    let last_tag = done.last_tag;
+                    join(done).await?;
+                    self.ack(store, last_tag).await?;
+                }
+                return Ok(());
+            }
+        }
     }
 
     /// Cancels the consumer and closes the channel and connection. Deliveries that were
@@ -244,6 +277,72 @@ impl Consumer {
     }
 }
 
+/// A batch being applied in its own task, and the tag that acks it.
+struct InFlight {
+    task: tokio::task::JoinHandle<anyhow::Result<Applied>>,
+    last_tag: u64,
+}
+
+/// Waits for the in-flight batch (callers check there is one) without taking it.
+async fn wait(in_flight: &mut Option<InFlight>) -> anyhow::Result<Applied> {
+    match in_flight {
+        Some(in_flight) => (&mut in_flight.task)
+            .await
+            .context("the apply task panicked")?,
+        None => std::future::pending().await,
+    }
+}
+
+async fn join(in_flight: InFlight) -> anyhow::Result<Applied> {
+    in_flight.task.await.context("the apply task panicked")?
+}
+
+/// Applies a batch in one transaction. A Postgres failure is retried with backoff while the
+/// batch stays unacked; gives up only when the channel has closed (the broker redelivers the
+/// batch) or on stop.
+pub async fn apply_with_retry(
+    store: &Store,
+    health: &Health,
+    channel: &Channel,
+    cancel: &CancellationToken,
+    messages: &[Message],
+) -> anyhow::Result<Applied> {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        let started = Instant::now();
+        match store.apply(messages).await {
+            Ok(applied) => {
+                metrics::batch_committed(
+                    applied.messages,
+                    applied.duplicates,
+                    applied.delivered,
+                    applied.bounced,
+                    started.elapsed(),
+                );
+                health.set_db_error(None);
+                return Ok(applied);
+            }
+            Err(error) => {
+                let error = anyhow::Error::new(error).context("applying a batch");
+                let wait = backoff.next_wait();
+                metrics::db_error(&error, wait);
+                health.set_db_error(Some(format!("{error:#}")));
+                if !channel.status().connected() {
+                    return Err(anyhow!(
+                        "the channel closed while Postgres was failing; the broker redelivers the batch"
+                    ));
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = cancel.cancelled() => return Err(anyhow!(
+                        "stopped while Postgres was failing; the batch stays unacked and is redelivered"
+                    )),
+                }
+            }
+        }
+    }
+}
+
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
@@ -252,31 +351,27 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 }
 
 /// Consumes until `cancel` fires, reconnecting to RabbitMQ with capped exponential backoff.
-pub async fn run(config: Config, store: Store, health: &Health, cancel: CancellationToken) {
+pub async fn run(config: Config, store: Store, health: Arc<Health>, cancel: CancellationToken) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     while !cancel.is_cancelled() {
         let error = match Consumer::open(&config).await {
             Ok(mut consumer) => {
                 health.set_consuming(true);
-                let result = loop {
-                    match consumer.process_batch(&store, health, &cancel).await {
-                        Ok(Step::Done { applied, .. }) => {
-                            if applied.messages + applied.duplicates > 0 {
-                                backoff.reset();
-                            }
-                        }
-                        Ok(Step::Stopped { .. }) => break Ok(()),
-                        Err(error) => break Err(error),
-                    }
-                };
+                let opened = Instant::now();
+                let result = consumer.run_pipelined(&store, &health, &cancel).await;
                 health.set_consuming(false);
                 if cancel.is_cancelled() {
                     consumer.close().await;
                 }
                 match result {
                     Ok(()) => {
-                        tracing::info!("Consumer stopped; in-flight batch committed and acked.");
+                        tracing::info!("Consumer stopped; in-flight batches committed and acked.");
                         return;
+                    }
+                    // A connection that lived a while earns a fresh backoff.
+                    Err(error) if opened.elapsed() > Duration::from_secs(30) => {
+                        backoff.reset();
+                        error
                     }
                     Err(error) => error,
                 }

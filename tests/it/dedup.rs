@@ -84,7 +84,7 @@ async fn applied_ids_older_than_the_retention_are_purged() {
     let db = TestDb::create().await;
     let broker = TestBroker::new();
     let mut config = TestWorker::config(&db, &broker);
-    config.dedup_retention = Duration::from_secs(2);
+    config.dedup_retention = Duration::from_secs(8);
     let worker = TestWorker::start(config).await;
     worker.ready().await;
     let expected = publish_stream(&broker, true).await;
@@ -97,7 +97,7 @@ async fn applied_ids_older_than_the_retention_are_purged() {
         .get::<_, i64>(0);
     assert_eq!(ids, 500, "ids younger than the retention are kept");
     wait_for(
-        Duration::from_secs(15),
+        Duration::from_secs(30),
         "ids older than the retention to be purged",
         || async {
             let left: i64 = client

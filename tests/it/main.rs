@@ -10,3 +10,4 @@ mod http;
 mod poison;
 mod proxy;
 mod shutdown;
+mod steps;
