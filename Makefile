@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 EVENTS ?= 10000
 
-.PHONY: start services events createEvents test chaos bench lint build
+.PHONY: start services events createEvents test nextest chaos bench lint build
 
 ## start: make sure RabbitMQ and Postgres answer (starting them), then run the worker in the foreground
 start: services
@@ -23,16 +23,16 @@ build:
 	$(CARGO) build --workspace --all-targets
 
 ## test: unit and integration tests against the real RabbitMQ and Postgres
-test: build
-	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
-	  $(CARGO) nextest run --workspace --no-fail-fast; \
-	else \
-	  $(CARGO) test --workspace --no-fail-fast; \
-	fi
+test: build nextest
+	$(CARGO) nextest run --workspace --no-fail-fast
+
+# Every test runs in its own process under nextest (the metrics recorder is per process).
+nextest:
+	@$(CARGO) nextest --version >/dev/null 2>&1 || $(CARGO) install --locked cargo-nextest
 
 ## chaos: the fault-injection run alone (two workers, random faults, 200,000 events), with its report
-chaos: build
-	$(CARGO) nextest run --workspace --no-capture -E 'test(chaos)'
+chaos: build nextest
+	CHAOS_SEED=$${CHAOS_SEED:-$$(date +%s)} $(CARGO) nextest run --workspace --no-capture -E 'test(chaos)'
 
 ## bench: throughput and latency against the machine's own ceilings (BENCH_EVENTS, BENCH_DOMAINS scale it)
 bench: services

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const PG_HOST: &str = "postgres://postgres@127.0.0.1:5432";
 const PER_MESSAGE: usize = 100;
-const LOOKUP_CONCURRENCY: usize = 8;
+const LOOKUP_CONCURRENCY: usize = 4;
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -142,12 +142,24 @@ impl Run {
             n / batched_ceiling
         );
         let batched = self
-            .worker_drain("batched-worker", &batches, true, true)
+            .worker_drain("batched-worker", &batches, true, false)
             .await?;
         eprintln!("batched worker: {:.0} events/s", n / batched.secs);
+        // Again, with status look-ups at a fixed concurrency competing for the same CPU.
+        let loaded = self
+            .worker_drain("batched-lookups", &batches, true, true)
+            .await?;
+        eprintln!(
+            "batched worker under look-ups: {:.0} events/s",
+            n / loaded.secs
+        );
 
-        let status = batched.lookups.clone().unwrap_or_default();
-        let rss = single.rss_mib.max(single_off.rss_mib).max(batched.rss_mib);
+        let status = loaded.lookups.clone().unwrap_or_default();
+        let rss = single
+            .rss_mib
+            .max(single_off.rss_mib)
+            .max(batched.rss_mib)
+            .max(loaded.rss_mib);
         Ok(serde_json::json!({
             "single": {
                 "events": self.events.len(),
@@ -164,6 +176,7 @@ impl Run {
                 "ceiling_events_per_s": (n / batched_ceiling).round(),
                 "worker_events_per_s": (n / batched.secs).round(),
                 "ratio": round3(batched_ceiling / batched.secs),
+                "worker_under_lookups_events_per_s": (n / loaded.secs).round(),
             },
             "status": {
                 "domains": self.domains,
@@ -399,8 +412,15 @@ impl Run {
             })
             .collect::<Result<_>>()?;
         let started = Instant::now();
-        for batch in messages.chunks(self.config.batch_size as usize) {
-            store.apply(batch).await?;
+        // Batches as the worker closes them: once they hold BATCH_SIZE events.
+        let mut start = 0;
+        let mut events = 0;
+        for (i, message) in messages.iter().enumerate() {
+            events += message.events.len();
+            if events >= self.config.batch_size as usize || i + 1 == messages.len() {
+                store.apply(&messages[start..=i]).await?;
+                (start, events) = (i + 1, 0);
+            }
         }
         let secs = started.elapsed().as_secs_f64();
         let total = self.total_events(&db).await?;
@@ -625,6 +645,17 @@ fn print_table(r: &serde_json::Value) {
         s["ceiling_events_per_s"],
         s["worker_dedup_off_events_per_s"],
         s["ratio_dedup_off"]
+    );
+    let b = &r["batched"];
+    println!(
+        "| batched, with status look-ups | {} | {} | {} | {:.3} |",
+        b["events"],
+        b["ceiling_events_per_s"],
+        b["worker_under_lookups_events_per_s"],
+        b["worker_under_lookups_events_per_s"]
+            .as_f64()
+            .unwrap_or(0.0)
+            / b["ceiling_events_per_s"].as_f64().unwrap_or(1.0)
     );
     let st = &r["status"];
     println!(

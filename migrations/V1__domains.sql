@@ -12,4 +12,6 @@ CREATE TABLE applied_messages (
     message_id text        PRIMARY KEY,
     applied_at timestamptz NOT NULL DEFAULT now()
 );
-CREATE INDEX applied_messages_applied_at ON applied_messages (applied_at);
+-- BRIN: ids arrive in applied_at order, so a block-range index finds the old ones for the
+-- purge at almost no cost per insert (a btree here costs a second index write per message).
+CREATE INDEX applied_messages_applied_at ON applied_messages USING brin (applied_at);

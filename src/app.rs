@@ -6,6 +6,9 @@ use crate::health::Health;
 use crate::http::{AppState, router};
 use crate::metrics;
 use crate::store::Store;
+
+/// Connections of the consumer's pool: the commit in flight, the purge, one spare.
+const CONSUMER_POOL_SIZE: u32 = 3;
 use anyhow::Context;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,7 +19,10 @@ use tokio_util::task::TaskTracker;
 /// A worker that is connected to Postgres, migrated and listening, but not yet consuming.
 pub struct App {
     config: Config,
+    /// Batches and the purge: a small pool of its own, so look-ups cannot starve commits.
     store: Store,
+    /// Status look-ups and health checks.
+    lookups: Store,
     listener: TcpListener,
     health: Arc<Health>,
 }
@@ -26,14 +32,15 @@ impl App {
     /// binds the HTTP address.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         config.validate().map_err(anyhow::Error::msg)?;
-        let store = Store::connect(&config.database_url, config.db_pool_size)
-            .await
-            .with_context(|| {
-                format!(
-                    "connecting to Postgres at {}",
-                    redact_url(&config.database_url)
-                )
-            })?;
+        let url = config.database_url.as_str();
+        let connect = |size| async move {
+            Store::connect(url, size)
+                .await
+                .with_context(|| format!("connecting to Postgres at {}", redact_url(url)))
+        };
+        // One batch commits while the next gathers, plus the purge.
+        let store = connect(CONSUMER_POOL_SIZE).await?;
+        let lookups = connect(config.db_pool_size).await?;
         let report = store.migrate().await.context("applying migrations")?;
         for migration in report.applied_migrations() {
             tracing::info!(migration = %migration, "Migration applied.");
@@ -44,6 +51,7 @@ impl App {
         Ok(Self {
             config,
             store,
+            lookups,
             listener,
             health: Arc::new(Health::default()),
         })
@@ -67,11 +75,12 @@ impl App {
         let App {
             config,
             store,
+            lookups,
             listener,
             health,
         } = self;
         let state = AppState {
-            store: store.clone(),
+            store: lookups,
             health: health.clone(),
             metrics: metrics::install(),
             threshold: config.threshold,

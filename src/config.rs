@@ -89,8 +89,10 @@ pub struct Config {
     )]
     pub threshold: i64,
 
-    /// Most messages applied in one database transaction.
-    #[arg(long, env = "BATCH_SIZE", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=65_535))]
+    /// Events applied in one database transaction: a batch closes once it holds this many (a
+    /// message is never split, so a batch of 100-event messages closes at the first multiple
+    /// of 100 at or above it).
+    #[arg(long, env = "BATCH_SIZE", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub batch_size: u32,
 
     /// How long a batch waits to fill after its first message, in milliseconds.
@@ -102,7 +104,8 @@ pub struct Config {
     #[arg(long, env = "PREFETCH", default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
 
-    /// Postgres connections in the pool (batch commits, status look-ups, health checks).
+    /// Postgres connections for status look-ups and health checks (batch commits have a small
+    /// pool of their own, so look-ups cannot starve them).
     #[arg(long, env = "DB_POOL_SIZE", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub db_pool_size: u32,
 
@@ -170,6 +173,20 @@ pub fn redact_url(raw: &str) -> String {
             if parsed.password().is_some() {
                 let _ = parsed.set_password(Some("***"));
             }
+            if parsed.query_pairs().any(|(key, _)| key == "password") {
+                let pairs: Vec<(String, String)> = parsed
+                    .query_pairs()
+                    .map(|(key, value)| {
+                        let value = if key == "password" {
+                            "***".into()
+                        } else {
+                            value.into_owned()
+                        };
+                        (key.into_owned(), value)
+                    })
+                    .collect();
+                parsed.query_pairs_mut().clear().extend_pairs(pairs);
+            }
             parsed.to_string()
         }
         Err(_) => "<unparsable url>".to_string(),
@@ -230,5 +247,10 @@ mod tests {
             "postgres://postgres@127.0.0.1/catchall"
         );
         assert!(!redact_url("postgres://u:pw@h/db").contains("pw"));
+        let query = redact_url("postgres://u@h/db?sslmode=disable&password=hunter2");
+        assert!(
+            !query.contains("hunter2") && query.contains("sslmode=disable"),
+            "{query}"
+        );
     }
 }

@@ -7,7 +7,7 @@
 use crate::amqp;
 use crate::backoff::Backoff;
 use crate::config::Config;
-use crate::event::parse_message;
+use crate::event::{RejectReason, parse_message};
 use crate::health::Health;
 use crate::metrics;
 use crate::store::{Applied, FaultPoint, Message, Store};
@@ -22,9 +22,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-/// How many messages make a batch, and how long a batch waits to fill.
+/// How many events make a batch, and how long a batch waits to fill.
 #[derive(Debug, Clone, Copy)]
 pub struct BatchSettings {
+    /// A batch closes once it holds this many events (a message is never split).
     pub size: usize,
     pub timeout: Duration,
 }
@@ -38,12 +39,14 @@ pub struct Batch {
     pub last_tag: Option<u64>,
     /// Invalid messages rejected (dead-lettered) while gathering.
     pub rejected: usize,
+    /// Events in `messages`.
+    pub events: usize,
 }
 
 /// What one step did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
-    /// A batch was committed and acked (or held only rejected messages).
+    /// A batch was committed and acked.
     Done { applied: Applied, rejected: usize },
     /// The stop signal came; what was in flight was committed and acked.
     Stopped { applied: Applied, rejected: usize },
@@ -116,7 +119,7 @@ impl Consumer {
     pub async fn next_batch(&mut self, cancel: &CancellationToken) -> anyhow::Result<Batch> {
         let mut batch = Batch::default();
         let mut deadline: Option<tokio::time::Instant> = None;
-        while batch.messages.len() < self.settings.size {
+        while batch.events < self.settings.size {
             let next = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
@@ -134,8 +137,13 @@ impl Consumer {
                 .as_ref()
                 .map(|id| id.as_str().to_string())
                 .filter(|id| !id.is_empty());
-            match parse_message(&delivery.data) {
+            let parsed = match id.as_deref() {
+                Some(id) if id.contains('\0') => Err(RejectReason::BadMessageId),
+                _ => parse_message(&delivery.data),
+            };
+            match parsed {
                 Ok(events) => {
+                    batch.events += events.len();
                     batch.messages.push(Message { id, events });
                     batch.last_tag = Some(delivery.delivery_tag);
                     deadline
@@ -354,10 +362,16 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 pub async fn run(config: Config, store: Store, health: Arc<Health>, cancel: CancellationToken) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     while !cancel.is_cancelled() {
-        let error = match Consumer::open(&config).await {
+        let opened = tokio::select! {
+            opened = Consumer::open(&config) => opened,
+            _ = cancel.cancelled() => return,
+        };
+        let error = match opened {
             Ok(mut consumer) => {
+                // A Postgres failure of the previous connection is judged afresh.
+                health.set_db_error(None);
                 health.set_consuming(true);
-                let opened = Instant::now();
+                let connected_at = Instant::now();
                 let result = consumer.run_pipelined(&store, &health, &cancel).await;
                 health.set_consuming(false);
                 if cancel.is_cancelled() {
@@ -369,7 +383,7 @@ pub async fn run(config: Config, store: Store, health: Arc<Health>, cancel: Canc
                         return;
                     }
                     // A connection that lived a while earns a fresh backoff.
-                    Err(error) if opened.elapsed() > Duration::from_secs(30) => {
+                    Err(error) if connected_at.elapsed() > Duration::from_secs(30) => {
                         backoff.reset();
                         error
                     }

@@ -88,11 +88,13 @@ pub enum RejectReason {
     EmptyBatch,
     #[error("batch has more than 10000 events")]
     BatchTooLarge,
+    #[error("message_id contains a NUL byte, which Postgres cannot store")]
+    BadMessageId,
 }
 
 impl RejectReason {
     /// Every reason, for tests and for pre-registering metric labels.
-    pub const ALL: [RejectReason; 8] = [
+    pub const ALL: [RejectReason; 9] = [
         RejectReason::TooLarge,
         RejectReason::NotUtf8,
         RejectReason::NotJson,
@@ -101,6 +103,7 @@ impl RejectReason {
         RejectReason::InvalidDomain,
         RejectReason::EmptyBatch,
         RejectReason::BatchTooLarge,
+        RejectReason::BadMessageId,
     ];
 
     /// Stable snake_case name, used as the `reason` metric label and in logs.
@@ -114,6 +117,7 @@ impl RejectReason {
             RejectReason::InvalidDomain => "invalid_domain",
             RejectReason::EmptyBatch => "empty_batch",
             RejectReason::BatchTooLarge => "batch_too_large",
+            RejectReason::BadMessageId => "bad_message_id",
         }
     }
 }

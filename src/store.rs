@@ -90,6 +90,10 @@ impl Store {
         if pg.get_application_name().is_none() {
             pg.application_name("catchall");
         }
+        // No query or transaction may hang the worker: a stuck one fails and is retried.
+        if pg.get_options().is_none() {
+            pg.options("-c statement_timeout=60s -c idle_in_transaction_session_timeout=60s");
+        }
         let manager = Manager::from_config(
             pg,
             NoTls,
@@ -133,6 +137,8 @@ impl Store {
         client
             .execute("SELECT pg_advisory_lock($1)", &[&LOCK])
             .await?;
+        // A migration on a large table may take longer than the statement timeout.
+        client.batch_execute("SET statement_timeout = 0").await?;
         let client_ref: &mut tokio_postgres::Client = &mut client;
         let report = embedded::migrations::runner().run_async(client_ref).await;
         client

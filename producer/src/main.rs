@@ -39,6 +39,10 @@ struct Cli {
     #[arg(long, global = true, env = "PRODUCER_MAX_ATTEMPTS", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
     max_attempts: u32,
 
+    /// How long RabbitMQ may stay unreachable mid-run before the producer gives up (exit 1).
+    #[arg(long, global = true, env = "PRODUCER_GIVE_UP_AFTER", default_value = "60s", value_parser = humantime_duration)]
+    give_up_after: Duration,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -152,6 +156,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         window: cli.window as usize,
         confirm_timeout: cli.confirm_timeout,
         max_attempts: cli.max_attempts,
+        give_up_after: cli.give_up_after,
     };
     let (total, expect) = match &cli.command {
         Command::Generate { events, expect, .. } => (Some(*events), expect.clone()),
@@ -190,7 +195,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                     tokio::time::sleep_until(due.into()).await;
                 }
                 sent += chunk.len() as u64;
-                publisher.send(Outgoing::batch(chunk)).await?;
+                publisher.send_all(Outgoing::batches(chunk)).await?;
             }
         }
         Command::Send {
@@ -239,12 +244,12 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 }
                 if chunk.len() >= batch as usize {
                     publisher
-                        .send(Outgoing::batch(std::mem::take(&mut chunk)))
+                        .send_all(Outgoing::batches(std::mem::take(&mut chunk)))
                         .await?;
                 }
             }
             if !chunk.is_empty() {
-                publisher.send(Outgoing::batch(chunk)).await?;
+                publisher.send_all(Outgoing::batches(chunk)).await?;
             }
         }
     }

@@ -5,7 +5,7 @@
 use anyhow::{Context, anyhow};
 use catchall::backoff::Backoff;
 use catchall::config::{AmqpArgs, redact_url};
-use catchall::event::Event;
+use catchall::event::{Event, MAX_BODY_BYTES};
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
@@ -37,19 +37,25 @@ impl Outgoing {
         }
     }
 
-    /// Several events in one message, routed as `batch`; one event alone is sent as `single`.
-    pub fn batch(events: Vec<Event>) -> Self {
+    /// Events packed into messages routed as `batch` (one event alone is sent as `single`); a
+    /// body over the 1 MiB limit is split in two, again until each fits.
+    pub fn batches(mut events: Vec<Event>) -> Vec<Self> {
         if events.len() == 1 {
-            let mut events = events;
-            return Self::single(events.remove(0));
+            return vec![Self::single(events.remove(0))];
         }
         let body = serde_json::to_vec(&events).expect("events always serialise");
-        Self {
+        if body.len() > MAX_BODY_BYTES {
+            let second = events.split_off(events.len() / 2);
+            let mut messages = Self::batches(events);
+            messages.extend(Self::batches(second));
+            return messages;
+        }
+        vec![Self {
             id: uuid::Uuid::now_v7().to_string(),
             routing_key: "batch",
             body,
             events,
-        }
+        }]
     }
 }
 
@@ -60,8 +66,10 @@ pub struct PublisherSettings {
     pub window: usize,
     /// How long to wait for a confirm before publishing again.
     pub confirm_timeout: Duration,
-    /// Attempts per message before it counts as failed.
+    /// Attempts per message (nacked, returned or unconfirmed) before it counts as failed.
     pub max_attempts: u32,
+    /// How long RabbitMQ may stay unreachable before the producer gives up on everything.
+    pub give_up_after: Duration,
 }
 
 struct Pending {
@@ -79,6 +87,8 @@ pub struct Publisher<F: FnMut(&Outgoing)> {
     in_flight: FuturesUnordered<ConfirmFuture>,
     retry: VecDeque<Pending>,
     reconnect: Backoff,
+    /// Since when RabbitMQ has not answered, while it does not.
+    unreachable_since: Option<std::time::Instant>,
     on_confirm: F,
     /// Messages given up on after `max_attempts`.
     pub failed: u64,
@@ -99,6 +109,7 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
             in_flight: FuturesUnordered::new(),
             retry: VecDeque::new(),
             reconnect: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
+            unreachable_since: None,
             on_confirm,
             failed: 0,
             retries: 0,
@@ -147,13 +158,20 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
     /// Publishes a message, first waiting while the window is full.
     pub async fn send(&mut self, message: Outgoing) -> anyhow::Result<()> {
         while self.in_flight.len() >= self.settings.window {
-            self.settle_one().await;
+            self.settle_one().await?;
         }
         self.publish(Pending {
             message: Arc::new(message),
             attempts: 0,
         })
-        .await;
+        .await
+    }
+
+    /// Publishes each message in turn.
+    pub async fn send_all(&mut self, messages: Vec<Outgoing>) -> anyhow::Result<()> {
+        for message in messages {
+            self.send(message).await?;
+        }
         Ok(())
     }
 
@@ -161,9 +179,9 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
     pub async fn finish(&mut self) -> anyhow::Result<()> {
         while !self.in_flight.is_empty() || !self.retry.is_empty() {
             if let Some(pending) = self.retry.pop_front() {
-                self.publish(pending).await;
+                self.publish(pending).await?;
             } else {
-                self.settle_one().await;
+                self.settle_one().await?;
             }
         }
         if let Some((connection, _)) = self.link.take() {
@@ -173,21 +191,25 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
     }
 
     /// Publishes until the broker takes the message (the confirm is awaited later), reconnecting
-    /// as needed; gives up after `max_attempts`.
-    async fn publish(&mut self, mut pending: Pending) {
+    /// as needed. A message fails after `max_attempts`; everything fails (an error) once
+    /// RabbitMQ has been unreachable for `give_up_after`.
+    async fn publish(&mut self, mut pending: Pending) -> anyhow::Result<()> {
         loop {
-            pending.attempts += 1;
-            if pending.attempts > self.settings.max_attempts {
-                self.failed += 1;
-                tracing::error!(message_id = %pending.message.id, "Message not confirmed after {} attempts; giving up.", self.settings.max_attempts);
-                return;
-            }
-            if pending.attempts > 1 {
-                self.retries += 1;
-            }
             let channel = match self.channel().await {
-                Ok(channel) => channel,
+                Ok(channel) => {
+                    self.unreachable_since = None;
+                    channel
+                }
                 Err(error) => {
+                    let since = *self
+                        .unreachable_since
+                        .get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() >= self.settings.give_up_after {
+                        return Err(error.context(format!(
+                            "RabbitMQ unreachable for {:?}; giving up",
+                            self.settings.give_up_after
+                        )));
+                    }
                     let wait = self.reconnect.next_wait();
                     tracing::warn!(
                         error = format!("{error:#}"),
@@ -198,6 +220,15 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
                     continue;
                 }
             };
+            pending.attempts += 1;
+            if pending.attempts > self.settings.max_attempts {
+                self.failed += 1;
+                tracing::error!(message_id = %pending.message.id, "Message not confirmed after {} attempts; giving up on it.", self.settings.max_attempts);
+                return Ok(());
+            }
+            if pending.attempts > 1 {
+                self.retries += 1;
+            }
             let message = &pending.message;
             let properties = BasicProperties::default()
                 .with_delivery_mode(2)
@@ -236,12 +267,13 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
                         };
                         (pending, outcome)
                     }));
-                    return;
+                    return Ok(());
                 }
                 Err(error) => {
                     let wait = self.reconnect.next_wait();
                     tracing::warn!(error = %error, retry_in_ms = wait.as_millis() as u64, "Publish failed; reconnecting.");
                     self.link = None;
+                    pending.attempts -= 1; // the connection failed, not the message
                     tokio::time::sleep(wait).await;
                 }
             }
@@ -250,9 +282,9 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
 
     /// Settles the next confirm: a confirmed message is tallied, any other outcome is queued
     /// for a retry with the same `message_id`.
-    async fn settle_one(&mut self) {
+    async fn settle_one(&mut self) -> anyhow::Result<()> {
         let Some((pending, outcome)) = self.in_flight.next().await else {
-            return;
+            return Ok(());
         };
         match outcome {
             Ok(()) => (self.on_confirm)(&pending.message),
@@ -267,7 +299,43 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
                 self.retry.push_front(pending);
                 break;
             }
-            self.publish(pending).await;
+            self.publish(pending).await?;
         }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use catchall::event::{EventType, MAX_BATCH_EVENTS, parse_message};
+
+    #[test]
+    fn batches_over_the_body_limit_are_split() {
+        let long = format!(
+            "{}.{}.{}.{}",
+            "a".repeat(63),
+            "b".repeat(63),
+            "c".repeat(63),
+            "d".repeat(61)
+        );
+        let events: Vec<Event> = (0..MAX_BATCH_EVENTS)
+            .map(|_| Event::new(&long, EventType::Delivered).unwrap())
+            .collect();
+        let messages = Outgoing::batches(events);
+        assert!(messages.len() > 1);
+        let mut total = 0;
+        for message in &messages {
+            assert!(message.body.len() <= MAX_BODY_BYTES);
+            assert_eq!(
+                parse_message(&message.body).unwrap().len(),
+                message.events.len(),
+                "the worker accepts it"
+            );
+            total += message.events.len();
+        }
+        assert_eq!(total, MAX_BATCH_EVENTS);
+        let one = Outgoing::batches(vec![Event::new("a.io", EventType::Bounced).unwrap()]);
+        assert_eq!((one.len(), one[0].routing_key), (1, "bounced"));
     }
 }

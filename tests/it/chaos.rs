@@ -83,7 +83,7 @@ async fn two_workers_survive_random_faults_with_exact_counts() {
     let seed: u64 = std::env::var("CHAOS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::rng().random());
+        .unwrap_or(20_261_124); // fixed in `make test`; `make chaos` picks a new one each run
     eprintln!("chaos seed {seed} (set CHAOS_SEED to replay the fault schedule)");
     let mut rng = StdRng::seed_from_u64(seed);
     let rig = Rig::new().await;

@@ -159,14 +159,15 @@ impl Trigger {
                         });
                     }
                     Action::LoseCommitReply => {
+                        // Before the COMMIT goes out: its answer will be lost, then the
+                        // connection cut.
+                        pg.swallow_replies();
                         tokio::spawn(async move {
-                            pg.swallow_replies_then_cut(Duration::from_millis(300))
-                                .await;
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                            pg.cut();
                             tokio::time::sleep(Duration::from_millis(200)).await;
                             pg.restore();
                         });
-                        // Give the swallowing a head start over the COMMIT.
-                        tokio::task::yield_now().await;
                     }
                     Action::HoldAfterCommit(held, release) => {
                         held.notify_one();

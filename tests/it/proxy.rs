@@ -85,13 +85,10 @@ impl Proxy {
         self.state.up.store(true, Ordering::SeqCst);
     }
 
-    /// Stops forwarding the server's replies (requests still flow), waits, then cuts: what the
-    /// client sent last was processed by the server, but the client never learns the outcome.
-    pub async fn swallow_replies_then_cut(&self, wait: std::time::Duration) {
+    /// Stops forwarding the server's replies (requests still flow) until the next cut: what the
+    /// client sends now is processed by the server, but the client never learns the outcome.
+    pub fn swallow_replies(&self) {
         self.state.swallow_replies.store(true, Ordering::SeqCst);
-        tokio::time::sleep(wait).await;
-        self.cut();
-        self.state.swallow_replies.store(false, Ordering::SeqCst);
     }
 }
 

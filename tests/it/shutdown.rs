@@ -9,14 +9,10 @@ use std::time::{Duration, Instant};
 async fn sigterm_while_events_flow_loses_and_doubles_nothing() {
     let db = TestDb::create().await;
     let broker = TestBroker::new();
-    let port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    };
     let mut worker = tokio::process::Command::new(binary("catchall"))
         .envs(broker.env())
         .env("DATABASE_URL", &db.url)
-        .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .env("HTTP_ADDR", "127.0.0.1:0")
         .env("SHUTDOWN_TIMEOUT", "10s")
         .env("LOG_FORMAT", "json")
         .stdout(Stdio::null())

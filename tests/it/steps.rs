@@ -12,7 +12,7 @@ async fn process_batch_applies_one_batch_per_step() {
     let db = TestDb::create().await;
     let broker = TestBroker::new();
     let mut config = TestWorker::config(&db, &broker);
-    config.batch_size = 3;
+    config.batch_size = 3; // events: the first step takes messages 0 (1 event) and 2 (2 events)
     config.batch_timeout_ms = 60_000; // only a full batch ends a step
     let store = Store::connect(&db.url, 2).await.unwrap();
     store.migrate().await.unwrap();
@@ -53,7 +53,7 @@ async fn process_batch_applies_one_batch_per_step() {
             applied.bounced,
             rejected
         ),
-        (3, 3, 1, 1)
+        (2, 2, 1, 1)
     );
     assert_eq!(
         db.counts().await.len(),
@@ -61,7 +61,7 @@ async fn process_batch_applies_one_batch_per_step() {
         "a.example and b.example after one step"
     );
 
-    // The last message alone: the stop signal ends the step with what it has.
+    // The stop signal ends the next step with what it has: nothing, since it comes first.
     cancel.cancel();
     let Step::Stopped { applied, rejected } = consumer
         .process_batch(&store, &health, &cancel)
@@ -78,11 +78,11 @@ async fn process_batch_applies_one_batch_per_step() {
     consumer.close().await;
     wait_for(
         Duration::from_secs(10),
-        "c.example back in the queue and the poison dead-lettered",
+        "the two last messages back in the queue and the poison dead-lettered",
         || async {
             let queued = broker.depth(&broker.queue).await;
             let dead = broker.depth(&broker.dead_queue()).await;
-            (queued == 1 && dead == 1).then_some(())
+            (queued == 2 && dead == 1).then_some(())
         },
     )
     .await;
