@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 EVENTS ?= 10000
 
-.PHONY: start services events createEvents test nextest chaos bench lint build
+.PHONY: start services events createEvents test nextest chaos bench bench-pg lint build
 
 ## start: make sure RabbitMQ and Postgres answer (starting them), then run the worker in the foreground
 start: services
@@ -37,6 +37,20 @@ chaos: build nextest
 ## bench: throughput and latency against the machine's own ceilings (BENCH_EVENTS, BENCH_DOMAINS scale it)
 bench: services
 	$(CARGO) bench --bench bench
+
+## bench-pg: batched floor and worker at BENCH_DOMAINS (default 10,000,000) with the server's Postgres
+## settings, then with the recommended ones (reloadable settings only; reset afterwards)
+PSQL := psql -h 127.0.0.1 -U postgres -qX
+PG_TUNED := wal_compression=lz4 max_wal_size=16GB checkpoint_timeout=30min
+bench-pg: services
+	mkdir -p target/bench
+	for s in $(PG_TUNED); do $(PSQL) -c "ALTER SYSTEM RESET $${s%%=*}"; done; $(PSQL) -c "SELECT pg_reload_conf()"
+	BENCH_STAGES=batched BENCH_DOMAINS=$${BENCH_DOMAINS:-10000000} BENCH_EVENTS=$${BENCH_EVENTS:-2000000} $(CARGO) bench --bench bench
+	cp target/bench/latest.json target/bench/pg-defaults.json
+	for s in $(PG_TUNED); do $(PSQL) -c "ALTER SYSTEM SET $${s%%=*} = '$${s#*=}'"; done; $(PSQL) -c "SELECT pg_reload_conf()"
+	BENCH_STAGES=batched BENCH_DOMAINS=$${BENCH_DOMAINS:-10000000} BENCH_EVENTS=$${BENCH_EVENTS:-2000000} $(CARGO) bench --bench bench; \
+	  status=$$?; for s in $(PG_TUNED); do $(PSQL) -c "ALTER SYSTEM RESET $${s%%=*}"; done; $(PSQL) -c "SELECT pg_reload_conf()"; exit $$status
+	cp target/bench/latest.json target/bench/pg-tuned.json
 
 ## lint: formatting, clippy, and compose.yaml against the Compose Specification
 lint:

@@ -118,23 +118,13 @@ impl Run {
             .map(|c| serde_json::to_vec(c).expect("serialise"))
             .collect();
 
-        let (single_ceiling, publish_rate) = self.noop_drain("single-ceiling", &singles).await?;
-        eprintln!(
-            "single ceiling (no-op consumer): {:.0} msgs/s; publish with confirms {:.0} msgs/s",
-            n / single_ceiling,
-            publish_rate
-        );
-        let single = self
-            .worker_drain("single-worker", &singles, true, false)
-            .await?;
-        eprintln!("single worker, dedup on: {:.0} events/s", n / single.secs);
-        let single_off = self
-            .worker_drain("single-nodedup", &singles, false, false)
-            .await?;
-        eprintln!(
-            "single worker, dedup off: {:.0} events/s",
-            n / single_off.secs
-        );
+        // BENCH_STAGES=batched runs only the batched floor and worker (for big BENCH_DOMAINS).
+        let only_batched = std::env::var("BENCH_STAGES").is_ok_and(|s| s == "batched");
+        let single = if only_batched {
+            serde_json::Value::Null
+        } else {
+            self.single_stages(&singles).await?
+        };
 
         let batched_ceiling = self.store_floor("batched-ceiling", &batches).await?;
         eprintln!(
@@ -146,39 +136,38 @@ impl Run {
             .await?;
         eprintln!("batched worker: {:.0} events/s", n / batched.secs);
         // Again, with status look-ups at a fixed concurrency competing for the same CPU.
-        let loaded = self
-            .worker_drain("batched-lookups", &batches, true, true)
-            .await?;
-        eprintln!(
-            "batched worker under look-ups: {:.0} events/s",
-            n / loaded.secs
-        );
-
-        let status = loaded.lookups.clone().unwrap_or_default();
-        let rss = single
-            .rss_mib
-            .max(single_off.rss_mib)
-            .max(batched.rss_mib)
-            .max(loaded.rss_mib);
+        let loaded = if only_batched {
+            None
+        } else {
+            let loaded = self
+                .worker_drain("batched-lookups", &batches, true, true)
+                .await?;
+            eprintln!(
+                "batched worker under look-ups: {:.0} events/s",
+                n / loaded.secs
+            );
+            Some(loaded)
+        };
+        let status = loaded.as_ref().and_then(|l| l.lookups.clone());
+        let rss = [
+            single["rss_mib"].as_f64(),
+            Some(batched.rss_mib),
+            loaded.as_ref().map(|l| l.rss_mib),
+        ]
+        .into_iter()
+        .flatten()
+        .fold(0.0, f64::max);
         Ok(serde_json::json!({
-            "single": {
-                "events": self.events.len(),
-                "ceiling_events_per_s": (n / single_ceiling).round(),
-                "worker_events_per_s": (n / single.secs).round(),
-                "ratio": round3(single_ceiling / single.secs),
-                "worker_dedup_off_events_per_s": (n / single_off.secs).round(),
-                "ratio_dedup_off": round3(single_ceiling / single_off.secs),
-                "publish_confirmed_msgs_per_s": publish_rate.round(),
-            },
+            "single": single,
             "batched": {
                 "events": self.events.len(),
                 "messages": batches.len(),
                 "ceiling_events_per_s": (n / batched_ceiling).round(),
                 "worker_events_per_s": (n / batched.secs).round(),
                 "ratio": round3(batched_ceiling / batched.secs),
-                "worker_under_lookups_events_per_s": (n / loaded.secs).round(),
+                "worker_under_lookups_events_per_s": loaded.as_ref().map(|l| (n / l.secs).round()),
             },
-            "status": {
+            "status": status.map(|status| serde_json::json!({
                 "domains": self.domains,
                 "concurrency": LOOKUP_CONCURRENCY,
                 "requests": status.requests,
@@ -186,7 +175,7 @@ impl Run {
                 "p95_ms": round3(status.p95_ms),
                 "p99_ms": round3(status.p99_ms),
                 "rps": status.rps.round(),
-            },
+            })),
             "rss_peak_mib": round3(rss),
             "config": {
                 "BATCH_SIZE": self.config.batch_size,
@@ -198,6 +187,39 @@ impl Run {
                 "BENCH_DOMAINS": self.domains,
                 "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
             },
+        }))
+    }
+
+    /// The single-event stages: no-op ceiling, worker with dedup on, and off.
+    async fn single_stages(&self, singles: &[Vec<u8>]) -> Result<serde_json::Value> {
+        let n = self.events.len() as f64;
+        let (single_ceiling, publish_rate) = self.noop_drain("single-ceiling", singles).await?;
+        eprintln!(
+            "single ceiling (no-op consumer): {:.0} msgs/s; publish with confirms {:.0} msgs/s",
+            n / single_ceiling,
+            publish_rate
+        );
+        let single = self
+            .worker_drain("single-worker", singles, true, false)
+            .await?;
+        eprintln!("single worker, dedup on: {:.0} events/s", n / single.secs);
+        let single_off = self
+            .worker_drain("single-nodedup", singles, false, false)
+            .await?;
+        eprintln!(
+            "single worker, dedup off: {:.0} events/s",
+            n / single_off.secs
+        );
+
+        Ok(serde_json::json!({
+            "events": self.events.len(),
+            "ceiling_events_per_s": (n / single_ceiling).round(),
+            "worker_events_per_s": (n / single.secs).round(),
+            "ratio": round3(single_ceiling / single.secs),
+            "worker_dedup_off_events_per_s": (n / single_off.secs).round(),
+            "ratio_dedup_off": round3(single_ceiling / single_off.secs),
+            "publish_confirmed_msgs_per_s": publish_rate.round(),
+            "rss_mib": round3(single.rss_mib.max(single_off.rss_mib)),
         }))
     }
 
@@ -628,44 +650,49 @@ fn round3(x: f64) -> f64 {
 fn print_table(r: &serde_json::Value) {
     println!("\n| run | events | ceiling events/s | worker events/s | worker / ceiling |");
     println!("|---|---|---|---|---|");
-    for (name, key) in [
-        ("single (1 event/message, dedup on)", "single"),
-        ("batched (100 events/message)", "batched"),
-    ] {
-        let s = &r[key];
-        println!(
-            "| {name} | {} | {} | {} | {} |",
-            s["events"], s["ceiling_events_per_s"], s["worker_events_per_s"], s["ratio"]
-        );
-    }
-    let s = &r["single"];
-    println!(
-        "| single, dedup off | {} | {} | {} | {} |",
-        s["events"],
-        s["ceiling_events_per_s"],
-        s["worker_dedup_off_events_per_s"],
-        s["ratio_dedup_off"]
+    let row = |name: &str, s: &serde_json::Value, worker: &str, ratio: Option<f64>| {
+        if s.is_object() && !s[worker].is_null() {
+            let ratio = ratio.unwrap_or_else(|| {
+                s[worker].as_f64().unwrap_or(0.0)
+                    / s["ceiling_events_per_s"].as_f64().unwrap_or(1.0)
+            });
+            println!(
+                "| {name} | {} | {} | {} | {ratio:.3} |",
+                s["events"], s["ceiling_events_per_s"], s[worker]
+            );
+        }
+    };
+    let (single, batched) = (&r["single"], &r["batched"]);
+    row(
+        "single (1 event/message, dedup on)",
+        single,
+        "worker_events_per_s",
+        single["ratio"].as_f64(),
     );
-    let b = &r["batched"];
-    println!(
-        "| batched, with status look-ups | {} | {} | {} | {:.3} |",
-        b["events"],
-        b["ceiling_events_per_s"],
-        b["worker_under_lookups_events_per_s"],
-        b["worker_under_lookups_events_per_s"]
-            .as_f64()
-            .unwrap_or(0.0)
-            / b["ceiling_events_per_s"].as_f64().unwrap_or(1.0)
+    row(
+        "single, dedup off",
+        single,
+        "worker_dedup_off_events_per_s",
+        single["ratio_dedup_off"].as_f64(),
+    );
+    row(
+        "batched (100 events/message)",
+        batched,
+        "worker_events_per_s",
+        batched["ratio"].as_f64(),
+    );
+    row(
+        "batched, with status look-ups",
+        batched,
+        "worker_under_lookups_events_per_s",
+        None,
     );
     let st = &r["status"];
-    println!(
-        "\nstatus while ingesting ({} domains, {} concurrent): p50 {} ms, p95 {} ms, p99 {} ms, {} req/s; worker peak RSS {} MiB",
-        st["domains"],
-        st["concurrency"],
-        st["p50_ms"],
-        st["p95_ms"],
-        st["p99_ms"],
-        st["rps"],
-        r["rss_peak_mib"]
-    );
+    if st.is_object() {
+        println!(
+            "\nstatus while ingesting ({} domains, {} concurrent): p50 {} ms, p95 {} ms, p99 {} ms, {} req/s",
+            st["domains"], st["concurrency"], st["p50_ms"], st["p95_ms"], st["p99_ms"], st["rps"]
+        );
+    }
+    println!("worker peak RSS {} MiB", r["rss_peak_mib"]);
 }

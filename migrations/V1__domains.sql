@@ -1,7 +1,8 @@
 -- Per-domain counters. fillfactor leaves room on each page so counter updates can be HOT
--- (heap-only tuple) updates that touch no index.
+-- (heap-only tuple) updates that touch no index. Keys use the "C" collation: byte order, the
+-- order the worker sorts them in, and plain memcmp comparisons instead of locale rules.
 CREATE TABLE domains (
-    domain    text   PRIMARY KEY,
+    domain    text   COLLATE "C" PRIMARY KEY,
     delivered bigint NOT NULL DEFAULT 0 CHECK (delivered >= 0),
     bounced   bigint NOT NULL DEFAULT 0 CHECK (bounced >= 0)
 ) WITH (fillfactor = 90);
@@ -9,7 +10,7 @@ CREATE TABLE domains (
 -- Message ids already applied, written in the same transaction as the counters, so a
 -- redelivered or republished message is counted once. Purged after the retention.
 CREATE TABLE applied_messages (
-    message_id text        PRIMARY KEY,
+    message_id text        COLLATE "C" PRIMARY KEY,
     applied_at timestamptz NOT NULL DEFAULT now()
 );
 -- BRIN: ids arrive in applied_at order, so a block-range index finds the old ones for the
