@@ -74,8 +74,12 @@ async fn main() -> Result<()> {
         })
         .collect();
     eprintln!(
-        "bench: {events_n} events over {domains} domains; BATCH_SIZE={} BATCH_TIMEOUT_MS={} PREFETCH={} DB_POOL_SIZE={}",
-        config.batch_size, config.batch_timeout_ms, config.prefetch, config.db_pool_size
+        "bench: {events_n} events over {domains} domains; BATCH_SIZE={} BATCH_TIMEOUT_MS={} PREFETCH={} DB_POOL_SIZE={} IN_FLIGHT={}",
+        config.batch_size,
+        config.batch_timeout_ms,
+        config.prefetch,
+        config.db_pool_size,
+        config.in_flight
     );
     let template = format!("bench_tpl_{id}");
     let run = Run {
@@ -182,6 +186,7 @@ impl Run {
                 "BATCH_TIMEOUT_MS": self.config.batch_timeout_ms,
                 "PREFETCH": self.config.prefetch,
                 "DB_POOL_SIZE": self.config.db_pool_size,
+                "IN_FLIGHT": self.config.in_flight,
                 "events_per_batched_message": PER_MESSAGE,
                 "BENCH_EVENTS": self.events.len(),
                 "BENCH_DOMAINS": self.domains,
@@ -434,16 +439,25 @@ impl Run {
             })
             .collect::<Result<_>>()?;
         let started = Instant::now();
-        // Batches as the worker closes them: once they hold BATCH_SIZE events.
-        let mut start = 0;
-        let mut events = 0;
+        // Batches as the worker closes them (once they hold BATCH_SIZE events), IN_FLIGHT of
+        // them committing at once.
+        let mut batches = Vec::new();
+        let (mut start, mut events) = (0, 0);
         for (i, message) in messages.iter().enumerate() {
             events += message.events.len();
             if events >= self.config.batch_size as usize || i + 1 == messages.len() {
-                store.apply(&messages[start..=i]).await?;
+                batches.push(&messages[start..=i]);
                 (start, events) = (i + 1, 0);
             }
         }
+        let shared = &store;
+        let mut applied = futures_util::stream::iter(batches)
+            .map(|batch| async move { shared.apply(batch).await })
+            .buffered(self.config.in_flight as usize);
+        while let Some(result) = applied.next().await {
+            result?;
+        }
+        drop(applied);
         let secs = started.elapsed().as_secs_f64();
         let total = self.total_events(&db).await?;
         drop(store);
@@ -495,6 +509,7 @@ impl Run {
             .env("BATCH_TIMEOUT_MS", self.config.batch_timeout_ms.to_string())
             .env("PREFETCH", self.config.prefetch.to_string())
             .env("DB_POOL_SIZE", self.config.db_pool_size.to_string())
+            .env("IN_FLIGHT", self.config.in_flight.to_string())
             .kill_on_drop(true)
             .spawn()
             .context("starting the worker binary")?;

@@ -6,9 +6,6 @@ use crate::health::Health;
 use crate::http::{AppState, router};
 use crate::metrics;
 use crate::store::Store;
-
-/// Connections of the consumer's pool: the commit in flight, the purge, one spare.
-const CONSUMER_POOL_SIZE: u32 = 3;
 use anyhow::Context;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,8 +35,8 @@ impl App {
                 .await
                 .with_context(|| format!("connecting to Postgres at {}", redact_url(url)))
         };
-        // One batch commits while the next gathers, plus the purge.
-        let store = connect(CONSUMER_POOL_SIZE).await?;
+        // The commits in flight, plus the purge.
+        let store = connect(config.in_flight + 1).await?;
         let lookups = connect(config.db_pool_size).await?;
         let report = store.migrate().await.context("applying migrations")?;
         for migration in report.applied_migrations() {
@@ -93,6 +90,7 @@ impl App {
             batch_size = config.batch_size,
             batch_timeout_ms = config.batch_timeout_ms,
             prefetch = config.prefetch,
+            in_flight = config.in_flight,
             "Worker starting."
         );
 

@@ -92,7 +92,7 @@ pub struct Config {
     /// Events applied in one database transaction: a batch closes once it holds this many (a
     /// message is never split, so a batch of 100-event messages closes at the first multiple
     /// of 100 at or above it).
-    #[arg(long, env = "BATCH_SIZE", default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    #[arg(long, env = "BATCH_SIZE", default_value_t = 2500, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub batch_size: u32,
 
     /// How long a batch waits to fill after its first message, in milliseconds.
@@ -101,8 +101,12 @@ pub struct Config {
 
     /// Unacknowledged messages the broker may hand this worker; at least the batch size, so a
     /// batch can fill while the previous one commits. It also bounds memory while Postgres is down.
-    #[arg(long, env = "PREFETCH", default_value_t = 10000, value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, env = "PREFETCH", default_value_t = 5000, value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
+
+    /// Batches committing at once (each on its own connection) while the next one gathers.
+    #[arg(long, env = "IN_FLIGHT", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub in_flight: u32,
 
     /// Postgres connections for status look-ups and health checks (batch commits have a small
     /// pool of their own, so look-ups cannot starve them).

@@ -18,6 +18,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -27,6 +28,8 @@ use tokio_util::sync::CancellationToken;
 pub struct BatchSettings {
     /// A batch closes once it holds this many events (a message is never split).
     pub size: usize,
+    /// Batches committing at once while the next one gathers.
+    pub in_flight: usize,
     pub timeout: Duration,
 }
 
@@ -108,6 +111,7 @@ impl Consumer {
             consumer_tag,
             settings: BatchSettings {
                 size: config.batch_size as usize,
+                in_flight: config.in_flight as usize,
                 timeout: config.batch_timeout(),
             },
         })
@@ -194,16 +198,18 @@ impl Consumer {
     }
 
     /// The worker's loop: like [`Consumer::process_batch`] over and over, but the next batch is
-    /// gathered while the previous one commits. Commits run one at a time and are acked in
-    /// order, so a multiple-ack never covers an uncommitted message. Returns `Ok` when `cancel`
-    /// fires (after committing and acking what was in flight), or the error that ended it.
+    /// gathered while earlier ones commit, up to `in_flight` commits at once (each on its own
+    /// connection; sorted keys keep them from deadlocking). Batches are acked strictly in
+    /// delivery order, each once it and every batch before it committed, so a multiple-ack never
+    /// covers an uncommitted message. Returns `Ok` when `cancel` fires (after committing and
+    /// acking what was in flight), or the error that ended it.
     pub async fn run_pipelined(
         &mut self,
         store: &Store,
         health: &Arc<Health>,
         cancel: &CancellationToken,
     ) -> anyhow::Result<()> {
-        let mut committing: Option<InFlight> = None;
+        let mut committing: VecDeque<InFlight> = VecDeque::new();
         loop {
             let channel = self.channel.clone();
             let batch = {
@@ -212,9 +218,9 @@ impl Consumer {
                 loop {
                     tokio::select! {
                         batch = &mut gather => break batch,
-                        // Ack as soon as the commit ends, even while no new message arrives.
-                        applied = wait(&mut committing), if committing.is_some() => {
-                            if let Some(done) = committing.take() {
+                        // Ack as soon as the oldest commit ends, even while no message arrives.
+                        applied = wait_oldest(&mut committing), if !committing.is_empty() => {
+                            if let Some(done) = committing.pop_front() {
                                 applied?;
                                 store.fault(FaultPoint::AfterCommit).await;
                                 channel
@@ -229,20 +235,18 @@ impl Consumer {
             let batch = match batch {
                 Ok(batch) => batch,
                 Err(error) => {
-                    // Leave no commit behind: finish it, and ack it if the channel still works.
-                    if let Some(done) = committing.take() {
+                    // Leave no commit behind: finish them, and ack in order while that works.
+                    while let Some(done) = committing.pop_front() {
                         let last_tag = done.last_tag;
-                        if join(done).await.is_ok() {
-                            let _ = self.ack(store, last_tag).await;
+                        if join(done).await.is_err() || self.ack(store, last_tag).await.is_err() {
+                            break;
                         }
                     }
                     return Err(error);
                 }
             };
-            if let Some(done) = committing.take() {
-                let last_tag = done.last_tag;
-                join(done).await?;
-                self.ack(store, last_tag).await?;
+            while committing.len() >= self.settings.in_flight {
+                self.ack_oldest(store, &mut committing).await?;
             }
             if let Some(last_tag) = batch.last_tag {
                 let (store, health, channel, cancel) = (
@@ -254,17 +258,29 @@ impl Consumer {
                 let task = tokio::spawn(async move {
                     apply_with_retry(&store, &health, &channel, &cancel, &batch.messages).await
                 });
-                committing = Some(InFlight { task, last_tag });
+                committing.push_back(InFlight { task, last_tag });
             }
             if cancel.is_cancelled() {
-                if let Some(done) = committing.take() {
-                    let last_tag = done.last_tag;
-                    join(done).await?;
-                    self.ack(store, last_tag).await?;
+                while !committing.is_empty() {
+                    self.ack_oldest(store, &mut committing).await?;
                 }
                 return Ok(());
             }
         }
+    }
+
+    /// Waits for the oldest batch in flight to commit, then acks it.
+    async fn ack_oldest(
+        &self,
+        store: &Store,
+        committing: &mut VecDeque<InFlight>,
+    ) -> anyhow::Result<()> {
+        if let Some(done) = committing.pop_front() {
+            let last_tag = done.last_tag;
+            join(done).await?;
+            self.ack(store, last_tag).await?;
+        }
+        Ok(())
     }
 
     /// Cancels the consumer and closes the channel and connection. Deliveries that were
@@ -291,10 +307,10 @@ struct InFlight {
     last_tag: u64,
 }
 
-/// Waits for the in-flight batch (callers check there is one) without taking it.
-async fn wait(in_flight: &mut Option<InFlight>) -> anyhow::Result<Applied> {
-    match in_flight {
-        Some(in_flight) => (&mut in_flight.task)
+/// Waits for the oldest batch in flight (callers check there is one) without taking it.
+async fn wait_oldest(in_flight: &mut VecDeque<InFlight>) -> anyhow::Result<Applied> {
+    match in_flight.front_mut() {
+        Some(oldest) => (&mut oldest.task)
             .await
             .context("the apply task panicked")?,
         None => std::future::pending().await,
