@@ -5,7 +5,6 @@ use std::time::Duration;
 
 async fn publish_stream(broker: &TestBroker, with_ids: bool) -> Counts {
     let (_connection, channel) = broker.channel().await;
-    channel.confirm_select(Default::default()).await.unwrap();
     let mut expected = Counts::new();
     for i in 0..500 {
         let domain = format!("d{}.example", i % 37);
@@ -33,10 +32,7 @@ async fn publish_stream(broker: &TestBroker, with_ids: bool) -> Counts {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_published_twice_with_the_same_ids_is_counted_once() {
-    let db = TestDb::create().await;
-    let broker = TestBroker::new();
-    let worker = TestWorker::start(TestWorker::config(&db, &broker)).await;
-    worker.ready().await;
+    let (db, broker, worker) = started().await;
     let expected = publish_stream(&broker, true).await;
     assert_counts_eventually(&db, &expected, Duration::from_secs(30)).await;
     assert_eq!(publish_stream(&broker, true).await, expected);
@@ -59,10 +55,7 @@ async fn a_stream_published_twice_with_the_same_ids_is_counted_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_published_twice_without_ids_is_counted_twice() {
-    let db = TestDb::create().await;
-    let broker = TestBroker::new();
-    let worker = TestWorker::start(TestWorker::config(&db, &broker)).await;
-    worker.ready().await;
+    let (db, broker, worker) = started().await;
     let once = publish_stream(&broker, false).await;
     publish_stream(&broker, false).await;
     let twice: Counts = once

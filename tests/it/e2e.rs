@@ -6,10 +6,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 async fn end_to_end(events: u64, batch: u32, seed: u64) {
-    let db = TestDb::create().await;
-    let broker = TestBroker::new();
-    let worker = TestWorker::start(TestWorker::config(&db, &broker)).await;
-    worker.ready().await;
+    let (db, broker, worker) = started().await;
 
     let started = Instant::now();
     let expected = generate(&broker, events, batch, seed, &[]).await;

@@ -154,7 +154,7 @@ impl TestBroker {
         ]
     }
 
-    /// A channel with the test's topology declared.
+    /// A channel with the test's topology declared and publisher confirms on.
     pub async fn channel(&self) -> (Connection, Channel) {
         let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
             .await
@@ -164,6 +164,10 @@ impl TestBroker {
             .declare(&channel)
             .await
             .expect("declare the test topology");
+        channel
+            .confirm_select(lapin::options::ConfirmSelectOptions::default())
+            .await
+            .expect("enable publisher confirms");
         (connection, channel)
     }
 
@@ -237,6 +241,15 @@ pub async fn publish_raw(
         .await
         .expect("publish");
     confirm.await.expect("publish confirmed");
+}
+
+/// A fresh database and topology, with a worker running on them and ready.
+pub async fn started() -> (TestDb, TestBroker, TestWorker) {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    let worker = TestWorker::start(TestWorker::config(&db, &broker)).await;
+    worker.ready().await;
+    (db, broker, worker)
 }
 
 /// A worker running in this process.

@@ -20,12 +20,8 @@ async fn get_json(url: &str) -> (StatusCode, serde_json::Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lookups_are_normalised_and_errors_are_json() {
-    let db = TestDb::create().await;
-    let broker = TestBroker::new();
-    let worker = TestWorker::start(TestWorker::config(&db, &broker)).await;
-    worker.ready().await;
+    let (db, broker, worker) = started().await;
     let (_connection, channel) = broker.channel().await;
-    channel.confirm_select(Default::default()).await.unwrap();
     let mut events = Vec::new();
     for _ in 0..1001 {
         events.push(serde_json::json!({"domain": "Example.COM", "type": "delivered"}));
@@ -116,10 +112,7 @@ async fn lookups_are_normalised_and_errors_are_json() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_with_traffic() {
-    let db = TestDb::create().await;
-    let broker = TestBroker::new();
-    let worker = TestWorker::start(TestWorker::config(&db, &broker)).await;
-    worker.ready().await;
+    let (_db, broker, worker) = started().await;
     let page = reqwest::get(worker.url("/metrics")).await.unwrap();
     assert!(
         page.headers()["content-type"]
@@ -143,7 +136,6 @@ async fn metrics_move_with_traffic() {
     }
 
     let (_connection, channel) = broker.channel().await;
-    channel.confirm_select(Default::default()).await.unwrap();
     for i in 0..10 {
         let kind = if i % 5 == 0 { "bounced" } else { "delivered" };
         let body = serde_json::json!({"domain": format!("m{i}.example"), "type": kind});

@@ -28,15 +28,8 @@ fn invalid_bodies() -> Vec<(&'static str, Vec<u8>)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_messages_are_dead_lettered_and_valid_ones_counted() {
-    let db = TestDb::create().await;
-    let broker = TestBroker::new();
-    let worker = TestWorker::start(TestWorker::config(&db, &broker)).await;
-    worker.ready().await;
+    let (db, broker, worker) = started().await;
     let (_connection, channel) = broker.channel().await;
-    channel
-        .confirm_select(lapin::options::ConfirmSelectOptions::default())
-        .await
-        .unwrap();
 
     // Valid traffic interleaved with each invalid message, three rounds.
     let invalid = invalid_bodies();

@@ -20,7 +20,6 @@ async fn process_batch_applies_one_batch_per_step() {
     let (health, cancel) = (Health::default(), CancellationToken::new());
 
     let (_connection, channel) = broker.channel().await;
-    channel.confirm_select(Default::default()).await.unwrap();
     let bodies: [&[u8]; 5] = [
         br#"{"domain":"a.example","type":"delivered"}"#,
         b"not json",
