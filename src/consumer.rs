@@ -166,15 +166,6 @@ impl Consumer {
         Ok(batch)
     }
 
-    /// Acks everything up to `last_tag` after its batch committed.
-    async fn ack(&self, store: &Store, last_tag: u64) -> anyhow::Result<()> {
-        store.fault(FaultPoint::AfterCommit).await;
-        self.channel
-            .basic_ack(last_tag, BasicAckOptions { multiple: true })
-            .await
-            .context("acking a committed batch (it will be redelivered and skipped as a duplicate)")
-    }
-
     /// One unit of work: gather a batch, commit it, ack it.
     pub async fn process_batch(
         &mut self,
@@ -187,7 +178,7 @@ impl Consumer {
         if let Some(last_tag) = batch.last_tag {
             applied =
                 apply_with_retry(store, health, &self.channel, cancel, &batch.messages).await?;
-            self.ack(store, last_tag).await?;
+            ack(&self.channel, store, last_tag).await?;
         }
         let rejected = batch.rejected;
         Ok(if cancel.is_cancelled() {
@@ -222,11 +213,7 @@ impl Consumer {
                         applied = wait_oldest(&mut committing), if !committing.is_empty() => {
                             if let Some(done) = committing.pop_front() {
                                 applied?;
-                                store.fault(FaultPoint::AfterCommit).await;
-                                channel
-                                    .basic_ack(done.last_tag, BasicAckOptions { multiple: true })
-                                    .await
-                                    .context("acking a committed batch")?;
+                                ack(&channel, store, done.last_tag).await?;
                             }
                         }
                     }
@@ -238,7 +225,9 @@ impl Consumer {
                     // Leave no commit behind: finish them, and ack in order while that works.
                     while let Some(done) = committing.pop_front() {
                         let last_tag = done.last_tag;
-                        if join(done).await.is_err() || self.ack(store, last_tag).await.is_err() {
+                        if join(done).await.is_err()
+                            || ack(&self.channel, store, last_tag).await.is_err()
+                        {
                             break;
                         }
                     }
@@ -278,7 +267,7 @@ impl Consumer {
         if let Some(done) = committing.pop_front() {
             let last_tag = done.last_tag;
             join(done).await?;
-            self.ack(store, last_tag).await?;
+            ack(&self.channel, store, last_tag).await?;
         }
         Ok(())
     }
@@ -299,6 +288,16 @@ impl Consumer {
             tracing::debug!(%error, "RabbitMQ connection closed uncleanly.");
         }
     }
+}
+
+/// Acks everything up to `last_tag` on `channel`, once its batch (and every batch before it)
+/// committed.
+async fn ack(channel: &Channel, store: &Store, last_tag: u64) -> anyhow::Result<()> {
+    store.fault(FaultPoint::AfterCommit).await;
+    channel
+        .basic_ack(last_tag, BasicAckOptions { multiple: true })
+        .await
+        .context("acking a committed batch (it will be redelivered and skipped as a duplicate)")
 }
 
 /// A batch being applied in its own task, and the tag that acks it.

@@ -9,7 +9,7 @@ async fn end_to_end(events: u64, batch: u32, seed: u64) {
     let (db, broker, worker) = started().await;
 
     let started = Instant::now();
-    let expected = generate(&broker, events, batch, seed, &[]).await;
+    let expected = generate(&broker, events, batch, seed).await;
     assert_counts_eventually(&db, &expected, Duration::from_secs(120)).await;
     let elapsed = started.elapsed().as_secs_f64();
     eprintln!(

@@ -6,10 +6,8 @@ use crate::helpers::*;
 use crate::proxy::Proxy;
 use catchall::config::Config;
 use catchall::store::{FaultHook, FaultPoint};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::process::Child;
 use tokio::sync::Notify;
 
 /// A test's database and topology, with fault-injecting proxies in front of RabbitMQ and Postgres.
@@ -41,37 +39,27 @@ impl Rig {
     /// Starts `catchall-producer generate` in the background, publishing straight to RabbitMQ
     /// (or through the AMQP proxy).
     pub fn producer(&self, events: u64, rate: u64, seed: u64, through_proxy: bool) -> Producer {
-        let expect =
-            std::env::temp_dir().join(format!("catchall-expect-{}.csv", uuid::Uuid::now_v7()));
-        let mut command = tokio::process::Command::new(binary("catchall-producer"));
-        command.envs(self.broker.env());
+        let mut env = self.broker.env();
         if through_proxy {
-            command.env(
+            env.push((
                 "AMQP_URL",
                 format!("amqp://guest:guest@{}/%2f", self.amqp.addr),
-            );
+            ));
         }
-        let child = command
-            .args([
-                "generate",
+        let (events, rate, seed) = (events.to_string(), rate.to_string(), seed.to_string());
+        Producer::spawn(
+            env,
+            &[
                 "--events",
-                &events.to_string(),
+                &events,
                 "--rate",
-                &rate.to_string(),
-            ])
-            .args([
+                &rate,
                 "--seed",
-                &seed.to_string(),
+                &seed,
                 "--confirm-timeout",
                 "3s",
-                "--expect",
-            ])
-            .arg(&expect)
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the producer");
-        Producer { child, expect }
+            ],
+        )
     }
 
     /// Waits until at least `events` are counted, so a fault lands mid-stream.
@@ -80,27 +68,6 @@ impl Rig {
             (self.db.total_events().await >= events).then_some(())
         })
         .await;
-    }
-}
-
-pub struct Producer {
-    child: Child,
-    expect: std::path::PathBuf,
-}
-
-impl Producer {
-    /// Waits for the producer to exit 0 and returns the counts it confirmed.
-    pub async fn finish(self) -> Counts {
-        let output = tokio::time::timeout(Duration::from_secs(120), self.child.wait_with_output())
-            .await
-            .expect("the producer finishes within 120 s")
-            .expect("wait for the producer");
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        assert!(output.status.success(), "producer failed: {stdout}");
-        eprintln!("producer: {}", stdout.trim());
-        let counts = read_expect(&self.expect);
-        let _ = std::fs::remove_file(&self.expect);
-        counts
     }
 }
 

@@ -359,39 +359,58 @@ pub fn read_expect(path: &Path) -> Counts {
         .collect()
 }
 
-/// Runs `catchall-producer generate` and returns the expected counts it confirmed.
-pub async fn generate(
-    broker: &TestBroker,
-    events: u64,
-    batch: u32,
-    seed: u64,
-    extra: &[&str],
-) -> Counts {
-    let expect = std::env::temp_dir().join(format!("catchall-expect-{}.csv", uuid::Uuid::now_v7()));
-    let output = tokio::process::Command::new(binary("catchall-producer"))
-        .envs(broker.env())
-        .args([
-            "generate",
-            "--events",
-            &events.to_string(),
-            "--batch",
-            &batch.to_string(),
-        ])
-        .args(["--seed", &seed.to_string(), "--expect"])
-        .arg(&expect)
-        .args(extra)
-        .output()
-        .await
-        .expect("run catchall-producer");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "producer failed: {stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    eprintln!("producer: {}", stdout.trim());
-    let counts = read_expect(&expect);
-    let _ = std::fs::remove_file(&expect);
+/// `catchall-producer generate … --expect <temp file>` running in the background.
+pub struct Producer {
+    child: tokio::process::Child,
+    expect: PathBuf,
+}
+
+impl Producer {
+    /// Starts `generate` with `args`, on the broker `env` names.
+    pub fn spawn(env: Vec<(&'static str, String)>, args: &[&str]) -> Self {
+        let expect =
+            std::env::temp_dir().join(format!("catchall-expect-{}.csv", uuid::Uuid::now_v7()));
+        let child = tokio::process::Command::new(binary("catchall-producer"))
+            .envs(env)
+            .arg("generate")
+            .args(args)
+            .arg("--expect")
+            .arg(&expect)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start catchall-producer");
+        Self { child, expect }
+    }
+
+    /// Waits for the producer to exit 0 and returns the counts it confirmed.
+    pub async fn finish(self) -> Counts {
+        let output = tokio::time::timeout(Duration::from_secs(120), self.child.wait_with_output())
+            .await
+            .expect("the producer finishes within 120 s")
+            .expect("wait for the producer");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "producer failed: {stdout}");
+        eprintln!("producer: {}", stdout.trim());
+        let counts = read_expect(&self.expect);
+        let _ = std::fs::remove_file(&self.expect);
+        counts
+    }
+}
+
+/// Runs `catchall-producer generate` to the end and returns the expected counts it confirmed.
+pub async fn generate(broker: &TestBroker, events: u64, batch: u32, seed: u64) -> Counts {
+    let (events_arg, batch_arg, seed_arg) =
+        (events.to_string(), batch.to_string(), seed.to_string());
+    let args = [
+        "--events",
+        &events_arg,
+        "--batch",
+        &batch_arg,
+        "--seed",
+        &seed_arg,
+    ];
+    let counts = Producer::spawn(broker.env(), &args).finish().await;
     assert_eq!(
         counts.values().map(|(d, b)| d + b).sum::<i64>(),
         events as i64,

@@ -22,18 +22,10 @@ async fn sigterm_while_events_flow_loses_and_doubles_nothing() {
         .expect("start the worker binary");
 
     // The producer runs at a capped rate so the stop lands mid-stream.
-    let producer_broker_env = broker.env();
-    let expect = std::env::temp_dir().join(format!("catchall-expect-{}.csv", uuid::Uuid::now_v7()));
-    let producer = tokio::process::Command::new(binary("catchall-producer"))
-        .envs(producer_broker_env)
-        .args([
-            "generate", "--events", "60000", "--rate", "15000", "--seed", "3", "--expect",
-        ])
-        .arg(&expect)
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the producer");
+    let producer = Producer::spawn(
+        broker.env(),
+        &["--events", "60000", "--rate", "15000", "--seed", "3"],
+    );
 
     wait_for(
         Duration::from_secs(60),
@@ -57,17 +49,7 @@ async fn sigterm_while_events_flow_loses_and_doubles_nothing() {
 
     // A second worker finishes the stream.
     let restarted = TestWorker::start(TestWorker::config(&db, &broker)).await;
-    let output = producer
-        .wait_with_output()
-        .await
-        .expect("producer finishes");
-    assert!(
-        output.status.success(),
-        "producer: {}",
-        String::from_utf8_lossy(&output.stdout)
-    );
-    let expected = read_expect(&expect);
-    let _ = std::fs::remove_file(&expect);
+    let expected = producer.finish().await;
     assert_counts_eventually(&db, &expected, Duration::from_secs(60)).await;
     assert_eq!(
         restarted
