@@ -96,16 +96,26 @@ impl App {
 
         let tracker = TaskTracker::new();
         let upkeep = state.metrics.clone();
+        let upkeep_health = health.clone();
         let upkeep_cancel = cancel.clone();
         tracker.spawn(async move {
             let mut ticker = tokio::time::interval(std::time::Duration::from_secs(5));
             loop {
                 tokio::select! {
-                    _ = ticker.tick() => upkeep.run_upkeep(),
+                    _ = ticker.tick() => {
+                        upkeep.run_upkeep();
+                        metrics::process_memory();
+                        metrics::readiness(upkeep_health.consuming() && upkeep_health.db_error().is_none());
+                    }
                     _ = upkeep_cancel.cancelled() => return,
                 }
             }
         });
+        tracker.spawn(dedup_gauges(
+            state.store.clone(),
+            config.dedup_retention,
+            cancel.clone(),
+        ));
         tracker.spawn(consumer::purge_loop(
             store.clone(),
             config.dedup_retention,
@@ -129,5 +139,35 @@ impl App {
             .context("the HTTP server failed")?;
         tracing::info!("Worker stopped.");
         Ok(())
+    }
+}
+
+/// Samples the dedup table for the alert on a purge that fails or falls behind: ids older than
+/// the retention plus three purge intervals (the purge runs every retention/4, at most every
+/// 10 minutes) should not exist.
+async fn dedup_gauges(store: Store, retention: std::time::Duration, cancel: CancellationToken) {
+    let purge_every = (retention / 4).clamp(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(600),
+    );
+    let overdue_after = retention + purge_every * 3;
+    let mut ticker = tokio::time::interval(std::time::Duration::from_secs(60));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = cancel.cancelled() => return,
+        }
+        let sampled = async {
+            let overdue = store.overdue_applied(overdue_after, 10_000).await?;
+            Ok::<_, crate::store::StoreError>((store.applied_estimate().await?, overdue))
+        };
+        match sampled.await {
+            Ok((ids, overdue)) => metrics::dedup_table(ids, overdue, retention),
+            Err(error) => tracing::debug!(
+                error = format!("{:#}", anyhow::Error::new(error)),
+                "Sampling the dedup table failed."
+            ),
+        }
     }
 }

@@ -23,6 +23,20 @@ pub struct Cli {
 pub enum Command {
     /// Apply the database migrations and exit (the worker also applies them at start).
     Migrate,
+    /// Ask the worker listening on HTTP_ADDR whether it is healthy: exit 0 on a 2xx answer, 1
+    /// otherwise (a container HEALTHCHECK without curl).
+    Healthcheck(HealthcheckArgs),
+}
+
+/// What `catchall healthcheck` asks.
+#[derive(Debug, Clone, Args)]
+pub struct HealthcheckArgs {
+    /// Path to GET: `/healthz` (the process runs) or `/readyz` (it consumes and Postgres answers).
+    #[arg(long, default_value = "/healthz")]
+    pub path: String,
+    /// How long the whole check may take.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
 }
 
 /// The broker and the topology (SPEC §3); shared with the producer, which declares the same

@@ -36,6 +36,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(track))
+        .layer(middleware::from_fn(crate::trace_http::trace))
         .with_state(state)
 }
 

@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use catchall::app::App;
-use catchall::config::{Cli, Command, redact_url};
+use catchall::config::{Cli, Command, HealthcheckArgs, redact_url};
 use catchall::store::Store;
 use catchall::telemetry;
 use clap::Parser;
@@ -12,7 +12,10 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init(cli.config.log_format);
+    if let Some(Command::Healthcheck(check)) = &cli.command {
+        return healthcheck(cli.config.http_addr, check).await;
+    }
+    let telemetry = telemetry::init(cli.config.log_format);
     if let Err(error) = cli.config.validate() {
         clap::Error::raw(
             clap::error::ErrorKind::ValueValidation,
@@ -20,10 +23,23 @@ async fn main() -> ExitCode {
         )
         .exit();
     }
-    match run(cli).await {
+    let code = match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(error = format!("{error:#}"), "catchall failed.");
+            ExitCode::FAILURE
+        }
+    };
+    telemetry.shutdown();
+    code
+}
+
+/// `catchall healthcheck`: one line on stderr when unhealthy, nothing otherwise.
+async fn healthcheck(http_addr: std::net::SocketAddr, check: &HealthcheckArgs) -> ExitCode {
+    match catchall::healthcheck::check(http_addr, &check.path, check.timeout).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("unhealthy: {:#}", anyhow::Error::new(error));
             ExitCode::FAILURE
         }
     }

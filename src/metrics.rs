@@ -4,7 +4,9 @@
 //! operator) and bumps its metric, with a small fixed label set.
 
 use crate::event::{EventType, RejectReason};
-use metrics::{Unit, counter, describe_counter, describe_histogram, histogram};
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -96,6 +98,64 @@ fn describe() {
     counter!("catchall_db_errors_total").absolute(0);
     counter!("catchall_broker_reconnects_total").absolute(0);
     counter!("catchall_dedup_purged_total").absolute(0);
+    describe_gauges();
+}
+
+/// Gauges for the operations alerts (deploy/prometheus/alerts.yml).
+fn describe_gauges() {
+    describe_gauge!(
+        "process_resident_memory_bytes",
+        Unit::Bytes,
+        "Resident memory of the worker process (VmRSS)."
+    );
+    describe_gauge!(
+        "catchall_dedup_ids",
+        "Applied message ids stored for deduplication (Postgres' estimate)."
+    );
+    describe_gauge!(
+        "catchall_dedup_overdue_ids",
+        "Applied message ids still stored well past DEDUP_RETENTION (counted up to 10,000): above 0, the purge is failing."
+    );
+    describe_gauge!(
+        "catchall_dedup_retention_seconds",
+        Unit::Seconds,
+        "DEDUP_RETENTION: how long applied message ids are remembered."
+    );
+    describe_gauge!(
+        "catchall_ready",
+        "1 when the worker is ready (consuming, and its last batch committed), else 0."
+    );
+    process_memory();
+}
+
+/// Readiness as /readyz sees it, without the live Postgres ping.
+pub fn readiness(ready: bool) {
+    gauge!("catchall_ready").set(if ready { 1.0 } else { 0.0 });
+}
+
+/// Samples the process' resident memory (Linux `/proc/self/status`; a no-op elsewhere).
+pub fn process_memory() {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return;
+    };
+    let kib = status.lines().find_map(|line| {
+        line.strip_prefix("VmRSS:")?
+            .trim()
+            .strip_suffix("kB")?
+            .trim()
+            .parse::<f64>()
+            .ok()
+    });
+    if let Some(kib) = kib {
+        gauge!("process_resident_memory_bytes").set(kib * 1024.0);
+    }
+}
+
+/// The size of the dedup table and how much of it is overdue for the purge.
+pub fn dedup_table(ids: i64, overdue: i64, retention: Duration) {
+    gauge!("catchall_dedup_ids").set(ids as f64);
+    gauge!("catchall_dedup_overdue_ids").set(overdue as f64);
+    gauge!("catchall_dedup_retention_seconds").set(retention.as_secs_f64());
 }
 
 /// A batch was committed.

@@ -255,4 +255,32 @@ impl Store {
             }
         }
     }
+
+    /// Applied ids still stored although applied before `older_than` ago, counted up to `cap`:
+    /// above zero, the purge is failing or falling behind (the dedup table grows past its
+    /// retention). The BRIN index on `applied_at` keeps this cheap while the purge keeps up.
+    pub async fn overdue_applied(&self, older_than: Duration, cap: i64) -> Result<i64, StoreError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM (SELECT 1 FROM applied_messages \
+                   WHERE applied_at < now() - make_interval(secs => $1) LIMIT $2) overdue",
+                &[&older_than.as_secs_f64(), &cap],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// Applied ids stored, from Postgres' statistics (no scan; approximate).
+    pub async fn applied_estimate(&self) -> Result<i64, StoreError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_one(
+                "SELECT COALESCE((SELECT n_live_tup FROM pg_stat_user_tables \
+                   WHERE relid = 'applied_messages'::regclass), 0)",
+                &[],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
 }

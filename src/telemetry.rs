@@ -1,23 +1,258 @@
-//! Logging: key/value `tracing` events, JSON for machines and pretty for people.
+//! Logging and traces: key/value `tracing` events (JSON for machines, pretty for people), and
+//! OpenTelemetry spans over OTLP/HTTP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+//!
+//! Without that variable no exporter, propagator or span layer is installed, and the HTTP
+//! middleware ([`crate::trace_http`]) creates no span: traces cost nothing unless asked for.
 
 use crate::config::LogFormat;
+use lapin::types::{AMQPValue, FieldTable};
+use opentelemetry::Context;
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
-/// Installs the global subscriber. `RUST_LOG` sets the levels (default `info`).
-pub fn init(format: Option<LogFormat>) {
+/// The W3C Trace Context header (https://www.w3.org/TR/trace-context/).
+pub const TRACEPARENT: &str = "traceparent";
+const TRACESTATE: &str = "tracestate";
+
+static TRACES_ON: AtomicBool = AtomicBool::new(false);
+
+/// Errors setting traces up.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("invalid OTLP exporter configuration")]
+    Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+}
+
+/// Keeps the trace exporter alive; [`Telemetry::shutdown`] flushes what is buffered.
+#[derive(Debug, Default)]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Whether spans are exported.
+    pub fn traces_enabled(&self) -> bool {
+        self.provider.is_some()
+    }
+
+    /// Exports the spans buffered so far (the batch exporter otherwise sends every few seconds).
+    pub fn flush(&self) {
+        if let Some(provider) = &self.provider
+            && let Err(error) = provider.force_flush()
+        {
+            tracing::warn!(error = %error, "Flushing traces failed.");
+        }
+    }
+
+    /// Flushes and stops the exporter (at the end of `main`).
+    pub fn shutdown(self) {
+        if let Some(provider) = self.provider
+            && let Err(error) = provider.shutdown()
+        {
+            tracing::warn!(error = %error, "Stopping the trace exporter failed.");
+        }
+    }
+}
+
+/// Whether a span exporter is installed in this process (cheap; for hot paths).
+pub fn traces_enabled() -> bool {
+    TRACES_ON.load(Ordering::Relaxed)
+}
+
+/// Installs the global subscriber. `RUST_LOG` sets the levels (default `info`); traces go to
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` (OTLP/HTTP protobuf) when it is set and not empty, with the
+/// other standard `OTEL_*` variables (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
+/// `OTEL_EXPORTER_OTLP_HEADERS`, …) honoured by the exporter.
+pub fn init(format: Option<LogFormat>) -> Telemetry {
+    let traces = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .ok()
+        .filter(|endpoint| !endpoint.trim().is_empty())
+        .map(|_| None);
+    init_with(format, traces)
+}
+
+/// [`init`] with the traces chosen by the caller: `None` for none, `Some(None)` for the
+/// endpoint from the environment, `Some(Some(url))` for OTLP/HTTP to exactly `url` (the full
+/// `…/v1/traces` URL; tests use it).
+pub fn init_with(format: Option<LogFormat>, traces: Option<Option<String>>) -> Telemetry {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let format = format.unwrap_or(if std::io::stderr().is_terminal() {
         LogFormat::Pretty
     } else {
         LogFormat::Json
     });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // A second init (tests embedding the worker) keeps the first subscriber.
-    let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Pretty => builder.compact().try_init(),
+    let logs = match format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Pretty => tracing_subscriber::fmt::layer()
+            .compact()
+            .with_writer(std::io::stderr)
+            .boxed(),
     };
+    let (provider, setup_error) = match traces.map(tracer_provider) {
+        None => (None, None),
+        Some(Ok(provider)) => (Some(provider), None),
+        Some(Err(error)) => (None, Some(error)),
+    };
+    let spans = provider.as_ref().map(|provider| {
+        tracing_opentelemetry::layer().with_tracer(provider.tracer(env!("CARGO_PKG_NAME")))
+    });
+    // A second init (tests embedding the worker) keeps the first subscriber.
+    let installed = tracing_subscriber::registry()
+        .with(filter)
+        .with(logs)
+        .with(spans)
+        .try_init()
+        .is_ok();
+    if let Some(error) = setup_error {
+        tracing::error!(
+            error = format!("{:#}", anyhow::Error::new(error)),
+            "Traces are off."
+        );
+    }
+    if !installed {
+        return Telemetry::default();
+    }
+    if provider.is_some() {
+        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+        TRACES_ON.store(true, Ordering::Relaxed);
+        tracing::info!("Exporting traces over OTLP/HTTP.");
+    }
+    Telemetry { provider }
+}
+
+fn tracer_provider(endpoint: Option<String>) -> Result<SdkTracerProvider, TelemetryError> {
+    use opentelemetry_otlp::{Protocol, WithExportConfig};
+    let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(Protocol::HttpBinary);
+    if let Some(endpoint) = endpoint {
+        exporter = exporter.with_endpoint(endpoint);
+    }
+    let mut resource = opentelemetry_sdk::Resource::builder();
+    if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+        // The binary's name: `catchall` or `catchall-producer`.
+        let name = std::env::current_exe()
+            .ok()
+            .and_then(|path| path.file_stem().map(|s| s.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| env!("CARGO_PKG_NAME").to_string());
+        resource = resource.with_service_name(name);
+    }
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter.build()?)
+        .with_resource(resource.build())
+        .build())
+}
+
+/// The publisher's trace context carried by a message's `traceparent` (and `tracestate`)
+/// header, so the work on the message continues the publisher's trace. `None` when the header
+/// is absent, not a string, not UTF-8 or not a valid W3C `traceparent`.
+pub fn remote_parent(headers: &FieldTable) -> Option<Context> {
+    let context = TraceContextPropagator::new().extract(&AmqpHeaders(headers));
+    context.span().span_context().is_valid().then_some(context)
+}
+
+/// Headers for a message this process publishes: a `publish` span (a child of the current span,
+/// if any) is started and its W3C `traceparent` (and `tracestate`) returned, so the consumer's
+/// work continues this trace. `None` when traces are off.
+pub fn trace_headers() -> Option<FieldTable> {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    if !traces_enabled() {
+        return None;
+    }
+    let span = tracing::info_span!("publish", otel.kind = "producer");
+    let context = span.context();
+    if !context.span().span_context().is_valid() {
+        return None;
+    }
+    let mut injected = std::collections::HashMap::new();
+    TraceContextPropagator::new().inject_context(&context, &mut injected);
+    let mut headers = FieldTable::default();
+    for (key, value) in injected {
+        headers.insert(key.into(), AMQPValue::LongString(value.into()));
+    }
+    Some(headers)
+}
+
+/// Reads W3C trace headers from AMQP message headers.
+struct AmqpHeaders<'a>(&'a FieldTable);
+
+impl Extractor for AmqpHeaders<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        let value = self
+            .0
+            .inner()
+            .iter()
+            .find(|(name, _)| name.as_str().eq_ignore_ascii_case(key))
+            .map(|(_, value)| value)?;
+        let bytes: &[u8] = match value {
+            AMQPValue::LongString(text) => text.as_bytes(),
+            AMQPValue::ShortString(text) => text.as_str().as_bytes(),
+            _ => return None,
+        };
+        std::str::from_utf8(bytes).ok()
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        [TRACEPARENT, TRACESTATE]
+            .into_iter()
+            .filter(|key| self.get(key).is_some())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(value: AMQPValue) -> FieldTable {
+        let mut table = FieldTable::default();
+        table.insert(TRACEPARENT.into(), value);
+        table
+    }
+
+    #[test]
+    fn a_valid_traceparent_becomes_the_remote_parent() {
+        let header = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let context = remote_parent(&headers(AMQPValue::LongString(header.into())))
+            .expect("a valid traceparent");
+        let span = context.span().span_context().clone();
+        assert_eq!(
+            span.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(span.span_id().to_string(), "00f067aa0ba902b7");
+        assert!(span.is_remote() && span.is_sampled());
+        let short = remote_parent(&headers(AMQPValue::ShortString(header.into())));
+        assert!(short.is_some(), "a short string works too");
+    }
+
+    #[test]
+    fn anything_else_is_no_parent() {
+        assert!(remote_parent(&FieldTable::default()).is_none());
+        for bad in [
+            AMQPValue::LongString("not a traceparent".into()),
+            AMQPValue::LongString("00-00000000000000000000000000000000-00f067aa0ba902b7-01".into()),
+            AMQPValue::LongString(
+                b"00-4bf92f3577b34da6a3ce929d0e0e4736-\xff\xfe-01"
+                    .to_vec()
+                    .into(),
+            ),
+            AMQPValue::LongLongInt(42),
+            AMQPValue::Boolean(true),
+        ] {
+            assert!(remote_parent(&headers(bad.clone())).is_none(), "{bad:?}");
+        }
+    }
 }

@@ -139,15 +139,17 @@ impl Tally {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    catchall::telemetry::init(None);
-    match run(cli).await {
+    let telemetry = catchall::telemetry::init(None);
+    let code = match run(cli).await {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(error) => {
             eprintln!("catchall-producer: {error:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    telemetry.shutdown();
+    code
 }
 
 /// Returns whether every event was confirmed.

@@ -230,10 +230,14 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
                 self.retries += 1;
             }
             let message = &pending.message;
-            let properties = BasicProperties::default()
+            let mut properties = BasicProperties::default()
                 .with_delivery_mode(2)
                 .with_content_type("application/json".into())
                 .with_message_id(message.id.as_str().into());
+            // W3C `traceparent` of the current span, when traces are exported (issue 12).
+            if let Some(headers) = catchall::telemetry::trace_headers() {
+                properties = properties.with_headers(headers);
+            }
             let published = channel
                 .basic_publish(
                     self.amqp.exchange.as_str().into(),

@@ -1,0 +1,169 @@
+//! Traces: with an OTLP endpoint configured, the worker exports a span per HTTP request, with
+//! its route, method and status, continuing the caller's W3C `traceparent`. The receiver is an
+//! OTLP/HTTP endpoint inside the test that decodes what arrives with the OTLP protobuf types.
+
+use crate::helpers::*;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind};
+use prost::Message;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Every span received, with its resource's `service.name`.
+type Received = Arc<Mutex<Vec<(String, Span)>>>;
+
+/// An OTLP/HTTP receiver on a free port; returns its `/v1/traces` URL and what it received.
+async fn otlp_receiver() -> (String, Received) {
+    async fn traces(State(received): State<Received>, body: Bytes) -> impl IntoResponse {
+        let Ok(request) = ExportTraceServiceRequest::decode(body) else {
+            return (StatusCode::BAD_REQUEST, Vec::new()).into_response();
+        };
+        let mut received = received.lock().expect("lock");
+        for resource_spans in request.resource_spans {
+            let service = resource_spans
+                .resource
+                .iter()
+                .flat_map(|resource| &resource.attributes)
+                .find(|kv| kv.key == "service.name")
+                .and_then(|kv| string_value(kv.value.as_ref()?.value.as_ref()?))
+                .unwrap_or_default();
+            for scope_spans in resource_spans.scope_spans {
+                for span in scope_spans.spans {
+                    received.push((service.clone(), span));
+                }
+            }
+        }
+        (
+            [(header::CONTENT_TYPE, "application/x-protobuf")],
+            ExportTraceServiceResponse::default().encode_to_vec(),
+        )
+            .into_response()
+    }
+    let received = Received::default();
+    let app = axum::Router::new()
+        .route("/v1/traces", axum::routing::post(traces))
+        .with_state(received.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the OTLP receiver");
+    let url = format!(
+        "http://{}/v1/traces",
+        listener.local_addr().expect("receiver address")
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, received)
+}
+
+fn string_value(value: &Value) -> Option<String> {
+    match value {
+        Value::StringValue(text) => Some(text.clone()),
+        _ => None,
+    }
+}
+
+fn attribute(span: &Span, key: &str) -> Option<Value> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref()?.value.clone())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_requests_are_exported_as_spans_continuing_the_callers_trace() {
+    let (endpoint, received) = otlp_receiver().await;
+    // Before the worker starts, so that this is the process' subscriber (nextest runs each
+    // test in a process of its own).
+    let telemetry = catchall::telemetry::init_with(
+        Some(catchall::config::LogFormat::Pretty),
+        Some(Some(endpoint)),
+    );
+    assert!(telemetry.traces_enabled(), "traces are on");
+    let (_db, _broker, worker) = started().await;
+
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let client = reqwest::Client::new();
+    let response = client
+        .get(worker.url("/domains/Example.COM"))
+        .header("traceparent", format!("00-{trace_id}-{caller_span}-01"))
+        .send()
+        .await
+        .expect("GET /domains/Example.COM");
+    assert_eq!(response.status(), 200);
+    let response = client
+        .get(worker.url("/domains/not_a_domain"))
+        .send()
+        .await
+        .expect("GET an invalid domain");
+    assert_eq!(response.status(), 400);
+
+    telemetry.flush();
+    let spans = wait_for(
+        Duration::from_secs(20),
+        "both request spans at the OTLP receiver",
+        || {
+            let received = received.clone();
+            async move {
+                let received = received.lock().expect("lock");
+                let lookups: Vec<(String, Span)> = received
+                    .iter()
+                    .filter(|(_, span)| span.name == "GET /domains/{domain}")
+                    .cloned()
+                    .collect();
+                (lookups.len() >= 2).then_some(lookups)
+            }
+        },
+    )
+    .await;
+
+    // The request that carried a traceparent continues that trace, as a child of the caller.
+    let (service, continued) = spans
+        .iter()
+        .find(|(_, span)| hex(&span.trace_id) == trace_id)
+        .expect("a span in the caller's trace");
+    assert!(!service.is_empty(), "the resource names the service");
+    assert_eq!(hex(&continued.parent_span_id), caller_span);
+    assert_eq!(continued.kind, SpanKind::Server as i32);
+    assert_eq!(
+        attribute(continued, "http.route"),
+        Some(Value::StringValue("/domains/{domain}".into()))
+    );
+    assert_eq!(
+        attribute(continued, "http.request.method"),
+        Some(Value::StringValue("GET".into()))
+    );
+    assert_eq!(
+        attribute(continued, "url.path"),
+        Some(Value::StringValue("/domains/Example.COM".into()))
+    );
+    assert_eq!(
+        attribute(continued, "http.response.status_code"),
+        Some(Value::IntValue(200))
+    );
+    assert!(continued.end_time_unix_nano >= continued.start_time_unix_nano);
+
+    // The request without one starts a trace of its own, and records its 400.
+    let (_, fresh) = spans
+        .iter()
+        .find(|(_, span)| hex(&span.trace_id) != trace_id)
+        .expect("a span in a new trace");
+    assert!(fresh.parent_span_id.is_empty(), "a root span");
+    assert_eq!(
+        attribute(fresh, "http.response.status_code"),
+        Some(Value::IntValue(400))
+    );
+
+    worker.stop().await;
+    telemetry.shutdown();
+}
