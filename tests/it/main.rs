@@ -7,6 +7,7 @@ mod e2e;
 mod faults;
 mod helpers;
 mod http;
+mod ops;
 mod otlp;
 mod poison;
 mod proxy;

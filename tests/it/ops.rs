@@ -1,0 +1,86 @@
+//! Operations: the `catchall healthcheck` subcommand (the image's HEALTHCHECK), and the gauges
+//! the alert rules and the dashboard read (deploy/prometheus, deploy/grafana).
+
+use crate::helpers::*;
+use catchall::store::Store;
+use std::time::Duration;
+
+async fn healthcheck(http_addr: &str, args: &[&str]) -> (bool, String) {
+    let output = tokio::process::Command::new(binary("catchall"))
+        .arg("healthcheck")
+        .args(args)
+        .env("HTTP_ADDR", http_addr)
+        .output()
+        .await
+        .expect("run catchall healthcheck");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_exits_0_for_a_healthy_worker_and_1_otherwise() {
+    let (_db, _broker, worker) = started().await;
+    let addr = worker.addr.to_string();
+    assert_eq!(healthcheck(&addr, &[]).await, (true, String::new()));
+    assert!(healthcheck(&addr, &["--path", "/readyz"]).await.0, "ready");
+    // A wildcard HTTP_ADDR (as in the image) is probed on loopback.
+    let wildcard = format!("0.0.0.0:{}", worker.addr.port());
+    assert!(
+        healthcheck(&wildcard, &[]).await.0,
+        "0.0.0.0 probes 127.0.0.1"
+    );
+    let (ok, stderr) = healthcheck(&addr, &["--path", "/no-such-route"]).await;
+    assert!(!ok && stderr.contains("404"), "{stderr}");
+    worker.stop().await;
+
+    let (ok, stderr) = healthcheck(&addr, &["--timeout", "2s"]).await;
+    assert!(!ok, "nothing listens any more");
+    assert!(stderr.starts_with("unhealthy: "), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_expose_readiness_memory_and_the_dedup_table() {
+    let (_db, _broker, worker) = started().await;
+    // Sampled every 5 s.
+    wait_for(Duration::from_secs(15), "catchall_ready 1", || async {
+        (worker.metric("catchall_ready").await == 1.0).then_some(())
+    })
+    .await;
+    let rss = worker.metric("process_resident_memory_bytes").await;
+    assert!(rss > 1_000_000.0 && rss < 1e9, "RSS {rss}");
+    wait_for(Duration::from_secs(15), "the dedup gauges", || async {
+        (worker.metric("catchall_dedup_retention_seconds").await == 604_800.0).then_some(())
+    })
+    .await;
+    assert_eq!(worker.metric("catchall_dedup_overdue_ids").await, 0.0);
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_kept_past_the_retention_are_counted_up_to_a_cap() {
+    let db = TestDb::create().await;
+    let store = Store::connect(&db.url, 1).await.expect("connect");
+    store.migrate().await.expect("migrate");
+    db.client()
+        .await
+        .batch_execute(
+            "INSERT INTO applied_messages (message_id, applied_at) VALUES \
+               ('old-1', now() - interval '9 days'), ('old-2', now() - interval '8 days'), \
+               ('old-3', now() - interval '8 days'), ('new-1', now()), ('new-2', now() - interval '1 day')",
+        )
+        .await
+        .expect("insert applied ids");
+    let week = Duration::from_secs(7 * 24 * 3600);
+    assert_eq!(store.overdue_applied(week, 10_000).await.expect("count"), 3);
+    assert_eq!(store.overdue_applied(week, 2).await.expect("count"), 2);
+    assert_eq!(
+        store
+            .overdue_applied(Duration::from_secs(30 * 24 * 3600), 10_000)
+            .await
+            .expect("count"),
+        0
+    );
+    assert!(store.applied_estimate().await.expect("estimate") >= 0);
+}
