@@ -18,7 +18,7 @@ pub enum HealthcheckError {
         #[source]
         source: std::io::Error,
     },
-    #[error("invalid request path {0:?}")]
+    #[error("invalid request path {0:?} (it starts with /, e.g. /healthz)")]
     Path(String),
     #[error("HTTP exchange with {addr} failed")]
     Http {
@@ -50,6 +50,9 @@ pub async fn check(
     path: &str,
     timeout: Duration,
 ) -> Result<(), HealthcheckError> {
+    if !path.starts_with('/') {
+        return Err(HealthcheckError::Path(path.to_string()));
+    }
     let addr = probe_addr(listen);
     tokio::time::timeout(timeout, get(addr, path))
         .await
@@ -104,5 +107,9 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(error, HealthcheckError::Connect { .. }), "{error}");
+        let error = check(addr, "healthz", Duration::from_secs(2))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, HealthcheckError::Path(_)), "{error}");
     }
 }
