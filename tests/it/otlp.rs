@@ -167,3 +167,61 @@ async fn http_requests_are_exported_as_spans_continuing_the_callers_trace() {
     worker.stop().await;
     telemetry.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_producer_sends_the_traceparent_of_its_exported_publish_span() {
+    let (endpoint, received) = otlp_receiver().await;
+    let base = endpoint.trim_end_matches("/v1/traces").to_string();
+    let broker = TestBroker::new();
+    let output = tokio::process::Command::new(binary("catchall-producer"))
+        .envs(broker.env())
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &base)
+        .env_remove("OTEL_SERVICE_NAME")
+        .args(["send", "example.com", "delivered", "--count", "2"])
+        .output()
+        .await
+        .expect("run catchall-producer send");
+    assert!(
+        output.status.success(),
+        "producer failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // What a worker would read from each delivery.
+    let (_connection, channel) = broker.channel().await;
+    let mut parents = Vec::new();
+    while let Some(message) = channel
+        .basic_get(
+            broker.queue.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .expect("basic.get")
+    {
+        let headers = message
+            .properties
+            .headers()
+            .clone()
+            .expect("the message carries headers");
+        let parent =
+            catchall::telemetry::remote_parent(&headers).expect("a valid traceparent header");
+        use opentelemetry::trace::TraceContextExt;
+        let span = parent.span().span_context().clone();
+        parents.push((span.trace_id().to_string(), span.span_id().to_string()));
+    }
+    assert_eq!(parents.len(), 2, "both messages");
+    assert_ne!(parents[0], parents[1], "a publish span per message");
+
+    // The producer flushed its spans on exit: each header names an exported `publish` span.
+    let received = received.lock().expect("lock");
+    for (trace_id, span_id) in &parents {
+        let (service, span) = received
+            .iter()
+            .find(|(_, span)| hex(&span.span_id) == *span_id)
+            .unwrap_or_else(|| panic!("span {span_id} exported"));
+        assert_eq!(service, "catchall-producer");
+        assert_eq!(span.name, "publish");
+        assert_eq!(hex(&span.trace_id), *trace_id);
+        assert_eq!(span.kind, SpanKind::Producer as i32);
+    }
+}
