@@ -6,6 +6,7 @@
 pub mod amqp;
 pub mod app;
 pub mod backoff;
+pub mod bounce;
 pub mod config;
 pub mod consumer;
 pub mod event;

@@ -87,6 +87,12 @@ fn describe() {
     for kind in [EventType::Delivered, EventType::Bounced] {
         counter!("catchall_events_total", "type" => kind.as_str()).absolute(0);
     }
+    counter!("catchall_events_total", "type" => "other_bounced").absolute(0);
+    describe_counter!(
+        "catchall_records_ignored_total",
+        "KumoMTA log records of types that are not counted (acknowledged), by source."
+    );
+    counter!("catchall_records_ignored_total", "source" => "kumomta").absolute(0);
     for outcome in ["applied", "duplicate", "rejected"] {
         counter!("catchall_messages_total", "outcome" => outcome).absolute(0);
     }
@@ -168,4 +174,15 @@ pub fn http_request(route: &str, code: u16, took: Duration) {
         .increment(1);
     histogram!("catchall_http_request_duration_seconds", "route" => route.to_string())
         .record(took.as_secs_f64());
+}
+
+/// Bounces that prove nothing about catch-all were counted apart (SPEC §3).
+pub fn other_bounces_counted(events: u64) {
+    counter!("catchall_events_total", "type" => "other_bounced").increment(events);
+}
+
+/// KumoMTA log records of a type that is not counted were acknowledged and ignored.
+pub fn records_ignored(records: usize) {
+    counter!("catchall_records_ignored_total", "source" => "kumomta").increment(records as u64);
+    tracing::debug!(records, "KumoMTA records of an uncounted type ignored.");
 }

@@ -1,6 +1,7 @@
 //! Integration tests against the real RabbitMQ and Postgres. Each test has its own database and
 //! its own exchange and queue names, and removes them when it ends.
 
+mod bounce;
 mod chaos;
 mod dedup;
 mod e2e;
