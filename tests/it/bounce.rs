@@ -5,7 +5,7 @@ use crate::helpers::*;
 use std::time::Duration;
 
 /// `GET /domains/{domain}` as JSON.
-async fn status(worker: &TestWorker, domain: &str) -> serde_json::Value {
+pub async fn status(worker: &TestWorker, domain: &str) -> serde_json::Value {
     let response = reqwest::get(worker.url(&format!("/domains/{domain}")))
         .await
         .expect("GET /domains");
@@ -14,7 +14,7 @@ async fn status(worker: &TestWorker, domain: &str) -> serde_json::Value {
 }
 
 /// Sum of every counter, other bounces included.
-async fn all_events(db: &TestDb) -> i64 {
+pub async fn all_events(db: &TestDb) -> i64 {
     let client = db.client().await;
     match client
         .query_one(

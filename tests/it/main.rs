@@ -8,6 +8,7 @@ mod e2e;
 mod faults;
 mod helpers;
 mod http;
+mod kumo;
 mod poison;
 mod proxy;
 mod shutdown;
