@@ -13,3 +13,4 @@ mod poison;
 mod proxy;
 mod shutdown;
 mod steps;
+mod tail;
