@@ -108,6 +108,11 @@ pub fn says_unknown_recipient(text: &str) -> bool {
 /// and the enhanced code, where present.
 pub fn codes_in_text(text: &str) -> (Option<u16>, Option<EnhancedCode>) {
     let text = text.trim_start();
+    // A DSN Diagnostic-Code (`smtp; 550 5.1.1 …`, as SES and Postmark pass it on).
+    let text = match text.get(..5) {
+        Some(prefix) if prefix.eq_ignore_ascii_case("smtp;") => text[5..].trim_start(),
+        _ => text,
+    };
     let mut smtp = None;
     let mut rest = text;
     if text.len() >= 3 && text.as_bytes()[..3].iter().all(u8::is_ascii_digit) {
@@ -199,6 +204,10 @@ mod tests {
         );
         assert_eq!(codes_in_text("550 User unknown"), (Some(550), None));
         assert_eq!(codes_in_text("host said: no"), (None, None));
+        assert_eq!(
+            codes_in_text("smtp; 550 5.1.1 user unknown"),
+            (Some(550), code("5.1.1"))
+        );
         assert_eq!(codes_in_text("5.2.2 mailbox full"), (None, code("5.2.2")));
     }
 

@@ -93,6 +93,16 @@ fn describe() {
         "KumoMTA log records of types that are not counted (acknowledged), by source."
     );
     counter!("catchall_records_ignored_total", "source" => "kumomta").absolute(0);
+    describe_counter!(
+        "catchall_webhook_requests_total",
+        "Webhook requests, by provider and outcome (accepted, ignored, refused, invalid, unavailable)."
+    );
+    for provider in ["ses", "mailgun", "sendgrid", "postmark"] {
+        for outcome in ["accepted", "ignored", "refused", "invalid", "unavailable"] {
+            counter!("catchall_webhook_requests_total", "provider" => provider, "outcome" => outcome)
+                .absolute(0);
+        }
+    }
     for outcome in ["applied", "duplicate", "rejected"] {
         counter!("catchall_messages_total", "outcome" => outcome).absolute(0);
     }
@@ -185,4 +195,24 @@ pub fn other_bounces_counted(events: u64) {
 pub fn records_ignored(records: usize) {
     counter!("catchall_records_ignored_total", "source" => "kumomta").increment(records as u64);
     tracing::debug!(records, "KumoMTA records of an uncounted type ignored.");
+}
+
+/// A webhook request was verified and handled (SPEC §5).
+pub fn webhook_handled(
+    provider: &'static str,
+    outcome: &'static str,
+    events: usize,
+    ignored: usize,
+) {
+    counter!("catchall_webhook_requests_total", "provider" => provider, "outcome" => outcome)
+        .increment(1);
+    tracing::debug!(provider, outcome, events, ignored, "Webhook handled.");
+}
+
+/// A webhook request was refused (forged, replayed, unauthenticated: `refused`), invalid, or
+/// could not be published (`unavailable`).
+pub fn webhook_failed(provider: &'static str, outcome: &'static str, reason: &str) {
+    counter!("catchall_webhook_requests_total", "provider" => provider, "outcome" => outcome)
+        .increment(1);
+    tracing::warn!(provider, outcome, reason, "Webhook request not accepted.");
 }
