@@ -14,3 +14,4 @@ mod proxy;
 mod shutdown;
 mod steps;
 mod tail;
+mod webhooks;
