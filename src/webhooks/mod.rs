@@ -181,7 +181,12 @@ pub struct WebhookState {
 
 impl WebhookState {
     /// Reads the pinned SNS certificate, if set.
+    ///
+    /// Fails at start on a SendGrid key that is not a base64 P-256 public key.
     pub fn new(sink: Arc<dyn EventSink>, settings: WebhookArgs) -> anyhow::Result<Self> {
+        if let Some(key) = &settings.sendgrid_public_key {
+            sendgrid::check_key(key)?;
+        }
         let sns = sns::SnsVerifier::from_settings(&settings)?;
         Ok(Self {
             sink,

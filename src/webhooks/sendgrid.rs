@@ -48,6 +48,13 @@ fn public_point(key_b64: &str) -> Result<Vec<u8>, WebhookError> {
     }
 }
 
+/// Checks `WEBHOOK_SENDGRID_PUBLIC_KEY` at start.
+pub fn check_key(key_b64: &str) -> anyhow::Result<()> {
+    public_point(key_b64)
+        .map(drop)
+        .map_err(|e| anyhow::anyhow!("WEBHOOK_SENDGRID_PUBLIC_KEY: {e}"))
+}
+
 /// Verifies and parses one request.
 pub fn handle(
     key_b64: &str,
