@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 EVENTS ?= 10000
 
-.PHONY: start services events createEvents test nextest chaos bench bench-pg lint lint-rust lint-deploy build
+.PHONY: start services events createEvents test nextest chaos bench bench-pg lint lint-rust lint-deploy build postfix
 
 ## start: make sure RabbitMQ and Postgres answer (starting them), then run the worker in the foreground
 start: services
@@ -23,8 +23,13 @@ build:
 	$(CARGO) build --workspace --all-targets
 
 ## test: unit and integration tests against the real RabbitMQ and Postgres
-test: build nextest
+test: build nextest postfix
 	$(CARGO) nextest run --workspace --no-fail-fast
+
+# postfix: the Debian package tests/it/tail.rs runs its own instance of (installed if missing,
+# never configured or started as a system service)
+postfix:
+	bash .ci/postfix.sh
 
 # Every test runs in its own process under nextest (the metrics recorder is per process).
 nextest:

@@ -71,6 +71,7 @@ async fn main() -> Result<()> {
             } else {
                 EventType::Delivered
             },
+            evidence: None,
         })
         .collect();
     eprintln!(

@@ -135,6 +135,10 @@ pub struct Config {
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
 
+    /// ESP webhooks (issue 11): each route is off until its setting is set.
+    #[command(flatten)]
+    pub webhooks: crate::webhooks::WebhookArgs,
+
     /// Log format; by default `pretty` on a terminal and `json` otherwise. Levels come from RUST_LOG.
     #[arg(long, env = "LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,

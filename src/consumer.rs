@@ -7,7 +7,7 @@
 use crate::amqp;
 use crate::backoff::Backoff;
 use crate::config::Config;
-use crate::event::{RejectReason, parse_message};
+use crate::event::{RejectReason, parse_body};
 use crate::health::Health;
 use crate::metrics;
 use crate::store::{Applied, FaultPoint, Message, Store};
@@ -143,10 +143,14 @@ impl Consumer {
                 .filter(|id| !id.is_empty());
             let parsed = match id.as_deref() {
                 Some(id) if id.contains('\0') => Err(RejectReason::BadMessageId),
-                _ => parse_message(&delivery.data),
+                _ => parse_body(&delivery.data),
             };
             match parsed {
-                Ok(events) => {
+                Ok(parsed) => {
+                    if parsed.ignored > 0 {
+                        metrics::records_ignored(parsed.ignored);
+                    }
+                    let events = parsed.events;
                     batch.events += events.len();
                     batch.messages.push(Message { id, events });
                     batch.last_tag = Some(delivery.delivery_tag);
@@ -342,6 +346,7 @@ pub async fn apply_with_retry(
                     applied.bounced,
                     started.elapsed(),
                 );
+                metrics::other_bounces_counted(applied.other_bounced);
                 health.set_db_error(None);
                 return Ok(applied);
             }

@@ -3,7 +3,10 @@
 //! Both binaries use this module, so the producer can never publish something the worker reads
 //! differently.
 
+use crate::bounce::{BounceKind, EnhancedCode};
+use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::fmt;
 
 /// Largest accepted message body.
@@ -52,11 +55,41 @@ impl fmt::Display for EventType {
 }
 
 /// One event, with its domain already normalised.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Event {
     pub domain: String,
-    #[serde(rename = "type")]
     pub kind: EventType,
+    /// Why a bounce bounced, when the source said (SPEC §3); boxed so plain events stay small.
+    pub evidence: Option<Box<Evidence>>,
+}
+
+/// A bounce's evidence: the optional `code`, `smtp_code` and `diagnostic` fields on the wire.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Evidence {
+    /// RFC 3463 enhanced status code (`"5.1.1"`).
+    pub code: Option<EnhancedCode>,
+    /// SMTP reply code (`550`).
+    pub smtp_code: Option<u16>,
+    /// The remote server's text.
+    pub diagnostic: Option<String>,
+}
+
+impl Evidence {
+    /// `None` when every field is empty, so an event without evidence carries none.
+    pub fn boxed(self) -> Option<Box<Self>> {
+        (self.code.is_some() || self.smtp_code.is_some() || self.diagnostic.is_some())
+            .then(|| Box::new(self))
+    }
+}
+
+/// Which counter an event adds to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tally {
+    Delivered,
+    /// A bounce that proves the recipient does not exist (or carries no evidence).
+    Bounced,
+    /// Any other bounce: counted apart, never changes the status.
+    OtherBounced,
 }
 
 impl Event {
@@ -65,7 +98,54 @@ impl Event {
         Ok(Self {
             domain: normalize_domain(domain)?,
             kind,
+            evidence: None,
         })
+    }
+
+    /// Adds bounce evidence (dropped when empty).
+    pub fn with_evidence(mut self, evidence: Evidence) -> Self {
+        self.evidence = evidence.boxed();
+        self
+    }
+
+    /// The counter this event adds to (SPEC §3, the table in the README).
+    pub fn tally(&self) -> Tally {
+        match (self.kind, self.evidence.as_deref()) {
+            (EventType::Delivered, _) => Tally::Delivered,
+            (EventType::Bounced, None) => Tally::Bounced,
+            (EventType::Bounced, Some(e)) => {
+                match crate::bounce::classify(e.code, e.smtp_code, e.diagnostic.as_deref()) {
+                    BounceKind::NoSuchRecipient => Tally::Bounced,
+                    BounceKind::Other => Tally::OtherBounced,
+                }
+            }
+        }
+    }
+}
+
+impl Serialize for Event {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let evidence = self.evidence.as_deref();
+        let extra = evidence.map_or(0, |e| {
+            usize::from(e.code.is_some())
+                + usize::from(e.smtp_code.is_some())
+                + usize::from(e.diagnostic.is_some())
+        });
+        let mut map = serializer.serialize_map(Some(2 + extra))?;
+        map.serialize_entry("domain", &self.domain)?;
+        map.serialize_entry("type", &self.kind)?;
+        if let Some(e) = evidence {
+            if let Some(code) = e.code {
+                map.serialize_entry("code", &code.to_string())?;
+            }
+            if let Some(smtp_code) = e.smtp_code {
+                map.serialize_entry("smtp_code", &smtp_code)?;
+            }
+            if let Some(diagnostic) = &e.diagnostic {
+                map.serialize_entry("diagnostic", diagnostic)?;
+            }
+        }
+        map.end()
     }
 }
 
@@ -90,11 +170,15 @@ pub enum RejectReason {
     BatchTooLarge,
     #[error("message_id contains a NUL byte, which Postgres cannot store")]
     BadMessageId,
+    #[error(
+        "bounce evidence is invalid: code must be an RFC 3463 code like \"5.1.1\", smtp_code 200-599"
+    )]
+    InvalidEvidence,
 }
 
 impl RejectReason {
     /// Every reason, for tests and for pre-registering metric labels.
-    pub const ALL: [RejectReason; 9] = [
+    pub const ALL: [RejectReason; 10] = [
         RejectReason::TooLarge,
         RejectReason::NotUtf8,
         RejectReason::NotJson,
@@ -104,6 +188,7 @@ impl RejectReason {
         RejectReason::EmptyBatch,
         RejectReason::BatchTooLarge,
         RejectReason::BadMessageId,
+        RejectReason::InvalidEvidence,
     ];
 
     /// Stable snake_case name, used as the `reason` metric label and in logs.
@@ -118,35 +203,149 @@ impl RejectReason {
             RejectReason::EmptyBatch => "empty_batch",
             RejectReason::BatchTooLarge => "batch_too_large",
             RejectReason::BadMessageId => "bad_message_id",
+            RejectReason::InvalidEvidence => "invalid_evidence",
         }
     }
 }
 
 /// An event as it stands on the wire, before validation. Unknown fields are ignored.
+///
+/// The same shape reads our events (`domain`, `type`, evidence) and KumoMTA log records
+/// (`type`, `recipient`, `response`), which share the `type` field.
 #[derive(Deserialize)]
 struct RawEvent<'a> {
-    #[serde(borrow)]
-    domain: std::borrow::Cow<'a, str>,
+    #[serde(borrow, default)]
+    domain: Option<Cow<'a, str>>,
     #[serde(rename = "type", borrow)]
-    kind: std::borrow::Cow<'a, str>,
+    kind: Cow<'a, str>,
+    #[serde(borrow, default)]
+    code: Option<Cow<'a, str>>,
+    #[serde(default)]
+    smtp_code: Option<u16>,
+    #[serde(borrow, default)]
+    diagnostic: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    recipient: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    response: Option<KumoResponse<'a>>,
 }
 
+/// The `response` of a KumoMTA log record (docs.kumomta.com/reference/log_record).
+#[derive(Deserialize)]
+struct KumoResponse<'a> {
+    #[serde(default)]
+    code: Option<u16>,
+    #[serde(default)]
+    enhanced_code: Option<KumoEnhancedCode>,
+    #[serde(borrow, default)]
+    content: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct KumoEnhancedCode {
+    class: u16,
+    subject: u16,
+    detail: u16,
+}
+
+/// KumoMTA record types (docs.kumomta.com/reference/log_record): only `Delivery` and `Bounce`
+/// are counted; the others are acknowledged and ignored.
+pub const KUMO_DELIVERY: &str = "Delivery";
+pub const KUMO_BOUNCE: &str = "Bounce";
+
 impl RawEvent<'_> {
-    fn validate(&self) -> Result<Event, RejectReason> {
-        let kind = self.kind.parse()?;
-        Event::new(&self.domain, kind)
+    /// The event, or `None` for a KumoMTA record of a type that is not counted.
+    fn validate(&self) -> Result<Option<Event>, RejectReason> {
+        match self.kind.as_ref() {
+            "delivered" | "bounced" => {
+                let kind = self.kind.parse()?;
+                let domain = self.domain.as_deref().ok_or(RejectReason::BadShape)?;
+                let mut event = Event::new(domain, kind)?;
+                if kind == EventType::Bounced {
+                    event.evidence = self.evidence()?.boxed();
+                }
+                Ok(Some(event))
+            }
+            kind if self.is_kumo_record() => {
+                let kind = match kind {
+                    KUMO_DELIVERY => EventType::Delivered,
+                    KUMO_BOUNCE => EventType::Bounced,
+                    _ => return Ok(None),
+                };
+                let recipient = self.recipient.as_deref().unwrap_or_default();
+                let domain = recipient
+                    .rsplit_once('@')
+                    .map_or(recipient, |(_, domain)| domain);
+                let mut event = Event::new(domain, kind)?;
+                if kind == EventType::Bounced {
+                    event.evidence = self.kumo_evidence()?.boxed();
+                }
+                Ok(Some(event))
+            }
+            _ => Err(RejectReason::UnknownType),
+        }
     }
+
+    /// A KumoMTA log record: a capitalised `type` and a `recipient`.
+    fn is_kumo_record(&self) -> bool {
+        self.recipient.is_some() && self.kind.starts_with(|c: char| c.is_ascii_uppercase())
+    }
+
+    fn evidence(&self) -> Result<Evidence, RejectReason> {
+        let code = match self.code.as_deref() {
+            None => None,
+            Some(code) => Some(EnhancedCode::parse(code).ok_or(RejectReason::InvalidEvidence)?),
+        };
+        if self.smtp_code.is_some_and(|c| !(200..600).contains(&c)) {
+            return Err(RejectReason::InvalidEvidence);
+        }
+        Ok(Evidence {
+            code,
+            smtp_code: self.smtp_code,
+            diagnostic: self.diagnostic.as_deref().map(str::to_string),
+        })
+    }
+
+    fn kumo_evidence(&self) -> Result<Evidence, RejectReason> {
+        let Some(response) = &self.response else {
+            return Ok(Evidence::default());
+        };
+        // KumoMTA reports its own failures (no MX, connection refused) as 500/400-class
+        // responses without an enhanced code; those fall to the reply-code-and-text rule.
+        let code = response
+            .enhanced_code
+            .as_ref()
+            .and_then(|c| EnhancedCode::parse(&format!("{}.{}.{}", c.class, c.subject, c.detail)));
+        Ok(Evidence {
+            code,
+            smtp_code: response.code.filter(|c| (200..600).contains(c)),
+            diagnostic: response.content.as_deref().map(str::to_string),
+        })
+    }
+}
+
+/// A parsed message body.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Parsed {
+    pub events: Vec<Event>,
+    /// KumoMTA records of types that are not counted (acknowledged, counted in a metric).
+    pub ignored: usize,
 }
 
 /// Parses a message body: one event object or an array of 1 to 10,000 of them.
 ///
 /// The message is valid whole or not at all: the first invalid event rejects it.
 pub fn parse_message(body: &[u8]) -> Result<Vec<Event>, RejectReason> {
+    parse_body(body).map(|parsed| parsed.events)
+}
+
+/// Like [`parse_message`], also saying how many KumoMTA records were ignored.
+pub fn parse_body(body: &[u8]) -> Result<Parsed, RejectReason> {
     if body.len() > MAX_BODY_BYTES {
         return Err(RejectReason::TooLarge);
     }
     let text = std::str::from_utf8(body).map_err(|_| RejectReason::NotUtf8)?;
-    match text.trim_start().as_bytes().first() {
+    let raw: Vec<RawEvent<'_>> = match text.trim_start().as_bytes().first() {
         Some(b'[') => {
             let raw: Vec<RawEvent<'_>> = serde_json::from_str(text).map_err(json_error)?;
             if raw.is_empty() {
@@ -155,18 +354,28 @@ pub fn parse_message(body: &[u8]) -> Result<Vec<Event>, RejectReason> {
             if raw.len() > MAX_BATCH_EVENTS {
                 return Err(RejectReason::BatchTooLarge);
             }
-            raw.iter().map(RawEvent::validate).collect()
+            raw
         }
-        Some(b'{') => {
-            let raw: RawEvent<'_> = serde_json::from_str(text).map_err(json_error)?;
-            Ok(vec![raw.validate()?])
+        Some(b'{') => vec![serde_json::from_str(text).map_err(json_error)?],
+        _ => {
+            return match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+                // Valid JSON, but a number, string, null…
+                Ok(_) => Err(RejectReason::BadShape),
+                Err(_) => Err(RejectReason::NotJson),
+            };
         }
-        _ => match serde_json::from_str::<serde::de::IgnoredAny>(text) {
-            // Valid JSON, but a number, string, null…
-            Ok(_) => Err(RejectReason::BadShape),
-            Err(_) => Err(RejectReason::NotJson),
-        },
+    };
+    let mut parsed = Parsed {
+        events: Vec::with_capacity(raw.len()),
+        ignored: 0,
+    };
+    for raw in &raw {
+        match raw.validate()? {
+            Some(event) => parsed.events.push(event),
+            None => parsed.ignored += 1,
+        }
     }
+    Ok(parsed)
 }
 
 fn json_error(e: serde_json::Error) -> RejectReason {
@@ -436,6 +645,122 @@ mod tests {
             let shown = String::from_utf8_lossy(&body[..body.len().min(60)]).into_owned();
             assert_eq!(parse_message(body), Err(want), "body {shown:?}");
         }
+    }
+
+    #[test]
+    fn bounce_evidence_is_parsed_classified_and_written_back() {
+        let bounce = |json: serde_json::Value| {
+            let events = parse_message(&serde_json::to_vec(&json).unwrap()).unwrap();
+            assert_eq!(events.len(), 1);
+            events.into_iter().next().unwrap()
+        };
+        let old = bounce(serde_json::json!({"domain": "a.io", "type": "bounced"}));
+        assert_eq!(
+            (old.evidence.is_none(), old.tally()),
+            (true, Tally::Bounced)
+        );
+        let unknown = bounce(serde_json::json!({"domain": "a.io", "type": "bounced",
+            "code": "5.1.1", "smtp_code": 550, "diagnostic": "No such user"}));
+        assert_eq!(unknown.tally(), Tally::Bounced);
+        let full =
+            bounce(serde_json::json!({"domain": "a.io", "type": "bounced", "code": "5.2.2"}));
+        assert_eq!(full.tally(), Tally::OtherBounced);
+        let text_only = bounce(
+            serde_json::json!({"domain": "a.io", "type": "bounced", "smtp_code": 550, "diagnostic": "User unknown"}),
+        );
+        assert_eq!(text_only.tally(), Tally::Bounced);
+        let spam = bounce(serde_json::json!({"domain": "a.io", "type": "bounced",
+            "code": "5.7.1", "smtp_code": 554, "diagnostic": "rejected as spam"}));
+        assert_eq!(spam.tally(), Tally::OtherBounced);
+        // Evidence on a delivery is ignored.
+        let delivered =
+            bounce(serde_json::json!({"domain": "a.io", "type": "delivered", "code": "5.1.1"}));
+        assert_eq!(
+            (delivered.tally(), delivered.evidence),
+            (Tally::Delivered, None)
+        );
+        // What the producer writes reads back the same.
+        let text = serde_json::to_string(&spam).unwrap();
+        assert_eq!(
+            text,
+            r#"{"domain":"a.io","type":"bounced","code":"5.7.1","smtp_code":554,"diagnostic":"rejected as spam"}"#
+        );
+        assert_eq!(parse_message(text.as_bytes()).unwrap(), vec![spam]);
+        assert_eq!(
+            serde_json::to_string(&old).unwrap(),
+            r#"{"domain":"a.io","type":"bounced"}"#
+        );
+        for bad in [
+            r#"{"domain":"a.io","type":"bounced","code":"5.1"}"#,
+            r#"{"domain":"a.io","type":"bounced","code":"x"}"#,
+            r#"{"domain":"a.io","type":"bounced","smtp_code":999}"#,
+        ] {
+            assert_eq!(
+                parse_message(bad.as_bytes()),
+                Err(RejectReason::InvalidEvidence),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            parse_message(br#"{"domain":"a.io","type":"bounced","smtp_code":"550"}"#),
+            Err(RejectReason::BadShape)
+        );
+    }
+
+    #[test]
+    fn kumomta_records_are_understood_as_they_are() {
+        let record = |kind: &str, code: u16, enhanced: Option<(u16, u16, u16)>, content: &str| {
+            serde_json::json!({
+                "type": kind, "id": "1d98076abbbc11ed940250ebf67f93bd",
+                "sender": "s@sender.example", "recipient": "User@Recipient.Example",
+                "queue": "recipient.example", "site": "", "size": 1047,
+                "response": {"code": code, "content": content, "command": "RCPT TO",
+                    "enhanced_code": enhanced.map(|(class, subject, detail)|
+                        serde_json::json!({"class": class, "subject": subject, "detail": detail}))},
+                "timestamp": 1678069691, "meta": {}, "headers": {}
+            })
+            .to_string()
+        };
+        let parse = |body: String| parse_body(body.as_bytes()).unwrap();
+        let delivered = parse(record("Delivery", 250, Some((2, 0, 0)), "OK"));
+        assert_eq!(
+            delivered.events,
+            vec![Event::new("recipient.example", EventType::Delivered).unwrap()]
+        );
+        let unknown = parse(record("Bounce", 550, Some((5, 1, 1)), "user unknown"));
+        assert_eq!(unknown.events[0].tally(), Tally::Bounced);
+        assert_eq!(
+            unknown.events[0]
+                .evidence
+                .as_ref()
+                .unwrap()
+                .code
+                .unwrap()
+                .to_string(),
+            "5.1.1"
+        );
+        let full = parse(record("Bounce", 552, Some((5, 2, 2)), "mailbox full"));
+        assert_eq!(full.events[0].tally(), Tally::OtherBounced);
+        let plain = parse(record("Bounce", 550, None, "No such user here"));
+        assert_eq!(plain.events[0].tally(), Tally::Bounced);
+        for other in [
+            "TransientFailure",
+            "Reception",
+            "Expiration",
+            "AdminBounce",
+            "OOB",
+            "Feedback",
+        ] {
+            let parsed = parse(record(other, 451, Some((4, 7, 1)), "try later"));
+            assert_eq!((parsed.events.len(), parsed.ignored), (0, 1), "{other}");
+        }
+        let bad = record("Delivery", 250, None, "OK").replace("User@Recipient.Example", "nobody@");
+        assert_eq!(parse_body(bad.as_bytes()), Err(RejectReason::InvalidDomain));
+        // A capitalised type without a recipient is still an unknown type of ours.
+        assert_eq!(
+            parse_message(br#"{"domain":"a.com","type":"Delivery"}"#),
+            Err(RejectReason::UnknownType)
+        );
     }
 
     #[test]

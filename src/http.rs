@@ -72,6 +72,8 @@ struct DomainStatus {
     status: Status,
     delivered: i64,
     bounced: i64,
+    /// Bounces that prove nothing about catch-all (mailbox full, policy…): shown, never decisive.
+    other_bounced: i64,
 }
 
 async fn domain_status(
@@ -102,6 +104,7 @@ async fn domain_status(
         domain,
         delivered: counts.delivered,
         bounced: counts.bounced,
+        other_bounced: counts.other_bounced,
     }))
 }
 

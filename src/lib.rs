@@ -6,6 +6,7 @@
 pub mod amqp;
 pub mod app;
 pub mod backoff;
+pub mod bounce;
 pub mod config;
 pub mod consumer;
 pub mod event;
@@ -16,3 +17,4 @@ pub mod metrics;
 pub mod store;
 pub mod telemetry;
 pub mod trace_http;
+pub mod webhooks;

@@ -89,6 +89,22 @@ fn describe() {
     for kind in [EventType::Delivered, EventType::Bounced] {
         counter!("catchall_events_total", "type" => kind.as_str()).absolute(0);
     }
+    counter!("catchall_events_total", "type" => "other_bounced").absolute(0);
+    describe_counter!(
+        "catchall_records_ignored_total",
+        "KumoMTA log records of types that are not counted (acknowledged), by source."
+    );
+    counter!("catchall_records_ignored_total", "source" => "kumomta").absolute(0);
+    describe_counter!(
+        "catchall_webhook_requests_total",
+        "Webhook requests, by provider and outcome (accepted, ignored, refused, invalid, unavailable)."
+    );
+    for provider in ["ses", "mailgun", "sendgrid", "postmark"] {
+        for outcome in ["accepted", "ignored", "refused", "invalid", "unavailable"] {
+            counter!("catchall_webhook_requests_total", "provider" => provider, "outcome" => outcome)
+                .absolute(0);
+        }
+    }
     for outcome in ["applied", "duplicate", "rejected"] {
         counter!("catchall_messages_total", "outcome" => outcome).absolute(0);
     }
@@ -228,4 +244,35 @@ pub fn http_request(route: &str, code: u16, took: Duration) {
         .increment(1);
     histogram!("catchall_http_request_duration_seconds", "route" => route.to_string())
         .record(took.as_secs_f64());
+}
+
+/// Bounces that prove nothing about catch-all were counted apart (SPEC §3).
+pub fn other_bounces_counted(events: u64) {
+    counter!("catchall_events_total", "type" => "other_bounced").increment(events);
+}
+
+/// KumoMTA log records of a type that is not counted were acknowledged and ignored.
+pub fn records_ignored(records: usize) {
+    counter!("catchall_records_ignored_total", "source" => "kumomta").increment(records as u64);
+    tracing::debug!(records, "KumoMTA records of an uncounted type ignored.");
+}
+
+/// A webhook request was verified and handled (SPEC §5).
+pub fn webhook_handled(
+    provider: &'static str,
+    outcome: &'static str,
+    events: usize,
+    ignored: usize,
+) {
+    counter!("catchall_webhook_requests_total", "provider" => provider, "outcome" => outcome)
+        .increment(1);
+    tracing::debug!(provider, outcome, events, ignored, "Webhook handled.");
+}
+
+/// A webhook request was refused (forged, replayed, unauthenticated: `refused`), invalid, or
+/// could not be published (`unavailable`).
+pub fn webhook_failed(provider: &'static str, outcome: &'static str, reason: &str) {
+    counter!("catchall_webhook_requests_total", "provider" => provider, "outcome" => outcome)
+        .increment(1);
+    tracing::warn!(provider, outcome, reason, "Webhook request not accepted.");
 }

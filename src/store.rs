@@ -1,6 +1,6 @@
 //! Postgres: the per-domain counters, the applied message ids, and the migrations.
 
-use crate::event::{Event, EventType};
+use crate::event::{Event, Tally};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use futures_util::future::BoxFuture;
 use std::collections::{BTreeMap, HashSet};
@@ -41,6 +41,8 @@ pub struct Applied {
     pub duplicates: usize,
     pub delivered: u64,
     pub bounced: u64,
+    /// Bounces that prove nothing about catch-all (SPEC §3), counted apart.
+    pub other_bounced: u64,
     /// Distinct domains upserted.
     pub domains: usize,
 }
@@ -50,6 +52,8 @@ pub struct Applied {
 pub struct Counts {
     pub delivered: i64,
     pub bounced: i64,
+    /// Bounces that prove nothing about catch-all (mailbox full, policy…); never change the status.
+    pub other_bounced: i64,
 }
 
 /// A point in a batch's life where a test can inject a fault (cut a connection, kill the worker).
@@ -73,11 +77,12 @@ pub struct Store {
 
 const CLAIM_IDS: &str = "INSERT INTO applied_messages (message_id) \
      SELECT * FROM unnest($1::text[]) ON CONFLICT DO NOTHING RETURNING message_id";
-const UPSERT: &str = "INSERT INTO domains AS d (domain, delivered, bounced) \
-     SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[]) \
+const UPSERT: &str = "INSERT INTO domains AS d (domain, delivered, bounced, other_bounced) \
+     SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[]) \
      ON CONFLICT (domain) DO UPDATE \
-     SET delivered = d.delivered + EXCLUDED.delivered, bounced = d.bounced + EXCLUDED.bounced";
-const LOOKUP: &str = "SELECT delivered, bounced FROM domains WHERE domain = $1";
+     SET delivered = d.delivered + EXCLUDED.delivered, bounced = d.bounced + EXCLUDED.bounced, \
+     other_bounced = d.other_bounced + EXCLUDED.other_bounced";
+const LOOKUP: &str = "SELECT delivered, bounced, other_bounced FROM domains WHERE domain = $1";
 
 impl Store {
     /// Builds the pool and checks that Postgres answers (fail fast at start).
@@ -178,7 +183,7 @@ impl Store {
         };
 
         let mut seen: HashSet<&str> = HashSet::with_capacity(ids.len());
-        let mut totals: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
+        let mut totals: BTreeMap<&str, (i64, i64, i64)> = BTreeMap::new();
         for message in batch {
             if let Some(id) = message.id.as_deref() {
                 if !fresh.contains(id) || !seen.insert(id) {
@@ -189,14 +194,18 @@ impl Store {
             applied.messages += 1;
             for event in &message.events {
                 let entry = totals.entry(event.domain.as_str()).or_default();
-                match event.kind {
-                    EventType::Delivered => {
+                match event.tally() {
+                    Tally::Delivered => {
                         entry.0 += 1;
                         applied.delivered += 1;
                     }
-                    EventType::Bounced => {
+                    Tally::Bounced => {
                         entry.1 += 1;
                         applied.bounced += 1;
+                    }
+                    Tally::OtherBounced => {
+                        entry.2 += 1;
+                        applied.other_bounced += 1;
                     }
                 }
             }
@@ -207,13 +216,15 @@ impl Store {
             let mut domains = Vec::with_capacity(totals.len());
             let mut delivered = Vec::with_capacity(totals.len());
             let mut bounced = Vec::with_capacity(totals.len());
-            for (domain, (d, b)) in totals {
+            let mut other_bounced = Vec::with_capacity(totals.len());
+            for (domain, (d, b, o)) in totals {
                 domains.push(domain);
                 delivered.push(d);
                 bounced.push(b);
+                other_bounced.push(o);
             }
             let upsert = tx.prepare_cached(UPSERT).await?;
-            tx.execute(&upsert, &[&domains, &delivered, &bounced])
+            tx.execute(&upsert, &[&domains, &delivered, &bounced, &other_bounced])
                 .await?;
         }
         self.fault(FaultPoint::BeforeCommit).await;
@@ -230,6 +241,7 @@ impl Store {
             .map(|row| Counts {
                 delivered: row.get(0),
                 bounced: row.get(1),
+                other_bounced: row.get(2),
             })
             .unwrap_or_default())
     }

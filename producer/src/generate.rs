@@ -88,6 +88,7 @@ impl Iterator for Generator {
         let event = Event {
             domain: plan.domain.clone(),
             kind,
+            evidence: None,
         };
         if plan.remaining == 0 {
             self.active.swap_remove(index);

@@ -2,6 +2,7 @@
 
 mod generate;
 mod publisher;
+mod tail;
 
 use anyhow::Context;
 use catchall::config::AmqpArgs;
@@ -85,6 +86,24 @@ enum Command {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
         batch: u32,
     },
+    /// Follow an MTA's log like `tail -F` (rotation, truncation) and publish its delivery and
+    /// bounce lines as events, each with a `message_id` derived from the line; runs until
+    /// SIGINT/SIGTERM.
+    Tail {
+        /// The log file (Postfix `maillog_file` or syslog mail log, Exim `mainlog`).
+        file: PathBuf,
+        /// Which MTA writes it.
+        #[arg(long, value_enum)]
+        format: tail::LogFormat,
+        /// Saves the position here after each confirmed chunk, so a restart neither skips nor
+        /// repeats a line. Without it every start reads the file from its beginning (the
+        /// derived ids still count each line once while the worker remembers them).
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// How often to look for new lines, rotation and truncation at the end of the file.
+        #[arg(long, default_value = "250ms", value_parser = humantime_duration)]
+        poll: Duration,
+    },
 }
 
 fn event_type(s: &str) -> Result<EventType, String> {
@@ -163,7 +182,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     let (total, expect) = match &cli.command {
         Command::Generate { events, expect, .. } => (Some(*events), expect.clone()),
         Command::Send { count, .. } => (Some(*count), None),
-        Command::Publish { .. } => (None, None),
+        Command::Publish { .. } | Command::Tail { .. } => (None, None),
     };
     let progress = progress_bar(total);
     let mut tally = Tally {
@@ -178,6 +197,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     .await?;
 
     let mut invalid_lines = 0u64;
+    let mut tail_stats = None;
     match cli.command {
         Command::Generate {
             events,
@@ -210,6 +230,26 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             for _ in 0..count {
                 publisher.send(Outgoing::single(event.clone())).await?;
             }
+        }
+        Command::Tail {
+            file,
+            format,
+            state,
+            poll,
+        } => {
+            let settings = tail::TailSettings {
+                file,
+                format,
+                state,
+                poll,
+            };
+            let cancel = tokio_util::sync::CancellationToken::new();
+            let on_signal = cancel.clone();
+            tokio::spawn(async move {
+                stop_signal().await;
+                on_signal.cancel();
+            });
+            tail_stats = Some(tail::run(&mut publisher, &settings, &cancel).await?);
         }
         Command::Publish { file, batch } => {
             let reader: Box<dyn tokio::io::AsyncRead + Unpin> = if file == "-" {
@@ -255,6 +295,12 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             }
         }
     }
+    if let Some(stats) = tail_stats {
+        println!(
+            "tail: {} lines read, {} events, {} rotations, {} truncations",
+            stats.lines, stats.events, stats.rotations, stats.truncations
+        );
+    }
     publisher.finish().await?;
     let (failed, retries) = (publisher.failed, publisher.retries);
     drop(publisher);
@@ -292,4 +338,20 @@ fn progress_bar(total: Option<u64>) -> ProgressBar {
         bar.set_style(style);
     }
     bar
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn stop_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(error) => {
+            tracing::warn!(%error, "Cannot watch SIGTERM; stopping on SIGINT only.");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }

@@ -175,17 +175,23 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
         Ok(())
     }
 
-    /// Waits until every message is confirmed or given up on.
+    /// Waits until every message is confirmed or given up on, and closes the connection.
     pub async fn finish(&mut self) -> anyhow::Result<()> {
+        self.flush().await?;
+        if let Some((connection, _)) = self.link.take() {
+            let _ = connection.close(200, "producer done".into()).await;
+        }
+        Ok(())
+    }
+
+    /// Waits until every message sent so far is confirmed or given up on.
+    pub async fn flush(&mut self) -> anyhow::Result<()> {
         while !self.in_flight.is_empty() || !self.retry.is_empty() {
             if let Some(pending) = self.retry.pop_front() {
                 self.publish(pending).await?;
             } else {
                 self.settle_one().await?;
             }
-        }
-        if let Some((connection, _)) = self.link.take() {
-            let _ = connection.close(200, "producer done".into()).await;
         }
         Ok(())
     }

@@ -32,7 +32,7 @@ async fn end_to_end(events: u64, batch: u32, seed: u64) {
         let status = Status::classify(delivered, bounced, 1000).as_str();
         assert_eq!(
             body,
-            serde_json::json!({"domain": domain, "status": status, "delivered": delivered, "bounced": bounced})
+            serde_json::json!({"domain": domain, "status": status, "delivered": delivered, "bounced": bounced, "other_bounced": 0})
         );
         statuses.insert(status);
     }

@@ -46,7 +46,7 @@ async fn lookups_are_normalised_and_errors_are_json() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
         canonical,
-        serde_json::json!({"domain": "example.com", "status": "catch-all", "delivered": 1001, "bounced": 0})
+        serde_json::json!({"domain": "example.com", "status": "catch-all", "delivered": 1001, "bounced": 0, "other_bounced": 0})
     );
     for variant in [
         "EXAMPLE.com.",
@@ -64,13 +64,13 @@ async fn lookups_are_normalised_and_errors_are_json() {
     let (_, idn) = get_json(&worker.url("/domains/b%C3%BCcher.de")).await;
     assert_eq!(
         idn,
-        serde_json::json!({"domain": "xn--bcher-kva.de", "status": "not catch-all", "delivered": 0, "bounced": 1})
+        serde_json::json!({"domain": "xn--bcher-kva.de", "status": "not catch-all", "delivered": 0, "bounced": 1, "other_bounced": 0})
     );
     let (status, unseen) = get_json(&worker.url("/domains/never-seen.example")).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
         unseen,
-        serde_json::json!({"domain": "never-seen.example", "status": "unknown", "delivered": 0, "bounced": 0})
+        serde_json::json!({"domain": "never-seen.example", "status": "unknown", "delivered": 0, "bounced": 0, "other_bounced": 0})
     );
 
     // Invalid domains: 400 with a JSON error, including SQL-looking input.

@@ -1,15 +1,19 @@
 //! Integration tests against the real RabbitMQ and Postgres. Each test has its own database and
 //! its own exchange and queue names, and removes them when it ends.
 
+mod bounce;
 mod chaos;
 mod dedup;
 mod e2e;
 mod faults;
 mod helpers;
 mod http;
+mod kumo;
 mod ops;
 mod otlp;
 mod poison;
 mod proxy;
 mod shutdown;
 mod steps;
+mod tail;
+mod webhooks;

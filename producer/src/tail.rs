@@ -1,0 +1,471 @@
+//! `tail FILE --format postfix|exim` (SPEC §7): follows an MTA's log like `tail -F` and turns
+//! its delivery lines into events.
+//!
+//! - **Rotation by rename** (`postfix logrotate`, logrotate without `copytruncate`): the open
+//!   file is read to its end, then the new file at the path is followed from its start. The old
+//!   file is finished once the writer has moved on (the new file has data) or after a grace
+//!   period, so lines written just before the writer reopened are not lost.
+//! - **Truncation** (`copytruncate`): a file shorter than the position is read again from 0.
+//! - **Restarts**: the position (device, inode, offset) is saved in the state file after each
+//!   chunk of lines is confirmed by the broker. On start, the file with the saved identity is
+//!   found again — at the path, or renamed beside it — and read on from the saved offset, so a
+//!   restart skips nothing.
+//! - **Nothing counted twice**: each event's `message_id` is a UUIDv5 of the file identity, the
+//!   line's offset and its content, so a line published again (a crash between the confirm and
+//!   the state write, a state file lost) is skipped by the worker's deduplication.
+
+use crate::publisher::{Outgoing, Publisher};
+use anyhow::Context;
+use catchall::bounce::{EnhancedCode, codes_in_text};
+use catchall::event::{Event, EventType, Evidence};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// Which MTA wrote the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Postfix `to=<…>, … dsn=…, status=sent|bounced (…)` lines.
+    Postfix,
+    /// Exim main log `=>`/`->` (delivered) and `**` (bounced) lines.
+    Exim,
+}
+
+/// What `tail` follows and where it keeps its position.
+#[derive(Debug, Clone)]
+pub struct TailSettings {
+    pub file: PathBuf,
+    pub format: LogFormat,
+    /// Where the position is saved; without one, every start reads the file from its start
+    /// (deduplication still counts each line once).
+    pub state: Option<PathBuf>,
+    /// How often the file is checked for new lines, rotation and truncation at its end.
+    pub poll: Duration,
+}
+
+/// Longest read at once; a line longer than this is skipped.
+const CHUNK_BYTES: usize = 256 * 1024;
+/// How long a rotated file is still read after a new file appeared that stays empty.
+const ROTATION_GRACE: Duration = Duration::from_secs(5);
+/// Namespace of the line ids (UUIDv5), fixed so ids are stable across versions and hosts.
+const LINE_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6361_7463_6861_6c6c_2d74_6169_6c2d_6964);
+
+/// The `message_id` of a log line: stable for the same line at the same place in the same file.
+pub fn line_id(dev: u64, ino: u64, offset: u64, line: &[u8]) -> String {
+    let mut name = format!("{dev}:{ino}:{offset}:").into_bytes();
+    name.extend_from_slice(line);
+    uuid::Uuid::new_v5(&LINE_NAMESPACE, &name).to_string()
+}
+
+/// Turns one log line into an event, if it records a delivery or a bounce.
+pub fn parse_line(format: LogFormat, line: &str) -> Option<Event> {
+    match format {
+        LogFormat::Postfix => parse_postfix(line),
+        LogFormat::Exim => parse_exim(line),
+    }
+}
+
+/// The domain of an address (`user@Example.com` → `example.com`), if valid.
+fn event_for(address: &str, kind: EventType) -> Option<Event> {
+    let address = address.trim().trim_start_matches('<').trim_end_matches('>');
+    let (_, domain) = address.rsplit_once('@')?;
+    Event::new(domain, kind).ok()
+}
+
+/// `… postfix/smtp[123]: 4Qk1ABC: to=<a@b.example>, relay=…, dsn=5.1.1, status=bounced (host
+/// … said: 550 5.1.1 … (in reply to RCPT TO command))`. `orig_to=<…>` is not the recipient.
+fn parse_postfix(line: &str) -> Option<Event> {
+    let start = line.find(" to=<")? + " to=<".len();
+    let recipient = &line[start..start + line[start..].find('>')?];
+    let status_at = line.find(", status=")? + ", status=".len();
+    let status = &line[status_at..];
+    let (word, rest) = status.split_once(' ').unwrap_or((status, ""));
+    let kind = match word {
+        "sent" => EventType::Delivered,
+        "bounced" => EventType::Bounced,
+        _ => return None, // deferred, expired, undeliverable (address verification)…
+    };
+    let event = event_for(recipient, kind)?;
+    if kind == EventType::Delivered {
+        return Some(event);
+    }
+    let code = line
+        .find(", dsn=")
+        .map(|at| &line[at + ", dsn=".len()..])
+        .and_then(|dsn| dsn.split(',').next())
+        .and_then(EnhancedCode::parse);
+    let text = rest.trim();
+    let text = text
+        .strip_prefix('(')
+        .and_then(|t| t.strip_suffix(')'))
+        .unwrap_or(text);
+    // The remote server's words follow "said: "; otherwise the text is Postfix's own.
+    let diagnostic = text.split_once(" said: ").map_or(text, |(_, said)| said);
+    let (smtp_code, _) = codes_in_text(diagnostic);
+    Some(event.with_evidence(Evidence {
+        code,
+        smtp_code,
+        diagnostic: (!diagnostic.is_empty()).then(|| diagnostic.to_string()),
+    }))
+}
+
+/// True for an Exim message id: `1tFxyz-0001ab-Cd` (or the longer 4.97+ form).
+fn is_exim_id(token: &str) -> bool {
+    let parts: Vec<&str> = token.split('-').collect();
+    parts.len() == 3
+        && parts[0].len() == 6
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric()))
+}
+
+/// `2026-11-25 02:40:00 [pid] 1tFxyz-0001ab-Cd => a@b.example R=… C="250 …"` (delivered),
+/// `->` (another address delivered in the same transaction), `** a@b.example R=… : SMTP error
+/// from remote mail server after RCPT TO:<a@b.example>: 550 5.1.1 …` (bounced).
+fn parse_exim(line: &str) -> Option<Event> {
+    let tokens: Vec<&str> = line.splitn(8, ' ').collect();
+    let at = (1..tokens.len().min(6))
+        .find(|&i| matches!(tokens[i], "=>" | "->" | "**") && is_exim_id(tokens[i - 1]))?;
+    let kind = if tokens[at] == "**" {
+        EventType::Bounced
+    } else {
+        EventType::Delivered
+    };
+    let marker = line.find(&format!("{} {} ", tokens[at - 1], tokens[at]))?
+        + tokens[at - 1].len()
+        + tokens[at].len()
+        + 2;
+    let rest = &line[marker..];
+    let address = rest.split([' ', ',']).next()?.trim_end_matches(':');
+    let event = event_for(address, kind)?;
+    if kind == EventType::Delivered {
+        return Some(event);
+    }
+    const REMOTE: &str = "SMTP error from remote mail server after ";
+    let diagnostic = match rest.find(REMOTE) {
+        Some(at) => rest[at + REMOTE.len()..]
+            .split_once(": ")
+            .map_or("", |(_, text)| text),
+        None => rest.split_once(": ").map_or("", |(_, text)| text),
+    }
+    .trim();
+    let (smtp_code, code) = codes_in_text(diagnostic);
+    Some(event.with_evidence(Evidence {
+        code,
+        smtp_code,
+        diagnostic: (!diagnostic.is_empty()).then(|| diagnostic.to_string()),
+    }))
+}
+
+/// The file being read and where.
+struct Source {
+    file: std::fs::File,
+    dev: u64,
+    ino: u64,
+    offset: u64,
+}
+
+impl Source {
+    fn open(path: &Path, offset: u64) -> std::io::Result<Self> {
+        let file = std::fs::File::open(path)?;
+        let meta = file.metadata()?;
+        Ok(Self {
+            file,
+            dev: meta.dev(),
+            ino: meta.ino(),
+            offset,
+        })
+    }
+
+    fn is(&self, meta: &std::fs::Metadata) -> bool {
+        (meta.dev(), meta.ino()) == (self.dev, self.ino)
+    }
+}
+
+/// Counts of one run, for the summary line.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TailStats {
+    pub lines: u64,
+    pub events: u64,
+    pub rotations: u64,
+    pub truncations: u64,
+}
+
+fn load_state(path: &Path) -> anyhow::Result<Option<(u64, u64, u64)>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a tail state file", path.display()))?;
+    let field = |name: &str| {
+        value[name]
+            .as_u64()
+            .with_context(|| format!("{}: no `{name}`", path.display()))
+    };
+    Ok(Some((field("dev")?, field("ino")?, field("offset")?)))
+}
+
+fn save_state(path: &Path, source: &Source) -> anyhow::Result<()> {
+    let text = serde_json::json!({"dev": source.dev, "ino": source.ino, "offset": source.offset})
+        .to_string();
+    let temporary = path.with_extension("tmp");
+    std::fs::write(&temporary, text)
+        .and_then(|()| std::fs::rename(&temporary, path))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Finds the file a saved state points to: the path itself, or a file renamed beside it.
+fn find_saved(path: &Path, dev: u64, ino: u64) -> Option<PathBuf> {
+    let same = |meta: std::fs::Metadata| (meta.dev(), meta.ino()) == (dev, ino);
+    if std::fs::metadata(path).is_ok_and(same) {
+        return Some(path.to_path_buf());
+    }
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty())?;
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|entry| entry.path())
+        .find(|candidate| std::fs::metadata(candidate).is_ok_and(same))
+}
+
+/// Follows the log until `cancel` fires, publishing each delivery line as one event.
+pub async fn run<F: FnMut(&Outgoing)>(
+    publisher: &mut Publisher<F>,
+    settings: &TailSettings,
+    cancel: &CancellationToken,
+) -> anyhow::Result<TailStats> {
+    let path = settings.file.as_path();
+    let mut stats = TailStats::default();
+    let mut source: Option<Source> = None;
+    if let Some(state) = &settings.state {
+        if let Some((dev, ino, offset)) = load_state(state)? {
+            match find_saved(path, dev, ino) {
+                Some(found) => {
+                    tracing::info!(file = %found.display(), offset, "Resuming from the state file.");
+                    source = Some(Source::open(&found, offset)?);
+                }
+                None => tracing::warn!(
+                    file = %path.display(),
+                    "The file of the saved position is gone; reading the current file from its start."
+                ),
+            }
+        }
+    }
+    let mut rotated_since: Option<Instant> = None;
+    loop {
+        let Some(current) = source.as_mut() else {
+            match Source::open(path, 0) {
+                Ok(opened) => {
+                    source = Some(opened);
+                    continue;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+            }
+            if wait(cancel, settings.poll).await {
+                return Ok(stats);
+            }
+            continue;
+        };
+        if read_chunk(current, settings, publisher, &mut stats).await? {
+            continue;
+        }
+        // At the end of the file: rotated, truncated, or simply nothing new yet.
+        match std::fs::metadata(path) {
+            Ok(meta) if current.is(&meta) => {
+                rotated_since = None;
+                if meta.len() < current.offset {
+                    tracing::info!(file = %path.display(), "Log truncated; reading it from its start.");
+                    stats.truncations += 1;
+                    current.offset = 0;
+                    persist(settings, current)?;
+                    continue;
+                }
+            }
+            Ok(meta) => {
+                let since = *rotated_since.get_or_insert_with(Instant::now);
+                // The writer moved on once the new file has data: finish the old one, switch.
+                if meta.len() > 0 || since.elapsed() >= ROTATION_GRACE {
+                    while read_chunk(current, settings, publisher, &mut stats).await? {}
+                    tracing::info!(file = %path.display(), "Log rotated; following the new file.");
+                    stats.rotations += 1;
+                    let next = Source::open(path, 0)
+                        .with_context(|| format!("opening {}", path.display()))?;
+                    persist(settings, &next)?;
+                    source = Some(next);
+                    rotated_since = None;
+                    continue;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Renamed away; the new file is not there yet. Keep reading the old one.
+            }
+            Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
+        }
+        if wait(cancel, settings.poll).await {
+            return Ok(stats);
+        }
+    }
+}
+
+/// Sleeps for `poll`; true if `cancel` fired meanwhile.
+async fn wait(cancel: &CancellationToken, poll: Duration) -> bool {
+    tokio::select! {
+        _ = cancel.cancelled() => true,
+        _ = tokio::time::sleep(poll) => false,
+    }
+}
+
+fn persist(settings: &TailSettings, source: &Source) -> anyhow::Result<()> {
+    match &settings.state {
+        Some(state) => save_state(state, source),
+        None => Ok(()),
+    }
+}
+
+/// Reads the complete lines after the position (at most [`CHUNK_BYTES`]), publishes their
+/// events, waits for the broker's confirms, then saves the position after them. Returns false
+/// at the end of the file (a partial last line is left for later).
+async fn read_chunk<F: FnMut(&Outgoing)>(
+    source: &mut Source,
+    settings: &TailSettings,
+    publisher: &mut Publisher<F>,
+    stats: &mut TailStats,
+) -> anyhow::Result<bool> {
+    let mut buffer = Vec::with_capacity(CHUNK_BYTES);
+    source
+        .file
+        .seek(SeekFrom::Start(source.offset))
+        .and_then(|_| {
+            (&mut source.file)
+                .take(CHUNK_BYTES as u64)
+                .read_to_end(&mut buffer)
+        })
+        .with_context(|| format!("reading {}", settings.file.display()))?;
+    let complete = match buffer.iter().rposition(|b| *b == b'\n') {
+        Some(last) => last + 1,
+        // A line longer than a chunk: skipped whole (no MTA writes such delivery lines).
+        None if buffer.len() == CHUNK_BYTES => buffer.len(),
+        None => return Ok(false),
+    };
+    let mut offset = source.offset;
+    for line in buffer[..complete].split_inclusive(|b| *b == b'\n') {
+        stats.lines += 1;
+        let text = String::from_utf8_lossy(line);
+        if let Some(event) = parse_line(settings.format, text.trim_end()) {
+            stats.events += 1;
+            let body = serde_json::to_vec(&event).context("serialising an event")?;
+            publisher
+                .send(Outgoing {
+                    id: line_id(source.dev, source.ino, offset, line),
+                    routing_key: event.kind.as_str(),
+                    body,
+                    events: vec![event],
+                })
+                .await?;
+        }
+        offset += line.len() as u64;
+    }
+    publisher.flush().await?;
+    source.offset = offset;
+    persist(settings, source)?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use catchall::event::Tally;
+
+    fn fixture(name: &str) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/mta")
+            .join(name);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    /// (domain, tally) of every event in a log.
+    fn events(format: LogFormat, log: &str) -> Vec<(String, Tally)> {
+        log.lines()
+            .filter_map(|line| parse_line(format, line))
+            .map(|e| (e.domain.clone(), e.tally()))
+            .collect()
+    }
+
+    #[test]
+    fn postfix_lines_become_events() {
+        let got = events(LogFormat::Postfix, &fixture("postfix.log"));
+        let want = [
+            ("ok.example", Tally::Delivered),
+            ("unknown.example", Tally::Bounced),
+            ("full.example", Tally::OtherBounced),
+            ("spam.example", Tally::OtherBounced),
+            ("local.example", Tally::Delivered),
+            ("plain.example", Tally::Bounced),
+        ];
+        let want: Vec<_> = want.iter().map(|(d, t)| (d.to_string(), *t)).collect();
+        assert_eq!(got, want);
+        let line = fixture("postfix.log")
+            .lines()
+            .find(|l| l.contains("unknown.example") && l.contains("status=bounced"))
+            .map(str::to_string)
+            .unwrap();
+        let event = parse_line(LogFormat::Postfix, &line).unwrap();
+        let evidence = event.evidence.unwrap();
+        assert_eq!(evidence.code.unwrap().to_string(), "5.1.1");
+        assert_eq!(evidence.smtp_code, Some(550));
+        assert!(evidence.diagnostic.unwrap().starts_with("550 5.1.1 "));
+    }
+
+    #[test]
+    fn exim_lines_become_events() {
+        let got = events(LogFormat::Exim, &fixture("exim.log"));
+        let want = [
+            ("ok.example", Tally::Delivered),
+            ("ok.example", Tally::Delivered),
+            ("unknown.example", Tally::Bounced),
+            ("full.example", Tally::OtherBounced),
+            ("spam.example", Tally::OtherBounced),
+            ("nowhere.example", Tally::OtherBounced),
+            ("pid.example", Tally::Delivered),
+        ];
+        let want: Vec<_> = want.iter().map(|(d, t)| (d.to_string(), *t)).collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn line_ids_are_stable_and_distinct() {
+        let a = line_id(1, 2, 0, b"x\n");
+        assert_eq!(a, line_id(1, 2, 0, b"x\n"));
+        assert_ne!(a, line_id(1, 2, 2, b"x\n"), "same text at another offset");
+        assert_ne!(a, line_id(1, 3, 0, b"x\n"), "another file");
+        assert_ne!(a, line_id(1, 2, 0, b"y\n"), "another line");
+    }
+
+    #[test]
+    fn a_saved_position_is_found_after_a_rename() {
+        let dir = std::env::temp_dir().join(format!("catchall-tail-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("maillog");
+        std::fs::write(&log, "one\n").unwrap();
+        let meta = std::fs::metadata(&log).unwrap();
+        let state = dir.join("state");
+        let source = Source::open(&log, 4).unwrap();
+        save_state(&state, &source).unwrap();
+        assert_eq!(
+            load_state(&state).unwrap(),
+            Some((meta.dev(), meta.ino(), 4))
+        );
+        std::fs::rename(&log, dir.join("maillog.1")).unwrap();
+        std::fs::write(&log, "new\n").unwrap();
+        assert_eq!(
+            find_saved(&log, meta.dev(), meta.ino()),
+            Some(dir.join("maillog.1"))
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,289 @@
+//! Bounce evidence (SPEC §3): which bounces prove that a recipient address does not exist.
+//!
+//! Only such a bounce says a domain is not catch-all: a catch-all domain accepts every address,
+//! so it never answers "no such user". A full mailbox, a spam or policy block or a temporary
+//! failure says nothing about catch-all, so those bounces are counted apart and never change a
+//! domain's status. The table and its reasoning (RFC 3463, RFC 5321) are in the README.
+
+/// How a bounce counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BounceKind {
+    /// The recipient does not exist (`5.1.x`, or a 550/551/553 saying so), or the bounce carries
+    /// no evidence at all (the original wire format): counts toward `not catch-all`.
+    NoSuchRecipient,
+    /// Any other bounce (mailbox full, policy, spam, temporary): counted apart.
+    Other,
+}
+
+/// An RFC 3463 enhanced status code `class.subject.detail`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct EnhancedCode {
+    pub class: u16,
+    pub subject: u16,
+    pub detail: u16,
+}
+
+impl EnhancedCode {
+    /// Parses `"5.1.1"`: class 2, 4 or 5, subject and detail of 1–3 digits (RFC 3463 §2).
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.trim().split('.');
+        let class = number(parts.next()?, 1)?;
+        let subject = number(parts.next()?, 3)?;
+        let detail = number(parts.next()?, 3)?;
+        if parts.next().is_some() || !matches!(class, 2 | 4 | 5) {
+            return None;
+        }
+        Some(Self {
+            class,
+            subject,
+            detail,
+        })
+    }
+}
+
+impl std::fmt::Display for EnhancedCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.class, self.subject, self.detail)
+    }
+}
+
+fn number(text: &str, max_digits: usize) -> Option<u16> {
+    if text.is_empty() || text.len() > max_digits || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
+/// Texts that servers without enhanced codes send when the recipient does not exist (lower
+/// case; matched as substrings).
+pub const UNKNOWN_RECIPIENT_TEXTS: &[&str] = &[
+    "user unknown",
+    "unknown user",
+    "no such user",
+    "no such mailbox",
+    "no such recipient",
+    "no such address",
+    "unknown recipient",
+    "recipient unknown",
+    "invalid recipient",
+    "invalid mailbox",
+    "mailbox unavailable",
+    "mailbox not found",
+    "does not exist",
+    "doesn't exist",
+    "not a valid mailbox",
+    "recipient rejected",
+    "address rejected",
+    "user not found",
+    "unrouteable address",
+];
+
+/// Texts that mark a rejection as a policy decision even when they also match an
+/// unknown-recipient text ("Recipient address rejected: Access denied").
+pub const POLICY_TEXTS: &[&str] = &[
+    "spam",
+    "blocked",
+    "blacklist",
+    "blocklist",
+    "denylist",
+    "policy",
+    "denied",
+    "greylist",
+    "graylist",
+    "reputation",
+    "rate limit",
+    "too many",
+    "quota",
+    "full",
+];
+
+/// True if `text` says the recipient does not exist, and not that a policy refused it.
+pub fn says_unknown_recipient(text: &str) -> bool {
+    let text = text.to_ascii_lowercase();
+    UNKNOWN_RECIPIENT_TEXTS.iter().any(|t| text.contains(t))
+        && !POLICY_TEXTS.iter().any(|t| text.contains(t))
+}
+
+/// Reads a leading `"550 5.1.1 …"` or `"550-5.1.1 …"` from a server's text: the SMTP reply code
+/// and the enhanced code, where present.
+pub fn codes_in_text(text: &str) -> (Option<u16>, Option<EnhancedCode>) {
+    let text = text.trim_start();
+    // A DSN Diagnostic-Code (`smtp; 550 5.1.1 …`, as SES and Postmark pass it on).
+    let text = match text.get(..5) {
+        Some(prefix) if prefix.eq_ignore_ascii_case("smtp;") => text[5..].trim_start(),
+        _ => text,
+    };
+    let mut smtp = None;
+    let mut rest = text;
+    if text.len() >= 3 && text.as_bytes()[..3].iter().all(u8::is_ascii_digit) {
+        let after = &text[3..];
+        if after.is_empty() || after.starts_with([' ', '-']) {
+            smtp = text[..3].parse().ok().filter(|c| (200..600).contains(c));
+            rest = after.get(1..).unwrap_or("").trim_start();
+        }
+    }
+    let enhanced = rest
+        .split(|c: char| c.is_whitespace())
+        .next()
+        .and_then(EnhancedCode::parse);
+    (smtp, enhanced)
+}
+
+/// Classifies a bounce from its evidence (SPEC §3):
+///
+/// - no evidence at all → [`BounceKind::NoSuchRecipient`] (the original wire format);
+/// - an enhanced code `5.1.x` → `NoSuchRecipient`; any other defined code (`4.x.x`, `5.2.x`
+///   mailbox full, `5.7.x` policy…) → [`BounceKind::Other`]; `x.0.x` (other or undefined
+///   status) says nothing, so the reply code and text decide;
+/// - otherwise a 550, 551 or 553 reply whose text says the user is unknown → `NoSuchRecipient`;
+///   anything else → `Other`.
+///
+/// Codes missing from the fields are read from the start of the text (`"550 5.1.1 …"`).
+pub fn classify(
+    code: Option<EnhancedCode>,
+    smtp_code: Option<u16>,
+    diagnostic: Option<&str>,
+) -> BounceKind {
+    if code.is_none() && smtp_code.is_none() && diagnostic.is_none() {
+        return BounceKind::NoSuchRecipient;
+    }
+    let (text_smtp, text_code) = diagnostic.map(codes_in_text).unwrap_or_default();
+    let smtp_code = smtp_code.or(text_smtp);
+    match code.or(text_code) {
+        Some(c) if c.class == 5 && c.subject == 1 => return BounceKind::NoSuchRecipient,
+        Some(c) if c.class != 5 || c.subject != 0 => return BounceKind::Other,
+        _ => {}
+    }
+    match (smtp_code, diagnostic) {
+        (Some(550 | 551 | 553), Some(text)) if says_unknown_recipient(text) => {
+            BounceKind::NoSuchRecipient
+        }
+        _ => BounceKind::Other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use BounceKind::*;
+
+    fn code(s: &str) -> Option<EnhancedCode> {
+        Some(EnhancedCode::parse(s).expect("valid code"))
+    }
+
+    #[test]
+    fn parses_enhanced_codes() {
+        assert_eq!(
+            EnhancedCode::parse("5.1.1"),
+            Some(EnhancedCode {
+                class: 5,
+                subject: 1,
+                detail: 1
+            })
+        );
+        assert_eq!(
+            EnhancedCode::parse(" 4.7.123 ").unwrap().to_string(),
+            "4.7.123"
+        );
+        for bad in [
+            "", "5", "5.1", "5.1.1.1", "3.1.1", "55.1.1", "5.1234.1", "5.a.1", "5..1",
+        ] {
+            assert_eq!(EnhancedCode::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn reads_codes_from_text() {
+        assert_eq!(
+            codes_in_text("550 5.1.1 <a@b.c>: Recipient address rejected"),
+            (Some(550), code("5.1.1"))
+        );
+        assert_eq!(
+            codes_in_text("550-5.7.1 blocked"),
+            (Some(550), code("5.7.1"))
+        );
+        assert_eq!(codes_in_text("550 User unknown"), (Some(550), None));
+        assert_eq!(codes_in_text("host said: no"), (None, None));
+        assert_eq!(
+            codes_in_text("smtp; 550 5.1.1 user unknown"),
+            (Some(550), code("5.1.1"))
+        );
+        assert_eq!(codes_in_text("5.2.2 mailbox full"), (None, code("5.2.2")));
+    }
+
+    #[test]
+    fn classifies_per_the_table() {
+        type Case = (
+            Option<&'static str>,
+            Option<u16>,
+            Option<&'static str>,
+            BounceKind,
+        );
+        let cases: &[Case] = &[
+            (None, None, None, NoSuchRecipient),
+            (
+                Some("5.1.1"),
+                Some(550),
+                Some("user unknown"),
+                NoSuchRecipient,
+            ),
+            (Some("5.1.1"), None, None, NoSuchRecipient),
+            (Some("5.1.2"), None, None, NoSuchRecipient),
+            (Some("5.1.10"), None, None, NoSuchRecipient),
+            (Some("5.2.2"), Some(552), Some("Mailbox full"), Other),
+            (Some("5.7.1"), Some(554), Some("spam"), Other),
+            (Some("4.1.1"), Some(450), None, Other),
+            (Some("4.2.2"), None, None, Other),
+            (Some("5.4.4"), None, None, Other),
+            (
+                Some("5.0.0"),
+                Some(550),
+                Some("User unknown"),
+                NoSuchRecipient,
+            ),
+            (Some("5.0.0"), Some(550), Some("message rejected"), Other),
+            (None, Some(550), Some("User unknown"), NoSuchRecipient),
+            (
+                None,
+                Some(550),
+                Some("Requested action not taken: mailbox unavailable"),
+                NoSuchRecipient,
+            ),
+            (
+                None,
+                Some(551),
+                Some("User not local; no such user"),
+                NoSuchRecipient,
+            ),
+            (
+                None,
+                Some(553),
+                Some("sorry, that address does not exist"),
+                NoSuchRecipient,
+            ),
+            (
+                None,
+                Some(550),
+                Some("Recipient address rejected: Access denied"),
+                Other,
+            ),
+            (None, Some(550), Some("rejected as spam"), Other),
+            (None, Some(552), Some("user unknown"), Other),
+            (None, Some(450), Some("user unknown"), Other),
+            (None, Some(550), None, Other),
+            (
+                None,
+                None,
+                Some("550 5.1.1 The email account does not exist"),
+                NoSuchRecipient,
+            ),
+            (None, None, Some("550 no such user here"), NoSuchRecipient),
+            (None, None, Some("552 5.2.2 over quota"), Other),
+            (None, None, Some("connection timed out"), Other),
+        ];
+        for (c, smtp, text, want) in cases {
+            let c = c.and_then(EnhancedCode::parse);
+            assert_eq!(classify(c, *smtp, *text), *want, "{c:?} {smtp:?} {text:?}");
+        }
+    }
+}

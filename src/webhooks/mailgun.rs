@@ -1,0 +1,273 @@
+//! Mailgun webhooks (v3 JSON): `{"signature": {timestamp, token, signature}, "event-data": {…}}`.
+//!
+//! The signature is the hex HMAC-SHA256 of `timestamp + token` under the webhook signing key.
+//! A request is refused (401) when it does not verify, its timestamp is more than
+//! [`MAX_CLOCK_SKEW`] from now, or its token was already used (a replay).
+//!
+//! Events: `delivered` → delivered; `failed` with `severity: permanent` → bounced, with
+//! `delivery-status` (`code`, `enhanced-code`, `message`/`description`) as evidence. A
+//! `failed` that Mailgun did not attempt (`reason` `suppress-*`: the address is on a
+//! suppression list) and a temporary failure (Mailgun retries) are ignored, like every other
+//! event (`opened`, `clicked`, `complained`, `unsubscribed`, `accepted`…).
+
+use super::{MAX_CLOCK_SKEW, Parsed, ReplayCache, WebhookError, event_for};
+use crate::bounce::{EnhancedCode, codes_in_text};
+use crate::event::{EventType, Evidence};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Body {
+    signature: Signature,
+    #[serde(rename = "event-data")]
+    event_data: EventData,
+}
+
+#[derive(Deserialize)]
+struct Signature {
+    timestamp: String,
+    token: String,
+    signature: String,
+}
+
+#[derive(Deserialize)]
+struct EventData {
+    event: String,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    recipient: Option<String>,
+    #[serde(default)]
+    severity: Option<String>,
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(rename = "delivery-status", default)]
+    delivery_status: Option<DeliveryStatus>,
+}
+
+#[derive(Deserialize)]
+struct DeliveryStatus {
+    #[serde(default)]
+    code: Option<serde_json::Value>,
+    #[serde(rename = "enhanced-code", default)]
+    enhanced_code: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
+}
+
+/// The signature Mailgun computes: hex HMAC-SHA256(key, timestamp + token).
+pub fn sign(key: &str, timestamp: &str, token: &str) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.as_bytes());
+    let tag = ring::hmac::sign(&key, format!("{timestamp}{token}").as_bytes());
+    tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn hex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Verifies and parses one webhook request.
+pub fn handle(
+    key: &str,
+    body: &[u8],
+    now: i64,
+    replays: &ReplayCache,
+) -> Result<Parsed, WebhookError> {
+    let body: Body = serde_json::from_slice(body)
+        .map_err(|e| WebhookError::BadRequest(format!("not a Mailgun webhook: {e}")))?;
+    let signature = &body.signature;
+    let given = hex(&signature.signature).ok_or(WebhookError::Unauthorized("bad signature"))?;
+    let hmac_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.as_bytes());
+    let signed = format!("{}{}", signature.timestamp, signature.token);
+    ring::hmac::verify(&hmac_key, signed.as_bytes(), &given)
+        .map_err(|_| WebhookError::Unauthorized("bad signature"))?;
+    let timestamp: i64 = signature
+        .timestamp
+        .parse()
+        .map_err(|_| WebhookError::Unauthorized("bad timestamp"))?;
+    if (now - timestamp).unsigned_abs() > MAX_CLOCK_SKEW.as_secs() {
+        return Err(WebhookError::Unauthorized("stale timestamp"));
+    }
+    if !replays.first_use(&signature.token, timestamp, now) {
+        return Err(WebhookError::Unauthorized("replayed token"));
+    }
+    Ok(parse(&body.event_data, &signature.token))
+}
+
+fn parse(data: &EventData, token: &str) -> Parsed {
+    let message_id = format!("mailgun:{}", data.id.as_deref().unwrap_or(token));
+    let ignored = || Parsed {
+        events: Vec::new(),
+        message_id: message_id.clone(),
+        ignored: 1,
+    };
+    let recipient = data.recipient.as_deref().unwrap_or_default();
+    let event = match data.event.as_str() {
+        "delivered" => event_for(recipient, EventType::Delivered),
+        "failed"
+            if data.severity.as_deref() == Some("permanent")
+                && !data.reason.as_deref().unwrap_or("").starts_with("suppress") =>
+        {
+            event_for(recipient, EventType::Bounced).map(|e| e.with_evidence(evidence(data)))
+        }
+        _ => None,
+    };
+    match event {
+        Some(event) => Parsed {
+            events: vec![event],
+            message_id,
+            ignored: 0,
+        },
+        None => ignored(),
+    }
+}
+
+fn evidence(data: &EventData) -> Evidence {
+    let Some(status) = &data.delivery_status else {
+        return Evidence {
+            diagnostic: Some(format!(
+                "mailgun failed: {}",
+                data.reason.as_deref().unwrap_or("?")
+            )),
+            ..Evidence::default()
+        };
+    };
+    let text = status
+        .message
+        .as_deref()
+        .filter(|m| !m.trim().is_empty())
+        .or(status.description.as_deref())
+        .unwrap_or("")
+        .trim();
+    let (text_smtp, text_code) = codes_in_text(text);
+    let smtp_code = status
+        .code
+        .as_ref()
+        .and_then(|c| c.as_u64().or_else(|| c.as_str()?.parse().ok()))
+        .and_then(|c| u16::try_from(c).ok())
+        .filter(|c| (200..600).contains(c))
+        .or(text_smtp);
+    let code = status
+        .enhanced_code
+        .as_deref()
+        .and_then(EnhancedCode::parse)
+        .or(text_code);
+    Evidence {
+        code,
+        smtp_code,
+        diagnostic: Some(if text.is_empty() {
+            format!("mailgun failed: {}", data.reason.as_deref().unwrap_or("?"))
+        } else {
+            text.to_string()
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Tally;
+
+    const KEY: &str = "key-test-signing-0123456789abcdef";
+
+    /// A fixture with a fresh signature (tests sign with their own key).
+    fn signed(name: &str, token: &str, timestamp: i64) -> Vec<u8> {
+        let mut body: serde_json::Value =
+            serde_json::from_str(&crate::webhooks::tests::fixture(name)).expect("fixture");
+        let ts = timestamp.to_string();
+        body["signature"] = serde_json::json!({
+            "timestamp": ts, "token": token, "signature": sign(KEY, &ts, token)
+        });
+        serde_json::to_vec(&body).expect("json")
+    }
+
+    fn run(name: &str, token: &str) -> Result<Parsed, WebhookError> {
+        let now = 1_700_000_000;
+        handle(
+            KEY,
+            &signed(name, token, now - 10),
+            now,
+            &ReplayCache::default(),
+        )
+    }
+
+    fn tallies(parsed: &Parsed) -> Vec<(String, Tally)> {
+        parsed
+            .events
+            .iter()
+            .map(|e| (e.domain.clone(), e.tally()))
+            .collect()
+    }
+
+    #[test]
+    fn payloads_map_onto_our_counters() {
+        let cases = [
+            ("mailgun-delivered.json", Some(Tally::Delivered)),
+            ("mailgun-failed-permanent.json", Some(Tally::Bounced)),
+            (
+                "mailgun-failed-mailbox-full.json",
+                Some(Tally::OtherBounced),
+            ),
+            ("mailgun-failed-temporary.json", None),
+            ("mailgun-failed-suppressed.json", None),
+            ("mailgun-complained.json", None),
+        ];
+        for (i, (name, want)) in cases.into_iter().enumerate() {
+            let parsed = run(name, &format!("token{i}")).unwrap_or_else(|e| panic!("{name}: {e}"));
+            match want {
+                Some(tally) => assert_eq!(
+                    tallies(&parsed),
+                    vec![("example.com".to_string(), tally)],
+                    "{name}"
+                ),
+                None => assert_eq!((parsed.events.len(), parsed.ignored), (0, 1), "{name}"),
+            }
+            assert!(parsed.message_id.starts_with("mailgun:"), "{name}");
+        }
+    }
+
+    #[test]
+    fn forged_stale_and_replayed_requests_are_refused() {
+        let now = 1_700_000_000;
+        let replays = ReplayCache::default();
+        let good = signed("mailgun-delivered.json", "tok", now);
+        assert!(handle(KEY, &good, now, &replays).is_ok());
+        assert!(matches!(
+            handle(KEY, &good, now, &replays),
+            Err(WebhookError::Unauthorized("replayed token"))
+        ));
+        let other_key = handle(
+            "another-key",
+            &signed("mailgun-delivered.json", "t2", now),
+            now,
+            &replays,
+        );
+        assert!(matches!(
+            other_key,
+            Err(WebhookError::Unauthorized("bad signature"))
+        ));
+        let stale = signed("mailgun-delivered.json", "t3", now - 3600);
+        assert!(matches!(
+            handle(KEY, &stale, now, &replays),
+            Err(WebhookError::Unauthorized("stale timestamp"))
+        ));
+        let mut tampered: serde_json::Value =
+            serde_json::from_slice(&signed("mailgun-delivered.json", "t4", now)).unwrap();
+        tampered["signature"]["token"] = "t5".into();
+        assert!(matches!(
+            handle(KEY, &serde_json::to_vec(&tampered).unwrap(), now, &replays),
+            Err(WebhookError::Unauthorized(_))
+        ));
+        assert!(matches!(
+            handle(KEY, b"not json", now, &replays),
+            Err(WebhookError::BadRequest(_))
+        ));
+    }
+}

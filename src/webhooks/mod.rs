@@ -1,0 +1,376 @@
+//! ESP webhooks (SPEC §5): `POST /webhooks/{ses,mailgun,sendgrid,postmark}`.
+//!
+//! Each provider module is pure: it verifies a request (signature, basic auth) and parses its
+//! documented payload into our events, with the provider's bounce classification mapped onto
+//! ours (SPEC §3). The router here does the I/O: it hands the events to an [`EventSink`] (the
+//! confirmed publisher of the HTTP ingest) with a `message_id` derived from the provider's own
+//! ids, so a provider's retry is counted once. A route is on only when its setting is set.
+
+pub mod mailgun;
+pub mod postmark;
+pub mod sendgrid;
+pub mod sns;
+
+use crate::event::Event;
+use crate::metrics;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Where verified webhook events go: the integrator implements it for the HTTP ingest's
+/// confirmed publisher (one message per call, persistent, `message_id` set, `Ok` only once the
+/// broker confirmed it).
+pub trait EventSink: Send + Sync {
+    fn publish(
+        &self,
+        events: Vec<Event>,
+        message_id: String,
+    ) -> BoxFuture<'_, Result<(), SinkError>>;
+}
+
+/// The sink could not take the events (the broker did not confirm them); answered with 503 so
+/// the provider retries.
+#[derive(Debug, thiserror::Error)]
+#[error("could not publish the events: {0}")]
+pub struct SinkError(pub String);
+
+/// Webhook settings (SPEC §6). A provider's route is off (404) while its setting is unset.
+#[derive(Clone, Default, clap::Args)]
+pub struct WebhookArgs {
+    /// Mailgun's HTTP webhook signing key: turns on `POST /webhooks/mailgun`.
+    #[arg(long, env = "WEBHOOK_MAILGUN_SIGNING_KEY", hide_env_values = true)]
+    pub mailgun_signing_key: Option<String>,
+
+    /// SendGrid's signed event webhook verification key, the base64 public key SendGrid
+    /// shows: turns on `POST /webhooks/sendgrid`.
+    #[arg(long, env = "WEBHOOK_SENDGRID_PUBLIC_KEY")]
+    pub sendgrid_public_key: Option<String>,
+
+    /// `user:password` of the basic auth in Postmark's webhook URL: turns on
+    /// `POST /webhooks/postmark`.
+    #[arg(long, env = "WEBHOOK_POSTMARK_AUTH", hide_env_values = true)]
+    pub postmark_auth: Option<String>,
+
+    /// SNS topic ARNs (comma-separated) whose SES notifications are accepted: turns on
+    /// `POST /webhooks/ses`. Notifications from other topics are refused.
+    #[arg(long, env = "WEBHOOK_SNS_TOPIC_ARNS", value_delimiter = ',')]
+    pub sns_topic_arns: Vec<String>,
+
+    /// A PEM file pinning the SNS signing certificate (closed networks, tests); unset, the
+    /// certificate is fetched from `SigningCertURL`, only over https from an
+    /// `sns.<region>.amazonaws.com` host.
+    #[arg(long, env = "WEBHOOK_SNS_CERT")]
+    pub sns_cert: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for WebhookArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = |v: &Option<String>| if v.is_some() { "<set>" } else { "<unset>" };
+        f.debug_struct("WebhookArgs")
+            .field("mailgun_signing_key", &set(&self.mailgun_signing_key))
+            .field("sendgrid_public_key", &self.sendgrid_public_key)
+            .field("postmark_auth", &set(&self.postmark_auth))
+            .field("sns_topic_arns", &self.sns_topic_arns)
+            .field("sns_cert", &self.sns_cert)
+            .finish()
+    }
+}
+
+/// Why a webhook request was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    /// Forged, replayed, stale or unauthenticated: 401.
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// Not the provider's documented payload: 400.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The events could not be published: 503, so the provider retries.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl WebhookError {
+    fn status(&self) -> StatusCode {
+        match self {
+            WebhookError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            WebhookError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            WebhookError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn outcome(&self) -> &'static str {
+        match self {
+            WebhookError::Unauthorized(_) => "refused",
+            WebhookError::BadRequest(_) => "invalid",
+            WebhookError::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
+/// Events from one verified request, and the `message_id` they are published under.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Parsed {
+    pub events: Vec<Event>,
+    /// Derived from the provider's ids (or the signed body), so a retry is counted once.
+    pub message_id: String,
+    /// Provider events acknowledged without counting (opens, clicks, complaints, deferrals…).
+    pub ignored: usize,
+}
+
+/// A provider's address → our event for its domain; `None` for an address without a valid
+/// domain (skipped, not fatal: a provider's batch is not ours to reject whole).
+pub(crate) fn event_for(address: &str, kind: crate::event::EventType) -> Option<Event> {
+    let address = address.trim().trim_start_matches('<').trim_end_matches('>');
+    let (_, domain) = address.rsplit_once('@')?;
+    Event::new(domain, kind).ok()
+}
+
+/// Hex SHA-256 of `data`: message ids for providers whose batches carry no single id.
+pub(crate) fn sha256_hex(data: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, data)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+pub(crate) fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// How far a signed timestamp may be from now (Mailgun, SendGrid).
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
+
+/// Remembers the Mailgun tokens seen within the freshness window, so a replayed request is
+/// refused. Bounded by the window: older tokens would fail the timestamp check anyway.
+#[derive(Default)]
+pub struct ReplayCache {
+    seen: Mutex<HashMap<String, i64>>,
+}
+
+impl ReplayCache {
+    /// True the first time `token` is seen (at `timestamp`); false for a replay.
+    pub fn first_use(&self, token: &str, timestamp: i64, now: i64) -> bool {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let horizon = now - 2 * MAX_CLOCK_SKEW.as_secs() as i64;
+        if seen.len() > 1024 {
+            seen.retain(|_, at| *at >= horizon);
+        }
+        seen.insert(token.to_string(), timestamp).is_none()
+    }
+}
+
+/// What the webhook routes share.
+#[derive(Clone)]
+pub struct WebhookState {
+    pub sink: Arc<dyn EventSink>,
+    pub settings: Arc<WebhookArgs>,
+    pub replays: Arc<ReplayCache>,
+    pub sns: Arc<sns::SnsVerifier>,
+}
+
+impl WebhookState {
+    /// Reads the pinned SNS certificate, if set.
+    ///
+    /// Fails at start on a SendGrid key that is not a base64 P-256 public key.
+    pub fn new(sink: Arc<dyn EventSink>, settings: WebhookArgs) -> anyhow::Result<Self> {
+        if let Some(key) = &settings.sendgrid_public_key {
+            sendgrid::check_key(key)?;
+        }
+        let sns = sns::SnsVerifier::from_settings(&settings)?;
+        Ok(Self {
+            sink,
+            settings: Arc::new(settings),
+            replays: Arc::new(ReplayCache::default()),
+            sns: Arc::new(sns),
+        })
+    }
+}
+
+/// The routes of the configured providers; the others are absent (404 from the main router).
+pub fn router(state: WebhookState) -> Router {
+    let mut router = Router::new();
+    if state.settings.mailgun_signing_key.is_some() {
+        router = router.route("/webhooks/mailgun", post(mailgun_hook));
+    }
+    if state.settings.sendgrid_public_key.is_some() {
+        router = router.route("/webhooks/sendgrid", post(sendgrid_hook));
+    }
+    if state.settings.postmark_auth.is_some() {
+        router = router.route("/webhooks/postmark", post(postmark_hook));
+    }
+    if !state.settings.sns_topic_arns.is_empty() {
+        router = router.route("/webhooks/ses", post(ses_hook));
+    }
+    router
+        .layer(DefaultBodyLimit::max(crate::event::MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// Publishes what a provider module parsed and answers.
+async fn finish(
+    state: &WebhookState,
+    provider: &'static str,
+    parsed: Result<Parsed, WebhookError>,
+) -> Response {
+    let result = match parsed {
+        Ok(parsed) if parsed.events.is_empty() => Ok(parsed),
+        Ok(parsed) => state
+            .sink
+            .publish(parsed.events.clone(), parsed.message_id.clone())
+            .await
+            .map(|()| parsed)
+            .map_err(|e| WebhookError::Unavailable(e.to_string())),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(parsed) => {
+            let outcome = if parsed.events.is_empty() {
+                "ignored"
+            } else {
+                "accepted"
+            };
+            metrics::webhook_handled(provider, outcome, parsed.events.len(), parsed.ignored);
+            (
+                StatusCode::OK,
+                Json(serde_json::json!({"status": outcome, "events": parsed.events.len()})),
+            )
+                .into_response()
+        }
+        Err(error) => {
+            metrics::webhook_failed(provider, error.outcome(), &error.to_string());
+            (
+                error.status(),
+                Json(serde_json::json!({"error": error.to_string()})),
+            )
+                .into_response()
+        }
+    }
+}
+
+async fn mailgun_hook(State(state): State<WebhookState>, body: Bytes) -> Response {
+    let key = state.settings.mailgun_signing_key.as_deref().unwrap_or("");
+    let parsed = mailgun::handle(key, &body, unix_now(), &state.replays);
+    finish(&state, "mailgun", parsed).await
+}
+
+async fn sendgrid_hook(
+    State(state): State<WebhookState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let key = state.settings.sendgrid_public_key.as_deref().unwrap_or("");
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let parsed = sendgrid::handle(
+        key,
+        header(sendgrid::SIGNATURE_HEADER),
+        header(sendgrid::TIMESTAMP_HEADER),
+        &body,
+        unix_now(),
+    );
+    finish(&state, "sendgrid", parsed).await
+}
+
+async fn postmark_hook(
+    State(state): State<WebhookState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let auth = state.settings.postmark_auth.as_deref().unwrap_or("");
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let parsed = postmark::check_auth(auth, given).and_then(|()| postmark::parse(&body));
+    finish(&state, "postmark", parsed).await
+}
+
+async fn ses_hook(State(state): State<WebhookState>, body: Bytes) -> Response {
+    let parsed = sns::handle(&state.sns, &state.settings.sns_topic_arns, &body).await;
+    finish(&state, "ses", parsed).await
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::path::{Path, PathBuf};
+    use std::sync::OnceLock;
+
+    /// A sample payload from `tests/fixtures/webhooks/` (sources in its README).
+    pub fn fixture(name: &str) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/webhooks")
+            .join(name);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    /// An RSA key and self-signed certificate generated for this test process (openssl CLI).
+    fn test_key_dir() -> &'static PathBuf {
+        static DIR: OnceLock<PathBuf> = OnceLock::new();
+        DIR.get_or_init(|| {
+            let dir = std::env::temp_dir().join(format!("catchall-sns-{}", uuid::Uuid::now_v7()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let status = std::process::Command::new("openssl")
+                .args([
+                    "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                ])
+                .args(["-subj", "/CN=sns.us-west-2.amazonaws.com"])
+                .arg("-keyout")
+                .arg(dir.join("key.pem"))
+                .arg("-out")
+                .arg(dir.join("cert.pem"))
+                .stderr(std::process::Stdio::null())
+                .status()
+                .expect("openssl");
+            assert!(status.success(), "openssl req");
+            dir
+        })
+    }
+
+    pub fn test_cert_der() -> Vec<u8> {
+        let pem = std::fs::read_to_string(test_key_dir().join("cert.pem")).unwrap();
+        super::sns::pem_der_for_tests(&pem)
+    }
+
+    /// Signs `data` with the test key: SHA1withRSA (`1`) or SHA256withRSA (`2`), base64.
+    pub fn rsa_sign(data: &[u8], version: &str) -> String {
+        use base64::Engine;
+        let dir = test_key_dir();
+        let input = dir.join(format!("in-{}", uuid::Uuid::now_v7()));
+        std::fs::write(&input, data).unwrap();
+        let digest = if version == "1" { "-sha1" } else { "-sha256" };
+        let output = std::process::Command::new("openssl")
+            .args(["dgst", digest, "-sign"])
+            .arg(dir.join("key.pem"))
+            .arg(&input)
+            .output()
+            .expect("openssl dgst");
+        assert!(output.status.success());
+        let _ = std::fs::remove_file(&input);
+        base64::engine::general_purpose::STANDARD.encode(output.stdout)
+    }
+
+    /// The SNS fixture of `kind` carrying `message`, signed with the test key.
+    pub fn sns_envelope(kind: &str, message: &str, version: &str) -> String {
+        let name = if kind == "Notification" {
+            "sns-notification.json"
+        } else {
+            "sns-subscription-confirmation.json"
+        };
+        let mut value: serde_json::Value = serde_json::from_str(&fixture(name)).unwrap();
+        value["Message"] = message.into();
+        value["SignatureVersion"] = version.into();
+        let envelope: super::sns::Envelope = serde_json::from_value(value.clone()).unwrap();
+        value["Signature"] =
+            rsa_sign(super::sns::canonical_string(&envelope).as_bytes(), version).into();
+        value.to_string()
+    }
+}

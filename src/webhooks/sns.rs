@@ -1,0 +1,458 @@
+//! Amazon SES notifications delivered by SNS over HTTPS.
+//!
+//! Every SNS message is verified before anything else: its `TopicArn` must be one of
+//! `WEBHOOK_SNS_TOPIC_ARNS`, and its `Signature` must verify over the canonical string of its
+//! fields (SignatureVersion 1: SHA1withRSA; 2: SHA256withRSA) with the certificate at
+//! `SigningCertURL` — fetched only over https from an `sns.<region>.amazonaws.com` host and
+//! cached — or the certificate pinned by `WEBHOOK_SNS_CERT`.
+//!
+//! - `SubscriptionConfirmation`: the handshake is answered by GETting `SubscribeURL` (only an
+//!   https `sns.<region>.amazonaws.com` URL, unless a test allows its own host).
+//! - `Notification`: the SES notification in `Message` (`notificationType`, or `eventType` for
+//!   event publishing). `Delivery` → delivered per recipient. `Bounce` → bounced per bounced
+//!   recipient with `status` and `diagnosticCode` as evidence; without them, `NoEmail` counts as
+//!   proof and every other sub-type is counted apart; `Suppressed` and
+//!   `OnAccountSuppressionList` (SES did not send) are ignored, like complaints and the rest.
+
+use super::{Parsed, WebhookArgs, WebhookError, event_for};
+use crate::bounce::{EnhancedCode, codes_in_text};
+use crate::event::{EventType, Evidence};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use x509_cert::Certificate;
+use x509_cert::der::{Decode, DecodePem};
+
+/// The SNS message envelope.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Envelope {
+    #[serde(rename = "Type")]
+    pub kind: String,
+    pub message_id: String,
+    pub topic_arn: String,
+    #[serde(default)]
+    pub subject: Option<String>,
+    pub message: String,
+    pub timestamp: String,
+    pub signature_version: String,
+    pub signature: String,
+    #[serde(rename = "SigningCertURL")]
+    pub signing_cert_url: String,
+    #[serde(default, rename = "SubscribeURL")]
+    pub subscribe_url: Option<String>,
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+/// The string SNS signs: `Name\nvalue\n` for the fields of the message type, in this order.
+pub fn canonical_string(envelope: &Envelope) -> String {
+    let mut out = String::new();
+    let mut add = |name: &str, value: &str| {
+        out.push_str(name);
+        out.push('\n');
+        out.push_str(value);
+        out.push('\n');
+    };
+    add("Message", &envelope.message);
+    add("MessageId", &envelope.message_id);
+    if envelope.kind == "Notification" {
+        if let Some(subject) = &envelope.subject {
+            add("Subject", subject);
+        }
+    } else {
+        add(
+            "SubscribeURL",
+            envelope.subscribe_url.as_deref().unwrap_or(""),
+        );
+    }
+    add("Timestamp", &envelope.timestamp);
+    if envelope.kind != "Notification" {
+        add("Token", envelope.token.as_deref().unwrap_or(""));
+    }
+    add("TopicArn", &envelope.topic_arn);
+    add("Type", &envelope.kind);
+    out
+}
+
+/// True for an https URL on an `sns.<region>.amazonaws.com` host (or `.amazonaws.com.cn`).
+pub fn is_sns_url(raw: &str) -> bool {
+    let Ok(url) = url::Url::parse(raw) else {
+        return false;
+    };
+    let host = url.host_str().unwrap_or("");
+    url.scheme() == "https"
+        && url.username().is_empty()
+        && url.password().is_none()
+        && url.port().is_none()
+        && host.starts_with("sns.")
+        && (host.ends_with(".amazonaws.com") || host.ends_with(".amazonaws.com.cn"))
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+}
+
+/// Verifies SNS signatures and answers subscription handshakes.
+pub struct SnsVerifier {
+    /// The certificate pinned by `WEBHOOK_SNS_CERT` (DER); used instead of `SigningCertURL`.
+    pinned: Option<Vec<u8>>,
+    /// Certificates fetched, by URL.
+    fetched: Mutex<HashMap<String, Vec<u8>>>,
+    client: reqwest::Client,
+    /// Hosts besides `sns.*.amazonaws.com` whose `SubscribeURL` may be GET (tests).
+    pub extra_confirm_hosts: Vec<String>,
+}
+
+impl SnsVerifier {
+    pub fn from_settings(settings: &WebhookArgs) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let pinned = match &settings.sns_cert {
+            Some(path) => {
+                let pem = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading WEBHOOK_SNS_CERT {}", path.display()))?;
+                Some(pem_to_der(&pem).map_err(|e| {
+                    anyhow::anyhow!("{} is not a PEM certificate: {e}", path.display())
+                })?)
+            }
+            None => None,
+        };
+        Self::new(pinned)
+    }
+
+    pub fn new(pinned: Option<Vec<u8>>) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(10))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(Self {
+            pinned,
+            fetched: Mutex::new(HashMap::new()),
+            client,
+            extra_confirm_hosts: Vec::new(),
+        })
+    }
+
+    async fn certificate(&self, url: &str) -> Result<Vec<u8>, WebhookError> {
+        if let Some(pinned) = &self.pinned {
+            return Ok(pinned.clone());
+        }
+        if !is_sns_url(url) || !url.ends_with(".pem") {
+            return Err(WebhookError::Unauthorized(
+                "SigningCertURL is not an SNS certificate URL",
+            ));
+        }
+        if let Some(der) = self
+            .fetched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(url)
+        {
+            return Ok(der.clone());
+        }
+        let fetch = async {
+            let response = self.client.get(url).send().await?.error_for_status()?;
+            response.text().await
+        };
+        let pem = fetch
+            .await
+            .map_err(|e| WebhookError::Unavailable(format!("fetching the SNS certificate: {e}")))?;
+        let der = pem_to_der(&pem)
+            .map_err(|_| WebhookError::Unauthorized("SigningCertURL is not a certificate"))?;
+        let mut fetched = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
+        if fetched.len() > 64 {
+            fetched.clear();
+        }
+        fetched.insert(url.to_string(), der.clone());
+        Ok(der)
+    }
+
+    /// Verifies the envelope's signature with its certificate.
+    pub async fn verify(&self, envelope: &Envelope) -> Result<(), WebhookError> {
+        let algorithm: &dyn ring::signature::VerificationAlgorithm =
+            match envelope.signature_version.as_str() {
+                "1" => &ring::signature::RSA_PKCS1_2048_8192_SHA1_FOR_LEGACY_USE_ONLY,
+                "2" => &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+                _ => return Err(WebhookError::Unauthorized("unknown SignatureVersion")),
+            };
+        let der = self.certificate(&envelope.signing_cert_url).await?;
+        let certificate = Certificate::from_der(&der)
+            .map_err(|_| WebhookError::Unauthorized("unreadable SNS certificate"))?;
+        let key = certificate
+            .tbs_certificate
+            .subject_public_key_info
+            .subject_public_key
+            .raw_bytes()
+            .to_vec();
+        let signature = STANDARD
+            .decode(envelope.signature.trim())
+            .map_err(|_| WebhookError::Unauthorized("bad signature"))?;
+        ring::signature::UnparsedPublicKey::new(algorithm, key)
+            .verify(canonical_string(envelope).as_bytes(), &signature)
+            .map_err(|_| WebhookError::Unauthorized("bad signature"))
+    }
+
+    async fn confirm(&self, url: &str) -> Result<(), WebhookError> {
+        let allowed = is_sns_url(url)
+            || url::Url::parse(url).is_ok_and(|u| {
+                u.host_str()
+                    .is_some_and(|h| self.extra_confirm_hosts.iter().any(|x| x == h))
+            });
+        if !allowed {
+            return Err(WebhookError::BadRequest(
+                "SubscribeURL is not an SNS URL; not confirmed".into(),
+            ));
+        }
+        self.client
+            .get(url)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| WebhookError::Unavailable(format!("confirming the subscription: {e}")))?;
+        tracing::info!("SNS subscription confirmed.");
+        Ok(())
+    }
+}
+
+fn pem_to_der(pem: &str) -> Result<Vec<u8>, x509_cert::der::Error> {
+    use x509_cert::der::Encode;
+    Certificate::from_pem(pem.trim().as_bytes())?.to_der()
+}
+
+#[cfg(test)]
+pub(crate) fn pem_der_for_tests(pem: &str) -> Vec<u8> {
+    pem_to_der(pem).expect("a PEM certificate")
+}
+
+/// Verifies and handles one SNS request.
+pub async fn handle(
+    verifier: &SnsVerifier,
+    topics: &[String],
+    body: &[u8],
+) -> Result<Parsed, WebhookError> {
+    let envelope: Envelope = serde_json::from_slice(body)
+        .map_err(|e| WebhookError::BadRequest(format!("not an SNS message: {e}")))?;
+    if !topics.iter().any(|t| t == &envelope.topic_arn) {
+        return Err(WebhookError::Unauthorized("topic not allowed"));
+    }
+    verifier.verify(&envelope).await?;
+    let message_id = format!("sns:{}", envelope.message_id);
+    match envelope.kind.as_str() {
+        "SubscriptionConfirmation" => {
+            verifier
+                .confirm(envelope.subscribe_url.as_deref().unwrap_or(""))
+                .await?;
+            Ok(Parsed {
+                message_id,
+                ignored: 1,
+                ..Parsed::default()
+            })
+        }
+        "Notification" => parse_ses(&envelope.message, message_id),
+        _ => Ok(Parsed {
+            message_id,
+            ignored: 1,
+            ..Parsed::default()
+        }),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SesNotification {
+    #[serde(default)]
+    notification_type: Option<String>,
+    #[serde(default)]
+    event_type: Option<String>,
+    #[serde(default)]
+    bounce: Option<SesBounce>,
+    #[serde(default)]
+    delivery: Option<SesDelivery>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SesBounce {
+    bounce_type: String,
+    #[serde(default)]
+    bounce_sub_type: Option<String>,
+    bounced_recipients: Vec<SesRecipient>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SesRecipient {
+    email_address: String,
+    #[serde(default)]
+    status: Option<String>,
+    #[serde(default)]
+    diagnostic_code: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct SesDelivery {
+    recipients: Vec<String>,
+}
+
+/// Parses the SES notification carried in an SNS `Message`.
+pub fn parse_ses(message: &str, message_id: String) -> Result<Parsed, WebhookError> {
+    let ses: SesNotification = serde_json::from_str(message)
+        .map_err(|e| WebhookError::BadRequest(format!("not an SES notification: {e}")))?;
+    let mut parsed = Parsed {
+        message_id,
+        ..Parsed::default()
+    };
+    let kind = ses.notification_type.or(ses.event_type).unwrap_or_default();
+    match (kind.as_str(), ses.bounce, ses.delivery) {
+        ("Delivery", _, Some(delivery)) => {
+            for address in &delivery.recipients {
+                match event_for(address, EventType::Delivered) {
+                    Some(e) => parsed.events.push(e),
+                    None => parsed.ignored += 1,
+                }
+            }
+        }
+        ("Bounce", Some(bounce), _) => {
+            let sub_type = bounce.bounce_sub_type.as_deref().unwrap_or("");
+            if matches!(sub_type, "Suppressed" | "OnAccountSuppressionList") {
+                parsed.ignored += bounce.bounced_recipients.len();
+                return Ok(parsed);
+            }
+            for recipient in &bounce.bounced_recipients {
+                let Some(event) = event_for(&recipient.email_address, EventType::Bounced) else {
+                    parsed.ignored += 1;
+                    continue;
+                };
+                let text = recipient.diagnostic_code.as_deref().unwrap_or("").trim();
+                let (smtp_code, text_code) = codes_in_text(text);
+                let code = recipient
+                    .status
+                    .as_deref()
+                    .and_then(EnhancedCode::parse)
+                    .or(text_code);
+                let evidence = if code.is_some() || smtp_code.is_some() {
+                    Evidence {
+                        code,
+                        smtp_code,
+                        diagnostic: (!text.is_empty()).then(|| text.to_string()),
+                    }
+                } else if bounce.bounce_type == "Permanent" && sub_type == "NoEmail" {
+                    // SES: the recipient's server said the address does not exist.
+                    Evidence::default()
+                } else {
+                    Evidence {
+                        diagnostic: Some(format!("ses {}/{sub_type}", bounce.bounce_type)),
+                        ..Evidence::default()
+                    }
+                };
+                parsed.events.push(event.with_evidence(evidence));
+            }
+        }
+        _ => parsed.ignored += 1,
+    }
+    Ok(parsed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Tally;
+    use crate::webhooks::tests::{fixture, sns_envelope, test_cert_der};
+
+    fn tallies(name: &str) -> (Vec<(String, Tally)>, usize) {
+        let parsed = parse_ses(&fixture(name), "sns:x".into()).expect(name);
+        let got = parsed
+            .events
+            .iter()
+            .map(|e| (e.domain.clone(), e.tally()))
+            .collect();
+        (got, parsed.ignored)
+    }
+
+    #[test]
+    fn ses_notifications_map_onto_our_counters() {
+        let d = |t| ("example.com".to_string(), t);
+        assert_eq!(
+            tallies("ses-delivery.json"),
+            (vec![d(Tally::Delivered), d(Tally::Delivered)], 0)
+        );
+        assert_eq!(
+            tallies("ses-bounce-permanent.json"),
+            (vec![d(Tally::Bounced), d(Tally::Bounced)], 0)
+        );
+        assert_eq!(
+            tallies("ses-bounce-transient.json"),
+            (vec![d(Tally::OtherBounced)], 0)
+        );
+        assert_eq!(tallies("ses-bounce-suppressed.json"), (vec![], 1));
+        assert_eq!(
+            tallies("ses-event-bounce.json"),
+            (vec![d(Tally::Bounced)], 0)
+        );
+        assert_eq!(tallies("ses-complaint.json"), (vec![], 1));
+    }
+
+    #[test]
+    fn only_sns_hosts_are_trusted() {
+        assert!(is_sns_url(
+            "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-abc.pem"
+        ));
+        assert!(is_sns_url("https://sns.cn-north-1.amazonaws.com.cn/x.pem"));
+        for bad in [
+            "http://sns.us-east-1.amazonaws.com/x.pem",
+            "https://sns.us-east-1.amazonaws.com.evil.example/x.pem",
+            "https://evil.example/sns.us-east-1.amazonaws.com/x.pem",
+            "https://user@sns.us-east-1.amazonaws.com/x.pem",
+            "https://sns.us-east-1.amazonaws.com:8443/x.pem",
+            "https://s3.amazonaws.com/x.pem",
+            "not a url",
+        ] {
+            assert!(!is_sns_url(bad), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn signatures_v1_and_v2_verify_and_forgeries_do_not() {
+        let verifier = SnsVerifier::new(Some(test_cert_der())).unwrap();
+        let topics = vec!["arn:aws:sns:us-west-2:123456789012:MyTopic".to_string()];
+        for version in ["1", "2"] {
+            let body = sns_envelope(
+                "Notification",
+                &fixture("ses-bounce-permanent.json"),
+                version,
+            );
+            let parsed = handle(&verifier, &topics, body.as_bytes())
+                .await
+                .expect(version);
+            assert_eq!(parsed.events.len(), 2, "v{version}");
+            let mut forged: serde_json::Value = serde_json::from_str(&body).unwrap();
+            forged["Message"] = fixture("ses-delivery.json").into();
+            let refused = handle(&verifier, &topics, forged.to_string().as_bytes()).await;
+            assert!(
+                matches!(refused, Err(WebhookError::Unauthorized("bad signature"))),
+                "v{version}"
+            );
+        }
+        let body = sns_envelope("Notification", &fixture("ses-delivery.json"), "2");
+        let other_topic = handle(
+            &verifier,
+            &["arn:aws:sns:us-west-2:1:Other".to_string()],
+            body.as_bytes(),
+        )
+        .await;
+        assert!(matches!(
+            other_topic,
+            Err(WebhookError::Unauthorized("topic not allowed"))
+        ));
+        // Without a pinned certificate, a certificate URL off SNS is refused before any fetch.
+        let unpinned = SnsVerifier::new(None).unwrap();
+        let mut elsewhere: serde_json::Value = serde_json::from_str(&body).unwrap();
+        elsewhere["SigningCertURL"] = "https://evil.example/cert.pem".into();
+        let envelope: Envelope = serde_json::from_value(elsewhere).unwrap();
+        assert!(matches!(
+            unpinned.verify(&envelope).await,
+            Err(WebhookError::Unauthorized(_))
+        ));
+    }
+}

@@ -1,0 +1,411 @@
+//! ESP webhooks end to end (SPEC §5): signed provider payloads through `webhooks::router`,
+//! published with confirms onto the test's exchange, counted by a worker; forged and replayed
+//! requests refused with 401 and counted; the SNS subscription handshake answered; a provider
+//! without its setting is off.
+
+use crate::bounce::{all_events, status};
+use crate::helpers::*;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use catchall::event::Event;
+use catchall::webhooks::{self, EventSink, SinkError, WebhookArgs, WebhookState};
+use futures_util::future::BoxFuture;
+use lapin::options::BasicPublishOptions;
+use lapin::{BasicProperties, Channel, Connection};
+use reqwest::StatusCode;
+use ring::rand::SystemRandom;
+use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The test's own sink: one persistent message per call, awaited until the broker confirms.
+struct ConfirmingSink {
+    _connection: Connection,
+    channel: Channel,
+    exchange: String,
+}
+
+impl EventSink for ConfirmingSink {
+    fn publish(
+        &self,
+        events: Vec<Event>,
+        message_id: String,
+    ) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async move {
+            let body = serde_json::to_vec(&events).map_err(|e| SinkError(e.to_string()))?;
+            let properties = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into())
+                .with_message_id(message_id.into());
+            let confirm = self
+                .channel
+                .basic_publish(
+                    self.exchange.as_str().into(),
+                    "batch".into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    properties,
+                )
+                .await
+                .map_err(|e| SinkError(e.to_string()))?
+                .await
+                .map_err(|e| SinkError(e.to_string()))?;
+            if confirm.is_ack() {
+                Ok(())
+            } else {
+                Err(SinkError("nacked".into()))
+            }
+        })
+    }
+}
+
+fn fixture(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/webhooks")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64
+}
+
+/// An RSA key and self-signed certificate for SNS, made with the openssl CLI.
+struct SnsKey {
+    dir: PathBuf,
+}
+
+impl SnsKey {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("catchall-sns-it-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).expect("key dir");
+        let status = std::process::Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args(["-subj", "/CN=sns.us-west-2.amazonaws.com"])
+            .arg("-keyout")
+            .arg(dir.join("key.pem"))
+            .arg("-out")
+            .arg(dir.join("cert.pem"))
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("run openssl");
+        assert!(status.success(), "openssl req");
+        Self { dir }
+    }
+
+    fn sign(&self, data: &str, version: &str) -> String {
+        let input = self.dir.join(format!("in-{}", uuid::Uuid::now_v7()));
+        std::fs::write(&input, data).expect("write");
+        let digest = if version == "1" { "-sha1" } else { "-sha256" };
+        let output = std::process::Command::new("openssl")
+            .args(["dgst", digest, "-sign"])
+            .arg(self.dir.join("key.pem"))
+            .arg(&input)
+            .output()
+            .expect("openssl dgst");
+        assert!(output.status.success(), "openssl dgst");
+        STANDARD.encode(output.stdout)
+    }
+
+    /// An SNS envelope around `message`, signed (SignatureVersion `version`).
+    fn envelope(
+        &self,
+        fixture_name: &str,
+        message: &str,
+        version: &str,
+        subscribe_url: Option<&str>,
+    ) -> String {
+        let mut value: serde_json::Value =
+            serde_json::from_str(&fixture(fixture_name)).expect("json");
+        value["Message"] = message.into();
+        value["MessageId"] = uuid::Uuid::now_v7().to_string().into();
+        value["SignatureVersion"] = version.into();
+        if let Some(url) = subscribe_url {
+            value["SubscribeURL"] = url.into();
+        }
+        let envelope: catchall::webhooks::sns::Envelope =
+            serde_json::from_value(value.clone()).expect("envelope");
+        value["Signature"] = self
+            .sign(
+                &catchall::webhooks::sns::canonical_string(&envelope),
+                version,
+            )
+            .into();
+        value.to_string()
+    }
+}
+
+impl Drop for SnsKey {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A local stand-in for SNS's SubscribeURL: counts the GETs it gets.
+async fn subscribe_endpoint() -> (String, Arc<AtomicUsize>) {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    let app = axum::Router::new().route(
+        "/confirm",
+        axum::routing::get(move || {
+            let counter = counter.clone();
+            async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+                "<ConfirmSubscriptionResponse/>"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (
+        format!("http://{addr}/confirm?Action=ConfirmSubscription&Token=abc"),
+        hits,
+    )
+}
+
+async fn serve(router: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    format!("http://{addr}")
+}
+
+fn mailgun_body(name: &str, key: &str, token: &str) -> Vec<u8> {
+    let mut body: serde_json::Value = serde_json::from_str(&fixture(name)).expect("json");
+    let ts = now().to_string();
+    body["signature"] = serde_json::json!({
+        "timestamp": ts, "token": token,
+        "signature": catchall::webhooks::mailgun::sign(key, &ts, token),
+    });
+    serde_json::to_vec(&body).expect("json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_webhooks_are_verified_published_and_counted() {
+    let (db, broker, worker) = started().await;
+    let (connection, channel) = broker.channel().await;
+    let sink = Arc::new(ConfirmingSink {
+        _connection: connection,
+        channel,
+        exchange: broker.exchange.clone(),
+    });
+
+    // Keys the test generates, configured as an operator would.
+    let mailgun_key = "key-it-signing-0123456789";
+    let rng = SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).expect("key");
+    let sendgrid = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng)
+        .expect("key pair");
+    let mut spki = catchall::webhooks::sendgrid::P256_SPKI_PREFIX.to_vec();
+    spki.extend_from_slice(sendgrid.public_key().as_ref());
+    let sns_key = SnsKey::new();
+    let topic = "arn:aws:sns:us-west-2:123456789012:MyTopic";
+    let settings = WebhookArgs {
+        mailgun_signing_key: Some(mailgun_key.into()),
+        sendgrid_public_key: Some(STANDARD.encode(&spki)),
+        postmark_auth: Some("hook:s3cret".into()),
+        sns_topic_arns: vec![topic.into()],
+        sns_cert: Some(sns_key.dir.join("cert.pem")),
+    };
+    let mut state = WebhookState::new(sink.clone(), settings).expect("webhook state");
+    Arc::get_mut(&mut state.sns)
+        .expect("unshared")
+        .extra_confirm_hosts = vec!["127.0.0.1".into()];
+    let base = serve(webhooks::router(state)).await;
+    let client = reqwest::Client::new();
+    let post = |path: &str, body: Vec<u8>, headers: Vec<(&'static str, String)>| {
+        let mut request = client.post(format!("{base}{path}")).body(body);
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        async move {
+            let response = request.send().await.expect("POST");
+            let status = response.status();
+            let json: serde_json::Value = response.json().await.expect("JSON answer");
+            (status, json)
+        }
+    };
+
+    // Mailgun: delivered and a 5.1.1 bounce; a replay, a forgery and a stale request refused.
+    let delivered = mailgun_body("mailgun-delivered.json", mailgun_key, "tok-1");
+    assert_eq!(
+        post("/webhooks/mailgun", delivered.clone(), vec![]).await.0,
+        StatusCode::OK
+    );
+    let bounce = mailgun_body("mailgun-failed-permanent.json", mailgun_key, "tok-2");
+    assert_eq!(
+        post("/webhooks/mailgun", bounce, vec![]).await.0,
+        StatusCode::OK
+    );
+    let complained = mailgun_body("mailgun-complained.json", mailgun_key, "tok-3");
+    let (code, answer) = post("/webhooks/mailgun", complained, vec![]).await;
+    assert_eq!(
+        (code, answer["status"].as_str()),
+        (StatusCode::OK, Some("ignored"))
+    );
+    let (code, answer) = post("/webhooks/mailgun", delivered, vec![]).await;
+    assert_eq!(code, StatusCode::UNAUTHORIZED, "replay: {answer}");
+    let forged = mailgun_body("mailgun-delivered.json", "not-the-key", "tok-4");
+    assert_eq!(
+        post("/webhooks/mailgun", forged, vec![]).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+
+    // SendGrid: a signed batch, sent twice (a retry: counted once); a bad signature refused.
+    let events = fixture("sendgrid-events.json").into_bytes();
+    for ts in [now(), now() + 1] {
+        let ts = ts.to_string();
+        let mut signed = ts.as_bytes().to_vec();
+        signed.extend_from_slice(&events);
+        let signature = STANDARD.encode(sendgrid.sign(&rng, &signed).expect("sign").as_ref());
+        let headers = vec![
+            (catchall::webhooks::sendgrid::SIGNATURE_HEADER, signature),
+            (catchall::webhooks::sendgrid::TIMESTAMP_HEADER, ts),
+        ];
+        assert_eq!(
+            post("/webhooks/sendgrid", events.clone(), headers).await.0,
+            StatusCode::OK
+        );
+    }
+    let headers = vec![
+        (
+            catchall::webhooks::sendgrid::SIGNATURE_HEADER,
+            STANDARD.encode([0u8; 70]),
+        ),
+        (
+            catchall::webhooks::sendgrid::TIMESTAMP_HEADER,
+            now().to_string(),
+        ),
+    ];
+    assert_eq!(
+        post("/webhooks/sendgrid", events.clone(), headers).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+
+    // Postmark: basic auth.
+    let auth = vec![(
+        "authorization",
+        format!("Basic {}", STANDARD.encode("hook:s3cret")),
+    )];
+    for name in [
+        "postmark-delivery.json",
+        "postmark-hard-bounce.json",
+        "postmark-open.json",
+    ] {
+        let (code, answer) = post(
+            "/webhooks/postmark",
+            fixture(name).into_bytes(),
+            auth.clone(),
+        )
+        .await;
+        assert_eq!(code, StatusCode::OK, "{name}: {answer}");
+    }
+    let wrong = vec![(
+        "authorization",
+        format!("Basic {}", STANDARD.encode("hook:guess")),
+    )];
+    let (code, answer) = post(
+        "/webhooks/postmark",
+        fixture("postmark-delivery.json").into_bytes(),
+        wrong,
+    )
+    .await;
+    assert_eq!(code, StatusCode::UNAUTHORIZED);
+    assert!(!answer.to_string().contains("s3cret") && !answer.to_string().contains("guess"));
+
+    // SES through SNS: the handshake, then notifications (v1 and v2); a forgery refused.
+    let (subscribe_url, hits) = subscribe_endpoint().await;
+    let confirmation = sns_key.envelope(
+        "sns-subscription-confirmation.json",
+        "You have chosen to subscribe to the topic.",
+        "1",
+        Some(&subscribe_url),
+    );
+    let (code, answer) = post("/webhooks/ses", confirmation.into_bytes(), vec![]).await;
+    assert_eq!(code, StatusCode::OK, "{answer}");
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        1,
+        "SubscribeURL was fetched once"
+    );
+    let bounce = sns_key.envelope(
+        "sns-notification.json",
+        &fixture("ses-bounce-permanent.json"),
+        "2",
+        None,
+    );
+    assert_eq!(
+        post("/webhooks/ses", bounce.into_bytes(), vec![]).await.0,
+        StatusCode::OK
+    );
+    let delivery = sns_key.envelope(
+        "sns-notification.json",
+        &fixture("ses-delivery.json"),
+        "1",
+        None,
+    );
+    let mut delivery: serde_json::Value = serde_json::from_str(&delivery).expect("json");
+    assert_eq!(
+        post("/webhooks/ses", delivery.to_string().into_bytes(), vec![])
+            .await
+            .0,
+        StatusCode::OK
+    );
+    delivery["Message"] = fixture("ses-bounce-transient.json").into();
+    assert_eq!(
+        post("/webhooks/ses", delivery.to_string().into_bytes(), vec![])
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED,
+        "a message changed after signing"
+    );
+
+    // Counted: delivered 1 (Mailgun) + 1 (SendGrid) + 1 (Postmark) + 2 (SES); proving bounces
+    // 1 + 1 + 1 + 2; other bounces 3 (SendGrid 500/5.0.0, 5.2.2, 5.7.1 blocked).
+    wait_for(
+        Duration::from_secs(20),
+        "the webhook events to be counted",
+        || async { (all_events(&db).await == 13).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        status(&worker, "example.com").await,
+        serde_json::json!({"domain": "example.com", "status": "not catch-all",
+            "delivered": 5, "bounced": 5, "other_bounced": 3})
+    );
+    let refused = |provider: &str| {
+        format!("catchall_webhook_requests_total{{provider=\"{provider}\",outcome=\"refused\"}}")
+    };
+    assert_eq!(worker.metric(&refused("mailgun")).await, 2.0);
+    assert_eq!(worker.metric(&refused("sendgrid")).await, 1.0);
+    assert_eq!(worker.metric(&refused("postmark")).await, 1.0);
+    assert_eq!(worker.metric(&refused("ses")).await, 1.0);
+
+    // Without their settings the routes are off.
+    let off = serve(webhooks::router(
+        WebhookState::new(sink, WebhookArgs::default()).expect("state"),
+    ))
+    .await;
+    for provider in ["ses", "mailgun", "sendgrid", "postmark"] {
+        let response = client
+            .post(format!("{off}/webhooks/{provider}"))
+            .body("{}")
+            .send()
+            .await
+            .expect("POST");
+        assert_eq!(response.status(), StatusCode::NOT_FOUND, "{provider}");
+    }
+    worker.stop().await;
+}
