@@ -170,8 +170,16 @@ impl Config {
     }
 }
 
-/// A URL with its password replaced by `***`, for logs.
+/// A URL with its password replaced by `***`, for logs. A comma-separated list of nodes
+/// (`AMQP_URL` of a cluster) is redacted node by node.
 pub fn redact_url(raw: &str) -> String {
+    if raw.contains(',') && raw.contains("://") {
+        return raw
+            .split(',')
+            .map(|node| redact_url(node.trim()))
+            .collect::<Vec<_>>()
+            .join(",");
+    }
     match url::Url::parse(raw) {
         Ok(mut parsed) => {
             if parsed.password().is_some() {
@@ -251,6 +259,10 @@ mod tests {
             "postgres://postgres@127.0.0.1/catchall"
         );
         assert!(!redact_url("postgres://u:pw@h/db").contains("pw"));
+        assert_eq!(
+            redact_url("amqp://u:s1@a:5672/%2f,amqp://u:s2@b:5672/%2f"),
+            "amqp://u:***@a:5672/%2f,amqp://u:***@b:5672/%2f"
+        );
         let query = redact_url("postgres://u@h/db?sslmode=disable&password=hunter2");
         assert!(
             !query.contains("hunter2") && query.contains("sslmode=disable"),

@@ -12,5 +12,7 @@ pub mod event;
 pub mod health;
 pub mod http;
 pub mod metrics;
+pub mod pg;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
