@@ -112,7 +112,10 @@ async fn healthz() -> Json<serde_json::Value> {
 async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     let unavailable = |message: String| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message);
     if !state.health.consuming() {
-        return Err(unavailable("not consuming from RabbitMQ".into()));
+        return Err(unavailable(match state.health.broker_error() {
+            Some(error) => format!("not consuming from RabbitMQ: {error}"),
+            None => "not consuming from RabbitMQ".into(),
+        }));
     }
     if let Some(error) = state.health.db_error() {
         return Err(unavailable(format!("Postgres: {error}")));

@@ -193,13 +193,10 @@ impl ServerCertVerifier for Verifier {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) if self.verify == Verify::ChainOnly => Ok(ServerCertVerified::assertion()),
-            Err(error) => Err(rustls::Error::InvalidCertificate(CertificateError::Other(
-                rustls::OtherError(Arc::new(Explained(explain(
-                    server_name,
-                    &error,
-                    &self.roots,
-                )))),
-            ))),
+            // `Other` displays the explanation as it is ("other error: the certificate of …").
+            Err(error) => Err(rustls::Error::Other(rustls::OtherError(Arc::new(
+                Explained(explain(server_name, &error, &self.roots)),
+            )))),
         }
     }
 
@@ -226,7 +223,7 @@ impl ServerCertVerifier for Verifier {
     }
 }
 
-/// A verification failure in words (rustls prefixes it with "invalid peer certificate: ").
+/// A verification failure in words.
 #[derive(Debug)]
 struct Explained(String);
 

@@ -11,3 +11,4 @@ mod poison;
 mod proxy;
 mod shutdown;
 mod steps;
+mod tls;
