@@ -234,6 +234,7 @@ async fn tls_refuses_certificates_it_cannot_verify() {
         !system.contains("guest:guest"),
         "no password in errors: {system}"
     );
+    eprintln!("amqps refused:\n  {other_ca}\n  {wrong_host}\n  {system}");
     let good = catchall::amqp::connect(&amqps("localhost", Some("ca.pem")), "test good")
         .await
         .expect("the right CA and name connect");
