@@ -2,6 +2,7 @@
 //! its own exchange and queue names, and removes them when it ends.
 
 mod chaos;
+mod cluster;
 mod dedup;
 mod e2e;
 mod faults;
