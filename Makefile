@@ -24,6 +24,7 @@ build:
 
 ## test: unit and integration tests against the real RabbitMQ and Postgres
 test: build nextest
+	bash .ci/extra.sh  # TLS broker and Postgres, 3-node cluster, replica (tests/it/{tls,cluster,replica}.rs)
 	$(CARGO) nextest run --workspace --no-fail-fast
 
 # Every test runs in its own process under nextest (the metrics recorder is per process).

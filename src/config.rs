@@ -76,6 +76,12 @@ pub struct Config {
     )]
     pub database_url: String,
 
+    /// Postgres that status look-ups, bulk look-ups and listings read from (a streaming replica);
+    /// unset, they read from DATABASE_URL. Writes and the consumer's readiness stay on
+    /// DATABASE_URL. Takes libpq's TLS parameters too. Its password is never logged.
+    #[arg(long, env = "STATUS_DATABASE_URL", hide_env_values = true)]
+    pub status_database_url: Option<String>,
+
     /// Address of the HTTP server (status, health, metrics). Port 0 picks a free port.
     #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,

@@ -13,6 +13,7 @@ pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod pg;
+pub mod replica;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

@@ -79,6 +79,21 @@ pub fn config(url: &str) -> Result<(tokio_postgres::Config, MakeRustlsConnect), 
     Ok((config, MakeRustlsConnect::new(client)))
 }
 
+/// `host:port/database` of a connection string, for messages: never the password.
+pub fn describe(url: &str) -> String {
+    let (rest, _) = split_tls_params(url);
+    let Ok(config) = rest.parse::<tokio_postgres::Config>() else {
+        return "<unparsable Postgres URL>".into();
+    };
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+        Some(tokio_postgres::config::Host::Unix(path)) => path.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!("{host}:{port}/{}", config.get_dbname().unwrap_or(""))
+}
+
 /// libpq's default root certificate file, when it exists.
 fn default_root_file() -> Option<PathBuf> {
     let path = PathBuf::from(std::env::var_os("HOME")?).join(".postgresql/root.crt");
@@ -214,6 +229,14 @@ mod tests {
         assert_eq!(params.sslmode.as_deref(), Some("verify-ca"));
         assert_eq!(params.sslrootcert.as_deref(), Some("/my dir/ca.pem"));
         assert!(config(&rest).is_ok());
+    }
+
+    #[test]
+    fn describes_without_password() {
+        assert_eq!(
+            describe("postgres://u:secret@db:5435/app?sslmode=require"),
+            "db:5435/app"
+        );
     }
 
     #[test]

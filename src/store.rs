@@ -149,6 +149,12 @@ impl Store {
         Ok(report?)
     }
 
+    /// The one `float8` a query returns (health and lag probes).
+    pub async fn query_f64(&self, sql: &str) -> Result<f64, StoreError> {
+        let client = self.pool.get().await?;
+        Ok(client.query_one(sql, &[]).await?.get(0))
+    }
+
     /// Checks that Postgres answers a query.
     pub async fn ping(&self) -> Result<(), StoreError> {
         let client = self.pool.get().await?;

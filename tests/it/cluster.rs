@@ -101,16 +101,19 @@ impl Drop for ClusterGuard {
     }
 }
 
+/// Spells of not being ready: since when, and until when (`None` while it lasts).
+type Spells = Arc<Mutex<Vec<(Instant, Option<Instant>)>>>;
+
 /// Watches a worker's `/readyz` every 50 ms and records the spells it was not ready.
 struct ReadyWatch {
-    unready: Arc<Mutex<Vec<(Instant, Option<Instant>)>>>,
+    unready: Spells,
     stop: Arc<AtomicBool>,
 }
 
 impl ReadyWatch {
     fn start(worker: &TestWorker) -> Self {
         let url = worker.url("/readyz");
-        let unready: Arc<Mutex<Vec<(Instant, Option<Instant>)>>> = Arc::default();
+        let unready: Spells = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let (spells, done) = (unready.clone(), stop.clone());
         tokio::spawn(async move {

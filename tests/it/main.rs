@@ -10,6 +10,7 @@ mod helpers;
 mod http;
 mod poison;
 mod proxy;
+mod replica;
 mod shutdown;
 mod steps;
 mod tls;
