@@ -29,7 +29,10 @@ pub enum Command {
 /// topology so that events published before any worker starts are kept.
 #[derive(Debug, Clone, Args)]
 pub struct AmqpArgs {
-    /// RabbitMQ URL. Its password is never logged.
+    /// RabbitMQ URL; several nodes of one cluster separated by commas, tried in turn at every
+    /// (re)connection. `amqps://` is TLS, with RabbitMQ's `cacertfile`, `certfile`, `keyfile`,
+    /// `server_name_indication` and `auth_mechanism=external`; the server certificate is always
+    /// verified. `heartbeat=` defaults to 10 s. Its password is never logged.
     #[arg(
         long,
         env = "AMQP_URL",
@@ -67,7 +70,9 @@ pub struct Config {
     #[command(flatten)]
     pub amqp: AmqpArgs,
 
-    /// Postgres URL. Its password is never logged.
+    /// Postgres URL (or libpq `key=value` string), with libpq's TLS parameters: `sslmode`
+    /// (disable, allow, prefer, require, verify-ca, verify-full), `sslrootcert`, `sslcert`,
+    /// `sslkey`. Its password is never logged.
     #[arg(
         long,
         env = "DATABASE_URL",

@@ -7,7 +7,7 @@
 //! | `sslmode` | TLS | server certificate checked |
 //! |---|---|---|
 //! | `disable` | never | – |
-//! | `allow`, `prefer` (default) | if the server offers it | no; the chain if `sslrootcert` is set |
+//! | `allow`, `prefer` (default) | if the server offers it, except over loopback | no; the chain if `sslrootcert` is set |
 //! | `require` | always | no; the chain if `sslrootcert` is set |
 //! | `verify-ca` | always | the chain |
 //! | `verify-full` | always | the chain and the host name |
@@ -62,6 +62,14 @@ pub fn config(url: &str) -> Result<(tokio_postgres::Config, MakeRustlsConnect), 
         "verify-full" => (SslMode::Require, Verify::Full),
         other => return Err(PgError::SslMode(other.to_string())),
     };
+    // `prefer` over loopback: plain, as encryption there protects nothing and costs a handshake
+    // and a copy per message (and `prefer` verifies nothing anyway). `require` and up still
+    // encrypt over loopback.
+    let ssl_mode = if ssl_mode == SslMode::Prefer && only_loopback(&config) {
+        SslMode::Disable
+    } else {
+        ssl_mode
+    };
     config.ssl_mode(ssl_mode);
     let roots = match params.sslrootcert.as_deref() {
         Some("system") => Roots::System,
@@ -92,6 +100,25 @@ pub fn describe(url: &str) -> String {
     };
     let port = config.get_ports().first().copied().unwrap_or(5432);
     format!("{host}:{port}/{}", config.get_dbname().unwrap_or(""))
+}
+
+/// Whether every host of `config` is this machine: a Unix socket, `localhost` or a loopback
+/// address.
+fn only_loopback(config: &tokio_postgres::Config) -> bool {
+    use tokio_postgres::config::Host;
+    let hosts = config.get_hosts();
+    !hosts.is_empty()
+        && hosts.iter().all(|host| match host {
+            Host::Unix(_) => true,
+            Host::Tcp(name) => {
+                name == "localhost"
+                    || name
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            }
+        })
 }
 
 /// libpq's default root certificate file, when it exists.
@@ -243,6 +270,15 @@ mod tests {
     fn modes_map_like_libpq() {
         let mode = |url: &str| config(url).map(|(c, _)| c.get_ssl_mode());
         assert_eq!(mode("postgres://h/db").unwrap(), SslMode::Prefer);
+        assert_eq!(mode("postgres://127.0.0.1/db").unwrap(), SslMode::Disable);
+        assert_eq!(
+            mode("postgres://localhost/db?sslmode=prefer").unwrap(),
+            SslMode::Disable
+        );
+        assert_eq!(
+            mode("postgres://localhost/db?sslmode=require").unwrap(),
+            SslMode::Require
+        );
         assert_eq!(
             mode("postgres://h/db?sslmode=disable").unwrap(),
             SslMode::Disable

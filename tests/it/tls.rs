@@ -270,7 +270,7 @@ async fn tls_refuses_certificates_it_cannot_verify() {
         "postgres",
         "localhost",
         "postgres",
-        "sslmode=verify-full&sslrootcert=system",
+        "sslmode=verify-full",
     ))
     .await;
     assert!(
