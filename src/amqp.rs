@@ -170,7 +170,10 @@ fn parse_node(index: usize, raw: &str) -> Result<Node, ConnectError> {
         reason,
     };
     let url = url::Url::parse(raw).map_err(|error| bad(error.to_string()))?;
-    let mut uri: AMQPUri = raw.parse().map_err(bad)?;
+    // lapin's parse errors may quote the URL: never with its password.
+    let mut uri: AMQPUri = raw
+        .parse()
+        .map_err(|reason: String| bad(reason.replace(raw, &crate::config::redact_url(raw))))?;
     // lapin takes only a domain as host; an IP address must stay what it is, since the
     // certificate is checked against it.
     let host = url
