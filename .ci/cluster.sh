@@ -25,14 +25,25 @@ for i in 1 2 3; do
     await_rabbit_node "catchall-c$i"
   }
 done
+# Nodes not yet in c1's cluster: stop and reset them in parallel, join one at a time, start
+# them in parallel.
+joining=()
 for i in 2 3; do
   if ! rmqctl catchall-c1@localhost cluster_status --formatter json 2>/dev/null \
       | grep -q "catchall-c$i@localhost"; then
-    rmqctl "catchall-c$i@localhost" stop_app >/dev/null
-    rmqctl "catchall-c$i@localhost" reset >/dev/null
-    rmqctl "catchall-c$i@localhost" join_cluster catchall-c1@localhost >/dev/null 2>&1
-    rmqctl "catchall-c$i@localhost" start_app >/dev/null
+    joining+=("$i")
   fi
 done
+if [ "${#joining[@]}" -gt 0 ]; then
+  for i in "${joining[@]}"; do
+    (rmqctl "catchall-c$i@localhost" stop_app && rmqctl "catchall-c$i@localhost" reset) >/dev/null &
+  done
+  wait
+  for i in "${joining[@]}"; do
+    rmqctl "catchall-c$i@localhost" join_cluster catchall-c1@localhost >/dev/null 2>&1
+  done
+  for i in "${joining[@]}"; do rmqctl "catchall-c$i@localhost" start_app >/dev/null & done
+  wait
+fi
 running=$(rmqctl catchall-c1@localhost cluster_status --formatter json | grep -o '"running_nodes":\[[^]]*\]')
 echo "cluster: RabbitMQ nodes on 5701-5703 ($running)"

@@ -206,6 +206,26 @@ async fn cluster_failover_counts_every_event() {
     config.amqp.amqp_url = cluster_url([2, 3, 1]);
     let b = TestWorker::start(config).await;
     b.ready().await;
+    let members = rabbitmqctl(
+        1,
+        &[
+            "list_queues",
+            "name",
+            "type",
+            "members",
+            "-q",
+            "--no-table-headers",
+        ],
+    )
+    .await;
+    let line = members
+        .lines()
+        .find(|line| line.split_whitespace().next() == Some(broker.queue.as_str()))
+        .unwrap_or_else(|| panic!("queue listed: {members}"));
+    assert!(
+        line.contains("quorum") && (1..=3).all(|i| line.contains(&node_name(i))),
+        "a quorum queue on all three nodes: {line}"
+    );
     let watches = [ReadyWatch::start(&a), ReadyWatch::start(&b)];
 
     let env = vec![
