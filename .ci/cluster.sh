@@ -19,11 +19,12 @@ for i in 1 2 3; do
   fi
 done
 for i in 1 2 3; do
-  await_rabbit_node "catchall-c$i" 2>/dev/null || {
+  if [[ " ${started[*]} " == *" $i "* ]]; then
+    await_rabbit_node "catchall-c$i"
+  elif ! answers "570$i"; then
     # The Erlang node runs but its app was stopped (an interrupted test): start it.
     rmqctl "catchall-c$i@localhost" start_app >/dev/null
-    await_rabbit_node "catchall-c$i"
-  }
+  fi
 done
 # Nodes not yet in c1's cluster: stop and reset them in parallel, join one at a time, start
 # them in parallel.
