@@ -152,7 +152,7 @@ impl Store {
     /// The one `float8` a query returns (health and lag probes).
     pub async fn query_f64(&self, sql: &str) -> Result<f64, StoreError> {
         let client = self.pool.get().await?;
-        Ok(client.query_one(sql, &[]).await?.get(0))
+        Ok(client.query_one(sql, &[]).await?.try_get(0)?)
     }
 
     /// Checks that Postgres answers a query.
