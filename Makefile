@@ -24,6 +24,7 @@ build:
 
 ## test: unit and integration tests against the real RabbitMQ and Postgres
 test: build nextest postfix
+	bash .ci/extra.sh  # TLS broker and Postgres, 3-node cluster, replica (tests/it/{tls,cluster,replica}.rs)
 	$(CARGO) nextest run --workspace --no-fail-fast
 
 # postfix: the Debian package tests/it/tail.rs runs its own instance of (installed if missing,

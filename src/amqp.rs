@@ -1,8 +1,14 @@
-//! RabbitMQ: connection and the topology of SPEC §3, declared idempotently.
+//! RabbitMQ: connections (a cluster's nodes in turn, TLS; SPEC §6) and the topology of SPEC §3,
+//! declared idempotently.
 
+use crate::tls::{Identity, Roots, Verify};
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::tcp::{AMQPUriTcpExt, RustlsConnector};
 use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// Names of everything the worker declares.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,9 +116,269 @@ impl Topology {
     }
 }
 
+/// Errors opening a connection. None of them holds a password.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("invalid AMQP_URL (node {node}): {reason}")]
+    Url { node: usize, reason: String },
+    #[error("TLS settings of {host}")]
+    Tls {
+        host: String,
+        #[source]
+        source: crate::tls::TlsError,
+    },
+    #[error("no RabbitMQ node answered: {0}")]
+    AllNodes(String),
+}
+
+/// One node of `AMQP_URL`: what lapin parses, and the TLS settings it does not.
+struct Node {
+    uri: AMQPUri,
+    /// `host:port`, for errors and logs.
+    address: String,
+    tls: Option<NodeTls>,
+}
+
+struct NodeTls {
+    connector: Arc<RustlsConnector>,
+    /// The name sent as SNI and checked in the certificate (`server_name_indication`, else
+    /// the host).
+    server_name: String,
+}
+
+/// Heartbeat proposed to the broker unless the URL sets `heartbeat=`: a broker that stops
+/// answering without closing the socket is noticed within about twice this.
+pub const DEFAULT_HEARTBEAT_SECS: u16 = 10;
+/// How long one node may take to accept a connection and finish the handshake, unless the URL
+/// sets `connection_timeout=` (milliseconds).
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The node each `AMQP_URL` connected to last, so a reconnection starts after it.
+static LAST_GOOD: Mutex<Vec<(String, usize)>> = Mutex::new(Vec::new());
+
+/// The nodes of an `AMQP_URL`: one URL, or several of one cluster separated by commas.
+pub fn split_nodes(urls: &str) -> Vec<&str> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .collect()
+}
+
+fn parse_node(index: usize, raw: &str) -> Result<Node, ConnectError> {
+    let bad = |reason: String| ConnectError::Url {
+        node: index + 1,
+        reason,
+    };
+    let url = url::Url::parse(raw).map_err(|error| bad(error.to_string()))?;
+    // lapin's parse errors may quote the URL: never with its password.
+    let mut uri: AMQPUri = raw
+        .parse()
+        .map_err(|reason: String| bad(reason.replace(raw, &crate::config::redact_url(raw))))?;
+    // lapin takes only a domain as host; an IP address must stay what it is, since the
+    // certificate is checked against it.
+    let host = url
+        .host_str()
+        .ok_or_else(|| bad("no host".into()))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    uri.authority.host = host.clone();
+    if uri.query.heartbeat.is_none() {
+        uri.query.heartbeat = Some(DEFAULT_HEARTBEAT_SECS);
+    }
+    let address = format!("{host}:{}", uri.authority.port);
+    let param = |key: &str| {
+        url.query_pairs()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.into_owned())
+    };
+    if let Some(verify) = param("verify") {
+        if verify != "verify_peer" {
+            return Err(bad(format!(
+                "verify={verify}: the server certificate is always verified"
+            )));
+        }
+    }
+    let tls = match uri.scheme {
+        AMQPScheme::AMQP => {
+            for key in ["cacertfile", "certfile", "keyfile"] {
+                if param(key).is_some() {
+                    return Err(bad(format!("{key} needs an amqps:// URL")));
+                }
+            }
+            None
+        }
+        AMQPScheme::AMQPS => {
+            let roots = param("cacertfile").map_or(Roots::System, |path| Roots::File(path.into()));
+            let identity = match (param("certfile"), param("keyfile")) {
+                (Some(cert), Some(key)) => Some(
+                    Identity::from_files(cert.as_ref(), key.as_ref()).map_err(|source| {
+                        ConnectError::Tls {
+                            host: address.clone(),
+                            source,
+                        }
+                    })?,
+                ),
+                (None, None) => None,
+                _ => return Err(bad("certfile and keyfile go together".into())),
+            };
+            let sni = param("server_name_indication");
+            // `disable`, as in RabbitMQ's Erlang client: no SNI and no host-name check.
+            let (verify, server_name) = match sni.as_deref() {
+                Some("disable") => (Verify::ChainOnly, host.clone()),
+                Some(name) => (Verify::Full, name.to_string()),
+                None => (Verify::Full, host.clone()),
+            };
+            let mut config =
+                crate::tls::client_config(&roots, verify, identity).map_err(|source| {
+                    ConnectError::Tls {
+                        host: address.clone(),
+                        source,
+                    }
+                })?;
+            config.enable_sni = sni.as_deref() != Some("disable");
+            Some(NodeTls {
+                connector: Arc::new(RustlsConnector::from(config)),
+                server_name,
+            })
+        }
+    };
+    Ok(Node { uri, address, tls })
+}
+
 /// Opens a connection with a name, so operators (and `rabbitmqctl list_connections`) can tell
-/// clients apart.
-pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
+/// clients apart. `urls` may list several nodes of one cluster, separated by commas: they are
+/// tried in turn, starting after the node this process connected to last with the same
+/// `urls`, so losing a node costs one reconnection. `amqps://` nodes use TLS with RabbitMQ's
+/// URI parameters (`cacertfile`, `certfile`, `keyfile`, `server_name_indication`,
+/// `auth_mechanism=external`); the server certificate is always verified.
+pub async fn connect(urls: &str, name: &str) -> Result<Connection, ConnectError> {
+    let nodes = split_nodes(urls)
+        .into_iter()
+        .enumerate()
+        .map(|(index, raw)| parse_node(index, raw))
+        .collect::<Result<Vec<_>, _>>()?;
+    if nodes.is_empty() {
+        return Err(ConnectError::Url {
+            node: 0,
+            reason: "no node".into(),
+        });
+    }
+    let start = last_good(urls).map_or(0, |last| last + 1);
+    let mut failures = Vec::new();
+    for offset in 0..nodes.len() {
+        let index = (start + offset) % nodes.len();
+        let node = &nodes[index];
+        match connect_node(node, name).await {
+            Ok(connection) => {
+                set_last_good(urls, index);
+                if offset > 0 || start > 0 {
+                    tracing::info!(node = %node.address, "Connected to RabbitMQ node.");
+                }
+                return Ok(connection);
+            }
+            Err(error) => {
+                tracing::debug!(node = %node.address, %error, "RabbitMQ node did not answer.");
+                failures.push(format!("{}: {error}", node.address));
+            }
+        }
+    }
+    Err(ConnectError::AllNodes(failures.join("; ")))
+}
+
+async fn connect_node(node: &Node, name: &str) -> Result<Connection, lapin::Error> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url, properties).await
+    let runtime = lapin::runtime::default_runtime()?;
+    let timeout = node
+        .uri
+        .query
+        .connection_timeout
+        .map_or(DEFAULT_CONNECT_TIMEOUT, Duration::from_millis);
+    let tls = node
+        .tls
+        .as_ref()
+        .map(|tls| (tls.connector.clone(), tls.server_name.clone()));
+    let connecting = Connection::connector(
+        node.uri.clone(),
+        runtime,
+        async move |mut uri: AMQPUri, runtime| {
+            // The TCP connection is plain; TLS goes on top with our own verifier.
+            uri.scheme = AMQPScheme::AMQP;
+            let stream = AMQPUriTcpExt::connect_async(&uri, &runtime).await?;
+            match &tls {
+                None => Ok(stream),
+                Some((connector, server_name)) => stream
+                    .into_rustls(connector, server_name)
+                    .await
+                    .map_err(|error| lapin::Error::from(tls_reason(error))),
+            }
+        },
+        properties,
+    );
+    match tokio::time::timeout(timeout, connecting).await {
+        Ok(result) => result,
+        Err(_) => Err(lapin::Error::from(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer within {timeout:?}"),
+        ))),
+    }
+}
+
+/// A handshake failure as the rustls error it carries, without io wrapping.
+fn tls_reason(error: std::io::Error) -> std::io::Error {
+    let kind = error.kind();
+    match error.into_inner() {
+        Some(inner) => std::io::Error::new(kind, format!("TLS handshake failed: {inner}")),
+        None => std::io::Error::new(kind, "TLS handshake failed"),
+    }
+}
+
+fn last_good(urls: &str) -> Option<usize> {
+    let last = LAST_GOOD.lock().unwrap_or_else(|p| p.into_inner());
+    last.iter().find(|(u, _)| u == urls).map(|(_, i)| *i)
+}
+
+fn set_last_good(urls: &str, index: usize) {
+    let mut last = LAST_GOOD.lock().unwrap_or_else(|p| p.into_inner());
+    match last.iter_mut().find(|(u, _)| u == urls) {
+        Some(entry) => entry.1 = index,
+        None => last.push((urls.to_string(), index)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_cluster_and_keeps_ip_hosts() {
+        let nodes = split_nodes("amqp://u:p@127.0.0.1:5701/%2f, amqp://u:p@localhost:5702/%2f,");
+        assert_eq!(nodes.len(), 2);
+        let node = parse_node(0, nodes[0]).unwrap();
+        assert_eq!(node.uri.authority.host, "127.0.0.1");
+        assert_eq!(node.address, "127.0.0.1:5701");
+        assert_eq!(node.uri.query.heartbeat, Some(DEFAULT_HEARTBEAT_SECS));
+        let node = parse_node(1, "amqp://h/%2f?heartbeat=3").unwrap();
+        assert_eq!(node.uri.query.heartbeat, Some(3));
+    }
+
+    #[test]
+    fn bad_tls_settings_are_clear() {
+        let error = parse_node(0, "amqp://h/%2f?cacertfile=/ca.pem")
+            .err()
+            .unwrap();
+        assert!(error.to_string().contains("amqps://"), "{error}");
+        let error = parse_node(0, "amqps://h/%2f?verify=verify_none")
+            .err()
+            .unwrap();
+        assert!(error.to_string().contains("always verified"), "{error}");
+        let error = parse_node(2, "amqps://u:secret@h/%2f?cacertfile=/nonexistent/ca.pem")
+            .err()
+            .unwrap();
+        let text = format!("{:#}", anyhow::Error::new(error));
+        assert!(
+            text.contains("/nonexistent/ca.pem") && !text.contains("secret"),
+            "{text}"
+        );
+    }
 }

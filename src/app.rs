@@ -37,7 +37,17 @@ impl App {
         };
         // The commits in flight, plus the purge.
         let store = connect(config.in_flight + 1).await?;
-        let lookups = connect(config.db_pool_size).await?;
+        let lookups = match &config.status_database_url {
+            Some(replica) => Store::connect(replica, config.db_pool_size)
+                .await
+                .with_context(|| {
+                    format!(
+                        "connecting to the look-up replica (STATUS_DATABASE_URL) at {}",
+                        crate::pg::describe(replica)
+                    )
+                })?,
+            None => connect(config.db_pool_size).await?,
+        };
         let report = store.migrate().await.context("applying migrations")?;
         for migration in report.applied_migrations() {
             tracing::info!(migration = %migration, "Migration applied.");
@@ -76,8 +86,17 @@ impl App {
             listener,
             health,
         } = self;
+        let replica =
+            config
+                .status_database_url
+                .as_deref()
+                .map(|url| crate::replica::ReadFromReplica {
+                    primary: store.clone(),
+                    name: crate::pg::describe(url),
+                });
         let state = AppState {
             store: lookups,
+            replica: replica.clone(),
             health: health.clone(),
             metrics: metrics::install(),
             threshold: config.threshold,
@@ -121,6 +140,13 @@ impl App {
             config.dedup_retention,
             cancel.clone(),
         ));
+        if replica.is_some() {
+            tracker.spawn(crate::replica::lag_loop(
+                state.store.clone(),
+                std::time::Duration::from_secs(5),
+                cancel.clone(),
+            ));
+        }
         let http_cancel = cancel.clone();
         let server = tracker.spawn(async move {
             axum::serve(listener, router(state))

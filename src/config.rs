@@ -43,7 +43,10 @@ pub struct HealthcheckArgs {
 /// topology so that events published before any worker starts are kept.
 #[derive(Debug, Clone, Args)]
 pub struct AmqpArgs {
-    /// RabbitMQ URL. Its password is never logged.
+    /// RabbitMQ URL; several nodes of one cluster separated by commas, tried in turn at every
+    /// (re)connection. `amqps://` is TLS, with RabbitMQ's `cacertfile`, `certfile`, `keyfile`,
+    /// `server_name_indication` and `auth_mechanism=external`; the server certificate is always
+    /// verified. `heartbeat=` defaults to 10 s. Its password is never logged.
     #[arg(
         long,
         env = "AMQP_URL",
@@ -81,7 +84,9 @@ pub struct Config {
     #[command(flatten)]
     pub amqp: AmqpArgs,
 
-    /// Postgres URL. Its password is never logged.
+    /// Postgres URL (or libpq `key=value` string), with libpq's TLS parameters: `sslmode`
+    /// (disable, allow, prefer, require, verify-ca, verify-full), `sslrootcert`, `sslcert`,
+    /// `sslkey`. Its password is never logged.
     #[arg(
         long,
         env = "DATABASE_URL",
@@ -89,6 +94,12 @@ pub struct Config {
         hide_env_values = true
     )]
     pub database_url: String,
+
+    /// Postgres that status look-ups, bulk look-ups and listings read from (a streaming replica);
+    /// unset, they read from DATABASE_URL. Writes and the consumer's readiness stay on
+    /// DATABASE_URL. Takes libpq's TLS parameters too. Its password is never logged.
+    #[arg(long, env = "STATUS_DATABASE_URL", hide_env_values = true)]
+    pub status_database_url: Option<String>,
 
     /// Address of the HTTP server (status, health, metrics). Port 0 picks a free port.
     #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
@@ -188,8 +199,16 @@ impl Config {
     }
 }
 
-/// A URL with its password replaced by `***`, for logs.
+/// A URL with its password replaced by `***`, for logs. A comma-separated list of nodes
+/// (`AMQP_URL` of a cluster) is redacted node by node.
 pub fn redact_url(raw: &str) -> String {
+    if raw.contains(',') && raw.contains("://") {
+        return raw
+            .split(',')
+            .map(|node| redact_url(node.trim()))
+            .collect::<Vec<_>>()
+            .join(",");
+    }
     match url::Url::parse(raw) {
         Ok(mut parsed) => {
             if parsed.password().is_some() {
@@ -269,6 +288,10 @@ mod tests {
             "postgres://postgres@127.0.0.1/catchall"
         );
         assert!(!redact_url("postgres://u:pw@h/db").contains("pw"));
+        assert_eq!(
+            redact_url("amqp://u:s1@a:5672/%2f,amqp://u:s2@b:5672/%2f"),
+            "amqp://u:***@a:5672/%2f,amqp://u:***@b:5672/%2f"
+        );
         let query = redact_url("postgres://u@h/db?sslmode=disable&password=hunter2");
         assert!(
             !query.contains("hunter2") && query.contains("sslmode=disable"),

@@ -390,6 +390,7 @@ pub async fn run(config: Config, store: Store, health: Arc<Health>, cancel: Canc
             Ok(mut consumer) => {
                 // A Postgres failure of the previous connection is judged afresh.
                 health.set_db_error(None);
+                health.set_broker_error(None);
                 health.set_consuming(true);
                 let connected_at = Instant::now();
                 let result = consumer.run_pipelined(&store, &health, &cancel).await;
@@ -420,6 +421,7 @@ pub async fn run(config: Config, store: Store, health: Arc<Health>, cancel: Canc
             return;
         }
         let wait = backoff.next_wait();
+        health.set_broker_error(Some(format!("{error:#}")));
         metrics::broker_reconnect(&error, wait);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}

@@ -8,6 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 pub struct Health {
     consuming: AtomicBool,
     db_error: Mutex<Option<String>>,
+    /// Why the last connection to RabbitMQ failed or ended (a refused certificate, every node
+    /// down…), until the consumer runs again.
+    broker_error: Mutex<Option<String>>,
 }
 
 impl Health {
@@ -30,6 +33,20 @@ impl Health {
 
     pub fn db_error(&self) -> Option<String> {
         self.db_error
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    pub fn set_broker_error(&self, error: Option<String>) {
+        *self
+            .broker_error
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = error;
+    }
+
+    pub fn broker_error(&self) -> Option<String> {
+        self.broker_error
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone()

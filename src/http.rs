@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 #[derive(Clone)]
 pub struct AppState {
     pub store: Store,
+    /// Set when `store` is a replica (`STATUS_DATABASE_URL`).
+    pub replica: Option<crate::replica::ReadFromReplica>,
     pub health: Arc<Health>,
     pub metrics: PrometheusHandle,
     /// Deliveries above which a never-bounced domain is catch-all.
@@ -116,19 +118,35 @@ async fn healthz() -> Json<serde_json::Value> {
 async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     let unavailable = |message: String| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message);
     if !state.health.consuming() {
-        return Err(unavailable("not consuming from RabbitMQ".into()));
+        return Err(unavailable(match state.health.broker_error() {
+            Some(error) => format!("not consuming from RabbitMQ: {error}"),
+            None => "not consuming from RabbitMQ".into(),
+        }));
     }
     if let Some(error) = state.health.db_error() {
         return Err(unavailable(format!("Postgres: {error}")));
     }
-    match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
-        Ok(Ok(())) => Ok(Json(serde_json::json!({ "status": "ready" }))),
-        Ok(Err(error)) => Err(unavailable(format!(
-            "Postgres: {:#}",
-            anyhow::Error::new(error)
-        ))),
-        Err(_) => Err(unavailable("Postgres: no answer within 2 s".into())),
+    // With a replica, the primary (writes) and the replica (look-ups) must both answer.
+    let mut servers = Vec::new();
+    if let Some(replica) = &state.replica {
+        servers.push(("Postgres".to_string(), &replica.primary));
+        servers.push((format!("Postgres replica {}", replica.name), &state.store));
+    } else {
+        servers.push(("Postgres".to_string(), &state.store));
     }
+    for (name, store) in servers {
+        match tokio::time::timeout(Duration::from_secs(2), store.ping()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                return Err(unavailable(format!(
+                    "{name}: {:#}",
+                    anyhow::Error::new(error)
+                )));
+            }
+            Err(_) => return Err(unavailable(format!("{name}: no answer within 2 s"))),
+        }
+    }
+    Ok(Json(serde_json::json!({ "status": "ready" })))
 }
 
 async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {

@@ -6,7 +6,6 @@ use futures_util::future::BoxFuture;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio_postgres::NoTls;
 
 mod embedded {
     refinery::embed_migrations!("migrations");
@@ -17,6 +16,9 @@ mod embedded {
 pub enum StoreError {
     #[error("invalid DATABASE_URL: {0}")]
     Config(#[source] tokio_postgres::Error),
+    /// The URL or its TLS settings (libpq's `sslmode`, `sslrootcert`, …; see [`crate::pg`]).
+    #[error("invalid Postgres URL or TLS settings")]
+    Url(#[from] crate::pg::PgError),
     #[error("could not get a Postgres connection from the pool")]
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("Postgres query failed")]
@@ -87,7 +89,7 @@ const LOOKUP: &str = "SELECT delivered, bounced, other_bounced FROM domains WHER
 impl Store {
     /// Builds the pool and checks that Postgres answers (fail fast at start).
     pub async fn connect(database_url: &str, pool_size: u32) -> Result<Self, StoreError> {
-        let mut pg: tokio_postgres::Config = database_url.parse().map_err(StoreError::Config)?;
+        let (mut pg, tls) = crate::pg::config(database_url)?;
         if pg.get_connect_timeout().is_none() {
             pg.connect_timeout(Duration::from_secs(5));
         }
@@ -101,7 +103,7 @@ impl Store {
         }
         let manager = Manager::from_config(
             pg,
-            NoTls,
+            tls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -150,6 +152,12 @@ impl Store {
             .execute("SELECT pg_advisory_unlock($1)", &[&LOCK])
             .await?;
         Ok(report?)
+    }
+
+    /// The one `float8` a query returns (health and lag probes).
+    pub async fn query_f64(&self, sql: &str) -> Result<f64, StoreError> {
+        let client = self.pool.get().await?;
+        Ok(client.query_one(sql, &[]).await?.try_get(0)?)
     }
 
     /// Checks that Postgres answers a query.

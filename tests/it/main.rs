@@ -3,6 +3,7 @@
 
 mod bounce;
 mod chaos;
+mod cluster;
 mod dedup;
 mod e2e;
 mod faults;
@@ -13,7 +14,9 @@ mod ops;
 mod otlp;
 mod poison;
 mod proxy;
+mod replica;
 mod shutdown;
 mod steps;
 mod tail;
+mod tls;
 mod webhooks;

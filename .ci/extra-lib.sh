@@ -1,0 +1,43 @@
+# Shared by .ci/tls.sh, .ci/cluster.sh and .ci/replica.sh: extra RabbitMQ nodes and Postgres
+# clusters beside the main ones (5672, 5432), which these functions never touch.
+# Everything lives under $CI_DIR (default /tmp/catchall-ci), which the tests read too.
+CI_DIR=${CATCHALL_CI_DIR:-/tmp/catchall-ci}
+RABBIT_BIN=/usr/lib/rabbitmq/bin
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+answers() { (exec 3<>"/dev/tcp/${2:-127.0.0.1}/$1") 2>/dev/null; }
+need() { # command package
+  command -v "$1" >/dev/null && return 0
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$2" >/dev/null
+}
+pg_version() { ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1; }
+
+# rabbitmqctl against NODE, as the rabbitmq user (who holds the Erlang cookie).
+rmqctl() { # node args...
+  local node=$1; shift
+  as_root runuser -u rabbitmq -- env ERL_EPMD_ADDRESS=127.0.0.1 "$RABBIT_BIN/rabbitmqctl" -n "$node" "$@"
+}
+
+# Starts a RabbitMQ node NAME@localhost in $CI_DIR/NAME (owned by the rabbitmq user) with the
+# given rabbitmq.conf text and plugins, unless it already runs. Does not wait for it.
+start_rabbit_node() { # name dist_port conf_text plugins
+  local name=$1 dist=$2 conf=$3 plugins=$4 dir=$CI_DIR/$1
+  if rmqctl "$name@localhost" ping >/dev/null 2>&1; then return 0; fi
+  as_root mkdir -p "$dir/mnesia" "$dir/log"
+  printf '%s\n' "$conf" | as_root tee "$dir/rabbitmq.conf" >/dev/null
+  printf '[%s].\n' "$plugins" | as_root tee "$dir/enabled_plugins" >/dev/null
+  printf 'ERL_EPMD_ADDRESS=127.0.0.1\nexport ERL_FLAGS="-kernel inet_dist_use_interface {127,0,0,1}"\n' \
+    | as_root tee "$dir/env.conf" >/dev/null
+  as_root chown -R rabbitmq:rabbitmq "$dir"
+  as_root runuser -u rabbitmq -- env \
+    RABBITMQ_NODENAME="$name@localhost" RABBITMQ_DIST_PORT="$dist" \
+    RABBITMQ_CONF_ENV_FILE="$dir/env.conf" RABBITMQ_CONFIG_FILE="$dir/rabbitmq.conf" \
+    RABBITMQ_MNESIA_BASE="$dir/mnesia" RABBITMQ_LOG_BASE="$dir/log" \
+    RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins" RABBITMQ_PID_FILE="$dir/pid" \
+    "$RABBIT_BIN/rabbitmq-server" -detached
+}
+
+await_rabbit_node() { # name
+  rmqctl "$1@localhost" await_startup --timeout 90 >/dev/null
+}

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# A Postgres primary and its streaming replica for tests/it/replica.rs, made unless they
+# already run (idempotent): cluster catchall_primary on 127.0.0.1:5434, and catchall_replica on
+# 127.0.0.1:5435 made from it with pg_basebackup (hot standby). A replica left stopped by an
+# interrupted test is started again. Trust auth on 127.0.0.1, like the main cluster.
+# Needs: postgresql (installed with apt-get when missing).
+set -euo pipefail
+cd "$(dirname "$0")"
+. ./extra-lib.sh
+need pg_createcluster postgresql
+version=$(pg_version)
+ctl() { as_root pg_ctlcluster --skip-systemctl-redirect "$version" "$@"; }
+online() { pg_lsclusters -h | grep " $1 " | grep -q online; }
+wait_pg() { for _ in $(seq 1 30); do answers "$1" && return 0; sleep 1; done; return 1; }
+
+if ! pg_lsclusters -h | grep -q " catchall_primary "; then
+  as_root pg_createcluster "$version" catchall_primary --port 5434 >/dev/null
+  conf=/etc/postgresql/$version/catchall_primary
+  printf "listen_addresses = '127.0.0.1'\nwal_level = replica\nmax_wal_senders = 5\n" \
+    | as_root tee "$conf/conf.d/catchall.conf" >/dev/null
+  printf 'local all all trust\nhost all all 127.0.0.1/32 trust\nhost replication all 127.0.0.1/32 trust\n' \
+    | as_root tee "$conf/pg_hba.conf" >/dev/null
+fi
+online catchall_primary || ctl catchall_primary start
+wait_pg 5434
+
+if ! pg_lsclusters -h | grep -q " catchall_replica "; then
+  as_root pg_createcluster "$version" catchall_replica --port 5435 >/dev/null
+  conf=/etc/postgresql/$version/catchall_replica
+  printf "listen_addresses = '127.0.0.1'\nhot_standby = on\n" \
+    | as_root tee "$conf/conf.d/catchall.conf" >/dev/null
+  printf 'local all all trust\nhost all all 127.0.0.1/32 trust\n' \
+    | as_root tee "$conf/pg_hba.conf" >/dev/null
+  data=$(pg_lsclusters -h | awk '$2 == "catchall_replica" {print $6}')
+  as_root find "$data" -mindepth 1 -delete
+  as_root runuser -u postgres -- pg_basebackup -h 127.0.0.1 -p 5434 -U postgres -D "$data" -R -X stream -c fast
+fi
+online catchall_replica || ctl catchall_replica start
+wait_pg 5435
+echo "replica: Postgres primary on 5434, streaming replica on 5435 ($(psql -h 127.0.0.1 -p 5435 -U postgres -Atc 'SELECT pg_is_in_recovery()'))"

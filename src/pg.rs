@@ -1,0 +1,307 @@
+//! Postgres connection settings as libpq reads them, TLS included.
+//!
+//! tokio-postgres parses `sslmode` only up to `require` and knows no `sslrootcert`, `sslcert` or
+//! `sslkey`. [`config`] takes those out of the URL (or `key=value` string), hands the rest to
+//! tokio-postgres, and builds the rustls connector that does what libpq would:
+//!
+//! | `sslmode` | TLS | server certificate checked |
+//! |---|---|---|
+//! | `disable` | never | – |
+//! | `allow`, `prefer` (default) | if the server offers it, except over loopback | no; the chain if `sslrootcert` is set |
+//! | `require` | always | no; the chain if `sslrootcert` is set |
+//! | `verify-ca` | always | the chain |
+//! | `verify-full` | always | the chain and the host name |
+//!
+//! Roots: `sslrootcert=FILE`, `sslrootcert=system`, else `~/.postgresql/root.crt` when it
+//! exists, else the system roots. `sslcert` + `sslkey` present a client certificate.
+
+use crate::tls::{self, Identity, Roots, Verify};
+use std::path::PathBuf;
+use tokio_postgres::config::SslMode;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+/// Errors in a Postgres URL or its TLS files. The URL itself (which may hold a password) is
+/// never part of the message.
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("invalid sslmode {0:?} (disable, allow, prefer, require, verify-ca or verify-full)")]
+    SslMode(String),
+    #[error("sslcert and sslkey go together")]
+    HalfIdentity,
+    #[error("invalid Postgres connection string: {0}")]
+    Parse(#[source] tokio_postgres::Error),
+    #[error("Postgres TLS settings")]
+    Tls(#[from] tls::TlsError),
+}
+
+/// The TLS parameters libpq reads and tokio-postgres does not.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsParams {
+    pub sslmode: Option<String>,
+    pub sslrootcert: Option<String>,
+    pub sslcert: Option<String>,
+    pub sslkey: Option<String>,
+}
+
+const OURS: [&str; 4] = ["sslmode", "sslrootcert", "sslcert", "sslkey"];
+
+/// Parses a libpq URL or `key=value` string: the tokio-postgres configuration and the TLS
+/// connector for it.
+pub fn config(url: &str) -> Result<(tokio_postgres::Config, MakeRustlsConnect), PgError> {
+    let (rest, params) = split_tls_params(url);
+    let mut config: tokio_postgres::Config = rest.parse().map_err(PgError::Parse)?;
+    let mode = params.sslmode.as_deref().unwrap_or("prefer");
+    let root_given = params.sslrootcert.is_some();
+    let (ssl_mode, verify) = match mode {
+        "disable" => (SslMode::Disable, Verify::None),
+        "allow" | "prefer" if root_given => (SslMode::Prefer, Verify::ChainOnly),
+        "allow" | "prefer" => (SslMode::Prefer, Verify::None),
+        "require" if root_given => (SslMode::Require, Verify::ChainOnly),
+        "require" => (SslMode::Require, Verify::None),
+        "verify-ca" => (SslMode::Require, Verify::ChainOnly),
+        "verify-full" => (SslMode::Require, Verify::Full),
+        other => return Err(PgError::SslMode(other.to_string())),
+    };
+    // `prefer` over loopback: plain, as encryption there protects nothing and costs a handshake
+    // and a copy per message (and `prefer` verifies nothing anyway). `require` and up still
+    // encrypt over loopback.
+    let ssl_mode = if ssl_mode == SslMode::Prefer && only_loopback(&config) {
+        SslMode::Disable
+    } else {
+        ssl_mode
+    };
+    config.ssl_mode(ssl_mode);
+    let roots = match params.sslrootcert.as_deref() {
+        Some("system") => Roots::System,
+        Some(path) => Roots::File(PathBuf::from(path)),
+        None => default_root_file().map_or(Roots::System, Roots::File),
+    };
+    let identity = match (&params.sslcert, &params.sslkey) {
+        (Some(cert), Some(key)) if ssl_mode != SslMode::Disable => {
+            Some(Identity::from_files(cert.as_ref(), key.as_ref())?)
+        }
+        (Some(_), None) | (None, Some(_)) => return Err(PgError::HalfIdentity),
+        _ => None,
+    };
+    let client = tls::client_config(&roots, verify, identity)?;
+    Ok((config, MakeRustlsConnect::new(client)))
+}
+
+/// `host:port/database` of a connection string, for messages: never the password.
+pub fn describe(url: &str) -> String {
+    let (rest, _) = split_tls_params(url);
+    let Ok(config) = rest.parse::<tokio_postgres::Config>() else {
+        return "<unparsable Postgres URL>".into();
+    };
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+        Some(tokio_postgres::config::Host::Unix(path)) => path.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!("{host}:{port}/{}", config.get_dbname().unwrap_or(""))
+}
+
+/// Whether every host of `config` is this machine: a Unix socket, `localhost` or a loopback
+/// address.
+fn only_loopback(config: &tokio_postgres::Config) -> bool {
+    use tokio_postgres::config::Host;
+    let hosts = config.get_hosts();
+    !hosts.is_empty()
+        && hosts.iter().all(|host| match host {
+            Host::Unix(_) => true,
+            Host::Tcp(name) => {
+                name == "localhost"
+                    || name
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            }
+        })
+}
+
+/// libpq's default root certificate file, when it exists.
+fn default_root_file() -> Option<PathBuf> {
+    let path = PathBuf::from(std::env::var_os("HOME")?).join(".postgresql/root.crt");
+    path.is_file().then_some(path)
+}
+
+/// Takes libpq's TLS parameters out of a connection string, leaving the rest as it was.
+pub fn split_tls_params(url: &str) -> (String, TlsParams) {
+    let mut params = TlsParams::default();
+    let mut take = |key: &str, value: String| -> bool {
+        let slot = match key {
+            "sslmode" => &mut params.sslmode,
+            "sslrootcert" => &mut params.sslrootcert,
+            "sslcert" => &mut params.sslcert,
+            "sslkey" => &mut params.sslkey,
+            _ => return false,
+        };
+        *slot = Some(value);
+        true
+    };
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let Some((base, query)) = url.split_once('?') else {
+            return (url.to_string(), params);
+        };
+        let kept: Vec<&str> = query
+            .split('&')
+            .filter(|pair| {
+                let mut decoded = url::form_urlencoded::parse(pair.as_bytes());
+                match decoded.next() {
+                    Some((key, value)) if OURS.contains(&key.as_ref()) => {
+                        !take(&key, value.into_owned())
+                    }
+                    _ => !pair.is_empty(),
+                }
+            })
+            .collect();
+        let rest = if kept.is_empty() {
+            base.to_string()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        };
+        (rest, params)
+    } else {
+        let mut kept = Vec::new();
+        for (key, value, raw) in key_values(url) {
+            if !(OURS.contains(&key.as_str()) && take(&key, value)) {
+                kept.push(raw);
+            }
+        }
+        (kept.join(" "), params)
+    }
+}
+
+/// The `key = value` pairs of a libpq keyword string, each with its raw text (values may be
+/// single-quoted, with `\'` and `\\` escapes). What does not parse is kept raw, for
+/// tokio-postgres to report.
+fn key_values(text: &str) -> Vec<(String, String, String)> {
+    let chars: Vec<char> = text.chars().collect();
+    let mut pairs = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        while i < chars.len() && chars[i].is_whitespace() {
+            i += 1;
+        }
+        if i == chars.len() {
+            break;
+        }
+        let start = i;
+        while i < chars.len() && chars[i] != '=' && !chars[i].is_whitespace() {
+            i += 1;
+        }
+        let key: String = chars[start..i].iter().collect();
+        while i < chars.len() && chars[i].is_whitespace() {
+            i += 1;
+        }
+        if i < chars.len() && chars[i] == '=' {
+            i += 1;
+        }
+        while i < chars.len() && chars[i].is_whitespace() {
+            i += 1;
+        }
+        let mut value = String::new();
+        if i < chars.len() && chars[i] == '\'' {
+            i += 1;
+            while i < chars.len() && chars[i] != '\'' {
+                if chars[i] == '\\' && i + 1 < chars.len() {
+                    i += 1;
+                }
+                value.push(chars[i]);
+                i += 1;
+            }
+            i += 1;
+        } else {
+            while i < chars.len() && !chars[i].is_whitespace() {
+                if chars[i] == '\\' && i + 1 < chars.len() {
+                    i += 1;
+                }
+                value.push(chars[i]);
+                i += 1;
+            }
+        }
+        let raw: String = chars[start..i.min(chars.len())].iter().collect();
+        pairs.push((key, value, raw));
+    }
+    pairs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn takes_tls_params_out_of_a_url() {
+        let (rest, params) = split_tls_params(
+            "postgres://u:p%40ss@db.example.com:5433/app?sslmode=verify-full&application_name=x&sslrootcert=%2Fetc%2Fca.pem",
+        );
+        assert_eq!(
+            rest,
+            "postgres://u:p%40ss@db.example.com:5433/app?application_name=x"
+        );
+        assert_eq!(params.sslmode.as_deref(), Some("verify-full"));
+        assert_eq!(params.sslrootcert.as_deref(), Some("/etc/ca.pem"));
+        let (rest, _) = split_tls_params("postgresql://h/db?sslmode=disable");
+        assert_eq!(rest, "postgresql://h/db");
+    }
+
+    #[test]
+    fn takes_tls_params_out_of_key_values() {
+        let (rest, params) = split_tls_params(
+            "host=localhost sslmode = verify-ca sslrootcert='/my dir/ca.pem' user=postgres",
+        );
+        assert_eq!(rest, "host=localhost user=postgres");
+        assert_eq!(params.sslmode.as_deref(), Some("verify-ca"));
+        assert_eq!(params.sslrootcert.as_deref(), Some("/my dir/ca.pem"));
+        assert!(config(&rest).is_ok());
+    }
+
+    #[test]
+    fn describes_without_password() {
+        assert_eq!(
+            describe("postgres://u:secret@db:5435/app?sslmode=require"),
+            "db:5435/app"
+        );
+    }
+
+    #[test]
+    fn modes_map_like_libpq() {
+        let mode = |url: &str| config(url).map(|(c, _)| c.get_ssl_mode());
+        assert_eq!(mode("postgres://h/db").unwrap(), SslMode::Prefer);
+        assert_eq!(mode("postgres://127.0.0.1/db").unwrap(), SslMode::Disable);
+        assert_eq!(
+            mode("postgres://localhost/db?sslmode=prefer").unwrap(),
+            SslMode::Disable
+        );
+        assert_eq!(
+            mode("postgres://localhost/db?sslmode=require").unwrap(),
+            SslMode::Require
+        );
+        assert_eq!(
+            mode("postgres://h/db?sslmode=disable").unwrap(),
+            SslMode::Disable
+        );
+        assert_eq!(
+            mode("postgres://h/db?sslmode=require").unwrap(),
+            SslMode::Require
+        );
+        assert_eq!(
+            mode("postgres://h/db?sslmode=verify-full&sslrootcert=system").unwrap(),
+            SslMode::Require
+        );
+        let error = mode("postgres://h/db?sslmode=bogus").unwrap_err();
+        assert!(error.to_string().contains("bogus"), "{error}");
+        let error =
+            mode("postgres://h/db?sslmode=verify-full&sslrootcert=/nope/ca.pem").unwrap_err();
+        assert!(
+            format!("{:#}", anyhow::Error::new(error)).contains("/nope/ca.pem"),
+            "names the file"
+        );
+        assert!(matches!(
+            mode("postgres://h/db?sslcert=/c.pem"),
+            Err(PgError::HalfIdentity)
+        ));
+    }
+}

@@ -1,0 +1,63 @@
+//! Look-ups from a streaming replica (`STATUS_DATABASE_URL`, SPEC §6): its lag as a metric,
+//! and what `/readyz` needs to check both servers.
+
+use crate::store::Store;
+use metrics::{describe_gauge, gauge};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Set when look-ups read from a replica: `/readyz` checks the primary (writes, consumer) and
+/// the replica (look-ups), and names the one that fails.
+#[derive(Clone)]
+pub struct ReadFromReplica {
+    /// The primary (`DATABASE_URL`); the handlers' own store is the replica.
+    pub primary: Store,
+    /// `host:port/database` of the replica, for messages (no password).
+    pub name: String,
+}
+
+/// Seconds the replica is behind: 0 when it has replayed all it received (or is a primary),
+/// else the age of the last transaction it replayed.
+const LAG: &str = "SELECT CASE \
+       WHEN NOT pg_is_in_recovery() THEN 0 \
+       WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 \
+       ELSE COALESCE(EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()), 0) \
+     END::float8";
+
+/// Measures the replica's lag every `every` until `cancel` fires, as the gauge
+/// `catchall_replica_lag_seconds`; `catchall_replica_up` is 0 while it does not answer.
+pub async fn lag_loop(replica: Store, every: Duration, cancel: CancellationToken) {
+    describe_gauge!(
+        "catchall_replica_lag_seconds",
+        "How far the look-up replica (STATUS_DATABASE_URL) is behind the primary."
+    );
+    describe_gauge!(
+        "catchall_replica_up",
+        "1 while the look-up replica (STATUS_DATABASE_URL) answers, else 0."
+    );
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = cancel.cancelled() => return,
+        }
+        match tokio::time::timeout(Duration::from_secs(2), replica.query_f64(LAG)).await {
+            Ok(Ok(lag)) => {
+                gauge!("catchall_replica_lag_seconds").set(lag);
+                gauge!("catchall_replica_up").set(1.0);
+            }
+            Ok(Err(error)) => {
+                gauge!("catchall_replica_up").set(0.0);
+                tracing::warn!(
+                    error = format!("{:#}", anyhow::Error::new(error)),
+                    "The look-up replica does not answer."
+                );
+            }
+            Err(_) => {
+                gauge!("catchall_replica_up").set(0.0);
+                tracing::warn!("The look-up replica did not answer within 2 s.");
+            }
+        }
+    }
+}

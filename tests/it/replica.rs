@@ -1,0 +1,218 @@
+//! Look-ups from a streaming replica (`STATUS_DATABASE_URL`, SPEC §6), against the primary
+//! (5434) and replica (5435) that `.ci/replica.sh` makes.
+
+use crate::helpers::{TestBroker, TestWorker, generate, wait_for};
+use std::time::Duration;
+
+const PRIMARY: &str = "postgres://postgres@127.0.0.1:5434";
+const REPLICA: &str = "postgres://postgres@127.0.0.1:5435";
+
+async fn client(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|error| panic!("{url} must answer (run .ci/replica.sh): {error}"));
+    tokio::spawn(connection);
+    client
+}
+
+async fn pg_ctl(action: &str) {
+    let version = std::fs::read_dir("/etc/postgresql")
+        .expect("/etc/postgresql")
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .max_by_key(|v| v.parse::<u32>().unwrap_or(0))
+        .expect("a Postgres version");
+    let status = tokio::process::Command::new("pg_ctlcluster")
+        .args([
+            "--skip-systemctl-redirect",
+            &version,
+            "catchall_replica",
+            action,
+        ])
+        .args(if action == "stop" {
+            &["-m", "fast"][..]
+        } else {
+            &[][..]
+        })
+        .status()
+        .await
+        .expect("run pg_ctlcluster");
+    // Starting a replica that runs already fails harmlessly.
+    assert!(
+        status.success() || action == "start",
+        "pg_ctlcluster {action} catchall_replica"
+    );
+}
+
+/// A database on the primary (so on the replica too); dropped at the end, and the replica
+/// started again if the test stopped it.
+struct ReplicaDb {
+    name: String,
+}
+
+impl Drop for ReplicaDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            runtime.block_on(async move {
+                pg_ctl("start").await;
+                let _ = client(&format!("{PRIMARY}/postgres"))
+                    .await
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                    .await;
+            });
+        })
+        .join()
+        .expect("replica cleanup");
+    }
+}
+
+/// Status look-ups are served by the replica (its pg_stat_activity shows them) and the primary
+/// sees none; the replica's lag is exported. The replica stopped: `/readyz` is 503 naming it,
+/// and counting goes on against the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replica_serves_lookups_and_its_loss_only_stops_readiness() {
+    let name = format!("test_{}", uuid::Uuid::now_v7().simple());
+    client(&format!("{PRIMARY}/postgres"))
+        .await
+        .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+        .await
+        .expect("create the test database on the primary");
+    let _db = ReplicaDb { name: name.clone() };
+    let replica = client(&format!("{REPLICA}/postgres")).await;
+    wait_for(
+        Duration::from_secs(15),
+        "the database on the replica",
+        || async {
+            let row = replica
+                .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+                .await
+                .ok()?;
+            row.map(|_| ())
+        },
+    )
+    .await;
+    let broker = TestBroker::new();
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    let (writes, lookups) = (format!("catchall-w-{id}"), format!("catchall-l-{id}"));
+    let primary_url = format!("{PRIMARY}/{name}?application_name={writes}");
+    let mut config =
+        catchall::config::Config::with_names(&primary_url, &broker.exchange, &broker.queue);
+    config.status_database_url = Some(format!("{REPLICA}/{name}?application_name={lookups}"));
+    let worker = TestWorker::start(config).await;
+    worker.ready().await;
+
+    let expected = generate(&broker, 2000, 20, 5).await;
+    let (domain, counts) = expected.iter().next().expect("a domain");
+    let url = worker.url(&format!("/domains/{domain}"));
+    wait_for(
+        Duration::from_secs(30),
+        "the replica to serve the counts",
+        || async {
+            let body: serde_json::Value = reqwest::get(&url).await.ok()?.json().await.ok()?;
+            (body["delivered"] == counts.0 && body["bounced"] == counts.1).then_some(())
+        },
+    )
+    .await;
+
+    let primary = client(&format!("{PRIMARY}/postgres")).await;
+    let on_replica: Vec<String> = replica
+        .query(
+            "SELECT query FROM pg_stat_activity WHERE application_name = $1",
+            &[&lookups],
+        )
+        .await
+        .expect("replica pg_stat_activity")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(
+        on_replica
+            .iter()
+            .any(|q| q.contains("SELECT delivered, bounced FROM domains")),
+        "the look-up ran on the replica: {on_replica:?}"
+    );
+    let on_primary: Vec<(String, String)> = primary
+        .query(
+            "SELECT application_name, query FROM pg_stat_activity WHERE datname = $1",
+            &[&name],
+        )
+        .await
+        .expect("primary pg_stat_activity")
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert!(
+        on_primary.iter().all(|(app, query)| *app == writes
+            && !query.contains("SELECT delivered, bounced FROM domains")),
+        "only the writes reach the primary: {on_primary:?}"
+    );
+    wait_for(
+        Duration::from_secs(15),
+        "the replica lag metric",
+        || async {
+            let text = reqwest::get(worker.url("/metrics"))
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            text.contains("catchall_replica_lag_seconds ").then_some(())
+        },
+    )
+    .await;
+
+    // The replica goes away: not ready, naming it; counting goes on.
+    pg_ctl("stop").await;
+    let readyz = worker.url("/readyz");
+    let reason = wait_for(
+        Duration::from_secs(15),
+        "/readyz to name the replica",
+        || async {
+            let response = reqwest::get(&readyz).await.ok()?;
+            if response.status() != 503 {
+                return None;
+            }
+            let body: serde_json::Value = response.json().await.ok()?;
+            body["error"].as_str().map(str::to_string)
+        },
+    )
+    .await;
+    assert!(
+        reason.contains("Postgres replica 127.0.0.1:5435/"),
+        "{reason}"
+    );
+    eprintln!("replica stopped: /readyz 503 {reason}");
+    let more = generate(&broker, 1000, 20, 6).await;
+    let mut total = expected.clone();
+    for (domain, (d, b)) in more {
+        let entry = total.entry(domain).or_default();
+        entry.0 += d;
+        entry.1 += b;
+    }
+    let writes_db = client(&format!("{PRIMARY}/{name}")).await;
+    wait_for(
+        Duration::from_secs(30),
+        "counting to go on without the replica",
+        || async {
+            let rows = writes_db
+                .query("SELECT domain, delivered, bounced FROM domains", &[])
+                .await
+                .ok()?;
+            let counts: crate::helpers::Counts = rows
+                .iter()
+                .map(|row| (row.get(0), (row.get(1), row.get(2))))
+                .collect();
+            (counts == total).then_some(())
+        },
+    )
+    .await;
+
+    pg_ctl("start").await;
+    worker.ready().await;
+    drop(writes_db);
+    worker.stop().await;
+}
