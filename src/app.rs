@@ -76,12 +76,22 @@ impl App {
             listener,
             health,
         } = self;
+        // HTTP ingest: only with tokens (SPEC §5: never open), on a connection of its own.
+        let ingest = config.ingest_tokens.clone().map(|tokens| {
+            let mut settings =
+                crate::ingest::IngestSettings::new(&config.amqp.amqp_url, config.amqp.topology());
+            settings.pack_window = std::time::Duration::from_millis(config.ingest_pack_window_ms);
+            (crate::ingest::Ingest::start(settings), tokens)
+        });
         let state = AppState {
             store: lookups,
             health: health.clone(),
             metrics: metrics::install(),
             threshold: config.threshold,
+            ingest,
+            query_tokens: config.query_tokens.clone(),
         };
+        let limits = crate::http::ServerLimits::from_config(&config);
         tracing::info!(
             http = %listener.local_addr().context("reading the HTTP address")?,
             amqp = %redact_url(&config.amqp.amqp_url),
@@ -113,9 +123,7 @@ impl App {
         ));
         let http_cancel = cancel.clone();
         let server = tracker.spawn(async move {
-            axum::serve(listener, router(state))
-                .with_graceful_shutdown(async move { http_cancel.cancelled().await })
-                .await
+            crate::http::serve(listener, router(state), limits, http_cancel).await
         });
         let consumer_cancel = cancel.clone();
         tracker.spawn(async move {
