@@ -83,6 +83,7 @@ impl App {
             settings.pack_window = std::time::Duration::from_millis(config.ingest_pack_window_ms);
             (crate::ingest::Ingest::start(settings), tokens)
         });
+        let closing = ingest.as_ref().map(|(ingest, _)| ingest.clone());
         let state = AppState {
             store: lookups,
             health: health.clone(),
@@ -135,6 +136,9 @@ impl App {
             .await
             .context("the HTTP server task panicked")?
             .context("the HTTP server failed")?;
+        if let Some(ingest) = closing {
+            ingest.close().await;
+        }
         tracing::info!("Worker stopped.");
         Ok(())
     }

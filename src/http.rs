@@ -119,7 +119,7 @@ impl IntoResponse for ApiError {
 
 impl From<IngestError> for ApiError {
     fn from(error: IngestError) -> Self {
-        tracing::warn!(error = %error, "Ingest not confirmed; answering 503.");
+        tracing::debug!(error = %error, "Ingest not confirmed; answering 503.");
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "events not accepted: the broker did not confirm them; retry later",

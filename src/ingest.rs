@@ -98,6 +98,14 @@ impl Ingest {
         self.link.channel().await.map(|_| ())
     }
 
+    /// Closes the connection (at shutdown, once the HTTP server has stopped).
+    pub async fn close(&self) {
+        let mut state = self.link.open.lock().await;
+        if let Some((connection, _)) = state.current.take() {
+            let _ = connection.close(200, "worker stopping".into()).await;
+        }
+    }
+
     /// Publishes one event and returns once the broker confirmed it. With a key, the event is its
     /// own message with that `message_id`; without one, it may share a message with others.
     pub async fn publish_one(&self, event: Event, key: Option<String>) -> Result<(), IngestError> {

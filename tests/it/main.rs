@@ -7,6 +7,8 @@ mod e2e;
 mod faults;
 mod helpers;
 mod http;
+mod ingest;
+mod lookup;
 mod poison;
 mod proxy;
 mod shutdown;
