@@ -597,12 +597,20 @@ pub async fn serve(
     use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::service::TowerToHyperService;
 
-    let service = ServiceBuilder::new()
+    let limited = ServiceBuilder::new()
         .layer(HandleErrorLayer::new(protection_error))
         .load_shed()
         .concurrency_limit(limits.max_concurrency)
         .timeout(limits.request_timeout)
-        .service(app);
+        .service(app.clone());
+    // Probes and metrics bypass the cap: an overloaded worker must not look dead to its
+    // orchestrator (and be restarted) or go dark to its monitoring.
+    let unlimited = app.into_service::<axum::body::Body>();
+    let service = Router::new()
+        .route_service("/healthz", unlimited.clone())
+        .route_service("/readyz", unlimited.clone())
+        .route_service("/metrics", unlimited)
+        .fallback_service(limited);
     let connections = tokio_util::task::TaskTracker::new();
     loop {
         let stream = tokio::select! {
