@@ -652,3 +652,54 @@ pub async fn serve(
     connections.wait().await;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_parse_as_array_or_ndjson_and_name_the_first_bad_one() {
+        let array = br#"[{"domain":"A.example.","type":"delivered"},{"domain":"b.example","type":"bounced","extra":1}]"#;
+        let events = parse_events(array).unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[0].domain, "a.example");
+        let ndjson = b"{\"domain\":\"a.example\",\"type\":\"delivered\"}\n\n{\"domain\":\"b.example\",\"type\":\"bounced\"}\n";
+        assert_eq!(parse_events(ndjson).unwrap().len(), 2);
+        let bad = b"{\"domain\":\"a.example\",\"type\":\"delivered\"}\n[1]\n";
+        assert!(parse_events(bad).unwrap_err().starts_with("line 2"));
+        assert!(
+            parse_events(br#"[{"domain":"a.example","type":"x"}]"#)
+                .unwrap_err()
+                .starts_with("event 1")
+        );
+        assert!(parse_events(b"  ").is_err());
+        assert!(parse_events(b"[[{\"domain\":\"a.example\",\"type\":\"delivered\"}]]").is_err());
+    }
+
+    #[test]
+    fn statuses_parse_in_both_spellings() {
+        assert_eq!(parse_status("catch-all"), Ok(Status::CatchAll));
+        assert_eq!(parse_status("not-catch-all"), Ok(Status::NotCatchAll));
+        assert_eq!(parse_status("not catch-all"), Ok(Status::NotCatchAll));
+        assert_eq!(parse_status("unknown"), Ok(Status::Unknown));
+        assert!(parse_status("catchall").is_err());
+    }
+
+    #[test]
+    fn bearer_tokens_are_read_from_the_authorization_header() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(bearer(&headers), None);
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer abc"),
+        );
+        assert_eq!(bearer(&headers), Some("abc"));
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("bearer  abc "),
+        );
+        assert_eq!(bearer(&headers), Some("abc"));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer(&headers), None);
+    }
+}

@@ -530,7 +530,6 @@ async fn half_sent_requests_are_closed_while_lookups_and_ingest_answer() {
         opened.elapsed()
     );
     assert_eq!(closed, 2_000, "every half-sent connection closed");
-    assert!(opened.elapsed() < Duration::from_secs(15));
     worker.stop().await;
 }
 
