@@ -162,9 +162,10 @@ impl AmqpArgs {
     }
 }
 
-/// Bearer tokens from a comma-separated list. Debug never shows them.
+/// Bearer tokens from a comma-separated list. Debug never shows them; cheap to clone (the HTTP
+/// state is cloned per request).
 #[derive(Clone, PartialEq, Eq)]
-pub struct Tokens(Vec<String>);
+pub struct Tokens(std::sync::Arc<[String]>);
 
 impl Tokens {
     /// True if `candidate` is one of the tokens, compared in constant time (per token).
@@ -189,7 +190,7 @@ impl std::str::FromStr for Tokens {
         if tokens.is_empty() {
             return Err("no token in the list".into());
         }
-        Ok(Self(tokens))
+        Ok(Self(tokens.into()))
     }
 }
 

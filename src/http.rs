@@ -551,7 +551,7 @@ pub struct ServerLimits {
     pub request_timeout: Duration,
     /// For a client to send a request's headers; slower connections are closed.
     pub header_timeout: Duration,
-    /// Largest request head (request line and headers) hyper buffers; larger get 431.
+    /// Largest request head (request line and headers); larger get 431 and the connection closes.
     pub max_header_bytes: usize,
 }
 
@@ -633,7 +633,7 @@ pub async fn serve(
             builder
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_timeout)
-                .max_buf_size(limits.max_header_bytes);
+                .max_header_size(limits.max_header_bytes);
             let connection = builder.serve_connection(TokioIo::new(stream), service);
             let mut connection = std::pin::pin!(connection);
             let result = tokio::select! {

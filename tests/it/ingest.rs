@@ -387,6 +387,14 @@ async fn bad_paths_bodies_and_tokens_get_4xx_json_and_publish_nothing() {
         assert_eq!(status, want, "{what}: {message}");
     }
 
+    // A request head past 64 KiB is refused (431, by hyper), not buffered.
+    let response = put("/events/a.example/delivered")
+        .header("X-Padding", "p".repeat(100 * 1024))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+
     // Bad bodies: the first bad event is named, and nothing of the request is published.
     let good = r#"{"domain":"good.example","type":"delivered"}"#;
     let too_many = format!("[{}]", vec![good; 10_001].join(","));
