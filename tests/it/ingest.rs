@@ -393,7 +393,10 @@ async fn bad_paths_bodies_and_tokens_get_4xx_json_and_publish_nothing() {
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    assert_eq!(
+        response.status(),
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    );
 
     // Bad bodies: the first bad event is named, and nothing of the request is published.
     let good = r#"{"domain":"good.example","type":"delivered"}"#;
