@@ -418,7 +418,7 @@ enum LookupEntry {
 async fn lookup_domains(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<LookupAnswer>, ApiError> {
     let body =
         body.map_err(|rejection| ApiError::new(rejection.status(), rejection.body_text()))?;
     let request: LookupRequest = serde_json::from_slice(&body).map_err(|e| {
@@ -464,7 +464,21 @@ async fn lookup_domains(
             Err(error) => LookupEntry::Invalid { domain: raw, error },
         })
         .collect();
-    Ok(Json(serde_json::json!({ "results": results })))
+    Ok(Json(LookupAnswer { results }))
+}
+
+/// The answer of `POST /domains/lookup` (serialised straight from the structs, no JSON tree).
+#[derive(Serialize)]
+struct LookupAnswer {
+    results: Vec<LookupEntry>,
+}
+
+/// A page of `GET /domains`.
+#[derive(Serialize)]
+struct ListPage {
+    domains: Vec<DomainStatus>,
+    /// The `after` of the next page; `None` (null) on the last one.
+    next: Option<String>,
 }
 
 /// Default and largest page of `GET /domains`.
@@ -496,7 +510,7 @@ pub fn parse_status(raw: &str) -> Result<Status, String> {
 async fn list_domains(
     State(state): State<AppState>,
     query: Result<Query<ListParams>, QueryRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<ListPage>, ApiError> {
     let Query(params) = query.map_err(|rejection| {
         ApiError::bad_request(format!("invalid query: {}", rejection.body_text()))
     })?;
@@ -535,9 +549,7 @@ async fn list_domains(
             bounced: row.bounced,
         })
         .collect();
-    Ok(Json(
-        serde_json::json!({ "domains": domains, "next": next }),
-    ))
+    Ok(Json(ListPage { domains, next }))
 }
 
 // --- The server ---
