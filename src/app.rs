@@ -1,6 +1,6 @@
 //! Wires the parts together: store, consumer, purger and HTTP server, with a clean stop.
 
-use crate::config::{Config, redact_url};
+use crate::config::{Config, Tokens, redact_url};
 use crate::consumer;
 use crate::health::Health;
 use crate::http::{AppState, router};
@@ -77,7 +77,7 @@ impl App {
             health,
         } = self;
         // HTTP ingest: only with tokens (SPEC §5: never open), on a connection of its own.
-        let ingest = config.ingest_tokens.clone().map(|tokens| {
+        let ingest = Tokens::configured(&config.ingest_tokens).map(|tokens| {
             let mut settings =
                 crate::ingest::IngestSettings::new(&config.amqp.amqp_url, config.amqp.topology());
             settings.pack_window = std::time::Duration::from_millis(config.ingest_pack_window_ms);
@@ -90,7 +90,7 @@ impl App {
             metrics: metrics::install(),
             threshold: config.threshold,
             ingest,
-            query_tokens: config.query_tokens.clone(),
+            query_tokens: Tokens::configured(&config.query_tokens),
         };
         let limits = crate::http::ServerLimits::from_config(&config);
         tracing::info!(

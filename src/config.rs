@@ -128,13 +128,13 @@ pub struct Config {
     pub log_format: Option<LogFormat>,
 
     // --- HTTP ingest, queries and the server's limits (SPEC §5) ---
-    /// Bearer tokens that may use the ingest routes, comma-separated. Unset: the ingest routes
-    /// are off (404), never open. Never logged.
+    /// Bearer tokens that may use the ingest routes, comma-separated. Unset or empty: the ingest
+    /// routes are off (404), never open. Never logged.
     #[arg(long, env = "INGEST_TOKENS", hide_env_values = true)]
     pub ingest_tokens: Option<Tokens>,
 
-    /// Bearer tokens required for look-ups and listings, comma-separated. Unset: look-ups are
-    /// open (they are read-only). Never logged.
+    /// Bearer tokens required for look-ups and listings, comma-separated. Unset or empty:
+    /// look-ups are open (they are read-only). Never logged.
     #[arg(long, env = "QUERY_TOKENS", hide_env_values = true)]
     pub query_tokens: Option<Tokens>,
 
@@ -177,6 +177,13 @@ impl Tokens {
     }
 }
 
+impl Tokens {
+    /// The tokens, or `None` for an empty list (`INGEST_TOKENS=` in an env file means unset).
+    pub fn configured(tokens: &Option<Tokens>) -> Option<Tokens> {
+        tokens.clone().filter(|t| !t.0.is_empty())
+    }
+}
+
 impl std::str::FromStr for Tokens {
     type Err = String;
 
@@ -187,9 +194,6 @@ impl std::str::FromStr for Tokens {
             .filter(|t| !t.is_empty())
             .map(String::from)
             .collect();
-        if tokens.is_empty() {
-            return Err("no token in the list".into());
-        }
         Ok(Self(tokens.into()))
     }
 }
@@ -313,7 +317,10 @@ mod tests {
         assert!(tokens.accepts("alpha") && tokens.accepts("beta"));
         assert!(!tokens.accepts("alph") && !tokens.accepts("") && !tokens.accepts("alpha "));
         assert!(!format!("{tokens:?}").contains("alpha"));
-        assert!(" , ".parse::<Tokens>().is_err());
+        let empty: Tokens = " , ".parse().unwrap();
+        assert!(!empty.accepts("") && !empty.accepts(","));
+        assert_eq!(Tokens::configured(&Some(empty)), None);
+        assert_eq!(Tokens::configured(&Some(tokens.clone())), Some(tokens));
     }
 
     #[test]

@@ -508,6 +508,19 @@ async fn ingest_is_off_without_tokens() {
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["domain"], "example.com");
     worker.stop().await;
+
+    // An empty list (`INGEST_TOKENS=` in an env file) is no token: ingest stays off.
+    let (_db, _broker, worker) =
+        ingest_worker(|config| config.ingest_tokens = Some(" , ".parse().unwrap())).await;
+    let response = client
+        .put(worker.url("/events/a.example/delivered"))
+        .bearer_auth("")
+        .send()
+        .await
+        .unwrap();
+    let (status, _) = assert_json_4xx(response, "empty token list").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    worker.stop().await;
 }
 
 /// Opens a connection and sends half a request line, never finishing it.
