@@ -31,6 +31,9 @@ use rand::{Rng, SeedableRng};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+// The HTTP stage (issue 10): its own module, so the stages stay apart.
+mod http_stage;
+
 const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const PG_HOST: &str = "postgres://postgres@127.0.0.1:5432";
 const PER_MESSAGE: usize = 100;
@@ -57,6 +60,19 @@ struct Run {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
+    // BENCH_STAGES=http runs only the HTTP stage (ingest, listing, bulk look-up).
+    if std::env::var("BENCH_STAGES").is_ok_and(|s| s == "http") {
+        let report = http_stage::http_stage().await?;
+        http_stage::print_http(&report);
+        std::fs::create_dir_all("target/bench").context("creating target/bench")?;
+        std::fs::write(
+            "target/bench/http.json",
+            serde_json::to_string_pretty(&report)?,
+        )
+        .context("writing target/bench/http.json")?;
+        println!("\nwritten: target/bench/http.json");
+        return Ok(());
+    }
     let events_n = env_u64("BENCH_EVENTS", 500_000);
     let domains = env_u64("BENCH_DOMAINS", 100_000).max(1);
     // The worker's own defaults, overridden by the usual variables, as the binary reads them.
@@ -96,7 +112,12 @@ async fn main() -> Result<()> {
         Err(error) => Err(error),
     };
     run.drop_db(&run.template).await;
-    let report = result?;
+    let mut report = result?;
+    if std::env::var("BENCH_STAGES").is_err() {
+        let http = http_stage::http_stage().await?;
+        http_stage::print_http(&http);
+        report["http"] = http;
+    }
     eprintln!("bench: done in {:.0} s", started.elapsed().as_secs_f64());
     print_table(&report);
     std::fs::create_dir_all("target/bench").context("creating target/bench")?;

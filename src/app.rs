@@ -1,6 +1,6 @@
 //! Wires the parts together: store, consumer, purger and HTTP server, with a clean stop.
 
-use crate::config::{Config, redact_url};
+use crate::config::{Config, Tokens, redact_url};
 use crate::consumer;
 use crate::health::Health;
 use crate::http::{AppState, router};
@@ -94,13 +94,38 @@ impl App {
                     primary: store.clone(),
                     name: crate::pg::describe(url),
                 });
+        // HTTP ingest (only with tokens: SPEC §5, never open) and the webhooks (only with a
+        // provider's setting) publish through one confirming publisher on its own connection.
+        let ingest_tokens = Tokens::configured(&config.ingest_tokens);
+        let publisher = (ingest_tokens.is_some() || config.webhooks.any()).then(|| {
+            let mut settings =
+                crate::ingest::IngestSettings::new(&config.amqp.amqp_url, config.amqp.topology());
+            settings.pack_window = std::time::Duration::from_millis(config.ingest_pack_window_ms);
+            crate::ingest::Ingest::start(settings)
+        });
+        let webhooks = match &publisher {
+            Some(publisher) if config.webhooks.any() => Some(
+                crate::webhooks::WebhookState::new(
+                    Arc::new(publisher.clone()),
+                    config.webhooks.clone(),
+                )
+                .context("configuring the webhooks")?,
+            ),
+            _ => None,
+        };
+        let ingest = ingest_tokens.and_then(|tokens| Some((publisher.clone()?, tokens)));
+        let closing = publisher;
         let state = AppState {
             store: lookups,
             replica: replica.clone(),
             health: health.clone(),
             metrics: metrics::install(),
             threshold: config.threshold,
+            ingest,
+            query_tokens: Tokens::configured(&config.query_tokens),
+            webhooks,
         };
+        let limits = crate::http::ServerLimits::from_config(&config);
         tracing::info!(
             http = %listener.local_addr().context("reading the HTTP address")?,
             amqp = %redact_url(&config.amqp.amqp_url),
@@ -149,9 +174,7 @@ impl App {
         }
         let http_cancel = cancel.clone();
         let server = tracker.spawn(async move {
-            axum::serve(listener, router(state))
-                .with_graceful_shutdown(async move { http_cancel.cancelled().await })
-                .await
+            crate::http::serve(listener, router(state), limits, http_cancel).await
         });
         let consumer_cancel = cancel.clone();
         tracker.spawn(async move {
@@ -163,6 +186,9 @@ impl App {
             .await
             .context("the HTTP server task panicked")?
             .context("the HTTP server failed")?;
+        if let Some(ingest) = closing {
+            ingest.close().await;
+        }
         tracing::info!("Worker stopped.");
         Ok(())
     }

@@ -26,6 +26,8 @@ pub enum Command {
     /// Ask the worker listening on HTTP_ADDR whether it is healthy: exit 0 on a 2xx answer, 1
     /// otherwise (a container HEALTHCHECK without curl).
     Healthcheck(HealthcheckArgs),
+    /// Write the domains of one status as CSV (domain,delivered,bounced,status) and exit.
+    Export(crate::export::ExportArgs),
 }
 
 /// What `catchall healthcheck` asks.
@@ -153,12 +155,81 @@ pub struct Config {
     /// Log format; by default `pretty` on a terminal and `json` otherwise. Levels come from RUST_LOG.
     #[arg(long, env = "LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+
+    // --- HTTP ingest, queries and the server's limits (SPEC §5) ---
+    /// Bearer tokens that may use the ingest routes, comma-separated. Unset or empty: the ingest
+    /// routes are off (404), never open. Never logged.
+    #[arg(long, env = "INGEST_TOKENS", hide_env_values = true)]
+    pub ingest_tokens: Option<Tokens>,
+
+    /// Bearer tokens required for look-ups and listings, comma-separated. Unset or empty:
+    /// look-ups are open (they are read-only). Never logged.
+    #[arg(long, env = "QUERY_TOKENS", hide_env_values = true)]
+    pub query_tokens: Option<Tokens>,
+
+    /// How long a PUT without an Idempotency-Key waits for others to share its message, in ms.
+    #[arg(long, env = "INGEST_PACK_WINDOW_MS", default_value_t = 2)]
+    pub ingest_pack_window_ms: u64,
+
+    /// Requests served at once; past it requests get 503 with Retry-After instead of queueing.
+    #[arg(long, env = "HTTP_MAX_CONCURRENCY", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub http_max_concurrency: u32,
+
+    /// How long a request may take from its headers to its answer (slower ones get 408).
+    #[arg(long, env = "HTTP_REQUEST_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub http_request_timeout: Duration,
+
+    /// How long a client may take to send a request's headers before the connection is closed.
+    #[arg(long, env = "HTTP_HEADER_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub http_header_timeout: Duration,
 }
 
 impl AmqpArgs {
     /// The exchanges and queues these settings name.
     pub fn topology(&self) -> crate::amqp::Topology {
         crate::amqp::Topology::new(&self.exchange, &self.queue, self.delivery_limit)
+    }
+}
+
+/// Bearer tokens from a comma-separated list. Debug never shows them; cheap to clone (the HTTP
+/// state is cloned per request).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Tokens(std::sync::Arc<[String]>);
+
+impl Tokens {
+    /// True if `candidate` is one of the tokens, compared in constant time (per token).
+    pub fn accepts(&self, candidate: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.iter().fold(false, |found, token| {
+            found | bool::from(token.as_bytes().ct_eq(candidate.as_bytes()))
+        })
+    }
+}
+
+impl Tokens {
+    /// The tokens, or `None` for an empty list (`INGEST_TOKENS=` in an env file means unset).
+    pub fn configured(tokens: &Option<Tokens>) -> Option<Tokens> {
+        tokens.clone().filter(|t| !t.0.is_empty())
+    }
+}
+
+impl std::str::FromStr for Tokens {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let tokens: Vec<String> = s
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(String::from)
+            .collect();
+        Ok(Self(tokens.into()))
+    }
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tokens({} redacted)", self.0.len())
     }
 }
 
@@ -275,6 +346,18 @@ mod tests {
             .unwrap()
             .config;
         assert!(config.validate().unwrap_err().contains("PREFETCH"));
+    }
+
+    #[test]
+    fn tokens_parse_compare_and_hide() {
+        let tokens: Tokens = " alpha, beta ,,".parse().unwrap();
+        assert!(tokens.accepts("alpha") && tokens.accepts("beta"));
+        assert!(!tokens.accepts("alph") && !tokens.accepts("") && !tokens.accepts("alpha "));
+        assert!(!format!("{tokens:?}").contains("alpha"));
+        let empty: Tokens = " , ".parse().unwrap();
+        assert!(!empty.accepts("") && !empty.accepts(","));
+        assert_eq!(Tokens::configured(&Some(empty)), None);
+        assert_eq!(Tokens::configured(&Some(tokens.clone())), Some(tokens));
     }
 
     #[test]

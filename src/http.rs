@@ -1,20 +1,31 @@
-//! The HTTP server (SPEC §5): domain status, health, readiness and metrics.
+//! The HTTP server (SPEC §5): domain status, bulk look-ups and listings, HTTP ingest, health,
+//! readiness and metrics, behind limits that protect it (bodies, header and request timeouts,
+//! a cap on concurrent requests).
 
-use crate::event::{Status, normalize_domain};
+use crate::config::Tokens;
+use crate::event::{
+    Event, EventType, MAX_BATCH_EVENTS, MAX_BODY_BYTES, Status, normalize_domain, parse_message,
+};
 use crate::health::Health;
+use crate::ingest::{Ingest, IngestError};
 use crate::metrics;
 use crate::store::Store;
-use axum::extract::rejection::PathRejection;
-use axum::extract::{MatchedPath, Path, Request, State};
-use axum::http::{StatusCode, header};
+use axum::body::Bytes;
+use axum::error_handling::HandleErrorLayer;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::routing::{get, post, put};
+use axum::{BoxError, Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceBuilder;
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -26,23 +37,55 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Deliveries above which a never-bounced domain is catch-all.
     pub threshold: i64,
+    /// The ingest publisher and the tokens that may use it; `None`: the ingest routes are off.
+    pub ingest: Option<(Ingest, Tokens)>,
+    /// Tokens required for look-ups; `None`: look-ups are open.
+    pub query_tokens: Option<Tokens>,
+    /// The ESP webhook routes (each on only with its provider's setting); `None`: none is set.
+    pub webhooks: Option<crate::webhooks::WebhookState>,
 }
 
-/// Every route, with request metrics around them.
+/// Every route, with request metrics around them. Ingest routes exist only when ingest is on.
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let queries = Router::new()
         .route("/domains/{domain}", get(domain_status))
+        .route("/v1/domain/{domain}", get(domain_status))
+        .route("/domains", get(list_domains))
+        .route("/domains/lookup", post(lookup_domains))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_query_token,
+        ));
+    let mut app = Router::new()
+        .merge(queries)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(render_metrics))
-        .fallback(not_found)
+        .route("/metrics", get(render_metrics));
+    if state.ingest.is_some() {
+        let ingest = Router::new()
+            .route("/events/{domain}/{kind}", put(put_event))
+            .route("/v1/events/{domain}/{kind}", put(put_event))
+            .route("/events", post(post_events))
+            .route_layer(middleware::from_fn_with_state(
+                state.clone(),
+                require_ingest_token,
+            ));
+        app = app.merge(ingest);
+    }
+    let webhooks = state.webhooks.clone();
+    let mut app: Router = app.with_state(state);
+    if let Some(webhooks) = webhooks {
+        app = app.merge(crate::webhooks::router(webhooks));
+    }
+    app.fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(track))
         .layer(middleware::from_fn(crate::trace_http::trace))
-        .with_state(state)
 }
 
-/// An error answer: `{"error": "…"}` with a status code.
+/// An error answer: `{"error": "…"}` with a status code (and `Retry-After` on a 503, a bearer
+/// challenge on a 401).
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
@@ -56,16 +99,52 @@ impl ApiError {
             message: message.into(),
         }
     }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
+        let mut response = (
             self.status,
             Json(serde_json::json!({ "error": self.message })),
         )
-            .into_response()
+            .into_response();
+        let headers = response.headers_mut();
+        match self.status {
+            StatusCode::SERVICE_UNAVAILABLE => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            StatusCode::UNAUTHORIZED => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
+        }
+        response
     }
+}
+
+impl From<IngestError> for ApiError {
+    fn from(error: IngestError) -> Self {
+        tracing::debug!(error = %error, "Ingest not confirmed; answering 503.");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "events not accepted: the broker did not confirm them; retry later",
+        )
+    }
+}
+
+fn database_unavailable(error: crate::store::StoreError) -> ApiError {
+    tracing::warn!(
+        error = format!("{:#}", anyhow::Error::new(error)),
+        "Look-up failed."
+    );
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the database is unavailable",
+    )
 }
 
 #[derive(Debug, Serialize)]
@@ -91,16 +170,11 @@ async fn domain_status(
     let domain = normalize_domain(&raw).map_err(|reason| {
         ApiError::new(StatusCode::BAD_REQUEST, format!("invalid domain: {reason}"))
     })?;
-    let counts = state.store.lookup(&domain).await.map_err(|error| {
-        tracing::warn!(
-            error = format!("{:#}", anyhow::Error::new(error)),
-            "Status look-up failed."
-        );
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the database is unavailable",
-        )
-    })?;
+    let counts = state
+        .store
+        .lookup(&domain)
+        .await
+        .map_err(database_unavailable)?;
     Ok(Json(DomainStatus {
         status: Status::classify(counts.delivered, counts.bounced, state.threshold),
         domain,
@@ -178,4 +252,496 @@ async fn track(request: Request, next: Next) -> Response {
     let response = next.run(request).await;
     metrics::http_request(&route, response.status().as_u16(), started.elapsed());
     response
+}
+
+// --- Bearer tokens ---
+
+/// The token of an `Authorization: Bearer …` header, if there is one.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// 401 unless the request carries one of `tokens`. The answer never repeats what was sent.
+fn check_token(tokens: &Tokens, headers: &HeaderMap) -> Result<(), ApiError> {
+    match bearer(headers) {
+        Some(token) if tokens.accepts(token) => Ok(()),
+        Some(_) => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "the bearer token is not valid",
+        )),
+        None => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing Authorization: Bearer token",
+        )),
+    }
+}
+
+async fn require_ingest_token(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match &state.ingest {
+        Some((_, tokens)) => match check_token(tokens, request.headers()) {
+            Ok(()) => next.run(request).await,
+            Err(error) => error.into_response(),
+        },
+        None => not_found().await.into_response(),
+    }
+}
+
+async fn require_query_token(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if let Some(tokens) = &state.query_tokens {
+        if let Err(error) = check_token(tokens, request.headers()) {
+            return error.into_response();
+        }
+    }
+    next.run(request).await
+}
+
+// --- Ingest ---
+
+/// The `Idempotency-Key` header, which becomes the message id: 1–255 visible ASCII characters
+/// (an AMQP short string that Postgres can store).
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let bytes = value.as_bytes();
+    if bytes.is_empty() || bytes.len() > 255 || !bytes.iter().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::bad_request(
+            "Idempotency-Key must be 1 to 255 visible ASCII characters",
+        ));
+    }
+    Ok(Some(String::from_utf8_lossy(bytes).into_owned()))
+}
+
+fn accepted(events: usize) -> Response {
+    (
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "accepted": events })),
+    )
+        .into_response()
+}
+
+fn ingest(state: &AppState) -> Result<&Ingest, ApiError> {
+    state
+        .ingest
+        .as_ref()
+        .map(|(ingest, _)| ingest)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no such route"))
+}
+
+/// `PUT /events/{domain}/{delivered|bounced}` (and `/v1/events/…`): one event, 202 once confirmed.
+async fn put_event(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path((raw_domain, raw_kind)) = path.map_err(|rejection| {
+        ApiError::bad_request(format!("invalid path: {}", rejection.body_text()))
+    })?;
+    let kind: EventType = raw_kind
+        .parse()
+        .map_err(|_| ApiError::bad_request("event type must be \"delivered\" or \"bounced\""))?;
+    let event = Event::new(&raw_domain, kind)
+        .map_err(|reason| ApiError::bad_request(format!("invalid domain: {reason}")))?;
+    let key = idempotency_key(&headers)?;
+    ingest(&state)?.publish_one(event, key).await?;
+    Ok(accepted(1))
+}
+
+/// `POST /events`: a JSON array or NDJSON of events, published as one message, 202 once
+/// confirmed. Nothing of a request with any bad event is published.
+async fn post_events(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body =
+        body.map_err(|rejection| ApiError::new(rejection.status(), rejection.body_text()))?;
+    let key = idempotency_key(&headers)?;
+    let events = parse_events(&body).map_err(ApiError::bad_request)?;
+    ingest(&state)?.publish_many(&events, key).await?;
+    Ok(accepted(events.len()))
+}
+
+/// Parses a JSON array of events or NDJSON (one event object per line, blank lines ignored).
+/// The error names the first bad event (array index or line number, from 1).
+pub fn parse_events(body: &[u8]) -> Result<Vec<Event>, String> {
+    let text = std::str::from_utf8(body).map_err(|_| "body is not UTF-8".to_string())?;
+    let events = match text.trim_start().as_bytes().first() {
+        None => return Err("body is empty: send a JSON array or NDJSON of events".into()),
+        Some(b'[') => {
+            let items: Vec<serde_json::Value> = serde_json::from_str(text)
+                .map_err(|e| format!("body is not a valid JSON array: {e}"))?;
+            if items.len() > MAX_BATCH_EVENTS {
+                return Err(format!("more than {MAX_BATCH_EVENTS} events"));
+            }
+            let mut events = Vec::with_capacity(items.len());
+            for (index, item) in items.iter().enumerate() {
+                events.push(
+                    one_event(item.to_string().as_bytes(), item.is_object())
+                        .map_err(|reason| format!("event {}: {reason}", index + 1))?,
+                );
+            }
+            events
+        }
+        Some(_) => {
+            let mut events = Vec::new();
+            for (number, line) in text.lines().enumerate() {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                if events.len() == MAX_BATCH_EVENTS {
+                    return Err(format!("more than {MAX_BATCH_EVENTS} events"));
+                }
+                let is_object = line.trim_start().starts_with('{');
+                events.push(
+                    one_event(line.as_bytes(), is_object)
+                        .map_err(|reason| format!("line {}: {reason}", number + 1))?,
+                );
+            }
+            events
+        }
+    };
+    if events.is_empty() {
+        return Err("no events in the body".into());
+    }
+    Ok(events)
+}
+
+/// One event object, parsed and normalised by the wire format's own rules.
+fn one_event(json: &[u8], is_object: bool) -> Result<Event, String> {
+    if !is_object {
+        return Err("not an event object".into());
+    }
+    let mut events = parse_message(json).map_err(|reason| reason.to_string())?;
+    events.pop().ok_or_else(|| "not an event object".into())
+}
+
+// --- Bulk look-up and listing ---
+
+#[derive(Deserialize)]
+struct LookupRequest {
+    domains: Vec<String>,
+}
+
+/// One entry of a bulk answer: the status, or why the domain is invalid.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum LookupEntry {
+    Found(DomainStatus),
+    Invalid { domain: String, error: String },
+}
+
+/// `POST /domains/lookup`: every domain's status in one round trip to Postgres, in the order
+/// asked. Invalid domains are reported in their entry, not by failing the whole request.
+async fn lookup_domains(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<LookupAnswer>, ApiError> {
+    let body =
+        body.map_err(|rejection| ApiError::new(rejection.status(), rejection.body_text()))?;
+    let request: LookupRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "body must be {{\"domains\": [\"example.com\", …]}}: {e}"
+        ))
+    })?;
+    if request.domains.len() > MAX_BATCH_EVENTS {
+        return Err(ApiError::bad_request(format!(
+            "more than {MAX_BATCH_EVENTS} domains"
+        )));
+    }
+    let normalised: Vec<Result<String, String>> = request
+        .domains
+        .iter()
+        .map(|raw| normalize_domain(raw).map_err(|reason| format!("invalid domain: {reason}")))
+        .collect();
+    let mut valid: Vec<String> = normalised
+        .iter()
+        .filter_map(|n| n.as_ref().ok().cloned())
+        .collect();
+    valid.sort_unstable();
+    valid.dedup();
+    let found = state
+        .store
+        .lookup_many(&valid)
+        .await
+        .map_err(database_unavailable)?;
+    let results: Vec<LookupEntry> = request
+        .domains
+        .into_iter()
+        .zip(normalised)
+        .map(|(raw, normalised)| match normalised {
+            Ok(domain) => {
+                let counts = found.get(&domain).copied().unwrap_or_default();
+                LookupEntry::Found(DomainStatus {
+                    status: Status::classify(counts.delivered, counts.bounced, state.threshold),
+                    domain,
+                    delivered: counts.delivered,
+                    bounced: counts.bounced,
+                    other_bounced: counts.other_bounced,
+                })
+            }
+            Err(error) => LookupEntry::Invalid { domain: raw, error },
+        })
+        .collect();
+    Ok(Json(LookupAnswer { results }))
+}
+
+/// The answer of `POST /domains/lookup` (serialised straight from the structs, no JSON tree).
+#[derive(Serialize)]
+struct LookupAnswer {
+    results: Vec<LookupEntry>,
+}
+
+/// A page of `GET /domains`.
+#[derive(Serialize)]
+struct ListPage {
+    domains: Vec<DomainStatus>,
+    /// The `after` of the next page; `None` (null) on the last one.
+    next: Option<String>,
+}
+
+/// Default and largest page of `GET /domains`.
+pub const DEFAULT_PAGE: u32 = 1000;
+pub const MAX_PAGE: u32 = 10_000;
+
+#[derive(Deserialize)]
+struct ListParams {
+    status: Option<String>,
+    after: Option<String>,
+    limit: Option<u32>,
+}
+
+/// A status as written in a query or on the command line: `catch-all`, `not-catch-all` (or
+/// `not catch-all`), `unknown`.
+pub fn parse_status(raw: &str) -> Result<Status, String> {
+    match raw.trim() {
+        "catch-all" => Ok(Status::CatchAll),
+        "not-catch-all" | "not catch-all" => Ok(Status::NotCatchAll),
+        "unknown" => Ok(Status::Unknown),
+        _ => Err("status must be catch-all, not-catch-all or unknown".into()),
+    }
+}
+
+/// `GET /domains?status=…&after=…&limit=…`: domains in byte order after the cursor `after`
+/// (keyset pagination: each page is one index range scan, so pages stay fast however deep, and
+/// a domain is never listed twice even while counters change). `next` is the cursor of the
+/// next page, `null` on the last one.
+async fn list_domains(
+    State(state): State<AppState>,
+    query: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Json<ListPage>, ApiError> {
+    let Query(params) = query.map_err(|rejection| {
+        ApiError::bad_request(format!("invalid query: {}", rejection.body_text()))
+    })?;
+    let status = params
+        .status
+        .as_deref()
+        .map(parse_status)
+        .transpose()
+        .map_err(ApiError::bad_request)?;
+    let limit = params.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "limit must be between 1 and {MAX_PAGE}"
+        )));
+    }
+    let after = params.after.unwrap_or_default();
+    if after.len() > 1024 {
+        return Err(ApiError::bad_request(
+            "after is longer than a domain can be",
+        ));
+    }
+    let page = state
+        .store
+        .list_domains(status, state.threshold, &after, limit)
+        .await
+        .map_err(database_unavailable)?;
+    let next = (page.len() == limit as usize)
+        .then(|| page.last().map(|row| row.domain.clone()))
+        .flatten();
+    let domains: Vec<DomainStatus> = page
+        .into_iter()
+        .map(|row| DomainStatus {
+            status: Status::classify(row.delivered, row.bounced, state.threshold),
+            domain: row.domain,
+            delivered: row.delivered,
+            bounced: row.bounced,
+            other_bounced: row.other_bounced,
+        })
+        .collect();
+    Ok(Json(ListPage { domains, next }))
+}
+
+// --- The server ---
+
+/// The limits the server protects itself with.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerLimits {
+    /// Requests served at once; more get 503 with `Retry-After`.
+    pub max_concurrency: usize,
+    /// From a request's headers to its answer; slower requests get 408.
+    pub request_timeout: Duration,
+    /// For a client to send a request's headers; slower connections are closed.
+    pub header_timeout: Duration,
+    /// Largest request head (request line and headers); larger get 431 and the connection closes.
+    pub max_header_bytes: usize,
+}
+
+impl ServerLimits {
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        Self {
+            max_concurrency: config.http_max_concurrency as usize,
+            request_timeout: config.http_request_timeout,
+            header_timeout: config.http_header_timeout,
+            max_header_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// The 503 (overload) and 408 (timeout) answers of the protective layers, as JSON.
+async fn protection_error(error: BoxError) -> Response {
+    if error.is::<tower::load_shed::error::Overloaded>() {
+        metrics::http_request("overloaded", 503, Duration::ZERO);
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many requests at once; retry later",
+        )
+        .into_response()
+    } else if error.is::<tower::timeout::error::Elapsed>() {
+        ApiError::new(StatusCode::REQUEST_TIMEOUT, "the request took too long").into_response()
+    } else {
+        tracing::warn!(error = %error, "HTTP middleware failed.");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
+    }
+}
+
+/// Serves `app` on `listener` until `cancel` fires, then lets requests in flight finish.
+///
+/// hyper directly (not `axum::serve`), so a connection that does not send its headers within
+/// `header_timeout` is closed and request heads are bounded; concurrency is capped with
+/// load-shedding (503, never an unbounded queue) and every request has a deadline (408).
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: ServerLimits,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
+    let limited = ServiceBuilder::new()
+        .layer(HandleErrorLayer::new(protection_error))
+        .load_shed()
+        .concurrency_limit(limits.max_concurrency)
+        .timeout(limits.request_timeout)
+        .service(app.clone());
+    // Probes and metrics bypass the cap: an overloaded worker must not look dead to its
+    // orchestrator (and be restarted) or go dark to its monitoring.
+    let unlimited = app.into_service::<axum::body::Body>();
+    let service = Router::new()
+        .route_service("/healthz", unlimited.clone())
+        .route_service("/readyz", unlimited.clone())
+        .route_service("/metrics", unlimited)
+        .fallback_service(limited);
+    let connections = tokio_util::task::TaskTracker::new();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of file descriptors and the like: pause instead of spinning.
+                    tracing::warn!(error = %error, "Accepting an HTTP connection failed.");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = cancel.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(service.clone());
+        let cancel = cancel.clone();
+        connections.spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .max_header_size(limits.max_header_bytes);
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            let mut connection = std::pin::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                _ = cancel.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(error) = result {
+                tracing::debug!(error = %error, "HTTP connection ended with an error.");
+            }
+        });
+    }
+    connections.close();
+    connections.wait().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_parse_as_array_or_ndjson_and_name_the_first_bad_one() {
+        let array = br#"[{"domain":"A.example.","type":"delivered"},{"domain":"b.example","type":"bounced","extra":1}]"#;
+        let events = parse_events(array).unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[0].domain, "a.example");
+        let ndjson = b"{\"domain\":\"a.example\",\"type\":\"delivered\"}\n\n{\"domain\":\"b.example\",\"type\":\"bounced\"}\n";
+        assert_eq!(parse_events(ndjson).unwrap().len(), 2);
+        let bad = b"{\"domain\":\"a.example\",\"type\":\"delivered\"}\n[1]\n";
+        assert!(parse_events(bad).unwrap_err().starts_with("line 2"));
+        assert!(
+            parse_events(br#"[{"domain":"a.example","type":"x"}]"#)
+                .unwrap_err()
+                .starts_with("event 1")
+        );
+        assert!(parse_events(b"  ").is_err());
+        assert!(parse_events(b"[[{\"domain\":\"a.example\",\"type\":\"delivered\"}]]").is_err());
+    }
+
+    #[test]
+    fn statuses_parse_in_both_spellings() {
+        assert_eq!(parse_status("catch-all"), Ok(Status::CatchAll));
+        assert_eq!(parse_status("not-catch-all"), Ok(Status::NotCatchAll));
+        assert_eq!(parse_status("not catch-all"), Ok(Status::NotCatchAll));
+        assert_eq!(parse_status("unknown"), Ok(Status::Unknown));
+        assert!(parse_status("catchall").is_err());
+    }
+
+    #[test]
+    fn bearer_tokens_are_read_from_the_authorization_header() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(bearer(&headers), None);
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer abc"),
+        );
+        assert_eq!(bearer(&headers), Some("abc"));
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("bearer  abc "),
+        );
+        assert_eq!(bearer(&headers), Some("abc"));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer(&headers), None);
+    }
 }

@@ -63,6 +63,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    if let Some(Command::Export(args)) = &cli.command {
+        let rows = catchall::export::run(args, &config.database_url, config.threshold).await?;
+        tracing::info!(rows, "Export written.");
+        return Ok(());
+    }
 
     let shutdown_timeout = config.shutdown_timeout;
     let app = App::build(config).await?;

@@ -304,3 +304,99 @@ impl Store {
         Ok(row.get(0))
     }
 }
+
+// --- Bulk look-ups and listings (SPEC §5, issue 10) ---
+
+/// One row of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainRow {
+    pub domain: String,
+    pub delivered: i64,
+    pub bounced: i64,
+    pub other_bounced: i64,
+}
+
+const LOOKUP_MANY: &str =
+    "SELECT domain, delivered, bounced, other_bounced FROM domains WHERE domain = ANY($1::text[])";
+// One statement per status, with the status as literal predicates so the planner can use the
+// partial index `domains_never_bounced` (V3) for catch-all and unknown. `$1` is the cursor.
+const LIST_ALL: &str = "SELECT domain, delivered, bounced, other_bounced FROM domains \
+     WHERE domain > $1 ORDER BY domain LIMIT $2";
+const LIST_CATCH_ALL: &str = "SELECT domain, delivered, bounced, other_bounced FROM domains \
+     WHERE bounced = 0 AND delivered > $3 AND domain > $1 ORDER BY domain LIMIT $2";
+const LIST_UNKNOWN: &str = "SELECT domain, delivered, bounced, other_bounced FROM domains \
+     WHERE bounced = 0 AND delivered <= $3 AND domain > $1 ORDER BY domain LIMIT $2";
+const LIST_NOT_CATCH_ALL: &str = "SELECT domain, delivered, bounced, other_bounced FROM domains \
+     WHERE bounced >= 1 AND domain > $1 ORDER BY domain LIMIT $2";
+
+impl Store {
+    /// The counters of many (normalised) domains in one round trip; never-seen ones are absent.
+    pub async fn lookup_many(
+        &self,
+        domains: &[String],
+    ) -> Result<std::collections::HashMap<String, Counts>, StoreError> {
+        if domains.is_empty() {
+            return Ok(Default::default());
+        }
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(LOOKUP_MANY).await?;
+        let rows = client.query(&statement, &[&domains]).await?;
+        Ok(rows
+            .iter()
+            .map(|row| {
+                (
+                    row.get(0),
+                    Counts {
+                        delivered: row.get(1),
+                        bounced: row.get(2),
+                        other_bounced: row.get(3),
+                    },
+                )
+            })
+            .collect())
+    }
+
+    /// Up to `limit` domains after `after` in byte order, of one status (or all): one keyset
+    /// page. Domains never seen (status unknown with no row) are not listed.
+    pub async fn list_domains(
+        &self,
+        status: Option<crate::event::Status>,
+        threshold: i64,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<DomainRow>, StoreError> {
+        use crate::event::Status;
+        let client = self.pool.get().await?;
+        let limit = i64::from(limit);
+        let rows = match status {
+            None => {
+                let statement = client.prepare_cached(LIST_ALL).await?;
+                client.query(&statement, &[&after, &limit]).await?
+            }
+            Some(Status::NotCatchAll) => {
+                let statement = client.prepare_cached(LIST_NOT_CATCH_ALL).await?;
+                client.query(&statement, &[&after, &limit]).await?
+            }
+            Some(status) => {
+                let sql = if status == Status::CatchAll {
+                    LIST_CATCH_ALL
+                } else {
+                    LIST_UNKNOWN
+                };
+                let statement = client.prepare_cached(sql).await?;
+                client
+                    .query(&statement, &[&after, &limit, &threshold])
+                    .await?
+            }
+        };
+        Ok(rows
+            .iter()
+            .map(|row| DomainRow {
+                domain: row.get(0),
+                delivered: row.get(1),
+                bounced: row.get(2),
+                other_bounced: row.get(3),
+            })
+            .collect())
+    }
+}

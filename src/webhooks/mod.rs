@@ -70,6 +70,39 @@ pub struct WebhookArgs {
     pub sns_cert: Option<std::path::PathBuf>,
 }
 
+impl WebhookArgs {
+    /// The same settings with empty values (an env file's `KEY=`) taken as unset, so an empty
+    /// signing key never turns a route on.
+    pub fn normalized(mut self) -> Self {
+        let clear = |value: &mut Option<String>| {
+            if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                *value = None;
+            }
+        };
+        clear(&mut self.mailgun_signing_key);
+        clear(&mut self.sendgrid_public_key);
+        clear(&mut self.postmark_auth);
+        self.sns_topic_arns.retain(|arn| !arn.trim().is_empty());
+        if self
+            .sns_cert
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            self.sns_cert = None;
+        }
+        self
+    }
+
+    /// Whether any provider's route is on.
+    pub fn any(&self) -> bool {
+        let settings = self.clone().normalized();
+        settings.mailgun_signing_key.is_some()
+            || settings.sendgrid_public_key.is_some()
+            || settings.postmark_auth.is_some()
+            || !settings.sns_topic_arns.is_empty()
+    }
+}
+
 impl std::fmt::Debug for WebhookArgs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let set = |v: &Option<String>| if v.is_some() { "<set>" } else { "<unset>" };
@@ -184,6 +217,7 @@ impl WebhookState {
     ///
     /// Fails at start on a SendGrid key that is not a base64 P-256 public key.
     pub fn new(sink: Arc<dyn EventSink>, settings: WebhookArgs) -> anyhow::Result<Self> {
+        let settings = settings.normalized();
         if let Some(key) = &settings.sendgrid_public_key {
             sendgrid::check_key(key)?;
         }
@@ -372,5 +406,27 @@ pub(crate) mod tests {
         value["Signature"] =
             rsa_sign(super::sns::canonical_string(&envelope).as_bytes(), version).into();
         value.to_string()
+    }
+}
+
+#[cfg(test)]
+mod settings_tests {
+    use super::WebhookArgs;
+
+    #[test]
+    fn empty_settings_turn_no_route_on() {
+        let empty = WebhookArgs {
+            mailgun_signing_key: Some(String::new()),
+            sendgrid_public_key: Some(" ".into()),
+            postmark_auth: Some(String::new()),
+            sns_topic_arns: vec![String::new()],
+            sns_cert: None,
+        };
+        assert!(!empty.any());
+        let mailgun = WebhookArgs {
+            mailgun_signing_key: Some("key".into()),
+            ..WebhookArgs::default()
+        };
+        assert!(mailgun.any());
     }
 }

@@ -409,3 +409,45 @@ async fn provider_webhooks_are_verified_published_and_counted() {
     }
     worker.stop().await;
 }
+
+/// The worker itself serves a configured provider's route, publishing through its own
+/// confirming publisher (no INGEST_TOKENS needed): a delivery posted twice counts once, a hard
+/// bounce counts, and providers left unset stay off.
+#[tokio::test]
+async fn the_worker_serves_configured_webhooks_with_its_confirming_publisher() {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    let mut config = TestWorker::config(&db, &broker);
+    config.webhooks.postmark_auth = Some("hook:s3cret".into());
+    config.webhooks.mailgun_signing_key = Some(String::new()); // empty: stays off
+    let worker = TestWorker::start(config).await;
+    worker.ready().await;
+    let client = reqwest::Client::new();
+    let auth = format!("Basic {}", STANDARD.encode("hook:s3cret"));
+    for name in [
+        "postmark-delivery.json",
+        "postmark-delivery.json",
+        "postmark-hard-bounce.json",
+    ] {
+        let response = client
+            .post(worker.url("/webhooks/postmark"))
+            .header("authorization", &auth)
+            .body(fixture(name))
+            .send()
+            .await
+            .expect("POST /webhooks/postmark");
+        assert_eq!(response.status(), StatusCode::OK, "{name}");
+    }
+    for off in ["/webhooks/mailgun", "/webhooks/sendgrid", "/webhooks/ses"] {
+        let response = client
+            .post(worker.url(off))
+            .body("{}")
+            .send()
+            .await
+            .expect("POST");
+        assert_eq!(response.status(), StatusCode::NOT_FOUND, "{off}");
+    }
+    let expected: Counts = [("example.com".to_string(), (1, 1))].into_iter().collect();
+    assert_counts_eventually(&db, &expected, Duration::from_secs(30)).await;
+    worker.stop().await;
+}

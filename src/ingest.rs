@@ -1,0 +1,319 @@
+//! HTTP ingest's publisher (SPEC §5): events go onto the exchange as persistent messages, and a
+//! caller learns of success only once the broker confirmed them (publisher confirms on a
+//! connection of its own, reopened when lost).
+//!
+//! Single events without an `Idempotency-Key` are packed: a PUT waits at most `pack_window` for
+//! others, the pack goes out as one `batch` message with a fresh `message_id`, and every PUT in
+//! it is answered after that message's confirm. An event with an `Idempotency-Key` is never
+//! packed: it is its own message with `message_id` = the key, so a retry of it is deduplicated by
+//! the worker like any republished message (a pack's fresh id could not be).
+
+use crate::amqp::{Topology, connect};
+use crate::config::redact_url;
+use crate::event::{Event, MAX_BODY_BYTES};
+use lapin::PublisherConfirm;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+/// What the publisher needs (not the whole worker configuration).
+#[derive(Debug, Clone)]
+pub struct IngestSettings {
+    /// RabbitMQ URL; never logged with its password.
+    pub amqp_url: String,
+    /// Where events are published; declared at every (re)connect.
+    pub topology: Topology,
+    /// How long a single event waits for others to share its message.
+    pub pack_window: Duration,
+    /// Most events packed into one message.
+    pub pack_max: usize,
+    /// How long to wait for the broker's confirm before answering 503.
+    pub confirm_timeout: Duration,
+    /// After a failed connect, requests fail fast (503) for this long instead of each trying again.
+    pub reconnect_pause: Duration,
+}
+
+impl IngestSettings {
+    pub fn new(amqp_url: &str, topology: Topology) -> Self {
+        Self {
+            amqp_url: amqp_url.to_string(),
+            topology,
+            pack_window: Duration::from_millis(2),
+            pack_max: 1000,
+            confirm_timeout: Duration::from_secs(5),
+            reconnect_pause: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Why events were not accepted; every variant means "not confirmed, try again later" (503).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum IngestError {
+    #[error("RabbitMQ is unavailable: {0}")]
+    Unavailable(String),
+    #[error("RabbitMQ did not confirm the message: {0}")]
+    NotConfirmed(String),
+    #[error("the ingest publisher has stopped")]
+    Stopped,
+}
+
+type Reply = oneshot::Sender<Result<(), IngestError>>;
+
+/// The publisher shared by the HTTP handlers. Cheap to clone.
+#[derive(Clone)]
+pub struct Ingest {
+    link: Arc<Link>,
+    packer: mpsc::Sender<(Event, Reply)>,
+}
+
+/// The connection and its confirming channel, reopened on demand.
+struct Link {
+    settings: IngestSettings,
+    open: Mutex<LinkState>,
+}
+
+#[derive(Default)]
+struct LinkState {
+    current: Option<(Connection, Channel)>,
+    last_failure: Option<Instant>,
+}
+
+impl Ingest {
+    /// Starts the packer task; the connection opens with the first publish. The packer ends
+    /// when the last clone of this value is dropped.
+    pub fn start(settings: IngestSettings) -> Self {
+        let (packer, queue) = mpsc::channel(settings.pack_max * 4);
+        let link = Arc::new(Link {
+            settings,
+            open: Mutex::new(LinkState::default()),
+        });
+        tokio::spawn(pack_loop(link.clone(), queue));
+        Self { link, packer }
+    }
+
+    /// Opens the connection now, so the first request does not pay for it.
+    pub async fn warm_up(&self) -> Result<(), IngestError> {
+        self.link.channel().await.map(|_| ())
+    }
+
+    /// Closes the connection (at shutdown, once the HTTP server has stopped).
+    pub async fn close(&self) {
+        let mut state = self.link.open.lock().await;
+        if let Some((connection, _)) = state.current.take() {
+            let _ = connection.close(200, "worker stopping".into()).await;
+        }
+    }
+
+    /// Publishes one event and returns once the broker confirmed it. With a key, the event is its
+    /// own message with that `message_id`; without one, it may share a message with others.
+    pub async fn publish_one(&self, event: Event, key: Option<String>) -> Result<(), IngestError> {
+        if let Some(key) = key {
+            let body = serde_json::to_vec(&event).expect("an event always serialises");
+            let confirm = self.link.send(event.kind.as_str(), &body, &key).await?;
+            return self.link.settle(confirm).await;
+        }
+        let (reply, answer) = oneshot::channel();
+        self.packer
+            .send((event, reply))
+            .await
+            .map_err(|_| IngestError::Stopped)?;
+        answer.await.map_err(|_| IngestError::Stopped)?
+    }
+
+    /// Publishes events as one message (`message_id` = `key`, else a fresh UUIDv7) and returns
+    /// once the broker confirmed it. The caller keeps the body under 1 MiB.
+    pub async fn publish_many(
+        &self,
+        events: &[Event],
+        key: Option<String>,
+    ) -> Result<(), IngestError> {
+        let body = serde_json::to_vec(events).expect("events always serialise");
+        let id = key.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        let confirm = self.link.send("batch", &body, &id).await?;
+        self.link.settle(confirm).await
+    }
+}
+
+impl Link {
+    /// The open channel, or a new connection with the topology declared and confirms on. After a
+    /// failed attempt, callers fail fast for `reconnect_pause` rather than queue up behind
+    /// connects to a broker that is down.
+    async fn channel(&self) -> Result<Channel, IngestError> {
+        let mut state = self.open.lock().await;
+        if let Some((_, channel)) = &state.current {
+            if channel.status().connected() {
+                return Ok(channel.clone());
+            }
+            state.current = None;
+        }
+        if let Some(failed) = state.last_failure {
+            if failed.elapsed() < self.settings.reconnect_pause {
+                return Err(IngestError::Unavailable("reconnecting".into()));
+            }
+        }
+        match tokio::time::timeout(self.settings.confirm_timeout, self.open_channel()).await {
+            Ok(Ok((connection, channel))) => {
+                state.current = Some((connection, channel.clone()));
+                state.last_failure = None;
+                tracing::info!("Ingest publisher connected to RabbitMQ.");
+                Ok(channel)
+            }
+            Ok(Err(error)) => {
+                state.last_failure = Some(Instant::now());
+                tracing::warn!(
+                    amqp = %redact_url(&self.settings.amqp_url),
+                    error = format!("{:#}", error),
+                    "Ingest publisher could not connect to RabbitMQ."
+                );
+                Err(IngestError::Unavailable(error.to_string()))
+            }
+            Err(_) => {
+                state.last_failure = Some(Instant::now());
+                Err(IngestError::Unavailable("connect timed out".into()))
+            }
+        }
+    }
+
+    async fn open_channel(&self) -> anyhow::Result<(Connection, Channel)> {
+        use anyhow::Context;
+        let connection = connect(
+            &self.settings.amqp_url,
+            &format!("catchall ingest {}", self.settings.topology.exchange),
+        )
+        .await
+        .context("connecting")?;
+        let channel = connection
+            .create_channel()
+            .await
+            .context("opening a channel")?;
+        self.settings
+            .topology
+            .declare(&channel)
+            .await
+            .context("declaring the topology")?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .context("enabling publisher confirms")?;
+        Ok((connection, channel))
+    }
+
+    /// Hands a message to the broker (persistent, mandatory, JSON, with its id); the confirm is
+    /// awaited with [`Link::settle`].
+    async fn send(
+        &self,
+        routing_key: &str,
+        body: &[u8],
+        message_id: &str,
+    ) -> Result<PublisherConfirm, IngestError> {
+        debug_assert!(body.len() <= MAX_BODY_BYTES);
+        let channel = self.channel().await?;
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_message_id(message_id.into());
+        let published = channel
+            .basic_publish(
+                self.settings.topology.exchange.as_str().into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                body,
+                properties,
+            )
+            .await;
+        published.map_err(|error| {
+            self.forget(&channel);
+            IngestError::Unavailable(error.to_string())
+        })
+    }
+
+    /// Waits for the broker's verdict on a message. Only an ack of a routed message is success.
+    async fn settle(&self, confirm: PublisherConfirm) -> Result<(), IngestError> {
+        let timeout = self.settings.confirm_timeout;
+        match tokio::time::timeout(timeout, confirm).await {
+            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+            Ok(Ok(Confirmation::Ack(Some(returned)))) => Err(IngestError::NotConfirmed(format!(
+                "returned as unroutable: {}",
+                returned.reply_text
+            ))),
+            Ok(Ok(Confirmation::Nack(_))) => Err(IngestError::NotConfirmed("nacked".into())),
+            Ok(Ok(Confirmation::NotRequested)) => {
+                Err(IngestError::NotConfirmed("confirms are off".into()))
+            }
+            Ok(Err(error)) => Err(IngestError::Unavailable(error.to_string())),
+            Err(_) => Err(IngestError::NotConfirmed(format!(
+                "no confirm within {timeout:?}"
+            ))),
+        }
+    }
+
+    /// Drops the connection a failed publish used, so the next one reconnects.
+    fn forget(&self, channel: &Channel) {
+        if let Ok(mut state) = self.open.try_lock() {
+            if state
+                .current
+                .as_ref()
+                .is_some_and(|(_, current)| current.id() == channel.id())
+            {
+                state.current = None;
+            }
+        }
+    }
+}
+
+/// Packs waiting single events into messages: takes what is queued, waits up to `pack_window`
+/// for more (at most `pack_max`), publishes, and answers every event of the pack after its
+/// confirm, while the next pack gathers.
+async fn pack_loop(link: Arc<Link>, mut queue: mpsc::Receiver<(Event, Reply)>) {
+    let (window, max) = (link.settings.pack_window, link.settings.pack_max.max(1));
+    while let Some(first) = queue.recv().await {
+        let mut pack = vec![first];
+        let deadline = tokio::time::Instant::now() + window;
+        while pack.len() < max {
+            match tokio::time::timeout_at(deadline, queue.recv()).await {
+                Ok(Some(job)) => pack.push(job),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let (events, replies): (Vec<Event>, Vec<Reply>) = pack.into_iter().unzip();
+        let (routing_key, body) = if events.len() == 1 {
+            (events[0].kind.as_str(), serde_json::to_vec(&events[0]))
+        } else {
+            ("batch", serde_json::to_vec(&events))
+        };
+        let body = body.expect("events always serialise");
+        let id = uuid::Uuid::now_v7().to_string();
+        let sent = link.send(routing_key, &body, &id).await;
+        let link = link.clone();
+        tokio::spawn(async move {
+            let outcome = match sent {
+                Ok(confirm) => link.settle(confirm).await,
+                Err(error) => Err(error),
+            };
+            for reply in replies {
+                let _ = reply.send(outcome.clone());
+            }
+        });
+    }
+}
+
+/// Verified webhook events go out like `POST /events`: one message, `message_id` from the
+/// provider's own ids (so its retries count once), `Ok` only after the broker confirmed it.
+impl crate::webhooks::EventSink for Ingest {
+    fn publish(
+        &self,
+        events: Vec<Event>,
+        message_id: String,
+    ) -> futures_util::future::BoxFuture<'_, Result<(), crate::webhooks::SinkError>> {
+        Box::pin(async move {
+            self.publish_many(&events, Some(message_id))
+                .await
+                .map_err(|error| crate::webhooks::SinkError(error.to_string()))
+        })
+    }
+}

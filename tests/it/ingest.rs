@@ -1,0 +1,649 @@
+//! HTTP ingest (SPEC §5): the assignment's and the seed's routes, 202 only after the broker's
+//! confirm, 503 when the broker is unreachable, idempotency keys, tokens, and 4xx JSON for bad
+//! input; and the server's own protection (half-sent requests, the concurrency cap).
+
+use crate::helpers::*;
+use crate::proxy::Proxy;
+use catchall::config::Config;
+use catchall::event::Event;
+use futures_util::StreamExt;
+use reqwest::StatusCode;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The assignment generator's stream, exactly as the producer makes it.
+#[allow(dead_code)]
+#[path = "../../producer/src/generate.rs"]
+mod generate;
+
+pub const TOKEN: &str = "ingest-token-7f3a";
+
+/// A worker with HTTP ingest on (token [`TOKEN`]), after `configure` adjusted its settings.
+pub async fn ingest_worker(
+    configure: impl FnOnce(&mut Config),
+) -> (TestDb, TestBroker, TestWorker) {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    let mut config = TestWorker::config(&db, &broker);
+    config.ingest_tokens = Some(TOKEN.parse().unwrap());
+    configure(&mut config);
+    let worker = TestWorker::start(config).await;
+    worker.ready().await;
+    (db, broker, worker)
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// `PUT` one event on the assignment's (`/events/…`) or the seed's (`/v1/events/…`) spelling.
+async fn put_event(
+    client: &reqwest::Client,
+    worker: &TestWorker,
+    event: &Event,
+    seed_spelling: bool,
+) -> reqwest::Result<reqwest::Response> {
+    let prefix = if seed_spelling {
+        "/v1/events"
+    } else {
+        "/events"
+    };
+    client
+        .put(worker.url(&format!("{prefix}/{}/{}", event.domain, event.kind)))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+}
+
+fn tally(events: &[Event]) -> Counts {
+    let mut counts = Counts::new();
+    for event in events {
+        let entry = counts.entry(event.domain.clone()).or_default();
+        match event.kind {
+            catchall::event::EventType::Delivered => entry.0 += 1,
+            catchall::event::EventType::Bounced => entry.1 += 1,
+        }
+    }
+    counts
+}
+
+/// Asserts an answer is JSON `{"error": …}` with a 4xx code, and returns its message.
+async fn assert_json_4xx(response: reqwest::Response, what: &str) -> (StatusCode, String) {
+    let status = response.status();
+    assert!(status.is_client_error(), "{what}: {status}");
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    assert!(
+        content_type.starts_with("application/json"),
+        "{what}: content-type {content_type:?}"
+    );
+    let body: serde_json::Value = response.json().await.expect("JSON error body");
+    let message = body["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{what}: no error field in {body}"))
+        .to_string();
+    (status, message)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_load_shape_over_http_is_counted_exactly() {
+    let (db, _broker, worker) = ingest_worker(|_| {}).await;
+    let events: Vec<Event> = generate::Generator::new(10).take(12_000).collect();
+    let expected = tally(&events);
+    let client = client();
+    let started = std::time::Instant::now();
+    // 128 clients at once, alternating the assignment's and the seed's spelling.
+    let codes: Vec<StatusCode> = futures_util::stream::iter(events.iter().enumerate())
+        .map(|(i, event)| {
+            let (client, worker) = (&client, &worker);
+            async move {
+                put_event(client, worker, event, i % 2 == 1)
+                    .await
+                    .expect("PUT answered")
+                    .status()
+            }
+        })
+        .buffer_unordered(128)
+        .collect()
+        .await;
+    let elapsed = started.elapsed();
+    assert!(
+        codes.iter().all(|c| *c == StatusCode::ACCEPTED),
+        "every PUT accepted: {:?}",
+        codes
+            .iter()
+            .filter(|c| **c != StatusCode::ACCEPTED)
+            .take(5)
+            .collect::<Vec<_>>()
+    );
+    eprintln!(
+        "{} PUTs from 128 clients in {elapsed:?} ({:.0}/s)",
+        events.len(),
+        events.len() as f64 / elapsed.as_secs_f64()
+    );
+    assert_counts_eventually(&db, &expected, Duration::from_secs(60)).await;
+    // Packed behind the scenes: far fewer messages than PUTs.
+    let messages = worker
+        .metric("catchall_messages_total{outcome=\"applied\"}")
+        .await;
+    eprintln!("{} PUTs arrived in {messages} messages", events.len());
+    assert!(messages > 0.0 && messages < events.len() as f64);
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_unreachable_mid_run_gives_503_and_loses_no_accepted_event() {
+    let proxy = Arc::new(Proxy::start("127.0.0.1:5672").await);
+    let url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    let (db, _broker, worker) = ingest_worker(|config| config.amqp.amqp_url = url).await;
+    let events: Vec<Event> = generate::Generator::new(11).take(6_000).collect();
+    let client = client();
+    let accepted_count = AtomicUsize::new(0);
+    let unavailable_count = AtomicUsize::new(0);
+    let cut = AtomicBool::new(false);
+    // Cut the broker off once 2,000 events are accepted; restore it after 300 answers of 503.
+    let outcomes: Vec<(usize, StatusCode)> = futures_util::stream::iter(events.iter().enumerate())
+        .map(|(i, event)| {
+            let (client, worker, proxy) = (&client, &worker, &proxy);
+            let (accepted_count, unavailable_count, cut) =
+                (&accepted_count, &unavailable_count, &cut);
+            async move {
+                if accepted_count.load(Ordering::SeqCst) >= 2_000
+                    && !cut.swap(true, Ordering::SeqCst)
+                {
+                    proxy.cut();
+                }
+                let status = put_event(client, worker, event, i % 2 == 0)
+                    .await
+                    .expect("PUT answered")
+                    .status();
+                if status == StatusCode::ACCEPTED {
+                    accepted_count.fetch_add(1, Ordering::SeqCst);
+                } else if status == StatusCode::SERVICE_UNAVAILABLE
+                    && unavailable_count.fetch_add(1, Ordering::SeqCst) + 1 == 300
+                {
+                    proxy.restore();
+                }
+                (i, status)
+            }
+        })
+        .buffer_unordered(100)
+        .collect()
+        .await;
+    proxy.restore();
+
+    let unavailable = outcomes
+        .iter()
+        .filter(|(_, s)| *s == StatusCode::SERVICE_UNAVAILABLE)
+        .count();
+    let others: Vec<_> = outcomes
+        .iter()
+        .filter(|(_, s)| *s != StatusCode::SERVICE_UNAVAILABLE && *s != StatusCode::ACCEPTED)
+        .collect();
+    assert!(others.is_empty(), "only 202 or 503: {others:?}");
+    assert!(unavailable > 0, "the cut produced 503s");
+    let accepted: Vec<Event> = outcomes
+        .iter()
+        .filter(|(_, s)| *s == StatusCode::ACCEPTED)
+        .map(|(i, _)| events[*i].clone())
+        .collect();
+    eprintln!(
+        "{} accepted, {unavailable} answered 503 of {}",
+        accepted.len(),
+        events.len()
+    );
+    assert!(accepted.len() >= 2_000, "accepted before the cut");
+
+    // The publisher reconnects once the broker is back: a PUT is accepted again.
+    let sentinel = Event::new(
+        "after-restore.example",
+        catchall::event::EventType::Delivered,
+    )
+    .unwrap();
+    let attempts = AtomicUsize::new(0);
+    wait_for(
+        Duration::from_secs(30),
+        "ingest to accept again",
+        || async {
+            attempts.fetch_add(1, Ordering::SeqCst);
+            let status = put_event(&client, &worker, &sentinel, false)
+                .await
+                .expect("PUT answered")
+                .status();
+            (status == StatusCode::ACCEPTED).then_some(())
+        },
+    )
+    .await;
+
+    // Every accepted event is counted; nothing is counted that was not sent (a 503 may still have
+    // reached the broker: its confirm was lost with the connection, so it may count).
+    let mut must = tally(&accepted);
+    must.insert(sentinel.domain.clone(), (1, 0));
+    let mut may = tally(&events);
+    may.insert(
+        sentinel.domain.clone(),
+        (attempts.load(Ordering::SeqCst) as i64, 0),
+    );
+    let counts = wait_for(
+        Duration::from_secs(90),
+        "every accepted event to be counted",
+        || async {
+            let counts = db.counts().await;
+            must.iter()
+                .all(|(domain, (d, b))| {
+                    let (cd, cb) = counts.get(domain).copied().unwrap_or_default();
+                    cd >= *d && cb >= *b
+                })
+                .then_some(counts)
+        },
+    )
+    .await;
+    for (domain, (d, b)) in &counts {
+        let (md, mb) = may.get(domain).copied().unwrap_or_default();
+        assert!(*d <= md && *b <= mb, "{domain} counted more than was sent");
+    }
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_idempotency_key_is_counted_once() {
+    let (db, _broker, worker) = ingest_worker(|_| {}).await;
+    let client = client();
+    for _ in 0..3 {
+        for (path, key) in [
+            ("/events/keyed.example/delivered", "put-key-1"),
+            ("/v1/events/keyed.example/bounced", "put-key-2"),
+        ] {
+            let response = client
+                .put(worker.url(path))
+                .bearer_auth(TOKEN)
+                .header("Idempotency-Key", key)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::ACCEPTED);
+        }
+        let response = client
+            .post(worker.url("/events"))
+            .bearer_auth(TOKEN)
+            .header("Idempotency-Key", "post-key-1")
+            .body("{\"domain\":\"bulk.example\",\"type\":\"delivered\"}\n{\"domain\":\"Bulk.Example.\",\"type\":\"delivered\"}\n")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["accepted"], 2);
+    }
+    // Unkeyed PUTs count every time.
+    for _ in 0..3 {
+        let response = client
+            .put(worker.url("/events/unkeyed.example/delivered"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+    }
+    let expected: Counts = [
+        ("keyed.example".to_string(), (1, 1)),
+        ("bulk.example".to_string(), (2, 0)),
+        ("unkeyed.example".to_string(), (3, 0)),
+    ]
+    .into();
+    assert_counts_eventually(&db, &expected, Duration::from_secs(30)).await;
+    // A later event is counted, and the retries still have not been.
+    let response = client
+        .put(worker.url("/events/sentinel.example/delivered"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let mut with_sentinel = expected.clone();
+    with_sentinel.insert("sentinel.example".into(), (1, 0));
+    assert_counts_eventually(&db, &with_sentinel, Duration::from_secs(30)).await;
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_paths_bodies_and_tokens_get_4xx_json_and_publish_nothing() {
+    let (db, _broker, worker) = ingest_worker(|_| {}).await;
+    let client = client();
+    let put = |path: &str| client.put(worker.url(path)).bearer_auth(TOKEN);
+    let post = |body: Vec<u8>| {
+        client
+            .post(worker.url("/events"))
+            .bearer_auth(TOKEN)
+            .body(body)
+    };
+
+    // Tokens: missing, wrong, wrong scheme; the answer never echoes what was sent.
+    for (what, request) in [
+        (
+            "no token",
+            client.put(worker.url("/events/a.example/delivered")),
+        ),
+        (
+            "wrong token",
+            client
+                .put(worker.url("/events/a.example/delivered"))
+                .bearer_auth("guessed-secret-value"),
+        ),
+        (
+            "basic auth",
+            client
+                .put(worker.url("/events/a.example/delivered"))
+                .basic_auth("user", Some(TOKEN)),
+        ),
+        (
+            "POST without token",
+            client.post(worker.url("/events")).body("[]"),
+        ),
+    ] {
+        let response = request.send().await.unwrap();
+        assert_eq!(response.headers()["www-authenticate"], "Bearer", "{what}");
+        let (status, message) = assert_json_4xx(response, what).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{what}");
+        assert!(
+            !message.contains("guessed") && !message.contains(TOKEN),
+            "{what}: {message}"
+        );
+    }
+
+    // Bad paths and headers.
+    for (what, request, want) in [
+        (
+            "bad type",
+            put("/events/a.example/opened"),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "bad domain",
+            put("/events/a..example/delivered"),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "bad domain, seed spelling",
+            put("/v1/events/exa_mple.com/bounced"),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "sql in domain",
+            put("/events/a.com';DROP TABLE domains;--/delivered"),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "too few segments",
+            put("/events/a.example"),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "too many segments",
+            put("/events/a.example/delivered/x"),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "GET on ingest",
+            client.get(worker.url("/events/a.example/delivered")),
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
+        (
+            "bad idempotency key",
+            put("/events/a.example/delivered").header("Idempotency-Key", "has space"),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "long idempotency key",
+            put("/events/a.example/delivered").header("Idempotency-Key", "k".repeat(256)),
+            StatusCode::BAD_REQUEST,
+        ),
+    ] {
+        let (status, message) = assert_json_4xx(request.send().await.unwrap(), what).await;
+        assert_eq!(status, want, "{what}: {message}");
+    }
+
+    // A request head past 64 KiB is refused (431, by hyper), not buffered.
+    let response = put("/events/a.example/delivered")
+        .header("X-Padding", "p".repeat(100 * 1024))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    );
+
+    // Bad bodies: the first bad event is named, and nothing of the request is published.
+    let good = r#"{"domain":"good.example","type":"delivered"}"#;
+    let too_many = format!("[{}]", vec![good; 10_001].join(","));
+    let too_large = vec![b' '; 1024 * 1024 + 1];
+    for (what, body, want_status, want_text) in [
+        ("empty", String::new(), 400, "empty"),
+        (
+            "NDJSON line 3",
+            format!("{good}\n{good}\n{{\"domain\":\"x..y\",\"type\":\"delivered\"}}\n"),
+            400,
+            "line 3",
+        ),
+        (
+            "NDJSON bad type",
+            format!("{good}\n\n{{\"domain\":\"a.example\",\"type\":\"open\"}}"),
+            400,
+            "line 3",
+        ),
+        (
+            "NDJSON not JSON",
+            format!("{good}\nnot json\n"),
+            400,
+            "line 2",
+        ),
+        (
+            "array event 2",
+            format!("[{good},{{\"domain\":\"\",\"type\":\"bounced\"}}]"),
+            400,
+            "event 2",
+        ),
+        ("array of numbers", "[1,2]".to_string(), 400, "event 1"),
+        ("unclosed array", format!("[{good}"), 400, "JSON"),
+        ("empty array", "[]".to_string(), 400, "no events"),
+        ("too many", too_many, 400, "10000"),
+        (
+            "not UTF-8",
+            String::from_utf8_lossy(&[0xff, 0xfe]).into_owned(),
+            400,
+            "",
+        ),
+    ] {
+        let (status, message) =
+            assert_json_4xx(post(body.into_bytes()).send().await.unwrap(), what).await;
+        assert_eq!(status.as_u16(), want_status, "{what}: {message}");
+        assert!(message.contains(want_text), "{what}: {message}");
+    }
+    let (status, _) = assert_json_4xx(post(too_large).send().await.unwrap(), "too large").await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+
+    // Nothing above was published: a good request is the only thing counted.
+    let response = post(format!("[{good},{good}]").into_bytes())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let expected: Counts = [("good.example".to_string(), (2, 0))].into();
+    assert_counts_eventually(&db, &expected, Duration::from_secs(30)).await;
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_is_off_without_tokens() {
+    let (_db, _broker, worker) = started().await;
+    let client = client();
+    for request in [
+        client
+            .put(worker.url("/events/a.example/delivered"))
+            .bearer_auth(TOKEN),
+        client.put(worker.url("/v1/events/a.example/bounced")),
+        client.post(worker.url("/events")).body("[]"),
+    ] {
+        let (status, _) = assert_json_4xx(request.send().await.unwrap(), "ingest off").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+    // The seed's look-up spelling works without ingest.
+    let response = client
+        .get(worker.url("/v1/domain/Example.COM"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["domain"], "example.com");
+    worker.stop().await;
+
+    // An empty list (`INGEST_TOKENS=` in an env file) is no token: ingest stays off.
+    let (_db, _broker, worker) =
+        ingest_worker(|config| config.ingest_tokens = Some(" , ".parse().unwrap())).await;
+    let response = client
+        .put(worker.url("/events/a.example/delivered"))
+        .bearer_auth("")
+        .send()
+        .await
+        .unwrap();
+    let (status, _) = assert_json_4xx(response, "empty token list").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    worker.stop().await;
+}
+
+/// Opens a connection and sends half a request line, never finishing it.
+async fn half_sent(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(b"GET /domains/exam")
+        .await
+        .expect("send half a request line");
+    stream
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_requests_are_closed_while_lookups_and_ingest_answer() {
+    let (_db, _broker, worker) = ingest_worker(|config| {
+        config.http_header_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let mut streams = Vec::with_capacity(2_000);
+    for _ in 0..2_000 {
+        streams.push(half_sent(worker.addr).await);
+    }
+    let opened = std::time::Instant::now();
+    // Meanwhile the server answers.
+    let client = client();
+    let lookup = client
+        .get(worker.url("/domains/example.com"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lookup.status(), StatusCode::OK);
+    let put = client
+        .put(worker.url("/events/example.com/delivered"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), StatusCode::ACCEPTED);
+    // Every half-sent connection is closed by the server within the timeout (and a margin).
+    let closed = futures_util::stream::iter(streams)
+        .map(|mut stream| async move {
+            let mut buf = [0u8; 1024];
+            loop {
+                match tokio::time::timeout(Duration::from_secs(20), stream.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => return true,
+                    Ok(Ok(_)) => continue, // an error answer before the close is fine
+                    Err(_) => return false,
+                }
+            }
+        })
+        .buffer_unordered(2_000)
+        .filter(|closed| std::future::ready(*closed))
+        .count()
+        .await;
+    eprintln!(
+        "{closed} half-sent connections closed after {:?}",
+        opened.elapsed()
+    );
+    assert_eq!(closed, 2_000, "every half-sent connection closed");
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_past_the_concurrency_cap_gets_503_and_slow_requests_408() {
+    let (_db, _broker, worker) = ingest_worker(|config| {
+        config.http_max_concurrency = 4;
+        config.http_request_timeout = Duration::from_secs(3);
+    })
+    .await;
+    // Four requests that hold their slot: headers sent, body promised but never sent.
+    let mut slow = Vec::new();
+    for _ in 0..4 {
+        let mut stream = tokio::net::TcpStream::connect(worker.addr).await.unwrap();
+        stream
+            .write_all(
+                b"POST /domains/lookup HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"dom",
+            )
+            .await
+            .unwrap();
+        slow.push(stream);
+    }
+    let client = client();
+    let url = worker.url("/domains/example.com");
+    let codes: HashMap<u16, usize> = wait_for(Duration::from_secs(2), "the slots to fill", || {
+        let (client, url) = (&client, &url);
+        async move {
+            let codes: Vec<(u16, Option<String>)> = futures_util::stream::iter(0..200)
+                .map(|_| async move {
+                    let response = client.get(url).send().await.unwrap();
+                    let retry = response
+                        .headers()
+                        .get("retry-after")
+                        .map(|v| v.to_str().unwrap().to_string());
+                    (response.status().as_u16(), retry)
+                })
+                .buffer_unordered(50)
+                .collect()
+                .await;
+            let mut tally = HashMap::new();
+            for (code, retry) in &codes {
+                if *code == 503 {
+                    assert!(retry.is_some(), "503 carries Retry-After");
+                }
+                *tally.entry(*code).or_insert(0) += 1;
+            }
+            (tally.get(&503).copied().unwrap_or(0) == 200).then_some(tally)
+        }
+    })
+    .await;
+    eprintln!("flood answers: {codes:?}");
+    // Probes bypass the cap, so an overloaded worker does not look dead.
+    let health = client.get(worker.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+    // The slow requests time out with 408, and the slots free up again.
+    for mut stream in slow {
+        let mut answer = Vec::new();
+        let _ =
+            tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.1 408"), "slow request: {text}");
+        assert!(text.contains("{\"error\":"), "408 is JSON: {text}");
+    }
+    let response = client.get(&url).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    worker.stop().await;
+}

@@ -1,0 +1,366 @@
+//! Bulk look-ups, the keyset listing, `catchall export`, and `QUERY_TOKENS` (SPEC §5).
+
+use crate::helpers::*;
+use futures_util::StreamExt;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::collections::{BTreeSet, HashSet};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Counter pairs around the thresholds (T = 1000): unknown, catch-all and not catch-all.
+const SHAPES: [(i64, i64); 8] = [
+    (0, 0),
+    (999, 0),
+    (1000, 0),
+    (1001, 0),
+    (2500, 0),
+    (0, 1),
+    (1001, 1),
+    (5, 3),
+];
+
+/// Puts `n` domains `d<i>.<suffix>` with the counters of [`SHAPES`] in turn straight into the
+/// worker's table (the read paths are under test here; counting is tested elsewhere).
+async fn seed_domains(db: &TestDb, n: i64, suffix: &str) -> Vec<(String, i64, i64)> {
+    let rows: Vec<(String, i64, i64)> = (0..n)
+        .map(|i| {
+            let (d, b) = SHAPES[i as usize % SHAPES.len()];
+            (format!("d{i}.{suffix}"), d, b)
+        })
+        .collect();
+    let domains: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    let delivered: Vec<i64> = rows.iter().map(|r| r.1).collect();
+    let bounced: Vec<i64> = rows.iter().map(|r| r.2).collect();
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO domains (domain, delivered, bounced) \
+             SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[])",
+            &[&domains, &delivered, &bounced],
+        )
+        .await
+        .expect("seed domains");
+    rows
+}
+
+async fn get_json(client: &reqwest::Client, url: &str) -> (StatusCode, Value) {
+    let response = client.get(url).send().await.expect("GET");
+    (response.status(), response.json().await.expect("JSON"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_lookups_equal_single_lookups_for_every_domain() {
+    let (db, _broker, worker) = started().await;
+    let rows = seed_domains(&db, 3_000, "bulk.example").await;
+    let mut asked: Vec<String> = Vec::new();
+    for (i, (domain, _, _)) in rows.iter().enumerate() {
+        asked.push(match i % 3 {
+            0 => domain.clone(),
+            1 => format!("{}.", domain.to_uppercase()),
+            _ => format!(" {domain} "),
+        });
+    }
+    asked.extend((0..50).map(|i| format!("never{i}.bulk.example")));
+    asked.extend(
+        [
+            "a..b",
+            "",
+            "-x.com",
+            "exa_mple.com",
+            "x'; DROP TABLE domains;--",
+        ]
+        .map(String::from),
+    );
+    asked.push(rows[0].0.clone()); // a repeat
+
+    let client = reqwest::Client::new();
+    let response = client
+        .post(worker.url("/domains/lookup"))
+        .json(&json!({ "domains": asked }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    let results = body["results"].as_array().expect("results").clone();
+    assert_eq!(
+        results.len(),
+        asked.len(),
+        "one entry per domain asked, in order"
+    );
+
+    let singles: Vec<(StatusCode, Value)> = futures_util::stream::iter(&asked)
+        .map(|raw| {
+            let client = &client;
+            let url = worker.url(&format!("/domains/{}", raw.trim()));
+            async move {
+                if raw.trim().is_empty() {
+                    // No path segment to ask with: the bulk answer must call it invalid.
+                    return (StatusCode::BAD_REQUEST, Value::Null);
+                }
+                get_json(client, &url).await
+            }
+        })
+        .buffered(32)
+        .collect()
+        .await;
+    let mut invalid = 0;
+    for ((raw, bulk), (status, single)) in asked.iter().zip(&results).zip(&singles) {
+        if *status == StatusCode::OK {
+            assert_eq!(bulk, single, "bulk and single answers for {raw:?}");
+        } else {
+            assert_eq!(*status, StatusCode::BAD_REQUEST, "{raw:?}");
+            assert_eq!(bulk["domain"], json!(raw), "the entry names the input");
+            assert!(bulk["error"].as_str().unwrap().contains("invalid domain"));
+            invalid += 1;
+        }
+    }
+    assert_eq!(invalid, 5);
+
+    // Limits and bad bodies: 4xx JSON.
+    let too_many: Vec<String> = (0..10_001).map(|i| format!("d{i}.x")).collect();
+    for (what, body) in [
+        (
+            "too many",
+            serde_json::to_vec(&json!({ "domains": too_many })).unwrap(),
+        ),
+        ("not JSON", b"domains=a.com".to_vec()),
+        ("wrong shape", br#"{"domain": "a.com"}"#.to_vec()),
+        ("not strings", br#"{"domains": [1, 2]}"#.to_vec()),
+    ] {
+        let response = client
+            .post(worker.url("/domains/lookup"))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{what}");
+        let error: Value = response.json().await.unwrap();
+        assert!(error["error"].is_string(), "{what}");
+    }
+    worker.stop().await;
+}
+
+/// Pages through `GET /domains` with `query` and `limit`, asserting every page is in strictly
+/// increasing order and continues after the previous one; returns the domains in order.
+async fn page_all(
+    client: &reqwest::Client,
+    worker: &TestWorker,
+    query: &str,
+    limit: u32,
+) -> Vec<Value> {
+    let mut all: Vec<Value> = Vec::new();
+    let mut after = String::new();
+    loop {
+        let url = worker.url(&format!("/domains?{query}&limit={limit}&after={after}"));
+        let (status, page) = get_json(client, &url).await;
+        assert_eq!(status, StatusCode::OK, "{url}: {page}");
+        let domains = page["domains"].as_array().expect("domains").clone();
+        assert!(domains.len() <= limit as usize);
+        for entry in &domains {
+            let domain = entry["domain"].as_str().unwrap();
+            if let Some(last) = all.last() {
+                assert!(
+                    last["domain"].as_str().unwrap() < domain,
+                    "strictly increasing"
+                );
+            }
+            all.push(entry.clone());
+        }
+        match page["next"].as_str() {
+            Some(next) => {
+                assert_eq!(
+                    Some(next),
+                    domains.last().and_then(|d| d["domain"].as_str())
+                );
+                after = next.to_string();
+            }
+            None => return all,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_returns_every_catch_all_domain_once_while_events_are_counted() {
+    let (db, broker, worker) = started().await;
+    let rows = seed_domains(&db, 2_000, "list.example").await;
+    let catch_all: BTreeSet<String> = rows
+        .iter()
+        .filter(|(_, d, b)| *b == 0 && *d > 1000)
+        .map(|r| r.0.clone())
+        .collect();
+    let not_catch_all: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.2 > 0)
+        .map(|r| r.0.as_str())
+        .collect();
+
+    // Meanwhile: more deliveries to catch-all domains, bounces to bouncing ones, new domains.
+    // None of it changes a seeded domain's status.
+    let stop = CancellationToken::new();
+    let (_connection, channel) = broker.channel().await;
+    let writer = {
+        let stop = stop.clone();
+        let exchange = broker.exchange.clone();
+        let catch_all: Vec<String> = catch_all.iter().cloned().collect();
+        let not_catch_all: Vec<String> = not_catch_all.iter().map(|s| s.to_string()).collect();
+        tokio::spawn(async move {
+            let mut round = 0usize;
+            let mut published = 0usize;
+            while !stop.is_cancelled() {
+                let mut events = Vec::new();
+                for k in 0..50 {
+                    let i = round * 50 + k;
+                    events.push(
+                        json!({"domain": catch_all[i % catch_all.len()], "type": "delivered"}),
+                    );
+                    events.push(json!({"domain": not_catch_all[i % not_catch_all.len()], "type": "bounced"}));
+                    events.push(
+                        json!({"domain": format!("new{i}.list.example"), "type": "delivered"}),
+                    );
+                }
+                publish_raw(
+                    &channel,
+                    &exchange,
+                    "batch",
+                    &serde_json::to_vec(&events).unwrap(),
+                    None,
+                )
+                .await;
+                published += events.len();
+                round += 1;
+            }
+            published
+        })
+    };
+    let before = db.total_events().await;
+    wait_for(Duration::from_secs(30), "counting to start", || async {
+        (db.total_events().await > before).then_some(())
+    })
+    .await;
+
+    let client = reqwest::Client::new();
+    let listed = page_all(&client, &worker, "status=catch-all", 7).await;
+    let during = db.total_events().await;
+    let names: Vec<String> = listed
+        .iter()
+        .map(|e| e["domain"].as_str().unwrap().to_string())
+        .collect();
+    let unique: HashSet<&String> = names.iter().collect();
+    assert_eq!(unique.len(), names.len(), "no domain twice");
+    assert!(listed.iter().all(|e| e["status"] == "catch-all"));
+    assert_eq!(
+        names.into_iter().collect::<BTreeSet<_>>(),
+        catch_all,
+        "every catch-all domain"
+    );
+
+    let everything = page_all(&client, &worker, "", 250).await;
+    let seeded: HashSet<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(
+        everything
+            .iter()
+            .filter(|e| seeded.contains(e["domain"].as_str().unwrap()))
+            .count(),
+        rows.len(),
+        "every seeded domain listed once"
+    );
+    let bouncing = page_all(&client, &worker, "status=not-catch-all", 100).await;
+    assert_eq!(bouncing.len(), not_catch_all.len());
+    stop.cancel();
+    let published = writer.await.unwrap();
+    assert!(
+        during > before,
+        "events were counted while the listing paged"
+    );
+    eprintln!(
+        "listed {} catch-all domains in pages of 7 while {published} events were published",
+        catch_all.len()
+    );
+
+    // Bad parameters: 400 JSON.
+    for query in [
+        "limit=0",
+        "limit=10001",
+        "limit=many",
+        "status=bogus",
+        "status=catch-all&limit=-1",
+    ] {
+        let (status, body) = get_json(&client, &worker.url(&format!("/domains?{query}"))).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}");
+        assert!(body["error"].is_string(), "{query}");
+    }
+
+    // `catchall export` writes the same catch-all domains as CSV.
+    let output = std::env::temp_dir().join(format!("catchall-export-{}.csv", uuid::Uuid::now_v7()));
+    let status = tokio::process::Command::new(binary("catchall"))
+        .env("DATABASE_URL", &db.url)
+        .args(["export", "--status", "catch-all", "--output"])
+        .arg(&output)
+        .status()
+        .await
+        .expect("run catchall export");
+    assert!(status.success());
+    let csv = std::fs::read_to_string(&output).expect("the export file");
+    let _ = std::fs::remove_file(&output);
+    let mut lines = csv.lines();
+    assert_eq!(lines.next(), Some("domain,delivered,bounced,status"));
+    let exported: Vec<&str> = lines.collect();
+    assert_eq!(exported.len(), catch_all.len());
+    for line in exported {
+        let fields: Vec<&str> = line.split(',').collect();
+        assert_eq!(fields.len(), 4, "{line}");
+        assert!(catch_all.contains(fields[0]), "{line}");
+        assert!(
+            fields[1].parse::<i64>().unwrap() > 1000
+                && fields[2] == "0"
+                && fields[3] == "catch-all",
+            "{line}"
+        );
+    }
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_tokens_close_the_lookups() {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    let mut config = TestWorker::config(&db, &broker);
+    config.query_tokens = Some("reader-1,reader-2".parse().unwrap());
+    let worker = TestWorker::start(config).await;
+    worker.ready().await;
+    let client = reqwest::Client::new();
+    let requests = |token: Option<&str>| {
+        let mut requests = vec![
+            client.get(worker.url("/domains/example.com")),
+            client.get(worker.url("/v1/domain/example.com")),
+            client.get(worker.url("/domains?status=catch-all")),
+            client
+                .post(worker.url("/domains/lookup"))
+                .body(r#"{"domains":["example.com"]}"#),
+        ];
+        if let Some(token) = token {
+            requests = requests.into_iter().map(|r| r.bearer_auth(token)).collect();
+        }
+        requests
+    };
+    for (token, want) in [
+        (None, StatusCode::UNAUTHORIZED),
+        (Some("reader-3"), StatusCode::UNAUTHORIZED),
+        (Some("reader-2"), StatusCode::OK),
+    ] {
+        for request in requests(token) {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), want, "{token:?}");
+            let body: Value = response.json().await.unwrap();
+            assert!(
+                !body.to_string().contains("reader-"),
+                "no token echoed: {body}"
+            );
+        }
+    }
+    let health = client.get(worker.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK, "health stays open");
+    worker.stop().await;
+}
