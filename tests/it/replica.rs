@@ -137,7 +137,9 @@ async fn replica_serves_lookups_and_its_loss_only_stops_readiness() {
     );
     let on_primary: Vec<(String, String)> = primary
         .query(
-            "SELECT application_name, query FROM pg_stat_activity WHERE datname = $1",
+            // Client backends only: autovacuum workers show up in the database too.
+            "SELECT application_name, query FROM pg_stat_activity \
+             WHERE datname = $1 AND backend_type = 'client backend'",
             &[&name],
         )
         .await
