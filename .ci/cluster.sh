@@ -41,7 +41,7 @@ if [ "${#joining[@]}" -gt 0 ]; then
   done
   wait
   for i in "${joining[@]}"; do
-    rmqctl "catchall-c$i@localhost" join_cluster catchall-c1@localhost >/dev/null 2>&1
+    rmqctl "catchall-c$i@localhost" join_cluster catchall-c1@localhost >/dev/null
   done
   for i in "${joining[@]}"; do rmqctl "catchall-c$i@localhost" start_app >/dev/null & done
   wait

@@ -4,6 +4,15 @@
 set -uo pipefail
 cd "$(dirname "$0")"
 started=$(date +%s)
+# The packages the three scripts need, installed here one at a time: the scripts run in
+# parallel and must not run apt-get at the same time (dpkg lock).
+. ./extra-lib.sh
+for pair in openssl:openssl rabbitmq-server:rabbitmq-server pg_createcluster:postgresql; do
+  if ! need "${pair%%:*}" "${pair#*:}"; then
+    echo "extra servers: installing ${pair#*:} failed" >&2
+    exit 1
+  fi
+done
 pids=()
 for script in tls.sh cluster.sh replica.sh; do
   bash "$script" > "/tmp/catchall-ci-${script%.sh}.log" 2>&1 &

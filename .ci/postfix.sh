@@ -10,7 +10,7 @@ fi
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 echo "postfix: installing the Debian package (no configuration, not started)"
 echo "postfix postfix/main_mailer_type select No configuration" | as_root debconf-set-selections
-as_root apt-get update -qq
+as_root apt-get -o DPkg::Lock::Timeout=300 update -qq
 # policy-rc.d 101 keeps the package's service from starting during the install.
 policy=/usr/sbin/policy-rc.d
 created_policy=0
@@ -19,6 +19,6 @@ if [ ! -e "$policy" ]; then
   as_root chmod +x "$policy"
   created_policy=1
 fi
-DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends postfix >/dev/null
+as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends postfix >/dev/null
 if [ "$created_policy" = 1 ]; then as_root rm -f "$policy"; fi
 /usr/sbin/postconf -d mail_version

@@ -24,16 +24,31 @@ fi
 online catchall_primary || ctl catchall_primary start
 wait_pg 5434
 
-if ! pg_lsclusters -h | grep -q " catchall_replica "; then
+# The replica is made when its data directory has no standby.signal (written last by
+# pg_basebackup -R): a cluster left half-made by an interrupted run is dropped and made again.
+replica_data() { pg_lsclusters -h | awk '$2 == "catchall_replica" {print $6}'; }
+data=$(replica_data)
+if [ -z "$data" ] || ! as_root test -f "$data/standby.signal"; then
+  if [ -n "$data" ]; then
+    as_root pg_dropcluster --stop "$version" catchall_replica
+  fi
   as_root pg_createcluster "$version" catchall_replica --port 5435 >/dev/null
   conf=/etc/postgresql/$version/catchall_replica
   printf "listen_addresses = '127.0.0.1'\nhot_standby = on\n" \
     | as_root tee "$conf/conf.d/catchall.conf" >/dev/null
   printf 'local all all trust\nhost all all 127.0.0.1/32 trust\n' \
     | as_root tee "$conf/pg_hba.conf" >/dev/null
-  data=$(pg_lsclusters -h | awk '$2 == "catchall_replica" {print $6}')
+  data=$(replica_data)
   as_root find "$data" -mindepth 1 -delete
-  as_root runuser -u postgres -- pg_basebackup -h 127.0.0.1 -p 5434 -U postgres -D "$data" -R -X stream -c fast
+  # A physical replication slot on the primary keeps the WAL the replica still needs; created
+  # by pg_basebackup (-C) only the first time.
+  slot=(-S catchall_replica)
+  if ! as_root runuser -u postgres -- psql -p 5434 -qAtc \
+      "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'catchall_replica'" | grep -q 1; then
+    slot=(-C "${slot[@]}")
+  fi
+  as_root runuser -u postgres -- pg_basebackup -h 127.0.0.1 -p 5434 -U postgres -D "$data" -R \
+    -X stream -c fast "${slot[@]}"
 fi
 online catchall_replica || ctl catchall_replica start
 wait_pg 5435

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes sure RabbitMQ and Postgres answer on 127.0.0.1 (5672, 5432): starts them on this machine
-# (installing them with apt-get if missing), or with `docker compose up -d` where a Docker engine
-# runs, then creates the `catchall` database if it is missing.
+# (installing them with apt-get if missing), then creates the `catchall` database if it is
+# missing. Local services only: compose.yaml needs a .env with non-default credentials, which
+# the tests' defaults (guest/guest, postgres with trust) are not.
 set -euo pipefail
 
 answers() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -12,15 +13,9 @@ wait_port() { # port name seconds
 }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 apt_install() {
-  as_root apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$@" >/dev/null
+  as_root apt-get -o DPkg::Lock::Timeout=300 update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq "$@" >/dev/null
 }
-
-if ! answers 5672 || ! answers 5432; then
-  if docker info >/dev/null 2>&1; then
-    docker compose up -d --wait rabbitmq postgres
-  fi
-fi
 
 if ! answers 5432; then
   command -v pg_ctlcluster >/dev/null || apt_install postgresql

@@ -15,7 +15,8 @@ need rabbitmq-server rabbitmq-server
 need pg_createcluster postgresql
 
 certs=$CI_DIR/certs
-as_root mkdir -p "$certs"
+# Owned by the caller: openssl below writes as the caller (root in CI, or a user with sudo).
+as_root install -d -o "$(id -u)" "$certs"
 if [ ! -f "$certs/done" ]; then
   cd "$certs"
   ca() { # name subject

@@ -157,7 +157,7 @@ impl SnsVerifier {
         };
         let pem = fetch
             .await
-            .map_err(|e| WebhookError::Unavailable(format!("fetching the SNS certificate: {e}")))?;
+            .map_err(|e| certificate_fetch_error(e.status(), &e))?;
         let der = pem_to_der(&pem)
             .map_err(|_| WebhookError::Unauthorized("SigningCertURL is not a certificate"))?;
         let mut fetched = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
@@ -354,6 +354,21 @@ pub fn parse_ses(message: &str, message_id: String) -> Result<Parsed, WebhookErr
     Ok(parsed)
 }
 
+/// What a failed fetch of the SigningCertURL certificate answers: a 4xx is the caller's doing
+/// (the URL's path is theirs to choose), so the message is refused (401); a network error or a
+/// 5xx is AWS's, so the sender should retry (503).
+fn certificate_fetch_error(
+    status: Option<reqwest::StatusCode>,
+    error: &dyn std::fmt::Display,
+) -> WebhookError {
+    match status {
+        Some(status) if status.is_client_error() => {
+            WebhookError::Unauthorized("SigningCertURL does not serve a certificate")
+        }
+        _ => WebhookError::Unavailable(format!("fetching the SNS certificate: {error}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -454,5 +469,37 @@ mod tests {
             unpinned.verify(&envelope).await,
             Err(WebhookError::Unauthorized(_))
         ));
+    }
+
+    /// A 4xx fetching the certificate (a path the caller chose) is refused, 401; a network
+    /// error or a 5xx stays 503, for the sender to retry.
+    #[test]
+    fn certificate_fetch_4xx_is_refused_5xx_is_unavailable() {
+        use axum::http::StatusCode;
+        let answer = |status: Option<u16>| {
+            certificate_fetch_error(
+                status.map(|s| reqwest::StatusCode::from_u16(s).unwrap()),
+                &"failed",
+            )
+        };
+        for status in [400, 403, 404] {
+            let error = answer(Some(status));
+            assert!(
+                matches!(error, WebhookError::Unauthorized(_)),
+                "{status}: {error:?}"
+            );
+            assert_eq!(
+                (error.status(), error.outcome()),
+                (StatusCode::UNAUTHORIZED, "refused")
+            );
+        }
+        for status in [Some(500), Some(503), None] {
+            let error = answer(status);
+            assert!(
+                matches!(error, WebhookError::Unavailable(_)),
+                "{status:?}: {error:?}"
+            );
+            assert_eq!(error.status(), StatusCode::SERVICE_UNAVAILABLE);
+        }
     }
 }
