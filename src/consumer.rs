@@ -7,7 +7,7 @@
 use crate::amqp;
 use crate::backoff::Backoff;
 use crate::config::Config;
-use crate::event::{RejectReason, parse_message};
+use crate::event::parse_message;
 use crate::health::Health;
 use crate::metrics;
 use crate::store::{Applied, FaultPoint, Message, Store};
@@ -135,17 +135,14 @@ impl Consumer {
                 Some(Err(error)) => return Err(error).context("the consumer failed"),
                 None => return Err(anyhow!("the broker ended the consumer")),
             };
+            // The id as the publisher sent it, byte for byte (it need not be UTF-8).
             let id = delivery
                 .properties
                 .message_id()
                 .as_ref()
-                .map(|id| id.as_str().to_string())
+                .map(|id| id.as_bytes().to_vec())
                 .filter(|id| !id.is_empty());
-            let parsed = match id.as_deref() {
-                Some(id) if id.contains('\0') => Err(RejectReason::BadMessageId),
-                _ => parse_message(&delivery.data),
-            };
-            match parsed {
+            match parse_message(&delivery.data) {
                 Ok(events) => {
                     batch.events += events.len();
                     batch.messages.push(Message { id, events });
@@ -154,6 +151,7 @@ impl Consumer {
                         .get_or_insert_with(|| tokio::time::Instant::now() + self.settings.timeout);
                 }
                 Err(reason) => {
+                    let id = id.as_deref().map(String::from_utf8_lossy);
                     metrics::message_rejected(reason, delivery.delivery_tag, id.as_deref());
                     self.channel
                         .basic_reject(delivery.delivery_tag, BasicRejectOptions { requeue: false })

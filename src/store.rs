@@ -28,7 +28,9 @@ pub enum StoreError {
 /// A message ready to apply: its id (if the publisher set one) and its valid events.
 #[derive(Debug, Clone)]
 pub struct Message {
-    pub id: Option<String>,
+    /// The publisher's `message_id`, as bytes: AMQP short strings need not be UTF-8, and two
+    /// ids that differ only in invalid bytes are two messages.
+    pub id: Option<Vec<u8>>,
     pub events: Vec<Event>,
 }
 
@@ -72,7 +74,7 @@ pub struct Store {
 }
 
 const CLAIM_IDS: &str = "INSERT INTO applied_messages (message_id) \
-     SELECT * FROM unnest($1::text[]) ON CONFLICT DO NOTHING RETURNING message_id";
+     SELECT * FROM unnest($1::bytea[]) ON CONFLICT DO NOTHING RETURNING message_id";
 const UPSERT: &str = "INSERT INTO domains AS d (domain, delivered, bounced) \
      SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[]) \
      ON CONFLICT (domain) DO UPDATE \
@@ -163,10 +165,10 @@ impl Store {
         let tx = client.transaction().await?;
 
         // Ids, sorted (lock order) and without repeats within the batch.
-        let mut ids: Vec<&str> = batch.iter().filter_map(|m| m.id.as_deref()).collect();
+        let mut ids: Vec<&[u8]> = batch.iter().filter_map(|m| m.id.as_deref()).collect();
         ids.sort_unstable();
         ids.dedup();
-        let fresh: HashSet<String> = if ids.is_empty() {
+        let fresh: HashSet<Vec<u8>> = if ids.is_empty() {
             HashSet::new()
         } else {
             let claim = tx.prepare_cached(CLAIM_IDS).await?;
@@ -177,7 +179,7 @@ impl Store {
                 .collect()
         };
 
-        let mut seen: HashSet<&str> = HashSet::with_capacity(ids.len());
+        let mut seen: HashSet<&[u8]> = HashSet::with_capacity(ids.len());
         let mut totals: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
         for message in batch {
             if let Some(id) = message.id.as_deref() {

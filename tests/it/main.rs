@@ -8,6 +8,8 @@ mod faults;
 mod helpers;
 mod http;
 mod poison;
+mod properties;
 mod proxy;
+mod rawamqp;
 mod shutdown;
 mod steps;

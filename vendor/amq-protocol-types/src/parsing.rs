@@ -2,7 +2,7 @@ use crate::{flags::*, types::*, value::*};
 use nom::{
     self, Parser,
     bytes::streaming::take,
-    combinator::{all_consuming, complete, flat_map, map, map_opt, map_parser, map_res},
+    combinator::{all_consuming, complete, flat_map, map, map_opt, map_parser},
     error::{ContextError, ErrorKind, ParseError, context},
     multi::fold_many0,
     number::streaming::{
@@ -215,18 +215,15 @@ pub fn parse_decimal_value<I: ParsableInput>(i: I) -> ParserResult<I, DecimalVal
     .parse(i)
 }
 
-fn make_str<I: Input<Item = u8>>(i: I) -> Result<String, std::string::FromUtf8Error> {
-    String::from_utf8(i.iter_elements().collect())
-}
-
 /// Parse a [ShortString](../type.ShortString.html)
+///
+/// PATCHED (catchall): bytes that are not UTF-8 no longer fail the parse (see [ShortString]).
 pub fn parse_short_string<I: ParsableInput>(i: I) -> ParserResult<I, ShortString> {
     context(
         "parse_short_string",
-        map(
-            map_res(flat_map(parse_short_short_uint, take), make_str),
-            ShortString::from,
-        ),
+        map(flat_map(parse_short_short_uint, take), |i: I| {
+            ShortString::from_wire_bytes(i.iter_elements().collect())
+        }),
     )
     .parse(i)
 }
@@ -484,6 +481,28 @@ mod test {
             parse_short_string(&[4, 116, 101, 115, 116][..]),
             Ok((EMPTY, "test".into()))
         );
+    }
+
+    // PATCHED (catchall): not UTF-8 is kept as bytes, not a parse failure; two different
+    // invalid strings with the same lossy text stay different.
+    #[test]
+    fn test_parse_short_string_not_utf8() {
+        let (rest, a) = parse_short_string(&[5, 0xff, 0xfe, b'a', b'b', b'c'][..]).unwrap();
+        assert_eq!(rest, EMPTY);
+        assert_eq!(a.as_bytes(), &[0xff, 0xfe, b'a', b'b', b'c']);
+        assert_eq!(a.as_str(), "\u{fffd}\u{fffd}abc");
+        let (_, b) = parse_short_string(&[5, 0xfe, 0xff, b'a', b'b', b'c'][..]).unwrap();
+        assert_eq!(a.as_str(), b.as_str());
+        assert_ne!(a, b);
+        // 255 invalid bytes: the lossy text is longer than a short string may be.
+        let mut long = vec![255u8];
+        long.extend([0xffu8; 255]);
+        let (_, c) = parse_short_string(&long[..]).unwrap();
+        assert_eq!(c.as_bytes(), &[0xffu8; 255][..]);
+        // A table with two keys that differ only in their invalid bytes: both kept.
+        let table = [0, 0, 0, 6, 1, 0xff, b'V', 1, 0xfe, b'V'];
+        let (_, t) = parse_field_table(&table[..]).unwrap();
+        assert_eq!(t.inner().len(), 2);
     }
 
     #[test]

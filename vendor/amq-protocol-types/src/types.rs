@@ -168,8 +168,15 @@ impl fmt::Display for ShortStringError {
 impl std::error::Error for ShortStringError {}
 
 /// A String (deprecated)
+///
+/// PATCHED (catchall): the wire bytes need not be UTF-8 (RabbitMQ accepts any bytes). Such a
+/// string keeps its lossy decoding as text and its exact bytes in `raw`, instead of failing the
+/// whole frame (and with it the connection). Valid UTF-8 strings are unchanged (`raw` is None).
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
-pub struct ShortString(String);
+pub struct ShortString(
+    String,
+    #[serde(skip)] Option<Box<[u8]>>,
+);
 /// A String
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
 pub struct LongString(Vec<u8>);
@@ -199,13 +206,32 @@ impl ShortString {
         self.0.as_str()
     }
 
+    /// PATCHED (catchall): the exact bytes received (equal to `as_str().as_bytes()` unless
+    /// they were not UTF-8).
+    #[must_use]
+    pub fn as_bytes(&self) -> &[u8] {
+        self.1.as_deref().unwrap_or(self.0.as_bytes())
+    }
+
+    /// PATCHED (catchall): a ShortString from wire bytes that may not be UTF-8 (see the type).
+    #[must_use]
+    pub fn from_wire_bytes(bytes: Vec<u8>) -> Self {
+        match String::from_utf8(bytes) {
+            Ok(s) => Self(s, None),
+            Err(e) => {
+                let raw = e.into_bytes().into_boxed_slice();
+                Self(String::from_utf8_lossy(&raw).into_owned(), Some(raw))
+            }
+        }
+    }
+
     /// Fallibly construct a [ShortString], returning an error if the string exceeds [MAX_SHORT_STRING_LENGTH] bytes
     pub fn try_new(s: impl Into<String>) -> Result<Self, ShortStringError> {
         let s = s.into();
         if s.len() > MAX_SHORT_STRING_LENGTH {
             return Err(ShortStringError(s.len()));
         }
-        Ok(Self(s))
+        Ok(Self(s, None))
     }
 }
 
