@@ -36,7 +36,9 @@ impl App {
                 .with_context(|| format!("connecting to Postgres at {}", redact_url(url)))
         };
         // The commits in flight, plus the purge.
-        let store = connect(config.in_flight + 1).await?;
+        let store = connect(config.in_flight + 1)
+            .await?
+            .with_db_timeout(config.db_timeout);
         let lookups = connect(config.db_pool_size).await?;
         let report = store.migrate().await.context("applying migrations")?;
         for migration in report.applied_migrations() {

@@ -23,6 +23,34 @@ pub enum StoreError {
     Query(#[from] tokio_postgres::Error),
     #[error("migration failed")]
     Migration(#[from] refinery::Error),
+    #[error("Postgres did not answer within {0:?} (DB_TIMEOUT); the connection was dropped")]
+    Timeout(Duration),
+}
+
+impl StoreError {
+    /// Whether retrying the same work can succeed later. Transient: the connection, the server
+    /// or the pool failed (lost connection, admin shutdown, timeout or cancel, serialization
+    /// failure or deadlock, read-only server, full disk, too many connections, out of memory).
+    /// Permanent: the data of the batch is refused (class 22 data exceptions, class 23
+    /// integrity violations, an exception raised by a trigger or function). Anything else is
+    /// treated as transient (not ready, retried; the delivery limit is the last resort).
+    pub fn is_permanent(&self) -> bool {
+        let Self::Query(error) = self else {
+            return false;
+        };
+        let Some(code) = error.code() else {
+            return false; // I/O, closed connection: no SQLSTATE
+        };
+        let code = code.code();
+        let class = &code[..2.min(code.len())];
+        matches!(
+            class,
+            // data exception, integrity constraint, triggered data change, triggered action,
+            // SQL routine / external routine / invocation exceptions, WITH CHECK OPTION,
+            // PL/pgSQL RAISE (P0001 raise_exception, P0004 assert_failure).
+            "22" | "23" | "27" | "09" | "2F" | "38" | "39" | "44" | "P0"
+        )
+    }
 }
 
 /// A message ready to apply: its id (if the publisher set one) and its valid events.
@@ -45,6 +73,8 @@ pub struct Applied {
     pub bounced: u64,
     /// Distinct domains upserted.
     pub domains: usize,
+    /// Messages Postgres refused for their content, dead-lettered (`database_rejected`).
+    pub database_rejected: usize,
 }
 
 /// A domain's counters.
@@ -71,6 +101,8 @@ pub type FaultHook = Arc<dyn Fn(FaultPoint) -> BoxFuture<'static, ()> + Send + S
 pub struct Store {
     pool: Pool,
     fault_hook: Option<FaultHook>,
+    /// Client-side deadline of one apply attempt (DB_TIMEOUT).
+    db_timeout: Duration,
 }
 
 const CLAIM_IDS: &str = "INSERT INTO applied_messages (message_id) \
@@ -114,9 +146,16 @@ impl Store {
         let store = Self {
             pool,
             fault_hook: None,
+            db_timeout: Duration::from_secs(30),
         };
         store.ping().await?;
         Ok(store)
+    }
+
+    /// Sets the client-side deadline of one apply attempt (DB_TIMEOUT, default 30 s).
+    pub fn with_db_timeout(mut self, db_timeout: Duration) -> Self {
+        self.db_timeout = db_timeout;
+        self
     }
 
     /// Installs a fault injector (tests only).
@@ -159,9 +198,37 @@ impl Store {
     /// Applies a batch in one transaction: claims the message ids (skipping those already
     /// applied, here or by another worker), then adds the remaining events per domain with one
     /// upsert in sorted domain order, so concurrent workers cannot deadlock.
+    ///
+    /// The attempt has a client-side deadline (DB_TIMEOUT): a backend that stops answering
+    /// costs one deadline, and its connection is taken out of the pool (not reused with a
+    /// transaction in an unknown state), so the retry runs on a fresh connection.
     pub async fn apply(&self, batch: &[Message]) -> Result<Applied, StoreError> {
+        let deadline = tokio::time::Instant::now() + self.db_timeout;
+        let mut client = tokio::time::timeout_at(deadline, self.pool.get())
+            .await
+            .map_err(|_| StoreError::Timeout(self.db_timeout))??;
+        match tokio::time::timeout_at(deadline, self.apply_on(&mut client, batch)).await {
+            Ok(Ok(applied)) => Ok(applied),
+            Ok(Err(error)) => {
+                if !error.is_permanent() {
+                    // The connection may be the cause: do not hand it to the next attempt.
+                    drop(deadpool_postgres::Object::take(client));
+                }
+                Err(error)
+            }
+            Err(_) => {
+                drop(deadpool_postgres::Object::take(client));
+                Err(StoreError::Timeout(self.db_timeout))
+            }
+        }
+    }
+
+    async fn apply_on(
+        &self,
+        client: &mut deadpool_postgres::Object,
+        batch: &[Message],
+    ) -> Result<Applied, StoreError> {
         let mut applied = Applied::default();
-        let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
 
         // Ids, sorted (lock order) and without repeats within the batch.

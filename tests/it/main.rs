@@ -11,5 +11,6 @@ mod poison;
 mod properties;
 mod proxy;
 mod rawamqp;
+mod refusals;
 mod shutdown;
 mod steps;

@@ -172,7 +172,9 @@ impl std::error::Error for ShortStringError {}
 /// PATCHED (catchall): the wire bytes need not be UTF-8 (RabbitMQ accepts any bytes). Such a
 /// string keeps its lossy decoding as text and its exact bytes in `raw`, instead of failing the
 /// whole frame (and with it the connection). Valid UTF-8 strings are unchanged (`raw` is None).
-#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
+/// `Hash` covers the text only, so it stays equal to the hash of the `&str` it borrows as
+/// (HashMaps keyed by ShortString are looked up by `&str`, e.g. lapin's consumers by tag).
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
 pub struct ShortString(
     String,
     #[serde(skip)] Option<Box<[u8]>>,
@@ -244,6 +246,12 @@ impl From<String> for ShortString {
 impl From<&str> for ShortString {
     fn from(s: &str) -> Self {
         Self::try_new(s).expect("ShortString exceeds maximum length")
+    }
+}
+
+impl std::hash::Hash for ShortString {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
     }
 }
 
