@@ -534,10 +534,11 @@ async fn apply_attempts(
                 return Ok(Err(format!("{error:#}")));
             }
             Err(error) => {
+                // /readyz gets a short reason; the log gets the whole error.
+                health.set_db_error(Some(error.short_reason()));
                 let error = anyhow::Error::new(error).context("applying a batch");
                 let wait = backoff.next_wait();
                 metrics::db_error(&error, wait);
-                health.set_db_error(Some(format!("{error:#}")));
                 if !channel.status().connected() {
                     return Err(anyhow!(
                         "the channel closed while Postgres was failing; the broker redelivers the batch"

@@ -28,6 +28,23 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// A short reason for `/readyz`, fit for any client: no server message text (which can
+    /// carry data or schema details), only the kind of failure and the SQLSTATE. The full
+    /// error goes to the log.
+    pub fn short_reason(&self) -> String {
+        match self {
+            Self::Config(_) => "invalid DATABASE_URL".into(),
+            Self::Pool(_) => "no connection available".into(),
+            Self::Timeout(_) => "no answer within DB_TIMEOUT".into(),
+            Self::Migration(_) => "migration failed".into(),
+            Self::Query(error) => match error.code() {
+                Some(code) => format!("error SQLSTATE {}", code.code()),
+                None if error.is_closed() => "connection closed".into(),
+                None => "connection failed".into(),
+            },
+        }
+    }
+
     /// Whether retrying the same work can succeed later. Transient: the connection, the server
     /// or the pool failed (lost connection, admin shutdown, timeout or cancel, serialization
     /// failure or deadlock, read-only server, full disk, too many connections, out of memory).
@@ -124,10 +141,18 @@ impl Store {
         if pg.get_application_name().is_none() {
             pg.application_name("catchall");
         }
-        // No query or transaction may hang the worker: a stuck one fails and is retried.
-        if pg.get_options().is_none() {
-            pg.options("-c statement_timeout=60s -c idle_in_transaction_session_timeout=60s");
+        // No query or transaction may hang the worker: a stuck one fails and is retried. An
+        // `options=` in DATABASE_URL keeps what it says; ours are appended unless it sets them.
+        let mut options = pg.get_options().unwrap_or_default().to_string();
+        for (name, value) in [
+            ("statement_timeout", "60s"),
+            ("idle_in_transaction_session_timeout", "60s"),
+        ] {
+            if !options.contains(name) {
+                options = format!("{options} -c {name}={value}").trim().to_string();
+            }
         }
+        pg.options(&options);
         let manager = Manager::from_config(
             pg,
             NoTls,
@@ -178,13 +203,16 @@ impl Store {
         client
             .execute("SELECT pg_advisory_lock($1)", &[&LOCK])
             .await?;
-        // A migration on a large table may take longer than the statement timeout.
+        // A migration on a large table may take longer than the statement timeout. The
+        // session setting must not outlive the migration: this connection leaves the pool.
         client.batch_execute("SET statement_timeout = 0").await?;
         let client_ref: &mut tokio_postgres::Client = &mut client;
         let report = embedded::migrations::runner().run_async(client_ref).await;
-        client
+        let unlocked = client
             .execute("SELECT pg_advisory_unlock($1)", &[&LOCK])
-            .await?;
+            .await;
+        drop(deadpool_postgres::Object::take(client));
+        unlocked?;
         Ok(report?)
     }
 

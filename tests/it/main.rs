@@ -14,3 +14,4 @@ mod rawamqp;
 mod refusals;
 mod shutdown;
 mod steps;
+mod store;
