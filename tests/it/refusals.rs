@@ -353,6 +353,16 @@ async fn memory_stays_under_prefetch_bytes_with_1_mib_messages_while_postgres_re
         (metric_value(&text, "catchall_db_errors_total") >= 5.0).then_some(())
     })
     .await;
+    // /readyz says why, shortly, without the server's message text.
+    let ready = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+        .await
+        .expect("GET /readyz");
+    assert_eq!(ready.status(), 503);
+    let reason = ready.text().await.expect("body");
+    assert!(
+        reason.contains("SQLSTATE 40001") && !reason.contains("test outage"),
+        "a short reason, no Postgres error text: {reason}"
+    );
     let held = total - broker.depth(&broker.queue).await;
     let peak = peak_rss_bytes(child.id().expect("pid"));
     eprintln!(
