@@ -48,6 +48,9 @@ pub struct Batch {
     pub tags: Vec<u64>,
     /// Bytes of the bodies of `messages`.
     pub bytes: usize,
+    /// Identifies this batch in Postgres, so a retry after a lost COMMIT reply is recognised
+    /// (see [`Store::apply_once`]).
+    pub token: [u8; 16],
 }
 
 /// What one step did.
@@ -198,7 +201,10 @@ impl Consumer {
     /// has passed, whichever comes first. Invalid messages are rejected at once (no requeue, so
     /// they are dead-lettered). Returns early with what it has when `cancel` fires.
     pub async fn next_batch(&mut self, cancel: &CancellationToken) -> anyhow::Result<Batch> {
-        let mut batch = Batch::default();
+        let mut batch = Batch {
+            token: *uuid::Uuid::now_v7().as_bytes(),
+            ..Batch::default()
+        };
         let mut deadline: Option<tokio::time::Instant> = None;
         while batch.events < self.settings.size {
             let next = tokio::select! {
@@ -280,16 +286,8 @@ impl Consumer {
             // A step finishes its batch even after a stop; only the retries of a failing
             // Postgres end at the stop.
             let keep_going = CancellationToken::new();
-            applied = apply_with_retry(
-                store,
-                health,
-                &self.channel,
-                cancel,
-                &keep_going,
-                &batch.messages,
-                &batch.tags,
-            )
-            .await?;
+            applied =
+                apply_with_retry(store, health, &self.channel, cancel, &keep_going, &batch).await?;
             ack(&self.channel, store, last_tag).await?;
         }
         let rejected = batch.rejected;
@@ -362,16 +360,7 @@ impl Consumer {
                     abort.clone(),
                 );
                 let task = tokio::spawn(async move {
-                    apply_with_retry(
-                        &store,
-                        &health,
-                        &channel,
-                        &cancel,
-                        &abort,
-                        &batch.messages,
-                        &batch.tags,
-                    )
-                    .await
+                    apply_with_retry(&store, &health, &channel, &cancel, &abort, &batch).await
                 });
                 committing.push_back(InFlight { task, last_tag });
             }
@@ -461,16 +450,23 @@ pub async fn apply_with_retry(
     channel: &Channel,
     cancel: &CancellationToken,
     abort: &CancellationToken,
-    messages: &[Message],
-    tags: &[u64],
+    batch: &Batch,
 ) -> anyhow::Result<Applied> {
+    let (messages, tags, token) = (&batch.messages, &batch.tags, &batch.token);
     let mut total = Applied::default();
     // Ranges still to apply, the next one on top.
     let mut pending: Vec<std::ops::Range<usize>> = Vec::with_capacity(8);
     pending.push(0..messages.len());
     while let Some(range) = pending.pop() {
         let part = &messages[range.clone()];
-        match apply_attempts(store, health, channel, cancel, abort, part).await? {
+        // One token per part (the batch's, and the part's bounds when bisecting).
+        let mut part_token = b"\0catchall-batch\0".to_vec();
+        part_token.extend_from_slice(token);
+        if range.len() != messages.len() {
+            part_token.extend((range.start as u32).to_be_bytes());
+            part_token.extend((range.end as u32).to_be_bytes());
+        }
+        match apply_attempts(store, health, channel, cancel, abort, &part_token, part).await? {
             Ok(applied) => {
                 total.messages += applied.messages;
                 total.duplicates += applied.duplicates;
@@ -506,13 +502,14 @@ async fn apply_attempts(
     channel: &Channel,
     cancel: &CancellationToken,
     abort: &CancellationToken,
+    token: &[u8],
     messages: &[Message],
 ) -> anyhow::Result<Result<Applied, String>> {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         let started = Instant::now();
         let attempt = tokio::select! {
-            attempt = store.apply(messages) => attempt,
+            attempt = store.apply_once(Some(token), messages) => attempt,
             _ = abort.cancelled() => return Err(anyhow!(
                 "the stop ran out of time while Postgres was applying a batch; it stays unacked and is redelivered"
             )),

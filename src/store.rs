@@ -124,6 +124,10 @@ pub struct Store {
 
 const CLAIM_IDS: &str = "INSERT INTO applied_messages (message_id) \
      SELECT * FROM unnest($1::bytea[]) ON CONFLICT DO NOTHING RETURNING message_id";
+/// A batch token, in the applied ids table (its bytes start with NUL and a marker, so they do
+/// not meet a publisher's ids in practice).
+const CLAIM_BATCH: &str =
+    "INSERT INTO applied_messages (message_id) VALUES ($1) ON CONFLICT DO NOTHING";
 const UPSERT: &str = "INSERT INTO domains AS d (domain, delivered, bounced) \
      SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[]) \
      ON CONFLICT (domain) DO UPDATE \
@@ -231,11 +235,24 @@ impl Store {
     /// costs one deadline, and its connection is taken out of the pool (not reused with a
     /// transaction in an unknown state), so the retry runs on a fresh connection.
     pub async fn apply(&self, batch: &[Message]) -> Result<Applied, StoreError> {
+        self.apply_once(None, batch).await
+    }
+
+    /// Like [`Store::apply`], and when `token` is given and some message has no id, the token
+    /// is recorded in the same transaction (beside the message ids) and checked first: a batch
+    /// whose COMMIT went through but whose reply was lost is not applied again when retried
+    /// (its id-less messages would otherwise count twice).
+    pub async fn apply_once(
+        &self,
+        token: Option<&[u8]>,
+        batch: &[Message],
+    ) -> Result<Applied, StoreError> {
+        let token = token.filter(|_| batch.iter().any(|m| m.id.is_none()));
         let deadline = tokio::time::Instant::now() + self.db_timeout;
         let mut client = tokio::time::timeout_at(deadline, self.pool.get())
             .await
             .map_err(|_| StoreError::Timeout(self.db_timeout))??;
-        match tokio::time::timeout_at(deadline, self.apply_on(&mut client, batch)).await {
+        match tokio::time::timeout_at(deadline, self.apply_on(&mut client, token, batch)).await {
             Ok(Ok(applied)) => Ok(applied),
             Ok(Err(error)) => {
                 if !error.is_permanent() {
@@ -254,10 +271,19 @@ impl Store {
     async fn apply_on(
         &self,
         client: &mut deadpool_postgres::Object,
+        token: Option<&[u8]>,
         batch: &[Message],
     ) -> Result<Applied, StoreError> {
         let mut applied = Applied::default();
         let tx = client.transaction().await?;
+        if let Some(token) = token {
+            let claim = tx.prepare_cached(CLAIM_BATCH).await?;
+            if tx.execute(&claim, &[&token]).await? == 0 {
+                // Committed by an earlier attempt: every message of it is a duplicate.
+                applied.duplicates = batch.len();
+                return Ok(applied);
+            }
+        }
 
         // Ids, sorted (lock order) and without repeats within the batch.
         let mut ids: Vec<&[u8]> = batch.iter().filter_map(|m| m.id.as_deref()).collect();

@@ -369,3 +369,55 @@ async fn producer_survives_its_broker_connection_cut() {
     assert_counts_eventually(&rig.db, &expected, Duration::from_secs(60)).await;
     worker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_commit_reply_does_not_double_count_messages_without_ids() {
+    let rig = Rig::new().await;
+    let trigger = Trigger::default();
+    let worker = start_with_hook(rig.config(), trigger.hook(rig.pg.clone())).await;
+    worker.ready().await;
+    // The first batch's COMMIT goes through, its reply is lost; the worker retries that batch.
+    trigger.arm(Action::LoseCommitReply);
+    let (_connection, channel) = rig.broker.channel().await;
+    let mut expected = Counts::new();
+    for i in 0..300 {
+        let domain = format!("noid{}.example", i % 7);
+        let body = format!(r#"{{"domain":"{domain}","type":"delivered"}}"#);
+        publish_raw(
+            &channel,
+            &rig.broker.exchange,
+            "delivered",
+            body.as_bytes(),
+            None,
+        )
+        .await;
+        expected.entry(domain).or_default().0 += 1;
+    }
+    wait_for(Duration::from_secs(30), "every message settled", || async {
+        let applied = worker
+            .metric("catchall_messages_total{outcome=\"applied\"}")
+            .await;
+        let duplicates = worker
+            .metric("catchall_messages_total{outcome=\"duplicate\"}")
+            .await;
+        (applied + duplicates >= 300.0 && rig.broker.depth(&rig.broker.queue).await == 0)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        trigger.fired.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the fault fired"
+    );
+    assert!(worker.metric("catchall_db_errors_total").await >= 1.0);
+    // The batch whose reply was lost is recognised by its token: its messages are skipped.
+    assert!(
+        worker
+            .metric("catchall_messages_total{outcome=\"duplicate\"}")
+            .await
+            >= 1.0
+    );
+    assert_eq!(rig.db.counts().await, expected, "counted once");
+    worker.ready().await;
+    worker.stop().await;
+}
