@@ -282,13 +282,14 @@ impl Consumer {
     ) -> anyhow::Result<Step> {
         let batch = self.next_batch(cancel).await?;
         let mut applied = Applied::default();
-        if let Some(last_tag) = batch.last_tag {
+        if batch.last_tag.is_some() {
             // A step finishes its batch even after a stop; only the retries of a failing
             // Postgres end at the stop.
             let keep_going = CancellationToken::new();
-            applied =
+            let ack_tag;
+            (applied, ack_tag) =
                 apply_with_retry(store, health, &self.channel, cancel, &keep_going, &batch).await?;
-            ack(&self.channel, store, last_tag).await?;
+            ack(&self.channel, store, ack_tag).await?;
         }
         let rejected = batch.rejected;
         Ok(if cancel.is_cancelled() {
@@ -324,10 +325,10 @@ impl Consumer {
                     tokio::select! {
                         batch = &mut gather => break batch,
                         // Ack as soon as the oldest commit ends, even while no message arrives.
-                        applied = wait_oldest(&mut committing), if !committing.is_empty() => {
-                            if let Some(done) = committing.pop_front() {
-                                applied?;
-                                ack(&channel, store, done.last_tag).await?;
+                        settled = wait_oldest(&mut committing), if !committing.is_empty() => {
+                            if committing.pop_front().is_some() {
+                                let (_, ack_tag) = settled?;
+                                ack(&channel, store, ack_tag).await?;
                             }
                         }
                     }
@@ -338,10 +339,10 @@ impl Consumer {
                 Err(error) => {
                     // Leave no commit behind: finish them, and ack in order while that works.
                     while let Some(done) = committing.pop_front() {
-                        let last_tag = done.last_tag;
-                        if join(done).await.is_err()
-                            || ack(&self.channel, store, last_tag).await.is_err()
-                        {
+                        let Ok((_, ack_tag)) = join(done).await else {
+                            break;
+                        };
+                        if ack(&self.channel, store, ack_tag).await.is_err() {
                             break;
                         }
                     }
@@ -351,7 +352,7 @@ impl Consumer {
             while committing.len() >= self.settings.in_flight {
                 self.ack_oldest(store, &mut committing).await?;
             }
-            if let Some(last_tag) = batch.last_tag {
+            if batch.last_tag.is_some() {
                 let (store, health, channel, cancel, abort) = (
                     store.clone(),
                     health.clone(),
@@ -362,7 +363,7 @@ impl Consumer {
                 let task = tokio::spawn(async move {
                     apply_with_retry(&store, &health, &channel, &cancel, &abort, &batch).await
                 });
-                committing.push_back(InFlight { task, last_tag });
+                committing.push_back(InFlight { task });
             }
             if cancel.is_cancelled() {
                 while !committing.is_empty() {
@@ -380,9 +381,8 @@ impl Consumer {
         committing: &mut VecDeque<InFlight>,
     ) -> anyhow::Result<()> {
         if let Some(done) = committing.pop_front() {
-            let last_tag = done.last_tag;
-            join(done).await?;
-            ack(&self.channel, store, last_tag).await?;
+            let (_, ack_tag) = join(done).await?;
+            ack(&self.channel, store, ack_tag).await?;
         }
         Ok(())
     }
@@ -406,23 +406,29 @@ impl Consumer {
 }
 
 /// Acks everything up to `last_tag` on `channel`, once its batch (and every batch before it)
-/// committed.
-async fn ack(channel: &Channel, store: &Store, last_tag: u64) -> anyhow::Result<()> {
+/// committed. `None`: every message of the batch was dead-lettered, nothing to ack.
+async fn ack(channel: &Channel, store: &Store, last_tag: Option<u64>) -> anyhow::Result<()> {
     store.fault(FaultPoint::AfterCommit).await;
+    let Some(last_tag) = last_tag else {
+        return Ok(());
+    };
     channel
         .basic_ack(last_tag, BasicAckOptions { multiple: true })
         .await
         .context("acking a committed batch (it will be redelivered and skipped as a duplicate)")
 }
 
-/// A batch being applied in its own task, and the tag that acks it.
+/// What applying a batch did, and the tag that acks it: its last message that was not
+/// dead-lettered (a multiple-ack may not name a tag already rejected).
+type Settled = (Applied, Option<u64>);
+
+/// A batch being applied in its own task.
 struct InFlight {
-    task: tokio::task::JoinHandle<anyhow::Result<Applied>>,
-    last_tag: u64,
+    task: tokio::task::JoinHandle<anyhow::Result<Settled>>,
 }
 
 /// Waits for the oldest batch in flight (callers check there is one) without taking it.
-async fn wait_oldest(in_flight: &mut VecDeque<InFlight>) -> anyhow::Result<Applied> {
+async fn wait_oldest(in_flight: &mut VecDeque<InFlight>) -> anyhow::Result<Settled> {
     match in_flight.front_mut() {
         Some(oldest) => (&mut oldest.task)
             .await
@@ -431,7 +437,7 @@ async fn wait_oldest(in_flight: &mut VecDeque<InFlight>) -> anyhow::Result<Appli
     }
 }
 
-async fn join(in_flight: InFlight) -> anyhow::Result<Applied> {
+async fn join(in_flight: InFlight) -> anyhow::Result<Settled> {
     in_flight.task.await.context("the apply task panicked")?
 }
 
@@ -451,9 +457,10 @@ pub async fn apply_with_retry(
     cancel: &CancellationToken,
     abort: &CancellationToken,
     batch: &Batch,
-) -> anyhow::Result<Applied> {
+) -> anyhow::Result<Settled> {
     let (messages, tags, token) = (&batch.messages, &batch.tags, &batch.token);
     let mut total = Applied::default();
+    let mut rejected: Vec<usize> = Vec::new();
     // Ranges still to apply, the next one on top.
     let mut pending: Vec<std::ops::Range<usize>> = Vec::with_capacity(8);
     pending.push(0..messages.len());
@@ -483,6 +490,7 @@ pub async fn apply_with_retry(
                     .await
                     .context("dead-lettering a message Postgres refused")?;
                 total.database_rejected += 1;
+                rejected.push(range.start);
             }
             Err(_) => {
                 let middle = range.start + range.len() / 2;
@@ -491,7 +499,17 @@ pub async fn apply_with_retry(
             }
         }
     }
-    Ok(total)
+    let mut dead = vec![false; messages.len()];
+    for &index in &rejected {
+        dead[index] = true;
+    }
+    let ack_tag = tags
+        .iter()
+        .zip(&dead)
+        .rev()
+        .find(|(_, dead)| !**dead)
+        .map(|(tag, _)| *tag);
+    Ok((total, ack_tag))
 }
 
 /// Attempts to apply `messages` in one transaction until it commits (`Ok(Ok)`) or Postgres

@@ -52,7 +52,7 @@ fn every_type() -> Table {
 }
 
 /// One message per kind of odd property, named for the report.
-fn odd_messages() -> Vec<(&'static str, Vec<u8>, Properties)> {
+pub fn odd_messages() -> Vec<(&'static str, Vec<u8>, Properties)> {
     let odd = NOT_UTF8.to_vec();
     let routing = b"delivered".to_vec();
     let mut all = Properties {
