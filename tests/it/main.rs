@@ -8,6 +8,7 @@ mod faults;
 mod helpers;
 mod http;
 mod poison;
+mod producer;
 mod properties;
 mod proxy;
 mod rawamqp;
