@@ -701,3 +701,29 @@ pub async fn purge_loop(store: Store, retention: Duration, cancel: CancellationT
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefetch_follows_body_sizes() {
+        const MIB: u64 = 1 << 20;
+        // Nothing seen yet: the largest body is assumed.
+        let mut prefetch = Prefetch::new(64 * MIB, 5000);
+        assert_eq!(prefetch.current, 64);
+        // A window of small bodies raises it to PREFETCH, at the end of the window only.
+        let raised: Vec<_> = (0..64).filter_map(|_| prefetch.observe(200)).collect();
+        assert_eq!(raised, vec![5000]);
+        // One large body lowers it at once.
+        assert_eq!(prefetch.observe(MIB as usize), Some(64));
+        assert_eq!(prefetch.observe(200), None);
+        // It stays low for this window and the next one, then rises again.
+        let changes: Vec<_> = (0..10_000).filter_map(|_| prefetch.observe(100)).collect();
+        assert_eq!(changes, vec![5000]);
+        // Bodies over the budget: one at a time.
+        let mut tiny = Prefetch::new(1000, 5000);
+        assert_eq!(tiny.current, 1);
+        assert_eq!(tiny.observe(4000), None);
+    }
+}

@@ -360,18 +360,31 @@ impl Store {
     /// Deletes applied message ids older than `retention`, a slice at a time so no long lock is
     /// held. Returns how many were deleted.
     pub async fn purge_applied(&self, retention: Duration) -> Result<u64, StoreError> {
-        let client = self.pool.get().await?;
-        let statement = client
-            .prepare_cached(
-                "DELETE FROM applied_messages WHERE message_id IN ( \
-                   SELECT message_id FROM applied_messages \
-                   WHERE applied_at < now() - make_interval(secs => $1) LIMIT 10000)",
-            )
-            .await?;
+        // Replicas purge one at a time: each slice runs in a transaction that first takes a
+        // transaction-level advisory lock (released at its end, even if the purge is dropped
+        // on stop); a replica that does not get it leaves the purge to the one that has it.
+        const PURGE_LOCK: i64 = 0x0063_6174_6368_7067; // "catchpg"
+        let mut client = self.pool.get().await?;
         let seconds = retention.as_secs_f64();
         let mut total = 0;
         loop {
-            let deleted = client.execute(&statement, &[&seconds]).await?;
+            let tx = client.transaction().await?;
+            let locked: bool = tx
+                .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&PURGE_LOCK])
+                .await?
+                .get(0);
+            if !locked {
+                return Ok(total);
+            }
+            let statement = tx
+                .prepare_cached(
+                    "DELETE FROM applied_messages WHERE message_id IN ( \
+                       SELECT message_id FROM applied_messages \
+                       WHERE applied_at < now() - make_interval(secs => $1) LIMIT 10000)",
+                )
+                .await?;
+            let deleted = tx.execute(&statement, &[&seconds]).await?;
+            tx.commit().await?;
             total += deleted;
             if deleted < 10_000 {
                 return Ok(total);

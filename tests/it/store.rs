@@ -61,3 +61,31 @@ async fn options_in_database_url_win_over_ours() {
     let (statement, idle) = settings_of_a_batch(&db, &store).await;
     assert_eq!((statement.as_str(), idle.as_str()), ("5s", "1min"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_purge_one_at_a_time() {
+    let db = TestDb::create().await;
+    let store = Store::connect(&db.url, 1).await.expect("connect");
+    store.migrate().await.expect("migrate");
+    let mut other = db.client().await;
+    other
+        .batch_execute(
+            "INSERT INTO applied_messages (message_id, applied_at) \
+             SELECT int8send(i), now() - interval '2 days' FROM generate_series(1, 25000) i",
+        )
+        .await
+        .expect("old ids");
+    let retention = std::time::Duration::from_secs(3600);
+    // Another replica is purging (holds the purge lock): this one leaves it alone.
+    let purging = other.transaction().await.expect("begin");
+    purging
+        .query_one(
+            "SELECT pg_advisory_xact_lock($1)",
+            &[&0x0063_6174_6368_7067i64],
+        )
+        .await
+        .expect("take the purge lock");
+    assert_eq!(store.purge_applied(retention).await.expect("purge"), 0);
+    purging.rollback().await.expect("release");
+    assert_eq!(store.purge_applied(retention).await.expect("purge"), 25_000);
+}
