@@ -198,10 +198,13 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
     /// Waits until every message is confirmed or given up on.
     pub async fn finish(&mut self) -> anyhow::Result<()> {
         while !self.in_flight.is_empty() || !self.retry.is_empty() {
-            if let Some(pending) = self.retry.pop_front() {
+            if let Some(pending) = self.due_retry() {
                 self.publish(pending).await?;
-            } else {
+            } else if !self.in_flight.is_empty() {
                 self.settle_one().await?;
+            } else if let Some(due) = self.retry.front().and_then(|p| p.not_before) {
+                // Only retries left, none due yet: wait for the first.
+                tokio::time::sleep_until(due).await;
             }
         }
         if let Some((connection, _)) = self.link.take() {
@@ -214,9 +217,7 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
     /// as needed. A message fails after `max_attempts`; everything fails (an error) once
     /// RabbitMQ has been unreachable for `give_up_after`.
     async fn publish(&mut self, mut pending: Pending) -> anyhow::Result<()> {
-        if let Some(due) = pending.not_before.take() {
-            tokio::time::sleep_until(due).await;
-        }
+        pending.not_before = None;
         loop {
             if self.gave_up {
                 self.failed += 1;
@@ -326,15 +327,24 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
                 self.retry.push_back(pending);
             }
         }
-        // Retries go out before new messages; the window still bounds them.
-        while let Some(pending) = self.retry.pop_front() {
-            if self.in_flight.len() >= self.settings.window {
-                self.retry.push_front(pending);
+        // Retries that are due go out before new messages; the window still bounds them.
+        while self.in_flight.len() < self.settings.window {
+            let Some(pending) = self.due_retry() else {
                 break;
-            }
+            };
             self.publish(pending).await?;
         }
         Ok(())
+    }
+
+    /// The first retry, if its backoff has passed (retries wait in the order they failed).
+    fn due_retry(&mut self) -> Option<Pending> {
+        let due = self
+            .retry
+            .front()?
+            .not_before
+            .is_none_or(|due| due <= tokio::time::Instant::now());
+        if due { self.retry.pop_front() } else { None }
     }
 }
 
