@@ -455,7 +455,7 @@ impl Run {
             .iter()
             .map(|body| {
                 Ok(Message {
-                    id: Some(uuid::Uuid::now_v7().to_string()),
+                    id: Some(uuid::Uuid::now_v7().to_string().into_bytes()),
                     events: parse_message(body).map_err(|r| anyhow::anyhow!("{r}"))?,
                 })
             })

@@ -36,7 +36,9 @@ impl App {
                 .with_context(|| format!("connecting to Postgres at {}", redact_url(url)))
         };
         // The commits in flight, plus the purge.
-        let store = connect(config.in_flight + 1).await?;
+        let store = connect(config.in_flight + 1)
+            .await?
+            .with_db_timeout(config.db_timeout);
         let lookups = match &config.status_database_url {
             Some(replica) => Store::connect(replica, config.db_pool_size)
                 .await

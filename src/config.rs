@@ -152,6 +152,17 @@ pub struct Config {
     #[command(flatten)]
     pub webhooks: crate::webhooks::WebhookArgs,
 
+    /// Bytes of message bodies this worker may hold unacknowledged (e.g. `64MiB`): the prefetch
+    /// is lowered on the live channel once large messages arrive, so memory stays bounded
+    /// whatever the sizes and however long Postgres is down (SPEC §4).
+    #[arg(long, env = "PREFETCH_BYTES", default_value = "64MiB", value_parser = parse_bytes)]
+    pub prefetch_bytes: u64,
+
+    /// Client-side deadline of one attempt to apply a batch (e.g. `30s`): a Postgres that stops
+    /// answering costs one deadline, then the batch is retried on a fresh connection.
+    #[arg(long, env = "DB_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub db_timeout: Duration,
+
     /// Log format; by default `pretty` on a terminal and `json` otherwise. Levels come from RUST_LOG.
     #[arg(long, env = "LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -182,6 +193,34 @@ pub struct Config {
     /// How long a client may take to send a request's headers before the connection is closed.
     #[arg(long, env = "HTTP_HEADER_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub http_header_timeout: Duration,
+}
+
+/// A byte size: a number with an optional unit (`B`, `KiB`, `MiB`, `GiB`; `KB`, `MB`, `GB` are
+/// read as the binary units too), e.g. `64MiB` or `1048576`.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a byte size like 64MiB"))?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown byte unit {other:?} (use B, KiB, MiB or GiB)"
+            ));
+        }
+    };
+    match number.checked_mul(scale) {
+        Some(0) | None => Err(format!("{text:?} must be between 1 byte and 2^64")),
+        Some(bytes) => Ok(bytes),
+    }
 }
 
 impl AmqpArgs {
@@ -326,6 +365,11 @@ mod tests {
         assert_eq!(config.threshold, 1000);
         assert_eq!(config.dedup_retention, Duration::from_secs(7 * 24 * 3600));
         assert_eq!(config.shutdown_timeout, Duration::from_secs(10));
+        assert_eq!(config.prefetch_bytes, 64 << 20);
+        assert_eq!(config.db_timeout, Duration::from_secs(30));
+        assert_eq!(parse_bytes("1048576"), Ok(1 << 20));
+        assert_eq!(parse_bytes("2 GiB"), Ok(2 << 30));
+        assert!(parse_bytes("0").is_err() && parse_bytes("64 parsecs").is_err());
         assert!(config.validate().is_ok());
     }
 

@@ -7,7 +7,7 @@
 use crate::amqp;
 use crate::backoff::Backoff;
 use crate::config::Config;
-use crate::event::{RejectReason, parse_body};
+use crate::event::parse_body;
 use crate::health::Health;
 use crate::metrics;
 use crate::store::{Applied, FaultPoint, Message, Store};
@@ -44,6 +44,13 @@ pub struct Batch {
     pub rejected: usize,
     /// Events in `messages`.
     pub events: usize,
+    /// Delivery tag of each of `messages` (to dead-letter one that Postgres refuses).
+    pub tags: Vec<u64>,
+    /// Bytes of the bodies of `messages`.
+    pub bytes: usize,
+    /// Identifies this batch in Postgres, so a retry after a lost COMMIT reply is recognised
+    /// (see [`Store::apply_once`]).
+    pub token: [u8; 16],
 }
 
 /// What one step did.
@@ -61,7 +68,79 @@ pub struct Consumer {
     channel: Channel,
     deliveries: lapin::Consumer,
     consumer_tag: String,
+    /// Consumers cancelled to change the prefetch, whose buffered deliveries come first.
+    draining: VecDeque<lapin::Consumer>,
+    queue: String,
     settings: BatchSettings,
+    prefetch: Prefetch,
+}
+
+/// The largest body a message may have (SPEC §3): what the prefetch assumes of a message it has
+/// not seen yet.
+const MAX_BODY: usize = 1 << 20;
+
+/// Keeps the bodies held unacked under PREFETCH_BYTES by lowering the prefetch when large
+/// messages arrive, and raising it again (up to PREFETCH) once a window of deliveries shows they
+/// are small. RabbitMQ fixes a consumer's prefetch when it starts (basic.qos on a live channel
+/// only affects consumers started after it), so a change is basic.qos, then basic.cancel of the
+/// current consumer (its deliveries already sent stay unacked and are processed and acked as
+/// usual, nothing is requeued), then basic.consume with the new prefetch.
+#[derive(Debug, Clone)]
+struct Prefetch {
+    budget: u64,
+    max: u16,
+    /// The prefetch in force.
+    current: u16,
+    /// Largest body of the previous window of deliveries, and of the current one.
+    previous_largest: usize,
+    largest: usize,
+    /// Deliveries left in the current window.
+    window_left: usize,
+}
+
+impl Prefetch {
+    fn new(budget: u64, max: u16) -> Self {
+        let mut this = Self {
+            budget,
+            max,
+            current: max,
+            // Until a window has been seen, assume the largest message there may be.
+            previous_largest: MAX_BODY,
+            largest: 0,
+            window_left: 0,
+        };
+        this.current = this.target();
+        this.window_left = usize::from(this.current);
+        this
+    }
+
+    fn target(&self) -> u16 {
+        let largest = self.previous_largest.max(self.largest).max(1) as u64;
+        (self.budget / largest).clamp(1, u64::from(self.max)) as u16
+    }
+
+    /// Records one delivery; returns the new prefetch when it must change.
+    fn observe(&mut self, body: usize) -> Option<u16> {
+        self.largest = self.largest.max(body);
+        self.window_left = self.window_left.saturating_sub(1);
+        if self.window_left == 0 {
+            self.previous_largest = self.largest;
+            self.largest = 0;
+        }
+        let target = self.target();
+        // Lower at once; raise only at the end of a window (hysteresis: one large message keeps
+        // the prefetch low for a window or two, instead of flapping).
+        let change = target < self.current || (self.window_left == 0 && target > self.current);
+        if self.window_left == 0 {
+            self.window_left = usize::from(target.max(self.current)).max(64);
+        }
+        if change {
+            self.current = target;
+            Some(target)
+        } else {
+            None
+        }
+    }
 }
 
 impl Consumer {
@@ -89,31 +168,32 @@ impl Consumer {
             .await
             .context("declaring the topology")?;
         // qos before consume, so the broker never sends more than the prefetch.
+        let prefetch = Prefetch::new(config.prefetch_bytes, config.prefetch);
         channel
-            .basic_qos(config.prefetch, BasicQosOptions::default())
+            .basic_qos(prefetch.current, BasicQosOptions::default())
             .await
             .context("setting the prefetch")?;
-        let consumer_tag = format!("catchall-{}", uuid::Uuid::now_v7());
-        let deliveries = channel
-            .basic_consume(
-                config.amqp.queue.as_str().into(),
-                consumer_tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .with_context(|| format!("consuming from queue {}", config.amqp.queue))?;
-        tracing::info!(queue = %config.amqp.queue, prefetch = config.prefetch, "Consuming.");
+        metrics::prefetch_changed(prefetch.current, 0);
+        let (consumer_tag, deliveries) = consume(&channel, &config.amqp.queue).await?;
+        tracing::info!(
+            queue = %config.amqp.queue,
+            prefetch = prefetch.current,
+            prefetch_bytes = config.prefetch_bytes,
+            "Consuming."
+        );
         Ok(Self {
             connection,
             channel,
             deliveries,
             consumer_tag,
+            draining: VecDeque::new(),
+            queue: config.amqp.queue.clone(),
             settings: BatchSettings {
                 size: config.batch_size as usize,
                 in_flight: config.in_flight as usize,
                 timeout: config.batch_timeout(),
             },
+            prefetch,
         })
     }
 
@@ -121,13 +201,16 @@ impl Consumer {
     /// has passed, whichever comes first. Invalid messages are rejected at once (no requeue, so
     /// they are dead-lettered). Returns early with what it has when `cancel` fires.
     pub async fn next_batch(&mut self, cancel: &CancellationToken) -> anyhow::Result<Batch> {
-        let mut batch = Batch::default();
+        let mut batch = Batch {
+            token: *uuid::Uuid::now_v7().as_bytes(),
+            ..Batch::default()
+        };
         let mut deadline: Option<tokio::time::Instant> = None;
         while batch.events < self.settings.size {
             let next = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
-                next = self.deliveries.next() => next,
+                next = next_delivery(&mut self.draining, &mut self.deliveries) => next,
                 _ = sleep_until(deadline) => break,
             };
             let delivery = match next {
@@ -135,29 +218,33 @@ impl Consumer {
                 Some(Err(error)) => return Err(error).context("the consumer failed"),
                 None => return Err(anyhow!("the broker ended the consumer")),
             };
+            if let Some(prefetch) = self.prefetch.observe(delivery.data.len()) {
+                self.reconsume(prefetch).await?;
+                metrics::prefetch_changed(prefetch, delivery.data.len());
+            }
+            // The id as the publisher sent it, byte for byte (it need not be UTF-8).
             let id = delivery
                 .properties
                 .message_id()
                 .as_ref()
-                .map(|id| id.as_str().to_string())
+                .map(|id| id.as_bytes().to_vec())
                 .filter(|id| !id.is_empty());
-            let parsed = match id.as_deref() {
-                Some(id) if id.contains('\0') => Err(RejectReason::BadMessageId),
-                _ => parse_body(&delivery.data),
-            };
-            match parsed {
+            match parse_body(&delivery.data) {
                 Ok(parsed) => {
                     if parsed.ignored > 0 {
                         metrics::records_ignored(parsed.ignored);
                     }
                     let events = parsed.events;
                     batch.events += events.len();
+                    batch.bytes += delivery.data.len();
+                    batch.tags.push(delivery.delivery_tag);
                     batch.messages.push(Message { id, events });
                     batch.last_tag = Some(delivery.delivery_tag);
                     deadline
                         .get_or_insert_with(|| tokio::time::Instant::now() + self.settings.timeout);
                 }
                 Err(reason) => {
+                    let id = id.as_deref().map(String::from_utf8_lossy);
                     metrics::message_rejected(reason, delivery.delivery_tag, id.as_deref());
                     self.channel
                         .basic_reject(delivery.delivery_tag, BasicRejectOptions { requeue: false })
@@ -170,6 +257,26 @@ impl Consumer {
         Ok(batch)
     }
 
+    /// Restarts the consumer with a new prefetch (see [`Prefetch`]).
+    async fn reconsume(&mut self, prefetch: u16) -> anyhow::Result<()> {
+        self.channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .context("changing the prefetch")?;
+        self.channel
+            .basic_cancel(
+                self.consumer_tag.as_str().into(),
+                BasicCancelOptions::default(),
+            )
+            .await
+            .context("cancelling the consumer to change its prefetch")?;
+        let (tag, deliveries) = consume(&self.channel, &self.queue).await?;
+        self.consumer_tag = tag;
+        let old = std::mem::replace(&mut self.deliveries, deliveries);
+        self.draining.push_back(old);
+        Ok(())
+    }
+
     /// One unit of work: gather a batch, commit it, ack it.
     pub async fn process_batch(
         &mut self,
@@ -179,10 +286,14 @@ impl Consumer {
     ) -> anyhow::Result<Step> {
         let batch = self.next_batch(cancel).await?;
         let mut applied = Applied::default();
-        if let Some(last_tag) = batch.last_tag {
-            applied =
-                apply_with_retry(store, health, &self.channel, cancel, &batch.messages).await?;
-            ack(&self.channel, store, last_tag).await?;
+        if batch.last_tag.is_some() {
+            // A step finishes its batch even after a stop; only the retries of a failing
+            // Postgres end at the stop.
+            let keep_going = CancellationToken::new();
+            let ack_tag;
+            (applied, ack_tag) =
+                apply_with_retry(store, health, &self.channel, cancel, &keep_going, &batch).await?;
+            ack(&self.channel, store, ack_tag).await?;
         }
         let rejected = batch.rejected;
         Ok(if cancel.is_cancelled() {
@@ -198,11 +309,15 @@ impl Consumer {
     /// delivery order, each once it and every batch before it committed, so a multiple-ack never
     /// covers an uncommitted message. Returns `Ok` when `cancel` fires (after committing and
     /// acking what was in flight), or the error that ended it.
+    ///
+    /// `abort` fires when a stop runs out of time: an apply attempt still running is abandoned
+    /// (its batch stays unacked and comes back).
     pub async fn run_pipelined(
         &mut self,
         store: &Store,
         health: &Arc<Health>,
         cancel: &CancellationToken,
+        abort: &CancellationToken,
     ) -> anyhow::Result<()> {
         let mut committing: VecDeque<InFlight> = VecDeque::new();
         loop {
@@ -214,10 +329,10 @@ impl Consumer {
                     tokio::select! {
                         batch = &mut gather => break batch,
                         // Ack as soon as the oldest commit ends, even while no message arrives.
-                        applied = wait_oldest(&mut committing), if !committing.is_empty() => {
-                            if let Some(done) = committing.pop_front() {
-                                applied?;
-                                ack(&channel, store, done.last_tag).await?;
+                        settled = wait_oldest(&mut committing), if !committing.is_empty() => {
+                            if committing.pop_front().is_some() {
+                                let (_, ack_tag) = settled?;
+                                ack(&channel, store, ack_tag).await?;
                             }
                         }
                     }
@@ -228,10 +343,10 @@ impl Consumer {
                 Err(error) => {
                     // Leave no commit behind: finish them, and ack in order while that works.
                     while let Some(done) = committing.pop_front() {
-                        let last_tag = done.last_tag;
-                        if join(done).await.is_err()
-                            || ack(&self.channel, store, last_tag).await.is_err()
-                        {
+                        let Ok((_, ack_tag)) = join(done).await else {
+                            break;
+                        };
+                        if ack(&self.channel, store, ack_tag).await.is_err() {
                             break;
                         }
                     }
@@ -241,17 +356,18 @@ impl Consumer {
             while committing.len() >= self.settings.in_flight {
                 self.ack_oldest(store, &mut committing).await?;
             }
-            if let Some(last_tag) = batch.last_tag {
-                let (store, health, channel, cancel) = (
+            if batch.last_tag.is_some() {
+                let (store, health, channel, cancel, abort) = (
                     store.clone(),
                     health.clone(),
                     self.channel.clone(),
                     cancel.clone(),
+                    abort.clone(),
                 );
                 let task = tokio::spawn(async move {
-                    apply_with_retry(&store, &health, &channel, &cancel, &batch.messages).await
+                    apply_with_retry(&store, &health, &channel, &cancel, &abort, &batch).await
                 });
-                committing.push_back(InFlight { task, last_tag });
+                committing.push_back(InFlight { task });
             }
             if cancel.is_cancelled() {
                 while !committing.is_empty() {
@@ -269,9 +385,8 @@ impl Consumer {
         committing: &mut VecDeque<InFlight>,
     ) -> anyhow::Result<()> {
         if let Some(done) = committing.pop_front() {
-            let last_tag = done.last_tag;
-            join(done).await?;
-            ack(&self.channel, store, last_tag).await?;
+            let (_, ack_tag) = join(done).await?;
+            ack(&self.channel, store, ack_tag).await?;
         }
         Ok(())
     }
@@ -295,23 +410,29 @@ impl Consumer {
 }
 
 /// Acks everything up to `last_tag` on `channel`, once its batch (and every batch before it)
-/// committed.
-async fn ack(channel: &Channel, store: &Store, last_tag: u64) -> anyhow::Result<()> {
+/// committed. `None`: every message of the batch was dead-lettered, nothing to ack.
+async fn ack(channel: &Channel, store: &Store, last_tag: Option<u64>) -> anyhow::Result<()> {
     store.fault(FaultPoint::AfterCommit).await;
+    let Some(last_tag) = last_tag else {
+        return Ok(());
+    };
     channel
         .basic_ack(last_tag, BasicAckOptions { multiple: true })
         .await
         .context("acking a committed batch (it will be redelivered and skipped as a duplicate)")
 }
 
-/// A batch being applied in its own task, and the tag that acks it.
+/// What applying a batch did, and the tag that acks it: its last message that was not
+/// dead-lettered (a multiple-ack may not name a tag already rejected).
+type Settled = (Applied, Option<u64>);
+
+/// A batch being applied in its own task.
 struct InFlight {
-    task: tokio::task::JoinHandle<anyhow::Result<Applied>>,
-    last_tag: u64,
+    task: tokio::task::JoinHandle<anyhow::Result<Settled>>,
 }
 
 /// Waits for the oldest batch in flight (callers check there is one) without taking it.
-async fn wait_oldest(in_flight: &mut VecDeque<InFlight>) -> anyhow::Result<Applied> {
+async fn wait_oldest(in_flight: &mut VecDeque<InFlight>) -> anyhow::Result<Settled> {
     match in_flight.front_mut() {
         Some(oldest) => (&mut oldest.task)
             .await
@@ -320,24 +441,102 @@ async fn wait_oldest(in_flight: &mut VecDeque<InFlight>) -> anyhow::Result<Appli
     }
 }
 
-async fn join(in_flight: InFlight) -> anyhow::Result<Applied> {
+async fn join(in_flight: InFlight) -> anyhow::Result<Settled> {
     in_flight.task.await.context("the apply task panicked")?
 }
 
-/// Applies a batch in one transaction. A Postgres failure is retried with backoff while the
-/// batch stays unacked; gives up only when the channel has closed (the broker redelivers the
-/// batch) or on stop.
+/// Applies a batch. A transient Postgres failure is retried with backoff while the batch stays
+/// unacked; gives up only when the channel has closed (the broker redelivers the batch), on stop
+/// (`cancel`, between attempts) or when a stop runs out of time (`abort`, during an attempt).
+///
+/// A permanent failure (Postgres refuses the content, see
+/// [`crate::store::StoreError::is_permanent`]) is isolated by bisecting: each half is applied in
+/// its own transaction, down to the single messages that fail, which are rejected without
+/// requeue (dead-lettered, reason `database_rejected`); the rest is applied. Ids are claimed in
+/// the same transactions as the counters, so exactly-once holds across the halves.
 pub async fn apply_with_retry(
     store: &Store,
     health: &Health,
     channel: &Channel,
     cancel: &CancellationToken,
+    abort: &CancellationToken,
+    batch: &Batch,
+) -> anyhow::Result<Settled> {
+    let (messages, tags, token) = (&batch.messages, &batch.tags, &batch.token);
+    let mut total = Applied::default();
+    let mut rejected: Vec<usize> = Vec::new();
+    // Ranges still to apply, the next one on top.
+    let mut pending: Vec<std::ops::Range<usize>> = Vec::with_capacity(8);
+    pending.push(0..messages.len());
+    while let Some(range) = pending.pop() {
+        let part = &messages[range.clone()];
+        // One token per part (the batch's, and the part's bounds when bisecting).
+        let mut part_token = b"\0catchall-batch\0".to_vec();
+        part_token.extend_from_slice(token);
+        if range.len() != messages.len() {
+            part_token.extend((range.start as u32).to_be_bytes());
+            part_token.extend((range.end as u32).to_be_bytes());
+        }
+        match apply_attempts(store, health, channel, cancel, abort, &part_token, part).await? {
+            Ok(applied) => {
+                total.messages += applied.messages;
+                total.duplicates += applied.duplicates;
+                total.delivered += applied.delivered;
+                total.bounced += applied.bounced;
+                total.domains += applied.domains;
+            }
+            Err(refused) if range.len() == 1 => {
+                let tag = tags[range.start];
+                let id = part[0].id.as_deref().map(String::from_utf8_lossy);
+                metrics::message_database_rejected(tag, id.as_deref(), &refused);
+                channel
+                    .basic_reject(tag, BasicRejectOptions { requeue: false })
+                    .await
+                    .context("dead-lettering a message Postgres refused")?;
+                total.database_rejected += 1;
+                rejected.push(range.start);
+            }
+            Err(_) => {
+                let middle = range.start + range.len() / 2;
+                pending.push(middle..range.end);
+                pending.push(range.start..middle);
+            }
+        }
+    }
+    let mut dead = vec![false; messages.len()];
+    for &index in &rejected {
+        dead[index] = true;
+    }
+    let ack_tag = tags
+        .iter()
+        .zip(&dead)
+        .rev()
+        .find(|(_, dead)| !**dead)
+        .map(|(tag, _)| *tag);
+    Ok((total, ack_tag))
+}
+
+/// Attempts to apply `messages` in one transaction until it commits (`Ok(Ok)`) or Postgres
+/// refuses the content (`Ok(Err(reason))`); transient failures are retried with backoff.
+async fn apply_attempts(
+    store: &Store,
+    health: &Health,
+    channel: &Channel,
+    cancel: &CancellationToken,
+    abort: &CancellationToken,
+    token: &[u8],
     messages: &[Message],
-) -> anyhow::Result<Applied> {
+) -> anyhow::Result<Result<Applied, String>> {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         let started = Instant::now();
-        match store.apply(messages).await {
+        let attempt = tokio::select! {
+            attempt = store.apply_once(Some(token), messages) => attempt,
+            _ = abort.cancelled() => return Err(anyhow!(
+                "the stop ran out of time while Postgres was applying a batch; it stays unacked and is redelivered"
+            )),
+        };
+        match attempt {
             Ok(applied) => {
                 metrics::batch_committed(
                     applied.messages,
@@ -348,13 +547,18 @@ pub async fn apply_with_retry(
                 );
                 metrics::other_bounces_counted(applied.other_bounced);
                 health.set_db_error(None);
-                return Ok(applied);
+                return Ok(Ok(applied));
+            }
+            Err(error) if error.is_permanent() => {
+                let error = anyhow::Error::new(error);
+                return Ok(Err(format!("{error:#}")));
             }
             Err(error) => {
+                // /readyz gets a short reason; the log gets the whole error.
+                health.set_db_error(Some(error.short_reason()));
                 let error = anyhow::Error::new(error).context("applying a batch");
                 let wait = backoff.next_wait();
                 metrics::db_error(&error, wait);
-                health.set_db_error(Some(format!("{error:#}")));
                 if !channel.status().connected() {
                     return Err(anyhow!(
                         "the channel closed while Postgres was failing; the broker redelivers the batch"
@@ -371,6 +575,37 @@ pub async fn apply_with_retry(
     }
 }
 
+/// Starts a consumer on `queue` under a fresh tag.
+async fn consume(channel: &Channel, queue: &str) -> anyhow::Result<(String, lapin::Consumer)> {
+    let tag = format!("catchall-{}", uuid::Uuid::now_v7());
+    let deliveries = channel
+        .basic_consume(
+            queue.into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("consuming from queue {queue}"))?;
+    Ok((tag, deliveries))
+}
+
+/// The next delivery: what cancelled consumers still buffer first, then the current consumer.
+async fn next_delivery(
+    draining: &mut VecDeque<lapin::Consumer>,
+    current: &mut lapin::Consumer,
+) -> Option<lapin::Result<lapin::message::Delivery>> {
+    while let Some(old) = draining.front_mut() {
+        match old.next().await {
+            Some(delivery) => return Some(delivery),
+            None => {
+                draining.pop_front();
+            }
+        }
+    }
+    current.next().await
+}
+
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
@@ -380,6 +615,21 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 
 /// Consumes until `cancel` fires, reconnecting to RabbitMQ with capped exponential backoff.
 pub async fn run(config: Config, store: Store, health: Arc<Health>, cancel: CancellationToken) {
+    // A stop may take SHUTDOWN_TIMEOUT; an apply attempt still running near its end is abandoned
+    // (left unacked) so the process still exits in time and cleanly.
+    let abort = CancellationToken::new();
+    {
+        let (cancel, abort) = (cancel.clone(), abort.clone());
+        let grace = config
+            .shutdown_timeout
+            .saturating_sub(Duration::from_secs(2))
+            .max(config.shutdown_timeout / 2);
+        tokio::spawn(async move {
+            cancel.cancelled().await;
+            tokio::time::sleep(grace).await;
+            abort.cancel();
+        });
+    }
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     while !cancel.is_cancelled() {
         let opened = tokio::select! {
@@ -393,7 +643,9 @@ pub async fn run(config: Config, store: Store, health: Arc<Health>, cancel: Canc
                 health.set_broker_error(None);
                 health.set_consuming(true);
                 let connected_at = Instant::now();
-                let result = consumer.run_pipelined(&store, &health, &cancel).await;
+                let result = consumer
+                    .run_pipelined(&store, &health, &cancel, &abort)
+                    .await;
                 health.set_consuming(false);
                 if cancel.is_cancelled() {
                     consumer.close().await;
@@ -441,7 +693,11 @@ pub async fn purge_loop(store: Store, retention: Duration, cancel: CancellationT
             _ = ticker.tick() => {}
             _ = cancel.cancelled() => return,
         }
-        match store.purge_applied(retention).await {
+        let purged = tokio::select! {
+            purged = store.purge_applied(retention) => purged,
+            _ = cancel.cancelled() => return,
+        };
+        match purged {
             Ok(rows) => metrics::dedup_purged(rows),
             Err(error) => {
                 tracing::warn!(
@@ -450,5 +706,31 @@ pub async fn purge_loop(store: Store, retention: Duration, cancel: CancellationT
                 )
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefetch_follows_body_sizes() {
+        const MIB: u64 = 1 << 20;
+        // Nothing seen yet: the largest body is assumed.
+        let mut prefetch = Prefetch::new(64 * MIB, 5000);
+        assert_eq!(prefetch.current, 64);
+        // A window of small bodies raises it to PREFETCH, at the end of the window only.
+        let raised: Vec<_> = (0..64).filter_map(|_| prefetch.observe(200)).collect();
+        assert_eq!(raised, vec![5000]);
+        // One large body lowers it at once.
+        assert_eq!(prefetch.observe(MIB as usize), Some(64));
+        assert_eq!(prefetch.observe(200), None);
+        // It stays low for this window and the next one, then rises again.
+        let changes: Vec<_> = (0..10_000).filter_map(|_| prefetch.observe(100)).collect();
+        assert_eq!(changes, vec![5000]);
+        // Bodies over the budget: one at a time.
+        let mut tiny = Prefetch::new(1000, 5000);
+        assert_eq!(tiny.current, 1);
+        assert_eq!(tiny.observe(4000), None);
     }
 }

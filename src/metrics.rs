@@ -114,6 +114,15 @@ fn describe() {
     counter!("catchall_db_errors_total").absolute(0);
     counter!("catchall_broker_reconnects_total").absolute(0);
     counter!("catchall_dedup_purged_total").absolute(0);
+    counter!("catchall_rejections_total", "reason" => DATABASE_REJECTED).absolute(0);
+    describe_gauge!(
+        "catchall_prefetch_messages",
+        "The prefetch (basic.qos) in force: PREFETCH, lowered to keep PREFETCH_BYTES."
+    );
+    describe_gauge!(
+        "catchall_unacked_bytes",
+        "Bytes of message bodies held unacknowledged (gathering and committing)."
+    );
     describe_gauges();
 }
 
@@ -172,6 +181,34 @@ pub fn dedup_table(ids: i64, overdue: i64, retention: Duration) {
     gauge!("catchall_dedup_ids").set(ids as f64);
     gauge!("catchall_dedup_overdue_ids").set(overdue as f64);
     gauge!("catchall_dedup_retention_seconds").set(retention.as_secs_f64());
+}
+
+/// Reason of a message Postgres refused for its content (found by bisecting its batch).
+pub const DATABASE_REJECTED: &str = "database_rejected";
+
+/// Postgres refused a message's content (a permanent error, isolated by bisecting its
+/// batch): it is rejected without requeue, so the broker dead-letters it.
+pub fn message_database_rejected(delivery_tag: u64, message_id: Option<&str>, error: &str) {
+    counter!("catchall_messages_total", "outcome" => "rejected").increment(1);
+    counter!("catchall_rejections_total", "reason" => DATABASE_REJECTED).increment(1);
+    tracing::warn!(
+        reason = DATABASE_REJECTED,
+        delivery_tag,
+        message_id,
+        error,
+        "Message rejected: Postgres refused its content; dead-lettered."
+    );
+}
+
+/// The prefetch was changed to keep the unacked bodies under PREFETCH_BYTES.
+pub fn prefetch_changed(prefetch: u16, largest_body: usize) {
+    gauge!("catchall_prefetch_messages").set(f64::from(prefetch));
+    tracing::debug!(prefetch, largest_body, "Prefetch adjusted.");
+}
+
+/// Bytes of bodies held unacked right now.
+pub fn unacked_bytes(bytes: usize) {
+    gauge!("catchall_unacked_bytes").set(bytes as f64);
 }
 
 /// A batch was committed.

@@ -25,12 +25,60 @@ pub enum StoreError {
     Query(#[from] tokio_postgres::Error),
     #[error("migration failed")]
     Migration(#[from] refinery::Error),
+    #[error("Postgres did not answer within {0:?} (DB_TIMEOUT); the connection was dropped")]
+    Timeout(Duration),
+}
+
+impl StoreError {
+    /// A short reason for `/readyz`, fit for any client: no server message text (which can
+    /// carry data or schema details), only the kind of failure and the SQLSTATE. The full
+    /// error goes to the log.
+    pub fn short_reason(&self) -> String {
+        match self {
+            Self::Config(_) => "invalid DATABASE_URL".into(),
+            Self::Url(_) => "invalid Postgres URL or TLS settings".into(),
+            Self::Pool(_) => "no connection available".into(),
+            Self::Timeout(_) => "no answer within DB_TIMEOUT".into(),
+            Self::Migration(_) => "migration failed".into(),
+            Self::Query(error) => match error.code() {
+                Some(code) => format!("error SQLSTATE {}", code.code()),
+                None if error.is_closed() => "connection closed".into(),
+                None => "connection failed".into(),
+            },
+        }
+    }
+
+    /// Whether retrying the same work can succeed later. Transient: the connection, the server
+    /// or the pool failed (lost connection, admin shutdown, timeout or cancel, serialization
+    /// failure or deadlock, read-only server, full disk, too many connections, out of memory).
+    /// Permanent: the data of the batch is refused (class 22 data exceptions, class 23
+    /// integrity violations, an exception raised by a trigger or function). Anything else is
+    /// treated as transient (not ready, retried; the delivery limit is the last resort).
+    pub fn is_permanent(&self) -> bool {
+        let Self::Query(error) = self else {
+            return false;
+        };
+        let Some(code) = error.code() else {
+            return false; // I/O, closed connection: no SQLSTATE
+        };
+        let code = code.code();
+        let class = &code[..2.min(code.len())];
+        matches!(
+            class,
+            // data exception, integrity constraint, triggered data change, triggered action,
+            // SQL routine / external routine / invocation exceptions, WITH CHECK OPTION,
+            // PL/pgSQL RAISE (P0001 raise_exception, P0004 assert_failure).
+            "22" | "23" | "27" | "09" | "2F" | "38" | "39" | "44" | "P0"
+        )
+    }
 }
 
 /// A message ready to apply: its id (if the publisher set one) and its valid events.
 #[derive(Debug, Clone)]
 pub struct Message {
-    pub id: Option<String>,
+    /// The publisher's `message_id`, as bytes: AMQP short strings need not be UTF-8, and two
+    /// ids that differ only in invalid bytes are two messages.
+    pub id: Option<Vec<u8>>,
     pub events: Vec<Event>,
 }
 
@@ -47,6 +95,8 @@ pub struct Applied {
     pub other_bounced: u64,
     /// Distinct domains upserted.
     pub domains: usize,
+    /// Messages Postgres refused for their content, dead-lettered (`database_rejected`).
+    pub database_rejected: usize,
 }
 
 /// A domain's counters.
@@ -75,10 +125,16 @@ pub type FaultHook = Arc<dyn Fn(FaultPoint) -> BoxFuture<'static, ()> + Send + S
 pub struct Store {
     pool: Pool,
     fault_hook: Option<FaultHook>,
+    /// Client-side deadline of one apply attempt (DB_TIMEOUT).
+    db_timeout: Duration,
 }
 
 const CLAIM_IDS: &str = "INSERT INTO applied_messages (message_id) \
-     SELECT * FROM unnest($1::text[]) ON CONFLICT DO NOTHING RETURNING message_id";
+     SELECT * FROM unnest($1::bytea[]) ON CONFLICT DO NOTHING RETURNING message_id";
+/// A batch token, in the applied ids table (its bytes start with NUL and a marker, so they do
+/// not meet a publisher's ids in practice).
+const CLAIM_BATCH: &str =
+    "INSERT INTO applied_messages (message_id) VALUES ($1) ON CONFLICT DO NOTHING";
 const UPSERT: &str = "INSERT INTO domains AS d (domain, delivered, bounced, other_bounced) \
      SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[]) \
      ON CONFLICT (domain) DO UPDATE \
@@ -97,10 +153,18 @@ impl Store {
         if pg.get_application_name().is_none() {
             pg.application_name("catchall");
         }
-        // No query or transaction may hang the worker: a stuck one fails and is retried.
-        if pg.get_options().is_none() {
-            pg.options("-c statement_timeout=60s -c idle_in_transaction_session_timeout=60s");
+        // No query or transaction may hang the worker: a stuck one fails and is retried. An
+        // `options=` in DATABASE_URL keeps what it says; ours are appended unless it sets them.
+        let mut options = pg.get_options().unwrap_or_default().to_string();
+        for (name, value) in [
+            ("statement_timeout", "60s"),
+            ("idle_in_transaction_session_timeout", "60s"),
+        ] {
+            if !options.contains(name) {
+                options = format!("{options} -c {name}={value}").trim().to_string();
+            }
         }
+        pg.options(&options);
         let manager = Manager::from_config(
             pg,
             tls,
@@ -119,9 +183,16 @@ impl Store {
         let store = Self {
             pool,
             fault_hook: None,
+            db_timeout: Duration::from_secs(30),
         };
         store.ping().await?;
         Ok(store)
+    }
+
+    /// Sets the client-side deadline of one apply attempt (DB_TIMEOUT, default 30 s).
+    pub fn with_db_timeout(mut self, db_timeout: Duration) -> Self {
+        self.db_timeout = db_timeout;
+        self
     }
 
     /// Installs a fault injector (tests only).
@@ -144,13 +215,16 @@ impl Store {
         client
             .execute("SELECT pg_advisory_lock($1)", &[&LOCK])
             .await?;
-        // A migration on a large table may take longer than the statement timeout.
+        // A migration on a large table may take longer than the statement timeout. The
+        // session setting must not outlive the migration: this connection leaves the pool.
         client.batch_execute("SET statement_timeout = 0").await?;
         let client_ref: &mut tokio_postgres::Client = &mut client;
         let report = embedded::migrations::runner().run_async(client_ref).await;
-        client
+        let unlocked = client
             .execute("SELECT pg_advisory_unlock($1)", &[&LOCK])
-            .await?;
+            .await;
+        drop(deadpool_postgres::Object::take(client));
+        unlocked?;
         Ok(report?)
     }
 
@@ -170,16 +244,66 @@ impl Store {
     /// Applies a batch in one transaction: claims the message ids (skipping those already
     /// applied, here or by another worker), then adds the remaining events per domain with one
     /// upsert in sorted domain order, so concurrent workers cannot deadlock.
+    ///
+    /// The attempt has a client-side deadline (DB_TIMEOUT): a backend that stops answering
+    /// costs one deadline, and its connection is taken out of the pool (not reused with a
+    /// transaction in an unknown state), so the retry runs on a fresh connection.
     pub async fn apply(&self, batch: &[Message]) -> Result<Applied, StoreError> {
+        self.apply_once(None, batch).await
+    }
+
+    /// Like [`Store::apply`], and when `token` is given and some message has no id, the token
+    /// is recorded in the same transaction (beside the message ids) and checked first: a batch
+    /// whose COMMIT went through but whose reply was lost is not applied again when retried
+    /// (its id-less messages would otherwise count twice).
+    pub async fn apply_once(
+        &self,
+        token: Option<&[u8]>,
+        batch: &[Message],
+    ) -> Result<Applied, StoreError> {
+        let token = token.filter(|_| batch.iter().any(|m| m.id.is_none()));
+        let deadline = tokio::time::Instant::now() + self.db_timeout;
+        let mut client = tokio::time::timeout_at(deadline, self.pool.get())
+            .await
+            .map_err(|_| StoreError::Timeout(self.db_timeout))??;
+        match tokio::time::timeout_at(deadline, self.apply_on(&mut client, token, batch)).await {
+            Ok(Ok(applied)) => Ok(applied),
+            Ok(Err(error)) => {
+                if !error.is_permanent() {
+                    // The connection may be the cause: do not hand it to the next attempt.
+                    drop(deadpool_postgres::Object::take(client));
+                }
+                Err(error)
+            }
+            Err(_) => {
+                drop(deadpool_postgres::Object::take(client));
+                Err(StoreError::Timeout(self.db_timeout))
+            }
+        }
+    }
+
+    async fn apply_on(
+        &self,
+        client: &mut deadpool_postgres::Object,
+        token: Option<&[u8]>,
+        batch: &[Message],
+    ) -> Result<Applied, StoreError> {
         let mut applied = Applied::default();
-        let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
+        if let Some(token) = token {
+            let claim = tx.prepare_cached(CLAIM_BATCH).await?;
+            if tx.execute(&claim, &[&token]).await? == 0 {
+                // Committed by an earlier attempt: every message of it is a duplicate.
+                applied.duplicates = batch.len();
+                return Ok(applied);
+            }
+        }
 
         // Ids, sorted (lock order) and without repeats within the batch.
-        let mut ids: Vec<&str> = batch.iter().filter_map(|m| m.id.as_deref()).collect();
+        let mut ids: Vec<&[u8]> = batch.iter().filter_map(|m| m.id.as_deref()).collect();
         ids.sort_unstable();
         ids.dedup();
-        let fresh: HashSet<String> = if ids.is_empty() {
+        let fresh: HashSet<Vec<u8>> = if ids.is_empty() {
             HashSet::new()
         } else {
             let claim = tx.prepare_cached(CLAIM_IDS).await?;
@@ -190,7 +314,7 @@ impl Store {
                 .collect()
         };
 
-        let mut seen: HashSet<&str> = HashSet::with_capacity(ids.len());
+        let mut seen: HashSet<&[u8]> = HashSet::with_capacity(ids.len());
         let mut totals: BTreeMap<&str, (i64, i64, i64)> = BTreeMap::new();
         for message in batch {
             if let Some(id) = message.id.as_deref() {
@@ -257,18 +381,31 @@ impl Store {
     /// Deletes applied message ids older than `retention`, a slice at a time so no long lock is
     /// held. Returns how many were deleted.
     pub async fn purge_applied(&self, retention: Duration) -> Result<u64, StoreError> {
-        let client = self.pool.get().await?;
-        let statement = client
-            .prepare_cached(
-                "DELETE FROM applied_messages WHERE message_id IN ( \
-                   SELECT message_id FROM applied_messages \
-                   WHERE applied_at < now() - make_interval(secs => $1) LIMIT 10000)",
-            )
-            .await?;
+        // Replicas purge one at a time: each slice runs in a transaction that first takes a
+        // transaction-level advisory lock (released at its end, even if the purge is dropped
+        // on stop); a replica that does not get it leaves the purge to the one that has it.
+        const PURGE_LOCK: i64 = 0x0063_6174_6368_7067; // "catchpg"
+        let mut client = self.pool.get().await?;
         let seconds = retention.as_secs_f64();
         let mut total = 0;
         loop {
-            let deleted = client.execute(&statement, &[&seconds]).await?;
+            let tx = client.transaction().await?;
+            let locked: bool = tx
+                .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&PURGE_LOCK])
+                .await?
+                .get(0);
+            if !locked {
+                return Ok(total);
+            }
+            let statement = tx
+                .prepare_cached(
+                    "DELETE FROM applied_messages WHERE message_id IN ( \
+                       SELECT message_id FROM applied_messages \
+                       WHERE applied_at < now() - make_interval(secs => $1) LIMIT 10000)",
+                )
+                .await?;
+            let deleted = tx.execute(&statement, &[&seconds]).await?;
+            tx.commit().await?;
             total += deleted;
             if deleted < 10_000 {
                 return Ok(total);

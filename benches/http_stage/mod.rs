@@ -488,7 +488,7 @@ async fn index_cost(with: &str, without: &str) -> Result<Value> {
     let mut rng = StdRng::seed_from_u64(9);
     let messages: Vec<Message> = (0..4_000)
         .map(|_| Message {
-            id: Some(uuid::Uuid::now_v7().to_string()),
+            id: Some(uuid::Uuid::now_v7().to_string().into_bytes()),
             events: (0..100)
                 .map(|_| {
                     let kind = if rng.random_ratio(1, 50) {
@@ -525,7 +525,11 @@ async fn index_cost(with: &str, without: &str) -> Result<Value> {
             let batch: Vec<Message> = messages
                 .iter()
                 .map(|m| Message {
-                    id: m.id.as_ref().map(|id| format!("{id}-{round}")),
+                    id: m.id.as_ref().map(|id| {
+                        let mut id = id.clone();
+                        id.extend_from_slice(format!("-{round}").as_bytes());
+                        id
+                    }),
                     events: m.events.clone(),
                 })
                 .collect();

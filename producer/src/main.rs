@@ -210,7 +210,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 .take(events as usize)
                 .peekable();
             let mut sent = 0u64;
-            while stream.peek().is_some() {
+            // Once the publisher gave up (RabbitMQ unreachable too long), stop generating.
+            while stream.peek().is_some() && !publisher.gave_up {
                 let chunk: Vec<Event> = stream.by_ref().take(batch as usize).collect();
                 if let Some(rate) = rate.filter(|r| *r > 0) {
                     let due = started + Duration::from_secs_f64(sent as f64 / rate as f64);

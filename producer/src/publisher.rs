@@ -75,6 +75,20 @@ pub struct PublisherSettings {
 struct Pending {
     message: Arc<Outgoing>,
     attempts: u32,
+    /// After a nack, return or timeout, the message waits until then before it goes out again
+    /// (per-message backoff: a leader election nacks for seconds, not milliseconds).
+    not_before: Option<tokio::time::Instant>,
+}
+
+/// The wait before attempt `attempts + 1` of a message the broker refused: 100 ms doubling up
+/// to 5 s, with up to 25% jitter.
+fn retry_wait(attempts: u32) -> Duration {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut wait = backoff.next_wait();
+    for _ in 1..attempts.min(8) {
+        wait = backoff.next_wait();
+    }
+    wait
 }
 
 type ConfirmFuture = BoxFuture<'static, (Pending, anyhow::Result<()>)>;
@@ -94,6 +108,10 @@ pub struct Publisher<F: FnMut(&Outgoing)> {
     pub failed: u64,
     /// Publishes repeated after a nack, return, timeout or lost connection.
     pub retries: u64,
+    /// Set once RabbitMQ stayed unreachable for `give_up_after`: every message still pending
+    /// counts as failed, and the run ends normally (so what was confirmed is still reported
+    /// and written to `--expect`).
+    pub gave_up: bool,
 }
 
 impl<F: FnMut(&Outgoing)> Publisher<F> {
@@ -113,6 +131,7 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
             on_confirm,
             failed: 0,
             retries: 0,
+            gave_up: false,
         };
         publisher.channel().await?;
         Ok(publisher)
@@ -163,6 +182,7 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
         self.publish(Pending {
             message: Arc::new(message),
             attempts: 0,
+            not_before: None,
         })
         .await
     }
@@ -187,10 +207,13 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
     /// Waits until every message sent so far is confirmed or given up on.
     pub async fn flush(&mut self) -> anyhow::Result<()> {
         while !self.in_flight.is_empty() || !self.retry.is_empty() {
-            if let Some(pending) = self.retry.pop_front() {
+            if let Some(pending) = self.due_retry() {
                 self.publish(pending).await?;
-            } else {
+            } else if !self.in_flight.is_empty() {
                 self.settle_one().await?;
+            } else if let Some(due) = self.retry.front().and_then(|p| p.not_before) {
+                // Only retries left, none due yet: wait for the first.
+                tokio::time::sleep_until(due).await;
             }
         }
         Ok(())
@@ -200,7 +223,12 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
     /// as needed. A message fails after `max_attempts`; everything fails (an error) once
     /// RabbitMQ has been unreachable for `give_up_after`.
     async fn publish(&mut self, mut pending: Pending) -> anyhow::Result<()> {
+        pending.not_before = None;
         loop {
+            if self.gave_up {
+                self.failed += 1;
+                return Ok(());
+            }
             let channel = match self.channel().await {
                 Ok(channel) => {
                     self.unreachable_since = None;
@@ -211,10 +239,13 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
                         .unreachable_since
                         .get_or_insert_with(std::time::Instant::now);
                     if since.elapsed() >= self.settings.give_up_after {
-                        return Err(error.context(format!(
-                            "RabbitMQ unreachable for {:?}; giving up",
+                        tracing::error!(
+                            error = format!("{error:#}"),
+                            "RabbitMQ unreachable for {:?}; giving up on every message not confirmed.",
                             self.settings.give_up_after
-                        )));
+                        );
+                        self.gave_up = true;
+                        continue;
                     }
                     let wait = self.reconnect.next_wait();
                     tracing::warn!(
@@ -299,19 +330,31 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
         match outcome {
             Ok(()) => (self.on_confirm)(&pending.message),
             Err(error) => {
-                tracing::debug!(message_id = %pending.message.id, error = format!("{error:#}"), "Publishing again.");
+                let mut pending = pending;
+                let wait = retry_wait(pending.attempts);
+                tracing::debug!(message_id = %pending.message.id, error = format!("{error:#}"), retry_in_ms = wait.as_millis() as u64, "Publishing again.");
+                pending.not_before = Some(tokio::time::Instant::now() + wait);
                 self.retry.push_back(pending);
             }
         }
-        // Retries go out before new messages; the window still bounds them.
-        while let Some(pending) = self.retry.pop_front() {
-            if self.in_flight.len() >= self.settings.window {
-                self.retry.push_front(pending);
+        // Retries that are due go out before new messages; the window still bounds them.
+        while self.in_flight.len() < self.settings.window {
+            let Some(pending) = self.due_retry() else {
                 break;
-            }
+            };
             self.publish(pending).await?;
         }
         Ok(())
+    }
+
+    /// The first retry, if its backoff has passed (retries wait in the order they failed).
+    fn due_retry(&mut self) -> Option<Pending> {
+        let due = self
+            .retry
+            .front()?
+            .not_before
+            .is_none_or(|due| due <= tokio::time::Instant::now());
+        if due { self.retry.pop_front() } else { None }
     }
 }
 

@@ -93,11 +93,19 @@ async fn two_workers_survive_random_faults_with_exact_counts() {
     }
     // The producer publishes through the rig's AMQP proxy, so its connection can be cut too.
     let producer = rig.producer(EVENTS, 8_000, seed, true);
+    // Beside the stream: messages with odd properties (non-UTF-8 short strings everywhere) and,
+    // with a trigger refusing one domain, messages Postgres refuses (dead-lettered).
+    crate::refusals::refuse_one_domain(&rig.db).await;
+    let side = tokio::spawn(odd_side_stream(rig.broker.exchange.clone()));
 
     let mut faults: BTreeMap<&str, usize> = BTreeMap::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
     // Faults keep coming until every event is counted.
-    while rig.db.total_events().await < EVENTS as i64 {
+    // Until everything is counted and at least MIN_FAULTS faults were injected (a fast run can
+    // count everything first; the faults that need a batch in flight are then skipped).
+    while rig.db.total_events().await < (EVENTS + ODD_COUNTED) as i64
+        || faults.values().sum::<usize>() < MIN_FAULTS
+    {
         assert!(
             tokio::time::Instant::now() < deadline,
             "chaos did not finish in 180 s: {faults:?}"
@@ -150,7 +158,12 @@ async fn two_workers_survive_random_faults_with_exact_counts() {
         *faults.entry(kind).or_default() += 1;
     }
 
-    let expected = producer.finish().await;
+    let mut expected = producer.finish().await;
+    for (domain, counts) in side.await.expect("the side stream ran") {
+        let entry = expected.entry(domain).or_default();
+        entry.0 += counts.0;
+        entry.1 += counts.1;
+    }
     assert_counts_eventually(&rig.db, &expected, Duration::from_secs(120)).await;
     let actual = rig.db.counts().await;
     let (mut lost, mut doubled) = (0i64, 0i64);
@@ -167,10 +180,52 @@ async fn two_workers_survive_random_faults_with_exact_counts() {
     );
     assert!(injected >= MIN_FAULTS, "{injected} faults injected");
     assert_eq!((lost, doubled), (0, 0));
+    wait_for(
+        Duration::from_secs(30),
+        "the refused messages dead-lettered, each once",
+        || async {
+            (rig.broker.depth(&rig.broker.dead_queue()).await == ODD_REFUSED as u32).then_some(())
+        },
+    )
+    .await;
     for slot in slots {
         slot.worker.ready().await;
         slot.worker.stop().await;
     }
+}
+
+const ODD_MESSAGES: u64 = 300;
+/// Every 30th side message is refused by the trigger.
+const ODD_REFUSED: u64 = ODD_MESSAGES / 30;
+const ODD_COUNTED: u64 = ODD_MESSAGES - ODD_REFUSED;
+
+/// Publishes the side stream over raw frames, spread over the run; returns what it expects
+/// counted.
+async fn odd_side_stream(exchange: String) -> Counts {
+    let cases = crate::properties::odd_messages();
+    let mut raw = crate::rawamqp::RawPublisher::connect().await;
+    let mut expected = Counts::new();
+    for i in 0..ODD_MESSAGES {
+        let (_, routing_key, properties) = &cases[i as usize % cases.len()];
+        let mut properties = properties.clone();
+        // Unique, not UTF-8.
+        let mut id = b"\xff\xfeodd-".to_vec();
+        id.extend(i.to_be_bytes());
+        properties.message_id = Some(id);
+        let domain = if i % 30 == 29 {
+            "refused.example".to_string()
+        } else {
+            let domain = format!("odd-{}.example", i % 17);
+            expected.entry(domain.clone()).or_default().0 += 1;
+            domain
+        };
+        let body = format!(r#"{{"domain":"{domain}","type":"delivered"}}"#);
+        raw.publish(&exchange, routing_key, &properties, body.as_bytes())
+            .await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    raw.close().await;
+    expected
 }
 
 /// Waits until an armed trigger has fired; disarms it and returns false if no batch came.

@@ -1,0 +1,387 @@
+//! What Postgres does to a batch never wedges the queue (SPEC §4): a permanent error isolates
+//! its culprit, a hung backend costs one deadline, a stop with Postgres frozen is still clean,
+//! and memory stays bounded by bytes while Postgres refuses.
+
+use crate::helpers::*;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+/// A trigger on `domains` that refuses `refused.example` (a permanent, content-caused error).
+pub async fn refuse_one_domain(db: &TestDb) {
+    db.client()
+        .await
+        .batch_execute(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+               IF NEW.domain = 'refused.example' THEN \
+                 RAISE EXCEPTION 'refused by the test trigger' USING ERRCODE = 'check_violation'; \
+               END IF; RETURN NEW; END $$; \
+             CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON domains \
+               FOR EACH ROW EXECUTE FUNCTION refuse();",
+        )
+        .await
+        .expect("install the refusing trigger");
+}
+
+/// Publishes `messages` with ids, concurrently confirmed.
+async fn publish_all(broker: &TestBroker, messages: &[(String, Vec<u8>)]) {
+    let (_connection, channel) = broker.channel().await;
+    for chunk in messages.chunks(200) {
+        let confirms = futures_util::future::join_all(chunk.iter().map(|(id, body)| {
+            let channel = channel.clone();
+            let exchange = broker.exchange.clone();
+            async move {
+                channel
+                    .basic_publish(
+                        exchange.as_str().into(),
+                        "x".into(),
+                        lapin::options::BasicPublishOptions::default(),
+                        body,
+                        lapin::BasicProperties::default()
+                            .with_delivery_mode(2)
+                            .with_message_id(id.as_str().into()),
+                    )
+                    .await
+                    .expect("publish")
+                    .await
+                    .expect("confirmed")
+            }
+        }))
+        .await;
+        assert!(confirms.iter().all(|c| c.is_ack()), "every message acked");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_message_is_dead_lettered_and_the_rest_is_counted() {
+    let (db, broker, worker) = started().await;
+    refuse_one_domain(&db).await;
+    let mut messages = Vec::new();
+    let mut expected = Counts::new();
+    // 2,000 single-event messages with one refused among them ...
+    for i in 0..2000 {
+        let domain = if i == 1234 {
+            "refused.example".to_string()
+        } else {
+            format!("d{}.example", i % 97)
+        };
+        let body = format!(r#"{{"domain":"{domain}","type":"delivered"}}"#);
+        messages.push((format!("single-{i}"), body.into_bytes()));
+        if i != 1234 {
+            expected.entry(domain).or_default().0 += 1;
+        }
+    }
+    // ... and 300 ten-event messages, one of which holds the refused domain among others: that
+    // message is refused whole, its other events are not counted.
+    for m in 0..300 {
+        let culprit = m == 150;
+        let events: Vec<_> = (0..10)
+            .map(|e| {
+                let domain = match (culprit, e) {
+                    (true, 7) => "refused.example".to_string(),
+                    (true, _) => format!("peer-{e}.example"),
+                    _ => format!("b{}.example", (m * 10 + e) % 89),
+                };
+                if !culprit {
+                    expected.entry(domain.clone()).or_default().1 += 1;
+                }
+                serde_json::json!({"domain": domain, "type": "bounced"})
+            })
+            .collect();
+        messages.push((
+            format!("multi-{m}"),
+            serde_json::to_vec(&events).expect("json"),
+        ));
+    }
+    publish_all(&broker, &messages).await;
+    // Last of the stream, so last of its batch: the batch's ack may not name it.
+    let last = br#"{"domain":"refused.example","type":"delivered"}"#.to_vec();
+    publish_all(&broker, &[("last".to_string(), last)]).await;
+
+    assert_counts_eventually(&db, &expected, Duration::from_secs(60)).await;
+    wait_for(
+        Duration::from_secs(10),
+        "the three refused messages dead-lettered",
+        || async { (broker.depth(&broker.dead_queue()).await == 3).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        worker
+            .metric("catchall_rejections_total{reason=\"database_rejected\"}")
+            .await,
+        3.0
+    );
+    assert_eq!(
+        worker
+            .metric("catchall_messages_total{outcome=\"applied\"}")
+            .await,
+        2298.0,
+        "every other message applied exactly once"
+    );
+    assert_eq!(broker.depth(&broker.queue).await, 0, "the queue drained");
+    assert_eq!(
+        worker.metric("catchall_broker_reconnects_total").await,
+        0.0,
+        "no ack named a rejected tag (the broker would close the channel)"
+    );
+    worker.ready().await;
+    worker.stop().await;
+}
+
+/// The worker's own Postgres backends in the test's database, stopped with SIGSTOP until this
+/// value is dropped (SIGCONT, even on panic). Only pids of this test's database are touched.
+struct Frozen(Vec<i32>);
+
+impl Frozen {
+    async fn worker_backends(db: &TestDb) -> Self {
+        let pids: Vec<i32> = db
+            .client()
+            .await
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE datname = $1 \
+                 AND application_name = 'catchall'",
+                &[&db.name],
+            )
+            .await
+            .expect("list the worker's backends")
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        assert!(!pids.is_empty(), "the worker has backends to freeze");
+        for &pid in &pids {
+            // SAFETY: kill(2) with a pid read from pg_stat_activity for this test's database.
+            assert_eq!(
+                unsafe { libc::kill(pid, libc::SIGSTOP) },
+                0,
+                "SIGSTOP {pid}"
+            );
+        }
+        Self(pids)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            // SAFETY: as above; resumes the backends this value stopped.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        }
+    }
+}
+
+fn singles(prefix: &str, n: usize) -> (Vec<(String, Vec<u8>)>, Counts) {
+    let mut expected = Counts::new();
+    let messages = (0..n)
+        .map(|i| {
+            let domain = format!("{prefix}{}.example", i % 13);
+            expected.entry(domain.clone()).or_default().0 += 1;
+            let body = format!(r#"{{"domain":"{domain}","type":"delivered"}}"#);
+            (format!("{prefix}-{i}"), body.into_bytes())
+        })
+        .collect();
+    (messages, expected)
+}
+
+fn merge(into: &mut Counts, from: Counts) {
+    for (domain, (d, b)) in from {
+        let entry = into.entry(domain).or_default();
+        entry.0 += d;
+        entry.1 += b;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_backend_costs_one_deadline_then_a_fresh_connection_commits() {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    let mut config = TestWorker::config(&db, &broker);
+    config.db_timeout = Duration::from_secs(2);
+    let worker = TestWorker::start(config).await;
+    worker.ready().await;
+    let (first, mut expected) = singles("before", 300);
+    publish_all(&broker, &first).await;
+    assert_counts_eventually(&db, &expected, Duration::from_secs(30)).await;
+
+    // Every backend the worker has is frozen while idle; the next batches hang on them.
+    let frozen = Frozen::worker_backends(&db).await;
+    let (second, more) = singles("during", 300);
+    merge(&mut expected, more);
+    let started = Instant::now();
+    publish_all(&broker, &second).await;
+    // Counted while the old backends are still stopped: the hung attempts were abandoned after
+    // DB_TIMEOUT and retried on fresh connections.
+    assert_counts_eventually(&db, &expected, Duration::from_secs(30)).await;
+    eprintln!(
+        "counted past the frozen backends in {:?}",
+        started.elapsed()
+    );
+    assert!(
+        worker.metric("catchall_db_errors_total").await >= 1.0,
+        "a deadline was hit"
+    );
+    drop(frozen);
+    worker.stop().await;
+}
+
+/// A free local port for a worker binary's HTTP server.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_postgres_frozen_exits_0_in_time_and_loses_nothing() {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    let port = free_port();
+    let mut child = tokio::process::Command::new(binary("catchall"))
+        .envs(broker.env())
+        .env("DATABASE_URL", &db.url)
+        .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .env("SHUTDOWN_TIMEOUT", "4s")
+        .env("DB_TIMEOUT", "60s")
+        .env("LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the worker binary");
+    let (first, mut expected) = singles("before", 200);
+    // The topology exists once the worker consumes; publish after it is ready.
+    wait_for(Duration::from_secs(30), "the worker ready", || async {
+        let response = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+            .await
+            .ok()?;
+        (response.status() == 200).then_some(())
+    })
+    .await;
+    publish_all(&broker, &first).await;
+    assert_counts_eventually(&db, &expected, Duration::from_secs(30)).await;
+
+    let frozen = Frozen::worker_backends(&db).await;
+    let (second, more) = singles("during", 200);
+    merge(&mut expected, more);
+    publish_all(&broker, &second).await;
+    wait_for(
+        Duration::from_secs(10),
+        "the worker holding the messages",
+        || async {
+            let depth = broker.depth(&broker.queue).await;
+            eprintln!("depth {depth}");
+            (depth == 0).then_some(())
+        },
+    )
+    .await;
+    let pid = child.id().expect("worker pid") as i32;
+    let stopped_at = Instant::now();
+    // SAFETY: kill(2) on our own child process, which has not been reaped yet.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "send SIGTERM");
+    let status = tokio::time::timeout(Duration::from_secs(8), child.wait())
+        .await
+        .expect("the worker exits within the shutdown timeout (and a margin)")
+        .expect("wait for the worker");
+    eprintln!("stopped in {:?} with {status:?}", stopped_at.elapsed());
+    assert!(
+        status.success(),
+        "a stop with Postgres frozen is clean: {status:?}"
+    );
+    assert!(stopped_at.elapsed() < Duration::from_secs(6));
+    drop(frozen);
+
+    // What was not committed comes back; a new worker counts it, once.
+    let restarted = TestWorker::start(TestWorker::config(&db, &broker)).await;
+    assert_counts_eventually(&db, &expected, Duration::from_secs(30)).await;
+    restarted.stop().await;
+}
+
+/// Peak resident memory of a process, from /proc (VmHWM).
+fn peak_rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmHWM in /proc/<pid>/status")
+        * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_stays_under_prefetch_bytes_with_1_mib_messages_while_postgres_refuses() {
+    const BUDGET: u64 = 16 << 20;
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    let port = free_port();
+    let mut child = tokio::process::Command::new(binary("catchall"))
+        .envs(broker.env())
+        .env("DATABASE_URL", &db.url)
+        .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .env("PREFETCH_BYTES", BUDGET.to_string())
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the worker binary");
+    let metrics = format!("http://127.0.0.1:{port}/metrics");
+    wait_for(Duration::from_secs(30), "the worker ready", || async {
+        let response = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+            .await
+            .ok()?;
+        (response.status() == 200).then_some(())
+    })
+    .await;
+    // Every commit fails with a transient error: nothing is acked, the worker holds what the
+    // prefetch lets it.
+    db.client()
+        .await
+        .batch_execute(
+            "CREATE FUNCTION outage() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+               RAISE EXCEPTION 'test outage' USING ERRCODE = 'serialization_failure'; END $$; \
+             CREATE TRIGGER outage BEFORE INSERT OR UPDATE ON domains \
+               FOR EACH ROW EXECUTE FUNCTION outage();",
+        )
+        .await
+        .expect("install the outage trigger");
+    let total = 150;
+    let messages: Vec<(String, Vec<u8>)> = (0..total)
+        .map(|i| {
+            let mut body =
+                format!(r#"{{"domain":"big{i}.example","type":"delivered","pad":""#).into_bytes();
+            body.resize((1 << 20) - 16, b'x');
+            body.extend_from_slice(b"\"}");
+            (format!("big-{i}"), body)
+        })
+        .collect();
+    publish_all(&broker, &messages).await;
+    // The worker has taken what it may and keeps failing on it.
+    wait_for(Duration::from_secs(30), "commits failing", || async {
+        let text = reqwest::get(&metrics).await.ok()?.text().await.ok()?;
+        (metric_value(&text, "catchall_db_errors_total") >= 5.0).then_some(())
+    })
+    .await;
+    // /readyz says why, shortly, without the server's message text.
+    let ready = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+        .await
+        .expect("GET /readyz");
+    assert_eq!(ready.status(), 503);
+    let reason = ready.text().await.expect("body");
+    assert!(
+        reason.contains("SQLSTATE 40001") && !reason.contains("test outage"),
+        "a short reason, no Postgres error text: {reason}"
+    );
+    let held = total - broker.depth(&broker.queue).await;
+    let peak = peak_rss_bytes(child.id().expect("pid"));
+    eprintln!(
+        "held {held} messages of 1 MiB, peak RSS {} MiB (budget {} MiB + 64 MiB)",
+        peak >> 20,
+        BUDGET >> 20
+    );
+    assert!(
+        u64::from(held) <= (BUDGET >> 20) + 1,
+        "unacked bodies stay under PREFETCH_BYTES plus one message (held {held})"
+    );
+    assert!(peak < BUDGET + (64 << 20), "peak RSS {peak} bytes");
+    let _ = child.kill().await;
+}
