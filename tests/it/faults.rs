@@ -5,7 +5,7 @@
 use crate::helpers::*;
 use crate::proxy::Proxy;
 use catchall::config::Config;
-use catchall::store::{FaultHook, FaultPoint};
+use catchall::consumer::{FaultHook, FaultPoint};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
