@@ -380,10 +380,10 @@ impl Consumer {
         };
         let gather = tracing::info_span!(parent: &batch.span, "gather");
         self.gather(&mut batch, cancel).instrument(gather).await?;
-        batch.span.record("messages", batch.messages.len());
-        batch.span.record("events", batch.events);
-        batch.span.record("bytes", batch.bytes);
-        batch.span.record("rejected", batch.rejected);
+        batch.span.record("messages", batch.messages.len() as i64);
+        batch.span.record("events", batch.events as i64);
+        batch.span.record("bytes", batch.bytes as i64);
+        batch.span.record("rejected", batch.rejected as i64);
         Ok(batch)
     }
 
@@ -686,11 +686,11 @@ impl Pipeline {
             .instrument(tracing::info_span!(parent: &oldest.span, "ack", tag = ack_tag))
             .await?;
         self.applier.stats.unacked(0, oldest.bytes);
-        oldest.span.record("applied", applied.messages);
-        oldest.span.record("duplicates", applied.duplicates);
+        oldest.span.record("applied", applied.messages as i64);
+        oldest.span.record("duplicates", applied.duplicates as i64);
         oldest
             .span
-            .record("database_rejected", applied.database_rejected);
+            .record("database_rejected", applied.database_rejected as i64);
         Ok(applied)
     }
 
@@ -748,7 +748,7 @@ async fn ack(channel: &Channel, last_tag: Option<u64>) -> anyhow::Result<()> {
     name = "apply",
     parent = &batch.span,
     skip_all,
-    fields(messages = batch.messages.len(), events = batch.events)
+    fields(messages = batch.messages.len() as i64, events = batch.events as i64)
 )]
 async fn apply_with_retry(applier: &Applier, batch: &Batch) -> anyhow::Result<Settled> {
     let (messages, tags, token) = (&batch.messages, &batch.tags, &batch.token);
@@ -803,7 +803,7 @@ async fn apply_with_retry(applier: &Applier, batch: &Batch) -> anyhow::Result<Se
 
 /// Attempts to apply `messages` in one transaction until it commits (`Ok(Ok)`) or Postgres
 /// refuses the content (`Ok(Err(reason))`); transient failures are retried with backoff.
-#[tracing::instrument(name = "commit", skip_all, fields(messages = messages.len(), attempts = Empty))]
+#[tracing::instrument(name = "commit", skip_all, fields(messages = messages.len() as i64, attempts = Empty))]
 async fn apply_attempts(
     applier: &Applier,
     token: &[u8],
@@ -829,7 +829,7 @@ async fn apply_attempts(
     let mut attempts = 0u32;
     loop {
         attempts += 1;
-        tracing::Span::current().record("attempts", attempts);
+        tracing::Span::current().record("attempts", i64::from(attempts));
         let started = Instant::now();
         let attempt = tokio::select! {
             attempt = store.apply_once(Some(token), messages, before_commit) => attempt,

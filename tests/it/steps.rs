@@ -169,10 +169,16 @@ async fn a_later_batch_is_never_acked_before_an_earlier_one_commits() {
     );
     assert_eq!(pipeline.len(), 2, "both batches in flight");
     assert!(!db.counts().await.contains_key("one.example"));
+    assert_eq!(
+        settings.stats.snapshot().unacked_bytes,
+        (one.len() + two.len()) as u64,
+        "both bodies held unacked"
+    );
 
     // The worker dies: batch 1 never commits, nothing more is acked.
     drop(pipeline);
     consumer.close().await;
+    assert_eq!(settings.stats.snapshot().unacked_bytes, 0, "given back");
     // Had batch 2's ack gone out (a multiple-ack up to its tag), neither message would be back.
     wait_for(
         Duration::from_secs(10),
