@@ -22,6 +22,8 @@ pub struct App {
     lookups: Store,
     listener: TcpListener,
     health: Arc<Health>,
+    /// What the consumer uses of `config`.
+    consumer: consumer::ConsumerSettings,
 }
 
 impl App {
@@ -58,6 +60,7 @@ impl App {
             .await
             .with_context(|| format!("binding the HTTP address {}", config.http_addr))?;
         Ok(Self {
+            consumer: consumer::ConsumerSettings::from_config(&config),
             config,
             store,
             lookups,
@@ -66,9 +69,14 @@ impl App {
         })
     }
 
-    /// Installs a fault injector (tests only; see [`crate::store::FaultPoint`]).
-    pub fn set_fault_hook(&mut self, hook: crate::store::FaultHook) {
-        self.store.set_fault_hook(hook);
+    /// Installs a fault injector (tests only; see [`consumer::FaultPoint`]).
+    pub fn set_fault_hook(&mut self, hook: consumer::FaultHook) {
+        self.consumer.fault_hook = Some(hook);
+    }
+
+    /// This worker's own counts (the metrics are the process'; tests run several workers).
+    pub fn stats(&self) -> Arc<consumer::WorkerStats> {
+        self.consumer.stats.clone()
     }
 
     /// The address the HTTP server listens on (useful with port 0).
@@ -87,6 +95,7 @@ impl App {
             lookups,
             listener,
             health,
+            consumer: consumer_settings,
         } = self;
         let replica =
             config
@@ -180,7 +189,7 @@ impl App {
         });
         let consumer_cancel = cancel.clone();
         tracker.spawn(async move {
-            consumer::run(config, store, health, consumer_cancel).await;
+            consumer::run(consumer_settings, store, health, consumer_cancel).await;
         });
         tracker.close();
         tracker.wait().await;

@@ -1,18 +1,21 @@
 //! The consumer: deliveries in, batches applied to Postgres, acks out (SPEC §4).
 //!
-//! [`Consumer::process_batch`] is one unit of work: gather a batch, apply it in one transaction,
-//! then ack it. [`run`] calls it in a loop and reconnects when the broker goes away; tests call it
-//! one step at a time.
+//! One loop, the same in production and in tests: [`Consumer::step`] gathers a batch (acking
+//! earlier batches as their commits end meanwhile), submits it to the [`Pipeline`], which applies
+//! up to `in_flight` batches at once, each in a task of its own, and acks what is ready, strictly
+//! in delivery order. [`run`] calls `step` until the stop, and reconnects when the broker goes
+//! away; tests call `step`, or the pipeline's `submit`, `ack_ready` and `drain`, one at a time.
 
-use crate::amqp;
+use crate::amqp::{self, Topology};
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::event::parse_body;
 use crate::health::Health;
 use crate::metrics;
-use crate::store::{Applied, FaultPoint, Message, Store};
+use crate::store::{Applied, Message, Store};
 use anyhow::{Context, anyhow};
 use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
 };
@@ -20,8 +23,11 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use tracing::field::Empty;
 
 /// How many events make a batch, and how long a batch waits to fill.
 #[derive(Debug, Clone, Copy)]
@@ -33,8 +39,136 @@ pub struct BatchSettings {
     pub timeout: Duration,
 }
 
-/// Deliveries gathered into one unit of work.
+/// A point in a batch's life where a test can inject a fault (cut a connection, kill the worker).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultPoint {
+    /// The batch's statements ran; `COMMIT` is next.
+    BeforeCommit,
+    /// The transaction committed; the ack is next.
+    AfterCommit,
+}
+
+/// A test's fault injector, awaited at each [`FaultPoint`] (see [`ConsumerSettings::fault_hook`]).
+pub type FaultHook = Arc<dyn Fn(FaultPoint) -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// What the consumer uses of the configuration.
+#[derive(Clone)]
+pub struct ConsumerSettings {
+    pub amqp_url: String,
+    pub topology: Topology,
+    /// PREFETCH: the most unacked messages.
+    pub prefetch: u16,
+    /// PREFETCH_BYTES: the most bytes of unacked bodies.
+    pub prefetch_bytes: u64,
+    pub batch: BatchSettings,
+    /// SHUTDOWN_TIMEOUT: an apply attempt still running near its end is abandoned.
+    pub shutdown_timeout: Duration,
+    /// This worker's own counts (the Prometheus metrics are the process').
+    pub stats: Arc<WorkerStats>,
+    /// Tests only: awaited at each [`FaultPoint`]. Production never sets one.
+    pub fault_hook: Option<FaultHook>,
+}
+
+impl ConsumerSettings {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            amqp_url: config.amqp.amqp_url.clone(),
+            topology: config.amqp.topology(),
+            prefetch: config.prefetch,
+            prefetch_bytes: config.prefetch_bytes,
+            batch: BatchSettings {
+                size: config.batch_size as usize,
+                in_flight: config.in_flight as usize,
+                timeout: config.batch_timeout(),
+            },
+            shutdown_timeout: config.shutdown_timeout,
+            stats: Arc::default(),
+            fault_hook: None,
+        }
+    }
+}
+
+/// One worker's counts, beside the process-global metrics: two workers in one process (tests)
+/// each see their own.
 #[derive(Debug, Default)]
+pub struct WorkerStats {
+    batches: AtomicU64,
+    applied: AtomicU64,
+    duplicates: AtomicU64,
+    rejected: AtomicU64,
+    database_rejected: AtomicU64,
+    db_errors: AtomicU64,
+    reconnects: AtomicU64,
+    unacked_bytes: AtomicU64,
+}
+
+/// A copy of [`WorkerStats`] at one moment.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Batches committed (a bisected batch counts once per part).
+    pub batches: u64,
+    /// Messages counted.
+    pub applied: u64,
+    /// Messages skipped as already applied.
+    pub duplicates: u64,
+    /// Invalid messages dead-lettered while gathering.
+    pub rejected: u64,
+    /// Messages dead-lettered because Postgres refused them.
+    pub database_rejected: u64,
+    /// Failed apply attempts (transient Postgres errors).
+    pub db_errors: u64,
+    /// Connections to RabbitMQ lost and retried.
+    pub reconnects: u64,
+    /// Bytes of bodies held unacked (gathering and committing).
+    pub unacked_bytes: u64,
+}
+
+impl WorkerStats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        StatsSnapshot {
+            batches: get(&self.batches),
+            applied: get(&self.applied),
+            duplicates: get(&self.duplicates),
+            rejected: get(&self.rejected),
+            database_rejected: get(&self.database_rejected),
+            db_errors: get(&self.db_errors),
+            reconnects: get(&self.reconnects),
+            unacked_bytes: get(&self.unacked_bytes),
+        }
+    }
+
+    fn add(counter: &AtomicU64, n: usize) {
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Bodies taken (`gathered`) or given back (acked, rejected, returned to the broker).
+    fn unacked(&self, gathered: usize, released: usize) {
+        let now = if gathered >= released {
+            let delta = (gathered - released) as u64;
+            self.unacked_bytes.fetch_add(delta, Ordering::Relaxed) + delta
+        } else {
+            let delta = (released - gathered) as u64;
+            let before = self
+                .unacked_bytes
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |now| {
+                    Some(now.saturating_sub(delta))
+                })
+                .unwrap_or_default();
+            before.saturating_sub(delta)
+        };
+        metrics::unacked_bytes(now as usize);
+    }
+
+    /// The connection ended: the broker took back every unacked body.
+    fn unacked_reset(&self) {
+        self.unacked_bytes.store(0, Ordering::Relaxed);
+        metrics::unacked_bytes(0);
+    }
+}
+
+/// Deliveries gathered into one unit of work.
+#[derive(Debug)]
 pub struct Batch {
     /// Valid messages, in delivery order.
     pub messages: Vec<Message>,
@@ -51,14 +185,18 @@ pub struct Batch {
     /// Identifies this batch in Postgres, so a retry after a lost COMMIT reply is recognised
     /// (see [`Store::apply_once`]).
     pub token: [u8; 16],
+    /// The batch's trace span (`batch`): gather, apply, commit and ack are its children; each
+    /// message's W3C trace is linked to it.
+    pub span: tracing::Span,
 }
 
-/// What one step did.
+/// What one step did: `applied` sums the batches acked during the step (earlier batches, and
+/// this one if its commit ended in time), `rejected` counts the invalid messages gathered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
-    /// A batch was committed and acked.
+    /// A batch was gathered and submitted.
     Done { applied: Applied, rejected: usize },
-    /// The stop signal came; what was in flight was committed and acked.
+    /// The stop signal came; everything in flight was committed and acked.
     Stopped { applied: Applied, rejected: usize },
 }
 
@@ -70,8 +208,7 @@ pub struct Consumer {
     consumer_tag: String,
     /// Consumers cancelled to change the prefetch, whose buffered deliveries come first.
     draining: VecDeque<lapin::Consumer>,
-    queue: String,
-    settings: BatchSettings,
+    settings: ConsumerSettings,
     prefetch: Prefetch,
 }
 
@@ -145,40 +282,37 @@ impl Prefetch {
 
 impl Consumer {
     /// Connects, declares the topology, sets the prefetch and starts consuming.
-    pub async fn open(config: &Config) -> anyhow::Result<Self> {
-        let connection = amqp::connect(
-            &config.amqp.amqp_url,
-            &format!("catchall-worker {}", config.amqp.queue),
-        )
-        .await
-        .with_context(|| {
-            format!(
-                "connecting to RabbitMQ at {}",
-                crate::config::redact_url(&config.amqp.amqp_url)
-            )
-        })?;
+    pub async fn open(settings: &ConsumerSettings) -> anyhow::Result<Self> {
+        let queue = &settings.topology.queue;
+        let connection = amqp::connect(&settings.amqp_url, &format!("catchall-worker {queue}"))
+            .await
+            .with_context(|| {
+                format!(
+                    "connecting to RabbitMQ at {}",
+                    crate::config::redact_url(&settings.amqp_url)
+                )
+            })?;
         let channel = connection
             .create_channel()
             .await
             .context("opening a channel")?;
-        config
-            .amqp
-            .topology()
+        settings
+            .topology
             .declare(&channel)
             .await
             .context("declaring the topology")?;
         // qos before consume, so the broker never sends more than the prefetch.
-        let prefetch = Prefetch::new(config.prefetch_bytes, config.prefetch);
+        let prefetch = Prefetch::new(settings.prefetch_bytes, settings.prefetch);
         channel
             .basic_qos(prefetch.current, BasicQosOptions::default())
             .await
             .context("setting the prefetch")?;
         metrics::prefetch_changed(prefetch.current, 0);
-        let (consumer_tag, deliveries) = consume(&channel, &config.amqp.queue).await?;
+        let (consumer_tag, deliveries) = consume(&channel, queue).await?;
         tracing::info!(
-            queue = %config.amqp.queue,
+            queue = %queue,
             prefetch = prefetch.current,
-            prefetch_bytes = config.prefetch_bytes,
+            prefetch_bytes = settings.prefetch_bytes,
             "Consuming."
         );
         Ok(Self {
@@ -187,26 +321,80 @@ impl Consumer {
             deliveries,
             consumer_tag,
             draining: VecDeque::new(),
-            queue: config.amqp.queue.clone(),
-            settings: BatchSettings {
-                size: config.batch_size as usize,
-                in_flight: config.in_flight as usize,
-                timeout: config.batch_timeout(),
-            },
+            settings: settings.clone(),
             prefetch,
         })
+    }
+
+    /// The pipeline that applies and acks this consumer's batches. `cancel` is the stop (retries
+    /// of a failing Postgres end, the loop commits what is in flight and returns); `abort` fires
+    /// when a stop runs out of time (an apply attempt still running is abandoned, its batch
+    /// stays unacked and comes back).
+    pub fn pipeline(
+        &self,
+        store: &Store,
+        health: &Arc<Health>,
+        cancel: &CancellationToken,
+        abort: &CancellationToken,
+    ) -> Pipeline {
+        Pipeline {
+            applier: Applier {
+                store: store.clone(),
+                health: health.clone(),
+                channel: self.channel.clone(),
+                cancel: cancel.clone(),
+                abort: abort.clone(),
+                hook: self.settings.fault_hook.clone(),
+                stats: self.settings.stats.clone(),
+            },
+            in_flight: self.settings.batch.in_flight.max(1),
+            committing: VecDeque::new(),
+        }
     }
 
     /// Gathers a batch: waits for a first delivery, then until the batch is full or its timeout
     /// has passed, whichever comes first. Invalid messages are rejected at once (no requeue, so
     /// they are dead-lettered). Returns early with what it has when `cancel` fires.
     pub async fn next_batch(&mut self, cancel: &CancellationToken) -> anyhow::Result<Batch> {
+        let span = tracing::info_span!(
+            parent: None,
+            "batch",
+            otel.kind = "consumer",
+            messages = Empty,
+            events = Empty,
+            bytes = Empty,
+            rejected = Empty,
+            applied = Empty,
+            duplicates = Empty,
+            database_rejected = Empty,
+        );
         let mut batch = Batch {
+            messages: Vec::new(),
+            last_tag: None,
+            rejected: 0,
+            events: 0,
+            tags: Vec::new(),
+            bytes: 0,
             token: *uuid::Uuid::now_v7().as_bytes(),
-            ..Batch::default()
+            span,
         };
+        let gather = tracing::info_span!(parent: &batch.span, "gather");
+        self.gather(&mut batch, cancel).instrument(gather).await?;
+        batch.span.record("messages", batch.messages.len() as i64);
+        batch.span.record("events", batch.events as i64);
+        batch.span.record("bytes", batch.bytes as i64);
+        batch.span.record("rejected", batch.rejected as i64);
+        Ok(batch)
+    }
+
+    async fn gather(
+        &mut self,
+        batch: &mut Batch,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let traced = crate::telemetry::traces_enabled();
         let mut deadline: Option<tokio::time::Instant> = None;
-        while batch.events < self.settings.size {
+        while batch.events < self.settings.batch.size {
             let next = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
@@ -218,9 +406,14 @@ impl Consumer {
                 Some(Err(error)) => return Err(error).context("the consumer failed"),
                 None => return Err(anyhow!("the broker ended the consumer")),
             };
-            if let Some(prefetch) = self.prefetch.observe(delivery.data.len()) {
+            let size = delivery.data.len();
+            self.settings.stats.unacked(size, 0);
+            if let Some(prefetch) = self.prefetch.observe(size) {
                 self.reconsume(prefetch).await?;
-                metrics::prefetch_changed(prefetch, delivery.data.len());
+                metrics::prefetch_changed(prefetch, size);
+            }
+            if traced {
+                link_publisher(&batch.span, &delivery.properties);
             }
             // The id as the publisher sent it, byte for byte (it need not be UTF-8).
             let id = delivery
@@ -236,12 +429,13 @@ impl Consumer {
                     }
                     let events = parsed.events;
                     batch.events += events.len();
-                    batch.bytes += delivery.data.len();
+                    batch.bytes += size;
                     batch.tags.push(delivery.delivery_tag);
                     batch.messages.push(Message { id, events });
                     batch.last_tag = Some(delivery.delivery_tag);
-                    deadline
-                        .get_or_insert_with(|| tokio::time::Instant::now() + self.settings.timeout);
+                    deadline.get_or_insert_with(|| {
+                        tokio::time::Instant::now() + self.settings.batch.timeout
+                    });
                 }
                 Err(reason) => {
                     let id = id.as_deref().map(String::from_utf8_lossy);
@@ -250,11 +444,13 @@ impl Consumer {
                         .basic_reject(delivery.delivery_tag, BasicRejectOptions { requeue: false })
                         .await
                         .context("rejecting an invalid message")?;
+                    self.settings.stats.unacked(0, size);
+                    WorkerStats::add(&self.settings.stats.rejected, 1);
                     batch.rejected += 1;
                 }
             }
         }
-        Ok(batch)
+        Ok(())
     }
 
     /// Restarts the consumer with a new prefetch (see [`Prefetch`]).
@@ -270,125 +466,59 @@ impl Consumer {
             )
             .await
             .context("cancelling the consumer to change its prefetch")?;
-        let (tag, deliveries) = consume(&self.channel, &self.queue).await?;
+        let (tag, deliveries) = consume(&self.channel, &self.settings.topology.queue).await?;
         self.consumer_tag = tag;
         let old = std::mem::replace(&mut self.deliveries, deliveries);
         self.draining.push_back(old);
         Ok(())
     }
 
-    /// One unit of work: gather a batch, commit it, ack it.
-    pub async fn process_batch(
-        &mut self,
-        store: &Store,
-        health: &Health,
-        cancel: &CancellationToken,
-    ) -> anyhow::Result<Step> {
-        let batch = self.next_batch(cancel).await?;
+    /// One turn of the worker's loop: gathers a batch while acking earlier ones as their
+    /// commits end, submits it to `pipeline` (waiting for room when `in_flight` batches are
+    /// committing) and acks what is ready. After the stop it drains the pipeline: everything
+    /// in flight committed and acked. On an error, the commits in flight are finished and
+    /// acked in order while that works; the rest stays unacked and comes back.
+    pub async fn step(&mut self, pipeline: &mut Pipeline) -> anyhow::Result<Step> {
+        let cancel = pipeline.applier.cancel.clone();
         let mut applied = Applied::default();
-        if batch.last_tag.is_some() {
-            // A step finishes its batch even after a stop; only the retries of a failing
-            // Postgres end at the stop.
-            let keep_going = CancellationToken::new();
-            let ack_tag;
-            (applied, ack_tag) =
-                apply_with_retry(store, health, &self.channel, cancel, &keep_going, &batch).await?;
-            ack(&self.channel, store, ack_tag).await?;
-        }
+        let gathered = {
+            let gather = self.next_batch(&cancel);
+            tokio::pin!(gather);
+            loop {
+                tokio::select! {
+                    batch = &mut gather => break batch,
+                    // Ack as soon as the oldest commit ends, even while no message arrives.
+                    () = pipeline.oldest_settled(), if !pipeline.is_empty() => {
+                        add(&mut applied, pipeline.ack_oldest().await?);
+                    }
+                }
+            }
+        };
+        let batch = match gathered {
+            Ok(batch) => batch,
+            Err(error) => {
+                pipeline.salvage().await;
+                return Err(error);
+            }
+        };
         let rejected = batch.rejected;
-        Ok(if cancel.is_cancelled() {
-            Step::Stopped { applied, rejected }
-        } else {
-            Step::Done { applied, rejected }
-        })
+        add(&mut applied, pipeline.submit(batch).await?);
+        add(&mut applied, pipeline.ack_ready().await?);
+        if cancel.is_cancelled() {
+            add(&mut applied, pipeline.drain().await?);
+            return Ok(Step::Stopped { applied, rejected });
+        }
+        Ok(Step::Done { applied, rejected })
     }
 
-    /// The worker's loop: like [`Consumer::process_batch`] over and over, but the next batch is
-    /// gathered while earlier ones commit, up to `in_flight` commits at once (each on its own
-    /// connection; sorted keys keep them from deadlocking). Batches are acked strictly in
-    /// delivery order, each once it and every batch before it committed, so a multiple-ack never
-    /// covers an uncommitted message. Returns `Ok` when `cancel` fires (after committing and
-    /// acking what was in flight), or the error that ended it.
-    ///
-    /// `abort` fires when a stop runs out of time: an apply attempt still running is abandoned
-    /// (its batch stays unacked and comes back).
-    pub async fn run_pipelined(
-        &mut self,
-        store: &Store,
-        health: &Arc<Health>,
-        cancel: &CancellationToken,
-        abort: &CancellationToken,
-    ) -> anyhow::Result<()> {
-        let mut committing: VecDeque<InFlight> = VecDeque::new();
+    /// The worker's loop: [`Consumer::step`] until the stop. Returns `Ok` when the stop came
+    /// (after committing and acking what was in flight), or the error that ended it.
+    pub async fn run(&mut self, pipeline: &mut Pipeline) -> anyhow::Result<()> {
         loop {
-            let channel = self.channel.clone();
-            let batch = {
-                let gather = self.next_batch(cancel);
-                tokio::pin!(gather);
-                loop {
-                    tokio::select! {
-                        batch = &mut gather => break batch,
-                        // Ack as soon as the oldest commit ends, even while no message arrives.
-                        settled = wait_oldest(&mut committing), if !committing.is_empty() => {
-                            if committing.pop_front().is_some() {
-                                let (_, ack_tag) = settled?;
-                                ack(&channel, store, ack_tag).await?;
-                            }
-                        }
-                    }
-                }
-            };
-            let batch = match batch {
-                Ok(batch) => batch,
-                Err(error) => {
-                    // Leave no commit behind: finish them, and ack in order while that works.
-                    while let Some(done) = committing.pop_front() {
-                        let Ok((_, ack_tag)) = join(done).await else {
-                            break;
-                        };
-                        if ack(&self.channel, store, ack_tag).await.is_err() {
-                            break;
-                        }
-                    }
-                    return Err(error);
-                }
-            };
-            while committing.len() >= self.settings.in_flight {
-                self.ack_oldest(store, &mut committing).await?;
-            }
-            if batch.last_tag.is_some() {
-                let (store, health, channel, cancel, abort) = (
-                    store.clone(),
-                    health.clone(),
-                    self.channel.clone(),
-                    cancel.clone(),
-                    abort.clone(),
-                );
-                let task = tokio::spawn(async move {
-                    apply_with_retry(&store, &health, &channel, &cancel, &abort, &batch).await
-                });
-                committing.push_back(InFlight { task });
-            }
-            if cancel.is_cancelled() {
-                while !committing.is_empty() {
-                    self.ack_oldest(store, &mut committing).await?;
-                }
+            if let Step::Stopped { .. } = self.step(pipeline).await? {
                 return Ok(());
             }
         }
-    }
-
-    /// Waits for the oldest batch in flight to commit, then acks it.
-    async fn ack_oldest(
-        &self,
-        store: &Store,
-        committing: &mut VecDeque<InFlight>,
-    ) -> anyhow::Result<()> {
-        if let Some(done) = committing.pop_front() {
-            let (_, ack_tag) = join(done).await?;
-            ack(&self.channel, store, ack_tag).await?;
-        }
-        Ok(())
     }
 
     /// Cancels the consumer and closes the channel and connection. Deliveries that were
@@ -406,13 +536,196 @@ impl Consumer {
         if let Err(error) = cancel.and(channel).and(connection) {
             tracing::debug!(%error, "RabbitMQ connection closed uncleanly.");
         }
+        self.settings.stats.unacked_reset();
+    }
+}
+
+/// Links the publisher's W3C trace (its `traceparent` header), if the message carries one, to
+/// the batch span: a batch continues many traces at once.
+fn link_publisher(span: &tracing::Span, properties: &lapin::BasicProperties) {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let Some(headers) = properties.headers() else {
+        return;
+    };
+    if let Some(parent) = crate::telemetry::remote_parent(headers) {
+        span.add_link(parent.span().span_context().clone());
+    }
+}
+
+fn add(total: &mut Applied, applied: Applied) {
+    total.messages += applied.messages;
+    total.duplicates += applied.duplicates;
+    total.delivered += applied.delivered;
+    total.bounced += applied.bounced;
+    total.other_bounced += applied.other_bounced;
+    total.domains += applied.domains;
+    total.database_rejected += applied.database_rejected;
+}
+
+/// What applying a batch did, and the tag that acks it: its last message that was not
+/// dead-lettered (a multiple-ack may not name a tag already rejected).
+type Settled = (Applied, Option<u64>);
+
+/// Everything an apply task needs; cheap to clone.
+#[derive(Clone)]
+struct Applier {
+    store: Store,
+    health: Arc<Health>,
+    channel: Channel,
+    cancel: CancellationToken,
+    abort: CancellationToken,
+    hook: Option<FaultHook>,
+    stats: Arc<WorkerStats>,
+}
+
+impl Applier {
+    async fn fault(&self, point: FaultPoint) {
+        if let Some(hook) = &self.hook {
+            hook(point).await;
+        }
+    }
+}
+
+/// Batches applied in tasks of their own, up to `in_flight` at once (each on its own
+/// connection; sorted keys keep them from deadlocking), and acked strictly in delivery order,
+/// each once it and every batch before it committed, so a multiple-ack never covers an
+/// uncommitted message. Dropping the pipeline abandons what is in flight (the tasks are
+/// aborted, their transactions roll back, their messages stay unacked and come back).
+pub struct Pipeline {
+    applier: Applier,
+    in_flight: usize,
+    committing: VecDeque<InFlight>,
+}
+
+/// A batch being applied in its own task.
+struct InFlight {
+    task: Option<tokio::task::JoinHandle<anyhow::Result<Settled>>>,
+    /// The task's outcome once it ended (kept, so that waiting for it is cancel-safe).
+    settled: Option<anyhow::Result<Settled>>,
+    bytes: usize,
+    span: tracing::Span,
+}
+
+impl InFlight {
+    fn is_settled(&self) -> bool {
+        self.task.as_ref().is_none_or(|task| task.is_finished())
+    }
+
+    async fn settle(&mut self) {
+        if let Some(task) = &mut self.task {
+            let outcome = task.await;
+            self.task = None;
+            self.settled = Some(outcome.context("the apply task panicked").and_then(|r| r));
+        }
+    }
+}
+
+impl Pipeline {
+    /// Batches submitted and not yet acked.
+    pub fn len(&self) -> usize {
+        self.committing.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.committing.is_empty()
+    }
+
+    /// Starts applying `batch` in a task of its own, first acking the oldest batches (waiting
+    /// for their commits) while `in_flight` are committing. Returns what was acked meanwhile.
+    pub async fn submit(&mut self, batch: Batch) -> anyhow::Result<Applied> {
+        let mut applied = Applied::default();
+        while self.committing.len() >= self.in_flight {
+            add(&mut applied, self.ack_oldest().await?);
+        }
+        if batch.last_tag.is_none() {
+            return Ok(applied);
+        }
+        let applier = self.applier.clone();
+        let (bytes, span) = (batch.bytes, batch.span.clone());
+        let task = tokio::spawn(async move { apply_with_retry(&applier, &batch).await });
+        self.committing.push_back(InFlight {
+            task: Some(task),
+            settled: None,
+            bytes,
+            span,
+        });
+        Ok(applied)
+    }
+
+    /// Acks, in order, the batches at the front whose commits ended; never waits for a commit.
+    pub async fn ack_ready(&mut self) -> anyhow::Result<Applied> {
+        let mut applied = Applied::default();
+        while self.committing.front().is_some_and(InFlight::is_settled) {
+            add(&mut applied, self.ack_oldest().await?);
+        }
+        Ok(applied)
+    }
+
+    /// Waits until the oldest batch's commit ends (pending while none is in flight). Cancel-safe.
+    pub async fn oldest_settled(&mut self) {
+        match self.committing.front_mut() {
+            Some(oldest) => oldest.settle().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Waits for the oldest batch to commit, then acks it.
+    pub async fn ack_oldest(&mut self) -> anyhow::Result<Applied> {
+        let Some(mut oldest) = self.committing.pop_front() else {
+            return Ok(Applied::default());
+        };
+        oldest.settle().await;
+        let outcome = oldest
+            .settled
+            .take()
+            .unwrap_or_else(|| Err(anyhow!("the apply task left no outcome")));
+        let (applied, ack_tag) = outcome?;
+        self.applier.fault(FaultPoint::AfterCommit).await;
+        ack(&self.applier.channel, ack_tag)
+            .instrument(tracing::info_span!(parent: &oldest.span, "ack", tag = ack_tag))
+            .await?;
+        self.applier.stats.unacked(0, oldest.bytes);
+        oldest.span.record("applied", applied.messages as i64);
+        oldest.span.record("duplicates", applied.duplicates as i64);
+        oldest
+            .span
+            .record("database_rejected", applied.database_rejected as i64);
+        Ok(applied)
+    }
+
+    /// Waits for every batch in flight to commit and acks them in order.
+    pub async fn drain(&mut self) -> anyhow::Result<Applied> {
+        let mut applied = Applied::default();
+        while !self.committing.is_empty() {
+            add(&mut applied, self.ack_oldest().await?);
+        }
+        Ok(applied)
+    }
+
+    /// After a failure: leave no commit behind; finish them, and ack in order while that works.
+    async fn salvage(&mut self) {
+        while !self.committing.is_empty() {
+            if self.ack_oldest().await.is_err() {
+                break;
+            }
+        }
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        for in_flight in &self.committing {
+            if let Some(task) = &in_flight.task {
+                task.abort();
+            }
+        }
     }
 }
 
 /// Acks everything up to `last_tag` on `channel`, once its batch (and every batch before it)
 /// committed. `None`: every message of the batch was dead-lettered, nothing to ack.
-async fn ack(channel: &Channel, store: &Store, last_tag: Option<u64>) -> anyhow::Result<()> {
-    store.fault(FaultPoint::AfterCommit).await;
+async fn ack(channel: &Channel, last_tag: Option<u64>) -> anyhow::Result<()> {
     let Some(last_tag) = last_tag else {
         return Ok(());
     };
@@ -420,29 +733,6 @@ async fn ack(channel: &Channel, store: &Store, last_tag: Option<u64>) -> anyhow:
         .basic_ack(last_tag, BasicAckOptions { multiple: true })
         .await
         .context("acking a committed batch (it will be redelivered and skipped as a duplicate)")
-}
-
-/// What applying a batch did, and the tag that acks it: its last message that was not
-/// dead-lettered (a multiple-ack may not name a tag already rejected).
-type Settled = (Applied, Option<u64>);
-
-/// A batch being applied in its own task.
-struct InFlight {
-    task: tokio::task::JoinHandle<anyhow::Result<Settled>>,
-}
-
-/// Waits for the oldest batch in flight (callers check there is one) without taking it.
-async fn wait_oldest(in_flight: &mut VecDeque<InFlight>) -> anyhow::Result<Settled> {
-    match in_flight.front_mut() {
-        Some(oldest) => (&mut oldest.task)
-            .await
-            .context("the apply task panicked")?,
-        None => std::future::pending().await,
-    }
-}
-
-async fn join(in_flight: InFlight) -> anyhow::Result<Settled> {
-    in_flight.task.await.context("the apply task panicked")?
 }
 
 /// Applies a batch. A transient Postgres failure is retried with backoff while the batch stays
@@ -454,14 +744,13 @@ async fn join(in_flight: InFlight) -> anyhow::Result<Settled> {
 /// its own transaction, down to the single messages that fail, which are rejected without
 /// requeue (dead-lettered, reason `database_rejected`); the rest is applied. Ids are claimed in
 /// the same transactions as the counters, so exactly-once holds across the halves.
-pub async fn apply_with_retry(
-    store: &Store,
-    health: &Health,
-    channel: &Channel,
-    cancel: &CancellationToken,
-    abort: &CancellationToken,
-    batch: &Batch,
-) -> anyhow::Result<Settled> {
+#[tracing::instrument(
+    name = "apply",
+    parent = &batch.span,
+    skip_all,
+    fields(messages = batch.messages.len() as i64, events = batch.events as i64)
+)]
+async fn apply_with_retry(applier: &Applier, batch: &Batch) -> anyhow::Result<Settled> {
     let (messages, tags, token) = (&batch.messages, &batch.tags, &batch.token);
     let mut total = Applied::default();
     let mut rejected: Vec<usize> = Vec::new();
@@ -477,22 +766,18 @@ pub async fn apply_with_retry(
             part_token.extend((range.start as u32).to_be_bytes());
             part_token.extend((range.end as u32).to_be_bytes());
         }
-        match apply_attempts(store, health, channel, cancel, abort, &part_token, part).await? {
-            Ok(applied) => {
-                total.messages += applied.messages;
-                total.duplicates += applied.duplicates;
-                total.delivered += applied.delivered;
-                total.bounced += applied.bounced;
-                total.domains += applied.domains;
-            }
+        match apply_attempts(applier, &part_token, part).await? {
+            Ok(applied) => add(&mut total, applied),
             Err(refused) if range.len() == 1 => {
                 let tag = tags[range.start];
                 let id = part[0].id.as_deref().map(String::from_utf8_lossy);
                 metrics::message_database_rejected(tag, id.as_deref(), &refused);
-                channel
+                applier
+                    .channel
                     .basic_reject(tag, BasicRejectOptions { requeue: false })
                     .await
                     .context("dead-lettering a message Postgres refused")?;
+                WorkerStats::add(&applier.stats.database_rejected, 1);
                 total.database_rejected += 1;
                 rejected.push(range.start);
             }
@@ -518,20 +803,36 @@ pub async fn apply_with_retry(
 
 /// Attempts to apply `messages` in one transaction until it commits (`Ok(Ok)`) or Postgres
 /// refuses the content (`Ok(Err(reason))`); transient failures are retried with backoff.
+#[tracing::instrument(name = "commit", skip_all, fields(messages = messages.len() as i64, attempts = Empty))]
 async fn apply_attempts(
-    store: &Store,
-    health: &Health,
-    channel: &Channel,
-    cancel: &CancellationToken,
-    abort: &CancellationToken,
+    applier: &Applier,
     token: &[u8],
     messages: &[Message],
 ) -> anyhow::Result<Result<Applied, String>> {
+    let Applier {
+        store,
+        health,
+        channel,
+        cancel,
+        abort,
+        stats,
+        ..
+    } = applier;
+    let before_commit = applier
+        .hook
+        .clone()
+        .map(|hook| move || -> BoxFuture<'static, ()> { hook(FaultPoint::BeforeCommit) });
+    let before_commit: Option<crate::store::BeforeCommit<'_>> = before_commit
+        .as_ref()
+        .map(|hook| hook as crate::store::BeforeCommit<'_>);
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut attempts = 0u32;
     loop {
+        attempts += 1;
+        tracing::Span::current().record("attempts", i64::from(attempts));
         let started = Instant::now();
         let attempt = tokio::select! {
-            attempt = store.apply_once(Some(token), messages) => attempt,
+            attempt = store.apply_once(Some(token), messages, before_commit) => attempt,
             _ = abort.cancelled() => return Err(anyhow!(
                 "the stop ran out of time while Postgres was applying a batch; it stays unacked and is redelivered"
             )),
@@ -546,6 +847,9 @@ async fn apply_attempts(
                     started.elapsed(),
                 );
                 metrics::other_bounces_counted(applied.other_bounced);
+                WorkerStats::add(&stats.batches, 1);
+                WorkerStats::add(&stats.applied, applied.messages);
+                WorkerStats::add(&stats.duplicates, applied.duplicates);
                 health.set_db_error(None);
                 return Ok(Ok(applied));
             }
@@ -559,6 +863,7 @@ async fn apply_attempts(
                 let error = anyhow::Error::new(error).context("applying a batch");
                 let wait = backoff.next_wait();
                 metrics::db_error(&error, wait);
+                WorkerStats::add(&stats.db_errors, 1);
                 if !channel.status().connected() {
                     return Err(anyhow!(
                         "the channel closed while Postgres was failing; the broker redelivers the batch"
@@ -614,16 +919,21 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 }
 
 /// Consumes until `cancel` fires, reconnecting to RabbitMQ with capped exponential backoff.
-pub async fn run(config: Config, store: Store, health: Arc<Health>, cancel: CancellationToken) {
+pub async fn run(
+    settings: ConsumerSettings,
+    store: Store,
+    health: Arc<Health>,
+    cancel: CancellationToken,
+) {
     // A stop may take SHUTDOWN_TIMEOUT; an apply attempt still running near its end is abandoned
     // (left unacked) so the process still exits in time and cleanly.
     let abort = CancellationToken::new();
     {
         let (cancel, abort) = (cancel.clone(), abort.clone());
-        let grace = config
+        let grace = settings
             .shutdown_timeout
             .saturating_sub(Duration::from_secs(2))
-            .max(config.shutdown_timeout / 2);
+            .max(settings.shutdown_timeout / 2);
         tokio::spawn(async move {
             cancel.cancelled().await;
             tokio::time::sleep(grace).await;
@@ -633,7 +943,7 @@ pub async fn run(config: Config, store: Store, health: Arc<Health>, cancel: Canc
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     while !cancel.is_cancelled() {
         let opened = tokio::select! {
-            opened = Consumer::open(&config) => opened,
+            opened = Consumer::open(&settings) => opened,
             _ = cancel.cancelled() => return,
         };
         let error = match opened {
@@ -643,12 +953,15 @@ pub async fn run(config: Config, store: Store, health: Arc<Health>, cancel: Canc
                 health.set_broker_error(None);
                 health.set_consuming(true);
                 let connected_at = Instant::now();
-                let result = consumer
-                    .run_pipelined(&store, &health, &cancel, &abort)
-                    .await;
+                let mut pipeline = consumer.pipeline(&store, &health, &cancel, &abort);
+                let result = consumer.run(&mut pipeline).await;
+                drop(pipeline);
                 health.set_consuming(false);
                 if cancel.is_cancelled() {
                     consumer.close().await;
+                } else {
+                    // The connection is gone: the broker takes back what was unacked.
+                    settings.stats.unacked_reset();
                 }
                 match result {
                     Ok(()) => {
@@ -675,6 +988,7 @@ pub async fn run(config: Config, store: Store, health: Arc<Health>, cancel: Canc
         let wait = backoff.next_wait();
         health.set_broker_error(Some(format!("{error:#}")));
         metrics::broker_reconnect(&error, wait);
+        WorkerStats::add(&settings.stats.reconnects, 1);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = cancel.cancelled() => return,

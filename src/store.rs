@@ -4,7 +4,6 @@ use crate::event::{Event, Tally};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use futures_util::future::BoxFuture;
 use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
 use std::time::Duration;
 
 mod embedded {
@@ -108,23 +107,14 @@ pub struct Counts {
     pub other_bounced: i64,
 }
 
-/// A point in a batch's life where a test can inject a fault (cut a connection, kill the worker).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FaultPoint {
-    /// The batch's statements ran; `COMMIT` is next.
-    BeforeCommit,
-    /// The transaction committed; the ack is next.
-    AfterCommit,
-}
-
-/// A test's fault injector, awaited at each [`FaultPoint`]. Production code never sets one.
-pub type FaultHook = Arc<dyn Fn(FaultPoint) -> BoxFuture<'static, ()> + Send + Sync>;
+/// Awaited just before `COMMIT` (see [`Store::apply_once`]): how the consumer's fault
+/// injection (tests only) reaches the moment between a batch's statements and its commit.
+pub type BeforeCommit<'a> = &'a (dyn Fn() -> BoxFuture<'static, ()> + Send + Sync);
 
 /// The Postgres side of the worker. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
-    fault_hook: Option<FaultHook>,
     /// Client-side deadline of one apply attempt (DB_TIMEOUT).
     db_timeout: Duration,
 }
@@ -182,7 +172,6 @@ impl Store {
             .expect("a runtime and timeouts are set, so the pool builds");
         let store = Self {
             pool,
-            fault_hook: None,
             db_timeout: Duration::from_secs(30),
         };
         store.ping().await?;
@@ -193,18 +182,6 @@ impl Store {
     pub fn with_db_timeout(mut self, db_timeout: Duration) -> Self {
         self.db_timeout = db_timeout;
         self
-    }
-
-    /// Installs a fault injector (tests only).
-    pub fn set_fault_hook(&mut self, hook: FaultHook) {
-        self.fault_hook = Some(hook);
-    }
-
-    /// Awaits the fault injector at `point`, if a test installed one.
-    pub async fn fault(&self, point: FaultPoint) {
-        if let Some(hook) = &self.fault_hook {
-            hook(point).await;
-        }
     }
 
     /// Applies the migrations in `migrations/`. Replicas starting together serialise on an
@@ -249,24 +226,31 @@ impl Store {
     /// costs one deadline, and its connection is taken out of the pool (not reused with a
     /// transaction in an unknown state), so the retry runs on a fresh connection.
     pub async fn apply(&self, batch: &[Message]) -> Result<Applied, StoreError> {
-        self.apply_once(None, batch).await
+        self.apply_once(None, batch, None).await
     }
 
     /// Like [`Store::apply`], and when `token` is given and some message has no id, the token
     /// is recorded in the same transaction (beside the message ids) and checked first: a batch
     /// whose COMMIT went through but whose reply was lost is not applied again when retried
-    /// (its id-less messages would otherwise count twice).
+    /// (its id-less messages would otherwise count twice). `before_commit`, if given, is
+    /// awaited between the statements and `COMMIT`.
     pub async fn apply_once(
         &self,
         token: Option<&[u8]>,
         batch: &[Message],
+        before_commit: Option<BeforeCommit<'_>>,
     ) -> Result<Applied, StoreError> {
         let token = token.filter(|_| batch.iter().any(|m| m.id.is_none()));
         let deadline = tokio::time::Instant::now() + self.db_timeout;
         let mut client = tokio::time::timeout_at(deadline, self.pool.get())
             .await
             .map_err(|_| StoreError::Timeout(self.db_timeout))??;
-        match tokio::time::timeout_at(deadline, self.apply_on(&mut client, token, batch)).await {
+        match tokio::time::timeout_at(
+            deadline,
+            self.apply_on(&mut client, token, batch, before_commit),
+        )
+        .await
+        {
             Ok(Ok(applied)) => Ok(applied),
             Ok(Err(error)) => {
                 if !error.is_permanent() {
@@ -287,6 +271,7 @@ impl Store {
         client: &mut deadpool_postgres::Object,
         token: Option<&[u8]>,
         batch: &[Message],
+        before_commit: Option<BeforeCommit<'_>>,
     ) -> Result<Applied, StoreError> {
         let mut applied = Applied::default();
         let tx = client.transaction().await?;
@@ -359,7 +344,9 @@ impl Store {
             tx.execute(&upsert, &[&domains, &delivered, &bounced, &other_bounced])
                 .await?;
         }
-        self.fault(FaultPoint::BeforeCommit).await;
+        if let Some(before_commit) = before_commit {
+            before_commit().await;
+        }
         tx.commit().await?;
         Ok(applied)
     }

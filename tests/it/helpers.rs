@@ -257,6 +257,9 @@ pub struct TestWorker {
     pub addr: SocketAddr,
     pub cancel: CancellationToken,
     pub handle: JoinHandle<anyhow::Result<()>>,
+    /// This worker's own counts: the Prometheus metrics are the process', shared by every
+    /// worker a test runs.
+    worker_stats: std::sync::Arc<catchall::consumer::WorkerStats>,
 }
 
 impl TestWorker {
@@ -272,13 +275,20 @@ impl TestWorker {
         // Logs go to the test's output (shown when it fails); RUST_LOG sets the levels.
         catchall::telemetry::init(Some(catchall::config::LogFormat::Pretty));
         let addr = app.http_addr().expect("bound address");
+        let worker_stats = app.stats();
         let cancel = CancellationToken::new();
         let handle = tokio::spawn(app.run(cancel.clone()));
         Self {
             addr,
             cancel,
             handle,
+            worker_stats,
         }
+    }
+
+    /// This worker's counts so far (not another worker's in the same process).
+    pub fn stats(&self) -> catchall::consumer::StatsSnapshot {
+        self.worker_stats.snapshot()
     }
 
     pub fn url(&self, path: &str) -> String {

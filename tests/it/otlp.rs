@@ -225,3 +225,100 @@ async fn the_producer_sends_the_traceparent_of_its_exported_publish_span() {
         assert_eq!(span.kind, SpanKind::Producer as i32);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_span_links_the_publishers_trace_and_carries_its_counts() {
+    let (endpoint, received) = otlp_receiver().await;
+    let telemetry = catchall::telemetry::init_with(
+        Some(catchall::config::LogFormat::Pretty),
+        Some(Some(endpoint)),
+    );
+    assert!(telemetry.traces_enabled(), "traces are on");
+    let (db, broker, worker) = started().await;
+
+    // One message with a publisher's traceparent, one invalid message, in one batch.
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let publish_span = "b7ad6b7169203331";
+    let (_connection, channel) = broker.channel().await;
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        "traceparent".into(),
+        lapin::types::AMQPValue::LongString(format!("00-{trace_id}-{publish_span}-01").into()),
+    );
+    let properties = lapin::BasicProperties::default()
+        .with_message_id("traced".into())
+        .with_headers(headers);
+    channel
+        .basic_publish(
+            broker.exchange.as_str().into(),
+            "delivered".into(),
+            lapin::options::BasicPublishOptions::default(),
+            br#"[{"domain":"traced.example","type":"delivered"},{"domain":"traced.example","type":"bounced"}]"#,
+            properties,
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirmed");
+    wait_for(Duration::from_secs(20), "the message counted", || async {
+        db.counts()
+            .await
+            .contains_key("traced.example")
+            .then_some(())
+    })
+    .await;
+
+    let batch = wait_for(
+        Duration::from_secs(20),
+        "the batch span at the OTLP receiver",
+        || {
+            telemetry.flush();
+            let received = received.clone();
+            async move {
+                let received = received.lock().expect("lock");
+                received
+                    .iter()
+                    .map(|(_, span)| span)
+                    .find(|span| {
+                        span.name == "batch"
+                            && span
+                                .links
+                                .iter()
+                                .any(|link| hex(&link.trace_id) == trace_id)
+                    })
+                    .cloned()
+            }
+        },
+    )
+    .await;
+    let link = batch
+        .links
+        .iter()
+        .find(|link| hex(&link.trace_id) == trace_id)
+        .expect("the publisher's trace linked");
+    assert_eq!(
+        hex(&link.span_id),
+        publish_span,
+        "linked to the publish span"
+    );
+    assert_eq!(batch.kind, SpanKind::Consumer as i32);
+    assert_eq!(attribute(&batch, "messages"), Some(Value::IntValue(1)));
+    assert_eq!(attribute(&batch, "events"), Some(Value::IntValue(2)));
+    assert_eq!(attribute(&batch, "applied"), Some(Value::IntValue(1)));
+    assert_eq!(attribute(&batch, "duplicates"), Some(Value::IntValue(0)));
+    assert_eq!(attribute(&batch, "rejected"), Some(Value::IntValue(0)));
+
+    // Its steps are its children.
+    let received = received.lock().expect("lock").clone();
+    let children: Vec<&str> = received
+        .iter()
+        .map(|(_, span)| span)
+        .filter(|span| span.trace_id == batch.trace_id && span.parent_span_id == batch.span_id)
+        .map(|span| span.name.as_str())
+        .collect();
+    for step in ["gather", "apply", "ack"] {
+        assert!(children.contains(&step), "{step} in {children:?}");
+    }
+    worker.stop().await;
+    telemetry.shutdown();
+}
