@@ -128,6 +128,9 @@ impl IntoResponse for ApiError {
 
 impl From<IngestError> for ApiError {
     fn from(error: IngestError) -> Self {
+        if let IngestError::TooLarge(_) = error {
+            return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, error.to_string());
+        }
         tracing::debug!(error = %error, "Ingest not confirmed; answering 503.");
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

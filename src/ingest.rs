@@ -48,9 +48,14 @@ impl IngestSettings {
     }
 }
 
-/// Why events were not accepted; every variant means "not confirmed, try again later" (503).
+/// Why events were not accepted: `TooLarge` is the caller's (413, never published); every other
+/// variant means "not confirmed, try again later" (503).
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum IngestError {
+    #[error(
+        "the events serialise to {0} bytes, more than the {MAX_BODY_BYTES}-byte message limit; send fewer per request"
+    )]
+    TooLarge(usize),
     #[error("RabbitMQ is unavailable: {0}")]
     Unavailable(String),
     #[error("RabbitMQ did not confirm the message: {0}")]
@@ -123,7 +128,8 @@ impl Ingest {
     }
 
     /// Publishes events as one message (`message_id` = `key`, else a fresh UUIDv7) and returns
-    /// once the broker confirmed it. The caller keeps the body under 1 MiB.
+    /// once the broker confirmed it. Events that serialise past [`MAX_BODY_BYTES`] (normalised
+    /// IDN domains grow) are refused with [`IngestError::TooLarge`] and never published.
     pub async fn publish_many(
         &self,
         events: &[Event],
@@ -208,7 +214,9 @@ impl Link {
         body: &[u8],
         message_id: &str,
     ) -> Result<PublisherConfirm, IngestError> {
-        debug_assert!(body.len() <= MAX_BODY_BYTES);
+        if body.len() > MAX_BODY_BYTES {
+            return Err(IngestError::TooLarge(body.len()));
+        }
         let channel = self.channel().await?;
         let properties = BasicProperties::default()
             .with_delivery_mode(2)
@@ -271,12 +279,31 @@ impl Link {
 /// confirm, while the next pack gathers.
 async fn pack_loop(link: Arc<Link>, mut queue: mpsc::Receiver<(Event, Reply)>) {
     let (window, max) = (link.settings.pack_window, link.settings.pack_max.max(1));
-    while let Some(first) = queue.recv().await {
+    // A job that would have pushed the last pack past the message limit starts the next one.
+    let mut carried: Option<(Event, Reply)> = None;
+    loop {
+        let first = match carried.take() {
+            Some(job) => job,
+            None => match queue.recv().await {
+                Some(job) => job,
+                None => break,
+            },
+        };
+        // The pack's size as a JSON array: brackets, events, commas.
+        let mut size = 2 + serialised_len(&first.0);
         let mut pack = vec![first];
         let deadline = tokio::time::Instant::now() + window;
         while pack.len() < max {
             match tokio::time::timeout_at(deadline, queue.recv()).await {
-                Ok(Some(job)) => pack.push(job),
+                Ok(Some(job)) => {
+                    let grown = size + 1 + serialised_len(&job.0);
+                    if grown > MAX_BODY_BYTES {
+                        carried = Some(job);
+                        break;
+                    }
+                    size = grown;
+                    pack.push(job);
+                }
                 Ok(None) | Err(_) => break,
             }
         }
@@ -300,6 +327,11 @@ async fn pack_loop(link: Arc<Link>, mut queue: mpsc::Receiver<(Event, Reply)>) {
             }
         });
     }
+}
+
+/// One event's size as JSON.
+fn serialised_len(event: &Event) -> usize {
+    serde_json::to_vec(event).map_or(0, |body| body.len())
 }
 
 /// Verified webhook events go out like `POST /events`: one message, `message_id` from the

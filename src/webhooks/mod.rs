@@ -128,6 +128,10 @@ pub enum WebhookError {
     /// The events could not be published: 503, so the provider retries.
     #[error("{0}")]
     Unavailable(String),
+    /// The events serialise past the broker message limit ([`crate::event::MAX_BODY_BYTES`]):
+    /// 413, never published (a retry would not fit either).
+    #[error("the events serialise to {0} bytes, more than the {max}-byte message limit", max = crate::event::MAX_BODY_BYTES)]
+    TooLarge(usize),
 }
 
 impl WebhookError {
@@ -136,6 +140,7 @@ impl WebhookError {
             WebhookError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             WebhookError::BadRequest(_) => StatusCode::BAD_REQUEST,
             WebhookError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            WebhookError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 
@@ -144,6 +149,7 @@ impl WebhookError {
             WebhookError::Unauthorized(_) => "refused",
             WebhookError::BadRequest(_) => "invalid",
             WebhookError::Unavailable(_) => "unavailable",
+            WebhookError::TooLarge(_) => "too_large",
         }
     }
 }
@@ -251,6 +257,11 @@ pub fn router(state: WebhookState) -> Router {
         .with_state(state)
 }
 
+/// The events' size as the one JSON message they are published as.
+fn serialised_len(events: &[Event]) -> usize {
+    serde_json::to_vec(events).map_or(0, |body| body.len())
+}
+
 /// Publishes what a provider module parsed and answers.
 async fn finish(
     state: &WebhookState,
@@ -259,6 +270,9 @@ async fn finish(
 ) -> Response {
     let result = match parsed {
         Ok(parsed) if parsed.events.is_empty() => Ok(parsed),
+        Ok(parsed) if serialised_len(&parsed.events) > crate::event::MAX_BODY_BYTES => {
+            Err(WebhookError::TooLarge(serialised_len(&parsed.events)))
+        }
         Ok(parsed) => state
             .sink
             .publish(parsed.events.clone(), parsed.message_id.clone())

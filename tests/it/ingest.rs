@@ -484,6 +484,43 @@ async fn bad_paths_bodies_and_tokens_get_4xx_json_and_publish_nothing() {
     worker.stop().await;
 }
 
+/// IDN domains grow when normalised (`ü` → `xn--tda`): a body under the 1 MiB request limit can
+/// serialise past the worker's 1 MiB message limit. It is refused with 413 naming the limit and
+/// never published (a 202 would be dead-lettered by the worker as too large: events lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_grows_past_the_message_limit_gets_413_and_publishes_nothing() {
+    let (db, _broker, worker) = ingest_worker(|_| {}).await;
+    let client = client();
+    let idn = vec!["ü"; 31].join(".");
+    let line = format!("{{\"domain\":\"{idn}\",\"type\":\"delivered\"}}\n");
+    let body = line.repeat(5_000);
+    assert!(body.len() < 1024 * 1024, "raw body {} bytes", body.len());
+    let response = client
+        .post(worker.url("/events"))
+        .bearer_auth(TOKEN)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let (status, message) = assert_json_4xx(response, "grown past the limit").await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{message}");
+    assert!(message.contains("1048576"), "{message}");
+
+    // Nothing of it was published: a good request afterwards is the only thing counted.
+    let good = r#"{"domain":"good.example","type":"delivered"}"#;
+    let response = client
+        .post(worker.url("/events"))
+        .bearer_auth(TOKEN)
+        .body(good)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let expected: Counts = [("good.example".to_string(), (1, 0))].into();
+    assert_counts_eventually(&db, &expected, Duration::from_secs(30)).await;
+    worker.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_is_off_without_tokens() {
     let (_db, _broker, worker) = started().await;
