@@ -564,6 +564,13 @@ async fn list_domains(
             "after is longer than a domain can be",
         ));
     }
+    // No normalised domain holds a control character, and Postgres text cannot hold a NUL
+    // (it would fail the query: a 5xx caused by input).
+    if after.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(
+            "after must be a domain (a previous page's next), without control characters",
+        ));
+    }
     let page = state
         .store
         .list_domains(status, state.threshold, &after, limit)

@@ -286,6 +286,11 @@ async fn listing_returns_every_catch_all_domain_once_while_events_are_counted() 
         "limit=many",
         "status=bogus",
         "status=catch-all&limit=-1",
+        // A NUL (which Postgres text refuses: 22021) or another control character is no
+        // domain's cursor: 400, not a 503 caused by input.
+        "after=%00",
+        "after=a.example%00b",
+        "status=catch-all&after=%0A",
     ] {
         let (status, body) = get_json(&client, &worker.url(&format!("/domains?{query}"))).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{query}");
