@@ -605,6 +605,10 @@ pub struct ServerLimits {
     pub header_timeout: Duration,
     /// Largest request head (request line and headers); larger get 431 and the connection closes.
     pub max_header_bytes: usize,
+    /// After a stop, how long open connections may take to finish their requests before they
+    /// are dropped: a margin before SHUTDOWN_TIMEOUT, so a request stuck on a frozen dependency
+    /// cannot make the stop overrun it.
+    pub drain_timeout: Duration,
 }
 
 impl ServerLimits {
@@ -614,6 +618,10 @@ impl ServerLimits {
             request_timeout: config.http_request_timeout,
             header_timeout: config.http_header_timeout,
             max_header_bytes: 64 * 1024,
+            drain_timeout: config
+                .shutdown_timeout
+                .saturating_sub(Duration::from_secs(2))
+                .max(config.shutdown_timeout / 2),
         }
     }
 }
@@ -664,6 +672,8 @@ pub async fn serve(
         .route_service("/metrics", unlimited)
         .fallback_service(limited);
     let connections = tokio_util::task::TaskTracker::new();
+    // Fired when the drain after a stop overruns `drain_timeout`: open connections are dropped.
+    let abandon = CancellationToken::new();
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -679,7 +689,7 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(service.clone());
-        let cancel = cancel.clone();
+        let (cancel, abandon) = (cancel.clone(), abandon.clone());
         connections.spawn(async move {
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
@@ -692,7 +702,10 @@ pub async fn serve(
                 result = connection.as_mut() => result,
                 _ = cancel.cancelled() => {
                     connection.as_mut().graceful_shutdown();
-                    connection.await
+                    tokio::select! {
+                        result = connection.as_mut() => result,
+                        _ = abandon.cancelled() => return,
+                    }
                 }
             };
             if let Err(error) = result {
@@ -701,7 +714,17 @@ pub async fn serve(
         });
     }
     connections.close();
-    connections.wait().await;
+    if tokio::time::timeout(limits.drain_timeout, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            connections = connections.len(),
+            "HTTP connections still open at the drain deadline after a stop; dropping them."
+        );
+        abandon.cancel();
+        connections.wait().await;
+    }
     Ok(())
 }
 

@@ -131,6 +131,20 @@ const UPSERT: &str = "INSERT INTO domains AS d (domain, delivered, bounced, othe
      SET delivered = d.delivered + EXCLUDED.delivered, bounced = d.bounced + EXCLUDED.bounced, \
      other_bounced = d.other_bounced + EXCLUDED.other_bounced";
 const LOOKUP: &str = "SELECT delivered, bounced, other_bounced FROM domains WHERE domain = $1";
+/// Longest a look-up (single, bulk or listing) waits for Postgres before answering 503.
+pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn lookup_on(client: &deadpool_postgres::Client, domain: &str) -> Result<Counts, StoreError> {
+    let statement = client.prepare_cached(LOOKUP).await?;
+    let row = client.query_opt(&statement, &[&domain]).await?;
+    Ok(row
+        .map(|row| Counts {
+            delivered: row.get(0),
+            bounced: row.get(1),
+            other_bounced: row.get(2),
+        })
+        .unwrap_or_default())
+}
 
 impl Store {
     /// Builds the pool and checks that Postgres answers (fail fast at start).
@@ -353,16 +367,44 @@ impl Store {
 
     /// A domain's counters; zero for a domain never seen.
     pub async fn lookup(&self, domain: &str) -> Result<Counts, StoreError> {
-        let client = self.pool.get().await?;
-        let statement = client.prepare_cached(LOOKUP).await?;
-        let row = client.query_opt(&statement, &[&domain]).await?;
-        Ok(row
-            .map(|row| Counts {
-                delivered: row.get(0),
-                bounced: row.get(1),
-                other_bounced: row.get(2),
-            })
-            .unwrap_or_default())
+        let (client, deadline) = self.lookup_client().await?;
+        let result = tokio::time::timeout_at(deadline, lookup_on(&client, domain)).await;
+        self.lookup_done(client, result)
+    }
+
+    /// The look-up deadline: at most [`LOOKUP_TIMEOUT`], and never more than DB_TIMEOUT.
+    fn lookup_timeout(&self) -> Duration {
+        self.db_timeout.min(LOOKUP_TIMEOUT)
+    }
+
+    /// A pooled connection for a look-up, and the look-up's deadline (see
+    /// [`Store::lookup_done`]).
+    async fn lookup_client(
+        &self,
+    ) -> Result<(deadpool_postgres::Object, tokio::time::Instant), StoreError> {
+        let timeout = self.lookup_timeout();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let client = tokio::time::timeout_at(deadline, self.pool.get())
+            .await
+            .map_err(|_| StoreError::Timeout(timeout))??;
+        Ok((client, deadline))
+    }
+
+    /// A look-up has a client-side deadline, so a Postgres that stops answering costs a request
+    /// one deadline (then 503), not an open-ended wait that also holds up a graceful shutdown.
+    /// A connection whose query timed out leaves the pool.
+    fn lookup_done<T>(
+        &self,
+        client: deadpool_postgres::Object,
+        result: Result<Result<T, StoreError>, tokio::time::error::Elapsed>,
+    ) -> Result<T, StoreError> {
+        match result {
+            Ok(result) => result,
+            Err(_) => {
+                drop(deadpool_postgres::Object::take(client));
+                Err(StoreError::Timeout(self.lookup_timeout()))
+            }
+        }
     }
 
     /// Deletes applied message ids older than `retention`, a slice at a time so no long lock is
@@ -462,9 +504,13 @@ impl Store {
         if domains.is_empty() {
             return Ok(Default::default());
         }
-        let client = self.pool.get().await?;
-        let statement = client.prepare_cached(LOOKUP_MANY).await?;
-        let rows = client.query(&statement, &[&domains]).await?;
+        let (client, deadline) = self.lookup_client().await?;
+        let result = tokio::time::timeout_at(deadline, async {
+            let statement = client.prepare_cached(LOOKUP_MANY).await?;
+            Ok(client.query(&statement, &[&domains]).await?)
+        })
+        .await;
+        let rows = self.lookup_done(client, result)?;
         Ok(rows
             .iter()
             .map(|row| {
@@ -489,30 +535,12 @@ impl Store {
         after: &str,
         limit: u32,
     ) -> Result<Vec<DomainRow>, StoreError> {
-        use crate::event::Status;
-        let client = self.pool.get().await?;
         let limit = i64::from(limit);
-        let rows = match status {
-            None => {
-                let statement = client.prepare_cached(LIST_ALL).await?;
-                client.query(&statement, &[&after, &limit]).await?
-            }
-            Some(Status::NotCatchAll) => {
-                let statement = client.prepare_cached(LIST_NOT_CATCH_ALL).await?;
-                client.query(&statement, &[&after, &limit]).await?
-            }
-            Some(status) => {
-                let sql = if status == Status::CatchAll {
-                    LIST_CATCH_ALL
-                } else {
-                    LIST_UNKNOWN
-                };
-                let statement = client.prepare_cached(sql).await?;
-                client
-                    .query(&statement, &[&after, &limit, &threshold])
-                    .await?
-            }
-        };
+        let (client, deadline) = self.lookup_client().await?;
+        let result =
+            tokio::time::timeout_at(deadline, list_on(&client, status, threshold, after, limit))
+                .await;
+        let rows = self.lookup_done(client, result)?;
         Ok(rows
             .iter()
             .map(|row| DomainRow {
@@ -523,4 +551,36 @@ impl Store {
             })
             .collect())
     }
+}
+
+async fn list_on(
+    client: &deadpool_postgres::Client,
+    status: Option<crate::event::Status>,
+    threshold: i64,
+    after: &str,
+    limit: i64,
+) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+    use crate::event::Status;
+    let rows = match status {
+        None => {
+            let statement = client.prepare_cached(LIST_ALL).await?;
+            client.query(&statement, &[&after, &limit]).await?
+        }
+        Some(Status::NotCatchAll) => {
+            let statement = client.prepare_cached(LIST_NOT_CATCH_ALL).await?;
+            client.query(&statement, &[&after, &limit]).await?
+        }
+        Some(status) => {
+            let sql = if status == Status::CatchAll {
+                LIST_CATCH_ALL
+            } else {
+                LIST_UNKNOWN
+            };
+            let statement = client.prepare_cached(sql).await?;
+            client
+                .query(&statement, &[&after, &limit, &threshold])
+                .await?
+        }
+    };
+    Ok(rows)
 }

@@ -292,6 +292,71 @@ async fn sigterm_with_postgres_frozen_exits_0_in_time_and_loses_nothing() {
     restarted.stop().await;
 }
 
+/// A look-up in flight on a frozen Postgres does not hold the stop past SHUTDOWN_TIMEOUT: the
+/// HTTP drain gives up on it a margin before, and the worker still exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_postgres_frozen_and_a_lookup_in_flight_exits_0_in_time() {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    let port = free_port();
+    let mut child = tokio::process::Command::new(binary("catchall"))
+        .envs(broker.env())
+        .env("DATABASE_URL", &db.url)
+        .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .env("SHUTDOWN_TIMEOUT", "4s")
+        .env("DB_TIMEOUT", "60s")
+        // One pooled connection: the look-up needs the frozen one.
+        .env("DB_POOL_SIZE", "1")
+        .env("LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the worker binary");
+    wait_for(Duration::from_secs(30), "the worker ready", || async {
+        let response = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+            .await
+            .ok()?;
+        (response.status() == 200).then_some(())
+    })
+    .await;
+    let (first, expected) = singles("before", 50);
+    publish_all(&broker, &first).await;
+    assert_counts_eventually(&db, &expected, Duration::from_secs(30)).await;
+
+    let frozen = Frozen::worker_backends(&db).await;
+    let lookup = tokio::spawn(reqwest::get(format!(
+        "http://127.0.0.1:{port}/domains/before0.example"
+    )));
+    // Nothing outside the worker shows a request waiting on Postgres; give it time to reach
+    // the frozen connection, and check it is still waiting when the stop comes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !lookup.is_finished(),
+        "the look-up waits on frozen Postgres"
+    );
+    let pid = child.id().expect("worker pid") as i32;
+    let stopped_at = Instant::now();
+    // SAFETY: kill(2) on our own child process, which has not been reaped yet.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "send SIGTERM");
+    let status = tokio::time::timeout(Duration::from_secs(8), child.wait())
+        .await
+        .expect("the worker exits within the shutdown timeout (and a margin)")
+        .expect("wait for the worker");
+    eprintln!("stopped in {:?} with {status:?}", stopped_at.elapsed());
+    assert!(
+        status.success(),
+        "a stop with a look-up stuck on frozen Postgres is clean: {status:?}"
+    );
+    assert!(stopped_at.elapsed() < Duration::from_secs(6));
+    // The look-up got no 2xx: 503, or its connection closed by the stop.
+    let answer = lookup.await.expect("the look-up task");
+    if let Ok(response) = answer {
+        assert!(!response.status().is_success(), "{}", response.status());
+    }
+    drop(frozen);
+}
+
 /// Peak resident memory of a process, from /proc (VmHWM).
 fn peak_rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
