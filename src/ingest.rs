@@ -222,8 +222,12 @@ impl Link {
             .with_delivery_mode(2)
             .with_content_type("application/json".into())
             .with_message_id(message_id.into());
-        let published = channel
-            .basic_publish(
+        // A broker blocked by a resource alarm accepts no publish: bounded like the confirm,
+        // so the pack loop and callers are not stalled behind it.
+        let timeout = self.settings.confirm_timeout;
+        let published = tokio::time::timeout(
+            timeout,
+            channel.basic_publish(
                 self.settings.topology.exchange.as_str().into(),
                 routing_key.into(),
                 BasicPublishOptions {
@@ -232,12 +236,22 @@ impl Link {
                 },
                 body,
                 properties,
-            )
-            .await;
-        published.map_err(|error| {
-            self.forget(&channel);
-            IngestError::Unavailable(error.to_string())
-        })
+            ),
+        )
+        .await;
+        match published {
+            Ok(Ok(confirm)) => Ok(confirm),
+            Ok(Err(error)) => {
+                self.forget(&channel);
+                Err(IngestError::Unavailable(error.to_string()))
+            }
+            Err(_) => {
+                self.forget(&channel);
+                Err(IngestError::Unavailable(format!(
+                    "the broker took no publish within {timeout:?} (blocked?)"
+                )))
+            }
+        }
     }
 
     /// Waits for the broker's verdict on a message. Only an ack of a routed message is success.
@@ -306,6 +320,12 @@ async fn pack_loop(link: Arc<Link>, mut queue: mpsc::Receiver<(Event, Reply)>) {
                 }
                 Ok(None) | Err(_) => break,
             }
+        }
+        // A caller that has gone (client disconnected, or answered 408) is not published for:
+        // it got no 202, so its event must not count.
+        pack.retain(|(_, reply)| !reply.is_closed());
+        if pack.is_empty() {
+            continue;
         }
         let (events, replies): (Vec<Event>, Vec<Reply>) = pack.into_iter().unzip();
         let (routing_key, body) = if events.len() == 1 {

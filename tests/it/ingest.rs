@@ -521,6 +521,40 @@ async fn a_body_that_grows_past_the_message_limit_gets_413_and_publishes_nothing
     worker.stop().await;
 }
 
+/// A packed single event whose caller went away before the pack was published (client gone,
+/// or answered 408) is left out of the pack: it got no 202, so it must not count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_packed_event_whose_caller_left_is_not_published() {
+    let (db, _broker, worker) = ingest_worker(|config| {
+        config.ingest_pack_window_ms = 1500;
+    })
+    .await;
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let gone = impatient
+        .put(worker.url("/events/gone.example/delivered"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await;
+    assert!(
+        gone.as_ref().is_err_and(|e| e.is_timeout()),
+        "the caller gave up before the pack went out: {gone:?}"
+    );
+    // Still in the same pack's window: published with it, answered after its confirm.
+    let response = client()
+        .put(worker.url("/events/stayed.example/delivered"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let expected: Counts = [("stayed.example".to_string(), (1, 0))].into();
+    assert_counts_eventually(&db, &expected, Duration::from_secs(30)).await;
+    worker.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_is_off_without_tokens() {
     let (_db, _broker, worker) = started().await;
