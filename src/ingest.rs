@@ -221,7 +221,7 @@ impl Link {
         let properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into())
-            .with_message_id(message_id.into());
+            .with_message_id(short_message_id(message_id).as_ref().into());
         // A broker blocked by a resource alarm accepts no publish: bounded like the confirm,
         // so the pack loop and callers are not stalled behind it.
         let timeout = self.settings.confirm_timeout;
@@ -349,6 +349,28 @@ async fn pack_loop(link: Arc<Link>, mut queue: mpsc::Receiver<(Event, Reply)>) {
     }
 }
 
+/// Longest AMQP short string, so the longest `message_id`.
+const MAX_MESSAGE_ID_BYTES: usize = 255;
+
+/// A `message_id` that fits an AMQP short string: ids up to 255 bytes unchanged, longer ones
+/// (webhook ids built from a provider's payload) as their first 128 bytes, `~sha256:` and the
+/// SHA-256 hex of the whole id — deterministic, so a retry still gets the same id.
+fn short_message_id(id: &str) -> std::borrow::Cow<'_, str> {
+    if id.len() <= MAX_MESSAGE_ID_BYTES {
+        return id.into();
+    }
+    let mut cut = 128;
+    while !id.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!(
+        "{}~sha256:{}",
+        &id[..cut],
+        crate::webhooks::sha256_hex(id.as_bytes())
+    )
+    .into()
+}
+
 /// One event's size as JSON.
 fn serialised_len(event: &Event) -> usize {
     serde_json::to_vec(event).map_or(0, |body| body.len())
@@ -367,5 +389,29 @@ impl crate::webhooks::EventSink for Ingest {
                 .await
                 .map_err(|error| crate::webhooks::SinkError(error.to_string()))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_message_ids_are_shortened_deterministically_and_never_panic() {
+        let short = "k".repeat(MAX_MESSAGE_ID_BYTES);
+        assert_eq!(short_message_id(&short), short.as_str());
+        for long in [
+            format!("postmark:Bounce:{}", "x".repeat(300)),
+            format!("sns:{}", "é".repeat(200)),
+        ] {
+            let id = short_message_id(&long);
+            assert!(id.len() <= MAX_MESSAGE_ID_BYTES, "{} bytes", id.len());
+            assert!(long.starts_with(id.split("~sha256:").next().unwrap()));
+            assert_eq!(short_message_id(&long), id, "deterministic");
+            // What `send` does with it must not panic.
+            let _ = BasicProperties::default().with_message_id(id.as_ref().into());
+        }
+        let (a, b) = ("a".repeat(400), format!("{}b", "a".repeat(399)));
+        assert_ne!(short_message_id(&a), short_message_id(&b));
     }
 }

@@ -408,6 +408,11 @@ async fn bad_paths_bodies_and_tokens_get_4xx_json_and_publish_nothing() {
             put("/events/a.example/delivered").header("Idempotency-Key", "k".repeat(256)),
             StatusCode::BAD_REQUEST,
         ),
+        (
+            "300-byte idempotency key",
+            put("/events/a.example/delivered").header("Idempotency-Key", "k".repeat(300)),
+            StatusCode::BAD_REQUEST,
+        ),
     ] {
         let (status, message) = assert_json_4xx(request.send().await.unwrap(), what).await;
         assert_eq!(status, want, "{what}: {message}");
