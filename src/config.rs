@@ -236,11 +236,16 @@ impl AmqpArgs {
 pub struct Tokens(std::sync::Arc<[String]>);
 
 impl Tokens {
-    /// True if `candidate` is one of the tokens, compared in constant time (per token).
+    /// True if `candidate` is one of the tokens, compared in constant time (per token). The
+    /// SHA-256 digests are compared, not the strings: `ct_eq` of slices returns early when the
+    /// lengths differ, which would leak a token's length.
     pub fn accepts(&self, candidate: &str) -> bool {
+        use ring::digest::{SHA256, digest};
         use subtle::ConstantTimeEq;
+        let candidate = digest(&SHA256, candidate.as_bytes());
         self.0.iter().fold(false, |found, token| {
-            found | bool::from(token.as_bytes().ct_eq(candidate.as_bytes()))
+            let token = digest(&SHA256, token.as_bytes());
+            found | bool::from(token.as_ref().ct_eq(candidate.as_ref()))
         })
     }
 }
