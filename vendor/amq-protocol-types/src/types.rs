@@ -174,7 +174,10 @@ impl std::error::Error for ShortStringError {}
 /// whole frame (and with it the connection). Valid UTF-8 strings are unchanged (`raw` is None).
 /// `Hash` covers the text only, so it stays equal to the hash of the `&str` it borrows as
 /// (HashMaps keyed by ShortString are looked up by `&str`, e.g. lapin's consumers by tag).
+/// PATCHED (catchall): `serde(transparent)` keeps it the serde newtype of upstream (a JSON
+/// string, not a one-element array): `raw` is skipped and defaults to `None`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(transparent)]
 pub struct ShortString(
     String,
     #[serde(skip)] Option<Box<[u8]>>,
@@ -397,6 +400,21 @@ impl From<&[u8]> for ByteArray {
 #[cfg(test)]
 mod test {
     use super::*;
+
+    /// PATCHED (catchall): serialises as upstream's newtype did (a plain string), also as a
+    /// field-table key and value.
+    #[test]
+    fn test_short_string_serde_is_a_plain_string() {
+        let short = ShortString::from("abc");
+        assert_eq!(serde_json::to_string(&short).unwrap(), r#""abc""#);
+        let back: ShortString = serde_json::from_str(r#""abc""#).unwrap();
+        assert_eq!(back, short);
+        let mut table = FieldTable::default();
+        table.insert("key".into(), AMQPValue::ShortString("value".into()));
+        let json = serde_json::to_string(&table).unwrap();
+        assert!(json.contains(r#""key""#) && json.contains(r#""value""#), "{json}");
+        assert!(!json.contains(r#"["#), "{json}");
+    }
 
     #[test]
     fn test_type_from_id() {
