@@ -186,6 +186,11 @@ pub struct Config {
     #[arg(long, env = "HTTP_MAX_CONCURRENCY", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub http_max_concurrency: u32,
 
+    /// Connections held open at once; past it new connections wait in the listen backlog
+    /// until one closes (a client holding many connections cannot exhaust the worker).
+    #[arg(long, env = "HTTP_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub http_max_connections: u32,
+
     /// How long a request may take from its headers to its answer (slower ones get 408).
     #[arg(long, env = "HTTP_REQUEST_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub http_request_timeout: Duration,

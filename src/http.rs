@@ -609,6 +609,12 @@ pub struct ServerLimits {
     /// are dropped: a margin before SHUTDOWN_TIMEOUT, so a request stuck on a frozen dependency
     /// cannot make the stop overrun it.
     pub drain_timeout: Duration,
+    /// Connections held open at once; past it `accept` waits until one closes.
+    pub max_connections: usize,
+    /// Longest a connection lives (idle, reading or writing; a slow reader holding a large
+    /// response counts too): then it is shut down gracefully, and dropped if that takes longer
+    /// than `request_timeout`.
+    pub connection_timeout: Duration,
 }
 
 impl ServerLimits {
@@ -622,6 +628,11 @@ impl ServerLimits {
                 .shutdown_timeout
                 .saturating_sub(Duration::from_secs(2))
                 .max(config.shutdown_timeout / 2),
+            max_connections: config.http_max_connections as usize,
+            connection_timeout: config
+                .http_request_timeout
+                .saturating_mul(4)
+                .max(Duration::from_secs(60)),
         }
     }
 }
@@ -648,6 +659,8 @@ async fn protection_error(error: BoxError) -> Response {
 /// hyper directly (not `axum::serve`), so a connection that does not send its headers within
 /// `header_timeout` is closed and request heads are bounded; concurrency is capped with
 /// load-shedding (503, never an unbounded queue) and every request has a deadline (408).
+/// Connections are capped (`max_connections`: past it, accepting waits) and each lives at most
+/// `connection_timeout`, so slow readers cannot hold responses and sockets without bound.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
@@ -674,7 +687,17 @@ pub async fn serve(
     let connections = tokio_util::task::TaskTracker::new();
     // Fired when the drain after a stop overruns `drain_timeout`: open connections are dropped.
     let abandon = CancellationToken::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     loop {
+        // At the connection cap, wait for one to close before accepting (new connections wait
+        // in the kernel's listen backlog).
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            _ = cancel.cancelled() => break,
+        };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
@@ -698,8 +721,17 @@ pub async fn serve(
                 .max_header_size(limits.max_header_bytes);
             let connection = builder.serve_connection(TokioIo::new(stream), service);
             let mut connection = std::pin::pin!(connection);
+            let _slot = slot;
             let result = tokio::select! {
                 result = connection.as_mut() => result,
+                _ = tokio::time::sleep(limits.connection_timeout) => {
+                    connection.as_mut().graceful_shutdown();
+                    tokio::select! {
+                        result = connection.as_mut() => result,
+                        _ = tokio::time::sleep(limits.request_timeout) => return,
+                        _ = abandon.cancelled() => return,
+                    }
+                }
                 _ = cancel.cancelled() => {
                     connection.as_mut().graceful_shutdown();
                     tokio::select! {
@@ -731,6 +763,59 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// GET / on `stream`, keeping the connection open; the answer's status line.
+    async fn get_on(stream: &mut tokio::net::TcpStream) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buffer = vec![0; 1024];
+        let n = stream.read(&mut buffer).await.unwrap();
+        String::from_utf8_lossy(&buffer[..n])
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_cap_wait_until_one_closes() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let limits = ServerLimits {
+            max_concurrency: 8,
+            request_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            drain_timeout: Duration::from_secs(1),
+            max_connections: 1,
+            connection_timeout: Duration::from_secs(60),
+        };
+        let cancel = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, app, limits, cancel.clone()));
+
+        let mut first = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(get_on(&mut first).await.contains("200"));
+        // The second connection is in the backlog, not served, while the first stays open.
+        let mut second = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let waiting = tokio::time::timeout(Duration::from_millis(500), get_on(&mut second)).await;
+        assert!(waiting.is_err(), "served past the cap: {waiting:?}");
+        drop(first);
+        let served = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut buffer = vec![0; 1024];
+            use tokio::io::AsyncReadExt;
+            let n = second.read(&mut buffer).await.unwrap();
+            String::from_utf8_lossy(&buffer[..n]).into_owned()
+        })
+        .await
+        .expect("served once the first connection closed");
+        assert!(served.starts_with("HTTP/1.1 200"), "{served}");
+        cancel.cancel();
+        server.await.unwrap().unwrap();
+    }
 
     #[test]
     fn events_parse_as_array_or_ndjson_and_name_the_first_bad_one() {
