@@ -294,6 +294,34 @@ async fn provider_webhooks_are_verified_published_and_counted() {
         StatusCode::UNAUTHORIZED
     );
 
+    // SendGrid: a signed batch under the 1 MiB request limit whose IDN domains grow past the
+    // 1 MiB message limit when normalised: 413, never published (the counts below show it).
+    let idn = vec!["ü"; 31].join(".");
+    let grown: Vec<serde_json::Value> = (0..4500)
+        .map(|i| {
+            serde_json::json!({"email": format!("a@{idn}"), "timestamp": 1513299569,
+                "event": "delivered", "sg_event_id": format!("big-{i}")})
+        })
+        .collect();
+    let grown = serde_json::to_vec(&grown).unwrap();
+    assert!(grown.len() < 1024 * 1024, "{} bytes", grown.len());
+    let ts = now().to_string();
+    let mut signed = ts.as_bytes().to_vec();
+    signed.extend_from_slice(&grown);
+    let signature = STANDARD.encode(sendgrid.sign(&rng, &signed).expect("sign").as_ref());
+    let headers = vec![
+        (catchall::webhooks::sendgrid::SIGNATURE_HEADER, signature),
+        (catchall::webhooks::sendgrid::TIMESTAMP_HEADER, ts),
+    ];
+    let (code, answer) = post("/webhooks/sendgrid", grown, headers).await;
+    assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("1048576")),
+        "{answer}"
+    );
+
     // Postmark: basic auth.
     let auth = vec![(
         "authorization",
