@@ -18,8 +18,11 @@ pub struct App {
     config: Config,
     /// Batches and the purge: a small pool of its own, so look-ups cannot starve commits.
     store: Store,
-    /// Status look-ups and health checks.
+    /// Status look-ups.
     lookups: Store,
+    /// What `/readyz` pings: the primary and (with STATUS_DATABASE_URL) the replica, one
+    /// connection each, apart from the look-up pool.
+    ready_probes: Vec<crate::http::ReadyProbe>,
     listener: TcpListener,
     health: Arc<Health>,
 }
@@ -50,6 +53,22 @@ impl App {
                 })?,
             None => connect(config.db_pool_size).await?,
         };
+        // Readiness pings: one connection per server, so a look-up flood cannot starve them.
+        let mut ready_probes = vec![crate::http::ReadyProbe {
+            name: format!("Postgres {}", crate::pg::describe(url)),
+            store: connect(1).await?,
+        }];
+        if let Some(replica) = &config.status_database_url {
+            ready_probes.push(crate::http::ReadyProbe {
+                name: format!("Postgres replica {}", crate::pg::describe(replica)),
+                store: Store::connect(replica, 1).await.with_context(|| {
+                    format!(
+                        "connecting to the look-up replica (STATUS_DATABASE_URL) at {}",
+                        crate::pg::describe(replica)
+                    )
+                })?,
+            });
+        }
         let report = store.migrate().await.context("applying migrations")?;
         for migration in report.applied_migrations() {
             tracing::info!(migration = %migration, "Migration applied.");
@@ -61,6 +80,7 @@ impl App {
             config,
             store,
             lookups,
+            ready_probes,
             listener,
             health: Arc::new(Health::default()),
         })
@@ -85,6 +105,7 @@ impl App {
             config,
             store,
             lookups,
+            ready_probes,
             listener,
             health,
         } = self;
@@ -120,6 +141,7 @@ impl App {
         let state = AppState {
             store: lookups,
             replica: replica.clone(),
+            ready_probes,
             health: health.clone(),
             metrics: metrics::install(),
             threshold: config.threshold,
@@ -196,15 +218,16 @@ impl App {
     }
 }
 
-/// Samples the dedup table for the alert on a purge that fails or falls behind: ids older than
-/// the retention plus three purge intervals (the purge runs every retention/4, at most every
-/// 10 minutes) should not exist.
+/// Samples the dedup table for the alert on an upkeep that fails or falls behind. Ids live in
+/// daily partitions dropped once their whole day is older than the retention, so an id can be
+/// kept up to a day past it; ids older than the retention plus a day plus three upkeep
+/// intervals (the upkeep runs every retention/4, at most every 10 minutes) should not exist.
 async fn dedup_gauges(store: Store, retention: std::time::Duration, cancel: CancellationToken) {
-    let purge_every = (retention / 4).clamp(
+    let upkeep_every = (retention / 4).clamp(
         std::time::Duration::from_secs(1),
         std::time::Duration::from_secs(600),
     );
-    let overdue_after = retention + purge_every * 3;
+    let overdue_after = retention + std::time::Duration::from_secs(24 * 3600) + upkeep_every * 3;
     let mut ticker = tokio::time::interval(std::time::Duration::from_secs(60));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

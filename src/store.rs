@@ -40,14 +40,11 @@ impl StoreError {
         match self {
             Self::Config(_) => "invalid DATABASE_URL".into(),
             Self::Url(_) => "invalid Postgres URL or TLS settings".into(),
+            Self::Pool(deadpool_postgres::PoolError::Backend(error)) => query_reason(error),
             Self::Pool(_) => "no connection available".into(),
             Self::Timeout(_) => "no answer within DB_TIMEOUT".into(),
             Self::Migration(_) => "migration failed".into(),
-            Self::Query(error) => match error.code() {
-                Some(code) => format!("error SQLSTATE {}", code.code()),
-                None if error.is_closed() => "connection closed".into(),
-                None => "connection failed".into(),
-            },
+            Self::Query(error) => query_reason(error),
         }
     }
 
@@ -73,6 +70,15 @@ impl StoreError {
             // PL/pgSQL RAISE (P0001 raise_exception, P0004 assert_failure).
             "22" | "23" | "27" | "09" | "2F" | "38" | "39" | "44" | "P0"
         )
+    }
+}
+
+/// A Postgres error's kind and SQLSTATE, without the server's message text.
+fn query_reason(error: &tokio_postgres::Error) -> String {
+    match error.code() {
+        Some(code) => format!("error SQLSTATE {}", code.code()),
+        None if error.is_closed() => "connection closed".into(),
+        None => "connection failed".into(),
     }
 }
 
