@@ -32,11 +32,14 @@ pub(super) const CLAIM_LOCKS: &str = "SELECT count(pg_advisory_xact_lock(1667326
            WHERE (now() AT TIME ZONE 'UTC')::time NOT BETWEEN '00:10' AND '23:50' \
            ORDER BY bucket) buckets";
 
-/// Inserts the ids of `$1` that no partition holds yet; returns those it inserted.
+/// Inserts the ids of `$1` (distinct) that no partition holds yet; returns those it inserted.
+/// One index scan per partition for all the ids (`= ANY`), and the set difference by hash: a
+/// little cheaper than an anti-join that probes every partition per id. Inserted in id order,
+/// so two batches with common ids wait on each other in one order (no deadlock).
 pub(super) const CLAIM_IDS: &str = "INSERT INTO applied_messages (message_id) \
-     SELECT id FROM unnest($1::bytea[]) id \
-     WHERE NOT EXISTS (SELECT 1 FROM applied_messages a WHERE a.message_id = id) \
-     ON CONFLICT DO NOTHING RETURNING message_id";
+     SELECT id FROM (SELECT unnest($1::bytea[]) AS id \
+                     EXCEPT SELECT message_id FROM applied_messages WHERE message_id = ANY($1::bytea[])) fresh \
+     ORDER BY id ON CONFLICT DO NOTHING RETURNING message_id";
 
 /// A batch token, in the applied ids table (its bytes start with NUL and a marker, so they do
 /// not meet a publisher's ids in practice); inserted unless some partition holds it.
