@@ -1,4 +1,4 @@
--- Daily partitions of applied_messages (issue 8): ids older than the retention go with their
+-- Time partitions of applied_messages (issue 8): ids older than the retention go with their
 -- partition (DROP TABLE: no row-by-row DELETE, no vacuum debt, cheap at hundreds of millions
 -- of ids). Days are UTC days of `applied_at`, which is the applying transaction's start time.
 --
@@ -10,8 +10,9 @@
 -- start on either side of it and meet no common index: the worker takes transaction-scoped
 -- advisory locks on the ids' hash buckets in that window (src/store/dedup.rs).
 --
--- Partitions are created ahead (today and the next two days) by the worker's upkeep, which
--- calls applied_messages_partition(day); the DEFAULT partition is a safety net so an insert
+-- Partitions are created ahead by the worker's upkeep (applied_messages_extend: chained
+-- ranges of a width that follows the retention, a third of it, 1 to 7 days: fewer partitions
+-- to probe per claim, ids kept up to one width past the retention); the DEFAULT partition is a safety net so an insert
 -- never fails when the upkeep has not run. Creating a partition moves the default's rows of
 -- that day into it.
 --
@@ -32,15 +33,23 @@ CREATE INDEX applied_messages_applied_at ON applied_messages USING brin (applied
 CREATE TABLE applied_messages_default PARTITION OF applied_messages DEFAULT;
 CREATE UNIQUE INDEX applied_messages_default_message_id ON applied_messages_default (message_id);
 
--- Creates the partition of one UTC day if it does not exist; true when it created it.
--- ATTACH (not CREATE … PARTITION OF) takes only a SHARE UPDATE EXCLUSIVE lock on the parent,
--- so inserts go on; the CHECK constraint lets it skip scanning the new table.
-CREATE FUNCTION applied_messages_partition(day date) RETURNS boolean
+-- The upper bound of a partition (NULL for the default one), read from the catalogue.
+CREATE FUNCTION applied_messages_upper(partition oid) RETURNS timestamptz
+LANGUAGE sql STABLE AS $$
+    SELECT substring(pg_get_expr(relpartbound, oid) FROM 'TO \(''([^'']+)''\)')::timestamptz
+    FROM pg_class WHERE oid = partition
+$$;
+
+-- Creates the partition of `days` UTC days from `day` if none has its name (by its first
+-- day); true when it created it. ATTACH (not CREATE … PARTITION OF) takes only a SHARE UPDATE
+-- EXCLUSIVE lock on the parent, so inserts go on; the CHECK constraint lets it skip scanning
+-- the new table.
+CREATE FUNCTION applied_messages_partition(day date, days int DEFAULT 1) RETURNS boolean
 LANGUAGE plpgsql AS $$
 DECLARE
     name text := format('applied_messages_p%s', to_char(day, 'YYYYMMDD'));
     lo timestamptz := day::timestamp AT TIME ZONE 'UTC';
-    hi timestamptz := (day + 1)::timestamp AT TIME ZONE 'UTC';
+    hi timestamptz := (day + days)::timestamp AT TIME ZONE 'UTC';
 BEGIN
     IF to_regclass(name) IS NOT NULL THEN
         RETURN false;
@@ -55,6 +64,30 @@ BEGIN
     EXECUTE format('ALTER TABLE applied_messages ATTACH PARTITION %I FOR VALUES FROM (%L) TO (%L)',
                    name, lo, hi);
     RETURN true;
+END $$;
+
+-- Chains partitions of `days` days each after the last one (or from today) until the
+-- partitions cover `until`; returns how many it created. Chained ranges never overlap, so
+-- the width may change between runs (it follows the retention).
+CREATE FUNCTION applied_messages_extend(days int, until timestamptz) RETURNS int
+LANGUAGE plpgsql AS $$
+DECLARE
+    today date := (now() AT TIME ZONE 'UTC')::date;
+    next date;
+    made int := 0;
+BEGIN
+    SELECT max(applied_messages_upper(inhrelid) AT TIME ZONE 'UTC')::date INTO next
+    FROM pg_inherits WHERE inhparent = 'applied_messages'::regclass;
+    IF next IS NULL OR next < today THEN
+        next := today;
+    END IF;
+    WHILE next::timestamp AT TIME ZONE 'UTC' < until LOOP
+        IF applied_messages_partition(next, days) THEN
+            made := made + 1;
+        END IF;
+        next := next + days;
+    END LOOP;
+    RETURN made;
 END $$;
 
 DO $$

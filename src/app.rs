@@ -219,15 +219,17 @@ impl App {
 }
 
 /// Samples the dedup table for the alert on an upkeep that fails or falls behind. Ids live in
-/// daily partitions dropped once their whole day is older than the retention, so an id can be
-/// kept up to a day past it; ids older than the retention plus a day plus three upkeep
-/// intervals (the upkeep runs every retention/4, at most every 10 minutes) should not exist.
+/// partitions of whole days dropped once their whole range is older than the retention, so an
+/// id can be kept up to one partition width past it; ids older than the retention plus a width
+/// plus three upkeep intervals (the upkeep runs every retention/4, at most every 10 minutes)
+/// should not exist.
 async fn dedup_gauges(store: Store, retention: std::time::Duration, cancel: CancellationToken) {
     let upkeep_every = (retention / 4).clamp(
         std::time::Duration::from_secs(1),
         std::time::Duration::from_secs(600),
     );
-    let overdue_after = retention + std::time::Duration::from_secs(24 * 3600) + upkeep_every * 3;
+    let width = crate::store::partition_days(retention) as u64 * 24 * 3600;
+    let overdue_after = retention + std::time::Duration::from_secs(width) + upkeep_every * 3;
     let mut ticker = tokio::time::interval(std::time::Duration::from_secs(60));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

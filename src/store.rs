@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod dedup;
-pub use dedup::Upkeep;
+pub use dedup::{Upkeep, partition_days};
 
 mod embedded {
     refinery::embed_migrations!("migrations");

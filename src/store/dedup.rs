@@ -1,7 +1,8 @@
 //! The applied message ids (`applied_messages`, SPEC §4 "nothing counted twice"): how a batch
 //! claims its ids, and the upkeep of the table's daily partitions (migration V5).
 //!
-//! The table is partitioned by UTC day of `applied_at`; each partition has its own unique
+//! The table is partitioned by ranges of whole UTC days of `applied_at` (a third of the
+//! retention each, see [`partition_days`]); each partition has its own unique
 //! index on `message_id` (a partitioned table cannot have a unique key without the partition
 //! key). A claim therefore looks each id up in every partition and inserts the fresh ones with
 //! `ON CONFLICT DO NOTHING`: a concurrent insert of the same id on the same day makes the
@@ -47,18 +48,25 @@ pub(super) const CLAIM_BATCH: &str = "INSERT INTO applied_messages (message_id) 
      SELECT $1::bytea WHERE NOT EXISTS (SELECT 1 FROM applied_messages WHERE message_id = $1) \
      ON CONFLICT DO NOTHING";
 
-/// The partitions (by their name's day) whose whole day ended before `$1` seconds ago.
+/// The partitions whose upper bound is at least `$1` seconds old: every id in them is older
+/// than the retention (the default partition has no bound and is never listed).
 const EXPIRED: &str = "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
      WHERE i.inhparent = 'applied_messages'::regclass \
-       AND c.relname ~ '^applied_messages_p[0-9]{8}$' \
-       AND (to_date(right(c.relname, 8), 'YYYYMMDD') + 1)::timestamp AT TIME ZONE 'UTC' \
-           <= now() - make_interval(secs => $1) \
+       AND applied_messages_upper(c.oid) <= now() - make_interval(secs => $1) \
      ORDER BY 1";
+
+/// Days per partition for a retention: a third of it, 1 to 7 days. A claim probes one index
+/// per partition (about retention / width + 2 of them), and ids are kept up to one width past
+/// the retention: a third keeps the probes to ~5 and the table under 4/3 of the retention's ids.
+pub fn partition_days(retention: Duration) -> i32 {
+    const DAY: u64 = 24 * 3600;
+    (retention.as_secs().div_ceil(3 * DAY)).clamp(1, 7) as i32
+}
 
 /// What one upkeep round did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Upkeep {
-    /// Partitions created ahead (today, tomorrow, the day after).
+    /// Partitions created ahead (covering a width and a day from now).
     pub created: u64,
     /// Partitions dropped whole.
     pub dropped: u64,
@@ -74,8 +82,9 @@ impl Store {
         Ok(self.dedup_upkeep(retention).await?.ids)
     }
 
-    /// One round of upkeep of `applied_messages`: creates the partitions of today and the next
-    /// two days if missing, drops the partitions whose whole day is older than `retention`,
+    /// One round of upkeep of `applied_messages`: chains partitions of [`partition_days`] each
+    /// until a width and a day from now, drops the partitions whose whole range is older than
+    /// `retention`,
     /// and deletes old ids from the default partition (normally empty), a slice at a time.
     ///
     /// Each step is its own short transaction that first tries the upkeep's advisory lock:
@@ -88,22 +97,22 @@ impl Store {
         let mut done = Upkeep::default();
         let seconds = retention.as_secs_f64();
 
-        for ahead in 0..3i32 {
-            let tx = client.transaction().await?;
-            if !Self::upkeep_lock(&tx).await? {
-                return Ok(done);
-            }
-            let created: bool = tx
-                .query_one(
-                    "SELECT applied_messages_partition(\
-                       ((now() AT TIME ZONE 'UTC')::date + $1::int4))",
-                    &[&ahead],
-                )
-                .await?
-                .get(0);
-            tx.commit().await?;
-            done.created += u64::from(created);
+        // Partitions ahead: covered until a width and a day from now.
+        let days = partition_days(retention);
+        let tx = client.transaction().await?;
+        if !Self::upkeep_lock(&tx).await? {
+            return Ok(done);
         }
+        let created: i32 = tx
+            .query_one(
+                "SELECT applied_messages_extend($1, \
+                   now() + make_interval(days => $1 + 1))",
+                &[&days],
+            )
+            .await?
+            .get(0);
+        tx.commit().await?;
+        done.created += created as u64;
 
         let expired: Vec<String> = client
             .query(EXPIRED, &[&seconds])
@@ -136,7 +145,7 @@ impl Store {
                     .get(0);
                 counted as u64
             };
-            // The name comes from the catalogue and matched ^applied_messages_p[0-9]{8}$.
+            // The name comes from the catalogue (a child of applied_messages), quoted.
             tx.batch_execute(&format!("DROP TABLE IF EXISTS {}", quote_ident(&partition)))
                 .await?;
             tx.commit().await?;

@@ -109,7 +109,8 @@ async fn replicas_running_the_partition_upkeep_at_once_do_not_fail() {
         )
         .await
         .expect("five old partitions, none ahead");
-    // The work of the rounds: five partitions to drop, two to create.
+    // The work of the rounds: five partitions to drop, two (of 3 days, for 7 days of retention)
+    // to chain after today.
     let before = first.applied_partitions().await.expect("partitions");
     assert_eq!(before.len(), 7, "{before:?}");
     let mut stores = vec![first];
@@ -128,6 +129,6 @@ async fn replicas_running_the_partition_upkeep_at_once_do_not_fail() {
     assert_eq!(
         partitions.len(),
         4,
-        "the default partition, today and the next two days: {partitions:?}"
+        "the default partition, today and two chained partitions of 3 days: {partitions:?}"
     );
 }
