@@ -1,11 +1,11 @@
 //! The applied message ids (`applied_messages`, SPEC §4 "nothing counted twice"): how a batch
-//! claims its ids, and the upkeep of the table's daily partitions (migration V5).
+//! claims its ids, and the upkeep of the table's partitions by time (migration V5).
 //!
 //! The table is partitioned by ranges of whole UTC days of `applied_at` (a third of the
 //! retention each, see [`partition_days`]); each partition has its own unique
 //! index on `message_id` (a partitioned table cannot have a unique key without the partition
 //! key). A claim therefore looks each id up in every partition and inserts the fresh ones with
-//! `ON CONFLICT DO NOTHING`: a concurrent insert of the same id on the same day makes the
+//! `ON CONFLICT DO NOTHING`: a concurrent insert of the same id into the same partition makes the
 //! second wait for the first and then skip it. Two attempts of one id can only run at once
 //! when a redelivery (after a lost broker connection) overlaps the old attempt's transaction,
 //! which lives at most a few statement timeouts. If they start on either side of midnight they
