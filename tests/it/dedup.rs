@@ -133,6 +133,16 @@ async fn applied_ids_older_than_the_retention_are_purged() {
         3,
         "today and the next two days: {partitions:?}"
     );
+    // Counted once the upkeep round ends (its last step runs after the drop committed).
+    wait_for(
+        Duration::from_secs(30),
+        "the dropped ids to be counted",
+        || async {
+            let purged = worker.metric("catchall_dedup_purged_total").await;
+            (purged >= 250.0).then_some(purged)
+        },
+    )
+    .await;
     assert_eq!(worker.metric("catchall_dedup_purged_total").await, 250.0);
     assert_eq!(
         db.counts().await,
