@@ -18,8 +18,11 @@ pub struct App {
     config: Config,
     /// Batches and the purge: a small pool of its own, so look-ups cannot starve commits.
     store: Store,
-    /// Status look-ups and health checks.
+    /// Status look-ups.
     lookups: Store,
+    /// What `/readyz` pings: the primary and (with STATUS_DATABASE_URL) the replica, one
+    /// connection each, apart from the look-up pool.
+    ready_probes: Vec<crate::http::ReadyProbe>,
     listener: TcpListener,
     health: Arc<Health>,
     /// What the consumer uses of `config`.
@@ -52,6 +55,22 @@ impl App {
                 })?,
             None => connect(config.db_pool_size).await?,
         };
+        // Readiness pings: one connection per server, so a look-up flood cannot starve them.
+        let mut ready_probes = vec![crate::http::ReadyProbe {
+            name: format!("Postgres {}", crate::pg::describe(url)),
+            store: connect(1).await?,
+        }];
+        if let Some(replica) = &config.status_database_url {
+            ready_probes.push(crate::http::ReadyProbe {
+                name: format!("Postgres replica {}", crate::pg::describe(replica)),
+                store: Store::connect(replica, 1).await.with_context(|| {
+                    format!(
+                        "connecting to the look-up replica (STATUS_DATABASE_URL) at {}",
+                        crate::pg::describe(replica)
+                    )
+                })?,
+            });
+        }
         let report = store.migrate().await.context("applying migrations")?;
         for migration in report.applied_migrations() {
             tracing::info!(migration = %migration, "Migration applied.");
@@ -64,6 +83,7 @@ impl App {
             config,
             store,
             lookups,
+            ready_probes,
             listener,
             health: Arc::new(Health::default()),
         })
@@ -93,6 +113,7 @@ impl App {
             config,
             store,
             lookups,
+            ready_probes,
             listener,
             health,
             consumer: consumer_settings,
@@ -129,6 +150,7 @@ impl App {
         let state = AppState {
             store: lookups,
             replica: replica.clone(),
+            ready_probes,
             health: health.clone(),
             metrics: metrics::install(),
             threshold: config.threshold,
@@ -205,15 +227,18 @@ impl App {
     }
 }
 
-/// Samples the dedup table for the alert on a purge that fails or falls behind: ids older than
-/// the retention plus three purge intervals (the purge runs every retention/4, at most every
-/// 10 minutes) should not exist.
+/// Samples the dedup table for the alert on an upkeep that fails or falls behind. Ids live in
+/// partitions of whole days dropped once their whole range is older than the retention, so an
+/// id can be kept up to one partition width past it; ids older than the retention plus a width
+/// plus three upkeep intervals (the upkeep runs every retention/4, at most every 10 minutes)
+/// should not exist.
 async fn dedup_gauges(store: Store, retention: std::time::Duration, cancel: CancellationToken) {
-    let purge_every = (retention / 4).clamp(
+    let upkeep_every = (retention / 4).clamp(
         std::time::Duration::from_secs(1),
         std::time::Duration::from_secs(600),
     );
-    let overdue_after = retention + purge_every * 3;
+    let width = crate::store::partition_days(retention) as u64 * 24 * 3600;
+    let overdue_after = retention + std::time::Duration::from_secs(width) + upkeep_every * 3;
     let mut ticker = tokio::time::interval(std::time::Duration::from_secs(60));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -33,6 +33,8 @@ pub struct AppState {
     pub store: Store,
     /// Set when `store` is a replica (`STATUS_DATABASE_URL`).
     pub replica: Option<crate::replica::ReadFromReplica>,
+    /// The servers `/readyz` pings, each on a pool of its own (see [`ReadyProbe`]).
+    pub ready_probes: Vec<ReadyProbe>,
     pub health: Arc<Health>,
     pub metrics: PrometheusHandle,
     /// Deliveries above which a never-bounced domain is catch-all.
@@ -204,26 +206,60 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>
         return Err(unavailable(format!("Postgres: {error}")));
     }
     // With a replica, the primary (writes) and the replica (look-ups) must both answer.
-    let mut servers = Vec::new();
-    if let Some(replica) = &state.replica {
-        servers.push(("Postgres".to_string(), &replica.primary));
-        servers.push((format!("Postgres replica {}", replica.name), &state.store));
-    } else {
-        servers.push(("Postgres".to_string(), &state.store));
-    }
-    for (name, store) in servers {
-        match tokio::time::timeout(Duration::from_secs(2), store.ping()).await {
+    for probe in &state.ready_probes {
+        let name = &probe.name;
+        match tokio::time::timeout(Duration::from_secs(2), probe.store.ping()).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => {
-                return Err(unavailable(format!(
-                    "{name}: {:#}",
-                    anyhow::Error::new(error)
-                )));
+                // The client gets a short reason; the log gets the whole error (which can
+                // carry the server's message text).
+                let reason = ready_reason(&error);
+                tracing::warn!(
+                    server = %name,
+                    error = format!("{:#}", anyhow::Error::new(error)),
+                    "Readiness check: Postgres does not answer."
+                );
+                return Err(unavailable(format!("{name}: {reason}")));
             }
             Err(_) => return Err(unavailable(format!("{name}: no answer within 2 s"))),
         }
     }
     Ok(Json(serde_json::json!({ "status": "ready" })))
+}
+
+/// A server `/readyz` pings, on a pool of its own (one connection): a flood of look-ups that
+/// exhausts the look-up pool must not make every replica unready.
+#[derive(Clone)]
+pub struct ReadyProbe {
+    /// `Postgres HOST:PORT/DB` or `Postgres replica HOST:PORT/DB` (no password).
+    pub name: String,
+    pub store: Store,
+}
+
+/// Why a readiness ping failed, fit for any client: a TLS verification failure in our own
+/// words (host and reason, as `crate::tls` explains it), else the kind of failure and the
+/// SQLSTATE ([`crate::store::StoreError::short_reason`]), never the server's message text.
+fn ready_reason(error: &crate::store::StoreError) -> String {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = source {
+        // tokio-rustls wraps the rustls error in an io::Error, whose `source()` skips it.
+        let inner = current
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|inner| inner as &(dyn std::error::Error + 'static));
+        for candidate in [Some(current), inner].into_iter().flatten() {
+            if let Some(tls) = candidate.downcast_ref::<rustls::Error>() {
+                return match tls {
+                    rustls::Error::Other(explained) => {
+                        format!("TLS verification failed: {}", explained.0)
+                    }
+                    other => format!("TLS failed: {other}"),
+                };
+            }
+        }
+        source = current.source();
+    }
+    error.short_reason()
 }
 
 async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {

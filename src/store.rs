@@ -6,6 +6,9 @@ use futures_util::future::BoxFuture;
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
+mod dedup;
+pub use dedup::{Upkeep, partition_days};
+
 mod embedded {
     refinery::embed_migrations!("migrations");
 }
@@ -36,14 +39,11 @@ impl StoreError {
         match self {
             Self::Config(_) => "invalid DATABASE_URL".into(),
             Self::Url(_) => "invalid Postgres URL or TLS settings".into(),
+            Self::Pool(deadpool_postgres::PoolError::Backend(error)) => query_reason(error),
             Self::Pool(_) => "no connection available".into(),
             Self::Timeout(_) => "no answer within DB_TIMEOUT".into(),
             Self::Migration(_) => "migration failed".into(),
-            Self::Query(error) => match error.code() {
-                Some(code) => format!("error SQLSTATE {}", code.code()),
-                None if error.is_closed() => "connection closed".into(),
-                None => "connection failed".into(),
-            },
+            Self::Query(error) => query_reason(error),
         }
     }
 
@@ -69,6 +69,15 @@ impl StoreError {
             // PL/pgSQL RAISE (P0001 raise_exception, P0004 assert_failure).
             "22" | "23" | "27" | "09" | "2F" | "38" | "39" | "44" | "P0"
         )
+    }
+}
+
+/// A Postgres error's kind and SQLSTATE, without the server's message text.
+fn query_reason(error: &tokio_postgres::Error) -> String {
+    match error.code() {
+        Some(code) => format!("error SQLSTATE {}", code.code()),
+        None if error.is_closed() => "connection closed".into(),
+        None => "connection failed".into(),
     }
 }
 
@@ -119,12 +128,6 @@ pub struct Store {
     db_timeout: Duration,
 }
 
-const CLAIM_IDS: &str = "INSERT INTO applied_messages (message_id) \
-     SELECT * FROM unnest($1::bytea[]) ON CONFLICT DO NOTHING RETURNING message_id";
-/// A batch token, in the applied ids table (its bytes start with NUL and a marker, so they do
-/// not meet a publisher's ids in practice).
-const CLAIM_BATCH: &str =
-    "INSERT INTO applied_messages (message_id) VALUES ($1) ON CONFLICT DO NOTHING";
 const UPSERT: &str = "INSERT INTO domains AS d (domain, delivered, bounced, other_bounced) \
      SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[]) \
      ON CONFLICT (domain) DO UPDATE \
@@ -289,29 +292,47 @@ impl Store {
     ) -> Result<Applied, StoreError> {
         let mut applied = Applied::default();
         let tx = client.transaction().await?;
-        if let Some(token) = token {
-            let claim = tx.prepare_cached(CLAIM_BATCH).await?;
-            if tx.execute(&claim, &[&token]).await? == 0 {
-                // Committed by an earlier attempt: every message of it is a duplicate.
-                applied.duplicates = batch.len();
-                return Ok(applied);
-            }
-        }
-
         // Ids, sorted (lock order) and without repeats within the batch.
         let mut ids: Vec<&[u8]> = batch.iter().filter_map(|m| m.id.as_deref()).collect();
         ids.sort_unstable();
         ids.dedup();
-        let fresh: HashSet<Vec<u8>> = if ids.is_empty() {
-            HashSet::new()
-        } else {
-            let claim = tx.prepare_cached(CLAIM_IDS).await?;
-            tx.query(&claim, &[&ids])
-                .await?
+        // The claims (see `dedup`): near midnight, lock the ids' buckets first; then the
+        // batch token, then the ids. Pipelined: one round trip for all three.
+        // Prepared first (cached after the first batch: no I/O), so the three are sent in
+        // this order.
+        let mut keys: Vec<&[u8]> = ids.clone();
+        keys.extend(token);
+        let lock_statement = tx.prepare_cached(dedup::CLAIM_LOCKS).await?;
+        let token_statement = tx.prepare_cached(dedup::CLAIM_BATCH).await?;
+        let ids_statement = tx.prepare_cached(dedup::CLAIM_IDS).await?;
+        let locks = async {
+            if keys.is_empty() {
+                return Ok(());
+            }
+            tx.query_one(&lock_statement, &[&keys]).await.map(drop)
+        };
+        let claim_token = async {
+            match token {
+                Some(token) => tx.execute(&token_statement, &[&token]).await.map(|n| n > 0),
+                None => Ok(true),
+            }
+        };
+        let claim_ids = async {
+            if ids.is_empty() {
+                return Ok(HashSet::new());
+            }
+            let rows = tx.query(&ids_statement, &[&ids]).await?;
+            Ok(rows
                 .iter()
                 .map(|row| row.get(0))
-                .collect()
+                .collect::<HashSet<Vec<u8>>>())
         };
+        let ((), token_fresh, fresh) = tokio::try_join!(locks, claim_token, claim_ids)?;
+        if !token_fresh {
+            // Committed by an earlier attempt: every message of it is a duplicate.
+            applied.duplicates = batch.len();
+            return Ok(applied);
+        }
 
         let mut seen: HashSet<&[u8]> = HashSet::with_capacity(ids.len());
         let mut totals: BTreeMap<&str, (i64, i64, i64)> = BTreeMap::new();
@@ -405,69 +426,6 @@ impl Store {
                 Err(StoreError::Timeout(self.lookup_timeout()))
             }
         }
-    }
-
-    /// Deletes applied message ids older than `retention`, a slice at a time so no long lock is
-    /// held. Returns how many were deleted.
-    pub async fn purge_applied(&self, retention: Duration) -> Result<u64, StoreError> {
-        // Replicas purge one at a time: each slice runs in a transaction that first takes a
-        // transaction-level advisory lock (released at its end, even if the purge is dropped
-        // on stop); a replica that does not get it leaves the purge to the one that has it.
-        const PURGE_LOCK: i64 = 0x0063_6174_6368_7067; // "catchpg"
-        let mut client = self.pool.get().await?;
-        let seconds = retention.as_secs_f64();
-        let mut total = 0;
-        loop {
-            let tx = client.transaction().await?;
-            let locked: bool = tx
-                .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&PURGE_LOCK])
-                .await?
-                .get(0);
-            if !locked {
-                return Ok(total);
-            }
-            let statement = tx
-                .prepare_cached(
-                    "DELETE FROM applied_messages WHERE message_id IN ( \
-                       SELECT message_id FROM applied_messages \
-                       WHERE applied_at < now() - make_interval(secs => $1) LIMIT 10000)",
-                )
-                .await?;
-            let deleted = tx.execute(&statement, &[&seconds]).await?;
-            tx.commit().await?;
-            total += deleted;
-            if deleted < 10_000 {
-                return Ok(total);
-            }
-        }
-    }
-
-    /// Applied ids still stored although applied before `older_than` ago, counted up to `cap`:
-    /// above zero, the purge is failing or falling behind (the dedup table grows past its
-    /// retention). The BRIN index on `applied_at` keeps this cheap while the purge keeps up.
-    pub async fn overdue_applied(&self, older_than: Duration, cap: i64) -> Result<i64, StoreError> {
-        let client = self.pool.get().await?;
-        let row = client
-            .query_one(
-                "SELECT count(*) FROM (SELECT 1 FROM applied_messages \
-                   WHERE applied_at < now() - make_interval(secs => $1) LIMIT $2) overdue",
-                &[&older_than.as_secs_f64(), &cap],
-            )
-            .await?;
-        Ok(row.get(0))
-    }
-
-    /// Applied ids stored, from Postgres' statistics (no scan; approximate).
-    pub async fn applied_estimate(&self) -> Result<i64, StoreError> {
-        let client = self.pool.get().await?;
-        let row = client
-            .query_one(
-                "SELECT COALESCE((SELECT n_live_tup FROM pg_stat_user_tables \
-                   WHERE relid = 'applied_messages'::regclass), 0)",
-                &[],
-            )
-            .await?;
-        Ok(row.get(0))
     }
 }
 

@@ -77,17 +77,27 @@ async fn applied_ids_older_than_the_retention_are_purged() {
     let db = TestDb::create().await;
     let broker = TestBroker::new();
     let mut config = TestWorker::config(&db, &broker);
-    // Purged every 10 s (a quarter of the retention); the test ages half the ids by hand
-    // rather than waiting 40 s, so no timing decides what is young or old.
+    // Upkeep every 10 s (a quarter of the retention); the test ages half the ids by days by
+    // hand, so no timing decides what is young or old (a partition goes when its whole day
+    // is older than the retention).
     config.dedup_retention = Duration::from_secs(40);
     let worker = TestWorker::start(config).await;
     worker.ready().await;
     let expected = publish_stream(&broker, true).await;
     assert_counts_eventually(&db, &expected, Duration::from_secs(30)).await;
     let client = db.client().await;
+    // Half the ids are moved into the partition of three days ago (made for the test), which
+    // the worker's upkeep then drops whole.
+    client
+        .execute(
+            "SELECT applied_messages_partition((now() AT TIME ZONE 'UTC')::date - 3)",
+            &[],
+        )
+        .await
+        .unwrap();
     let aged = client
         .execute(
-            "UPDATE applied_messages SET applied_at = now() - interval '1 hour' \
+            "UPDATE applied_messages SET applied_at = now() - interval '3 days' \
              WHERE message_id IN (SELECT message_id FROM applied_messages ORDER BY message_id LIMIT 250)",
             &[],
         )
@@ -108,6 +118,31 @@ async fn applied_ids_older_than_the_retention_are_purged() {
     )
     .await;
     assert_eq!(left, 250, "the aged ids are purged, the young ones kept");
+    let partitions: Vec<String> = client
+        .query(
+            "SELECT relname::text FROM pg_class WHERE relkind = 'r' AND relname LIKE 'applied\\_messages\\_p%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(
+        partitions.len(),
+        3,
+        "today and the next two days: {partitions:?}"
+    );
+    // Counted once the upkeep round ends (its last step runs after the drop committed).
+    wait_for(
+        Duration::from_secs(30),
+        "the dropped ids to be counted",
+        || async {
+            let purged = worker.metric("catchall_dedup_purged_total").await;
+            (purged >= 250.0).then_some(purged)
+        },
+    )
+    .await;
     assert_eq!(worker.metric("catchall_dedup_purged_total").await, 250.0);
     assert_eq!(
         db.counts().await,
@@ -115,4 +150,93 @@ async fn applied_ids_older_than_the_retention_are_purged() {
         "purging ids leaves the counters alone"
     );
     worker.stop().await;
+}
+
+/// The name of the partition of the UTC day `ago` days before today.
+async fn day(client: &tokio_postgres::Client, ago: i32) -> String {
+    client
+        .query_one(
+            "SELECT 'applied_messages_p' || \
+               to_char((now() AT TIME ZONE 'UTC')::date - $1::int4, 'YYYYMMDD')",
+            &[&ago],
+        )
+        .await
+        .expect("partition name")
+        .get(0)
+}
+
+/// Daily partitions (migration V5): a partition whose whole day is older than the retention is
+/// dropped with its ids; ids of younger days are kept and still deduplicate a batch applied
+/// today (across the day boundary); an id whose partition was dropped counts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_partitions_are_dropped_whole_and_young_ids_deduplicate_across_days() {
+    use catchall::event::parse_message;
+    use catchall::store::{Message, Store};
+    let db = TestDb::create().await;
+    let store = Store::connect(&db.url, 2).await.expect("connect");
+    store.migrate().await.expect("migrate");
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "SELECT applied_messages_partition((now() AT TIME ZONE 'UTC')::date - d) \
+               FROM unnest(ARRAY[8, 1]) d; \
+             INSERT INTO applied_messages (message_id, applied_at) \
+               SELECT convert_to('old-' || i, 'UTF8'), now() - interval '8 days' \
+               FROM generate_series(1, 30) i; \
+             INSERT INTO applied_messages (message_id, applied_at) \
+               SELECT convert_to('young-' || i, 'UTF8'), now() - interval '1 day' \
+               FROM generate_series(1, 20) i;",
+        )
+        .await
+        .expect("ids of 8 days ago and of yesterday");
+    let partitions = store.applied_partitions().await.expect("partitions");
+    assert!(
+        partitions.contains(&day(&client, 8).await) && partitions.contains(&day(&client, 1).await)
+    );
+    // Each id landed in its day's partition, none in the default one.
+    let in_default: i64 = client
+        .query_one("SELECT count(*) FROM applied_messages_default", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(in_default, 0);
+
+    let upkeep = store
+        .dedup_upkeep(Duration::from_secs(7 * 24 * 3600))
+        .await
+        .expect("upkeep");
+    // 7 days of retention: partitions of 3 days, chained after the migration's three days.
+    assert_eq!(
+        (upkeep.created, upkeep.dropped, upkeep.ids),
+        (1, 1, 30),
+        "{upkeep:?}"
+    );
+    let partitions = store.applied_partitions().await.expect("partitions");
+    assert!(
+        !partitions.contains(&day(&client, 8).await),
+        "{partitions:?}"
+    );
+    for ago in [1, 0, -1, -2, -3] {
+        assert!(
+            partitions.contains(&day(&client, ago).await),
+            "{ago}: {partitions:?}"
+        );
+    }
+
+    let message = |id: String| Message {
+        id: Some(id.into_bytes()),
+        events: parse_message(br#"{"domain":"a.example","type":"delivered"}"#).expect("valid"),
+    };
+    let mut batch: Vec<Message> = (1..=20).map(|i| message(format!("young-{i}"))).collect();
+    batch.extend((1..=30).map(|i| message(format!("old-{i}"))));
+    batch.push(message("new".into()));
+    let applied = store.apply(&batch).await.expect("apply");
+    assert_eq!(
+        (applied.messages, applied.duplicates),
+        (31, 20),
+        "yesterday's ids are duplicates today; the dropped ones count again"
+    );
+    let again = store.apply(&[message("new".into())]).await.expect("apply");
+    assert_eq!((again.messages, again.duplicates), (0, 1));
+    assert_eq!(db.counts().await["a.example"], (31, 0));
 }

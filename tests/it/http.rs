@@ -299,3 +299,101 @@ async fn readyz_is_503_until_the_consumer_runs() {
     .await;
     worker.stop().await;
 }
+
+/// A flood of look-ups that holds every connection of the look-up pool (each one waits on a
+/// lock of `domains`) does not make the worker unready: `/readyz` pings on a connection of
+/// its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_stays_ready_while_lookups_hold_every_pooled_connection() {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    let mut config = TestWorker::config(&db, &broker);
+    config.db_pool_size = 2;
+    let worker = TestWorker::start(config).await;
+    worker.ready().await;
+    let mut holder = db.client().await;
+    let lock = holder.transaction().await.expect("begin");
+    lock.batch_execute("LOCK TABLE domains IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock domains");
+    let flood: Vec<_> = (0..8)
+        .map(|i| {
+            let url = worker.url(&format!("/domains/flood{i}.example"));
+            tokio::spawn(async move { reqwest::get(url).await.map(|r| r.status()) })
+        })
+        .collect();
+    let watcher = db.client().await;
+    wait_for(
+        Duration::from_secs(15),
+        "both pooled look-up connections to wait on the lock",
+        || async {
+            let waiting: i64 = watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock' \
+                       AND query LIKE '%FROM domains WHERE domain%'",
+                    &[],
+                )
+                .await
+                .expect("pg_stat_activity")
+                .get(0);
+            (waiting >= 2).then_some(())
+        },
+    )
+    .await;
+    for _ in 0..3 {
+        let (status, body) = get_json(&worker.url("/readyz")).await;
+        assert_eq!(status, StatusCode::OK, "ready during the flood: {body}");
+    }
+    lock.rollback().await.expect("release the lock");
+    for request in flood {
+        let status = request.await.expect("task").expect("look-up answered");
+        assert_eq!(status, StatusCode::OK);
+    }
+    worker.stop().await;
+}
+
+/// `/readyz` answers a short reason (the server and the SQLSTATE), never the text of the
+/// server's error, which goes to the log only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_names_the_failure_without_the_servers_text() {
+    let (db, _broker, worker) = started().await;
+    let (admin, connection) = tokio_postgres::connect(PG_ADMIN_URL, tokio_postgres::NoTls)
+        .await
+        .expect("connect to the postgres database");
+    tokio::spawn(connection);
+    let name = db.name.clone();
+    // New connections are refused with a FATAL whose text names the database; the
+    // worker's existing ones are cut, so its readiness ping must open a new one.
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS false; \
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = '{name}';"
+        ))
+        .await
+        .expect("refuse connections");
+    let url = worker.url("/readyz");
+    let reason = wait_for(Duration::from_secs(15), "/readyz to be 503", || async {
+        let response = reqwest::get(&url).await.ok()?;
+        if response.status() != 503 {
+            return None;
+        }
+        let body: serde_json::Value = response.json().await.ok()?;
+        body["error"].as_str().map(str::to_string)
+    })
+    .await;
+    admin
+        .batch_execute(&format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS true"))
+        .await
+        .expect("accept connections again");
+    assert!(
+        reason.contains(&format!("Postgres 127.0.0.1:5432/{name}")) && reason.contains("SQLSTATE"),
+        "names the server and the SQLSTATE: {reason}"
+    );
+    assert!(
+        !reason.contains("accepting connections") && !reason.contains("FATAL"),
+        "no server message text: {reason}"
+    );
+    worker.stop().await;
+}

@@ -89,3 +89,46 @@ async fn replicas_purge_one_at_a_time() {
     purging.rollback().await.expect("release");
     assert_eq!(store.purge_applied(retention).await.expect("purge"), 25_000);
 }
+
+/// Every replica runs the upkeep on its own timer: run at the same moment, none fails, and
+/// the partitions are made once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_running_the_partition_upkeep_at_once_do_not_fail() {
+    let db = TestDb::create().await;
+    let first = Store::connect(&db.url, 2).await.expect("connect");
+    first.migrate().await.expect("migrate");
+    db.client()
+        .await
+        .batch_execute(
+            "SELECT applied_messages_partition((now() AT TIME ZONE 'UTC')::date - d) \
+               FROM generate_series(10, 14) d; \
+             DO $$ BEGIN EXECUTE format('DROP TABLE %I, %I', \
+               'applied_messages_p' || to_char((now() AT TIME ZONE 'UTC')::date + 1, 'YYYYMMDD'), \
+               'applied_messages_p' || to_char((now() AT TIME ZONE 'UTC')::date + 2, 'YYYYMMDD')); \
+             END $$;",
+        )
+        .await
+        .expect("five old partitions, none ahead");
+    // The work of the rounds: five partitions to drop, two (of 3 days, for 7 days of retention)
+    // to chain after today.
+    let before = first.applied_partitions().await.expect("partitions");
+    assert_eq!(before.len(), 7, "{before:?}");
+    let mut stores = vec![first];
+    for _ in 0..3 {
+        stores.push(Store::connect(&db.url, 2).await.expect("connect"));
+    }
+    let retention = std::time::Duration::from_secs(7 * 24 * 3600);
+    for _ in 0..5 {
+        let rounds = stores.iter().map(|store| store.dedup_upkeep(retention));
+        let results = futures_util::future::join_all(rounds).await;
+        for result in results {
+            result.expect("an upkeep round running beside others succeeds");
+        }
+    }
+    let partitions = stores[0].applied_partitions().await.expect("partitions");
+    assert_eq!(
+        partitions.len(),
+        4,
+        "the default partition, today and two chained partitions of 3 days: {partitions:?}"
+    );
+}

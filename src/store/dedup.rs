@@ -1,0 +1,238 @@
+//! The applied message ids (`applied_messages`, SPEC §4 "nothing counted twice"): how a batch
+//! claims its ids, and the upkeep of the table's partitions by time (migration V5).
+//!
+//! The table is partitioned by ranges of whole UTC days of `applied_at` (a third of the
+//! retention each, see [`partition_days`]); each partition has its own unique
+//! index on `message_id` (a partitioned table cannot have a unique key without the partition
+//! key). A claim therefore looks each id up in every partition and inserts the fresh ones with
+//! `ON CONFLICT DO NOTHING`: a concurrent insert of the same id into the same partition makes the
+//! second wait for the first and then skip it. Two attempts of one id can only run at once
+//! when a redelivery (after a lost broker connection) overlaps the old attempt's transaction,
+//! which lives at most a few statement timeouts. If they start on either side of midnight they
+//! land in two partitions and neither sees the other's uncommitted row; so within
+//! 10 minutes of midnight, claims first take transaction-scoped advisory locks on the
+//! ids' hash buckets (in sorted order: no deadlock), and the later attempt's look-up runs
+//! after the earlier one committed or rolled back.
+
+use super::{Store, StoreError};
+use std::time::Duration;
+
+/// Advisory lock of the upkeep (the same key the row-by-row purge used), so replicas that run
+/// it at the same moment take turns; one that does not get it leaves the work to the holder.
+pub(super) const UPKEEP_LOCK: i64 = 0x0063_6174_6368_7067; // "catchpg"
+
+/// Locks the hash buckets (128) of the ids of `$1` when the transaction started within 10
+/// minutes of UTC midnight (the server's clock, the one that picks the partition); outside
+/// that window, locks nothing. The window must exceed the life of a batch transaction (a few
+/// statements under the 60 s `statement_timeout` and `idle_in_transaction_session_timeout`).
+/// Key space 1667326824 ("cach", the two-`int4` form). Sent pipelined with the claims that
+/// follow, so it costs no round trip; their snapshots are taken after it returns.
+pub(super) const CLAIM_LOCKS: &str = "SELECT count(pg_advisory_xact_lock(1667326824, bucket)) \
+     FROM (SELECT DISTINCT ('x' || substr(md5(id), 1, 8))::bit(32)::int4 & 127 AS bucket \
+           FROM unnest($1::bytea[]) id \
+           WHERE (now() AT TIME ZONE 'UTC')::time NOT BETWEEN '00:10' AND '23:50' \
+           ORDER BY bucket) buckets";
+
+/// Inserts the ids of `$1` (distinct) that no partition holds yet; returns those it inserted.
+/// One index scan per partition for all the ids (`= ANY`), and the set difference by hash: a
+/// little cheaper than an anti-join that probes every partition per id. Inserted in id order,
+/// so two batches with common ids wait on each other in one order (no deadlock).
+pub(super) const CLAIM_IDS: &str = "INSERT INTO applied_messages (message_id) \
+     SELECT id FROM (SELECT unnest($1::bytea[]) AS id \
+                     EXCEPT SELECT message_id FROM applied_messages WHERE message_id = ANY($1::bytea[])) fresh \
+     ORDER BY id ON CONFLICT DO NOTHING RETURNING message_id";
+
+/// A batch token, in the applied ids table (its bytes start with NUL and a marker, so they do
+/// not meet a publisher's ids in practice); inserted unless some partition holds it.
+pub(super) const CLAIM_BATCH: &str = "INSERT INTO applied_messages (message_id) \
+     SELECT $1::bytea WHERE NOT EXISTS (SELECT 1 FROM applied_messages WHERE message_id = $1) \
+     ON CONFLICT DO NOTHING";
+
+/// The partitions whose upper bound is at least `$1` seconds old: every id in them is older
+/// than the retention (the default partition has no bound and is never listed).
+const EXPIRED: &str = "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+     WHERE i.inhparent = 'applied_messages'::regclass \
+       AND applied_messages_upper(c.oid) <= now() - make_interval(secs => $1) \
+     ORDER BY 1";
+
+/// Days per partition for a retention: a third of it, 1 to 7 days. A claim probes one index
+/// per partition (about retention / width + 2 of them), and ids are kept up to one width past
+/// the retention: a third keeps the probes to ~5 and the table under 4/3 of the retention's ids.
+pub fn partition_days(retention: Duration) -> i32 {
+    const DAY: u64 = 24 * 3600;
+    (retention.as_secs().div_ceil(3 * DAY)).clamp(1, 7) as i32
+}
+
+/// What one upkeep round did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Upkeep {
+    /// Partitions created ahead (covering a width and a day from now).
+    pub created: u64,
+    /// Partitions dropped whole.
+    pub dropped: u64,
+    /// Ids removed: the dropped partitions' (Postgres' estimate when it has one, else
+    /// counted) plus those deleted from the default partition.
+    pub ids: u64,
+}
+
+impl Store {
+    /// Deletes applied message ids older than `retention` and makes the partitions ahead; see
+    /// [`Store::dedup_upkeep`]. Returns how many ids were removed.
+    pub async fn purge_applied(&self, retention: Duration) -> Result<u64, StoreError> {
+        Ok(self.dedup_upkeep(retention).await?.ids)
+    }
+
+    /// One round of upkeep of `applied_messages`: chains partitions of [`partition_days`] each
+    /// until a width and a day from now, drops the partitions whose whole range is older than
+    /// `retention`,
+    /// and deletes old ids from the default partition (normally empty), a slice at a time.
+    ///
+    /// Each step is its own short transaction that first tries the upkeep's advisory lock:
+    /// replicas running it at once take turns, and one that finds it taken stops (the holder
+    /// does the work). A `lock_timeout` keeps a DROP from queueing inserts behind a long
+    /// transaction; it fails, and the next round retries. Dropping the future (on stop)
+    /// abandons at most one step, which rolls back.
+    pub async fn dedup_upkeep(&self, retention: Duration) -> Result<Upkeep, StoreError> {
+        let mut client = self.pool.get().await?;
+        let mut done = Upkeep::default();
+        let seconds = retention.as_secs_f64();
+
+        // Partitions ahead: covered until a width and a day from now.
+        let days = partition_days(retention);
+        let tx = client.transaction().await?;
+        if !Self::upkeep_lock(&tx).await? {
+            return Ok(done);
+        }
+        let created: i32 = tx
+            .query_one(
+                "SELECT applied_messages_extend($1, \
+                   now() + make_interval(days => $1 + 1))",
+                &[&days],
+            )
+            .await?
+            .get(0);
+        tx.commit().await?;
+        done.created += created as u64;
+
+        let expired: Vec<String> = client
+            .query(EXPIRED, &[&seconds])
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        for partition in expired {
+            let tx = client.transaction().await?;
+            if !Self::upkeep_lock(&tx).await? {
+                return Ok(done);
+            }
+            // Postgres' estimate (no scan of a day of ids); counted when never analysed.
+            let ids: f64 = tx
+                .query_one(
+                    "SELECT reltuples::float8 FROM pg_class WHERE oid = $1::text::regclass",
+                    &[&partition],
+                )
+                .await?
+                .get(0);
+            let ids = if ids >= 0.0 {
+                ids as u64
+            } else {
+                let counted: i64 = tx
+                    .query_one(
+                        &format!("SELECT count(*) FROM {}", quote_ident(&partition)),
+                        &[],
+                    )
+                    .await?
+                    .get(0);
+                counted as u64
+            };
+            // The name comes from the catalogue (a child of applied_messages), quoted.
+            tx.batch_execute(&format!("DROP TABLE IF EXISTS {}", quote_ident(&partition)))
+                .await?;
+            tx.commit().await?;
+            done.dropped += 1;
+            done.ids += ids;
+        }
+
+        loop {
+            let tx = client.transaction().await?;
+            if !Self::upkeep_lock(&tx).await? {
+                return Ok(done);
+            }
+            let statement = tx
+                .prepare_cached(
+                    "DELETE FROM applied_messages_default WHERE message_id IN ( \
+                       SELECT message_id FROM applied_messages_default \
+                       WHERE applied_at < now() - make_interval(secs => $1) LIMIT 10000)",
+                )
+                .await?;
+            let deleted = tx.execute(&statement, &[&seconds]).await?;
+            tx.commit().await?;
+            done.ids += deleted;
+            if deleted < 10_000 {
+                return Ok(done);
+            }
+        }
+    }
+
+    /// Tries the upkeep's advisory lock for the transaction, and bounds its lock waits.
+    async fn upkeep_lock(tx: &deadpool_postgres::Transaction<'_>) -> Result<bool, StoreError> {
+        let locked: bool = tx
+            .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&UPKEEP_LOCK])
+            .await?
+            .get(0);
+        if locked {
+            tx.batch_execute("SET LOCAL lock_timeout = '5s'").await?;
+        }
+        Ok(locked)
+    }
+
+    /// Applied ids still stored although applied before `older_than` ago, counted up to `cap`:
+    /// above zero, the upkeep is failing or falling behind (the dedup table grows past its
+    /// retention). Only the default partition and partitions that should have been dropped
+    /// are read (partition pruning), through the BRIN index on `applied_at`.
+    pub async fn overdue_applied(&self, older_than: Duration, cap: i64) -> Result<i64, StoreError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM (SELECT 1 FROM applied_messages \
+                   WHERE applied_at < now() - make_interval(secs => $1) LIMIT $2) overdue",
+                &[&older_than.as_secs_f64(), &cap],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// Applied ids stored, from Postgres' statistics of every partition (no scan; approximate).
+    pub async fn applied_estimate(&self) -> Result<i64, StoreError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_one(
+                "SELECT COALESCE(sum(s.n_live_tup), 0)::int8 FROM pg_stat_user_tables s \
+                   JOIN pg_inherits i ON i.inhrelid = s.relid \
+                   WHERE i.inhparent = 'applied_messages'::regclass",
+                &[],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// The partitions of `applied_messages`, by name (tests and operators).
+    pub async fn applied_partitions(&self) -> Result<Vec<String>, StoreError> {
+        let client = self.pool.get().await?;
+        Ok(client
+            .query(
+                "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+                   WHERE i.inhparent = 'applied_messages'::regclass ORDER BY 1",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect())
+    }
+}
+
+/// A Postgres identifier, quoted.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
