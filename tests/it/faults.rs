@@ -274,10 +274,13 @@ async fn worker_killed_between_commit_and_ack() {
     let restarted = TestWorker::start(rig.config()).await;
     let expected = producer.finish().await;
     assert_counts_eventually(&rig.db, &expected, Duration::from_secs(60)).await;
-    assert!(
-        restarted.stats().duplicates >= 1,
-        "the committed, unacked batch came back and was skipped by the new worker"
-    );
+    // The counters are visible once the commit is; the worker's own stats follow right after.
+    wait_for(
+        Duration::from_secs(10),
+        "the committed, unacked batch to come back and be skipped by the new worker",
+        || async { (restarted.stats().duplicates >= 1).then_some(()) },
+    )
+    .await;
     restarted.ready().await;
     restarted.stop().await;
 }
