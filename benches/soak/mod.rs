@@ -27,6 +27,7 @@ struct Row {
     p99_ms: f64,
     max_ms: f64,
     cpu_us_per_event: f64,
+    cpu_by_process: std::collections::BTreeMap<String, f64>,
 }
 
 fn producer_path() -> Result<std::path::PathBuf> {
@@ -86,15 +87,15 @@ async fn stop_producer(child: &mut tokio::process::Child) {
     }
 }
 
-/// Size (bytes, indexes included) and estimated rows of the applied-ids table(s), whatever
-/// their shape (one table, or a partitioned one whose partitions hold the rows).
+/// Size (bytes, indexes included) and live rows (from the statistics, not a count) of the
+/// applied-ids table(s), whatever their shape (one table, or a partitioned one whose partitions
+/// hold the rows).
 async fn dedup_size(client: &tokio_postgres::Client) -> Result<(f64, f64)> {
     let row = client
         .query_one(
-            "SELECT COALESCE(sum(pg_total_relation_size(c.oid)), 0)::float8, \
-                    COALESCE(sum(GREATEST(c.reltuples, 0)), 0)::float8 \
-             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE c.relname LIKE 'applied%' AND c.relkind = 'r' AND n.nspname = 'public'",
+            "SELECT COALESCE(sum(pg_total_relation_size(relid)), 0)::float8, \
+                    COALESCE(sum(n_live_tup), 0)::float8 \
+             FROM pg_stat_user_tables WHERE relname LIKE 'applied%' AND schemaname = 'public'",
             &[],
         )
         .await
@@ -285,6 +286,7 @@ async fn run(
             p99_ms: quantile(&samples, 0.99),
             max_ms: samples.last().copied().unwrap_or(f64::NAN),
             cpu_us_per_event: cpu.total_per_event(events.max(1.0)),
+            cpu_by_process: cpu.per_event(events.max(1.0)),
         };
         println!(
             "| {:.1} | {:.0} | {:.1} | {:.1} ({:.0}) | {:.1} / {:.1} / {:.1} | {:.1} |",
@@ -344,6 +346,7 @@ async fn run(
             "p99_ms": round3(r.p99_ms),
             "max_ms": round3(r.max_ms),
             "cpu_us_per_event": round3(r.cpu_us_per_event),
+            "cpu_us_per_event_by_process": r.cpu_by_process.iter().map(|(k, v)| (k.clone(), json!(round3(*v)))).collect::<serde_json::Map<_, _>>(),
         })).collect::<Vec<_>>(),
         "svg": "target/bench/soak.svg",
     }))
