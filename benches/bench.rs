@@ -1251,7 +1251,7 @@ fn print_table(r: &serde_json::Value) {
     let st = &r["status"];
     if st.is_object() {
         println!(
-            "\nstatus look-ups open loop at {}/s ({} domains) while ingesting at {} msgs/s: p50 {} ms, p99 {} ms, max {} ms, {} errors of {} requests",
+            "\nstatus look-ups open loop at {}/s ({} domains) while ingesting at {} msgs/s: p50 {} ms, p99 {} ms, max {} ms, {} errors of {} requests ({} non-2xx, {} timeouts, {} other)",
             st["rate"],
             st["domains"],
             st["ingest_achieved_rate"],
@@ -1259,7 +1259,10 @@ fn print_table(r: &serde_json::Value) {
             st["p99_ms"],
             st["max_ms"],
             st["errors"],
-            st["requests"]
+            st["requests"],
+            st["errors_non_2xx"],
+            st["errors_timeout"],
+            st["errors_transport"]
         );
         let c = &st["closed_loop"];
         if c.is_object() {

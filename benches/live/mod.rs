@@ -343,6 +343,8 @@ pub async fn lookups_at(
         .build()?;
     let latencies = Arc::new(Mutex::new(Vec::new()));
     let errors = Arc::new(AtomicU64::new(0));
+    // What the errors were: [non-2xx, timeouts, other transport errors].
+    let kinds = Arc::new([AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)]);
     let mut rng = StdRng::seed_from_u64(11);
     let started = Instant::now();
     let mut sent = 0u64;
@@ -358,11 +360,30 @@ pub async fn lookups_at(
                 "{base}/domains/{}",
                 crate::domain(rng.random_range(0..domains))
             );
-            let (http, latencies, errors) = (http.clone(), latencies.clone(), errors.clone());
+            let (http, latencies, errors, kinds) = (
+                http.clone(),
+                latencies.clone(),
+                errors.clone(),
+                kinds.clone(),
+            );
             tasks.spawn(async move {
                 let ok = match http.get(url).send().await {
-                    Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
-                    Err(_) => false,
+                    Ok(r) if r.status().is_success() => match r.bytes().await {
+                        Ok(_) => true,
+                        Err(e) => {
+                            kinds[if e.is_timeout() { 1 } else { 2 }]
+                                .fetch_add(1, Ordering::Relaxed);
+                            false
+                        }
+                    },
+                    Ok(_) => {
+                        kinds[0].fetch_add(1, Ordering::Relaxed);
+                        false
+                    }
+                    Err(e) => {
+                        kinds[if e.is_timeout() { 1 } else { 2 }].fetch_add(1, Ordering::Relaxed);
+                        false
+                    }
                 };
                 match ok {
                     true => {
@@ -387,5 +408,8 @@ pub async fn lookups_at(
     out["rate"] = json!(rate.round());
     out["requests"] = json!(sent);
     out["answered_per_s"] = json!((all.len() as f64 / secs).round());
+    out["errors_non_2xx"] = json!(kinds[0].load(Ordering::Relaxed));
+    out["errors_timeout"] = json!(kinds[1].load(Ordering::Relaxed));
+    out["errors_transport"] = json!(kinds[2].load(Ordering::Relaxed));
     Ok(out)
 }
