@@ -408,6 +408,9 @@ pub async fn lookups_at(
     out["rate"] = json!(rate.round());
     out["requests"] = json!(sent);
     out["answered_per_s"] = json!((all.len() as f64 / secs).round());
+    // The keys `status` had before issue 13 (closed loop), for comparison across runs.
+    out["rps"] = out["answered_per_s"].clone();
+    out["p95_ms"] = json!(round3(quantile(&all, 0.95)));
     out["errors_non_2xx"] = json!(kinds[0].load(Ordering::Relaxed));
     out["errors_timeout"] = json!(kinds[1].load(Ordering::Relaxed));
     out["errors_transport"] = json!(kinds[2].load(Ordering::Relaxed));
