@@ -48,15 +48,25 @@ fn producer_path() -> Result<std::path::PathBuf> {
 
 fn start_producer(
     path: &std::path::Path,
-    exchange: &str,
+    topology: &catchall::amqp::Topology,
     rate: Option<f64>,
     events: u64,
     seed: u64,
 ) -> Result<tokio::process::Child> {
+    // Its messages (a failure to connect or publish, for one) go to a log of their own.
+    std::fs::create_dir_all("target/bench")?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open("target/bench/soak-producer.log")
+        .context("opening target/bench/soak-producer.log")?;
     let mut command = tokio::process::Command::new(path);
     command
         .env("AMQP_URL", AMQP_URL)
-        .env("CATCHALL_EXCHANGE", exchange)
+        // The producer declares the topology too: the soak's own names, or it would declare
+        // the default queue on the shared broker.
+        .env("CATCHALL_EXCHANGE", &topology.exchange)
+        .env("CATCHALL_QUEUE", &topology.queue)
         .env("RUST_LOG", "warn")
         .args([
             "generate",
@@ -66,7 +76,7 @@ fn start_producer(
             &seed.to_string(),
         ])
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(log)
         .kill_on_drop(true);
     if let Some(rate) = rate {
         command.args(["--rate", &(rate.round() as u64).to_string()]);
@@ -213,8 +223,7 @@ async fn run(
         Some(rate) => (rate, None),
         None => {
             let secs = env_u64("SOAK_CALIBRATE_SECS", 20).max(4);
-            let mut calibrate =
-                start_producer(producer, &topology.exchange, None, u64::MAX / 2, 1)?;
+            let mut calibrate = start_producer(producer, topology, None, u64::MAX / 2, 1)?;
             tokio::time::sleep(Duration::from_secs(secs / 2)).await;
             let (c0, t0) = (counted(&http, &base).await.unwrap_or(0.0), Instant::now());
             tokio::time::sleep(Duration::from_secs(secs - secs / 2)).await;
@@ -236,7 +245,7 @@ async fn run(
         interval.as_secs()
     );
     let events = (rate * 60.0 * minutes as f64 * 2.0) as u64 + 1_000_000;
-    let mut stream = start_producer(producer, &topology.exchange, Some(rate), events, 2)?;
+    let mut stream = start_producer(producer, topology, Some(rate), events, 2)?;
     let producer_pid = stream.id().map(|p| p as i32);
     let services = Services::find();
     let markers =
