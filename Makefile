@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 EVENTS ?= 10000
 
-.PHONY: start services events createEvents test nextest chaos bench bench-pg lint lint-rust lint-deploy build postfix
+.PHONY: start services events createEvents test nextest chaos bench bench-pg soak lint lint-rust lint-deploy build postfix
 
 ## start: make sure RabbitMQ and Postgres answer (starting them), then run the worker in the foreground
 start: services
@@ -43,6 +43,13 @@ chaos: build nextest
 ## bench: throughput and latency against the machine's own ceilings (BENCH_EVENTS, BENCH_DOMAINS scale it)
 bench: services
 	$(CARGO) bench --bench bench
+
+## soak: SOAK_MINUTES (default 30) of the producer's generator stream at half the measured capacity
+## (SOAK_RATE sets it): throughput, RSS, dedup table size and freshness per minute, as a table and
+## target/bench/soak.svg (issue 13)
+soak: services
+	$(CARGO) build --release -p catchall-producer
+	BENCH_STAGES=soak $(CARGO) bench --bench bench
 
 ## bench-pg: batched floor and worker at BENCH_DOMAINS (default 10,000,000) with the server's Postgres
 ## settings, then with the recommended ones (reloadable settings only; reset afterwards)

@@ -13,6 +13,21 @@
 //! Scale with `BENCH_EVENTS` (default 500,000) and `BENCH_DOMAINS` (default 100,000); the
 //! worker's settings come from its own defaults or the usual variables (`BATCH_SIZE`, …).
 //! Writes `target/bench/latest.json`.
+//!
+//! Issue 13 added, so that one run means something and is read against the true limit:
+//! - `BENCH_REPEATS` (default 5) interleaved rounds (A B C … A B C …), each figure reported as
+//!   the median with its spread (min/max, interquartile range);
+//! - the CPU time of every process (broker, Postgres backends and server processes, worker,
+//!   bench) over each timed window, as CPU-µs per event (see `measure`);
+//! - the single-message limit `cores / (CPU per message of the no-op drain + Postgres CPU per
+//!   event of applying single-message batches)`, the dedup overhead (applying the same
+//!   single-message batches with and without ids), and a batched reference floor that is not our
+//!   code (the plainest sorted `unnest` upsert);
+//! - an `insert` stage (empty table: every domain new) beside the update path;
+//! - open-loop stages (see `live`): event-to-visible latency at 50 % and 90 % of the measured
+//!   capacity, and status look-ups at `BENCH_LOOKUP_RATE` (default 5,000/s) while ingesting at
+//!   half capacity, every error counted; `BENCH_LIVE_SECS` (default 20) each;
+//! - `BENCH_STAGES=soak` (`make soak`): see `soak`.
 
 use anyhow::{Context, Result, bail};
 use catchall::amqp::Topology;
@@ -33,6 +48,12 @@ use std::time::{Duration, Instant};
 
 // The HTTP stage (issue 10): its own module, so the stages stay apart.
 mod http_stage;
+// Issue 13: CPU sampling and statistics; open-loop load; the soak.
+mod live;
+mod measure;
+mod soak;
+
+use measure::{CpuWindow, Sampler, Services, Summary, Watch};
 
 const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const PG_HOST: &str = "postgres://postgres@127.0.0.1:5432";
@@ -55,7 +76,20 @@ struct Run {
     events: Vec<Event>,
     domains: u64,
     config: Config,
+    /// Migrated, every bench domain present at zero (the update path).
     template: String,
+    /// Migrated and empty (the insert path).
+    empty_template: String,
+    repeats: usize,
+    services: Services,
+}
+
+/// One timed window of a stage: its wall time and the CPU every process spent in it.
+struct Timed {
+    secs: f64,
+    cpu: CpuWindow,
+    /// The worker's peak RSS (`VmHWM`), for stages that run the worker binary.
+    rss_mib: f64,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -72,6 +106,10 @@ async fn main() -> Result<()> {
         .context("writing target/bench/http.json")?;
         println!("\nwritten: target/bench/http.json");
         return Ok(());
+    }
+    // BENCH_STAGES=soak (`make soak`) runs only the soak.
+    if std::env::var("BENCH_STAGES").is_ok_and(|s| s == "soak") {
+        return soak::soak().await;
     }
     let events_n = env_u64("BENCH_EVENTS", 500_000);
     let domains = env_u64("BENCH_DOMAINS", 100_000).max(1);
@@ -99,12 +137,16 @@ async fn main() -> Result<()> {
         config.in_flight
     );
     let template = format!("bench_tpl_{id}");
+    let empty_template = format!("bench_empty_{id}");
     let run = Run {
         id,
         events,
         domains,
         config,
         template,
+        empty_template,
+        repeats: env_u64("BENCH_REPEATS", 5).max(1) as usize,
+        services: Services::find(),
     };
     let started = Instant::now();
     let result = match run.create_template().await {
@@ -112,8 +154,9 @@ async fn main() -> Result<()> {
         Err(error) => Err(error),
     };
     run.drop_db(&run.template).await;
+    run.drop_db(&run.empty_template).await;
     let mut report = result?;
-    if std::env::var("BENCH_STAGES").is_err() {
+    if std::env::var("BENCH_STAGES").is_err() && std::env::var("BENCH_SKIP_HTTP").is_err() {
         let http = http_stage::http_stage().await?;
         http_stage::print_http(&http);
         report["http"] = http;
@@ -136,72 +179,306 @@ impl Run {
         let singles: Vec<Vec<u8>> = self
             .events
             .iter()
-            .map(|e| serde_json::to_vec(e).expect("serialise"))
-            .collect();
+            .map(|e| serde_json::to_vec(e).context("serialising an event"))
+            .collect::<Result<_>>()?;
         let batches: Vec<Vec<u8>> = self
             .events
             .chunks(PER_MESSAGE)
-            .map(|c| serde_json::to_vec(c).expect("serialise"))
-            .collect();
+            .map(|c| serde_json::to_vec(c).context("serialising a batch"))
+            .collect::<Result<_>>()?;
+        // The same events as the worker would apply them, parsed beforehand: one per message
+        // (with ids and without), and 100 per message.
+        let single_messages = |with_ids: bool| -> Vec<Message> {
+            self.events
+                .iter()
+                .map(|e| Message {
+                    id: with_ids.then(|| uuid::Uuid::now_v7().to_string().into_bytes()),
+                    events: vec![e.clone()],
+                })
+                .collect()
+        };
+        let batched_messages: Vec<Message> = batches
+            .iter()
+            .map(|body| {
+                Ok(Message {
+                    id: Some(uuid::Uuid::now_v7().to_string().into_bytes()),
+                    events: parse_message(body).map_err(|r| anyhow::anyhow!("{r}"))?,
+                })
+            })
+            .collect::<Result<_>>()?;
 
-        // BENCH_STAGES=batched runs only the batched floor and worker (for big BENCH_DOMAINS).
+        // BENCH_STAGES=batched runs only the batched floors and worker (for big BENCH_DOMAINS).
         let only_batched = std::env::var("BENCH_STAGES").is_ok_and(|s| s == "batched");
+        let (with_ids, without_ids) = if only_batched {
+            (Vec::new(), Vec::new())
+        } else {
+            (single_messages(true), single_messages(false))
+        };
+
+        // Interleaved rounds: every stage once per round, so a slow minute on this machine
+        // touches every stage alike instead of one stage's every run.
+        let mut t: std::collections::BTreeMap<&'static str, Vec<Timed>> = Default::default();
+        let mut publish_rates = Vec::new();
+        for round in 1..=self.repeats {
+            eprintln!("round {round}/{}", self.repeats);
+            let mut record = |stage: &'static str, timed: Timed| {
+                eprintln!(
+                    "  {stage}: {:.0} events/s, {:.1} CPU-µs/event ({:.2} cores busy on the machine)",
+                    n / timed.secs,
+                    timed.cpu.total_per_event(n),
+                    timed.cpu.machine_busy_cores
+                );
+                t.entry(stage).or_default().push(timed);
+            };
+            if !only_batched {
+                let (noop, publish_rate) = self.noop_drain("single-ceiling", &singles).await?;
+                publish_rates.push(publish_rate);
+                record("single_noop", noop);
+                record(
+                    "single_apply_ids",
+                    self.store_floor("single-apply", &with_ids, false).await?,
+                );
+                record(
+                    "single_apply_no_ids",
+                    self.store_floor("single-apply-noids", &without_ids, false)
+                        .await?,
+                );
+                let on = self
+                    .worker_drain("single-worker", &singles, true, false, false)
+                    .await?;
+                record("single_worker", on.timed);
+                let off = self
+                    .worker_drain("single-nodedup", &singles, false, false, false)
+                    .await?;
+                record("single_worker_dedup_off", off.timed);
+            }
+            record(
+                "batched_floor",
+                self.store_floor("batched-ceiling", &batched_messages, false)
+                    .await?,
+            );
+            record(
+                "batched_reference",
+                self.reference_floor("batched-reference", false).await?,
+            );
+            let batched = self
+                .worker_drain("batched-worker", &batches, true, false, false)
+                .await?;
+            record("batched_worker", batched.timed);
+            if !only_batched {
+                record(
+                    "insert_floor",
+                    self.store_floor("insert-ceiling", &batched_messages, true)
+                        .await?,
+                );
+                record(
+                    "insert_reference",
+                    self.reference_floor("insert-reference", true).await?,
+                );
+                let insert = self
+                    .worker_drain("insert-worker", &batches, true, false, true)
+                    .await?;
+                record("insert_worker", insert.timed);
+            }
+        }
+        let rate = |stage: &str| -> Summary {
+            Summary::of(
+                &t.get(stage)
+                    .map(|v| v.iter().map(|x| n / x.secs).collect::<Vec<_>>())
+                    .unwrap_or_default(),
+            )
+        };
+        // Paired per round: worker against the ceiling measured minutes apart in the same round.
+        let paired = |worker: &str, ceiling: &str| -> Summary {
+            let (Some(w), Some(c)) = (t.get(worker), t.get(ceiling)) else {
+                return Summary::of(&[]);
+            };
+            Summary::of(
+                &w.iter()
+                    .zip(c)
+                    .map(|(w, c)| c.secs / w.secs)
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let cpu = |stage: &str| -> serde_json::Value {
+            let windows: Vec<(CpuWindow, f64)> = t
+                .get(stage)
+                .map(|v| v.iter().map(|x| (x.cpu.clone(), n)).collect())
+                .unwrap_or_default();
+            serde_json::json!(measure::median_per_event(&windows))
+        };
+        let median_of = |stage: &str, f: &dyn Fn(&Timed) -> f64| -> f64 {
+            Summary::of(
+                &t.get(stage)
+                    .map(|v| v.iter().map(f).collect::<Vec<_>>())
+                    .unwrap_or_default(),
+            )
+            .median
+        };
+        let spread = |stages: &[&str]| -> serde_json::Value {
+            stages
+                .iter()
+                .filter(|s| t.contains_key(**s))
+                .map(|s| (s.to_string(), rate(s).json(0)))
+                .collect::<serde_json::Map<_, _>>()
+                .into()
+        };
+
         let single = if only_batched {
             serde_json::Value::Null
         } else {
-            self.single_stages(&singles).await?
+            let (noop, on, off) = (
+                rate("single_noop"),
+                rate("single_worker"),
+                rate("single_worker_dedup_off"),
+            );
+            // The true single-message limit on this machine: every core busy with the broker
+            // and client work of the no-op drain plus the Postgres work of applying the events.
+            let noop_us = median_of("single_noop", &|x| x.cpu.total_per_event(n));
+            let apply_pg_us = median_of("single_apply_ids", &|x| x.cpu.postgres_per_event(n));
+            let limit = measure::cores() * 1e6 / (noop_us + apply_pg_us);
+            // Dedup overhead: the same single-message batches applied with ids and without,
+            // all CPU (Postgres and the applying client), as a fraction of the apply cost.
+            let apply_ids_us = median_of("single_apply_ids", &|x| x.cpu.total_per_event(n));
+            let apply_plain_us = median_of("single_apply_no_ids", &|x| x.cpu.total_per_event(n));
+            let pg_ids_us = median_of("single_apply_ids", &|x| x.cpu.postgres_per_event(n));
+            let pg_plain_us = median_of("single_apply_no_ids", &|x| x.cpu.postgres_per_event(n));
+            let dedup_overhead = (apply_ids_us - apply_plain_us) / apply_plain_us;
+            eprintln!(
+                "single: limit {limit:.0} events/s (no-op drain {noop_us:.1} µs/msg + Postgres apply {apply_pg_us:.1} µs/event on {} cores); dedup overhead {dedup_overhead:.3}",
+                measure::cores()
+            );
+            serde_json::json!({
+                "events": self.events.len(),
+                "ceiling_events_per_s": noop.median.round(),
+                "worker_events_per_s": on.median.round(),
+                "ratio": round3(paired("single_worker", "single_noop").median),
+                "worker_dedup_off_events_per_s": off.median.round(),
+                "ratio_dedup_off": round3(paired("single_worker_dedup_off", "single_noop").median),
+                "publish_confirmed_msgs_per_s": Summary::of(&publish_rates).median.round(),
+                "rss_mib": round3(rss_of(&t, &["single_worker", "single_worker_dedup_off"])),
+                "limit_events_per_s": limit.round(),
+                "ratio_to_limit": round3(on.median / limit),
+                "ratio_to_limit_dedup_off": round3(off.median / limit),
+                "limit_inputs_cpu_us": {
+                    "noop_drain_per_message": round3(noop_us),
+                    "postgres_apply_per_event": round3(apply_pg_us),
+                    "cores": measure::cores(),
+                },
+                "dedup_overhead": round3(dedup_overhead),
+                "dedup_overhead_postgres_only": round3((pg_ids_us - pg_plain_us) / pg_plain_us),
+                "apply_events_per_s": rate("single_apply_ids").median.round(),
+                "apply_no_ids_events_per_s": rate("single_apply_no_ids").median.round(),
+                "cpu_us_per_event": {
+                    "noop_drain": cpu("single_noop"),
+                    "worker": cpu("single_worker"),
+                    "worker_dedup_off": cpu("single_worker_dedup_off"),
+                    "apply_ids": cpu("single_apply_ids"),
+                    "apply_no_ids": cpu("single_apply_no_ids"),
+                },
+                "spread_events_per_s": spread(&["single_noop", "single_worker", "single_worker_dedup_off", "single_apply_ids", "single_apply_no_ids"]),
+                "ratio_spread": paired("single_worker", "single_noop").json(3),
+            })
         };
 
-        let batched_ceiling = self.store_floor("batched-ceiling", &batches).await?;
-        eprintln!(
-            "batched ceiling (Store::apply, no broker): {:.0} events/s",
-            n / batched_ceiling
+        let (floor, reference, worker) = (
+            rate("batched_floor"),
+            rate("batched_reference"),
+            rate("batched_worker"),
         );
-        let batched = self
-            .worker_drain("batched-worker", &batches, true, false)
-            .await?;
-        eprintln!("batched worker: {:.0} events/s", n / batched.secs);
-        // Again, with status look-ups at a fixed concurrency competing for the same CPU.
+        eprintln!(
+            "batched: Store::apply {:.0}, reference upsert {:.0}, worker {:.0} events/s (medians)",
+            floor.median, reference.median, worker.median
+        );
+        // Again, with status look-ups at a fixed concurrency competing for the same CPU (once,
+        // closed loop, as before issue 13: the open-loop figures are in `status`).
         let loaded = if only_batched {
             None
         } else {
             let loaded = self
-                .worker_drain("batched-lookups", &batches, true, true)
+                .worker_drain("batched-lookups", &batches, true, true, false)
                 .await?;
             eprintln!(
                 "batched worker under look-ups: {:.0} events/s",
-                n / loaded.secs
+                n / loaded.timed.secs
             );
             Some(loaded)
         };
-        let status = loaded.as_ref().and_then(|l| l.lookups.clone());
+        let closed_loop = loaded.as_ref().and_then(|l| l.lookups.clone());
         let rss = [
             single["rss_mib"].as_f64(),
-            Some(batched.rss_mib),
-            loaded.as_ref().map(|l| l.rss_mib),
+            Some(rss_of(&t, &["batched_worker", "insert_worker"])),
+            loaded.as_ref().map(|l| l.timed.rss_mib),
         ]
         .into_iter()
         .flatten()
         .fold(0.0, f64::max);
+        let insert = t.contains_key("insert_worker").then(|| {
+            let (floor, reference, worker) = (
+                rate("insert_floor"),
+                rate("insert_reference"),
+                rate("insert_worker"),
+            );
+            serde_json::json!({
+                "events": self.events.len(),
+                "store_apply_events_per_s": floor.median.round(),
+                "reference_floor_events_per_s": reference.median.round(),
+                "worker_events_per_s": worker.median.round(),
+                "ratio": round3(paired("insert_worker", "insert_floor").median),
+                "ratio_to_reference": round3(paired("insert_worker", "insert_reference").median),
+                "cpu_us_per_event": {
+                    "store_apply": cpu("insert_floor"),
+                    "reference": cpu("insert_reference"),
+                    "worker": cpu("insert_worker"),
+                },
+                "spread_events_per_s": spread(&["insert_floor", "insert_reference", "insert_worker"]),
+            })
+        });
+
+        // Open loop: freshness at 50 % and 90 % of the measured capacity, look-ups while
+        // ingesting at half of it.
+        let live = if only_batched || std::env::var("BENCH_SKIP_LIVE").is_ok() {
+            None
+        } else {
+            Some(self.live_stages(on_capacity(&single)).await?)
+        };
+        let (freshness, status) = match live {
+            Some((freshness, status)) => (freshness, status),
+            None => (serde_json::Value::Null, serde_json::Value::Null),
+        };
+        let mut status = status;
+        if let Some(c) = closed_loop {
+            status["closed_loop"] = serde_json::json!({
+                "concurrency": LOOKUP_CONCURRENCY,
+                "requests": c.requests,
+                "p50_ms": round3(c.p50_ms),
+                "p95_ms": round3(c.p95_ms),
+                "p99_ms": round3(c.p99_ms),
+                "rps": c.rps.round(),
+            });
+        }
         Ok(serde_json::json!({
             "single": single,
             "batched": {
                 "events": self.events.len(),
                 "messages": batches.len(),
-                "ceiling_events_per_s": (n / batched_ceiling).round(),
-                "worker_events_per_s": (n / batched.secs).round(),
-                "ratio": round3(batched_ceiling / batched.secs),
-                "worker_under_lookups_events_per_s": loaded.as_ref().map(|l| (n / l.secs).round()),
+                "ceiling_events_per_s": floor.median.round(),
+                "worker_events_per_s": worker.median.round(),
+                "ratio": round3(paired("batched_worker", "batched_floor").median),
+                "worker_under_lookups_events_per_s": loaded.as_ref().map(|l| (n / l.timed.secs).round()),
+                "reference_floor_events_per_s": reference.median.round(),
+                "ratio_to_reference": round3(paired("batched_worker", "batched_reference").median),
+                "store_apply_ratio_to_reference": round3(paired("batched_floor", "batched_reference").median),
+                "cpu_us_per_event": {
+                    "store_apply": cpu("batched_floor"),
+                    "reference": cpu("batched_reference"),
+                    "worker": cpu("batched_worker"),
+                },
+                "spread_events_per_s": spread(&["batched_floor", "batched_reference", "batched_worker"]),
             },
-            "status": status.map(|status| serde_json::json!({
-                "domains": self.domains,
-                "concurrency": LOOKUP_CONCURRENCY,
-                "requests": status.requests,
-                "p50_ms": round3(status.p50_ms),
-                "p95_ms": round3(status.p95_ms),
-                "p99_ms": round3(status.p99_ms),
-                "rps": status.rps.round(),
-            })),
+            "insert": insert,
+            "freshness": freshness,
+            "status": status,
             "rss_peak_mib": round3(rss),
             "config": {
                 "BATCH_SIZE": self.config.batch_size,
@@ -212,41 +489,13 @@ impl Run {
                 "events_per_batched_message": PER_MESSAGE,
                 "BENCH_EVENTS": self.events.len(),
                 "BENCH_DOMAINS": self.domains,
+                "BENCH_REPEATS": self.repeats,
                 "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+                "cpu_sampled": {
+                    "broker_pid": self.services.broker,
+                    "postmaster_pid": self.services.postmaster,
+                },
             },
-        }))
-    }
-
-    /// The single-event stages: no-op ceiling, worker with dedup on, and off.
-    async fn single_stages(&self, singles: &[Vec<u8>]) -> Result<serde_json::Value> {
-        let n = self.events.len() as f64;
-        let (single_ceiling, publish_rate) = self.noop_drain("single-ceiling", singles).await?;
-        eprintln!(
-            "single ceiling (no-op consumer): {:.0} msgs/s; publish with confirms {:.0} msgs/s",
-            n / single_ceiling,
-            publish_rate
-        );
-        let single = self
-            .worker_drain("single-worker", singles, true, false)
-            .await?;
-        eprintln!("single worker, dedup on: {:.0} events/s", n / single.secs);
-        let single_off = self
-            .worker_drain("single-nodedup", singles, false, false)
-            .await?;
-        eprintln!(
-            "single worker, dedup off: {:.0} events/s",
-            n / single_off.secs
-        );
-
-        Ok(serde_json::json!({
-            "events": self.events.len(),
-            "ceiling_events_per_s": (n / single_ceiling).round(),
-            "worker_events_per_s": (n / single.secs).round(),
-            "ratio": round3(single_ceiling / single.secs),
-            "worker_dedup_off_events_per_s": (n / single_off.secs).round(),
-            "ratio_dedup_off": round3(single_ceiling / single_off.secs),
-            "publish_confirmed_msgs_per_s": publish_rate.round(),
-            "rss_mib": round3(single.rss_mib.max(single_off.rss_mib)),
         }))
     }
 
@@ -283,6 +532,14 @@ impl Run {
         client.batch_execute("CHECKPOINT").await?;
         drop(client);
         let _ = task.await;
+        // The insert path starts from a migrated database without domains.
+        self.admin()
+            .await?
+            .batch_execute(&format!("CREATE DATABASE {}", self.empty_template))
+            .await?;
+        let store = Store::connect(&format!("{PG_HOST}/{}", self.empty_template), 1).await?;
+        store.migrate().await?;
+        drop(store);
         eprintln!(
             "template: {} domains in {:.1} s",
             self.domains,
@@ -291,14 +548,17 @@ impl Run {
         Ok(())
     }
 
-    async fn clone_db(&self, stage: &str) -> Result<String> {
+    /// A database for one stage's run: the template with every domain, or (`empty`) none.
+    async fn clone_db(&self, stage: &str, empty: bool) -> Result<String> {
         let name = format!("bench_{}_{}", stage.replace('-', "_"), self.id);
+        let template = if empty {
+            &self.empty_template
+        } else {
+            &self.template
+        };
         self.admin()
             .await?
-            .batch_execute(&format!(
-                "CREATE DATABASE {name} TEMPLATE {}",
-                self.template
-            ))
+            .batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {template}"))
             .await
             .context("cloning the template database")?;
         // Start every stage right after a checkpoint, so none pays for another's dirty pages.
@@ -390,8 +650,8 @@ impl Run {
     }
 
     /// The broker + client floor: consume with the worker's prefetch, ack a batch at a time with
-    /// one multiple-ack, do nothing else. Returns (seconds, publish msgs/s).
-    async fn noop_drain(&self, stage: &str, bodies: &[Vec<u8>]) -> Result<(f64, f64)> {
+    /// one multiple-ack, do nothing else. Returns the window and the publish msgs/s.
+    async fn noop_drain(&self, stage: &str, bodies: &[Vec<u8>]) -> Result<(Timed, f64)> {
         let topology = self.topology(stage);
         let publish_rate = self.prefill(&topology, bodies, true).await?;
         let connection = Connection::connect(AMQP_URL, ConnectionProperties::default()).await?;
@@ -399,6 +659,7 @@ impl Run {
         channel
             .basic_qos(self.config.prefetch, BasicQosOptions::default())
             .await?;
+        let sampler = Sampler::start(&self.services, Watch::default());
         let started = Instant::now();
         let mut consumer = channel
             .basic_consume(
@@ -441,25 +702,34 @@ impl Run {
             }
         }
         let secs = started.elapsed().as_secs_f64();
+        let cpu = sampler.stop();
         let _ = connection.close(200, "".into()).await;
         self.delete_topology(&topology).await;
-        Ok((secs, publish_rate))
+        Ok((
+            Timed {
+                secs,
+                cpu,
+                rss_mib: f64::NAN,
+            },
+            publish_rate,
+        ))
     }
 
-    /// The Postgres floor: the worker's `Store::apply` on the same batches (parsed beforehand),
-    /// as many at once as the worker has batches in flight.
-    async fn store_floor(&self, stage: &str, bodies: &[Vec<u8>]) -> Result<f64> {
-        let db = self.clone_db(stage).await?;
+    /// The Postgres floor: the worker's `Store::apply` on the same messages (parsed
+    /// beforehand), batched as the worker batches them, as many at once as the worker has
+    /// batches in flight. Into the template with every domain, or (`empty`) none.
+    async fn store_floor(&self, stage: &str, messages: &[Message], empty: bool) -> Result<Timed> {
+        let db = self.clone_db(stage, empty).await?;
         let store = Store::connect(&format!("{PG_HOST}/{db}"), self.config.db_pool_size).await?;
-        let messages: Vec<Message> = bodies
-            .iter()
-            .map(|body| {
-                Ok(Message {
-                    id: Some(uuid::Uuid::now_v7().to_string().into_bytes()),
-                    events: parse_message(body).map_err(|r| anyhow::anyhow!("{r}"))?,
-                })
-            })
-            .collect::<Result<_>>()?;
+        // Warm the pool, so the window measures applying rather than connecting.
+        store.ping().await?;
+        let sampler = Sampler::start(
+            &self.services,
+            Watch {
+                databases: vec![db.clone()],
+                ..Watch::default()
+            },
+        );
         let started = Instant::now();
         // Batches as the worker closes them (once they hold BATCH_SIZE events), IN_FLIGHT of
         // them committing at once.
@@ -481,6 +751,7 @@ impl Run {
         }
         drop(applied);
         let secs = started.elapsed().as_secs_f64();
+        let cpu = sampler.stop();
         let total = self.total_events(&db).await?;
         drop(store);
         self.drop_db(&db).await;
@@ -490,7 +761,99 @@ impl Run {
                 self.events.len()
             );
         }
-        Ok(secs)
+        Ok(Timed {
+            secs,
+            cpu,
+            rss_mib: f64::NAN,
+        })
+    }
+
+    /// A floor that is not our code: the plainest upsert of the same events, without
+    /// deduplication. Each batch (BATCH_SIZE events, in order) summed per domain and sorted
+    /// beforehand, then one `INSERT … SELECT FROM unnest(…) ON CONFLICT DO UPDATE` per batch
+    /// (its own transaction), on IN_FLIGHT connections at once.
+    async fn reference_floor(&self, stage: &str, empty: bool) -> Result<Timed> {
+        type Arrays = (Vec<String>, Vec<i64>, Vec<i64>);
+        let batches: Vec<Arrays> = self
+            .events
+            .chunks(self.config.batch_size as usize)
+            .map(|chunk| {
+                let mut totals: std::collections::BTreeMap<&str, (i64, i64)> = Default::default();
+                for e in chunk {
+                    let entry = totals.entry(e.domain.as_str()).or_default();
+                    match e.kind {
+                        EventType::Delivered => entry.0 += 1,
+                        _ => entry.1 += 1,
+                    }
+                }
+                let mut arrays: Arrays = Default::default();
+                for (domain, (d, b)) in totals {
+                    arrays.0.push(domain.to_string());
+                    arrays.1.push(d);
+                    arrays.2.push(b);
+                }
+                arrays
+            })
+            .collect();
+        let db = self.clone_db(stage, empty).await?;
+        let lanes = self.config.in_flight.max(1) as usize;
+        let mut clients = Vec::new();
+        for _ in 0..lanes {
+            let (client, connection) =
+                tokio_postgres::connect(&format!("{PG_HOST}/{db}"), tokio_postgres::NoTls).await?;
+            tokio::spawn(connection);
+            let statement = client
+                .prepare(
+                    "INSERT INTO domains AS d (domain, delivered, bounced) \
+                     SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[]) \
+                     ON CONFLICT (domain) DO UPDATE \
+                     SET delivered = d.delivered + EXCLUDED.delivered, bounced = d.bounced + EXCLUDED.bounced",
+                )
+                .await?;
+            clients.push((client, statement));
+        }
+        let sampler = Sampler::start(
+            &self.services,
+            Watch {
+                databases: vec![db.clone()],
+                ..Watch::default()
+            },
+        );
+        let started = Instant::now();
+        let runs = clients
+            .iter()
+            .enumerate()
+            .map(|(lane, (client, statement))| {
+                let batches = &batches;
+                async move {
+                    for (domains, delivered, bounced) in batches.iter().skip(lane).step_by(lanes) {
+                        client
+                            .execute(statement, &[domains, delivered, bounced])
+                            .await
+                            .context("reference upsert")?;
+                    }
+                    Ok::<_, anyhow::Error>(())
+                }
+            });
+        for result in futures_util::future::join_all(runs).await {
+            result?;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let cpu = sampler.stop();
+        drop(clients);
+        let total = self.total_events(&db).await?;
+        self.drop_db(&db).await;
+        if total != self.events.len() as i64 {
+            bail!(
+                "reference floor counted {total} events, not {}",
+                self.events.len()
+            );
+        }
+        Ok(Timed {
+            secs,
+            cpu,
+            rss_mib: f64::NAN,
+        })
     }
 
     async fn total_events(&self, db: &str) -> Result<i64> {
@@ -510,32 +873,21 @@ impl Run {
         bodies: &[Vec<u8>],
         with_ids: bool,
         lookups: bool,
+        empty: bool,
     ) -> Result<Drain> {
         let topology = self.topology(stage);
-        let db = self.clone_db(stage).await?;
+        let db = self.clone_db(stage, empty).await?;
         self.prefill(&topology, bodies, with_ids).await?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let base = format!("http://127.0.0.1:{port}");
         let started = Instant::now();
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_catchall"))
-            .env("DATABASE_URL", format!("{PG_HOST}/{db}"))
-            .env("AMQP_URL", AMQP_URL)
-            .env("CATCHALL_EXCHANGE", &topology.exchange)
-            .env("CATCHALL_QUEUE", &topology.queue)
-            .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
-            .env("LOG_FORMAT", "json")
-            .env("RUST_LOG", "warn")
-            .env("BATCH_SIZE", self.config.batch_size.to_string())
-            .env("BATCH_TIMEOUT_MS", self.config.batch_timeout_ms.to_string())
-            .env("PREFETCH", self.config.prefetch.to_string())
-            .env("DB_POOL_SIZE", self.config.db_pool_size.to_string())
-            .env("IN_FLIGHT", self.config.in_flight.to_string())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting the worker binary")?;
-        let pid = child.id().context("worker pid")?;
+        let (mut child, pid, base) = self.spawn_worker(&db, &topology)?;
+        let sampler = Sampler::start(
+            &self.services,
+            Watch {
+                worker: Some(pid as i32),
+                databases: vec![db.clone()],
+                ..Watch::default()
+            },
+        );
         let http = reqwest::Client::new();
         let done = std::sync::Arc::new(tokio::sync::Notify::new());
         let lookup_task = lookups.then(|| {
@@ -550,16 +902,8 @@ impl Run {
         let want = self.events.len() as f64;
         let deadline = Instant::now() + Duration::from_secs(600);
         loop {
-            if let Ok(response) = http.get(format!("{base}/metrics")).send().await {
-                if let Ok(text) = response.text().await {
-                    let counted: f64 = ["delivered", "bounced"]
-                        .iter()
-                        .map(|t| metric(&text, &format!("catchall_events_total{{type=\"{t}\"}}")))
-                        .sum();
-                    if counted >= want {
-                        break;
-                    }
-                }
+            if counted(&http, &base).await >= Some(want) {
+                break;
             }
             if let Some(status) = child.try_wait()? {
                 bail!("{stage}: the worker exited early: {status}");
@@ -570,44 +914,135 @@ impl Run {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let secs = started.elapsed().as_secs_f64();
+        let cpu = sampler.stop();
         done.notify_waiters();
         let lookups = match lookup_task {
             Some(task) => Some(task.await?),
             None => None,
         };
-        let rss_mib = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmHWM:"))
-                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-            })
-            .map(|kib| kib / 1024.0)
-            .unwrap_or(f64::NAN);
-        // SAFETY: kill(2) on our own child, not yet reaped.
-        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-        let status = tokio::time::timeout(Duration::from_secs(15), child.wait()).await??;
+        let rss_mib = peak_rss_mib(pid);
+        stop_worker(&mut child, pid).await?;
         let total = self.total_events(&db).await?;
         self.drop_db(&db).await;
         self.delete_topology(&topology).await;
-        if !status.success() {
-            bail!("{stage}: the worker stopped with {status}");
-        }
         if total != self.events.len() as i64 {
             bail!("{stage}: counted {total} events, not {}", self.events.len());
         }
         Ok(Drain {
-            secs,
-            rss_mib,
+            timed: Timed { secs, cpu, rss_mib },
             lookups,
         })
     }
+
+    /// Starts the release worker binary on `db` and `topology`; returns it, its pid and the
+    /// base URL of its HTTP server.
+    fn spawn_worker(
+        &self,
+        db: &str,
+        topology: &Topology,
+    ) -> Result<(tokio::process::Child, u32, String)> {
+        spawn_worker(&format!("{PG_HOST}/{db}"), topology, &self.config)
+    }
+}
+
+/// Starts the release worker binary with `config`'s batch settings; returns it, its pid and
+/// the base URL of its HTTP server.
+fn spawn_worker(
+    database_url: &str,
+    topology: &Topology,
+    config: &Config,
+) -> Result<(tokio::process::Child, u32, String)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let base = format!("http://127.0.0.1:{port}");
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_catchall"))
+        .env("DATABASE_URL", database_url)
+        .env("AMQP_URL", AMQP_URL)
+        .env("CATCHALL_EXCHANGE", &topology.exchange)
+        .env("CATCHALL_QUEUE", &topology.queue)
+        .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "warn")
+        .env("BATCH_SIZE", config.batch_size.to_string())
+        .env("BATCH_TIMEOUT_MS", config.batch_timeout_ms.to_string())
+        .env("PREFETCH", config.prefetch.to_string())
+        .env("DB_POOL_SIZE", config.db_pool_size.to_string())
+        .env("IN_FLIGHT", config.in_flight.to_string())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the worker binary")?;
+    let pid = child.id().context("worker pid")?;
+    Ok((child, pid, base))
+}
+
+/// Events the worker counted so far, from its `/metrics` (None while it does not answer).
+async fn counted(http: &reqwest::Client, base: &str) -> Option<f64> {
+    let text = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    Some(
+        ["delivered", "bounced"]
+            .iter()
+            .map(|t| metric(&text, &format!("catchall_events_total{{type=\"{t}\"}}")))
+            .sum(),
+    )
+}
+
+/// A process's peak resident memory (`VmHWM`), or its current one (`VmRSS`).
+fn rss_mib(pid: u32, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kib| kib / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+fn peak_rss_mib(pid: u32) -> f64 {
+    rss_mib(pid, "VmHWM:")
+}
+
+/// SIGTERM, then waits (up to 15 s) for a clean exit.
+async fn stop_worker(child: &mut tokio::process::Child, pid: u32) -> Result<()> {
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .context("the worker did not stop within 15 s")??;
+    if !status.success() {
+        bail!("the worker stopped with {status}");
+    }
+    Ok(())
 }
 
 struct Drain {
-    secs: f64,
-    rss_mib: f64,
+    timed: Timed,
     lookups: Option<Lookups>,
+}
+
+/// The worker's peak RSS over the runs of some stages.
+fn rss_of(t: &std::collections::BTreeMap<&'static str, Vec<Timed>>, stages: &[&str]) -> f64 {
+    stages
+        .iter()
+        .filter_map(|s| t.get(s))
+        .flatten()
+        .map(|x| x.rss_mib)
+        .filter(|r| r.is_finite())
+        .fold(0.0, f64::max)
+}
+
+/// The measured single-message capacity the open-loop stages are set against.
+fn on_capacity(single: &serde_json::Value) -> f64 {
+    single["worker_events_per_s"].as_f64().unwrap_or(10_000.0)
 }
 
 #[derive(Clone, Default)]
@@ -724,12 +1159,271 @@ fn print_table(r: &serde_json::Value) {
         "worker_under_lookups_events_per_s",
         None,
     );
+    row(
+        "batched against the reference upsert",
+        batched,
+        "worker_events_per_s",
+        batched["ratio_to_reference"].as_f64(),
+    );
+    println!(
+        "\nmedians of {} interleaved rounds; spread (min–max) in latest.json `spread_events_per_s`",
+        r["config"]["BENCH_REPEATS"]
+    );
+    if single.is_object() {
+        println!(
+            "single: limit {} events/s (cores / (no-op drain {} + Postgres apply {} CPU-µs per event)); worker / limit {} (dedup off {}); dedup overhead {} of the apply cost (Postgres alone {})",
+            single["limit_events_per_s"],
+            single["limit_inputs_cpu_us"]["noop_drain_per_message"],
+            single["limit_inputs_cpu_us"]["postgres_apply_per_event"],
+            single["ratio_to_limit"],
+            single["ratio_to_limit_dedup_off"],
+            single["dedup_overhead"],
+            single["dedup_overhead_postgres_only"],
+        );
+    }
+    println!(
+        "batched: Store::apply {} events/s, reference upsert {} (Store::apply / reference {}), worker / reference {}",
+        batched["ceiling_events_per_s"],
+        batched["reference_floor_events_per_s"],
+        batched["store_apply_ratio_to_reference"],
+        batched["ratio_to_reference"]
+    );
+    let insert = &r["insert"];
+    if insert.is_object() {
+        println!(
+            "insert (empty table): Store::apply {} events/s, reference {}, worker {} (worker / reference {})",
+            insert["store_apply_events_per_s"],
+            insert["reference_floor_events_per_s"],
+            insert["worker_events_per_s"],
+            insert["ratio_to_reference"]
+        );
+    }
+    // CPU-µs per event, by process, per stage (medians).
+    let mut cpu_rows: Vec<(String, &serde_json::Value)> = Vec::new();
+    for (section, value) in [("single", single), ("batched", batched), ("insert", insert)] {
+        if let Some(stages) = value["cpu_us_per_event"].as_object() {
+            for (stage, groups) in stages {
+                cpu_rows.push((format!("{section} {stage}"), groups));
+            }
+        }
+    }
+    if !cpu_rows.is_empty() {
+        let groups = [
+            "rabbitmq",
+            "postgres_backends",
+            "postgres_server",
+            "worker",
+            "bench",
+            "total",
+        ];
+        println!("\n| CPU-µs per event | {} |", groups.join(" | "));
+        println!("|---|{}", "---|".repeat(groups.len()));
+        for (name, values) in cpu_rows {
+            let cells: Vec<String> = groups
+                .iter()
+                .map(|g| {
+                    values[*g]
+                        .as_f64()
+                        .map(|v| format!("{v:.1}"))
+                        .unwrap_or_default()
+                })
+                .collect();
+            println!("| {name} | {} |", cells.join(" | "));
+        }
+    }
+    let f = &r["freshness"];
+    if f.is_object() {
+        println!(
+            "\n| event to visible | rate msgs/s (achieved) | p50 ms | p99 ms | max ms | errors |"
+        );
+        println!("|---|---|---|---|---|---|");
+        for (name, x) in [
+            ("50 % of capacity", f),
+            ("90 % of capacity", &f["at_90_percent"]),
+            ("50 %, with look-ups", &f["under_lookups"]),
+        ] {
+            println!(
+                "| {name} | {} ({}) | {} | {} | {} | {} |",
+                x["rate"], x["achieved_rate"], x["p50_ms"], x["p99_ms"], x["max_ms"], x["errors"]
+            );
+        }
+    }
     let st = &r["status"];
     if st.is_object() {
         println!(
-            "\nstatus while ingesting ({} domains, {} concurrent): p50 {} ms, p95 {} ms, p99 {} ms, {} req/s",
-            st["domains"], st["concurrency"], st["p50_ms"], st["p95_ms"], st["p99_ms"], st["rps"]
+            "\nstatus look-ups open loop at {}/s ({} domains) while ingesting at {} msgs/s: p50 {} ms, p99 {} ms, max {} ms, {} errors of {} requests ({} non-2xx, {} timeouts, {} other)",
+            st["rate"],
+            st["domains"],
+            st["ingest_achieved_rate"],
+            st["p50_ms"],
+            st["p99_ms"],
+            st["max_ms"],
+            st["errors"],
+            st["requests"],
+            st["errors_non_2xx"],
+            st["errors_timeout"],
+            st["errors_transport"]
         );
+        let c = &st["closed_loop"];
+        if c.is_object() {
+            println!(
+                "status closed loop ({} concurrent) during a batched drain: p50 {} ms, p95 {} ms, p99 {} ms, {} req/s",
+                c["concurrency"], c["p50_ms"], c["p95_ms"], c["p99_ms"], c["rps"]
+            );
+        }
     }
     println!("worker peak RSS {} MiB", r["rss_peak_mib"]);
+}
+
+/// One open-loop run: what was published, how fresh it became visible, what look-ups saw.
+struct LiveRun {
+    json: serde_json::Value,
+    lookups: Option<serde_json::Value>,
+}
+
+impl Run {
+    /// Open loop, the worker binary on a clone of the template (every domain known): freshness
+    /// at 50 % and 90 % of `capacity`, then status look-ups at `BENCH_LOOKUP_RATE` while
+    /// ingesting at 50 %. Returns (`freshness`, `status`).
+    async fn live_stages(&self, capacity: f64) -> Result<(serde_json::Value, serde_json::Value)> {
+        let secs = env_u64("BENCH_LIVE_SECS", 20);
+        let lookup_rate = env_u64("BENCH_LOOKUP_RATE", 5_000) as f64;
+        let half = self.live("live-50", capacity * 0.5, secs, None).await?;
+        let ninety = self.live("live-90", capacity * 0.9, secs, None).await?;
+        let loaded = self
+            .live("live-lookups", capacity * 0.5, secs, Some(lookup_rate))
+            .await?;
+        let mut freshness = half.json;
+        freshness["capacity_events_per_s"] = serde_json::json!(capacity.round());
+        freshness["at_90_percent"] = ninety.json;
+        freshness["under_lookups"] = loaded.json.clone();
+        let mut status = loaded.lookups.unwrap_or(serde_json::Value::Null);
+        status["domains"] = serde_json::json!(self.domains);
+        status["ingest_rate"] = loaded.json["rate"].clone();
+        status["ingest_achieved_rate"] = loaded.json["achieved_rate"].clone();
+        Ok((freshness, status))
+    }
+
+    async fn live(
+        &self,
+        stage: &str,
+        rate: f64,
+        secs: u64,
+        lookups: Option<f64>,
+    ) -> Result<LiveRun> {
+        let topology = self.topology(stage);
+        {
+            let connection = Connection::connect(AMQP_URL, ConnectionProperties::default()).await?;
+            topology
+                .declare(&connection.create_channel().await?)
+                .await?;
+            let _ = connection.close(200, "".into()).await;
+        }
+        let db = self.clone_db(stage, false).await?;
+        let result = self
+            .live_on(stage, &db, &topology, rate, secs, lookups)
+            .await;
+        self.drop_db(&db).await;
+        self.delete_topology(&topology).await;
+        result
+    }
+
+    async fn live_on(
+        &self,
+        stage: &str,
+        db: &str,
+        topology: &Topology,
+        rate: f64,
+        secs: u64,
+        lookups: Option<f64>,
+    ) -> Result<LiveRun> {
+        let (mut child, pid, base) = self.spawn_worker(db, topology)?;
+        let http = reqwest::Client::new();
+        let ready_by = Instant::now() + Duration::from_secs(30);
+        while !http
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            if Instant::now() > ready_by {
+                bail!("{stage}: the worker was not ready within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let sampler = Sampler::start(
+            &self.services,
+            Watch {
+                worker: Some(pid as i32),
+                databases: vec![db.to_string()],
+                ..Watch::default()
+            },
+        );
+        let markers = live::Markers::start(
+            AMQP_URL,
+            &topology.exchange,
+            &base,
+            &format!("{}-{stage}", self.id),
+        );
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let publisher = tokio::spawn(live::publish_at(
+            AMQP_URL.to_string(),
+            topology.exchange.clone(),
+            self.domains,
+            rate,
+            2,
+            stop.clone(),
+        ));
+        let lookup_task = lookups.map(|r| {
+            let (base, stop) = (base.clone(), stop.clone());
+            let domains = self.domains;
+            tokio::spawn(async move { live::lookups_at(&base, domains, r, stop).await })
+        });
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let published = publisher.await.context("publisher panicked")??;
+        let lookups = match lookup_task {
+            Some(task) => Some(task.await.context("look-ups panicked")??),
+            None => None,
+        };
+        let (mut samples, marker_errors) = markers.finish().await?;
+        let cpu = sampler.stop();
+        let rss = peak_rss_mib(pid);
+        stop_worker(&mut child, pid).await?;
+        let mut json = live::latency_json(&mut samples, marker_errors + published.errors);
+        let achieved = published.messages as f64 / published.secs.max(1e-9);
+        json["rate"] = serde_json::json!(rate.round());
+        json["achieved_rate"] = serde_json::json!(achieved.round());
+        // The publishers share the cores with the broker, Postgres and the worker: at a high
+        // target they may not keep the rate, and the latency is then that of the lower one.
+        let reached = achieved >= 0.95 * rate;
+        json["rate_reached"] = serde_json::json!(reached);
+        if !reached {
+            eprintln!(
+                "{stage}: WARNING the open-loop publishers reached {achieved:.0} of {rate:.0} msgs/s; read the latency against the achieved rate"
+            );
+        }
+        json["seconds"] = serde_json::json!(secs);
+        json["publish_errors"] = serde_json::json!(published.errors);
+        json["marker_errors"] = serde_json::json!(marker_errors);
+        json["worker_rss_peak_mib"] = serde_json::json!(round3(rss));
+        json["cpu_us_per_event"] =
+            serde_json::json!(cpu.per_event(published.messages.max(1) as f64));
+        json["machine_busy_cores"] = serde_json::json!(round3(cpu.machine_busy_cores));
+        eprintln!(
+            "{stage}: {achieved:.0} of {rate:.0} msgs/s published; visible p50 {} ms, p99 {} ms, max {} ms, {} errors{}",
+            json["p50_ms"],
+            json["p99_ms"],
+            json["max_ms"],
+            json["errors"],
+            lookups
+                .as_ref()
+                .map(|l| format!(
+                    "; look-ups at {}/s: p50 {} ms, p99 {} ms, max {} ms, {} errors",
+                    l["rate"], l["p50_ms"], l["p99_ms"], l["max_ms"], l["errors"]
+                ))
+                .unwrap_or_default()
+        );
+        Ok(LiveRun { json, lookups })
+    }
 }
