@@ -1339,18 +1339,7 @@ impl Run {
     ) -> Result<LiveRun> {
         let (mut child, pid, base) = self.spawn_worker(db, topology)?;
         let http = reqwest::Client::new();
-        let ready_by = Instant::now() + Duration::from_secs(30);
-        while !http
-            .get(format!("{base}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            if Instant::now() > ready_by {
-                bail!("{stage}: the worker was not ready within 30 s");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        measure::wait_ready(&http, &base, Duration::from_secs(30), stage).await?;
         let sampler = Sampler::start(
             &self.services,
             Watch {

@@ -112,14 +112,7 @@ async fn run(databases: &[String; 3], topology: &Topology) -> Result<Value> {
         .pool_max_idle_per_host(clients * 2)
         .timeout(Duration::from_secs(30))
         .build()?;
-    while !http
-        .get(format!("{base}/readyz"))
-        .send()
-        .await
-        .is_ok_and(|r| r.status().is_success())
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    crate::measure::wait_ready(&http, &base, Duration::from_secs(30), "http").await?;
 
     let ceiling = publish_ceiling(topology, clients, secs).await?;
     eprintln!(

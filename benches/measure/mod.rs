@@ -388,3 +388,25 @@ pub fn median_per_event(windows: &[(CpuWindow, f64)]) -> BTreeMap<String, f64> {
         .map(|(g, v)| (g, (Summary::of(&v).median * 100.0).round() / 100.0))
         .collect()
 }
+
+/// Polls `GET {base}/readyz` until it answers 2xx; an error naming `what` after `timeout`.
+pub async fn wait_ready(
+    http: &reqwest::Client,
+    base: &str,
+    timeout: Duration,
+    what: &str,
+) -> anyhow::Result<()> {
+    let ready_by = std::time::Instant::now() + timeout;
+    while !http
+        .get(format!("{base}/readyz"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        if std::time::Instant::now() > ready_by {
+            anyhow::bail!("{what}: the worker was not ready within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}

@@ -201,18 +201,7 @@ async fn run(
     let config = <catchall::config::Cli as clap::Parser>::parse_from(["catchall"]).config;
     let (mut worker, pid, base) = spawn_worker(&url, topology, &config)?;
     let http = reqwest::Client::new();
-    let ready_by = Instant::now() + Duration::from_secs(60);
-    while !http
-        .get(format!("{base}/readyz"))
-        .send()
-        .await
-        .is_ok_and(|r| r.status().is_success())
-    {
-        if Instant::now() > ready_by {
-            bail!("soak: the worker was not ready within 60 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    crate::measure::wait_ready(&http, &base, Duration::from_secs(60), "soak").await?;
     let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
     tokio::spawn(connection);
 
