@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 EVENTS ?= 10000
 
-.PHONY: start services events createEvents test nextest chaos bench bench-pg soak lint lint-rust lint-deploy build postfix
+.PHONY: start services events createEvents test nextest chaos bench bench-baseline bench-pg soak lint lint-rust lint-deploy build postfix
 
 ## start: make sure RabbitMQ and Postgres answer (starting them), then run the worker in the foreground
 start: services
@@ -43,6 +43,15 @@ chaos: build nextest
 ## bench: throughput and latency against the machine's own ceilings (BENCH_EVENTS, BENCH_DOMAINS scale it)
 bench: services
 	$(CARGO) bench --bench bench
+
+## bench-baseline: make bench with BASELINE's worker (a git revision; default cbf388c, the commit
+## before issue 8) beside ours in every round: ours / baseline, paired per round
+BASELINE ?= cbf388c
+bench-baseline: services
+	rm -rf target/baseline-src && mkdir -p target/baseline-src
+	git archive $(BASELINE) | tar -x -C target/baseline-src
+	cd target/baseline-src && CARGO_TARGET_DIR=$(CURDIR)/target/baseline $(CARGO) build --release --bin catchall
+	BENCH_BASELINE_BIN=$(CURDIR)/target/baseline/release/catchall $(CARGO) bench --bench bench
 
 ## soak: SOAK_MINUTES (default 30) of the producer's generator stream at half the measured capacity
 ## (SOAK_RATE sets it): throughput, RSS, dedup table size and freshness per minute, as a table and

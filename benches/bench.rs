@@ -28,6 +28,13 @@
 //!   capacity, and status look-ups at `BENCH_LOOKUP_RATE` (default 5,000/s) while ingesting at
 //!   half capacity, every error counted; `BENCH_LIVE_SECS` (default 20) each;
 //! - `BENCH_STAGES=soak` (`make soak`): see `soak`.
+//!
+//! An `outage` stage (issue 8) holds 1 MiB messages while Postgres refuses every commit and
+//! reports the worker's peak RSS against `PREFETCH_BYTES` (`BENCH_SKIP_OUTAGE=1` skips it).
+//!
+//! `BENCH_BASELINE_BIN=<path to another build's catchall>` adds that binary's single and batched
+//! drains to every round, on a template it migrated itself, and reports ours / baseline paired
+//! per round (`make bench-baseline` builds the commit before issue 8 for it).
 
 use anyhow::{Context, Result, bail};
 use catchall::amqp::Topology;
@@ -51,6 +58,8 @@ mod http_stage;
 // Issue 13: CPU sampling and statistics; open-loop load; the soak.
 mod live;
 mod measure;
+// Issue 8: peak RSS with 1 MiB messages while Postgres refuses.
+mod outage;
 mod soak;
 
 use measure::{CpuWindow, Sampler, Services, Summary, Watch};
@@ -80,8 +89,18 @@ struct Run {
     template: String,
     /// Migrated and empty (the insert path).
     empty_template: String,
+    /// `BENCH_BASELINE_BIN`: another build's `catchall` (say, of the commit before a change),
+    /// run beside ours in every round on a template it migrated itself, so "before" and
+    /// "after" come from one run (issue 8).
+    baseline: Option<Baseline>,
     repeats: usize,
     services: Services,
+}
+
+struct Baseline {
+    bin: std::path::PathBuf,
+    /// Migrated by the baseline binary, every bench domain present at zero.
+    template: String,
 }
 
 /// One timed window of a stage: its wall time and the CPU every process spent in it.
@@ -138,6 +157,10 @@ async fn main() -> Result<()> {
     );
     let template = format!("bench_tpl_{id}");
     let empty_template = format!("bench_empty_{id}");
+    let baseline = std::env::var_os("BENCH_BASELINE_BIN").map(|bin| Baseline {
+        bin: bin.into(),
+        template: format!("bench_base_{id}"),
+    });
     let run = Run {
         id,
         events,
@@ -145,6 +168,7 @@ async fn main() -> Result<()> {
         config,
         template,
         empty_template,
+        baseline,
         repeats: env_u64("BENCH_REPEATS", 5).max(1) as usize,
         services: Services::find(),
     };
@@ -155,6 +179,9 @@ async fn main() -> Result<()> {
     };
     run.drop_db(&run.template).await;
     run.drop_db(&run.empty_template).await;
+    if let Some(baseline) = &run.baseline {
+        run.drop_db(&baseline.template).await;
+    }
     let mut report = result?;
     if std::env::var("BENCH_STAGES").is_err() && std::env::var("BENCH_SKIP_HTTP").is_err() {
         let http = http_stage::http_stage().await?;
@@ -247,6 +274,9 @@ impl Run {
                     .worker_drain("single-worker", &singles, true, false, false)
                     .await?;
                 record("single_worker", on.timed);
+                if let Some(base) = self.baseline_drain("single-baseline", &singles).await? {
+                    record("single_worker_baseline", base.timed);
+                }
                 let off = self
                     .worker_drain("single-nodedup", &singles, false, false, false)
                     .await?;
@@ -265,6 +295,9 @@ impl Run {
                 .worker_drain("batched-worker", &batches, true, false, false)
                 .await?;
             record("batched_worker", batched.timed);
+            if let Some(base) = self.baseline_drain("batched-baseline", &batches).await? {
+                record("batched_worker_baseline", base.timed);
+            }
             if !only_batched {
                 record(
                     "insert_floor",
@@ -457,7 +490,40 @@ impl Run {
                 "rps": c.rps.round(),
             });
         }
+        // Bounded memory during an outage (issue 8): ours, and the baseline's when given.
+        let outage = if only_batched || std::env::var("BENCH_SKIP_OUTAGE").is_ok() {
+            serde_json::Value::Null
+        } else {
+            eprintln!("outage: 1 MiB messages while Postgres refuses every commit");
+            let bin = std::path::Path::new(env!("CARGO_BIN_EXE_catchall"));
+            let mut outage = serde_json::json!({
+                "prefetch_bytes_mib": self.config.prefetch_bytes >> 20,
+                "worker": self.outage("outage", bin, &self.template).await?,
+            });
+            if let Some(b) = &self.baseline {
+                outage["baseline"] = self.outage("outage-baseline", &b.bin, &b.template).await?;
+            }
+            outage
+        };
+        // Ours against the baseline binary, paired per round (> 1: ours is faster).
+        let baseline = self.baseline.as_ref().map(|b| {
+            serde_json::json!({
+                "bin": b.bin.display().to_string(),
+                "single_events_per_s": rate("single_worker_baseline").median.round(),
+                "single_ratio": round3(paired("single_worker_baseline", "single_worker").median),
+                "single_ratio_spread": paired("single_worker_baseline", "single_worker").json(3),
+                "batched_events_per_s": rate("batched_worker_baseline").median.round(),
+                "batched_ratio": round3(paired("batched_worker_baseline", "batched_worker").median),
+                "batched_ratio_spread": paired("batched_worker_baseline", "batched_worker").json(3),
+                "rss_mib": round3(rss_of(&t, &["single_worker_baseline", "batched_worker_baseline"])),
+                "cpu_us_per_event": {
+                    "single": cpu("single_worker_baseline"),
+                    "batched": cpu("batched_worker_baseline"),
+                },
+            })
+        });
         Ok(serde_json::json!({
+            "baseline": baseline,
             "single": single,
             "batched": {
                 "events": self.events.len(),
@@ -477,6 +543,7 @@ impl Run {
                 "spread_events_per_s": spread(&["batched_floor", "batched_reference", "batched_worker"]),
             },
             "insert": insert,
+            "outage": outage,
             "freshness": freshness,
             "status": status,
             "rss_peak_mib": round3(rss),
@@ -519,7 +586,50 @@ impl Run {
         let store = Store::connect(&url, 1).await?;
         store.migrate().await?;
         drop(store);
-        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+        self.seed_domains(&url).await?;
+        // The insert path starts from a migrated database without domains.
+        self.admin()
+            .await?
+            .batch_execute(&format!("CREATE DATABASE {}", self.empty_template))
+            .await?;
+        let store = Store::connect(&format!("{PG_HOST}/{}", self.empty_template), 1).await?;
+        store.migrate().await?;
+        drop(store);
+        if let Some(baseline) = &self.baseline {
+            self.baseline_template(baseline).await?;
+        }
+        eprintln!(
+            "template: {} domains in {:.1} s",
+            self.domains,
+            started.elapsed().as_secs_f64()
+        );
+        Ok(())
+    }
+
+    /// The baseline's template: migrated by the baseline binary itself (`catchall migrate`:
+    /// its own schema, whatever ours is), then the same domains as ours.
+    async fn baseline_template(&self, baseline: &Baseline) -> Result<()> {
+        self.admin()
+            .await?
+            .batch_execute(&format!("CREATE DATABASE {}", baseline.template))
+            .await?;
+        let url = format!("{PG_HOST}/{}", baseline.template);
+        let status = tokio::process::Command::new(&baseline.bin)
+            .arg("migrate")
+            .env("DATABASE_URL", &url)
+            .env("RUST_LOG", "warn")
+            .status()
+            .await
+            .with_context(|| format!("running {} migrate", baseline.bin.display()))?;
+        if !status.success() {
+            bail!("{} migrate: {status}", baseline.bin.display());
+        }
+        self.seed_domains(&url).await
+    }
+
+    /// Every bench domain at zero in the database at `url`, vacuumed and checkpointed.
+    async fn seed_domains(&self, url: &str) -> Result<()> {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
         let task = tokio::spawn(connection);
         client
             .execute(
@@ -532,30 +642,21 @@ impl Run {
         client.batch_execute("CHECKPOINT").await?;
         drop(client);
         let _ = task.await;
-        // The insert path starts from a migrated database without domains.
-        self.admin()
-            .await?
-            .batch_execute(&format!("CREATE DATABASE {}", self.empty_template))
-            .await?;
-        let store = Store::connect(&format!("{PG_HOST}/{}", self.empty_template), 1).await?;
-        store.migrate().await?;
-        drop(store);
-        eprintln!(
-            "template: {} domains in {:.1} s",
-            self.domains,
-            started.elapsed().as_secs_f64()
-        );
         Ok(())
     }
 
     /// A database for one stage's run: the template with every domain, or (`empty`) none.
     async fn clone_db(&self, stage: &str, empty: bool) -> Result<String> {
-        let name = format!("bench_{}_{}", stage.replace('-', "_"), self.id);
         let template = if empty {
             &self.empty_template
         } else {
             &self.template
         };
+        self.clone_db_of(stage, template).await
+    }
+
+    async fn clone_db_of(&self, stage: &str, template: &str) -> Result<String> {
+        let name = format!("bench_{}_{}", stage.replace('-', "_"), self.id);
         self.admin()
             .await?
             .batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {template}"))
@@ -875,11 +976,42 @@ impl Run {
         lookups: bool,
         empty: bool,
     ) -> Result<Drain> {
+        let template = if empty {
+            &self.empty_template
+        } else {
+            &self.template
+        };
+        let bin = std::path::Path::new(env!("CARGO_BIN_EXE_catchall"));
+        self.drain_with(stage, bodies, with_ids, lookups, (bin, template.as_str()))
+            .await
+    }
+
+    /// [`Run::worker_drain`] with the `BENCH_BASELINE_BIN` binary on its own template.
+    async fn baseline_drain(&self, stage: &str, bodies: &[Vec<u8>]) -> Result<Option<Drain>> {
+        let Some(baseline) = &self.baseline else {
+            return Ok(None);
+        };
+        let worker = (baseline.bin.as_path(), baseline.template.as_str());
+        Ok(Some(
+            self.drain_with(stage, bodies, true, false, worker).await?,
+        ))
+    }
+
+    /// Drains a prefilled queue with `worker`'s binary on a clone of its template database.
+    async fn drain_with(
+        &self,
+        stage: &str,
+        bodies: &[Vec<u8>],
+        with_ids: bool,
+        lookups: bool,
+        (bin, template): (&std::path::Path, &str),
+    ) -> Result<Drain> {
         let topology = self.topology(stage);
-        let db = self.clone_db(stage, empty).await?;
+        let db = self.clone_db_of(stage, template).await?;
         self.prefill(&topology, bodies, with_ids).await?;
         let started = Instant::now();
-        let (mut child, pid, base) = self.spawn_worker(&db, &topology)?;
+        let (mut child, pid, base) =
+            spawn_worker(bin, &format!("{PG_HOST}/{db}"), &topology, &self.config)?;
         let sampler = Sampler::start(
             &self.services,
             Watch {
@@ -941,13 +1073,19 @@ impl Run {
         db: &str,
         topology: &Topology,
     ) -> Result<(tokio::process::Child, u32, String)> {
-        spawn_worker(&format!("{PG_HOST}/{db}"), topology, &self.config)
+        spawn_worker(
+            std::path::Path::new(env!("CARGO_BIN_EXE_catchall")),
+            &format!("{PG_HOST}/{db}"),
+            topology,
+            &self.config,
+        )
     }
 }
 
-/// Starts the release worker binary with `config`'s batch settings; returns it, its pid and
-/// the base URL of its HTTP server.
+/// Starts a worker binary (ours, or the baseline's) with `config`'s batch settings; returns
+/// it, its pid and the base URL of its HTTP server.
 fn spawn_worker(
+    bin: &std::path::Path,
     database_url: &str,
     topology: &Topology,
     config: &Config,
@@ -956,7 +1094,7 @@ fn spawn_worker(
         .local_addr()?
         .port();
     let base = format!("http://127.0.0.1:{port}");
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_catchall"))
+    let child = tokio::process::Command::new(bin)
         .env("DATABASE_URL", database_url)
         .env("AMQP_URL", AMQP_URL)
         .env("CATCHALL_EXCHANGE", &topology.exchange)
@@ -1188,6 +1326,37 @@ fn print_table(r: &serde_json::Value) {
         batched["store_apply_ratio_to_reference"],
         batched["ratio_to_reference"]
     );
+    let baseline = &r["baseline"];
+    if baseline.is_object() {
+        println!(
+            "baseline ({}): single {} events/s, ours / baseline {} (spread {}); batched {} events/s, ours / baseline {} (spread {}); baseline peak RSS {} MiB",
+            baseline["bin"],
+            baseline["single_events_per_s"],
+            baseline["single_ratio"],
+            baseline["single_ratio_spread"],
+            baseline["batched_events_per_s"],
+            baseline["batched_ratio"],
+            baseline["batched_ratio_spread"],
+            baseline["rss_mib"],
+        );
+    }
+    let outage = &r["outage"];
+    if outage.is_object() {
+        println!(
+            "outage ({} × 1 MiB queued, Postgres refusing 20 s, PREFETCH_BYTES {} MiB): worker peak RSS {} MiB{}",
+            outage["worker"]["messages_of_1_mib"],
+            outage["prefetch_bytes_mib"],
+            outage["worker"]["peak_rss_during_outage_mib"],
+            if outage["baseline"].is_object() {
+                format!(
+                    ", baseline {} MiB",
+                    outage["baseline"]["peak_rss_during_outage_mib"]
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
     let insert = &r["insert"];
     if insert.is_object() {
         println!(
