@@ -240,3 +240,78 @@ async fn old_partitions_are_dropped_whole_and_young_ids_deduplicate_across_days(
     assert_eq!((again.messages, again.duplicates), (0, 1));
     assert_eq!(db.counts().await["a.example"], (31, 0));
 }
+
+/// A claim looks its ids up only in the partitions its insert does not check itself (migration
+/// V6): ids already held anywhere a claim can meet them are duplicates — in a past partition, in
+/// the default one, earlier in the partition of now() (its unique index, through ON CONFLICT),
+/// or stamped a few minutes ahead — while a partition made days ahead is not read at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_meet_ids_in_every_partition_they_can_and_skip_the_days_ahead() {
+    use catchall::event::parse_message;
+    use catchall::store::{Message, Store};
+    let db = TestDb::create().await;
+    let store = Store::connect(&db.url, 2).await.expect("connect");
+    store.migrate().await.expect("migrate");
+    let client = db.client().await;
+    // The migration made today and the two days after it; two days ago has no partition of
+    // its own (its ids go to the default one), yesterday gets one, and so do 4 days ahead.
+    client
+        .batch_execute(
+            "SELECT applied_messages_partition((now() AT TIME ZONE 'UTC')::date + d) \
+               FROM unnest(ARRAY[-1, 4]) d; \
+             INSERT INTO applied_messages (message_id, applied_at) VALUES \
+               ('default', now() - interval '2 days'), \
+               ('yesterday', now() - interval '1 day'), \
+               ('earlier', now() - interval '1 minute'), \
+               ('ahead', now() + interval '5 minutes'), \
+               ('days-ahead', now() + interval '4 days');",
+        )
+        .await
+        .expect("ids in five partitions");
+    let held: i64 = client
+        .query_one(
+            "SELECT count(*) FROM applied_messages_default WHERE message_id = 'default'",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(
+        held, 1,
+        "the id of two days ago is in the default partition"
+    );
+    let (lo, hi): (String, String) = client
+        .query_one(
+            "SELECT lo::text, hi::text FROM applied_messages_current()",
+            &[],
+        )
+        .await
+        .map(|row| (row.get(0), row.get(1)))
+        .expect("current partition");
+    assert!(lo < hi, "the partition of now() is [{lo}, {hi})");
+
+    let message = |id: &str| Message {
+        id: Some(id.as_bytes().to_vec()),
+        events: parse_message(br#"{"domain":"a.example","type":"delivered"}"#).expect("valid"),
+    };
+    let batch: Vec<Message> = [
+        "default",
+        "yesterday",
+        "earlier",
+        "ahead",
+        "days-ahead",
+        "new",
+    ]
+    .into_iter()
+    .map(message)
+    .collect();
+    let applied = store.apply(&batch).await.expect("apply");
+    assert_eq!(
+        (applied.messages, applied.duplicates),
+        (2, 4),
+        "only `new` and the id stamped days ahead (a partition no claim reads) count"
+    );
+    let again = store.apply(&[message("new")]).await.expect("apply");
+    assert_eq!((again.messages, again.duplicates), (0, 1));
+    assert_eq!(db.counts().await["a.example"], (2, 0));
+}
