@@ -1418,7 +1418,9 @@ fn print_table(r: &serde_json::Value) {
         }
     }
     let st = &r["status"];
-    if st.is_object() {
+    if st["rate"].is_null() {
+        println!("\nstatus look-ups open loop: not run (BENCH_SKIP_LIVE)");
+    } else {
         println!(
             "\nstatus look-ups open loop at {}/s ({} domains) while ingesting at {} msgs/s: p50 {} ms, p99 {} ms, max {} ms, {} errors of {} requests ({} non-2xx, {} timeouts, {} other)",
             st["rate"],
@@ -1433,13 +1435,13 @@ fn print_table(r: &serde_json::Value) {
             st["errors_timeout"],
             st["errors_transport"]
         );
-        let c = &st["closed_loop"];
-        if c.is_object() {
-            println!(
-                "status closed loop ({} concurrent) during a batched drain: p50 {} ms, p95 {} ms, p99 {} ms, {} req/s",
-                c["concurrency"], c["p50_ms"], c["p95_ms"], c["p99_ms"], c["rps"]
-            );
-        }
+    }
+    let c = &st["closed_loop"];
+    if c.is_object() {
+        println!(
+            "status closed loop ({} concurrent) during a batched drain: p50 {} ms, p95 {} ms, p99 {} ms, {} req/s",
+            c["concurrency"], c["p50_ms"], c["p95_ms"], c["p99_ms"], c["rps"]
+        );
     }
     println!("worker peak RSS {} MiB", r["rss_peak_mib"]);
 }
