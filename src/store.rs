@@ -448,6 +448,13 @@ const LIST_ALL: &str = "SELECT domain, delivered, bounced, other_bounced FROM do
      WHERE domain > $1 ORDER BY domain LIMIT $2";
 const LIST_CATCH_ALL: &str = "SELECT domain, delivered, bounced, other_bounced FROM domains \
      WHERE bounced = 0 AND delivered > $3 AND domain > $1 ORDER BY domain LIMIT $2";
+/// Catch-all at a threshold of [`CATCH_ALL_INDEXED`] or more: the partial index of V7 holds
+/// exactly the domains that never bounced and are past 1000 deliveries, so a page reads about
+/// its own rows rather than every never-bounced domain between two catch-all ones.
+const LIST_CATCH_ALL_INDEXED: &str = "SELECT domain, delivered, bounced, other_bounced FROM domains \
+     WHERE catch_all_1000 AND bounced = 0 AND delivered > $3 AND domain > $1 ORDER BY domain LIMIT $2";
+/// The threshold built into V7's `catch_all_1000` (the default `CATCHALL_THRESHOLD`).
+const CATCH_ALL_INDEXED: i64 = 1000;
 const LIST_UNKNOWN: &str = "SELECT domain, delivered, bounced, other_bounced FROM domains \
      WHERE bounced = 0 AND delivered <= $3 AND domain > $1 ORDER BY domain LIMIT $2";
 const LIST_NOT_CATCH_ALL: &str = "SELECT domain, delivered, bounced, other_bounced FROM domains \
@@ -529,7 +536,9 @@ async fn list_on(
             client.query(&statement, &[&after, &limit]).await?
         }
         Some(status) => {
-            let sql = if status == Status::CatchAll {
+            let sql = if status == Status::CatchAll && threshold >= CATCH_ALL_INDEXED {
+                LIST_CATCH_ALL_INDEXED
+            } else if status == Status::CatchAll {
                 LIST_CATCH_ALL
             } else {
                 LIST_UNKNOWN

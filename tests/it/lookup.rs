@@ -369,3 +369,69 @@ async fn query_tokens_close_the_lookups() {
     assert_eq!(health.status(), StatusCode::OK, "health stays open");
     worker.stop().await;
 }
+
+/// The catch-all listing with the threshold built into V7's index (1000) and above it walks
+/// `domains_catch_all_1000`, below it the V3 index: either way it lists exactly the domains
+/// past the worker's own threshold that never bounced, including those that crossed it by
+/// counted events after they were seeded (the generated flag follows every update).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catch_all_listing_follows_the_threshold_on_either_index() {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    for threshold in [1000, 2000, 500] {
+        let mut config = TestWorker::config(&db, &broker);
+        config.threshold = threshold;
+        let worker = TestWorker::start(config).await;
+        worker.ready().await;
+        if threshold == 1000 {
+            seed_domains(&db, 400, "threshold.example").await;
+            // d3 (1001 delivered) is past 1000 already; d2 (1000) crosses it by one counted
+            // delivery, d1 (999) does not reach it, d15 (5 delivered, 3 bounced) never can.
+            let (_connection, channel) = broker.channel().await;
+            let events = json!([
+                {"domain": "d2.threshold.example", "type": "delivered"},
+                {"domain": "d1.threshold.example", "type": "delivered"},
+                {"domain": "d15.threshold.example", "type": "delivered"}
+            ]);
+            let before = db.total_events().await;
+            publish_raw(
+                &channel,
+                &broker.exchange,
+                "batch",
+                &serde_json::to_vec(&events).unwrap(),
+                None,
+            )
+            .await;
+            wait_for(
+                Duration::from_secs(30),
+                "the three events counted",
+                || async { (db.total_events().await == before + 3).then_some(()) },
+            )
+            .await;
+        }
+        let expected: BTreeSet<String> = db
+            .counts()
+            .await
+            .into_iter()
+            .filter(|(_, (d, b))| *b == 0 && *d > threshold)
+            .map(|(domain, _)| domain)
+            .collect();
+        assert!(!expected.is_empty());
+        let listed = page_all(&reqwest::Client::new(), &worker, "status=catch-all", 9).await;
+        let names: Vec<String> = listed
+            .iter()
+            .map(|e| e["domain"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            names.iter().cloned().collect::<BTreeSet<_>>(),
+            expected,
+            "threshold {threshold}"
+        );
+        assert_eq!(names.len(), expected.len(), "no domain twice");
+        if threshold == 1000 {
+            assert!(names.contains(&"d2.threshold.example".to_string()));
+            assert!(!names.contains(&"d1.threshold.example".to_string()));
+        }
+        worker.stop().await;
+    }
+}
