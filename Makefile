@@ -40,8 +40,10 @@ nextest:
 chaos: build nextest
 	CHAOS_SEED=$${CHAOS_SEED:-$$(date +%s)} $(CARGO) nextest run --workspace --no-capture -E 'test(chaos)'
 
-## bench: throughput and latency against the machine's own ceilings (BENCH_EVENTS, BENCH_DOMAINS scale it)
+## bench: throughput and latency against the machine's own ceilings (BENCH_EVENTS, BENCH_DOMAINS scale it);
+## the open-loop stages publish with the release producer, built first
 bench: services
+	$(CARGO) build --release -p catchall-producer
 	$(CARGO) bench --bench bench
 
 ## bench-baseline: make bench with BASELINE's worker (a git revision; default cbf388c, the commit
@@ -51,6 +53,7 @@ bench-baseline: services
 	rm -rf target/baseline-src && mkdir -p target/baseline-src
 	git archive $(BASELINE) | tar -x -C target/baseline-src
 	cd target/baseline-src && CARGO_TARGET_DIR=$(CURDIR)/target/baseline $(CARGO) build --release --bin catchall
+	$(CARGO) build --release -p catchall-producer
 	BENCH_BASELINE_BIN=$(CURDIR)/target/baseline/release/catchall $(CARGO) bench --bench bench
 
 ## soak: SOAK_MINUTES (default 30) of the producer's generator stream at half the measured capacity

@@ -5,7 +5,7 @@
 //! Open loop: work is started on a schedule, not when the previous answer came back, so a stall
 //! shows up as latency (measured from the scheduled time) instead of hiding as a slower client.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use catchall::event::{Event, EventType};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -53,107 +53,6 @@ async fn confirm_channel(amqp_url: &str) -> Result<(Connection, lapin::Channel)>
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     Ok((connection, channel))
-}
-
-/// What an open-loop publisher did.
-#[derive(Debug, Default, Clone)]
-pub struct Published {
-    pub messages: u64,
-    pub secs: f64,
-    /// Nacks and publish errors.
-    pub errors: u64,
-}
-
-/// Publishes single-event messages (each with a `message_id`) for random domains out of
-/// `domains` at `rate` messages/s in total, from `connections` connections, until `stop`.
-pub async fn publish_at(
-    amqp_url: String,
-    exchange: String,
-    domains: u64,
-    rate: f64,
-    connections: usize,
-    stop: Arc<AtomicBool>,
-) -> Result<Published> {
-    let mut tasks = Vec::new();
-    for c in 0..connections.max(1) {
-        let (url, exchange, stop) = (amqp_url.clone(), exchange.clone(), stop.clone());
-        let rate = rate / connections.max(1) as f64;
-        tasks.push(tokio::spawn(async move {
-            let (connection, channel) = confirm_channel(&url).await?;
-            let errors = Arc::new(AtomicU64::new(0));
-            // Confirms are awaited by a task of their own, so publishing keeps its schedule.
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<lapin::PublisherConfirm>(20_000);
-            let confirm_errors = errors.clone();
-            let confirmer = tokio::spawn(async move {
-                while let Some(confirm) = rx.recv().await {
-                    if !confirm.await.is_ok_and(|c| c.is_ack()) {
-                        confirm_errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            });
-            let mut rng = StdRng::seed_from_u64(100 + c as u64);
-            let started = Instant::now();
-            let mut sent = 0u64;
-            let mut tick = tokio::time::interval(Duration::from_millis(1));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-            while !stop.load(Ordering::Relaxed) {
-                tick.tick().await;
-                let due = (started.elapsed().as_secs_f64() * rate) as u64;
-                while sent < due {
-                    let event = Event {
-                        domain: crate::domain(rng.random_range(0..domains)),
-                        kind: if rng.random_ratio(1, 50) {
-                            EventType::Bounced
-                        } else {
-                            EventType::Delivered
-                        },
-                        evidence: None,
-                    };
-                    let body = serde_json::to_vec(&event)?;
-                    let properties = BasicProperties::default()
-                        .with_delivery_mode(2)
-                        .with_message_id(uuid::Uuid::now_v7().to_string().into());
-                    match channel
-                        .basic_publish(
-                            exchange.as_str().into(),
-                            "bench".into(),
-                            BasicPublishOptions::default(),
-                            &body,
-                            properties,
-                        )
-                        .await
-                    {
-                        Ok(confirm) => {
-                            if tx.send(confirm).await.is_err() {
-                                bail!("the confirm task ended");
-                            }
-                        }
-                        Err(_) => {
-                            errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    sent += 1;
-                }
-            }
-            let secs = started.elapsed().as_secs_f64();
-            drop(tx);
-            let _ = confirmer.await;
-            let _ = connection.close(200, "".into()).await;
-            Ok::<_, anyhow::Error>(Published {
-                messages: sent,
-                secs,
-                errors: errors.load(Ordering::Relaxed),
-            })
-        }));
-    }
-    let mut total = Published::default();
-    for task in tasks {
-        let p = task.await??;
-        total.messages += p.messages;
-        total.secs = total.secs.max(p.secs);
-        total.errors += p.errors;
-    }
-    Ok(total)
 }
 
 /// Marker events (one new domain each) published every [`MARKER_EVERY`], each timed from its

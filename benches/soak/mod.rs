@@ -30,7 +30,7 @@ struct Row {
     cpu_by_process: std::collections::BTreeMap<String, f64>,
 }
 
-fn producer_path() -> Result<std::path::PathBuf> {
+pub(crate) fn producer_path() -> Result<std::path::PathBuf> {
     let path = std::env::var("CATCHALL_PRODUCER")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| {
@@ -39,27 +39,31 @@ fn producer_path() -> Result<std::path::PathBuf> {
         });
     if !path.exists() {
         bail!(
-            "{} not found: `make soak` builds it (cargo build --release -p catchall-producer)",
+            "{} not found: `make soak` and `make bench` build it (cargo build --release -p catchall-producer)",
             path.display()
         );
     }
     Ok(path)
 }
 
-fn start_producer(
+/// Starts `catchall-producer generate` (one event per message, each with an id) on the
+/// topology's exchange, at `rate` events/s (unthrottled without); its messages (a failure to
+/// connect or to publish, for one) are appended to `target/bench/<log>`.
+pub(crate) fn start_producer(
     path: &std::path::Path,
     topology: &catchall::amqp::Topology,
     rate: Option<f64>,
     events: u64,
     seed: u64,
+    log: &str,
 ) -> Result<tokio::process::Child> {
-    // Its messages (a failure to connect or publish, for one) go to a log of their own.
     std::fs::create_dir_all("target/bench")?;
+    let log_path = format!("target/bench/{log}");
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open("target/bench/soak-producer.log")
-        .context("opening target/bench/soak-producer.log")?;
+        .open(&log_path)
+        .with_context(|| format!("opening {log_path}"))?;
     let mut command = tokio::process::Command::new(path);
     command
         .env("AMQP_URL", AMQP_URL)
@@ -84,7 +88,7 @@ fn start_producer(
     command.spawn().context("starting catchall-producer")
 }
 
-async fn stop_producer(child: &mut tokio::process::Child) {
+pub(crate) async fn stop_producer(child: &mut tokio::process::Child) {
     if let Some(pid) = child.id() {
         // SAFETY: kill(2) on our own child, not yet reaped.
         unsafe { libc::kill(pid as i32, libc::SIGTERM) };
@@ -114,7 +118,7 @@ async fn dedup_size(client: &tokio_postgres::Client) -> Result<(f64, f64)> {
 }
 
 /// Waits until the worker's count stops moving for a second (the queue drained).
-async fn wait_settled(http: &reqwest::Client, base: &str) -> Result<f64> {
+pub(crate) async fn wait_settled(http: &reqwest::Client, base: &str) -> Result<f64> {
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut last = -1.0;
     loop {
@@ -128,6 +132,28 @@ async fn wait_settled(http: &reqwest::Client, base: &str) -> Result<f64> {
         last = now;
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// The live capacity: events/s the worker at `base` counts while `catchall-producer` publishes
+/// unthrottled onto its topology (publishing and consuming share the machine, as they do in
+/// production), over the second half of `secs`; then waits until the queue is drained.
+pub(crate) async fn calibrate(
+    producer: &std::path::Path,
+    topology: &catchall::amqp::Topology,
+    http: &reqwest::Client,
+    base: &str,
+    secs: u64,
+) -> Result<f64> {
+    let secs = secs.max(4);
+    let mut calibrate = start_producer(producer, topology, None, u64::MAX / 2, 1, "producer.log")?;
+    tokio::time::sleep(Duration::from_secs(secs / 2)).await;
+    let (c0, t0) = (counted(http, base).await.unwrap_or(0.0), Instant::now());
+    tokio::time::sleep(Duration::from_secs(secs - secs / 2)).await;
+    let c1 = counted(http, base).await.unwrap_or(0.0);
+    let capacity = (c1 - c0) / t0.elapsed().as_secs_f64();
+    stop_producer(&mut calibrate).await;
+    wait_settled(http, base).await?;
+    Ok(capacity)
 }
 
 pub async fn soak() -> Result<()> {
@@ -216,15 +242,8 @@ async fn run(
     {
         Some(rate) => (rate, None),
         None => {
-            let secs = env_u64("SOAK_CALIBRATE_SECS", 20).max(4);
-            let mut calibrate = start_producer(producer, topology, None, u64::MAX / 2, 1)?;
-            tokio::time::sleep(Duration::from_secs(secs / 2)).await;
-            let (c0, t0) = (counted(&http, &base).await.unwrap_or(0.0), Instant::now());
-            tokio::time::sleep(Duration::from_secs(secs - secs / 2)).await;
-            let c1 = counted(&http, &base).await.unwrap_or(0.0);
-            let capacity = (c1 - c0) / t0.elapsed().as_secs_f64();
-            stop_producer(&mut calibrate).await;
-            wait_settled(&http, &base).await?;
+            let secs = env_u64("SOAK_CALIBRATE_SECS", 20);
+            let capacity = calibrate(producer, topology, &http, &base, secs).await?;
             eprintln!(
                 "soak: calibrated capacity {capacity:.0} events/s (producer unthrottled, generator stream)"
             );
@@ -239,7 +258,14 @@ async fn run(
         interval.as_secs()
     );
     let events = (rate * 60.0 * minutes as f64 * 2.0) as u64 + 1_000_000;
-    let mut stream = start_producer(producer, topology, Some(rate), events, 2)?;
+    let mut stream = start_producer(
+        producer,
+        topology,
+        Some(rate),
+        events,
+        2,
+        "soak-producer.log",
+    )?;
     let producer_pid = stream.id().map(|p| p as i32);
     let services = Services::find();
     let markers =
