@@ -507,16 +507,17 @@ impl Run {
             }
             outage
         };
-        // Ours against the baseline binary, paired per round (> 1: ours is faster).
+        // Ours against the baseline binary, paired per round (> 1: ours is faster). `paired`
+        // takes (numerator, denominator) as (worker, ceiling): ours first.
         let baseline = self.baseline.as_ref().map(|b| {
             serde_json::json!({
                 "bin": b.bin.display().to_string(),
                 "single_events_per_s": rate("single_worker_baseline").median.round(),
-                "single_ratio": round3(paired("single_worker_baseline", "single_worker").median),
-                "single_ratio_spread": paired("single_worker_baseline", "single_worker").json(3),
+                "single_ratio": round3(paired("single_worker", "single_worker_baseline").median),
+                "single_ratio_spread": paired("single_worker", "single_worker_baseline").json(3),
                 "batched_events_per_s": rate("batched_worker_baseline").median.round(),
-                "batched_ratio": round3(paired("batched_worker_baseline", "batched_worker").median),
-                "batched_ratio_spread": paired("batched_worker_baseline", "batched_worker").json(3),
+                "batched_ratio": round3(paired("batched_worker", "batched_worker_baseline").median),
+                "batched_ratio_spread": paired("batched_worker", "batched_worker_baseline").json(3),
                 "rss_mib": round3(rss_of(&t, &["single_worker_baseline", "batched_worker_baseline"])),
                 "cpu_us_per_event": {
                     "single": cpu("single_worker_baseline"),

@@ -78,6 +78,7 @@ pub async fn http_stage() -> Result<Value> {
         format!("bench_http_{id}"),
         format!("bench_http_idx_{id}"),
         format!("bench_http_noidx_{id}"),
+        format!("bench_http_nov7_{id}"),
     ];
     let topology = Topology::new(&format!("bench.{id}.http"), &format!("bench.{id}.http"), 20);
     let admin = admin().await?;
@@ -96,7 +97,7 @@ pub async fn http_stage() -> Result<Value> {
     result
 }
 
-async fn run(databases: &[String; 3], topology: &Topology) -> Result<Value> {
+async fn run(databases: &[String; 4], topology: &Topology) -> Result<Value> {
     let secs = env_u64("HTTP_BENCH_SECS", 10);
     let clients = env_u64("HTTP_BENCH_CLIENTS", 128) as usize;
     let domains = env_u64("HTTP_BENCH_DOMAINS", 1_000_000);
@@ -147,7 +148,7 @@ async fn run(databases: &[String; 3], topology: &Topology) -> Result<Value> {
     cancel.cancel();
     worker.await.context("the worker panicked")??;
 
-    let upsert = index_cost(&databases[1], &databases[2]).await?;
+    let upsert = index_cost(&databases[1], &databases[2], &databases[3]).await?;
     Ok(json!({
         "ingest": {
             "clients": clients,
@@ -475,9 +476,10 @@ async fn bulk_lookup(http: &reqwest::Client, base: &str, domains: u64) -> Result
     }))
 }
 
-/// `Store::apply` on the same batches in two fresh databases, one without what the listing
-/// needs (the V3 partial index, V7's generated column and its index): events/s of each.
-async fn index_cost(with: &str, without: &str) -> Result<Value> {
+/// `Store::apply` on the same batches in three fresh databases: one with everything the listing
+/// needs, one without any of it (the V3 partial index, V7's generated column and its index),
+/// one without V7 alone: events/s of each, the databases alternating in every round.
+async fn index_cost(with: &str, without: &str, without_v7: &str) -> Result<Value> {
     let mut rng = StdRng::seed_from_u64(9);
     let messages: Vec<Message> = (0..4_000)
         .map(|_| Message {
@@ -499,24 +501,30 @@ async fn index_cost(with: &str, without: &str) -> Result<Value> {
         })
         .collect();
     let events = (messages.len() * 100) as f64;
-    for (slot, name) in [with, without].iter().enumerate() {
+    let names = [with, without, without_v7];
+    for (slot, name) in names.iter().enumerate() {
         let store = Store::connect(&format!("{PG_HOST}/{name}"), 1).await?;
         store.migrate().await?;
-        if slot == 1 {
-            connect_db(&format!("{PG_HOST}/{name}"))
-                .await?
-                .batch_execute(
-                    "DROP INDEX domains_never_bounced; DROP INDEX domains_catch_all_1000; \
-                     ALTER TABLE domains DROP COLUMN catch_all_1000",
-                )
-                .await?;
-        }
+        let drop = match slot {
+            1 => {
+                "DROP INDEX domains_never_bounced; DROP INDEX domains_catch_all_1000; \
+                  ALTER TABLE domains DROP COLUMN catch_all_1000"
+            }
+            2 => {
+                "DROP INDEX domains_catch_all_1000; ALTER TABLE domains DROP COLUMN catch_all_1000"
+            }
+            _ => continue,
+        };
+        connect_db(&format!("{PG_HOST}/{name}"))
+            .await?
+            .batch_execute(drop)
+            .await?;
     }
-    // Round 0 inserts the domains; rounds 1–4 update them. The two databases alternate, so
-    // both see the same machine (other load on it included).
-    let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    // Round 0 inserts the domains; rounds 1–4 update them. The databases alternate, so all
+    // see the same machine (other load on it included).
+    let mut rates: [Vec<f64>; 3] = [Vec::new(), Vec::new(), Vec::new()];
     for round in 0..5 {
-        for (slot, name) in [with, without].iter().enumerate() {
+        for (slot, name) in names.iter().enumerate() {
             let store = Store::connect(&format!("{PG_HOST}/{name}"), 1).await?;
             let batch: Vec<Message> = messages
                 .iter()
@@ -541,20 +549,30 @@ async fn index_cost(with: &str, without: &str) -> Result<Value> {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let (insert_with, insert_without) = (rates[0][0], rates[1][0]);
-    let (update_with, update_without) = (median(&rates[0][1..]), median(&rates[1][1..]));
+    let insert = |slot: usize| rates[slot][0];
+    let update = |slot: usize| median(&rates[slot][1..]);
     eprintln!(
-        "http: upsert with the listing indexes (V3, V7): inserts {insert_with:.0} vs {insert_without:.0} events/s without, updates (median of 4) {update_with:.0} vs {update_without:.0}"
+        "http: upsert with the listing indexes (V3, V7): inserts {:.0} vs {:.0} events/s without, updates (median of 4) {:.0} vs {:.0}; without V7 alone: inserts {:.0}, updates {:.0}",
+        insert(0),
+        insert(1),
+        update(0),
+        update(1),
+        insert(2),
+        update(2)
     );
     Ok(json!({
         "events_per_round": events,
         "events_per_batch": 2_500,
-        "insert_with_index_events_per_s": insert_with.round(),
-        "insert_without_index_events_per_s": insert_without.round(),
-        "update_with_index_events_per_s": update_with.round(),
-        "update_without_index_events_per_s": update_without.round(),
-        "insert_ratio": round3(insert_with / insert_without),
-        "ratio": round3(update_with / update_without),
+        "insert_with_index_events_per_s": insert(0).round(),
+        "insert_without_index_events_per_s": insert(1).round(),
+        "update_with_index_events_per_s": update(0).round(),
+        "update_without_index_events_per_s": update(1).round(),
+        "insert_ratio": round3(insert(0) / insert(1)),
+        "ratio": round3(update(0) / update(1)),
+        "insert_without_v7_events_per_s": insert(2).round(),
+        "update_without_v7_events_per_s": update(2).round(),
+        "v7_insert_ratio": round3(insert(0) / insert(2)),
+        "v7_ratio": round3(update(0) / update(2)),
     }))
 }
 
@@ -600,13 +618,15 @@ pub fn print_http(r: &Value) {
     println!("| ratio to ceiling | {} | | |", i["ratio"]);
     println!("| {SEED_NOTE} | | | |");
     println!(
-        "\nlisting at {} domains, pages of 1000: catch-all p99 {} ms, all p99 {} ms; bulk look-up {} domains/s (p99 {} ms per 10,000); upsert with the listing indexes (V3, V7) {} of without (updates; inserts {})",
+        "\nlisting at {} domains, pages of 1000: catch-all p99 {} ms, all p99 {} ms; bulk look-up {} domains/s (p99 {} ms per 10,000); upsert with the listing indexes (V3, V7) {} of without (updates; inserts {}), with V7 {} of without it alone (updates; inserts {})",
         l["domains"],
         l["catch_all_page_p99_ms"],
         l["all_page_p99_ms"],
         b["domains_per_s"],
         b["request_p99_ms"],
         u["ratio"],
-        u["insert_ratio"]
+        u["insert_ratio"],
+        u["v7_ratio"],
+        u["v7_insert_ratio"]
     );
 }
