@@ -8,10 +8,20 @@
 -- [lo, hi) of the partition that covers now(), or (infinity, infinity) when none does (the
 -- row goes to the default partition, and every partition is looked up). Read from the
 -- catalogue, so it follows whatever the upkeep created.
+--
+-- The bounds are read back from pg_get_expr's text, which is printed in the session's DateStyle
+-- and TimeZone: in a non-ISO style a zone abbreviation can read back as another zone's (CST,
+-- IST, PST…), hours off. So these functions, and V5's applied_messages_upper (which also
+-- decides which partitions have expired), run with ISO and UTC whatever the session says; so do
+-- V5's functions that write bounds into DDL with %L (an operator may call them from psql). The
+-- worker's own connections are ISO and UTC too (src/store.rs), V5's first partitions included.
+ALTER FUNCTION applied_messages_upper(oid) SET DateStyle = 'ISO' SET TimeZone = 'UTC';
+ALTER FUNCTION applied_messages_partition(date, int) SET DateStyle = 'ISO' SET TimeZone = 'UTC';
+ALTER FUNCTION applied_messages_extend(int, timestamptz) SET DateStyle = 'ISO' SET TimeZone = 'UTC';
 
 -- The lower bound of a partition (-infinity for MINVALUE, NULL for the default partition).
 CREATE FUNCTION applied_messages_lower(partition oid) RETURNS timestamptz
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE SET DateStyle = 'ISO' SET TimeZone = 'UTC' AS $$
     SELECT CASE WHEN bound LIKE 'FOR VALUES FROM (MINVALUE)%' THEN '-infinity'::timestamptz
                 ELSE substring(bound FROM 'FROM \(''([^'']+)''\)')::timestamptz END
     FROM (SELECT pg_get_expr(relpartbound, oid) AS bound FROM pg_class WHERE oid = partition) b

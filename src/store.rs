@@ -171,6 +171,13 @@ impl Store {
                 options = format!("{options} -c {name}={value}").trim().to_string();
             }
         }
+        // Always ISO dates in UTC (appended last, so they win over the URL's and the server's
+        // defaults): the dedup partitions' bounds are written into DDL and read back from the
+        // catalogue as text (V5, V6), and a zone abbreviation printed in another DateStyle can
+        // read back as another zone's, hours off. Rows travel in binary, whatever these say.
+        options = format!("{options} -c DateStyle=ISO -c TimeZone=UTC")
+            .trim()
+            .to_string();
         pg.options(&options);
         let manager = Manager::from_config(
             pg,

@@ -4,8 +4,8 @@
 //! The table is partitioned by ranges of whole UTC days of `applied_at` (a third of the
 //! retention each, see [`partition_days`]); each partition has its own unique
 //! index on `message_id` (a partitioned table cannot have a unique key without the partition
-//! key). A claim therefore looks each id up in the other partitions (those that may hold it:
-//! not the days ahead) and inserts the fresh ones into the partition of now() with
+//! key). A claim therefore looks each id up in the other partitions and inserts the fresh ones
+//! into the partition of now() with
 //! `ON CONFLICT DO NOTHING`, which checks that one: a concurrent insert of the same id into the
 //! same partition makes the second wait for the first and then skip it. Two attempts of one id can only run at once
 //! when a redelivery (after a lost broker connection) overlaps the old attempt's transaction,
@@ -38,18 +38,16 @@ pub(super) const CLAIM_LOCKS: &str = "SELECT count(pg_advisory_xact_lock(1667326
 ///
 /// The partition of now() (where the fresh ids go) is not looked up: its unique index turns
 /// away the ids it holds through `ON CONFLICT DO NOTHING` (waiting for a concurrent insert of
-/// the same id), and they are not returned. The look-up reads only the other partitions
-/// (migration V6: run-time pruning by the bounds of the current one) up to 10 minutes ahead of
-/// now(): the partitions made days ahead hold nothing a claim could meet, unless the server's
-/// clock steps back by more than that (the same assumption as [`CLAIM_LOCKS`]). One index scan
-/// per partition for all the ids (`= ANY`), and the set difference by hash. Inserted in id
-/// order, so two batches with common ids wait on each other in one order (no deadlock).
+/// the same id), and they are not returned. The look-up reads every other partition (migration
+/// V6: run-time pruning by the bounds of the current one), the ones ahead included, so an id
+/// committed before the server's clock stepped back is still met. One index scan per partition
+/// for all the ids (`= ANY`), and the set difference by hash. Inserted in id order, so two
+/// batches with common ids wait on each other in one order (no deadlock).
 pub(super) const CLAIM_IDS: &str = "INSERT INTO applied_messages (message_id) \
      SELECT id FROM (SELECT unnest($1::bytea[]) AS id \
                      EXCEPT SELECT message_id FROM applied_messages WHERE message_id = ANY($1::bytea[]) \
                        AND (applied_at < (SELECT lo FROM applied_messages_current()) \
-                            OR applied_at >= (SELECT hi FROM applied_messages_current())) \
-                       AND applied_at < now() + interval '10 minutes') fresh \
+                            OR applied_at >= (SELECT hi FROM applied_messages_current()))) fresh \
      ORDER BY id ON CONFLICT DO NOTHING RETURNING message_id";
 
 /// A batch token, in the applied ids table (its bytes start with NUL and a marker, so they do
@@ -58,8 +56,7 @@ pub(super) const CLAIM_IDS: &str = "INSERT INTO applied_messages (message_id) \
 pub(super) const CLAIM_BATCH: &str = "INSERT INTO applied_messages (message_id) \
      SELECT $1::bytea WHERE NOT EXISTS (SELECT 1 FROM applied_messages WHERE message_id = $1 \
        AND (applied_at < (SELECT lo FROM applied_messages_current()) \
-            OR applied_at >= (SELECT hi FROM applied_messages_current())) \
-       AND applied_at < now() + interval '10 minutes') \
+            OR applied_at >= (SELECT hi FROM applied_messages_current()))) \
      ON CONFLICT DO NOTHING";
 
 /// The partitions whose upper bound is at least `$1` seconds old: every id in them is older
