@@ -10,8 +10,8 @@
 --
 -- Why a stored generated column, not `WHERE bounced = 0 AND delivered > 1000`: a column named
 -- in an index predicate makes every update that changes it a non-HOT update, so a predicate on
--- `delivered` would send every counter update through all indexes. The flag changes once in a
--- domain's life (when it crosses 1000 or first bounces), so counter updates stay HOT.
+-- `delivered` would send every counter update through all indexes. The flag changes at most
+-- twice in a domain's life (when it crosses 1000, when it first bounces), so updates stay HOT.
 --
 -- Adding a stored generated column rewrites the table once (ACCESS EXCLUSIVE while it runs:
 -- measured in the README, about a second per million domains here); counting waits, then goes on.

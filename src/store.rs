@@ -543,12 +543,10 @@ async fn list_on(
             client.query(&statement, &[&after, &limit]).await?
         }
         Some(status) => {
-            let sql = if status == Status::CatchAll && threshold >= CATCH_ALL_INDEXED {
-                LIST_CATCH_ALL_INDEXED
-            } else if status == Status::CatchAll {
-                LIST_CATCH_ALL
-            } else {
-                LIST_UNKNOWN
+            let sql = match status {
+                Status::CatchAll if threshold >= CATCH_ALL_INDEXED => LIST_CATCH_ALL_INDEXED,
+                Status::CatchAll => LIST_CATCH_ALL,
+                _ => LIST_UNKNOWN,
             };
             let statement = client.prepare_cached(sql).await?;
             client

@@ -5,11 +5,11 @@
 //! retention each, see [`partition_days`]); each partition has its own unique
 //! index on `message_id` (a partitioned table cannot have a unique key without the partition
 //! key). A claim therefore looks each id up in the other partitions and inserts the fresh ones
-//! into the partition of now() with
-//! `ON CONFLICT DO NOTHING`, which checks that one: a concurrent insert of the same id into the
-//! same partition makes the second wait for the first and then skip it. Two attempts of one id can only run at once
-//! when a redelivery (after a lost broker connection) overlaps the old attempt's transaction,
-//! which lives at most a few statement timeouts. If they start on either side of midnight they
+//! into the partition of now() with `ON CONFLICT DO NOTHING`, which checks that one: a
+//! concurrent insert of the same id into the same partition makes the second wait for the first
+//! and then skip it. Two attempts of one id can only run at once when a redelivery (after a
+//! lost broker connection) overlaps the old attempt's transaction, which lives at most a few
+//! statement timeouts. If they start on either side of midnight they
 //! land in two partitions and neither sees the other's uncommitted row; so within
 //! 10 minutes of midnight, claims first take transaction-scoped advisory locks on the
 //! ids' hash buckets (in sorted order: no deadlock), and the later attempt's look-up runs
