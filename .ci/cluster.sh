@@ -13,7 +13,7 @@ conf() { # port
 }
 started=()
 for i in 1 2 3; do
-  if ! rmqctl "catchall-c$i@localhost" ping >/dev/null 2>&1; then
+  if ! rabbit_node_runs "catchall-c$i"; then
     start_rabbit_node "catchall-c$i" "2570$i" "$(conf "570$i")" rabbitmq_management_agent
     started+=("$i")
   fi

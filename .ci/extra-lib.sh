@@ -23,21 +23,37 @@ rmqctl() { # node args...
 
 # Starts a RabbitMQ node NAME@localhost in $CI_DIR/NAME (owned by the rabbitmq user) with the
 # given rabbitmq.conf text and plugins, unless it already runs. Does not wait for it.
+# A node that answers `ping` but not `status` is broken: its working directory (the checkout
+# an earlier run started it from) is gone, so it cannot spawn a command (os:cmd: enoent) and
+# `stop_app` fails. Such a node is stopped (killed when it will not stop) and started anew.
+rabbit_node_runs() { # name
+  rmqctl "$1@localhost" ping >/dev/null 2>&1 || return 1
+  rmqctl "$1@localhost" status >/dev/null 2>&1 && return 0
+  echo "extra: RabbitMQ node $1 answers but is broken; restarting it" >&2
+  rmqctl "$1@localhost" stop >/dev/null 2>&1 \
+    || { [ -f "$CI_DIR/$1/pid" ] && as_root kill -9 "$(cat "$CI_DIR/$1/pid")"; } || true
+  for _ in $(seq 1 30); do rmqctl "$1@localhost" ping >/dev/null 2>&1 || return 1; sleep 1; done
+  return 1
+}
+
 start_rabbit_node() { # name dist_port conf_text plugins
   local name=$1 dist=$2 conf=$3 plugins=$4 dir=$CI_DIR/$1
-  if rmqctl "$name@localhost" ping >/dev/null 2>&1; then return 0; fi
+  if rabbit_node_runs "$name"; then return 0; fi
   as_root mkdir -p "$dir/mnesia" "$dir/log"
   printf '%s\n' "$conf" | as_root tee "$dir/rabbitmq.conf" >/dev/null
   printf '[%s].\n' "$plugins" | as_root tee "$dir/enabled_plugins" >/dev/null
   printf 'ERL_EPMD_ADDRESS=127.0.0.1\nexport ERL_FLAGS="-kernel inet_dist_use_interface {127,0,0,1}"\n' \
     | as_root tee "$dir/env.conf" >/dev/null
   as_root chown -R rabbitmq:rabbitmq "$dir"
+  # Started from its own directory, which outlives the checkout that runs this script.
+  cd "$dir"
   as_root runuser -u rabbitmq -- env \
     RABBITMQ_NODENAME="$name@localhost" RABBITMQ_DIST_PORT="$dist" \
     RABBITMQ_CONF_ENV_FILE="$dir/env.conf" RABBITMQ_CONFIG_FILE="$dir/rabbitmq.conf" \
     RABBITMQ_MNESIA_BASE="$dir/mnesia" RABBITMQ_LOG_BASE="$dir/log" \
     RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins" RABBITMQ_PID_FILE="$dir/pid" \
     "$RABBIT_BIN/rabbitmq-server" -detached
+  cd - >/dev/null
 }
 
 await_rabbit_node() { # name

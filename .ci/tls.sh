@@ -41,7 +41,7 @@ extendedKeyUsage=serverAuth"
 fi
 
 # RabbitMQ, TLS only.
-if ! answers 5671; then
+if ! rabbit_node_runs catchall-tls || ! answers 5671; then
   start_rabbit_node catchall-tls 25671 "listeners.tcp = none
 listeners.ssl.1 = 127.0.0.1:5671
 listeners.ssl.2 = 127.0.0.2:5671
