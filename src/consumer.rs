@@ -857,6 +857,11 @@ async fn apply_attempts(
                 let error = anyhow::Error::new(error);
                 return Ok(Err(format!("{error:#}")));
             }
+            Err(error) if error.is_claim_conflict() => {
+                // Not a failure of Postgres: the retry's look-up meets the id the other batch
+                // committed. Each conflict is one more id held, so this ends.
+                metrics::claim_conflict(&anyhow::Error::new(error));
+            }
             Err(error) => {
                 // /readyz gets a short reason; the log gets the whole error.
                 health.set_db_error(Some(error.short_reason()));

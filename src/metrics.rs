@@ -69,6 +69,11 @@ fn describe() {
         "Postgres errors while applying a batch."
     );
     describe_counter!(
+        "catchall_claim_conflicts_total",
+        "Batches retried because a concurrent batch claimed one of their message ids first."
+    );
+    counter!("catchall_claim_conflicts_total").absolute(0);
+    describe_counter!(
         "catchall_broker_reconnects_total",
         "Times the worker lost RabbitMQ and connected again."
     );
@@ -254,6 +259,17 @@ pub fn db_error(error: &anyhow::Error, retry_in: Duration) {
         error = format!("{error:#}"),
         retry_in_ms = retry_in.as_millis() as u64,
         "Postgres failed to apply a batch; will retry."
+    );
+}
+
+/// A batch met a concurrent claim of one of its message ids, committed first (a redelivery that
+/// overlapped its earlier attempt, or a publisher's second copy on another replica); it is
+/// applied again at once, and that id now counts as a duplicate.
+pub fn claim_conflict(error: &anyhow::Error) {
+    counter!("catchall_claim_conflicts_total").increment(1);
+    tracing::info!(
+        error = format!("{error:#}"),
+        "A concurrent batch claimed one of this batch's message ids first; applying it again."
     );
 }
 

@@ -51,12 +51,17 @@ impl StoreError {
     /// or the pool failed (lost connection, admin shutdown, timeout or cancel, serialization
     /// failure or deadlock, read-only server, full disk, too many connections, out of memory).
     /// Permanent: the data of the batch is refused (class 22 data exceptions, class 23
-    /// integrity violations, an exception raised by a trigger or function). Anything else is
-    /// treated as transient (not ready, retried; the delivery limit is the last resort).
+    /// integrity violations, an exception raised by a trigger or function), except a claim's
+    /// conflict with a concurrent claim of the same id ([`StoreError::is_claim_conflict`]).
+    /// Anything else is treated as transient (not ready, retried; the delivery limit is the
+    /// last resort).
     pub fn is_permanent(&self) -> bool {
         let Self::Query(error) = self else {
             return false;
         };
+        if self.is_claim_conflict() {
+            return false;
+        }
         let Some(code) = error.code() else {
             return false; // I/O, closed connection: no SQLSTATE
         };
@@ -69,6 +74,21 @@ impl StoreError {
             // PL/pgSQL RAISE (P0001 raise_exception, P0004 assert_failure).
             "22" | "23" | "27" | "09" | "2F" | "38" | "39" | "44" | "P0"
         )
+    }
+
+    /// A `unique_violation` on the applied ids: a concurrent transaction claimed one of the
+    /// batch's ids (or its token) and committed while this claim waited for it (see
+    /// `dedup::CLAIM`). Retrying the batch meets the committed id and skips it.
+    pub fn is_claim_conflict(&self) -> bool {
+        let Self::Query(error) = self else {
+            return false;
+        };
+        error.as_db_error().is_some_and(|db| {
+            *db.code() == tokio_postgres::error::SqlState::UNIQUE_VIOLATION
+                && db
+                    .table()
+                    .is_some_and(|t| t.starts_with("applied_messages"))
+        })
     }
 }
 
@@ -277,7 +297,7 @@ impl Store {
         {
             Ok(Ok(applied)) => Ok(applied),
             Ok(Err(error)) => {
-                if !error.is_permanent() {
+                if !error.is_permanent() && !error.is_claim_conflict() {
                     // The connection may be the cause: do not hand it to the next attempt.
                     drop(deadpool_postgres::Object::take(client));
                 }
@@ -303,39 +323,29 @@ impl Store {
         let mut ids: Vec<&[u8]> = batch.iter().filter_map(|m| m.id.as_deref()).collect();
         ids.sort_unstable();
         ids.dedup();
-        // The claims (see `dedup`): near midnight, lock the ids' buckets first; then the
-        // batch token, then the ids. Pipelined: one round trip for all three.
-        // Prepared first (cached after the first batch: no I/O), so the three are sent in
-        // this order.
+        // The claim (see `dedup`): near midnight, lock the ids' buckets first; then the ids and
+        // the batch token in one statement. Pipelined: one round trip for both. Prepared first
+        // (cached after the first batch: no I/O), so the two are sent in this order.
         let mut keys: Vec<&[u8]> = ids.clone();
         keys.extend(token);
+        keys.sort_unstable();
+        keys.dedup();
         let lock_statement = tx.prepare_cached(dedup::CLAIM_LOCKS).await?;
-        let token_statement = tx.prepare_cached(dedup::CLAIM_BATCH).await?;
-        let ids_statement = tx.prepare_cached(dedup::CLAIM_IDS).await?;
-        let locks = async {
-            if keys.is_empty() {
-                return Ok(());
-            }
-            tx.query_one(&lock_statement, &[&keys]).await.map(drop)
+        let claim_statement = tx.prepare_cached(dedup::CLAIM).await?;
+        let held: HashSet<Vec<u8>> = if keys.is_empty() {
+            HashSet::new()
+        } else {
+            // Polled in this order, so sent in this order.
+            let locks = async { tx.query_one(&lock_statement, &[&keys]).await };
+            let claim = async {
+                let rows = tx.query(&claim_statement, &[&keys]).await?;
+                rows.iter()
+                    .map(|row| row.try_get(0))
+                    .collect::<Result<HashSet<Vec<u8>>, _>>()
+            };
+            tokio::try_join!(locks, claim)?.1
         };
-        let claim_token = async {
-            match token {
-                Some(token) => tx.execute(&token_statement, &[&token]).await.map(|n| n > 0),
-                None => Ok(true),
-            }
-        };
-        let claim_ids = async {
-            if ids.is_empty() {
-                return Ok(HashSet::new());
-            }
-            let rows = tx.query(&ids_statement, &[&ids]).await?;
-            Ok(rows
-                .iter()
-                .map(|row| row.get(0))
-                .collect::<HashSet<Vec<u8>>>())
-        };
-        let ((), token_fresh, fresh) = tokio::try_join!(locks, claim_token, claim_ids)?;
-        if !token_fresh {
+        if token.is_some_and(|token| held.contains(token)) {
             // Committed by an earlier attempt: every message of it is a duplicate.
             applied.duplicates = batch.len();
             return Ok(applied);
@@ -345,7 +355,7 @@ impl Store {
         let mut totals: BTreeMap<&str, (i64, i64, i64)> = BTreeMap::new();
         for message in batch {
             if let Some(id) = message.id.as_deref() {
-                if !fresh.contains(id) || !seen.insert(id) {
+                if held.contains(id) || !seen.insert(id) {
                     applied.duplicates += 1;
                     continue;
                 }

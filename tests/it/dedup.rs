@@ -346,3 +346,76 @@ async fn claims_meet_ids_held_in_any_partition_whatever_the_session_time_zone() 
     assert_eq!((again.messages, again.duplicates), (0, 1));
     assert_eq!(db.counts().await["a.example"], (1, 0));
 }
+
+/// Two batches claim the same id at once (a redelivery overlapping its earlier attempt, or a
+/// publisher's second copy on another replica): the second waits for the first's uncommitted
+/// row, and when the first commits it fails with a claim conflict, which is not permanent (no
+/// bisecting, no dead-lettering); applied again, it counts its other message and skips the
+/// shared one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_that_meets_a_concurrent_claim_of_the_same_id_is_applied_again_and_counts_it_once()
+{
+    use catchall::event::parse_message;
+    use catchall::store::{Message, Store};
+    use futures_util::future::BoxFuture;
+    use std::sync::Arc;
+    use tokio::sync::Notify;
+
+    let db = TestDb::create().await;
+    let store = Store::connect(&db.url, 4).await.expect("connect");
+    store.migrate().await.expect("migrate");
+    let message = |id: &str, domain: &str| Message {
+        id: Some(id.as_bytes().to_vec()),
+        events: parse_message(format!(r#"{{"domain":"{domain}","type":"delivered"}}"#).as_bytes())
+            .expect("valid"),
+    };
+    let first_batch = vec![message("shared", "a.example")];
+    let second_batch = vec![message("shared", "a.example"), message("own", "b.example")];
+
+    // The first batch stops between its statements and COMMIT, its claim of `shared` made.
+    let (entered, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let first = tokio::spawn({
+        let (store, entered, release) = (store.clone(), entered.clone(), release.clone());
+        async move {
+            let hook = move || -> BoxFuture<'static, ()> {
+                let (entered, release) = (entered.clone(), release.clone());
+                Box::pin(async move {
+                    entered.notify_one();
+                    release.notified().await;
+                })
+            };
+            store.apply_once(None, &first_batch, Some(&hook)).await
+        }
+    });
+    entered.notified().await;
+    let second = tokio::spawn({
+        let (store, batch) = (store.clone(), second_batch.clone());
+        async move { store.apply(&batch).await }
+    });
+    // The second batch's insert of `shared` waits for the first transaction.
+    db.await_lock_waits(
+        1,
+        "%applied_messages%",
+        "the second claim to wait for the first",
+    )
+    .await;
+    release.notify_one();
+    let applied = first.await.expect("join").expect("the first batch commits");
+    assert_eq!((applied.messages, applied.duplicates), (1, 0));
+    let error = second
+        .await
+        .expect("join")
+        .expect_err("the second claim meets the committed `shared`");
+    assert!(error.is_claim_conflict(), "a claim conflict: {error:?}");
+    assert!(!error.is_permanent(), "never bisected or dead-lettered");
+
+    let again = store.apply(&second_batch).await.expect("applied again");
+    assert_eq!(
+        (again.messages, again.duplicates),
+        (1, 1),
+        "`own` counts, `shared` is a duplicate"
+    );
+    let counts = db.counts().await;
+    assert_eq!(counts["a.example"], (1, 0));
+    assert_eq!(counts["b.example"], (1, 0));
+}

@@ -69,6 +69,26 @@ impl TestDb {
         client
     }
 
+    /// Waits until at least `sessions` sessions of this database whose query matches `like` (a
+    /// SQL LIKE pattern) wait on a lock.
+    pub async fn await_lock_waits(&self, sessions: i64, like: &str, what: &str) {
+        let client = self.client().await;
+        wait_for(Duration::from_secs(15), what, || async {
+            let waiting: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock' \
+                       AND query LIKE $1",
+                    &[&like],
+                )
+                .await
+                .expect("pg_stat_activity")
+                .get(0);
+            (waiting >= sessions).then_some(())
+        })
+        .await
+    }
+
     /// Every domain's counters.
     pub async fn counts(&self) -> Counts {
         self.client()

@@ -322,23 +322,10 @@ async fn readyz_stays_ready_while_lookups_hold_every_pooled_connection() {
             tokio::spawn(async move { reqwest::get(url).await.map(|r| r.status()) })
         })
         .collect();
-    let watcher = db.client().await;
-    wait_for(
-        Duration::from_secs(15),
+    db.await_lock_waits(
+        2,
+        "%FROM domains WHERE domain%",
         "both pooled look-up connections to wait on the lock",
-        || async {
-            let waiting: i64 = watcher
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity \
-                     WHERE datname = current_database() AND wait_event_type = 'Lock' \
-                       AND query LIKE '%FROM domains WHERE domain%'",
-                    &[],
-                )
-                .await
-                .expect("pg_stat_activity")
-                .get(0);
-            (waiting >= 2).then_some(())
-        },
     )
     .await;
     for _ in 0..3 {
