@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 EVENTS ?= 10000
 
-.PHONY: start services events createEvents test nextest chaos bench bench-baseline bench-pg soak lint lint-rust lint-deploy build postfix
+.PHONY: start services events createEvents test nextest chaos bench bench-baseline bench-claim bench-pg soak lint lint-rust lint-deploy build postfix
 
 ## start: make sure RabbitMQ and Postgres answer (starting them), then run the worker in the foreground
 start: services
@@ -55,6 +55,11 @@ bench-baseline: services
 	cd target/baseline-src && CARGO_TARGET_DIR=$(CURDIR)/target/baseline $(CARGO) build --release --bin catchall
 	$(CARGO) build --release -p catchall-producer
 	BENCH_BASELINE_BIN=$(CURDIR)/target/baseline/release/catchall $(CARGO) bench --bench bench
+
+## bench-claim: Postgres CPU per claimed id, the worker's claim against the one it replaced, the
+## pre-issue-8 single table and a plain insert (BENCH_REPEATS rounds, interleaved; issue 13)
+bench-claim: services
+	BENCH_STAGES=claim $(CARGO) bench --bench bench
 
 ## soak: SOAK_MINUTES (default 30) of the producer's generator stream at half the measured capacity
 ## (SOAK_RATE sets it): throughput, RSS, dedup table size and freshness per minute, as a table and

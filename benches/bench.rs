@@ -55,6 +55,8 @@ use rand::{Rng, SeedableRng};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+// Issue 13: what a claim costs Postgres per id, statement against statement.
+mod claim;
 // The HTTP stage (issue 10): its own module, so the stages stay apart.
 mod http_stage;
 // Issue 13: CPU sampling and statistics; open-loop load; the soak.
@@ -126,6 +128,18 @@ async fn main() -> Result<()> {
         )
         .context("writing target/bench/http.json")?;
         println!("\nwritten: target/bench/http.json");
+        return Ok(());
+    }
+    // BENCH_STAGES=claim (`make bench-claim`) runs only the claim stage.
+    if std::env::var("BENCH_STAGES").is_ok_and(|s| s == "claim") {
+        let report = claim::claim_stage().await?;
+        std::fs::create_dir_all("target/bench").context("creating target/bench")?;
+        std::fs::write(
+            "target/bench/claim.json",
+            serde_json::to_string_pretty(&report)?,
+        )
+        .context("writing target/bench/claim.json")?;
+        println!("\nwritten: target/bench/claim.json");
         return Ok(());
     }
     // BENCH_STAGES=soak (`make soak`) runs only the soak.

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 mod dedup;
-pub use dedup::{Upkeep, partition_days};
+pub use dedup::{CLAIM, Upkeep, partition_days};
 
 mod embedded {
     refinery::embed_migrations!("migrations");

@@ -56,7 +56,7 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-async fn admin() -> Result<tokio_postgres::Client> {
+pub async fn admin() -> Result<tokio_postgres::Client> {
     let (client, connection) =
         tokio_postgres::connect(&format!("{PG_HOST}/postgres"), tokio_postgres::NoTls)
             .await

@@ -7,7 +7,7 @@
 //! ([`CLAIM`]) therefore looks its ids up in every partition and inserts the others, with a plain
 //! `INSERT`: when a concurrent transaction inserts one of the same ids into the same partition,
 //! the unique index makes the second wait for the first and then fail with `unique_violation`
-//! if the first committed. That error is transient ([`Store::is_claim_conflict`]): the batch is
+//! if the first committed. That error is transient ([`super::StoreError::is_claim_conflict`]): the batch is
 //! retried, and its new look-up meets the committed id. Two attempts of one id can only run at
 //! once when a redelivery (after a lost broker connection) overlaps the old attempt's
 //! transaction, which lives at most a few statement timeouts, or when a publisher's retry put a
@@ -38,22 +38,17 @@ pub(super) const CLAIM_LOCKS: &str = "SELECT count(pg_advisory_xact_lock(1667326
 
 /// Claims the keys of `$1` (a batch's distinct message ids and, when it has one, its token;
 /// sorted): returns the keys some partition already holds, and inserts the others into the
-/// partition of now().
+/// partition of now() (migration V8's `applied_messages_claim`).
 ///
 /// One `= ANY` index scan per partition finds the held keys (all sub-statements of a `WITH` run
 /// on one snapshot); the rest are inserted in key order, so two batches with common ids wait
 /// on each other in one order (no deadlock). A plain `INSERT`, not `ON CONFLICT DO NOTHING`:
 /// the look-up already met every committed key, so a conflict can only be a concurrent claim,
-/// which fails the batch (`unique_violation`, retried as transient) instead of costing every
-/// insert a speculative insertion (about 1.5 µs of Postgres CPU per id here, plus the
-/// `RETURNING` of every fresh id: measured in the README). Only the held keys come back,
-/// normally none.
-pub(super) const CLAIM: &str = "WITH held AS MATERIALIZED ( \
-       SELECT message_id FROM applied_messages WHERE message_id = ANY($1::bytea[])), \
-     claimed AS (INSERT INTO applied_messages (message_id) \
-       SELECT id FROM unnest($1::bytea[]) id WHERE id NOT IN (SELECT message_id FROM held) \
-       ORDER BY id) \
-     SELECT message_id FROM held";
+/// which fails the batch (`unique_violation`, applied again: [`super::StoreError::is_claim_conflict`])
+/// instead of costing every insert a speculative insertion, and only the held keys come back
+/// (normally none), not every fresh id. Measured per id by `make bench-claim` (README). A
+/// function, so that its plan is made with sequential scans off: see V8. Public for the bench.
+pub const CLAIM: &str = "SELECT applied_messages_claim($1::bytea[])";
 
 /// The partitions whose upper bound is at least `$1` seconds old: every id in them is older
 /// than the retention (the default partition has no bound and is never listed).

@@ -419,3 +419,73 @@ async fn a_claim_that_meets_a_concurrent_claim_of_the_same_id_is_applied_again_a
     assert_eq!(counts["a.example"], (1, 0));
     assert_eq!(counts["b.example"], (1, 0));
 }
+
+/// A new partition is empty, and autovacuum may analyse it so: a prepared claim statement's
+/// generic plan, made then and kept by the connection, read that partition with a sequential
+/// scan at every claim while it grew to millions of ids. The claim (migration V8) is planned
+/// with sequential scans off: it probes the index of a partition analysed while empty, after as
+/// many claims on one connection as it takes Postgres to switch to a generic plan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_claim_probes_the_index_of_a_partition_analysed_while_empty() {
+    use catchall::event::parse_message;
+    use catchall::store::{Message, Store};
+    let db = TestDb::create().await;
+    let store = Store::connect(&db.url, 1).await.expect("connect");
+    store.migrate().await.expect("migrate");
+    let client = db.client().await;
+    client
+        .batch_execute("ANALYZE applied_messages")
+        .await
+        .expect("analyse the empty partitions");
+    // The partition of now(), and its scans so far.
+    let current: String = client
+        .query_one(
+            "WITH probe AS (INSERT INTO applied_messages (message_id) VALUES ('probe') \
+                            RETURNING tableoid) \
+             SELECT tableoid::regclass::text FROM probe",
+            &[],
+        )
+        .await
+        .expect("the partition of now()")
+        .get(0);
+    let scans = || async {
+        let row = client
+            .query_one(
+                "SELECT seq_scan, coalesce(idx_scan, 0) FROM pg_stat_user_tables \
+                   WHERE relid = $1::text::regclass",
+                &[&current],
+            )
+            .await
+            .expect("pg_stat_user_tables");
+        (row.get::<_, i64>(0), row.get::<_, i64>(1))
+    };
+    let (seq_before, idx_before) = scans().await;
+    for batch in 0..10 {
+        let messages: Vec<Message> = (0..20)
+            .map(|i| Message {
+                id: Some(format!("{batch}-{i}").into_bytes()),
+                events: parse_message(br#"{"domain":"a.example","type":"delivered"}"#)
+                    .expect("valid"),
+            })
+            .collect();
+        let applied = store.apply(&messages).await.expect("apply");
+        assert_eq!(applied.messages, 20);
+    }
+    // Statistics reach pg_stat_user_tables when the backend flushes them (within seconds).
+    let (seq_after, idx_after) = wait_for(
+        Duration::from_secs(30),
+        "the claims' scans of the partition in the statistics",
+        || async {
+            let (seq, idx) = scans().await;
+            (seq - seq_before + idx - idx_before >= 10).then_some((seq, idx))
+        },
+    )
+    .await;
+    assert_eq!(
+        seq_after,
+        seq_before,
+        "no claim read the partition sequentially ({} index scans)",
+        idx_after - idx_before
+    );
+    assert_eq!(db.counts().await["a.example"], (200, 0));
+}
