@@ -105,6 +105,9 @@ struct Baseline {
     bin: std::path::PathBuf,
     /// Migrated by the baseline binary, every bench domain present at zero.
     template: String,
+    /// Ours without migration V7's column and index (issue 10's listing flag), which came after
+    /// the baseline: our worker drains it too, so issue 8's changes can be read apart from V7.
+    without_v7: String,
 }
 
 /// One timed window of a stage: its wall time and the CPU every process spent in it.
@@ -121,26 +124,11 @@ async fn main() -> Result<()> {
     if std::env::var("BENCH_STAGES").is_ok_and(|s| s == "http") {
         let report = http_stage::http_stage().await?;
         http_stage::print_http(&report);
-        std::fs::create_dir_all("target/bench").context("creating target/bench")?;
-        std::fs::write(
-            "target/bench/http.json",
-            serde_json::to_string_pretty(&report)?,
-        )
-        .context("writing target/bench/http.json")?;
-        println!("\nwritten: target/bench/http.json");
-        return Ok(());
+        return write_report("http.json", &report);
     }
     // BENCH_STAGES=claim (`make bench-claim`) runs only the claim stage.
     if std::env::var("BENCH_STAGES").is_ok_and(|s| s == "claim") {
-        let report = claim::claim_stage().await?;
-        std::fs::create_dir_all("target/bench").context("creating target/bench")?;
-        std::fs::write(
-            "target/bench/claim.json",
-            serde_json::to_string_pretty(&report)?,
-        )
-        .context("writing target/bench/claim.json")?;
-        println!("\nwritten: target/bench/claim.json");
-        return Ok(());
+        return write_report("claim.json", &claim::claim_stage().await?);
     }
     // BENCH_STAGES=soak (`make soak`) runs only the soak.
     if std::env::var("BENCH_STAGES").is_ok_and(|s| s == "soak") {
@@ -176,6 +164,7 @@ async fn main() -> Result<()> {
     let baseline = std::env::var_os("BENCH_BASELINE_BIN").map(|bin| Baseline {
         bin: bin.into(),
         template: format!("bench_base_{id}"),
+        without_v7: format!("bench_nov7_{id}"),
     });
     let run = Run {
         id,
@@ -197,6 +186,7 @@ async fn main() -> Result<()> {
     run.drop_db(&run.empty_template).await;
     if let Some(baseline) = &run.baseline {
         run.drop_db(&baseline.template).await;
+        run.drop_db(&baseline.without_v7).await;
     }
     let mut report = result?;
     if std::env::var("BENCH_STAGES").is_err() && std::env::var("BENCH_SKIP_HTTP").is_err() {
@@ -206,13 +196,16 @@ async fn main() -> Result<()> {
     }
     eprintln!("bench: done in {:.0} s", started.elapsed().as_secs_f64());
     print_table(&report);
+    write_report("latest.json", &report)
+}
+
+/// Writes a report to `target/bench/{file}`.
+fn write_report(file: &str, report: &serde_json::Value) -> Result<()> {
     std::fs::create_dir_all("target/bench").context("creating target/bench")?;
-    std::fs::write(
-        "target/bench/latest.json",
-        serde_json::to_string_pretty(&report)?,
-    )
-    .context("writing target/bench/latest.json")?;
-    println!("\nwritten: target/bench/latest.json");
+    let path = format!("target/bench/{file}");
+    std::fs::write(&path, serde_json::to_string_pretty(report)?)
+        .with_context(|| format!("writing {path}"))?;
+    println!("\nwritten: {path}");
     Ok(())
 }
 
@@ -293,6 +286,9 @@ impl Run {
                 if let Some(base) = self.baseline_drain("single-baseline", &singles).await? {
                     record("single_worker_baseline", base.timed);
                 }
+                if let Some(ours) = self.without_v7_drain("single-nov7", &singles).await? {
+                    record("single_worker_without_v7", ours.timed);
+                }
                 let off = self
                     .worker_drain("single-nodedup", &singles, false, false, false)
                     .await?;
@@ -313,6 +309,9 @@ impl Run {
             record("batched_worker", batched.timed);
             if let Some(base) = self.baseline_drain("batched-baseline", &batches).await? {
                 record("batched_worker_baseline", base.timed);
+            }
+            if let Some(ours) = self.without_v7_drain("batched-nov7", &batches).await? {
+                record("batched_worker_without_v7", ours.timed);
             }
             // The insert path (every domain new) runs with BENCH_STAGES=batched too, so
             // `make bench-pg` measures it at 10,000,000 domains.
@@ -532,6 +531,11 @@ impl Run {
                 "batched_events_per_s": rate("batched_worker_baseline").median.round(),
                 "batched_ratio": round3(paired("batched_worker", "batched_worker_baseline").median),
                 "batched_ratio_spread": paired("batched_worker", "batched_worker_baseline").json(3),
+                // Issue 8's changes alone: ours without V7 (issue 10) against the baseline.
+                "single_ratio_without_v7": round3(paired("single_worker_without_v7", "single_worker_baseline").median),
+                "single_ratio_without_v7_spread": paired("single_worker_without_v7", "single_worker_baseline").json(3),
+                "batched_ratio_without_v7": round3(paired("batched_worker_without_v7", "batched_worker_baseline").median),
+                "batched_ratio_without_v7_spread": paired("batched_worker_without_v7", "batched_worker_baseline").json(3),
                 "rss_mib": round3(rss_of(&t, &["single_worker_baseline", "batched_worker_baseline"])),
                 "cpu_us_per_event": {
                     "single": cpu("single_worker_baseline"),
@@ -614,6 +618,23 @@ impl Run {
         drop(store);
         if let Some(baseline) = &self.baseline {
             self.baseline_template(baseline).await?;
+            // Our template without V7 (the worker does not read the flag to apply).
+            self.admin()
+                .await?
+                .batch_execute(&format!(
+                    "CREATE DATABASE {} TEMPLATE {}",
+                    baseline.without_v7, self.template
+                ))
+                .await?;
+            let url = format!("{PG_HOST}/{}", baseline.without_v7);
+            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+            let task = tokio::spawn(connection);
+            client
+                .batch_execute("ALTER TABLE domains DROP COLUMN catch_all_1000; VACUUM ANALYZE domains; CHECKPOINT")
+                .await
+                .context("dropping V7 from a copy of the template")?;
+            drop(client);
+            let _ = task.await;
         }
         eprintln!(
             "template: {} domains in {:.1} s",
@@ -1014,6 +1035,18 @@ impl Run {
         ))
     }
 
+    /// [`Run::worker_drain`] (ids, update path) on our template without V7, beside a baseline.
+    async fn without_v7_drain(&self, stage: &str, bodies: &[Vec<u8>]) -> Result<Option<Drain>> {
+        let Some(baseline) = &self.baseline else {
+            return Ok(None);
+        };
+        let bin = std::path::Path::new(env!("CARGO_BIN_EXE_catchall"));
+        let worker = (bin, baseline.without_v7.as_str());
+        Ok(Some(
+            self.drain_with(stage, bodies, true, false, worker).await?,
+        ))
+    }
+
     /// Drains a prefilled queue with `worker`'s binary on a clone of its template database.
     async fn drain_with(
         &self,
@@ -1355,6 +1388,13 @@ fn print_table(r: &serde_json::Value) {
             baseline["batched_ratio"],
             baseline["batched_ratio_spread"],
             baseline["rss_mib"],
+        );
+        println!(
+            "ours without V7 (issue 10's listing flag) / baseline: single {} (spread {}); batched {} (spread {})",
+            baseline["single_ratio_without_v7"],
+            baseline["single_ratio_without_v7_spread"],
+            baseline["batched_ratio_without_v7"],
+            baseline["batched_ratio_without_v7_spread"],
         );
     }
     let outage = &r["outage"];
