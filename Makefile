@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 EVENTS ?= 10000
 
-.PHONY: start services events createEvents test nextest chaos bench bench-baseline bench-claim bench-pg soak lint lint-rust lint-deploy build postfix
+.PHONY: start services events createEvents test extra-stop nextest chaos bench bench-baseline bench-claim bench-pg soak lint lint-rust lint-deploy build postfix
 
 ## start: make sure RabbitMQ and Postgres answer (starting them), then run the worker in the foreground
 start: services
@@ -26,6 +26,11 @@ build:
 test: build nextest postfix
 	bash .ci/extra.sh  # TLS broker and Postgres, 3-node cluster, replica (tests/it/{tls,cluster,replica}.rs)
 	$(CARGO) nextest run --workspace --no-fail-fast
+
+## extra-stop: stop the extra servers `make test` leaves running (TLS, cluster, replica): they take CPU
+## while idle, so stop them before `make bench`
+extra-stop:
+	bash .ci/extra.sh stop
 
 # postfix: the Debian package tests/it/tail.rs runs its own instance of (installed if missing,
 # never configured or started as a system service)

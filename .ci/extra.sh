@@ -7,6 +7,21 @@ started=$(date +%s)
 # The packages the three scripts need, installed here one at a time: the scripts run in
 # parallel and must not run apt-get at the same time (dpkg lock).
 . ./extra-lib.sh
+# `extra.sh stop` (make extra-stop): stops them, data kept (the next run starts them again). They
+# take CPU while they idle (four RabbitMQ nodes, three Postgres clusters): stop them before a bench.
+if [ "${1:-}" = stop ]; then
+  for node in catchall-c3 catchall-c2 catchall-c1 catchall-tls; do
+    if rmqctl "$node@localhost" ping >/dev/null 2>&1; then rmqctl "$node@localhost" stop >/dev/null; fi
+  done
+  version=$(pg_version)
+  for cluster in catchall_replica catchall_primary catchall_tls; do
+    if pg_lsclusters -h 2>/dev/null | grep " $cluster " | grep -q online; then
+      as_root pg_ctlcluster --skip-systemctl-redirect "$version" "$cluster" stop
+    fi
+  done
+  echo "extra servers stopped"
+  exit 0
+fi
 for pair in openssl:openssl rabbitmq-server:rabbitmq-server pg_createcluster:postgresql; do
   if ! need "${pair%%:*}" "${pair#*:}"; then
     echo "extra servers: installing ${pair#*:} failed" >&2

@@ -629,10 +629,17 @@ impl Run {
             let url = format!("{PG_HOST}/{}", baseline.without_v7);
             let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
             let task = tokio::spawn(connection);
-            client
-                .batch_execute("ALTER TABLE domains DROP COLUMN catch_all_1000; VACUUM ANALYZE domains; CHECKPOINT")
-                .await
-                .context("dropping V7 from a copy of the template")?;
+            // One statement each: VACUUM cannot run in the implicit transaction of a batch.
+            for sql in [
+                "ALTER TABLE domains DROP COLUMN catch_all_1000",
+                "VACUUM ANALYZE domains",
+                "CHECKPOINT",
+            ] {
+                client
+                    .batch_execute(sql)
+                    .await
+                    .with_context(|| format!("dropping V7 from a copy of the template: {sql}"))?;
+            }
             drop(client);
             let _ = task.await;
         }
