@@ -2,7 +2,8 @@
 -- already holds, and inserts the others into the partition of now(), in key order. A plain
 -- INSERT: the look-up met every committed key (all sub-statements of a WITH run on one
 -- snapshot), so a conflict can only be a concurrent claim of the same key, which waits for it
--- and fails with unique_violation if it commits (the worker applies the batch again).
+-- and fails with unique_violation if it commits (the worker applies the batch again). DISTINCT:
+-- a key given twice is claimed once (the worker sends them distinct; other callers may not).
 --
 -- A function for one setting, `enable_seqscan = off`: the look-up must be an index probe per
 -- key in every partition, whatever the statistics say. A prepared statement's generic plan is
@@ -19,7 +20,7 @@ BEGIN
         SELECT message_id FROM applied_messages WHERE message_id = ANY(keys)),
     claimed AS (
         INSERT INTO applied_messages (message_id)
-        SELECT id FROM unnest(keys) id WHERE id NOT IN (SELECT message_id FROM held)
+        SELECT DISTINCT id FROM unnest(keys) id WHERE id NOT IN (SELECT message_id FROM held)
         ORDER BY id)
     SELECT message_id FROM held;
 END $$;

@@ -827,6 +827,7 @@ async fn apply_attempts(
         .map(|hook| hook as crate::store::BeforeCommit<'_>);
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut attempts = 0u32;
+    let mut conflicts = 0u32;
     loop {
         attempts += 1;
         tracing::Span::current().record("attempts", i64::from(attempts));
@@ -857,9 +858,12 @@ async fn apply_attempts(
                 let error = anyhow::Error::new(error);
                 return Ok(Err(format!("{error:#}")));
             }
-            Err(error) if error.is_claim_conflict() => {
+            Err(error) if error.is_claim_conflict() && conflicts < MAX_IMMEDIATE_CONFLICTS => {
                 // Not a failure of Postgres: the retry's look-up meets the id the other batch
-                // committed. Each conflict is one more id held, so this ends.
+                // committed, so it is applied again at once. More conflicts in a row than that
+                // take the backoff path below (counted, logged, `/readyz` told), in case
+                // something else raises them.
+                conflicts += 1;
                 metrics::claim_conflict(&anyhow::Error::new(error));
             }
             Err(error) => {
@@ -884,6 +888,10 @@ async fn apply_attempts(
         }
     }
 }
+
+/// Claim conflicts (see [`crate::store::StoreError::is_claim_conflict`]) a batch is applied again
+/// after at once; each one means another batch committed one of its ids, so a few are plenty.
+const MAX_IMMEDIATE_CONFLICTS: u32 = 8;
 
 /// Starts a consumer on `queue` under a fresh tag.
 async fn consume(channel: &Channel, queue: &str) -> anyhow::Result<(String, lapin::Consumer)> {

@@ -78,17 +78,22 @@ impl StoreError {
 
     /// A `unique_violation` on the applied ids: a concurrent transaction claimed one of the
     /// batch's ids (or its token) and committed while this claim waited for it (see
-    /// `dedup::CLAIM`). Retrying the batch meets the committed id and skips it.
+    /// `dedup::CLAIM`). Retrying the batch meets the committed id and skips it. Recognised by
+    /// the index: a partition's unique index on `message_id` (`<partition>_message_id`, V5) on
+    /// a partition of `applied_messages`. Any other unique violation (on a table an operator
+    /// added beside ours, say) stays a permanent error.
     pub fn is_claim_conflict(&self) -> bool {
         let Self::Query(error) = self else {
             return false;
         };
-        error.as_db_error().is_some_and(|db| {
-            *db.code() == tokio_postgres::error::SqlState::UNIQUE_VIOLATION
-                && db
-                    .table()
-                    .is_some_and(|t| t.starts_with("applied_messages"))
-        })
+        let Some(db) = error.as_db_error() else {
+            return false;
+        };
+        *db.code() == tokio_postgres::error::SqlState::UNIQUE_VIOLATION
+            && db.table().is_some_and(|table| {
+                table.starts_with("applied_messages_")
+                    && db.constraint() == Some(format!("{table}_message_id").as_str())
+            })
     }
 }
 
@@ -318,7 +323,13 @@ impl Store {
         before_commit: Option<BeforeCommit<'_>>,
     ) -> Result<Applied, StoreError> {
         let mut applied = Applied::default();
-        let tx = client.transaction().await?;
+        // READ COMMITTED whatever `default_transaction_isolation` says: the claim must take its
+        // snapshot after the bucket locks it waits for near midnight (see `dedup`).
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
+            .start()
+            .await?;
         // Ids, sorted (lock order) and without repeats within the batch.
         let mut ids: Vec<&[u8]> = batch.iter().filter_map(|m| m.id.as_deref()).collect();
         ids.sort_unstable();

@@ -89,6 +89,15 @@ impl TestDb {
         .await
     }
 
+    /// A store on this database with `pool_size` connections, migrated.
+    pub async fn store(&self, pool_size: u32) -> catchall::store::Store {
+        let store = catchall::store::Store::connect(&self.url, pool_size)
+            .await
+            .expect("connect");
+        store.migrate().await.expect("migrate");
+        store
+    }
+
     /// Every domain's counters.
     pub async fn counts(&self) -> Counts {
         self.client()
