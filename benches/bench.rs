@@ -283,10 +283,8 @@ impl Run {
                     .worker_drain("single-worker", &singles, true, false, false)
                     .await?;
                 record("single_worker", on.timed);
-                if let Some(base) = self.baseline_drain("single-baseline", &singles).await? {
+                if let Some((base, ours)) = self.baseline_drains("single", &singles).await? {
                     record("single_worker_baseline", base.timed);
-                }
-                if let Some(ours) = self.without_v7_drain("single-nov7", &singles).await? {
                     record("single_worker_without_v7", ours.timed);
                 }
                 let off = self
@@ -307,10 +305,8 @@ impl Run {
                 .worker_drain("batched-worker", &batches, true, false, false)
                 .await?;
             record("batched_worker", batched.timed);
-            if let Some(base) = self.baseline_drain("batched-baseline", &batches).await? {
+            if let Some((base, ours)) = self.baseline_drains("batched", &batches).await? {
                 record("batched_worker_baseline", base.timed);
-            }
-            if let Some(ours) = self.without_v7_drain("batched-nov7", &batches).await? {
                 record("batched_worker_without_v7", ours.timed);
             }
             // The insert path (every domain new) runs with BENCH_STAGES=batched too, so
@@ -1031,27 +1027,26 @@ impl Run {
             .await
     }
 
-    /// [`Run::worker_drain`] with the `BENCH_BASELINE_BIN` binary on its own template.
-    async fn baseline_drain(&self, stage: &str, bodies: &[Vec<u8>]) -> Result<Option<Drain>> {
+    /// With `BENCH_BASELINE_BIN`, two more drains of `bodies` (ids, update path): the baseline
+    /// binary on its own template, then ours on our template without V7.
+    async fn baseline_drains(
+        &self,
+        kind: &str,
+        bodies: &[Vec<u8>],
+    ) -> Result<Option<(Drain, Drain)>> {
         let Some(baseline) = &self.baseline else {
             return Ok(None);
         };
-        let worker = (baseline.bin.as_path(), baseline.template.as_str());
-        Ok(Some(
-            self.drain_with(stage, bodies, true, false, worker).await?,
-        ))
-    }
-
-    /// [`Run::worker_drain`] (ids, update path) on our template without V7, beside a baseline.
-    async fn without_v7_drain(&self, stage: &str, bodies: &[Vec<u8>]) -> Result<Option<Drain>> {
-        let Some(baseline) = &self.baseline else {
-            return Ok(None);
-        };
-        let bin = std::path::Path::new(env!("CARGO_BIN_EXE_catchall"));
-        let worker = (bin, baseline.without_v7.as_str());
-        Ok(Some(
-            self.drain_with(stage, bodies, true, false, worker).await?,
-        ))
+        let ours = std::path::Path::new(env!("CARGO_BIN_EXE_catchall"));
+        let base = (baseline.bin.as_path(), baseline.template.as_str());
+        let base = self
+            .drain_with(&format!("{kind}-baseline"), bodies, true, false, base)
+            .await?;
+        let without_v7 = (ours, baseline.without_v7.as_str());
+        let without_v7 = self
+            .drain_with(&format!("{kind}-nov7"), bodies, true, false, without_v7)
+            .await?;
+        Ok(Some((base, without_v7)))
     }
 
     /// Drains a prefilled queue with `worker`'s binary on a clone of its template database.
