@@ -116,6 +116,13 @@ struct Timed {
     cpu: CpuWindow,
     /// The worker's peak RSS (`VmHWM`), for stages that run the worker binary.
     rss_mib: f64,
+    /// Worker drains: from starting the process to its first counted event (connecting,
+    /// migrations, topology, the first batch), NaN for other stages.
+    startup_secs: f64,
+    /// The time the whole stage would take at its steady rate: for worker drains, the rate
+    /// from the moment a tenth of the events was counted to the end (no start-up in it);
+    /// for other stages, `secs`.
+    steady_secs: f64,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -258,8 +265,17 @@ impl Run {
         for round in 1..=self.repeats {
             eprintln!("round {round}/{}", self.repeats);
             let mut record = |stage: &'static str, timed: Timed| {
+                let steady = if timed.startup_secs.is_nan() {
+                    String::new()
+                } else {
+                    format!(
+                        "; steady {:.0} events/s after {:.3} s to the first count",
+                        n / timed.steady_secs,
+                        timed.startup_secs
+                    )
+                };
                 eprintln!(
-                    "  {stage}: {:.0} events/s, {:.1} CPU-µs/event ({:.2} cores busy on the machine)",
+                    "  {stage}: {:.0} events/s, {:.1} CPU-µs/event ({:.2} cores busy on the machine){steady}",
                     n / timed.secs,
                     timed.cpu.total_per_event(n),
                     timed.cpu.machine_busy_cores
@@ -333,17 +349,21 @@ impl Run {
             )
         };
         // Paired per round: worker against the ceiling measured minutes apart in the same round.
-        let paired = |worker: &str, ceiling: &str| -> Summary {
+        let paired_by = |worker: &str, ceiling: &str, secs: fn(&Timed) -> f64| -> Summary {
             let (Some(w), Some(c)) = (t.get(worker), t.get(ceiling)) else {
                 return Summary::of(&[]);
             };
             Summary::of(
                 &w.iter()
                     .zip(c)
-                    .map(|(w, c)| c.secs / w.secs)
+                    .map(|(w, c)| secs(c) / secs(w))
                     .collect::<Vec<_>>(),
             )
         };
+        let paired = |worker: &str, ceiling: &str| paired_by(worker, ceiling, |x| x.secs);
+        // The same at the steady rates (worker drains without their start-up).
+        let paired_steady =
+            |worker: &str, ceiling: &str| paired_by(worker, ceiling, |x| x.steady_secs);
         let cpu = |stage: &str| -> serde_json::Value {
             let windows: Vec<(CpuWindow, f64)> = t
                 .get(stage)
@@ -532,10 +552,25 @@ impl Run {
                 "single_ratio_without_v7_spread": paired("single_worker_without_v7", "single_worker_baseline").json(3),
                 "batched_ratio_without_v7": round3(paired("batched_worker_without_v7", "batched_worker_baseline").median),
                 "batched_ratio_without_v7_spread": paired("batched_worker_without_v7", "batched_worker_baseline").json(3),
+                // Without the start-up (process start to first count), which the whole drains
+                // include: the rate from the first tenth counted to the end.
+                "steady": {
+                    "single_ratio": paired_steady("single_worker", "single_worker_baseline").json(3),
+                    "batched_ratio": paired_steady("batched_worker", "batched_worker_baseline").json(3),
+                    "single_ratio_without_v7": paired_steady("single_worker_without_v7", "single_worker_baseline").json(3),
+                    "batched_ratio_without_v7": paired_steady("batched_worker_without_v7", "batched_worker_baseline").json(3),
+                },
+                "startup_secs": {
+                    "ours": round3(median_of("batched_worker", &|x| x.startup_secs)),
+                    "ours_without_v7": round3(median_of("batched_worker_without_v7", &|x| x.startup_secs)),
+                    "baseline": round3(median_of("batched_worker_baseline", &|x| x.startup_secs)),
+                },
                 "rss_mib": round3(rss_of(&t, &["single_worker_baseline", "batched_worker_baseline"])),
                 "cpu_us_per_event": {
                     "single": cpu("single_worker_baseline"),
                     "batched": cpu("batched_worker_baseline"),
+                    "single_ours_without_v7": cpu("single_worker_without_v7"),
+                    "batched_ours_without_v7": cpu("batched_worker_without_v7"),
                 },
             })
         });
@@ -852,6 +887,8 @@ impl Run {
                 secs,
                 cpu,
                 rss_mib: f64::NAN,
+                startup_secs: f64::NAN,
+                steady_secs: secs,
             },
             publish_rate,
         ))
@@ -907,6 +944,8 @@ impl Run {
             secs,
             cpu,
             rss_mib: f64::NAN,
+            startup_secs: f64::NAN,
+            steady_secs: secs,
         })
     }
 
@@ -995,6 +1034,8 @@ impl Run {
             secs,
             cpu,
             rss_mib: f64::NAN,
+            startup_secs: f64::NAN,
+            steady_secs: secs,
         })
     }
 
@@ -1085,8 +1126,18 @@ impl Run {
 
         let want = self.events.len() as f64;
         let deadline = Instant::now() + Duration::from_secs(600);
+        // The first counted event, and the first moment a tenth was counted (with the count).
+        let mut first: Option<Instant> = None;
+        let mut tenth: Option<(Instant, f64)> = None;
         loop {
-            if counted(&http, &base).await >= Some(want) {
+            let now = counted(&http, &base).await;
+            if let Some(c) = now.filter(|c| *c > 0.0) {
+                first.get_or_insert_with(Instant::now);
+                if c >= want / 10.0 && c < want {
+                    tenth.get_or_insert_with(|| (Instant::now(), c));
+                }
+            }
+            if now >= Some(want) {
                 break;
             }
             if let Some(status) = child.try_wait()? {
@@ -1097,9 +1148,15 @@ impl Run {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let secs = started.elapsed().as_secs_f64();
+        let end = Instant::now();
+        let secs = (end - started).as_secs_f64();
         let cpu = sampler.stop();
         done.notify_waiters();
+        let startup_secs = first.map_or(secs, |f| (f - started).as_secs_f64());
+        // Seconds for every event at the rate after the first tenth (the whole drain when it
+        // went faster than one poll).
+        let steady_secs =
+            tenth.map_or(secs, |(at, c)| (end - at).as_secs_f64() * want / (want - c));
         let lookups = match lookup_task {
             Some(task) => Some(task.await?),
             None => None,
@@ -1113,7 +1170,13 @@ impl Run {
             bail!("{stage}: counted {total} events, not {}", self.events.len());
         }
         Ok(Drain {
-            timed: Timed { secs, cpu, rss_mib },
+            timed: Timed {
+                secs,
+                cpu,
+                rss_mib,
+                startup_secs,
+                steady_secs,
+            },
             lookups,
         })
     }
@@ -1397,6 +1460,17 @@ fn print_table(r: &serde_json::Value) {
             baseline["single_ratio_without_v7_spread"],
             baseline["batched_ratio_without_v7"],
             baseline["batched_ratio_without_v7_spread"],
+        );
+        let steady = &baseline["steady"];
+        println!(
+            "at the steady rates (start-up left out; to the first count: ours {} s, without V7 {} s, baseline {} s): single {}, batched {}; without V7: single {}, batched {}",
+            baseline["startup_secs"]["ours"],
+            baseline["startup_secs"]["ours_without_v7"],
+            baseline["startup_secs"]["baseline"],
+            steady["single_ratio"]["median"],
+            steady["batched_ratio"]["median"],
+            steady["single_ratio_without_v7"]["median"],
+            steady["batched_ratio_without_v7"]["median"],
         );
     }
     let outage = &r["outage"];
