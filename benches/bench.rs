@@ -125,6 +125,19 @@ struct Timed {
     steady_secs: f64,
 }
 
+impl Timed {
+    /// A stage that runs no worker binary: no RSS, no start-up, steady throughout.
+    fn window(secs: f64, cpu: CpuWindow) -> Self {
+        Self {
+            secs,
+            cpu,
+            rss_mib: f64::NAN,
+            startup_secs: f64::NAN,
+            steady_secs: secs,
+        }
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     // BENCH_STAGES=http runs only the HTTP stage (ingest, listing, bulk look-up).
@@ -882,16 +895,7 @@ impl Run {
         let cpu = sampler.stop();
         let _ = connection.close(200, "".into()).await;
         self.delete_topology(&topology).await;
-        Ok((
-            Timed {
-                secs,
-                cpu,
-                rss_mib: f64::NAN,
-                startup_secs: f64::NAN,
-                steady_secs: secs,
-            },
-            publish_rate,
-        ))
+        Ok((Timed::window(secs, cpu), publish_rate))
     }
 
     /// The Postgres floor: the worker's `Store::apply` on the same messages (parsed
@@ -940,13 +944,7 @@ impl Run {
                 self.events.len()
             );
         }
-        Ok(Timed {
-            secs,
-            cpu,
-            rss_mib: f64::NAN,
-            startup_secs: f64::NAN,
-            steady_secs: secs,
-        })
+        Ok(Timed::window(secs, cpu))
     }
 
     /// A floor that is not our code: the plainest upsert of the same events, without
@@ -1030,13 +1028,7 @@ impl Run {
                 self.events.len()
             );
         }
-        Ok(Timed {
-            secs,
-            cpu,
-            rss_mib: f64::NAN,
-            startup_secs: f64::NAN,
-            steady_secs: secs,
-        })
+        Ok(Timed::window(secs, cpu))
     }
 
     async fn total_events(&self, db: &str) -> Result<i64> {
