@@ -93,6 +93,10 @@ async fn run(database: &str) -> Result<Value> {
                 let tx = client.transaction().await?;
                 if variant == "single_table" {
                     tx.query(&statement, &[&ids]).await?;
+                } else if variant == "claim" {
+                    let ids: Vec<&[u8]> = ids.iter().map(|id| id.as_bytes()).collect();
+                    let window = catchall::store::CLAIM_LOCK_WINDOW.as_secs_f64();
+                    tx.query(&statement, &[&ids, &window]).await?;
                 } else {
                     let ids: Vec<&[u8]> = ids.iter().map(|id| id.as_bytes()).collect();
                     tx.query(&statement, &[&ids]).await?;

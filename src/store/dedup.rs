@@ -15,7 +15,8 @@
 //! they land in two partitions and neither sees the other's uncommitted row; so within 10 minutes
 //! of midnight, claims first take transaction-scoped advisory locks on the ids' hash buckets (in
 //! sorted order: no deadlock), and the later attempt's look-up runs after the earlier one
-//! committed or rolled back.
+//! committed or rolled back (migration V9: inside the claim's function, so no statement of
+//! its own).
 
 use super::{Store, StoreError};
 use std::time::Duration;
@@ -24,21 +25,18 @@ use std::time::Duration;
 /// it at the same moment take turns; one that does not get it leaves the work to the holder.
 pub(super) const UPKEEP_LOCK: i64 = 0x0063_6174_6368_7067; // "catchpg"
 
-/// Locks the hash buckets (128) of the ids of `$1` when the transaction started within 10
-/// minutes of UTC midnight (the server's clock, the one that picks the partition); outside
-/// that window, locks nothing. The window must exceed the life of a batch transaction (a few
-/// statements under the 60 s `statement_timeout` and `idle_in_transaction_session_timeout`).
-/// Key space 1667326824 ("cach", the two-`int4` form). Sent pipelined with the claims that
-/// follow, so it costs no round trip; their snapshots are taken after it returns.
-pub(super) const CLAIM_LOCKS: &str = "SELECT count(pg_advisory_xact_lock(1667326824, bucket)) \
-     FROM (SELECT DISTINCT ('x' || substr(md5(id), 1, 8))::bit(32)::int4 & 127 AS bucket \
-           FROM unnest($1::bytea[]) id \
-           WHERE (now() AT TIME ZONE 'UTC')::time NOT BETWEEN '00:10' AND '23:50' \
-           ORDER BY bucket) buckets";
+/// How close to UTC midnight (the server's clock, the one that picks the partition) a claim
+/// first locks its ids' hash buckets (migration V9). It must exceed the life of a batch
+/// transaction: a few statements under the 30 s `DB_TIMEOUT` and the 60 s `statement_timeout`
+/// and `idle_in_transaction_session_timeout`. [`Store::with_claim_lock_window`] changes it
+/// (tests take the locks at any hour with 12 hours or more).
+pub const CLAIM_LOCK_WINDOW: Duration = Duration::from_secs(600);
 
 /// Claims the keys of `$1` (a batch's distinct message ids and, when it has one, its token;
 /// sorted): returns the keys some partition already holds, and inserts the others into the
-/// partition of now() (migration V8's `applied_messages_claim`).
+/// partition of now() (migration V9's `applied_messages_claim`). Within `$2` seconds of UTC
+/// midnight ([`CLAIM_LOCK_WINDOW`]) it first locks the keys' hash buckets, in one statement
+/// with the claim.
 ///
 /// One `= ANY` index scan per partition finds the held keys (all sub-statements of a `WITH` run
 /// on one snapshot); the rest are inserted in key order, so two batches with common ids wait
@@ -48,7 +46,8 @@ pub(super) const CLAIM_LOCKS: &str = "SELECT count(pg_advisory_xact_lock(1667326
 /// instead of costing every insert a speculative insertion, and only the held keys come back
 /// (normally none), not every fresh id. Measured per id by `make bench-claim` (README). A
 /// function, so that its plan is made with sequential scans off: see V8. Public for the bench.
-pub const CLAIM: &str = "SELECT applied_messages_claim($1::bytea[])";
+pub const CLAIM: &str =
+    "SELECT applied_messages_claim($1::bytea[], make_interval(secs => $2::float8))";
 
 /// The partitions whose upper bound is at least `$1` seconds old: every id in them is older
 /// than the retention (the default partition has no bound and is never listed).

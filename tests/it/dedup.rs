@@ -347,33 +347,32 @@ async fn claims_meet_ids_held_in_any_partition_whatever_the_session_time_zone() 
     assert_eq!(db.counts().await["a.example"], (1, 0));
 }
 
-/// Two batches claim the same id at once (a redelivery overlapping its earlier attempt, or a
-/// publisher's second copy on another replica): the second waits for the first's uncommitted
-/// row, and when the first commits it fails with a claim conflict, which is not permanent (no
-/// bisecting, no dead-lettering); applied again, it counts its other message and skips the
-/// shared one.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_claim_that_meets_a_concurrent_claim_of_the_same_id_is_applied_again_and_counts_it_once()
-{
-    use catchall::event::parse_message;
-    use catchall::store::Message;
+/// A message with `id` of one delivered event for `domain`.
+fn delivered(id: &str, domain: &str) -> catchall::store::Message {
+    catchall::store::Message {
+        id: Some(id.as_bytes().to_vec()),
+        events: catchall::event::parse_message(
+            format!(r#"{{"domain":"{domain}","type":"delivered"}}"#).as_bytes(),
+        )
+        .expect("valid"),
+    }
+}
+
+/// Applies `batch` in a task that stops between its statements and COMMIT; returns once it is
+/// there, with the task and what lets it commit (`notify_one`).
+async fn held_before_commit(
+    store: &catchall::store::Store,
+    batch: Vec<catchall::store::Message>,
+) -> (
+    tokio::task::JoinHandle<Result<catchall::store::Applied, catchall::store::StoreError>>,
+    std::sync::Arc<tokio::sync::Notify>,
+) {
     use futures_util::future::BoxFuture;
     use std::sync::Arc;
     use tokio::sync::Notify;
 
-    let db = TestDb::create().await;
-    let store = db.store(4).await;
-    let message = |id: &str, domain: &str| Message {
-        id: Some(id.as_bytes().to_vec()),
-        events: parse_message(format!(r#"{{"domain":"{domain}","type":"delivered"}}"#).as_bytes())
-            .expect("valid"),
-    };
-    let first_batch = vec![message("shared", "a.example")];
-    let second_batch = vec![message("shared", "a.example"), message("own", "b.example")];
-
-    // The first batch stops between its statements and COMMIT, its claim of `shared` made.
     let (entered, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
-    let first = tokio::spawn({
+    let task = tokio::spawn({
         let (store, entered, release) = (store.clone(), entered.clone(), release.clone());
         async move {
             let hook = move || -> BoxFuture<'static, ()> {
@@ -383,47 +382,49 @@ async fn a_claim_that_meets_a_concurrent_claim_of_the_same_id_is_applied_again_a
                     release.notified().await;
                 })
             };
-            store.apply_once(None, &first_batch, Some(&hook)).await
+            store.apply_once(None, &batch, Some(&hook)).await
         }
     });
     entered.notified().await;
+    (task, release)
+}
+
+/// Two batches claim the same id at once (a redelivery overlapping its earlier attempt, or a
+/// publisher's second copy on another replica): the second waits for the first's uncommitted
+/// row, and when the first commits it fails with a claim conflict, which is not permanent (no
+/// bisecting, no dead-lettering); applied again, it counts its other message and skips the
+/// shared one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_that_meets_a_concurrent_claim_of_the_same_id_is_applied_again_and_counts_it_once()
+{
+    let db = TestDb::create().await;
+    // No bucket locks (at any hour): the unique index alone meets the concurrent claim.
+    let store = db.store(4).await.with_claim_lock_window(Duration::ZERO);
+    let first_batch = vec![delivered("shared", "a.example")];
+    let second_batch = vec![
+        delivered("shared", "a.example"),
+        delivered("own", "b.example"),
+    ];
+
+    // The first batch stops between its statements and COMMIT, its claim of `shared` made.
+    let (first, release) = held_before_commit(&store, first_batch).await;
     let second = tokio::spawn({
         let (store, batch) = (store.clone(), second_batch.clone());
         async move { store.apply(&batch).await }
     });
-    // The second batch's insert of `shared` waits for the first transaction (within 10 minutes
-    // of UTC midnight, its bucket locks before the claim do).
+    // The second batch's insert of `shared` waits for the first transaction.
     db.await_lock_waits(1, "%", "the second claim to wait for the first")
         .await;
     release.notify_one();
     let applied = first.await.expect("join").expect("the first batch commits");
     assert_eq!((applied.messages, applied.duplicates), (1, 0));
-    let again = match second.await.expect("join") {
-        Err(error) => {
-            assert!(error.is_claim_conflict(), "a claim conflict: {error:?}");
-            assert!(!error.is_permanent(), "never bisected or dead-lettered");
-            store.apply(&second_batch).await.expect("applied again")
-        }
-        // Near midnight the bucket locks made the second claim wait for the first to end, so
-        // its look-up met `shared` already.
-        Ok(applied) => {
-            let near_midnight: bool = db
-                .client()
-                .await
-                .query_one(
-                    "SELECT (now() AT TIME ZONE 'UTC')::time NOT BETWEEN '00:11' AND '23:49'",
-                    &[],
-                )
-                .await
-                .expect("the server's clock")
-                .get(0);
-            assert!(
-                near_midnight,
-                "the second claim met no conflict: {applied:?}"
-            );
-            applied
-        }
-    };
+    let error = second
+        .await
+        .expect("join")
+        .expect_err("the second claim meets the committed id in the unique index");
+    assert!(error.is_claim_conflict(), "a claim conflict: {error:?}");
+    assert!(!error.is_permanent(), "never bisected or dead-lettered");
+    let again = store.apply(&second_batch).await.expect("applied again");
     assert_eq!(
         (again.messages, again.duplicates),
         (1, 1),
@@ -432,6 +433,148 @@ async fn a_claim_that_meets_a_concurrent_claim_of_the_same_id_is_applied_again_a
     let counts = db.counts().await;
     assert_eq!(counts["a.example"], (1, 0));
     assert_eq!(counts["b.example"], (1, 0));
+}
+
+/// Two attempts of one id that start on either side of a partition boundary (UTC midnight in
+/// production) insert into two partitions, and neither unique index sees the other's
+/// uncommitted row: without the bucket locks both commit and the id counts twice (shown here
+/// with a window of zero, so the test can tell the locks apart from luck). With the window
+/// covering the moment (production: 10 minutes around midnight; here: any hour), the later
+/// claim waits for the earlier transaction and its look-up meets the id. The boundary is made
+/// two seconds ahead, so the path runs at any hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_on_either_side_of_a_partition_boundary_count_an_id_once_within_the_lock_window() {
+    let (counted, partitions) = claims_across_a_boundary(Duration::ZERO).await;
+    assert_eq!(
+        counted, 2,
+        "without locks the hazard is real: counted twice"
+    );
+    assert_eq!(
+        partitions,
+        ["applied_messages_after", "applied_messages_before"]
+    );
+
+    let (counted, partitions) = claims_across_a_boundary(Duration::from_secs(24 * 3600)).await;
+    assert_eq!(
+        counted, 1,
+        "the locks made the second claim meet the first's id"
+    );
+    assert_eq!(partitions, ["applied_messages_before"]);
+}
+
+/// The first batch claims `shared` before the boundary and stops before COMMIT; the second
+/// claims `shared` and `own` after it. Returns how often `shared`'s domain was counted and the
+/// partitions holding `shared`.
+async fn claims_across_a_boundary(window: Duration) -> (i64, Vec<String>) {
+    let db = TestDb::create().await;
+    let store = db.store(4).await.with_claim_lock_window(window);
+    let client = db.client().await;
+    // Replace the partitions by two that meet two seconds from now.
+    let boundary: String = client
+        .query_one(
+            "SELECT (clock_timestamp() + interval '2 seconds')::text",
+            &[],
+        )
+        .await
+        .expect("the server's clock")
+        .get(0);
+    let partitions: Vec<String> = client
+        .query(
+            "SELECT inhrelid::regclass::text FROM pg_inherits \
+             WHERE inhparent = 'applied_messages'::regclass \
+               AND inhrelid <> 'applied_messages_default'::regclass",
+            &[],
+        )
+        .await
+        .expect("partitions")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    for partition in partitions {
+        client
+            .batch_execute(&format!("DROP TABLE {partition}"))
+            .await
+            .expect("drop a partition");
+    }
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE applied_messages_before PARTITION OF applied_messages \
+               FOR VALUES FROM (MINVALUE) TO ('{boundary}'); \
+             CREATE UNIQUE INDEX applied_messages_before_message_id \
+               ON applied_messages_before (message_id); \
+             CREATE TABLE applied_messages_after PARTITION OF applied_messages \
+               FOR VALUES FROM ('{boundary}') TO (MAXVALUE); \
+             CREATE UNIQUE INDEX applied_messages_after_message_id \
+               ON applied_messages_after (message_id);"
+        ))
+        .await
+        .expect("two partitions meeting at the boundary");
+
+    let first_batch = vec![delivered("shared", "a.example")];
+    let second_batch = vec![
+        delivered("shared", "a.example"),
+        delivered("own", "b.example"),
+    ];
+    let (first, release) = held_before_commit(&store, first_batch).await;
+    wait_for(
+        Duration::from_secs(15),
+        "the server's clock to pass the boundary",
+        || {
+            let (client, boundary) = (&client, &boundary);
+            async move {
+                let past: bool = client
+                    .query_one(
+                        "SELECT clock_timestamp() > $1::text::timestamptz",
+                        &[boundary],
+                    )
+                    .await
+                    .expect("the server's clock")
+                    .get(0);
+                past.then_some(())
+            }
+        },
+    )
+    .await;
+    let second = tokio::spawn({
+        let (store, batch) = (store.clone(), second_batch.clone());
+        async move { store.apply(&batch).await }
+    });
+    // Without locks the second claim waits for nothing: it reaches the upsert, where it waits
+    // for the first's row of `a.example`, its claim of `shared` made into the other partition.
+    // With them it waits in the claim, on a bucket lock, and then meets `shared`.
+    let (waits_in, second_counts) = if window.is_zero() {
+        ("%INSERT INTO domains%", (2, 0))
+    } else {
+        ("%applied_messages_claim%", (1, 1))
+    };
+    db.await_lock_waits(1, waits_in, "the second batch to wait for the first")
+        .await;
+    release.notify_one();
+    let applied = first.await.expect("join").expect("the first batch commits");
+    assert_eq!((applied.messages, applied.duplicates), (1, 0));
+    let applied = second
+        .await
+        .expect("join")
+        .expect("the second batch commits");
+    assert_eq!(
+        (applied.messages, applied.duplicates),
+        second_counts,
+        "the second batch's (counted, duplicates)"
+    );
+    let counts = db.counts().await;
+    assert_eq!(counts["b.example"], (1, 0));
+    let held: Vec<String> = client
+        .query(
+            "SELECT tableoid::regclass::text FROM applied_messages \
+             WHERE message_id = 'shared'::bytea ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("where `shared` is held")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    (counts["a.example"].0, held)
 }
 
 /// A new partition is empty, and autovacuum may analyse it so: a prepared claim statement's
