@@ -29,7 +29,10 @@
 //!   latency at 50 % and 90 % of it, and status look-ups at `BENCH_LOOKUP_RATE` (default
 //!   5,000/s) while ingesting at half of it, every error counted; `BENCH_LIVE_SECS` (default 20)
 //!   each;
-//! - `BENCH_STAGES=soak` (`make soak`): see `soak`.
+//! - `BENCH_STAGES=soak` (`make soak`): see `soak`;
+//! - `BENCH_STAGES=lookups`: only the look-ups under ingest, `BENCH_REPEATS` rounds, with our
+//!   worker and (`BENCH_OTHER_BIN=<another build of ours>`) that one beside it in every round,
+//!   into `target/bench/lookups.json`.
 //!
 //! An `outage` stage (issue 8) holds 1 MiB messages while Postgres refuses every commit and
 //! reports the worker's peak RSS against `PREFETCH_BYTES` (`BENCH_SKIP_OUTAGE=1` skips it).
@@ -198,7 +201,9 @@ async fn main() -> Result<()> {
         services: Services::find(),
     };
     let started = Instant::now();
+    let only_lookups = std::env::var("BENCH_STAGES").is_ok_and(|s| s == "lookups");
     let result = match run.create_template().await {
+        Ok(()) if only_lookups => run.lookups_ab().await,
         Ok(()) => run.all().await,
         Err(error) => Err(error),
     };
@@ -209,6 +214,9 @@ async fn main() -> Result<()> {
         run.drop_db(&baseline.without_v7).await;
     }
     let mut report = result?;
+    if std::env::var("BENCH_STAGES").is_ok_and(|s| s == "lookups") {
+        return write_report("lookups.json", &report);
+    }
     if std::env::var("BENCH_STAGES").is_err() && std::env::var("BENCH_SKIP_HTTP").is_err() {
         let http = http_stage::http_stage().await?;
         http_stage::print_http(&http);
@@ -1189,6 +1197,11 @@ impl Run {
     }
 }
 
+/// Our release worker binary.
+fn ours() -> &'static std::path::Path {
+    std::path::Path::new(env!("CARGO_BIN_EXE_catchall"))
+}
+
 /// Starts a worker binary (ours, or the baseline's) with `config`'s batch settings; returns
 /// it, its pid and the base URL of its HTTP server.
 fn spawn_worker(
@@ -1596,13 +1609,14 @@ impl Run {
             "live: capacity {capacity:.0} events/s with the producer publishing (a pre-filled queue drained at {drain_capacity:.0})"
         );
         let half = self
-            .live("live-50", &producer, capacity * 0.5, secs, None)
+            .live(ours(), "live-50", &producer, capacity * 0.5, secs, None)
             .await?;
         let ninety = self
-            .live("live-90", &producer, capacity * 0.9, secs, None)
+            .live(ours(), "live-90", &producer, capacity * 0.9, secs, None)
             .await?;
         let loaded = self
             .live(
+                ours(),
                 "live-lookups",
                 &producer,
                 capacity * 0.5,
@@ -1624,6 +1638,51 @@ impl Run {
 
     /// Events/s the worker counts on a clone of the template while the producer publishes
     /// unthrottled (`BENCH_CALIBRATE_SECS`, default 16; the second half is timed).
+    /// `BENCH_STAGES=lookups`: the open-loop look-ups while ingesting at half the live capacity
+    /// (the `status` stage), `BENCH_REPEATS` rounds, each with our worker and, when
+    /// `BENCH_OTHER_BIN` names another build of it (same schema), with that one, interleaved.
+    async fn lookups_ab(&self) -> Result<serde_json::Value> {
+        let secs = env_u64("BENCH_LIVE_SECS", 20);
+        let rate = env_u64("BENCH_LOOKUP_RATE", 5_000) as f64;
+        let producer = soak::producer_path()?;
+        let other = std::env::var_os("BENCH_OTHER_BIN").map(std::path::PathBuf::from);
+        let capacity = self.live_capacity(&producer).await?;
+        eprintln!("lookups: live capacity {capacity:.0} events/s; ingest at half of it");
+        let mut binaries = vec![("ours", ours().to_path_buf())];
+        binaries.extend(other.map(|bin| ("other", bin)));
+        let mut p99: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+        let mut runs = Vec::new();
+        for round in 1..=self.repeats {
+            eprintln!("round {round}/{}", self.repeats);
+            for (name, bin) in &binaries {
+                let stage = format!("lookups-{name}");
+                let run = self
+                    .live(bin, &stage, &producer, capacity * 0.5, secs, Some(rate))
+                    .await?;
+                let lookups = run.lookups.unwrap_or(serde_json::Value::Null);
+                p99.entry(name)
+                    .or_default()
+                    .push(lookups["p99_ms"].as_f64().unwrap_or(f64::NAN));
+                runs.push(serde_json::json!({
+                    "binary": name, "round": round, "lookups": lookups, "ingest": run.json,
+                }));
+            }
+        }
+        let mut report = serde_json::json!({
+            "rate": rate, "capacity_events_per_s": capacity.round(), "runs": runs,
+        });
+        println!("\nlook-ups at {rate:.0}/s while ingesting at half capacity: p99 ms per round");
+        for (name, values) in &p99 {
+            let summary = Summary::of(values);
+            println!(
+                "  {name:6} median {:.1} (min {:.1}, max {:.1}): {values:?}",
+                summary.median, summary.min, summary.max
+            );
+            report["p99_ms"][name] = summary.json(1);
+        }
+        Ok(report)
+    }
+
     async fn live_capacity(&self, producer: &std::path::Path) -> Result<f64> {
         let stage = "live-capacity";
         let topology = self.topology(stage);
@@ -1650,8 +1709,10 @@ impl Run {
         result
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn live(
         &self,
+        bin: &std::path::Path,
         stage: &str,
         producer: &std::path::Path,
         rate: f64,
@@ -1668,7 +1729,7 @@ impl Run {
         }
         let db = self.clone_db(stage, false).await?;
         let result = self
-            .live_on(stage, producer, &db, &topology, rate, secs, lookups)
+            .live_on(bin, stage, producer, &db, &topology, rate, secs, lookups)
             .await;
         self.drop_db(&db).await;
         self.delete_topology(&topology).await;
@@ -1678,6 +1739,7 @@ impl Run {
     #[allow(clippy::too_many_arguments)]
     async fn live_on(
         &self,
+        bin: &std::path::Path,
         stage: &str,
         producer: &std::path::Path,
         db: &str,
@@ -1686,7 +1748,8 @@ impl Run {
         secs: u64,
         lookups: Option<f64>,
     ) -> Result<LiveRun> {
-        let (mut child, pid, base) = self.spawn_worker(db, topology)?;
+        let (mut child, pid, base) =
+            spawn_worker(bin, &format!("{PG_HOST}/{db}"), topology, &self.config)?;
         let http = reqwest::Client::new();
         measure::wait_ready(&http, &base, Duration::from_secs(30), stage).await?;
         // The producer publishes in a process of its own (in the bench's, the publishers

@@ -219,6 +219,44 @@ async fn a_frozen_backend_costs_one_deadline_then_a_fresh_connection_commits() {
     worker.stop().await;
 }
 
+/// Look-ups on a frozen backend: the one on it, and every one queued behind it for the only
+/// connection, fails within the look-up deadline (never hangs); the frozen connection leaves
+/// the pool, so the next look-up, with the backend still stopped, runs on a fresh connection
+/// and answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookups_on_a_frozen_backend_fail_in_time_and_the_next_runs_on_a_fresh_connection() {
+    let db = TestDb::create().await;
+    let store = db.store(1).await.with_db_timeout(Duration::from_secs(1));
+    db.client()
+        .await
+        .batch_execute("INSERT INTO domains (domain, delivered) VALUES ('a.example', 7)")
+        .await
+        .expect("seed a domain");
+    assert_eq!(
+        store.lookup("a.example").await.expect("look-up").delivered,
+        7
+    );
+
+    let frozen = Frozen::worker_backends(&db).await;
+    let started = Instant::now();
+    let asks = (0..20).map(|_| store.lookup("a.example"));
+    for answer in futures_util::future::join_all(asks).await {
+        let error = answer.expect_err("no answer from a frozen backend");
+        assert!(
+            matches!(error, catchall::store::StoreError::Timeout(_)),
+            "a timeout: {error:?}"
+        );
+    }
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(3), "failed after {waited:?}");
+    let counts = store
+        .lookup("a.example")
+        .await
+        .expect("answered on a fresh connection while the old backend is stopped");
+    assert_eq!(counts.delivered, 7);
+    drop(frozen);
+}
+
 /// A free local port for a worker binary's HTTP server.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
