@@ -435,6 +435,39 @@ async fn a_claim_that_meets_a_concurrent_claim_of_the_same_id_is_applied_again_a
     assert_eq!(counts["b.example"], (1, 0));
 }
 
+/// During a rolling upgrade, replicas of the version before V9 call the one-argument claim
+/// (with their own bucket-lock statement) beside replicas calling V9's: both functions stay,
+/// write the same table, and each sees what the other claimed.
+#[tokio::test]
+async fn the_claim_before_v9_and_v9_s_claim_see_each_other_s_ids() {
+    let db = TestDb::create().await;
+    let _store = db.store(1).await;
+    let client = db.client().await;
+    let claim_v8 = |keys: Vec<&'static [u8]>| {
+        let client = &client;
+        async move {
+            let rows = client
+                .query("SELECT applied_messages_claim($1::bytea[])", &[&keys])
+                .await
+                .expect("the V8 claim");
+            rows.iter().map(|row| row.get(0)).collect::<Vec<Vec<u8>>>()
+        }
+    };
+    let claim_v9 = |keys: Vec<&'static [u8]>| {
+        let client = &client;
+        async move {
+            let rows = client
+                .query(catchall::store::CLAIM, &[&keys, &600.0f64])
+                .await
+                .expect("the V9 claim");
+            rows.iter().map(|row| row.get(0)).collect::<Vec<Vec<u8>>>()
+        }
+    };
+    assert!(claim_v8(vec![b"old"]).await.is_empty(), "`old` is new");
+    assert_eq!(claim_v9(vec![b"new", b"old"]).await, [b"old".to_vec()]);
+    assert_eq!(claim_v8(vec![b"new"]).await, [b"new".to_vec()]);
+}
+
 /// Two attempts of one id that start on either side of a partition boundary (UTC midnight in
 /// production) insert into two partitions, and neither unique index sees the other's
 /// uncommitted row: without the bucket locks both commit and the id counts twice (shown here
