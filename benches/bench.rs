@@ -346,6 +346,23 @@ impl Run {
                 record("batched_worker_baseline", base.timed);
                 record("batched_worker_without_v7", ours.timed);
             }
+            if let Some(baseline) = &self.baseline {
+                // The Postgres sides alone, on the same two databases as those drains.
+                record(
+                    "batched_floor_baseline",
+                    self.baseline_floor("batched-floor-base", &batched_messages, baseline)
+                        .await?,
+                );
+                record(
+                    "batched_floor_without_v7",
+                    self.store_floor_in(
+                        "batched-floor-nov7",
+                        &batched_messages,
+                        &baseline.without_v7,
+                    )
+                    .await?,
+                );
+            }
             // The insert path (every domain new) runs with BENCH_STAGES=batched too, so
             // `make bench-pg` measures it at 10,000,000 domains.
             record(
@@ -573,6 +590,13 @@ impl Run {
                 "single_ratio_without_v7_spread": paired("single_worker_without_v7", "single_worker_baseline").json(3),
                 "batched_ratio_without_v7": round3(paired("batched_worker_without_v7", "batched_worker_baseline").median),
                 "batched_ratio_without_v7_spread": paired("batched_worker_without_v7", "batched_worker_baseline").json(3),
+                // The Postgres sides alone: our `Store::apply` without V7 against the baseline's
+                // statements, batched alike (`baseline_floor`).
+                "batched_floor_ratio_without_v7": paired("batched_floor_without_v7", "batched_floor_baseline").json(3),
+                "batched_floor_cpu_us_per_event": {
+                    "baseline": cpu("batched_floor_baseline"),
+                    "ours_without_v7": cpu("batched_floor_without_v7"),
+                },
                 // Without the start-up (process start to first count), which the whole drains
                 // include: the rate from the first tenth counted to the end.
                 "steady": {
@@ -910,20 +934,64 @@ impl Run {
     /// beforehand), batched as the worker batches them, as many at once as the worker has
     /// batches in flight. Into the template with every domain, or (`empty`) none.
     async fn store_floor(&self, stage: &str, messages: &[Message], empty: bool) -> Result<Timed> {
-        let db = self.clone_db(stage, empty).await?;
+        let template = if empty {
+            &self.empty_template
+        } else {
+            &self.template
+        };
+        self.store_floor_in(stage, messages, template).await
+    }
+
+    /// [`Run::store_floor`] on a clone of `template`.
+    async fn store_floor_in(
+        &self,
+        stage: &str,
+        messages: &[Message],
+        template: &str,
+    ) -> Result<Timed> {
+        let db = self.clone_db_of(stage, template).await?;
         let store = Store::connect(&format!("{PG_HOST}/{db}"), self.config.db_pool_size).await?;
         // Warm the pool, so the window measures applying rather than connecting.
         store.ping().await?;
-        let sampler = Sampler::start(
+        let (sampler, started) = (self.db_sampler(&db), Instant::now());
+        // IN_FLIGHT batches committing at once.
+        let batches = self.worker_batches(messages);
+        let shared = &store;
+        let mut applied = futures_util::stream::iter(batches)
+            .map(|batch| async move { shared.apply(batch).await })
+            .buffered(self.config.in_flight as usize);
+        while let Some(result) = applied.next().await {
+            result?;
+        }
+        drop(applied);
+        let (secs, cpu) = (started.elapsed().as_secs_f64(), sampler.stop());
+        drop(store);
+        self.floor_done(&db, "store floor", secs, cpu).await
+    }
+
+    /// The CPU sampler of a floor's window: Postgres on `db`.
+    fn db_sampler(&self, db: &str) -> Sampler {
+        Sampler::start(
             &self.services,
             Watch {
-                databases: vec![db.clone()],
+                databases: vec![db.to_string()],
                 ..Watch::default()
             },
-        );
-        let started = Instant::now();
-        // Batches as the worker closes them (once they hold BATCH_SIZE events), IN_FLIGHT of
-        // them committing at once.
+        )
+    }
+
+    /// Ends a floor: checks that `db` counted every event, drops it, returns the window.
+    async fn floor_done(&self, db: &str, what: &str, secs: f64, cpu: CpuWindow) -> Result<Timed> {
+        let total = self.total_events(db).await?;
+        self.drop_db(db).await;
+        if total != self.events.len() as i64 {
+            bail!("{what} counted {total} events, not {}", self.events.len());
+        }
+        Ok(Timed::window(secs, cpu))
+    }
+
+    /// `messages` cut into batches as the worker closes them (once they hold BATCH_SIZE events).
+    fn worker_batches<'a>(&self, messages: &'a [Message]) -> Vec<&'a [Message]> {
         let mut batches = Vec::new();
         let (mut start, mut events) = (0, 0);
         for (i, message) in messages.iter().enumerate() {
@@ -933,26 +1001,97 @@ impl Run {
                 (start, events) = (i + 1, 0);
             }
         }
-        let shared = &store;
-        let mut applied = futures_util::stream::iter(batches)
-            .map(|batch| async move { shared.apply(batch).await })
-            .buffered(self.config.in_flight as usize);
-        while let Some(result) = applied.next().await {
+        batches
+    }
+
+    /// The baseline's Postgres side, for [`Run::store_floor_in`] on ours without V7 to be read
+    /// against: the pre-issue-8 `Store::apply` statements (`cbf388c`: one transaction per
+    /// batch, `INSERT INTO applied_messages … ON CONFLICT DO NOTHING RETURNING` of the text
+    /// ids, then the same sorted upsert) on a clone of the baseline's template, batched as the
+    /// worker batches, IN_FLIGHT connections at once. Each batch's ids and per-domain sums are
+    /// made before the window.
+    async fn baseline_floor(
+        &self,
+        stage: &str,
+        messages: &[Message],
+        baseline: &Baseline,
+    ) -> Result<Timed> {
+        type Prepared = (Vec<String>, Vec<String>, Vec<i64>, Vec<i64>, Vec<i64>);
+        let batches: Vec<Prepared> = self
+            .worker_batches(messages)
+            .into_iter()
+            .map(|batch| {
+                let mut ids: Vec<String> = batch
+                    .iter()
+                    .filter_map(|m| m.id.as_ref())
+                    .map(|id| String::from_utf8_lossy(id).into_owned())
+                    .collect();
+                ids.sort_unstable();
+                ids.dedup();
+                let mut totals: std::collections::BTreeMap<&str, (i64, i64)> = Default::default();
+                for event in batch.iter().flat_map(|m| &m.events) {
+                    let entry = totals.entry(event.domain.as_str()).or_default();
+                    match event.kind {
+                        EventType::Delivered => entry.0 += 1,
+                        _ => entry.1 += 1,
+                    }
+                }
+                let mut prepared: Prepared = (ids, Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                for (domain, (d, b)) in totals {
+                    prepared.1.push(domain.to_string());
+                    prepared.2.push(d);
+                    prepared.3.push(b);
+                    prepared.4.push(0);
+                }
+                prepared
+            })
+            .collect();
+        let db = self.clone_db_of(stage, &baseline.template).await?;
+        let lanes = self.config.in_flight.max(1) as usize;
+        let mut clients = Vec::new();
+        for _ in 0..lanes {
+            let (client, connection) =
+                tokio_postgres::connect(&format!("{PG_HOST}/{db}"), tokio_postgres::NoTls).await?;
+            tokio::spawn(connection);
+            let claim = client
+                .prepare(
+                    "INSERT INTO applied_messages (message_id) SELECT * FROM unnest($1::text[]) \
+                     ON CONFLICT DO NOTHING RETURNING message_id",
+                )
+                .await?;
+            let upsert = client
+                .prepare(
+                    "INSERT INTO domains AS d (domain, delivered, bounced, other_bounced) \
+                     SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[]) \
+                     ON CONFLICT (domain) DO UPDATE \
+                     SET delivered = d.delivered + EXCLUDED.delivered, bounced = d.bounced + EXCLUDED.bounced, \
+                     other_bounced = d.other_bounced + EXCLUDED.other_bounced",
+                )
+                .await?;
+            clients.push((client, claim, upsert));
+        }
+        let (sampler, started) = (self.db_sampler(&db), Instant::now());
+        let runs = clients
+            .iter_mut()
+            .enumerate()
+            .map(|(lane, (client, claim, upsert))| {
+                let batches = &batches;
+                async move {
+                    for (ids, domains, d, b, o) in batches.iter().skip(lane).step_by(lanes) {
+                        let tx = client.transaction().await?;
+                        tx.query(&*claim, &[ids]).await?;
+                        tx.execute(&*upsert, &[domains, d, b, o]).await?;
+                        tx.commit().await.context("baseline floor")?;
+                    }
+                    Ok::<_, anyhow::Error>(())
+                }
+            });
+        for result in futures_util::future::join_all(runs).await {
             result?;
         }
-        drop(applied);
-        let secs = started.elapsed().as_secs_f64();
-        let cpu = sampler.stop();
-        let total = self.total_events(&db).await?;
-        drop(store);
-        self.drop_db(&db).await;
-        if total != self.events.len() as i64 {
-            bail!(
-                "store floor counted {total} events, not {}",
-                self.events.len()
-            );
-        }
-        Ok(Timed::window(secs, cpu))
+        let (secs, cpu) = (started.elapsed().as_secs_f64(), sampler.stop());
+        drop(clients);
+        self.floor_done(&db, "baseline floor", secs, cpu).await
     }
 
     /// A floor that is not our code: the plainest upsert of the same events, without
@@ -999,14 +1138,7 @@ impl Run {
                 .await?;
             clients.push((client, statement));
         }
-        let sampler = Sampler::start(
-            &self.services,
-            Watch {
-                databases: vec![db.clone()],
-                ..Watch::default()
-            },
-        );
-        let started = Instant::now();
+        let (sampler, started) = (self.db_sampler(&db), Instant::now());
         let runs = clients
             .iter()
             .enumerate()
@@ -1025,18 +1157,9 @@ impl Run {
         for result in futures_util::future::join_all(runs).await {
             result?;
         }
-        let secs = started.elapsed().as_secs_f64();
-        let cpu = sampler.stop();
+        let (secs, cpu) = (started.elapsed().as_secs_f64(), sampler.stop());
         drop(clients);
-        let total = self.total_events(&db).await?;
-        self.drop_db(&db).await;
-        if total != self.events.len() as i64 {
-            bail!(
-                "reference floor counted {total} events, not {}",
-                self.events.len()
-            );
-        }
-        Ok(Timed::window(secs, cpu))
+        self.floor_done(&db, "reference floor", secs, cpu).await
     }
 
     async fn total_events(&self, db: &str) -> Result<i64> {
@@ -1476,6 +1599,12 @@ fn print_table(r: &serde_json::Value) {
             steady["batched_ratio"]["median"],
             steady["single_ratio_without_v7"]["median"],
             steady["batched_ratio_without_v7"]["median"],
+        );
+        println!(
+            "the Postgres sides alone (Store::apply without V7 / the baseline's statements, batched alike): {}; Postgres CPU-µs per event {} / {}",
+            baseline["batched_floor_ratio_without_v7"],
+            baseline["batched_floor_cpu_us_per_event"]["ours_without_v7"]["postgres_backends"],
+            baseline["batched_floor_cpu_us_per_event"]["baseline"]["postgres_backends"],
         );
     }
     let outage = &r["outage"];
