@@ -320,7 +320,7 @@ impl Run {
                     .worker_drain("single-worker", &singles, true, false, false)
                     .await?;
                 record("single_worker", on.timed);
-                if let Some((base, ours)) = self.baseline_drains("single", &singles).await? {
+                if let Some((base, ours)) = self.baseline_drains("single", &singles, round).await? {
                     record("single_worker_baseline", base.timed);
                     record("single_worker_without_v7", ours.timed);
                 }
@@ -342,7 +342,7 @@ impl Run {
                 .worker_drain("batched-worker", &batches, true, false, false)
                 .await?;
             record("batched_worker", batched.timed);
-            if let Some((base, ours)) = self.baseline_drains("batched", &batches).await? {
+            if let Some((base, ours)) = self.baseline_drains("batched", &batches, round).await? {
                 record("batched_worker_baseline", base.timed);
                 record("batched_worker_without_v7", ours.timed);
             }
@@ -1192,25 +1192,41 @@ impl Run {
     }
 
     /// With `BENCH_BASELINE_BIN`, two more drains of `bodies` (ids, update path): the baseline
-    /// binary on its own template, then ours on our template without V7.
+    /// binary on its own template and ours on our template without V7.
+    ///
+    /// The two swap places every other round: a drain right after another runs measurably
+    /// slower here (its predecessor's dropped database and deleted queue are still being
+    /// cleaned up; 4–17 % in back-to-back drains of the same two binaries, 2026-12-03), so a
+    /// fixed order would favour whichever comes first.
     async fn baseline_drains(
         &self,
         kind: &str,
         bodies: &[Vec<u8>],
+        round: usize,
     ) -> Result<Option<(Drain, Drain)>> {
         let Some(baseline) = &self.baseline else {
             return Ok(None);
         };
-        let ours = std::path::Path::new(env!("CARGO_BIN_EXE_catchall"));
         let base = (baseline.bin.as_path(), baseline.template.as_str());
-        let base = self
-            .drain_with(&format!("{kind}-baseline"), bodies, true, false, base)
-            .await?;
-        let without_v7 = (ours, baseline.without_v7.as_str());
-        let without_v7 = self
-            .drain_with(&format!("{kind}-nov7"), bodies, true, false, without_v7)
-            .await?;
-        Ok(Some((base, without_v7)))
+        let without_v7 = (ours(), baseline.without_v7.as_str());
+        let (base_stage, ours_stage) = (format!("{kind}-baseline"), format!("{kind}-nov7"));
+        Ok(Some(if round % 2 == 1 {
+            let base = self
+                .drain_with(&base_stage, bodies, true, false, base)
+                .await?;
+            let ours = self
+                .drain_with(&ours_stage, bodies, true, false, without_v7)
+                .await?;
+            (base, ours)
+        } else {
+            let ours = self
+                .drain_with(&ours_stage, bodies, true, false, without_v7)
+                .await?;
+            let base = self
+                .drain_with(&base_stage, bodies, true, false, base)
+                .await?;
+            (base, ours)
+        }))
     }
 
     /// Drains a prefilled queue with `worker`'s binary on a clone of its template database.
