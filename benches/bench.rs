@@ -214,7 +214,7 @@ async fn main() -> Result<()> {
         run.drop_db(&baseline.without_v7).await;
     }
     let mut report = result?;
-    if std::env::var("BENCH_STAGES").is_ok_and(|s| s == "lookups") {
+    if only_lookups {
         return write_report("lookups.json", &report);
     }
     if std::env::var("BENCH_STAGES").is_err() && std::env::var("BENCH_SKIP_HTTP").is_err() {
@@ -564,7 +564,7 @@ impl Run {
             serde_json::Value::Null
         } else {
             eprintln!("outage: 1 MiB messages while Postgres refuses every commit");
-            let bin = std::path::Path::new(env!("CARGO_BIN_EXE_catchall"));
+            let bin = ours();
             let mut outage = serde_json::json!({
                 "prefetch_bytes_mib": self.config.prefetch_bytes >> 20,
                 "worker": self.outage("outage", bin, &self.template).await?,
@@ -1186,7 +1186,7 @@ impl Run {
         } else {
             &self.template
         };
-        let bin = std::path::Path::new(env!("CARGO_BIN_EXE_catchall"));
+        let bin = ours();
         self.drain_with(stage, bodies, with_ids, lookups, (bin, template.as_str()))
             .await
     }
@@ -1210,22 +1210,14 @@ impl Run {
         let base = (baseline.bin.as_path(), baseline.template.as_str());
         let without_v7 = (ours(), baseline.without_v7.as_str());
         let (base_stage, ours_stage) = (format!("{kind}-baseline"), format!("{kind}-nov7"));
+        let drain_base = || self.drain_with(&base_stage, bodies, true, false, base);
+        let drain_ours = || self.drain_with(&ours_stage, bodies, true, false, without_v7);
         Ok(Some(if round % 2 == 1 {
-            let base = self
-                .drain_with(&base_stage, bodies, true, false, base)
-                .await?;
-            let ours = self
-                .drain_with(&ours_stage, bodies, true, false, without_v7)
-                .await?;
-            (base, ours)
+            let base = drain_base().await?;
+            (base, drain_ours().await?)
         } else {
-            let ours = self
-                .drain_with(&ours_stage, bodies, true, false, without_v7)
-                .await?;
-            let base = self
-                .drain_with(&base_stage, bodies, true, false, base)
-                .await?;
-            (base, ours)
+            let ours = drain_ours().await?;
+            (drain_base().await?, ours)
         }))
     }
 
@@ -1327,17 +1319,12 @@ impl Run {
         db: &str,
         topology: &Topology,
     ) -> Result<(tokio::process::Child, u32, String)> {
-        spawn_worker(
-            std::path::Path::new(env!("CARGO_BIN_EXE_catchall")),
-            &format!("{PG_HOST}/{db}"),
-            topology,
-            &self.config,
-        )
+        spawn_worker(ours(), &format!("{PG_HOST}/{db}"), topology, &self.config)
     }
 }
 
 /// Our release worker binary.
-fn ours() -> &'static std::path::Path {
+pub(crate) fn ours() -> &'static std::path::Path {
     std::path::Path::new(env!("CARGO_BIN_EXE_catchall"))
 }
 
@@ -1781,8 +1768,6 @@ impl Run {
         Ok((freshness, status))
     }
 
-    /// Events/s the worker counts on a clone of the template while the producer publishes
-    /// unthrottled (`BENCH_CALIBRATE_SECS`, default 16; the second half is timed).
     /// `BENCH_STAGES=lookups`: the open-loop look-ups while ingesting at half the live capacity
     /// (the `status` stage), `BENCH_REPEATS` rounds, each with our worker and, when
     /// `BENCH_OTHER_BIN` names another build of it (same schema), with that one, interleaved.
@@ -1828,6 +1813,8 @@ impl Run {
         Ok(report)
     }
 
+    /// Events/s the worker counts on a clone of the template while the producer publishes
+    /// unthrottled (`BENCH_CALIBRATE_SECS`, default 16; the second half is timed).
     async fn live_capacity(&self, producer: &std::path::Path) -> Result<f64> {
         let stage = "live-capacity";
         let topology = self.topology(stage);

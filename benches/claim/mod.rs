@@ -91,16 +91,13 @@ async fn run(database: &str) -> Result<Value> {
                     .map(|_| uuid::Uuid::now_v7().to_string())
                     .collect();
                 let tx = client.transaction().await?;
-                if variant == "single_table" {
-                    tx.query(&statement, &[&ids]).await?;
-                } else if variant == "claim" {
-                    let ids: Vec<&[u8]> = ids.iter().map(|id| id.as_bytes()).collect();
-                    let window = catchall::store::CLAIM_LOCK_WINDOW.as_secs_f64();
-                    tx.query(&statement, &[&ids, &window]).await?;
-                } else {
-                    let ids: Vec<&[u8]> = ids.iter().map(|id| id.as_bytes()).collect();
-                    tx.query(&statement, &[&ids]).await?;
-                }
+                let bytes: Vec<&[u8]> = ids.iter().map(|id| id.as_bytes()).collect();
+                let window = catchall::store::CLAIM_LOCK_WINDOW.as_secs_f64();
+                match variant {
+                    "single_table" => tx.query(&statement, &[&ids]).await?,
+                    "claim" => tx.query(&statement, &[&bytes, &window]).await?,
+                    _ => tx.query(&statement, &[&bytes]).await?,
+                };
                 tx.commit().await?;
             }
             let per_id = sampler.stop().postgres_per_event((batches * size) as f64);

@@ -225,12 +225,7 @@ async fn run(
 ) -> Result<Value> {
     let url = format!("{PG_HOST}/{db}");
     let config = <catchall::config::Cli as clap::Parser>::parse_from(["catchall"]).config;
-    let (mut worker, pid, base) = spawn_worker(
-        std::path::Path::new(env!("CARGO_BIN_EXE_catchall")),
-        &url,
-        topology,
-        &config,
-    )?;
+    let (mut worker, pid, base) = spawn_worker(crate::ours(), &url, topology, &config)?;
     let http = reqwest::Client::new();
     crate::measure::wait_ready(&http, &base, Duration::from_secs(60), "soak").await?;
     let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;

@@ -29,7 +29,7 @@ pub(super) const UPKEEP_LOCK: i64 = 0x0063_6174_6368_7067; // "catchpg"
 /// first locks its ids' hash buckets (migration V9). It must exceed the life of a batch
 /// transaction: a few statements under the 30 s `DB_TIMEOUT` and the 60 s `statement_timeout`
 /// and `idle_in_transaction_session_timeout`. [`Store::with_claim_lock_window`] changes it
-/// (tests take the locks at any hour with 12 hours or more).
+/// (tests take the locks at any hour with more than 12 hours).
 pub const CLAIM_LOCK_WINDOW: Duration = Duration::from_secs(600);
 
 /// Claims the keys of `$1` (a batch's distinct message ids and, when it has one, its token;

@@ -443,26 +443,20 @@ async fn the_claim_before_v9_and_v9_s_claim_see_each_other_s_ids() {
     let db = TestDb::create().await;
     let _store = db.store(1).await;
     let client = db.client().await;
-    let claim_v8 = |keys: Vec<&'static [u8]>| {
+    // The keys a claim found held.
+    let claim = |sql: &'static str, keys: Vec<&'static [u8]>, window: Option<f64>| {
         let client = &client;
         async move {
-            let rows = client
-                .query("SELECT applied_messages_claim($1::bytea[])", &[&keys])
-                .await
-                .expect("the V8 claim");
+            let rows = match window {
+                None => client.query(sql, &[&keys]).await,
+                Some(window) => client.query(sql, &[&keys, &window]).await,
+            };
+            let rows = rows.unwrap_or_else(|error| panic!("{sql}: {error}"));
             rows.iter().map(|row| row.get(0)).collect::<Vec<Vec<u8>>>()
         }
     };
-    let claim_v9 = |keys: Vec<&'static [u8]>| {
-        let client = &client;
-        async move {
-            let rows = client
-                .query(catchall::store::CLAIM, &[&keys, &600.0f64])
-                .await
-                .expect("the V9 claim");
-            rows.iter().map(|row| row.get(0)).collect::<Vec<Vec<u8>>>()
-        }
-    };
+    let claim_v8 = |keys| claim("SELECT applied_messages_claim($1::bytea[])", keys, None);
+    let claim_v9 = |keys| claim(catchall::store::CLAIM, keys, Some(600.0));
     assert!(claim_v8(vec![b"old"]).await.is_empty(), "`old` is new");
     assert_eq!(claim_v9(vec![b"new", b"old"]).await, [b"old".to_vec()]);
     assert_eq!(claim_v8(vec![b"new"]).await, [b"new".to_vec()]);
