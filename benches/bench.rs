@@ -1053,11 +1053,25 @@ impl Run {
             let (client, connection) =
                 tokio_postgres::connect(&format!("{PG_HOST}/{db}"), tokio_postgres::NoTls).await?;
             tokio::spawn(connection);
-            let claim = client
-                .prepare(
-                    "INSERT INTO applied_messages (message_id) SELECT * FROM unnest($1::text[]) \
-                     ON CONFLICT DO NOTHING RETURNING message_id",
+            // Text ids before our V2, bytes since (a baseline may be a later revision of ours).
+            let bytes: bool = client
+                .query_one(
+                    "SELECT atttypid = 'bytea'::regtype FROM pg_attribute \
+                     WHERE attrelid = 'applied_messages'::regclass AND attname = 'message_id'",
+                    &[],
                 )
+                .await?
+                .get(0);
+            let id = if bytes {
+                "convert_to(id, 'UTF8')"
+            } else {
+                "id"
+            };
+            let claim = client
+                .prepare(&format!(
+                    "INSERT INTO applied_messages (message_id) SELECT {id} FROM unnest($1::text[]) id \
+                     ON CONFLICT DO NOTHING RETURNING message_id"
+                ))
                 .await?;
             let upsert = client
                 .prepare(

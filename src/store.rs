@@ -5,6 +5,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use futures_util::future::BoxFuture;
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
+use tokio_postgres::types::ToSql;
 
 mod dedup;
 pub use dedup::{CLAIM, CLAIM_LOCK_WINDOW, Upkeep, partition_days};
@@ -163,6 +164,40 @@ const UPSERT: &str = "INSERT INTO domains AS d (domain, delivered, bounced, othe
 const LOOKUP: &str = "SELECT delivered, bounced, other_bounced FROM domains WHERE domain = $1";
 /// Longest a look-up (single, bulk or listing) waits for Postgres before answering 503.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Sends a batch's upsert and its `COMMIT` together (pipelined): `COMMIT` leaves right behind
+/// the upsert instead of a round trip through the worker later. The rows the upsert locks stay
+/// locked until `COMMIT` ends, and the next batch in flight waits for them from its first
+/// domain in common with this one (two batches of 2,500 events from 100,000 domains share ~60),
+/// so that round trip was part of every batch's serial section: with `pgbench`, 2 connections
+/// upserting such batches ran 12 % fewer per second with 2 ms between the upsert and `COMMIT`.
+///
+/// The upsert goes out on its first poll (or fails before anything is sent: then nothing else
+/// is, and dropping `tx` rolls back). Once both have gone out the transaction ends either way:
+/// after a failed upsert, `COMMIT` answers `ROLLBACK`, and the upsert's error is returned.
+async fn upsert_and_commit(
+    tx: tokio_postgres::Transaction<'_>,
+    upsert: &tokio_postgres::Statement,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<(), StoreError> {
+    let mut upserted = Box::pin(tx.execute(upsert, params));
+    if let std::task::Poll::Ready(result) = futures_util::poll!(upserted.as_mut()) {
+        // Not sent (an answer cannot come before its request): commit on its own, or not at all.
+        result?;
+        drop(upserted);
+        tx.commit().await?;
+        return Ok(());
+    }
+    let (upserted, committed) =
+        futures_util::future::join(upserted, tx.client().batch_execute("COMMIT")).await;
+    // COMMIT went out, so the transaction is over: the ROLLBACK `tx` would send on drop could
+    // only draw a warning. tokio-postgres' own transaction, not deadpool's wrapper (which holds
+    // an `Arc` of the statement cache): forgetting it leaks nothing (it holds no savepoint name).
+    std::mem::forget(tx);
+    upserted?;
+    committed?;
+    Ok(())
+}
 
 async fn lookup_on(client: &deadpool_postgres::Client, domain: &str) -> Result<Counts, StoreError> {
     let statement = client.prepare_cached(LOOKUP).await?;
@@ -336,8 +371,13 @@ impl Store {
         before_commit: Option<BeforeCommit<'_>>,
     ) -> Result<Applied, StoreError> {
         let mut applied = Applied::default();
+        // Prepared (once per connection: cached) before the transaction, which is tokio-postgres'
+        // own (see `upsert_and_commit`).
+        let claim = client.prepare_cached(dedup::CLAIM).await?;
+        let upsert = client.prepare_cached(UPSERT).await?;
         // READ COMMITTED whatever `default_transaction_isolation` says: the claim must take its
         // snapshot after the bucket locks it waits for near midnight (see `dedup`).
+        let client: &mut tokio_postgres::Client = client;
         let tx = client
             .build_transaction()
             .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
@@ -356,7 +396,6 @@ impl Store {
         let held: HashSet<Vec<u8>> = if keys.is_empty() {
             HashSet::new()
         } else {
-            let claim = tx.prepare_cached(dedup::CLAIM).await?;
             tx.query(&claim, &[&keys, &self.claim_lock_window])
                 .await?
                 .iter()
@@ -410,9 +449,16 @@ impl Store {
                 bounced.push(b);
                 other_bounced.push(o);
             }
-            let upsert = tx.prepare_cached(UPSERT).await?;
-            tx.execute(&upsert, &[&domains, &delivered, &bounced, &other_bounced])
-                .await?;
+            let params: [&(dyn ToSql + Sync); 4] = [&domains, &delivered, &bounced, &other_bounced];
+            match before_commit {
+                Some(before_commit) => {
+                    tx.execute(&upsert, &params).await?;
+                    before_commit().await;
+                    tx.commit().await?;
+                }
+                None => upsert_and_commit(tx, &upsert, &params).await?,
+            }
+            return Ok(applied);
         }
         if let Some(before_commit) = before_commit {
             before_commit().await;

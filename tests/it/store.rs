@@ -1,5 +1,6 @@
-//! The session settings of the commit connections: the timeouts hold after a migration and
-//! with an `options=` in DATABASE_URL. A trigger records the settings a batch ran under.
+//! The commit connections: the timeouts hold after a migration and with an `options=` in
+//! DATABASE_URL (a trigger records the settings a batch ran under), and a refused upsert, sent
+//! with its COMMIT, leaves the connection idle and the claim rolled back.
 
 use crate::helpers::*;
 use catchall::event::parse_message;
@@ -131,4 +132,70 @@ async fn replicas_running_the_partition_upkeep_at_once_do_not_fail() {
         4,
         "the default partition, today and two chained partitions of 3 days: {partitions:?}"
     );
+}
+
+/// A batch's upsert and its COMMIT go out together (`upsert_and_commit` in src/store.rs). When
+/// Postgres refuses the upsert, that COMMIT must end the transaction, claim included, and the
+/// pooled connection must come back idle: here its one connection applies the next batch, the
+/// refused batch's id is not held (it can be applied once the refusal is lifted), and no
+/// session of the store is left inside a transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_upsert_ends_its_transaction_and_the_connection_applies_the_next_batch() {
+    let db = TestDb::create().await;
+    let store = db.store(1).await;
+    crate::refusals::refuse_one_domain(&db).await;
+    let message = |id: &str, domain: &str| Message {
+        id: Some(id.as_bytes().to_vec()),
+        events: parse_message(format!(r#"{{"domain":"{domain}","type":"delivered"}}"#).as_bytes())
+            .expect("valid"),
+    };
+
+    let error = store
+        .apply(&[message("refused-1", "refused.example")])
+        .await
+        .expect_err("the trigger refuses refused.example");
+    assert!(error.is_permanent(), "refused for its content: {error:?}");
+    let applied = store
+        .apply(&[message("next-1", "next.example")])
+        .await
+        .expect("the same connection applies the next batch");
+    assert_eq!(applied.messages, 1);
+
+    let client = db.client().await;
+    let held: Vec<Vec<u8>> = client
+        .query("SELECT message_id FROM applied_messages ORDER BY 1", &[])
+        .await
+        .expect("read the claimed ids")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(
+        held,
+        vec![b"next-1".to_vec()],
+        "the refused batch's claim rolled back"
+    );
+    let open: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid() \
+               AND state LIKE 'idle in transaction%'",
+            &[],
+        )
+        .await
+        .expect("read the sessions")
+        .get(0);
+    assert_eq!(open, 0, "no session left inside a transaction");
+
+    client
+        .batch_execute("DROP TRIGGER refuse ON domains")
+        .await
+        .expect("lift the refusal");
+    let applied = store
+        .apply(&[message("refused-1", "refused.example")])
+        .await
+        .expect("applied once the refusal is lifted");
+    assert_eq!((applied.messages, applied.duplicates), (1, 0));
+    let counts = db.counts().await;
+    assert_eq!(counts.get("refused.example"), Some(&(1, 0)));
+    assert_eq!(counts.get("next.example"), Some(&(1, 0)));
 }
