@@ -1,0 +1,85 @@
+#!/bin/bash
+# Whole drains of two worker binaries, A and B, in alternating order (A B, B A, ...): each drain
+# gets its own database (the domains pre-created, as in `make bench`), exchange and queue; the
+# queue is filled with the producer first, then the worker starts and drains it. Time: from just
+# before the worker starts to the start of the last batch's transaction (max(applied_at)), both on
+# the server's clock. Prints one line per drain and, per pair, time(A) / time(B) (above 1: B is
+# faster). Throwaway-grade on purpose: the paired ratios of `make bench-baseline` are the
+# figures of record; this one measures what the bench does not (the whole process, start-up
+# included) with less machinery.
+#
+#   benches/ab-drain.sh BIN_A BIN_B [PAIRS] [EVENTS] [EVENTS_PER_MESSAGE]
+#
+# Needs RabbitMQ and Postgres on 127.0.0.1 (`make services`) and the release producer
+# (`cargo build --release -p catchall-producer`). Deletes what it created.
+set -euo pipefail
+bin_a=$1 bin_b=$2 pairs=${3:-6} events=${4:-200000} per_message=${5:-1}
+root=$(cd "$(dirname "$0")/.." && pwd)
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+psql_() { psql -h 127.0.0.1 -U postgres -Atq "$@"; }
+
+# The same events for every drain: random domains out of 100,000, 1 in 50 a bounce.
+python3 - "$events" > "$work/events.ndjson" <<'EOF'
+import random, sys
+random.seed(7)
+for _ in range(int(sys.argv[1])):
+    kind = 'bounced' if random.random() < 0.02 else 'delivered'
+    print('{"domain":"d%d.example","type":"%s"}' % (random.randrange(100000), kind))
+EOF
+
+drain() { # BIN TAG -> "TAG seconds worker_cpu_s"
+    local bin=$1 tag=ab_$$_$2 pid
+    local db=$tag queue=${tag}_q exchange=${tag}_x
+    psql_ -c "CREATE DATABASE $db"
+    export AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f CATCHALL_EXCHANGE=$exchange \
+        CATCHALL_QUEUE=$queue DATABASE_URL=postgres://postgres@127.0.0.1/$db \
+        HTTP_ADDR=127.0.0.1:18191 LOG_FORMAT=json
+    start() {
+        "$bin" > "$work/$tag.log" 2>&1 &
+        pid=$!
+        for _ in $(seq 1 300); do
+            curl -sf http://127.0.0.1:18191/readyz > /dev/null && return 0
+            sleep 0.1
+        done
+        echo "the worker $bin did not become ready: $work/$tag.log" >&2
+        exit 1
+    }
+    start # migrates and declares the topology
+    kill -TERM "$pid" && wait "$pid" || true
+    psql_ -d "$db" -c "INSERT INTO domains (domain) SELECT 'd' || x || '.example' FROM generate_series(0, 99999) x" \
+        -c "VACUUM ANALYZE domains"
+    "$root/target/release/catchall-producer" publish --batch "$per_message" "$work/events.ndjson" > /dev/null
+    local t0 t1 cpu
+    t0=$(psql_ -d "$db" -c "SELECT extract(epoch FROM clock_timestamp())")
+    start
+    until [ "$(psql_ -d "$db" -c 'SELECT coalesce(sum(delivered + bounced + other_bounced), 0) FROM domains')" = "$events" ]; do
+        sleep 0.5
+    done
+    t1=$(psql_ -d "$db" -c "SELECT extract(epoch FROM max(applied_at)) FROM applied_messages")
+    cpu=$(awk '{print ($14 + $15) / 100}' "/proc/$pid/stat")
+    kill -TERM "$pid" && wait "$pid" || true
+    for q in "$queue" "$queue.dead"; do rabbitmqctl -q delete_queue "$q" > /dev/null 2>&1 || true; done
+    for x in $(rabbitmqctl -q list_exchanges name | grep "^$exchange" || true); do
+        rabbitmqctl -q eval "rabbit_exchange:delete(rabbit_misc:r(<<\"/\">>, exchange, <<\"$x\">>), false, <<\"ab\">>)." > /dev/null
+    done
+    psql_ -c "DROP DATABASE $db"
+    python3 -c "print('$2', round($t1 - $t0, 2), $cpu)"
+}
+
+echo "drain seconds worker_cpu_s ($events events, $per_message per message)"
+ratios=()
+for pair in $(seq 1 "$pairs"); do
+    if [ $((pair % 2)) = 1 ]; then
+        a=$(drain "$bin_a" "a$pair"); b=$(drain "$bin_b" "b$pair")
+    else
+        b=$(drain "$bin_b" "b$pair"); a=$(drain "$bin_a" "a$pair")
+    fi
+    echo "$a"; echo "$b"
+    ratios+=("$(awk -v a="$(cut -d' ' -f2 <<< "$a")" -v b="$(cut -d' ' -f2 <<< "$b")" 'BEGIN { printf "%.3f", a / b }')")
+done
+python3 - "${ratios[@]}" <<'EOF'
+import statistics, sys
+r = sorted(float(x) for x in sys.argv[1:])
+print(f"time(A) / time(B) per pair: {r}; median {statistics.median(r):.3f}")
+EOF
