@@ -42,14 +42,18 @@ pub struct BatchSettings {
 /// A point in a batch's life where a test can inject a fault (cut a connection, kill the worker).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultPoint {
-    /// The batch's statements ran; `COMMIT` is next.
+    /// The batch's statements ran; `COMMIT` is next. The hook is called as each apply attempt
+    /// starts; a future it returns is awaited at that moment, with the upsert and `COMMIT`
+    /// sent apart. `None` (nothing to inject) leaves the attempt as production runs it, the
+    /// upsert and `COMMIT` sent together.
     BeforeCommit,
     /// The transaction committed; the ack is next.
     AfterCommit,
 }
 
-/// A test's fault injector, awaited at each [`FaultPoint`] (see [`ConsumerSettings::fault_hook`]).
-pub type FaultHook = Arc<dyn Fn(FaultPoint) -> BoxFuture<'static, ()> + Send + Sync>;
+/// A test's fault injector, called at each [`FaultPoint`] (see [`ConsumerSettings::fault_hook`]):
+/// the future it returns, if any, is awaited there.
+pub type FaultHook = Arc<dyn Fn(FaultPoint) -> Option<BoxFuture<'static, ()>> + Send + Sync>;
 
 /// What the consumer uses of the configuration.
 #[derive(Clone)]
@@ -581,8 +585,8 @@ struct Applier {
 
 impl Applier {
     async fn fault(&self, point: FaultPoint) {
-        if let Some(hook) = &self.hook {
-            hook(point).await;
+        if let Some(fault) = self.hook.as_ref().and_then(|hook| hook(point)) {
+            fault.await;
         }
     }
 }
@@ -818,13 +822,6 @@ async fn apply_attempts(
         stats,
         ..
     } = applier;
-    let before_commit = applier
-        .hook
-        .clone()
-        .map(|hook| move || -> BoxFuture<'static, ()> { hook(FaultPoint::BeforeCommit) });
-    let before_commit: Option<crate::store::BeforeCommit<'_>> = before_commit
-        .as_ref()
-        .map(|hook| hook as crate::store::BeforeCommit<'_>);
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut attempts = 0u32;
     let mut conflicts = 0u32;
@@ -832,6 +829,10 @@ async fn apply_attempts(
         attempts += 1;
         tracing::Span::current().record("attempts", i64::from(attempts));
         let started = Instant::now();
+        let before_commit = applier
+            .hook
+            .as_ref()
+            .and_then(|hook| hook(FaultPoint::BeforeCommit));
         let attempt = tokio::select! {
             attempt = store.apply_once(Some(token), messages, before_commit) => attempt,
             _ = abort.cancelled() => return Err(anyhow!(

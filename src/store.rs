@@ -144,7 +144,7 @@ pub struct Counts {
 
 /// Awaited just before `COMMIT` (see [`Store::apply_once`]): how the consumer's fault
 /// injection (tests only) reaches the moment between a batch's statements and its commit.
-pub type BeforeCommit<'a> = &'a (dyn Fn() -> BoxFuture<'static, ()> + Send + Sync);
+pub type BeforeCommit = BoxFuture<'static, ()>;
 
 /// The Postgres side of the worker. Cheap to clone.
 #[derive(Clone)]
@@ -335,7 +335,7 @@ impl Store {
         &self,
         token: Option<&[u8]>,
         batch: &[Message],
-        before_commit: Option<BeforeCommit<'_>>,
+        before_commit: Option<BeforeCommit>,
     ) -> Result<Applied, StoreError> {
         let token = token.filter(|_| batch.iter().any(|m| m.id.is_none()));
         let deadline = tokio::time::Instant::now() + self.db_timeout;
@@ -368,7 +368,7 @@ impl Store {
         client: &mut deadpool_postgres::Object,
         token: Option<&[u8]>,
         batch: &[Message],
-        before_commit: Option<BeforeCommit<'_>>,
+        before_commit: Option<BeforeCommit>,
     ) -> Result<Applied, StoreError> {
         let mut applied = Applied::default();
         // Prepared (once per connection: cached) before the transaction, which is tokio-postgres'
@@ -453,7 +453,7 @@ impl Store {
             match before_commit {
                 Some(before_commit) => {
                     tx.execute(&upsert, &params).await?;
-                    before_commit().await;
+                    before_commit.await;
                     tx.commit().await?;
                 }
                 None => upsert_and_commit(tx, &upsert, &params).await?,
@@ -461,7 +461,7 @@ impl Store {
             return Ok(applied);
         }
         if let Some(before_commit) = before_commit {
-            before_commit().await;
+            before_commit.await;
         }
         tx.commit().await?;
         Ok(applied)

@@ -375,14 +375,11 @@ async fn held_before_commit(
     let task = tokio::spawn({
         let (store, entered, release) = (store.clone(), entered.clone(), release.clone());
         async move {
-            let hook = move || -> BoxFuture<'static, ()> {
-                let (entered, release) = (entered.clone(), release.clone());
-                Box::pin(async move {
-                    entered.notify_one();
-                    release.notified().await;
-                })
-            };
-            store.apply_once(None, &batch, Some(&hook)).await
+            let hold: BoxFuture<'static, ()> = Box::pin(async move {
+                entered.notify_one();
+                release.notified().await;
+            });
+            store.apply_once(None, &batch, Some(hold)).await
         }
     });
     entered.notified().await;

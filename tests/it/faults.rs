@@ -112,10 +112,11 @@ impl Trigger {
                 _ => None,
             };
             drop(armed);
+            // Nothing armed for this point: the batch goes on as in production.
+            let action = action?;
             let pg = pg.clone();
             let fired = trigger.fired.clone();
-            Box::pin(async move {
-                let Some(action) = action else { return };
+            Some(Box::pin(async move {
                 fired.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 match action {
                     Action::CutPgBeforeCommit => {
@@ -141,7 +142,7 @@ impl Trigger {
                         release.notified().await;
                     }
                 }
-            })
+            }))
         })
     }
 }

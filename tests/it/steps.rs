@@ -109,11 +109,11 @@ fn hold_first_commit(held: Arc<Notify>) -> FaultHook {
         let hold = point == FaultPoint::BeforeCommit
             && first.swap(false, std::sync::atomic::Ordering::SeqCst);
         let held = held.clone();
-        Box::pin(async move {
-            if hold {
+        hold.then(|| -> futures_util::future::BoxFuture<'static, ()> {
+            Box::pin(async move {
                 held.notify_one();
                 std::future::pending::<()>().await;
-            }
+            })
         })
     })
 }
