@@ -10,6 +10,9 @@
 #
 #   benches/ab-drain.sh BIN_A BIN_B [PAIRS] [EVENTS] [EVENTS_PER_MESSAGE]
 #
+# AB_SQL_B: SQL run on B's database after its migrations, e.g. `ALTER TABLE domains DROP COLUMN
+# catch_all_1000` to drain without migration V7's listing flag and index.
+#
 # Needs RabbitMQ and Postgres on 127.0.0.1 (`make services`) and the release producer
 # (`cargo build --release -p catchall-producer`). Deletes what it created.
 set -euo pipefail
@@ -28,8 +31,8 @@ for _ in range(int(sys.argv[1])):
     print('{"domain":"d%d.example","type":"%s"}' % (random.randrange(100000), kind))
 EOF
 
-drain() { # BIN TAG -> "TAG seconds worker_cpu_s"
-    local bin=$1 tag=ab_$$_$2 pid
+drain() { # BIN TAG [SQL] -> "TAG seconds worker_cpu_s"
+    local bin=$1 tag=ab_$$_$2 sql=${3:-} pid
     local db=$tag queue=${tag}_q exchange=${tag}_x
     psql_ -c "CREATE DATABASE $db"
     export AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f CATCHALL_EXCHANGE=$exchange \
@@ -47,6 +50,7 @@ drain() { # BIN TAG -> "TAG seconds worker_cpu_s"
     }
     start # migrates and declares the topology
     kill -TERM "$pid" && wait "$pid" || true
+    [ -z "$sql" ] || psql_ -d "$db" -c "$sql"
     psql_ -d "$db" -c "INSERT INTO domains (domain) SELECT 'd' || x || '.example' FROM generate_series(0, 99999) x" \
         -c "VACUUM ANALYZE domains"
     "$root/target/release/catchall-producer" publish --batch "$per_message" "$work/events.ndjson" > /dev/null
@@ -71,9 +75,9 @@ echo "drain seconds worker_cpu_s ($events events, $per_message per message)"
 ratios=()
 for pair in $(seq 1 "$pairs"); do
     if [ $((pair % 2)) = 1 ]; then
-        a=$(drain "$bin_a" "a$pair"); b=$(drain "$bin_b" "b$pair")
+        a=$(drain "$bin_a" "a$pair"); b=$(drain "$bin_b" "b$pair" "${AB_SQL_B:-}")
     else
-        b=$(drain "$bin_b" "b$pair"); a=$(drain "$bin_a" "a$pair")
+        b=$(drain "$bin_b" "b$pair" "${AB_SQL_B:-}"); a=$(drain "$bin_a" "a$pair")
     fi
     echo "$a"; echo "$b"
     ratios+=("$(awk -v a="$(cut -d' ' -f2 <<< "$a")" -v b="$(cut -d' ' -f2 <<< "$b")" 'BEGIN { printf "%.3f", a / b }')")
