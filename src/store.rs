@@ -292,14 +292,37 @@ impl Store {
         // A migration on a large table may take longer than the statement timeout. The
         // session setting must not outlive the migration: this connection leaves the pool.
         client.batch_execute("SET statement_timeout = 0").await?;
+        // A database migrated by a newer release (its replicas rolling out, or this release
+        // rolled back to) holds versions this build does not know: run anyway. Every
+        // migration keeps the release before it working (V8 keeps the old claim function, V10
+        // corrects the flag whoever writes); refinery would refuse to start (`MissingVersion`).
+        let runner = embedded::migrations::runner().set_abort_missing(false);
+        let known = runner.get_migrations().iter().map(|m| m.version()).max();
         let client_ref: &mut tokio_postgres::Client = &mut client;
-        let report = embedded::migrations::runner().run_async(client_ref).await;
+        let report = runner.run_async(client_ref).await;
+        let newest: Result<Option<i32>, _> = match report {
+            Ok(_) => client
+                .query_one("SELECT max(version) FROM refinery_schema_history", &[])
+                .await
+                .and_then(|row| row.try_get(0)),
+            Err(_) => Ok(None),
+        };
         let unlocked = client
             .execute("SELECT pg_advisory_unlock($1)", &[&LOCK])
             .await;
         drop(deadpool_postgres::Object::take(client));
         unlocked?;
-        Ok(report?)
+        let report = report?;
+        if let (Some(newest), Some(known)) = (newest?, known)
+            && newest > known
+        {
+            tracing::warn!(
+                schema_version = newest,
+                this_release = known,
+                "the database was migrated by a newer release; running on it (rolling upgrade or rollback)"
+            );
+        }
+        Ok(report)
     }
 
     /// The one `float8` a query returns (health and lag probes).

@@ -199,3 +199,32 @@ async fn a_refused_upsert_ends_its_transaction_and_the_connection_applies_the_ne
     assert_eq!(counts.get("refused.example"), Some(&(1, 0)));
     assert_eq!(counts.get("next.example"), Some(&(1, 0)));
 }
+
+/// A replica of the previous release starts against a database that a newer release already
+/// migrated (a rolling upgrade, or a rollback): it runs, rather than refusing to start because
+/// the schema history holds a version it does not know (refinery's `MissingVersion`), and it
+/// counts.
+#[tokio::test]
+async fn a_database_migrated_by_a_newer_release_still_starts_this_one() {
+    let db = TestDb::create().await;
+    let store = db.store(2).await;
+    db.client()
+        .await
+        .batch_execute(
+            "INSERT INTO refinery_schema_history (version, name, applied_on, checksum) \
+             SELECT 9999, 'from_a_newer_release', applied_on, checksum \
+             FROM refinery_schema_history WHERE version = 1",
+        )
+        .await
+        .expect("record a newer migration");
+    store
+        .migrate()
+        .await
+        .expect("a newer schema does not stop this release");
+    let events = parse_message(br#"{"domain":"a.example","type":"delivered"}"#).expect("valid");
+    store
+        .apply(&[Message { id: None, events }])
+        .await
+        .expect("apply");
+    assert_eq!(db.total_events().await, 1);
+}
