@@ -10,8 +10,10 @@
 #
 #   benches/ab-drain.sh BIN_A BIN_B [PAIRS] [EVENTS] [EVENTS_PER_MESSAGE]
 #
-# AB_SQL_B: SQL run on B's database after its migrations, e.g. `ALTER TABLE domains DROP COLUMN
-# catch_all_1000` to drain without migration V7's listing flag and index.
+# AB_SQL_A, AB_SQL_B: SQL run on A's (B's) database after its migrations, e.g. `ALTER TABLE
+# domains DROP COLUMN catch_all_1000` on ours to drain without migration V7's listing flag and
+# index, or V7 itself on a baseline from before it (`AB_SQL_A="$(cat migrations/V7__*.sql)"`), so
+# that both sides carry the same schema.
 #
 # Needs RabbitMQ and Postgres on 127.0.0.1 (`make services`) and the release producer
 # (`cargo build --release -p catchall-producer`). Deletes what it created.
@@ -75,9 +77,9 @@ echo "drain seconds worker_cpu_s ($events events, $per_message per message)"
 ratios=()
 for pair in $(seq 1 "$pairs"); do
     if [ $((pair % 2)) = 1 ]; then
-        a=$(drain "$bin_a" "a$pair"); b=$(drain "$bin_b" "b$pair" "${AB_SQL_B:-}")
+        a=$(drain "$bin_a" "a$pair" "${AB_SQL_A:-}"); b=$(drain "$bin_b" "b$pair" "${AB_SQL_B:-}")
     else
-        b=$(drain "$bin_b" "b$pair" "${AB_SQL_B:-}"); a=$(drain "$bin_a" "a$pair")
+        b=$(drain "$bin_b" "b$pair" "${AB_SQL_B:-}"); a=$(drain "$bin_a" "a$pair" "${AB_SQL_A:-}")
     fi
     echo "$a"; echo "$b"
     ratios+=("$(awk -v a="$(cut -d' ' -f2 <<< "$a")" -v b="$(cut -d' ' -f2 <<< "$b")" 'BEGIN { printf "%.3f", a / b }')")

@@ -435,3 +435,84 @@ async fn catch_all_listing_follows_the_threshold_on_either_index() {
         worker.stop().await;
     }
 }
+
+/// The listing flag (V7's stored generated column) is right whoever writes the counters, not
+/// only the worker: the upsert of a replica of the previous release crossing 1000, an operator's
+/// INSERT and UPDATE, a first bounce. The indexed listing (threshold 1000) lists exactly the
+/// domains past 1000 that never bounced. Guards the design: a flag that only the worker's own
+/// upsert maintained (cheaper, measured in the README) would fail here.
+#[tokio::test]
+async fn the_listing_flag_stays_right_whoever_writes_the_counters() {
+    let db = TestDb::create().await;
+    let store = db.store(1).await;
+    let client = db.client().await;
+    // V9's upsert, as a replica of the previous release sends it during a rolling upgrade.
+    let previous_upsert = "INSERT INTO domains AS d (domain, delivered, bounced, other_bounced) \
+         SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[]) \
+         ON CONFLICT (domain) DO UPDATE \
+         SET delivered = d.delivered + EXCLUDED.delivered, bounced = d.bounced + EXCLUDED.bounced, \
+         other_bounced = d.other_bounced + EXCLUDED.other_bounced";
+    let upsert = |domain: &'static str, delivered: i64, bounced: i64| {
+        let client = &client;
+        async move {
+            client
+                .execute(
+                    previous_upsert,
+                    &[&vec![domain], &vec![delivered], &vec![bounced], &vec![0i64]],
+                )
+                .await
+                .unwrap_or_else(|e| panic!("upsert {domain}: {e}"));
+        }
+    };
+    upsert("crosses.example", 1000, 0).await;
+    upsert("crosses.example", 1, 0).await; // 1001: catch-all from now on
+    upsert("stays-below.example", 1000, 0).await;
+    upsert("new-and-past.example", 5000, 0).await; // inserted past the threshold at once
+    upsert("bounces.example", 3000, 0).await;
+    upsert("bounces.example", 0, 1).await; // a first bounce: not catch-all any more
+    client
+        .batch_execute(
+            "INSERT INTO domains (domain, delivered) VALUES ('seeded.example', 1500), \
+               ('seeded-low.example', 10); \
+             UPDATE domains SET delivered = 2000 WHERE domain = 'seeded-low.example';",
+        )
+        .await
+        .expect("direct writes");
+    // The worker's own path, crossing by one counted delivery.
+    upsert("worker.example", 1000, 0).await;
+    let events =
+        catchall::event::parse_message(br#"{"domain":"worker.example","type":"delivered"}"#)
+            .expect("valid");
+    store
+        .apply(&[catchall::store::Message { id: None, events }])
+        .await
+        .expect("apply");
+
+    let wrong: i64 = client
+        .query_one(
+            "SELECT count(*) FROM domains \
+             WHERE catch_all_1000 IS DISTINCT FROM (bounced = 0 AND delivered > 1000)",
+            &[],
+        )
+        .await
+        .expect("count wrong flags")
+        .get(0);
+    assert_eq!(wrong, 0, "every flag matches its counters");
+    let listed: Vec<String> = store
+        .list_domains(Some(catchall::event::Status::CatchAll), 1000, "", 100)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|row| row.domain)
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            "crosses.example",
+            "new-and-past.example",
+            "seeded-low.example",
+            "seeded.example",
+            "worker.example"
+        ]
+    );
+}
