@@ -33,8 +33,8 @@ for _ in range(int(sys.argv[1])):
     print('{"domain":"d%d.example","type":"%s"}' % (random.randrange(100000), kind))
 EOF
 
-drain() { # BIN TAG [SQL] -> "TAG seconds worker_cpu_s"
-    local bin=$1 tag=ab_$$_$2 sql=${3:-} pid
+drain() { # BIN TAG [SQL] -> "TAG seconds worker_cpu_s worker_peak_rss_mib"
+    local bin=$1 tag=ab_$$_$2 sql=${3:-} pid rss
     local db=$tag queue=${tag}_q exchange=${tag}_x
     psql_ -c "CREATE DATABASE $db"
     export AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f CATCHALL_EXCHANGE=$exchange \
@@ -64,16 +64,17 @@ drain() { # BIN TAG [SQL] -> "TAG seconds worker_cpu_s"
     done
     t1=$(psql_ -d "$db" -c "SELECT extract(epoch FROM max(applied_at)) FROM applied_messages")
     cpu=$(awk '{print ($14 + $15) / 100}' "/proc/$pid/stat")
+    rss=$(awk '/^VmHWM/ {printf "%.1f", $2 / 1024}' "/proc/$pid/status")
     kill -TERM "$pid" && wait "$pid" || true
     for q in "$queue" "$queue.dead"; do rabbitmqctl -q delete_queue "$q" > /dev/null 2>&1 || true; done
     for x in $(rabbitmqctl -q list_exchanges name | grep "^$exchange" || true); do
         rabbitmqctl -q eval "rabbit_exchange:delete(rabbit_misc:r(<<\"/\">>, exchange, <<\"$x\">>), false, <<\"ab\">>)." > /dev/null
     done
     psql_ -c "DROP DATABASE $db"
-    python3 -c "print('$2', round($t1 - $t0, 2), $cpu)"
+    python3 -c "print('$2', round($t1 - $t0, 2), $cpu, $rss)"
 }
 
-echo "drain seconds worker_cpu_s ($events events, $per_message per message)"
+echo "drain seconds worker_cpu_s worker_peak_rss_mib ($events events, $per_message per message)"
 ratios=()
 for pair in $(seq 1 "$pairs"); do
     if [ $((pair % 2)) = 1 ]; then

@@ -126,9 +126,11 @@ pub struct Config {
     #[arg(long, env = "BATCH_TIMEOUT_MS", default_value_t = 20)]
     pub batch_timeout_ms: u64,
 
-    /// Unacknowledged messages the broker may hand this worker; at least the batch size, so a
-    /// batch can fill while the previous one commits. It also bounds memory while Postgres is down.
-    #[arg(long, env = "PREFETCH", default_value_t = 5000, value_parser = clap::value_parser!(u16).range(1..))]
+    /// Unacknowledged messages the broker may hand this worker; at least the batch size. The
+    /// default holds the batches in flight (IN_FLIGHT × BATCH_SIZE) and two more filling
+    /// behind them, so a freed slot finds its next batch ready (README "Performance"). The
+    /// bodies held are bounded by PREFETCH_BYTES, which lowers it for large messages.
+    #[arg(long, env = "PREFETCH", default_value_t = 10000, value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
 
     /// Batches committing at once (each on its own connection) while the next one gathers.
