@@ -12,8 +12,8 @@
 #
 # AB_SQL_A, AB_SQL_B: SQL run on A's (B's) database after its migrations, e.g. `ALTER TABLE
 # domains DROP COLUMN catch_all_1000` on ours to drain without migration V7's listing flag and
-# index, or V7 itself on a baseline from before it (`AB_SQL_A="$(cat migrations/V7__*.sql)"`), so
-# that both sides carry the same schema.
+# index, or V7 itself on a baseline from before it (`AB_SQL_A="$(grep -v '^--'
+# migrations/V7__catch_all_listing_index.sql)"`), so that both sides carry the same schema.
 #
 # Needs RabbitMQ and Postgres on 127.0.0.1 (`make services`) and the release producer
 # (`cargo build --release -p catchall-producer`). Deletes what it created.

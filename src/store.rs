@@ -294,8 +294,9 @@ impl Store {
         client.batch_execute("SET statement_timeout = 0").await?;
         // A database migrated by a newer release (its replicas rolling out, or this release
         // rolled back to) holds versions this build does not know: run anyway. Every
-        // migration keeps the release before it working (V8 keeps the old claim function, V10
-        // corrects the flag whoever writes); refinery would refuse to start (`MissingVersion`).
+        // migration keeps the release before it working (V8 keeps the old claim function; V7's
+        // flag is computed by Postgres, whoever writes); refinery would refuse to start
+        // (`MissingVersion`).
         let runner = embedded::migrations::runner().set_abort_missing(false);
         let known = runner.get_migrations().iter().map(|m| m.version()).max();
         let client_ref: &mut tokio_postgres::Client = &mut client;

@@ -476,3 +476,12 @@ pub async fn assert_counts_eventually(db: &TestDb, expected: &Counts, timeout: D
         assert_eq!(actual.get(domain), Some(want), "counters of {domain}");
     }
 }
+
+/// A message without an id holding one delivery to `domain`, ready for `Store::apply`.
+pub fn one_delivery(domain: &str) -> catchall::store::Message {
+    let body = serde_json::json!({"domain": domain, "type": "delivered"}).to_string();
+    catchall::store::Message {
+        id: None,
+        events: catchall::event::parse_message(body.as_bytes()).expect("valid"),
+    }
+}

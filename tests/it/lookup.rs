@@ -480,11 +480,8 @@ async fn the_listing_flag_stays_right_whoever_writes_the_counters() {
         .expect("direct writes");
     // The worker's own path, crossing by one counted delivery.
     upsert("worker.example", 1000, 0).await;
-    let events =
-        catchall::event::parse_message(br#"{"domain":"worker.example","type":"delivered"}"#)
-            .expect("valid");
     store
-        .apply(&[catchall::store::Message { id: None, events }])
+        .apply(&[one_delivery("worker.example")])
         .await
         .expect("apply");
 

@@ -21,9 +21,8 @@ async fn settings_of_a_batch(db: &TestDb, store: &Store) -> (String, String) {
         )
         .await
         .expect("install the recording trigger");
-    let events = parse_message(br#"{"domain":"a.example","type":"delivered"}"#).expect("valid");
     store
-        .apply(&[Message { id: None, events }])
+        .apply(&[one_delivery("a.example")])
         .await
         .expect("apply");
     let row = client
@@ -221,9 +220,8 @@ async fn a_database_migrated_by_a_newer_release_still_starts_this_one() {
         .migrate()
         .await
         .expect("a newer schema does not stop this release");
-    let events = parse_message(br#"{"domain":"a.example","type":"delivered"}"#).expect("valid");
     store
-        .apply(&[Message { id: None, events }])
+        .apply(&[one_delivery("a.example")])
         .await
         .expect("apply");
     assert_eq!(db.total_events().await, 1);
