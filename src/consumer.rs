@@ -14,8 +14,8 @@ use crate::health::Health;
 use crate::metrics;
 use crate::store::{Applied, Message, Store};
 use anyhow::{Context, anyhow};
-use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
 };
@@ -399,11 +399,31 @@ impl Consumer {
         let traced = crate::telemetry::traces_enabled();
         let mut deadline: Option<tokio::time::Instant> = None;
         while batch.events < self.settings.batch.size {
-            let next = tokio::select! {
-                biased;
-                _ = cancel.cancelled() => break,
-                next = next_delivery(&mut self.draining, &mut self.deliveries) => next,
-                _ = sleep_until(deadline) => break,
+            // Mid-batch with no delivery waiting: nap (see GATHER_NAP) before waiting for one.
+            let waiting = match deadline {
+                Some(deadline) => {
+                    match next_delivery(&mut self.draining, &mut self.deliveries).now_or_never() {
+                        Some(next) => Some(next),
+                        None => {
+                            let nap = deadline.min(tokio::time::Instant::now() + GATHER_NAP);
+                            tokio::select! {
+                                biased;
+                                _ = cancel.cancelled() => break,
+                                _ = tokio::time::sleep_until(nap) => None,
+                            }
+                        }
+                    }
+                }
+                None => None,
+            };
+            let next = match waiting {
+                Some(next) => next,
+                None => tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => break,
+                    next = next_delivery(&mut self.draining, &mut self.deliveries) => next,
+                    _ = sleep_until(deadline) => break,
+                },
             };
             let delivery = match next {
                 Some(Ok(delivery)) => delivery,
@@ -910,6 +930,16 @@ async fn consume(channel: &Channel, queue: &str) -> anyhow::Result<(String, lapi
 }
 
 /// The next delivery: what cancelled consumers still buffer first, then the current consumer.
+/// How long a batch's gather naps when it finds no delivery waiting: the deliveries that arrive
+/// meanwhile queue in lapin's channel and are taken in one go, instead of lapin's I/O thread
+/// waking the gather once per message (a futex wake and two context switches each: 14 % of the
+/// worker's CPU samples on single-event messages). Only in the middle of a batch, so the first
+/// message after a quiet spell is taken at once; a batch is closed no later than its timeout.
+/// 1 ms (the timer's resolution): paired drains of 200,000 single-event messages 6–17 % faster
+/// (medians of two runs) with 9–12 % less worker CPU; 2 ms was slower than 1 (README, "Fewer
+/// wake-ups per message").
+const GATHER_NAP: Duration = Duration::from_millis(1);
+
 async fn next_delivery(
     draining: &mut VecDeque<lapin::Consumer>,
     current: &mut lapin::Consumer,
