@@ -118,14 +118,6 @@ impl App {
             health,
             consumer: consumer_settings,
         } = self;
-        let replica =
-            config
-                .status_database_url
-                .as_deref()
-                .map(|url| crate::replica::ReadFromReplica {
-                    primary: store.clone(),
-                    name: crate::pg::describe(url),
-                });
         // HTTP ingest (only with tokens: SPEC §5, never open) and the webhooks (only with a
         // provider's setting) publish through one confirming publisher on its own connection.
         let ingest_tokens = Tokens::configured(&config.ingest_tokens);
@@ -149,8 +141,7 @@ impl App {
         let closing = publisher;
         let state = AppState {
             store: lookups,
-            replica: replica.clone(),
-            ready_probes,
+            ready_probes: ready_probes.into(),
             health: health.clone(),
             metrics: metrics::install(),
             threshold: config.threshold,
@@ -198,7 +189,7 @@ impl App {
             config.dedup_retention,
             cancel.clone(),
         ));
-        if replica.is_some() {
+        if config.status_database_url.is_some() {
             tracker.spawn(crate::replica::lag_loop(
                 state.store.clone(),
                 std::time::Duration::from_secs(5),

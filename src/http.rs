@@ -31,10 +31,9 @@ use tower::ServiceBuilder;
 #[derive(Clone)]
 pub struct AppState {
     pub store: Store,
-    /// Set when `store` is a replica (`STATUS_DATABASE_URL`).
-    pub replica: Option<crate::replica::ReadFromReplica>,
-    /// The servers `/readyz` pings, each on a pool of its own (see [`ReadyProbe`]).
-    pub ready_probes: Vec<ReadyProbe>,
+    /// The servers `/readyz` pings, each on a pool of its own (see [`ReadyProbe`]). Shared:
+    /// the state is cloned for every request.
+    pub ready_probes: Arc<[ReadyProbe]>,
     pub health: Arc<Health>,
     pub metrics: PrometheusHandle,
     /// Deliveries above which a never-bounced domain is catch-all.
@@ -206,7 +205,7 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>
         return Err(unavailable(format!("Postgres: {error}")));
     }
     // With a replica, the primary (writes) and the replica (look-ups) must both answer.
-    for probe in &state.ready_probes {
+    for probe in state.ready_probes.iter() {
         let name = &probe.name;
         match tokio::time::timeout(Duration::from_secs(2), probe.store.ping()).await {
             Ok(Ok(())) => {}

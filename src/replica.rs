@@ -1,20 +1,10 @@
 //! Look-ups from a streaming replica (`STATUS_DATABASE_URL`, SPEC §6): its lag as a metric,
-//! and what `/readyz` needs to check both servers.
+//! `/readyz` pings the replica beside the primary (`crate::http::ReadyProbe`).
 
 use crate::store::Store;
 use metrics::{describe_gauge, gauge};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-
-/// Set when look-ups read from a replica: `/readyz` checks the primary (writes, consumer) and
-/// the replica (look-ups), and names the one that fails.
-#[derive(Clone)]
-pub struct ReadFromReplica {
-    /// The primary (`DATABASE_URL`); the handlers' own store is the replica.
-    pub primary: Store,
-    /// `host:port/database` of the replica, for messages (no password).
-    pub name: String,
-}
 
 /// Seconds the replica is behind: 0 when it has replayed all it received (or is a primary),
 /// else the age of the last transaction it replayed.
