@@ -62,7 +62,8 @@ bench-baseline: services
 	BENCH_BASELINE_BIN=$(CURDIR)/target/baseline/release/catchall $(CARGO) bench --bench bench
 
 ## bench-claim: Postgres CPU per claimed id, the worker's claim against the one it replaced, the
-## pre-issue-8 single table and a plain insert (BENCH_REPEATS rounds, interleaved; issue 13)
+## pre-issue-8 single table, a plain insert, uuid ids by COPY and a claim that skips the
+## partition of now() (BENCH_REPEATS rounds, interleaved; issue 13)
 bench-claim: services
 	BENCH_STAGES=claim $(CARGO) bench --bench bench
 
