@@ -22,11 +22,18 @@
 //!   claim). The partition's bounds are passed in, read once before the rounds, so this is a
 //!   lower bound on what such a claim would cost (reading them from the catalogue, as the
 //!   worker would have to, costs ~0.9 ms a call here).
+//!
+//! And, as the yardstick of `dedup_overhead` in the same run, `upsert`: what the same batch
+//! costs without ids, the worker's upsert of `BATCH_SIZE` events (random domains out of 100,000
+//! present ones, 1 in 50 a bounce, summed per domain and sorted), reported per event. Each
+//! variant's per-id cost over it is the `dedup_overhead` that variant would give.
 
 use crate::measure::{Sampler, Services, Summary, Watch};
 use crate::{PG_HOST, env_u64};
 use anyhow::{Context, Result};
 use catchall::store::Store;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 
@@ -44,13 +51,20 @@ const UUID_COPY: &str = "COPY uuid_table (message_id) FROM STDIN (FORMAT binary)
 const SKIP_CURRENT: &str =
     "SELECT claim_skip_current($1::bytea[], $2::text::timestamptz, $3::text::timestamptz)";
 
-const VARIANTS: [(&str, &str); 6] = [
+const UPSERT: &str = "INSERT INTO domains AS d (domain, delivered, bounced, other_bounced) \
+     SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[]) \
+     ON CONFLICT (domain) DO UPDATE \
+     SET delivered = d.delivered + EXCLUDED.delivered, bounced = d.bounced + EXCLUDED.bounced, \
+     other_bounced = d.other_bounced + EXCLUDED.other_bounced";
+
+const VARIANTS: [(&str, &str); 7] = [
     ("claim", catchall::store::CLAIM),
     ("v6_claim", V6_CLAIM),
     ("single_table", SINGLE_TABLE),
     ("plain_insert", PLAIN_INSERT),
     ("uuid_copy", UUID_COPY),
     ("skip_current", SKIP_CURRENT),
+    ("upsert", UPSERT),
 ];
 
 /// The tables and function of the `uuid_copy` and `skip_current` variants.
@@ -131,6 +145,14 @@ async fn run(database: &str) -> Result<Value> {
         )
         .await?;
     client.batch_execute(SETUP).await?;
+    client
+        .batch_execute(
+            "INSERT INTO domains (domain) \
+             SELECT 'd' || x || '.example' FROM generate_series(0, 99999) x",
+        )
+        .await?;
+    client.batch_execute("VACUUM ANALYZE domains").await?;
+    let mut rng = StdRng::seed_from_u64(13);
     // The bounds of the partition of now(), for `skip_current`.
     let row = client
         .query_one(
@@ -160,6 +182,13 @@ async fn run(database: &str) -> Result<Value> {
                     .map(|_| uuid::Uuid::now_v7().to_string())
                     .collect();
                 let tx = client.transaction().await?;
+                if variant == "upsert" {
+                    let events = random_batch(&mut rng, size);
+                    tx.execute(sql, &[&events.0, &events.1, &events.2, &events.3])
+                        .await?;
+                    tx.commit().await?;
+                    continue;
+                }
                 let bytes: Vec<&[u8]> = ids.iter().map(|id| id.as_bytes()).collect();
                 let window = catchall::store::CLAIM_LOCK_WINDOW.as_secs_f64();
                 match &statement {
@@ -182,20 +211,26 @@ async fn run(database: &str) -> Result<Value> {
         }
     }
     let baseline = Summary::of(&runs["single_table"]).median;
+    let upsert = Summary::of(&runs["upsert"]).median;
     let mut report = json!({ "ids_per_batch": size, "batches": batches, "rounds": repeats });
-    println!("\nclaim: Postgres CPU-µs per id (median, min–max), and / single_table");
+    println!(
+        "\nclaim: Postgres CPU-µs per id (upsert: per event) (median, min–max), / single_table, \
+         / upsert (the dedup_overhead it would give)"
+    );
     for (variant, _) in VARIANTS {
         let summary = Summary::of(&runs[variant]);
         println!(
-            "  {variant:14} {:6.2} ({:.2}–{:.2})  {:.2}",
+            "  {variant:14} {:6.2} ({:.2}–{:.2})  {:.2}  {:.2}",
             summary.median,
             summary.min,
             summary.max,
-            summary.median / baseline
+            summary.median / baseline,
+            summary.median / upsert
         );
         report[variant] = json!({
             "postgres_cpu_us_per_id": summary.json(2),
             "ratio_to_single_table": ((summary.median / baseline) * 1000.0).round() / 1000.0,
+            "ratio_to_upsert": ((summary.median / upsert) * 1000.0).round() / 1000.0,
         });
     }
     Ok(report)
@@ -215,4 +250,27 @@ async fn copy_uuids(tx: &tokio_postgres::Transaction<'_>, ids: &[String]) -> Res
     }
     writer.finish().await?;
     Ok(())
+}
+
+/// The arrays of the `upsert` variant: `size` events of random domains out of 100,000 (1 in 50
+/// a bounce), summed per domain, in domain order.
+fn random_batch(rng: &mut StdRng, size: u64) -> (Vec<String>, Vec<i64>, Vec<i64>, Vec<i64>) {
+    let mut totals: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    for _ in 0..size {
+        let entry = totals
+            .entry(crate::domain(rng.random_range(0..100_000)))
+            .or_default();
+        match rng.random_ratio(1, 50) {
+            true => entry.1 += 1,
+            false => entry.0 += 1,
+        }
+    }
+    let mut arrays = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (domain, (delivered, bounced)) in totals {
+        arrays.0.push(domain);
+        arrays.1.push(delivered);
+        arrays.2.push(bounced);
+        arrays.3.push(0);
+    }
+    arrays
 }
