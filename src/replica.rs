@@ -1,5 +1,5 @@
-//! Look-ups from a streaming replica (`STATUS_DATABASE_URL`, SPEC §6): its lag as a metric,
-//! `/readyz` pings the replica beside the primary (`crate::http::ReadyProbe`).
+//! Look-ups from a streaming replica (`STATUS_DATABASE_URL`, SPEC §6): its lag as a metric.
+//! `/readyz` pings the replica beside the primary (see `crate::http::ReadyProbe`).
 
 use crate::store::Store;
 use metrics::{describe_gauge, gauge};
