@@ -156,7 +156,9 @@ pub struct Store {
     claim_lock_window: f64,
 }
 
-const UPSERT: &str = "INSERT INTO domains AS d (domain, delivered, bounced, other_bounced) \
+/// Adds a batch's per-domain totals (`$1` domains, sorted; `$2`..`$4` their counts). Public for
+/// the bench (`make bench-claim` times it as its yardstick).
+pub const UPSERT: &str = "INSERT INTO domains AS d (domain, delivered, bounced, other_bounced) \
      SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[]) \
      ON CONFLICT (domain) DO UPDATE \
      SET delivered = d.delivered + EXCLUDED.delivered, bounced = d.bounced + EXCLUDED.bounced, \

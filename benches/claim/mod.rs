@@ -51,12 +51,6 @@ const UUID_COPY: &str = "COPY uuid_table (message_id) FROM STDIN (FORMAT binary)
 const SKIP_CURRENT: &str =
     "SELECT claim_skip_current($1::bytea[], $2::text::timestamptz, $3::text::timestamptz)";
 
-const UPSERT: &str = "INSERT INTO domains AS d (domain, delivered, bounced, other_bounced) \
-     SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[]) \
-     ON CONFLICT (domain) DO UPDATE \
-     SET delivered = d.delivered + EXCLUDED.delivered, bounced = d.bounced + EXCLUDED.bounced, \
-     other_bounced = d.other_bounced + EXCLUDED.other_bounced";
-
 const VARIANTS: [(&str, &str); 7] = [
     ("claim", catchall::store::CLAIM),
     ("v6_claim", V6_CLAIM),
@@ -64,7 +58,7 @@ const VARIANTS: [(&str, &str); 7] = [
     ("plain_insert", PLAIN_INSERT),
     ("uuid_copy", UUID_COPY),
     ("skip_current", SKIP_CURRENT),
-    ("upsert", UPSERT),
+    ("upsert", catchall::store::UPSERT),
 ];
 
 /// The tables and function of the `uuid_copy` and `skip_current` variants.
