@@ -36,15 +36,34 @@ for i in 2 3; do
   fi
 done
 if [ "${#joining[@]}" -gt 0 ]; then
+  pids=()
   for i in "${joining[@]}"; do
     (rmqctl "catchall-c$i@localhost" stop_app && rmqctl "catchall-c$i@localhost" reset) >/dev/null &
+    pids+=("$!")
   done
-  wait
+  for pid in "${pids[@]}"; do wait "$pid"; done
   for i in "${joining[@]}"; do
     rmqctl "catchall-c$i@localhost" join_cluster catchall-c1@localhost >/dev/null
   done
-  for i in "${joining[@]}"; do rmqctl "catchall-c$i@localhost" start_app >/dev/null & done
-  wait
+  pids=()
+  for i in "${joining[@]}"; do rmqctl "catchall-c$i@localhost" start_app >/dev/null & pids+=("$!"); done
+  for pid in "${pids[@]}"; do wait "$pid"; done
 fi
-running=$(rmqctl catchall-c1@localhost cluster_status --formatter json | grep -o '"running_nodes":\[[^]]*\]')
-echo "cluster: RabbitMQ nodes on 5701-5703 ($running)"
+# With pause_minority, c1 stops its own app while it sees fewer than two of the three nodes
+# running (c2 and c3 between join_cluster and start_app) and starts it again once they run: a
+# cluster_status in that window fails with "rabbit_is_not_running" (a CI run did). Await the
+# cluster itself: all three nodes running as c1 sees them.
+running=""
+for _ in $(seq 1 90); do
+  running=$(rmqctl catchall-c1@localhost cluster_status --formatter json 2>/dev/null \
+    | grep -o '"running_nodes":\[[^]]*\]') || true
+  if [ "$(grep -o 'catchall-c[123]@localhost' <<<"$running" | sort -u | wc -l)" = 3 ]; then
+    echo "cluster: RabbitMQ nodes on 5701-5703 ($running)"
+    exit 0
+  fi
+  sleep 1
+done
+echo "cluster: the three nodes are not all running after 90 s; c1 sees: ${running:-no answer}" >&2
+rmqctl catchall-c1@localhost cluster_status >&2 || true
+for i in 1 2 3; do tail -n 20 "$CI_DIR/catchall-c$i/log/catchall-c$i@localhost.log" >&2 || true; done
+exit 1
