@@ -140,6 +140,7 @@ impl App {
         let ingest = ingest_tokens.and_then(|tokens| Some((publisher.clone()?, tokens)));
         let closing = publisher;
         let state = AppState {
+            lookups: crate::lookups::Lookups::spawn(lookups.clone()),
             store: lookups,
             ready_probes: ready_probes.into(),
             health: health.clone(),

@@ -31,6 +31,8 @@ use tower::ServiceBuilder;
 #[derive(Clone)]
 pub struct AppState {
     pub store: Store,
+    /// Single look-ups, grouped into bulk queries under load (see [`crate::lookups`]).
+    pub lookups: crate::lookups::Lookups,
     /// The servers `/readyz` pings, each on a pool of its own (see [`ReadyProbe`]). Shared:
     /// the state is cloned for every request.
     pub ready_probes: Arc<[ReadyProbe]>,
@@ -140,7 +142,10 @@ impl From<IngestError> for ApiError {
     }
 }
 
-fn database_unavailable(error: crate::store::StoreError) -> ApiError {
+fn database_unavailable<E>(error: E) -> ApiError
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
     tracing::warn!(
         error = format!("{:#}", anyhow::Error::new(error)),
         "Look-up failed."
@@ -175,8 +180,8 @@ async fn domain_status(
         ApiError::new(StatusCode::BAD_REQUEST, format!("invalid domain: {reason}"))
     })?;
     let counts = state
-        .store
-        .lookup(&domain)
+        .lookups
+        .lookup(domain.clone())
         .await
         .map_err(database_unavailable)?;
     Ok(Json(DomainStatus {

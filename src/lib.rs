@@ -15,6 +15,7 @@ pub mod health;
 pub mod healthcheck;
 pub mod http;
 pub mod ingest;
+pub mod lookups;
 pub mod metrics;
 pub mod pg;
 pub mod replica;

@@ -26,6 +26,12 @@ pub fn install() -> PrometheusHandle {
                 )
                 .and_then(|b| {
                     b.set_buckets_for_metric(
+                        Matcher::Full("catchall_lookup_group_domains".into()),
+                        &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 500.0],
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
                         Matcher::Suffix("_duration_seconds".into()),
                         &[
                             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -59,6 +65,10 @@ fn describe() {
         "Messages rejected and dead-lettered, by reason."
     );
     describe_histogram!("catchall_batch_events", "Events per committed batch.");
+    describe_histogram!(
+        "catchall_lookup_group_domains",
+        "Single look-ups answered by one Postgres query (grouped while earlier queries ran)."
+    );
     describe_histogram!(
         "catchall_batch_commit_duration_seconds",
         Unit::Seconds,
@@ -297,6 +307,11 @@ pub fn http_request(route: &str, code: u16, took: Duration) {
         .increment(1);
     histogram!("catchall_http_request_duration_seconds", "route" => route.to_string())
         .record(took.as_secs_f64());
+}
+
+/// One Postgres query sent for `domains` single look-ups ([`crate::lookups`]).
+pub fn lookup_group(domains: usize) {
+    histogram!("catchall_lookup_group_domains").record(domains as f64);
 }
 
 /// Bounces that prove nothing about catch-all were counted apart (SPEC §3).

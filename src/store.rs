@@ -30,6 +30,9 @@ pub enum StoreError {
     Migration(#[from] refinery::Error),
     #[error("Postgres did not answer within {0:?} (DB_TIMEOUT); the connection was dropped")]
     Timeout(Duration),
+    /// The task that answers single look-ups ([`crate::lookups`]) is gone (it panicked).
+    #[error("the look-up task stopped")]
+    Closed,
 }
 
 impl StoreError {
@@ -43,6 +46,7 @@ impl StoreError {
             Self::Pool(deadpool_postgres::PoolError::Backend(error)) => query_reason(error),
             Self::Pool(_) => "no connection available".into(),
             Self::Timeout(_) => "no answer within DB_TIMEOUT".into(),
+            Self::Closed => "the look-up task stopped".into(),
             Self::Migration(_) => "migration failed".into(),
             Self::Query(error) => query_reason(error),
         }

@@ -513,3 +513,46 @@ async fn the_listing_flag_stays_right_whoever_writes_the_counters() {
         ]
     );
 }
+
+/// Single look-ups asked together (`GET /domains/{domain}` goes through `Lookups`) go to
+/// Postgres as one query, and each gets its own domain's counters: distinct domains, one domain
+/// asked many times, domains never seen (zero). A look-up asked alone is one query of its own.
+/// Current-thread runtime: every look-up is queued before the task that groups them runs.
+#[tokio::test]
+async fn lookups_asked_together_share_a_query_and_each_gets_its_own_counters() {
+    let db = TestDb::create().await;
+    let lookups = catchall::lookups::Lookups::spawn(db.store(2).await);
+    let rows = seed_domains(&db, 300, "grouped.example").await;
+
+    let mut asked: Vec<(String, i64, i64)> = rows.clone();
+    asked.extend((0..50).map(|_| rows[1].clone()));
+    asked.extend((0..20).map(|i| (format!("never{i}.grouped.example"), 0, 0)));
+    let answers = futures_util::future::join_all(
+        asked
+            .iter()
+            .map(|(domain, _, _)| lookups.lookup(domain.clone())),
+    )
+    .await;
+    for ((domain, delivered, bounced), answer) in asked.iter().zip(answers) {
+        let counts = answer.unwrap_or_else(|error| panic!("look-up of {domain}: {error:?}"));
+        assert_eq!(
+            (counts.delivered, counts.bounced, counts.other_bounced),
+            (*delivered, *bounced, 0),
+            "{domain}"
+        );
+    }
+    let grouped = lookups.queries();
+    assert!(
+        grouped <= 2,
+        "{} look-ups asked together took {grouped} queries",
+        asked.len()
+    );
+
+    let alone = lookups.lookup(rows[2].0.clone()).await.expect("look-up");
+    assert_eq!((alone.delivered, alone.bounced), (rows[2].1, rows[2].2));
+    assert_eq!(
+        lookups.queries(),
+        grouped + 1,
+        "a lone look-up is one query"
+    );
+}

@@ -219,12 +219,9 @@ async fn a_frozen_backend_costs_one_deadline_then_a_fresh_connection_commits() {
     worker.stop().await;
 }
 
-/// Look-ups on a frozen backend: the one on it, and every one queued behind it for the only
-/// connection, fails within the look-up deadline (never hangs); the frozen connection leaves
-/// the pool, so the next look-up, with the backend still stopped, runs on a fresh connection
-/// and answers.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lookups_on_a_frozen_backend_fail_in_time_and_the_next_runs_on_a_fresh_connection() {
+/// A store of one connection with a 1 s deadline, on a database that holds `a.example` with 7
+/// deliveries.
+async fn one_connection_store_with_a_domain() -> (TestDb, catchall::store::Store) {
     let db = TestDb::create().await;
     let store = db.store(1).await.with_db_timeout(Duration::from_secs(1));
     db.client()
@@ -232,6 +229,16 @@ async fn lookups_on_a_frozen_backend_fail_in_time_and_the_next_runs_on_a_fresh_c
         .batch_execute("INSERT INTO domains (domain, delivered) VALUES ('a.example', 7)")
         .await
         .expect("seed a domain");
+    (db, store)
+}
+
+/// Look-ups on a frozen backend: the one on it, and every one queued behind it for the only
+/// connection, fails within the look-up deadline (never hangs); the frozen connection leaves
+/// the pool, so the next look-up, with the backend still stopped, runs on a fresh connection
+/// and answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookups_on_a_frozen_backend_fail_in_time_and_the_next_runs_on_a_fresh_connection() {
+    let (db, store) = one_connection_store_with_a_domain().await;
     assert_eq!(
         store.lookup("a.example").await.expect("look-up").delivered,
         7
@@ -251,6 +258,42 @@ async fn lookups_on_a_frozen_backend_fail_in_time_and_the_next_runs_on_a_fresh_c
     assert!(waited < Duration::from_secs(3), "failed after {waited:?}");
     let counts = store
         .lookup("a.example")
+        .await
+        .expect("answered on a fresh connection while the old backend is stopped");
+    assert_eq!(counts.delivered, 7);
+    drop(frozen);
+}
+
+/// The same through `Lookups` (what `GET /domains/{domain}` uses): a group of look-ups on a
+/// frozen backend fails as a whole within the deadline, each look-up with the timeout, and the
+/// next one answers on a fresh connection. Current-thread runtime: the 20 look-ups are all
+/// queued before the task that groups them runs, so they are one group.
+#[tokio::test]
+async fn grouped_lookups_on_a_frozen_backend_all_fail_in_time() {
+    let (db, store) = one_connection_store_with_a_domain().await;
+    let lookups = catchall::lookups::Lookups::spawn(store);
+    let warm = lookups.lookup("a.example".into()).await.expect("look-up");
+    assert_eq!(warm.delivered, 7);
+
+    let frozen = Frozen::worker_backends(&db).await;
+    let started = Instant::now();
+    let asks = (0..20).map(|i| lookups.lookup(format!("d{i}.example")));
+    for answer in futures_util::future::join_all(asks).await {
+        let error = answer.expect_err("no answer from a frozen backend");
+        assert!(
+            matches!(*error, catchall::store::StoreError::Timeout(_)),
+            "a timeout: {error:?}"
+        );
+    }
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(3), "failed after {waited:?}");
+    assert_eq!(
+        lookups.queries(),
+        2,
+        "the warm-up, then the 20 look-ups as one query"
+    );
+    let counts = lookups
+        .lookup("a.example".into())
         .await
         .expect("answered on a fresh connection while the old backend is stopped");
     assert_eq!(counts.delivered, 7);
