@@ -94,12 +94,11 @@ impl Lookups {
 
 /// Queries one group and replies to each look-up in it. A look-up whose client went away has
 /// dropped its receiver; its reply is discarded.
-async fn answer(store: &Store, group: Vec<Ask>) {
-    if let [ask] = &group[..] {
+async fn answer(store: &Store, mut group: Vec<Ask>) {
+    if group.len() == 1 {
+        let ask = group.remove(0);
         let answer = store.lookup(&ask.domain).await.map_err(Arc::new);
-        for ask in group {
-            let _ = ask.reply.send(answer.clone());
-        }
+        let _ = ask.reply.send(answer);
         return;
     }
     let mut domains: Vec<String> = group.iter().map(|ask| ask.domain.clone()).collect();
