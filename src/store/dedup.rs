@@ -13,10 +13,11 @@
 //! transaction, which lives at most a few statement timeouts, or when a publisher's retry put a
 //! second copy of a message in the queue. If two such attempts start on either side of midnight
 //! they land in two partitions and neither sees the other's uncommitted row; so within 10 minutes
-//! of midnight, claims first take transaction-scoped advisory locks on the ids' hash buckets (in
-//! sorted order: no deadlock), and the later attempt's look-up runs after the earlier one
-//! committed or rolled back (migration V9: inside the claim's function, so no statement of
-//! its own).
+//! of midnight, claims first take transaction-scoped advisory locks (in one global order: no
+//! deadlock), and the later attempt's look-up runs after the earlier one committed or rolled
+//! back (migration V9: inside the claim's function, so no statement of its own). A claim of up
+//! to 64 keys locks each key, one of more keys its hash buckets (migration V10), so claims of
+//! unrelated ids do not wait for each other.
 
 use super::{Store, StoreError};
 use std::time::Duration;
@@ -26,7 +27,7 @@ use std::time::Duration;
 pub(super) const UPKEEP_LOCK: i64 = 0x0063_6174_6368_7067; // "catchpg"
 
 /// How close to UTC midnight (the server's clock, the one that picks the partition) a claim
-/// first locks its ids' hash buckets (migration V9). It must exceed the life of a batch
+/// first locks its ids or their hash buckets (migrations V9, V10). It must exceed the life of a batch
 /// transaction: a few statements under the 30 s `DB_TIMEOUT` and the 60 s `statement_timeout`
 /// and `idle_in_transaction_session_timeout`. [`Store::with_claim_lock_window`] changes it
 /// (tests take the locks at any hour with more than 12 hours).
@@ -34,8 +35,8 @@ pub const CLAIM_LOCK_WINDOW: Duration = Duration::from_secs(600);
 
 /// Claims the keys of `$1` (a batch's distinct message ids and, when it has one, its token;
 /// sorted): returns the keys some partition already holds, and inserts the others into the
-/// partition of now() (migration V9's `applied_messages_claim`). Within `$2` seconds of UTC
-/// midnight ([`CLAIM_LOCK_WINDOW`]) it first locks the keys' hash buckets, in one statement
+/// partition of now() (migration V10's `applied_messages_claim`). Within `$2` seconds of UTC
+/// midnight ([`CLAIM_LOCK_WINDOW`]) it first locks the keys or their buckets, in one statement
 /// with the claim.
 ///
 /// One `= ANY` index scan per partition finds the held keys (all sub-statements of a `WITH` run

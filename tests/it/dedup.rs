@@ -459,6 +459,9 @@ async fn the_claim_before_v9_and_v9_s_claim_see_each_other_s_ids() {
     assert_eq!(claim_v8(vec![b"new"]).await, [b"new".to_vec()]);
 }
 
+/// A claim lock window of more than 12 hours: the locks are taken at any hour.
+const ANY_HOUR: Duration = Duration::from_secs(24 * 3600);
+
 /// Two attempts of one id that start on either side of a partition boundary (UTC midnight in
 /// production) insert into two partitions, and neither unique index sees the other's
 /// uncommitted row: without the bucket locks both commit and the id counts twice (shown here
@@ -468,7 +471,7 @@ async fn the_claim_before_v9_and_v9_s_claim_see_each_other_s_ids() {
 /// two seconds ahead, so the path runs at any hour.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_on_either_side_of_a_partition_boundary_count_an_id_once_within_the_lock_window() {
-    let (counted, partitions) = claims_across_a_boundary(Duration::ZERO).await;
+    let (counted, partitions) = claims_across_a_boundary(Duration::ZERO, 0, 0).await;
     assert_eq!(
         counted, 2,
         "without locks the hazard is real: counted twice"
@@ -478,18 +481,106 @@ async fn claims_on_either_side_of_a_partition_boundary_count_an_id_once_within_t
         ["applied_messages_after", "applied_messages_before"]
     );
 
-    let (counted, partitions) = claims_across_a_boundary(Duration::from_secs(24 * 3600)).await;
-    assert_eq!(
-        counted, 1,
-        "the locks made the second claim meet the first's id"
-    );
-    assert_eq!(partitions, ["applied_messages_before"]);
+    // Claims of up to 64 keys lock each key, larger ones their buckets (V10): each pairing
+    // of the two kinds meets on the shared id.
+    for (first_extra, second_extra) in [(0, 0), (0, 100), (100, 0), (100, 100)] {
+        let (counted, partitions) =
+            claims_across_a_boundary(ANY_HOUR, first_extra, second_extra).await;
+        assert_eq!(
+            counted, 1,
+            "the locks made the second claim meet the first's id \
+             ({first_extra} and {second_extra} more messages)"
+        );
+        assert_eq!(partitions, ["applied_messages_before"]);
+    }
+}
+
+/// Near midnight, a claim of few keys locks the keys themselves (V10), not their hash buckets
+/// of which there are 128 (V9): a batch whose ids are all new does not wait for another
+/// batch's transaction just because an id of each falls in one bucket, so batches in flight
+/// keep committing side by side. Under V9 the second batch here waited for the first's COMMIT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_midnight_a_claim_waits_only_for_claims_of_its_own_ids() {
+    let db = TestDb::create().await;
+    let store = db.store(4).await.with_claim_lock_window(ANY_HOUR);
+    let client = db.client().await;
+    // An id in the bucket of `held` (V9's bucket of a key).
+    let other: String = client
+        .query_one(
+            "WITH ids AS (SELECT 'other-' || i AS id FROM generate_series(1, 10000) i) \
+             SELECT id FROM ids \
+             WHERE ('x' || substr(md5(id), 1, 8))::bit(32)::int4 & 127 \
+                 = ('x' || substr(md5('held'), 1, 8))::bit(32)::int4 & 127 \
+             LIMIT 1",
+            &[],
+        )
+        .await
+        .expect("an id in the same bucket")
+        .get(0);
+
+    let (first, release) = held_before_commit(&store, vec![delivered("held", "a.example")]).await;
+    let applied = tokio::time::timeout(
+        Duration::from_secs(10),
+        store.apply(&[delivered(&other, "b.example")]),
+    )
+    .await
+    .expect("the second batch commits while the first is still open")
+    .expect("the second batch applies");
+    assert_eq!((applied.messages, applied.duplicates), (1, 0));
+    release.notify_one();
+    let applied = first.await.expect("join").expect("the first batch commits");
+    assert_eq!((applied.messages, applied.duplicates), (1, 0));
+    let counts = db.counts().await;
+    assert_eq!((counts["a.example"], counts["b.example"]), ((1, 0), (1, 0)));
+}
+
+/// Near midnight a claim of up to 64 ids locks each id and its bucket, a larger one only its
+/// buckets (V10): no batch holds more than 128 advisory locks, whatever its size, so the
+/// server's lock table sizes as it did with V9.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_midnight_a_claim_holds_at_most_128_advisory_locks() {
+    let db = TestDb::create().await;
+    let store = db.store(4).await.with_claim_lock_window(ANY_HOUR);
+    let client = db.client().await;
+    for n in [1, 64, 65, 2500] {
+        let ids: Vec<String> = (0..n).map(|i| format!("{n}-{i}")).collect();
+        let buckets: i64 = client
+            .query_one(
+                "SELECT count(DISTINCT ('x' || substr(md5(id), 1, 8))::bit(32)::int4 & 127) \
+                 FROM unnest($1::text[]) id",
+                &[&ids],
+            )
+            .await
+            .expect("the ids' buckets")
+            .get(0);
+        let batch = ids.iter().map(|id| delivered(id, "a.example")).collect();
+        let (task, release) = held_before_commit(&store, batch).await;
+        let held: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                &[],
+            )
+            .await
+            .expect("pg_locks")
+            .get(0);
+        let expected = if n <= 64 { n as i64 + buckets } else { buckets };
+        assert_eq!(held, expected, "advisory locks held by a claim of {n} ids");
+        assert!(held <= 128, "{held} locks for {n} ids");
+        release.notify_one();
+        task.await.expect("join").expect("the batch commits");
+    }
 }
 
 /// The first batch claims `shared` before the boundary and stops before COMMIT; the second
-/// claims `shared` and `own` after it. Returns how often `shared`'s domain was counted and the
-/// partitions holding `shared`.
-async fn claims_across_a_boundary(window: Duration) -> (i64, Vec<String>) {
+/// claims `shared` and `own` after it. Each has `first_extra` / `second_extra` more messages of
+/// ids of its own. Returns how often `shared`'s domain was counted and the partitions holding
+/// `shared`.
+async fn claims_across_a_boundary(
+    window: Duration,
+    first_extra: usize,
+    second_extra: usize,
+) -> (i64, Vec<String>) {
     let db = TestDb::create().await;
     let store = db.store(4).await.with_claim_lock_window(window);
     let client = db.client().await;
@@ -534,11 +625,13 @@ async fn claims_across_a_boundary(window: Duration) -> (i64, Vec<String>) {
         .await
         .expect("two partitions meeting at the boundary");
 
-    let first_batch = vec![delivered("shared", "a.example")];
-    let second_batch = vec![
+    let mut first_batch = vec![delivered("shared", "a.example")];
+    first_batch.extend((0..first_extra).map(|i| delivered(&format!("first-{i}"), "c.example")));
+    let mut second_batch = vec![
         delivered("shared", "a.example"),
         delivered("own", "b.example"),
     ];
+    second_batch.extend((0..second_extra).map(|i| delivered(&format!("second-{i}"), "d.example")));
     let (first, release) = held_before_commit(&store, first_batch).await;
     wait_for(
         Duration::from_secs(15),
@@ -567,15 +660,15 @@ async fn claims_across_a_boundary(window: Duration) -> (i64, Vec<String>) {
     // for the first's row of `a.example`, its claim of `shared` made into the other partition.
     // With them it waits in the claim, on a bucket lock, and then meets `shared`.
     let (waits_in, second_counts) = if window.is_zero() {
-        ("%INSERT INTO domains%", (2, 0))
+        ("%INSERT INTO domains%", (2 + second_extra, 0))
     } else {
-        ("%applied_messages_claim%", (1, 1))
+        ("%applied_messages_claim%", (1 + second_extra, 1))
     };
     db.await_lock_waits(1, waits_in, "the second batch to wait for the first")
         .await;
     release.notify_one();
     let applied = first.await.expect("join").expect("the first batch commits");
-    assert_eq!((applied.messages, applied.duplicates), (1, 0));
+    assert_eq!((applied.messages, applied.duplicates), (1 + first_extra, 0));
     let applied = second
         .await
         .expect("join")
