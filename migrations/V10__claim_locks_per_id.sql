@@ -6,20 +6,26 @@
 -- a day inside it; with this version 0.95-0.99.
 --
 -- Now a claim of at most 64 keys locks each key (its 32-bit hash, key space 1667326825) in
--- exclusive mode and the key's bucket in shared mode: two claims wait for each other only when
--- they share a key (or, one in 2^32, its hash). A claim of more keys (single-event messages:
--- thousands per batch) still locks its buckets in exclusive mode, as before: at most 128 locks,
+-- exclusive mode and the key's bucket in shared mode: two such claims wait for each other only
+-- when they share a key (or, one in 2^32, its hash), or when Postgres' lock queue puts one
+-- behind a claim that waits to lock a bucket of the other exclusively. A claim of more keys
+-- (single-event messages: thousands per batch, so nearly every bucket) still locks its
+-- buckets in exclusive mode, as before, and while one waits or holds them near midnight
+-- every claim serialises behind it, as with V9. At most 128 locks,
 -- so a batch never takes more than 128 advisory locks (64 + 64 here), whatever its size, and
 -- the server's lock table (`max_locks_per_transaction`) sizes as before. A bucket lock in
 -- exclusive mode waits for every claim of the bucket, large or small, so any two claims of one
 -- key still meet.
 --
--- No deadlock: every claim takes its locks in one global order (buckets ascending, then keys
--- ascending), so a claim only ever waits for a lock above all those it holds.
+-- No deadlock: every claim takes its locks in one global order (buckets ascending, then the
+-- keys' hashes ascending, as int4), so a claim only ever waits for a lock above all those it
+-- holds. This needs one claim per transaction (the worker's): a second claim could upgrade a
+-- shared bucket lock to exclusive, or take locks below those it holds.
 --
--- Replicas of V8 (their own bucket-lock statement) and of V9 (this function before) take the
--- same bucket locks in exclusive mode: they and this version meet on every shared key too, so
--- a rolling upgrade needs nothing more. The signature is V9's; the body is replaced.
+-- During a rolling upgrade, replicas of V8 take the same bucket locks in exclusive mode (their
+-- own statement), and so do V9's calls already running when this body replaces V9's (later
+-- calls of V9 replicas run this body: same name and signature). Exclusive bucket locks meet
+-- every claim of this version on a shared key, so the upgrade needs nothing more.
 CREATE OR REPLACE FUNCTION applied_messages_claim(keys bytea[], lock_window interval) RETURNS SETOF bytea
 LANGUAGE plpgsql SET enable_seqscan = off AS $$
 DECLARE

@@ -156,7 +156,7 @@ pub struct Store {
     pool: Pool,
     /// Client-side deadline of one apply attempt (DB_TIMEOUT).
     db_timeout: Duration,
-    /// How close to UTC midnight claims take bucket locks, in seconds (see `dedup`).
+    /// How close to UTC midnight claims take their locks, in seconds (see `dedup`).
     claim_lock_window: f64,
 }
 
@@ -277,9 +277,10 @@ impl Store {
         self
     }
 
-    /// Sets how close to UTC midnight a claim first locks its ids' buckets (default
+    /// Sets how close to UTC midnight a claim first locks its ids or their buckets (default
     /// [`CLAIM_LOCK_WINDOW`], 10 minutes; more than 12 hours: at any hour). Longer takes
-    /// the locks for longer (batches with common id buckets then wait for each other); shorter
+    /// the locks for longer (batches that share ids, or large batches that share buckets with
+    /// others, then wait for each other); shorter
     /// than a batch transaction's life would let two attempts of one id on either side of
     /// midnight both count.
     pub fn with_claim_lock_window(mut self, window: Duration) -> Self {
@@ -406,7 +407,7 @@ impl Store {
         let claim = client.prepare_cached(dedup::CLAIM).await?;
         let upsert = client.prepare_cached(UPSERT).await?;
         // READ COMMITTED whatever `default_transaction_isolation` says: the claim must take its
-        // snapshot after the bucket locks it waits for near midnight (see `dedup`).
+        // snapshot after the locks it waits for near midnight (see `dedup`).
         let client: &mut tokio_postgres::Client = client;
         let tx = client
             .build_transaction()
@@ -418,7 +419,8 @@ impl Store {
         ids.sort_unstable();
         ids.dedup();
         // The claim (see `dedup`): the ids and the batch token in one statement, which near
-        // midnight first locks their buckets.
+        // midnight first locks them or their buckets. One claim per transaction: V10's locks
+        // rely on it.
         let mut keys: Vec<&[u8]> = ids.clone();
         keys.extend(token);
         keys.sort_unstable();

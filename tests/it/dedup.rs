@@ -464,11 +464,11 @@ const ANY_HOUR: Duration = Duration::from_secs(24 * 3600);
 
 /// Two attempts of one id that start on either side of a partition boundary (UTC midnight in
 /// production) insert into two partitions, and neither unique index sees the other's
-/// uncommitted row: without the bucket locks both commit and the id counts twice (shown here
+/// uncommitted row: without the claim's locks both commit and the id counts twice (shown here
 /// with a window of zero, so the test can tell the locks apart from luck). With the window
 /// covering the moment (production: 10 minutes around midnight; here: any hour), the later
 /// claim waits for the earlier transaction and its look-up meets the id. The boundary is made
-/// two seconds ahead, so the path runs at any hour.
+/// three seconds ahead, so the path runs at any hour.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_on_either_side_of_a_partition_boundary_count_an_id_once_within_the_lock_window() {
     let (counted, partitions) = claims_across_a_boundary(Duration::ZERO, 0, 0).await;
@@ -507,11 +507,11 @@ async fn near_midnight_a_claim_waits_only_for_claims_of_its_own_ids() {
     // An id in the bucket of `held` (V9's bucket of a key).
     let other: String = client
         .query_one(
-            "WITH ids AS (SELECT 'other-' || i AS id FROM generate_series(1, 10000) i) \
+            "WITH ids AS (SELECT i, 'other-' || i AS id FROM generate_series(1, 10000) i) \
              SELECT id FROM ids \
              WHERE ('x' || substr(md5(id), 1, 8))::bit(32)::int4 & 127 \
                  = ('x' || substr(md5('held'), 1, 8))::bit(32)::int4 & 127 \
-             LIMIT 1",
+             ORDER BY i LIMIT 1",
             &[],
         )
         .await
@@ -532,6 +532,49 @@ async fn near_midnight_a_claim_waits_only_for_claims_of_its_own_ids() {
     assert_eq!((applied.messages, applied.duplicates), (1, 0));
     let counts = db.counts().await;
     assert_eq!((counts["a.example"], counts["b.example"]), ((1, 0), (1, 0)));
+}
+
+/// During a rolling upgrade a replica of V8 locks its ids' buckets exclusively with a
+/// statement of its own, before its claim: a small V10 claim of one of those ids, which locks
+/// the bucket in shared mode, waits for that transaction, so the two attempts still meet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_midnight_a_small_claim_waits_for_the_bucket_locks_of_a_v8_replica() {
+    let db = TestDb::create().await;
+    let store = db.store(4).await.with_claim_lock_window(ANY_HOUR);
+    let mut v8 = db.client().await;
+    let v8 = v8.transaction().await.expect("begin");
+    // V8's lock statement (before V9 it was the worker's own), then its claim.
+    v8.query_one(
+        "SELECT count(pg_advisory_xact_lock(1667326824, bucket)) \
+         FROM (SELECT DISTINCT ('x' || substr(md5(id), 1, 8))::bit(32)::int4 & 127 AS bucket \
+               FROM unnest($1::bytea[]) id ORDER BY bucket) buckets",
+        &[&vec![b"shared".to_vec()]],
+    )
+    .await
+    .expect("V8's bucket locks");
+    v8.query(
+        "SELECT applied_messages_claim($1::bytea[])",
+        &[&vec![b"shared".to_vec()]],
+    )
+    .await
+    .expect("V8's claim");
+    let ours = tokio::spawn({
+        let store = store.clone();
+        async move { store.apply(&[delivered("shared", "a.example")]).await }
+    });
+    db.await_lock_waits(
+        1,
+        "%applied_messages_claim%",
+        "the V10 claim to wait for V8's locks",
+    )
+    .await;
+    v8.commit().await.expect("V8's transaction commits");
+    let applied = ours.await.expect("join").expect("applied");
+    assert_eq!(
+        (applied.messages, applied.duplicates),
+        (0, 1),
+        "it met V8's id"
+    );
 }
 
 /// Near midnight a claim of up to 64 ids locks each id and its bucket, a larger one only its
@@ -584,10 +627,10 @@ async fn claims_across_a_boundary(
     let db = TestDb::create().await;
     let store = db.store(4).await.with_claim_lock_window(window);
     let client = db.client().await;
-    // Replace the partitions by two that meet two seconds from now.
+    // Replace the partitions by two that meet three seconds from now.
     let boundary: String = client
         .query_one(
-            "SELECT (clock_timestamp() + interval '2 seconds')::text",
+            "SELECT (clock_timestamp() + interval '3 seconds')::text",
             &[],
         )
         .await
@@ -633,6 +676,19 @@ async fn claims_across_a_boundary(
     ];
     second_batch.extend((0..second_extra).map(|i| delivered(&format!("second-{i}"), "d.example")));
     let (first, release) = held_before_commit(&store, first_batch).await;
+    let first_before: bool = client
+        .query_one(
+            "SELECT coalesce(bool_and(xact_start < $1::text::timestamptz), false) FROM pg_stat_activity \
+             WHERE datname = current_database() AND state = 'idle in transaction'",
+            &[&boundary],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .get(0);
+    assert!(
+        first_before,
+        "setup too slow: the first batch began after the boundary"
+    );
     wait_for(
         Duration::from_secs(15),
         "the server's clock to pass the boundary",
@@ -658,7 +714,8 @@ async fn claims_across_a_boundary(
     });
     // Without locks the second claim waits for nothing: it reaches the upsert, where it waits
     // for the first's row of `a.example`, its claim of `shared` made into the other partition.
-    // With them it waits in the claim, on a bucket lock, and then meets `shared`.
+    // With them it waits in the claim, on the lock of `shared` or of its bucket, and then meets
+    // `shared`.
     let (waits_in, second_counts) = if window.is_zero() {
         ("%INSERT INTO domains%", (2 + second_extra, 0))
     } else {
