@@ -10,10 +10,10 @@
 -- when they share a key (or, one in 2^32, its hash), or when Postgres' lock queue puts one
 -- behind a claim that waits to lock a bucket of the other exclusively. A claim of more keys
 -- (single-event messages: thousands per batch, so nearly every bucket) still locks its
--- buckets in exclusive mode, as before, and while one waits or holds them near midnight
--- every claim serialises behind it, as with V9. At most 128 locks,
--- so a batch never takes more than 128 advisory locks (64 + 64 here), whatever its size, and
--- the server's lock table (`max_locks_per_transaction`) sizes as before. A bucket lock in
+-- buckets in exclusive mode, as before, and while one waits for or holds them near midnight
+-- every claim serialises behind it, as with V9. So a batch never takes more than 128 advisory
+-- locks (64 + 64 here), whatever its size, and the server's lock table
+-- (`max_locks_per_transaction`) sizes as before. A bucket lock in
 -- exclusive mode waits for every claim of the bucket, large or small, so any two claims of one
 -- key still meet.
 --
@@ -30,22 +30,19 @@ CREATE OR REPLACE FUNCTION applied_messages_claim(keys bytea[], lock_window inte
 LANGUAGE plpgsql SET enable_seqscan = off AS $$
 DECLARE
     t time := (now() AT TIME ZONE 'UTC')::time;
+    small boolean := cardinality(keys) <= 64;
+    hashes int4[];
 BEGIN
     IF least(t - '00:00'::time, '24:00'::time - t) < lock_window THEN
-        IF cardinality(keys) <= 64 THEN
-            PERFORM count(pg_advisory_xact_lock_shared(1667326824, bucket))
-            FROM (SELECT DISTINCT ('x' || substr(md5(id), 1, 8))::bit(32)::int4 & 127 AS bucket
-                  FROM unnest(keys) id
-                  ORDER BY bucket) buckets;
+        hashes := ARRAY(SELECT DISTINCT ('x' || substr(md5(id), 1, 8))::bit(32)::int4
+                        FROM unnest(keys) id);
+        PERFORM count(CASE WHEN small THEN pg_advisory_xact_lock_shared(1667326824, bucket)
+                           ELSE pg_advisory_xact_lock(1667326824, bucket) END)
+        FROM (SELECT DISTINCT hash & 127 AS bucket FROM unnest(hashes) hash
+              ORDER BY bucket) buckets;
+        IF small THEN
             PERFORM count(pg_advisory_xact_lock(1667326825, hash))
-            FROM (SELECT DISTINCT ('x' || substr(md5(id), 1, 8))::bit(32)::int4 AS hash
-                  FROM unnest(keys) id
-                  ORDER BY hash) hashes;
-        ELSE
-            PERFORM count(pg_advisory_xact_lock(1667326824, bucket))
-            FROM (SELECT DISTINCT ('x' || substr(md5(id), 1, 8))::bit(32)::int4 & 127 AS bucket
-                  FROM unnest(keys) id
-                  ORDER BY bucket) buckets;
+            FROM (SELECT hash FROM unnest(hashes) hash ORDER BY hash) sorted;
         END IF;
     END IF;
     RETURN QUERY

@@ -280,9 +280,8 @@ impl Store {
     /// Sets how close to UTC midnight a claim first locks its ids or their buckets (default
     /// [`CLAIM_LOCK_WINDOW`], 10 minutes; more than 12 hours: at any hour). Longer takes
     /// the locks for longer (batches that share ids, or large batches that share buckets with
-    /// others, then wait for each other); shorter
-    /// than a batch transaction's life would let two attempts of one id on either side of
-    /// midnight both count.
+    /// others, then wait for each other); shorter than a batch transaction's life would let two
+    /// attempts of one id on either side of midnight both count.
     pub fn with_claim_lock_window(mut self, window: Duration) -> Self {
         self.claim_lock_window = window.as_secs_f64();
         self

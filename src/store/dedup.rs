@@ -16,8 +16,8 @@
 //! of midnight, claims first take transaction-scoped advisory locks (in one global order: no
 //! deadlock), and the later attempt's look-up runs after the earlier one committed or rolled
 //! back (migration V9: inside the claim's function, so no statement of its own). A claim of up
-//! to 64 keys locks each key, one of more keys its hash buckets (migration V10), so claims of
-//! unrelated ids do not wait for each other.
+//! to 64 keys locks each key, one of more keys its hash buckets (migration V10), so small
+//! claims of unrelated ids need not wait for each other.
 
 use super::{Store, StoreError};
 use std::time::Duration;
@@ -27,9 +27,9 @@ use std::time::Duration;
 pub(super) const UPKEEP_LOCK: i64 = 0x0063_6174_6368_7067; // "catchpg"
 
 /// How close to UTC midnight (the server's clock, the one that picks the partition) a claim
-/// first locks its ids or their hash buckets (migrations V9, V10). It must exceed the life of a batch
-/// transaction: a few statements under the 30 s `DB_TIMEOUT` and the 60 s `statement_timeout`
-/// and `idle_in_transaction_session_timeout`. [`Store::with_claim_lock_window`] changes it
+/// first locks its ids or their hash buckets (migrations V9, V10). It must exceed the life of
+/// a batch transaction: a few statements under the 30 s `DB_TIMEOUT` and the 60 s
+/// `statement_timeout` and `idle_in_transaction_session_timeout`. [`Store::with_claim_lock_window`] changes it
 /// (tests take the locks at any hour with more than 12 hours).
 pub const CLAIM_LOCK_WINDOW: Duration = Duration::from_secs(600);
 

@@ -462,6 +462,9 @@ async fn the_claim_before_v9_and_v9_s_claim_see_each_other_s_ids() {
 /// A claim lock window of more than 12 hours: the locks are taken at any hour.
 const ANY_HOUR: Duration = Duration::from_secs(24 * 3600);
 
+/// The claim's bucket (of 128) of a key `id`, as SQL (migrations V8-V10).
+const BUCKET: &str = "('x' || substr(md5(id), 1, 8))::bit(32)::int4 & 127";
+
 /// Two attempts of one id that start on either side of a partition boundary (UTC midnight in
 /// production) insert into two partitions, and neither unique index sees the other's
 /// uncommitted row: without the claim's locks both commit and the id counts twice (shown here
@@ -507,11 +510,11 @@ async fn near_midnight_a_claim_waits_only_for_claims_of_its_own_ids() {
     // An id in the bucket of `held` (V9's bucket of a key).
     let other: String = client
         .query_one(
-            "WITH ids AS (SELECT i, 'other-' || i AS id FROM generate_series(1, 10000) i) \
-             SELECT id FROM ids \
-             WHERE ('x' || substr(md5(id), 1, 8))::bit(32)::int4 & 127 \
-                 = ('x' || substr(md5('held'), 1, 8))::bit(32)::int4 & 127 \
-             ORDER BY i LIMIT 1",
+            &format!(
+                "SELECT id FROM (SELECT i, 'other-' || i AS id FROM generate_series(1, 10000) i) ids \
+                 WHERE {BUCKET} = (SELECT {BUCKET} FROM (SELECT 'held' AS id) held) \
+                 ORDER BY i LIMIT 1"
+            ),
             &[],
         )
         .await
@@ -545,9 +548,11 @@ async fn near_midnight_a_small_claim_waits_for_the_bucket_locks_of_a_v8_replica(
     let v8 = v8.transaction().await.expect("begin");
     // V8's lock statement (before V9 it was the worker's own), then its claim.
     v8.query_one(
-        "SELECT count(pg_advisory_xact_lock(1667326824, bucket)) \
-         FROM (SELECT DISTINCT ('x' || substr(md5(id), 1, 8))::bit(32)::int4 & 127 AS bucket \
-               FROM unnest($1::bytea[]) id ORDER BY bucket) buckets",
+        &format!(
+            "SELECT count(pg_advisory_xact_lock(1667326824, bucket)) \
+             FROM (SELECT DISTINCT {BUCKET} AS bucket \
+                   FROM unnest($1::bytea[]) id ORDER BY bucket) buckets"
+        ),
         &[&vec![b"shared".to_vec()]],
     )
     .await
@@ -589,8 +594,7 @@ async fn near_midnight_a_claim_holds_at_most_128_advisory_locks() {
         let ids: Vec<String> = (0..n).map(|i| format!("{n}-{i}")).collect();
         let buckets: i64 = client
             .query_one(
-                "SELECT count(DISTINCT ('x' || substr(md5(id), 1, 8))::bit(32)::int4 & 127) \
-                 FROM unnest($1::text[]) id",
+                &format!("SELECT count(DISTINCT {BUCKET}) FROM unnest($1::text[]) id"),
                 &[&ids],
             )
             .await
