@@ -43,7 +43,8 @@ impl App {
         // The commits in flight, plus the purge.
         let store = connect(config.in_flight + 1)
             .await?
-            .with_db_timeout(config.db_timeout);
+            .with_db_timeout(config.db_timeout)
+            .with_claim_window(config.claim_window);
         let lookups = match &config.status_database_url {
             Some(replica) => Store::connect(replica, config.db_pool_size)
                 .await

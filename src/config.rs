@@ -146,6 +146,13 @@ pub struct Config {
     #[arg(long, env = "DEDUP_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
     pub dedup_retention: Duration,
 
+    /// How close to a partition bound of the applied ids (UTC midnight) a claim writes its ids
+    /// on both sides of the bound (see `store::CLAIM_WINDOW`). Not for operators: shorter than
+    /// a batch transaction's life lets two attempts of one id on either side of midnight both
+    /// count. Tests set zero, so what they read of the table does not depend on the hour.
+    #[arg(long, env = "CLAIM_WINDOW", default_value = "10m", value_parser = humantime::parse_duration, hide = true)]
+    pub claim_window: Duration,
+
     /// How long a stop (SIGTERM/SIGINT) may take to commit and ack what is in flight.
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,

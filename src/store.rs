@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio_postgres::types::ToSql;
 
 mod dedup;
-pub use dedup::{CLAIM, CLAIM_LOCK_WINDOW, Upkeep, partition_days};
+pub use dedup::{CLAIM, CLAIM_WINDOW, Upkeep, partition_days};
 
 mod embedded {
     refinery::embed_migrations!("migrations");
@@ -157,7 +157,7 @@ pub struct Store {
     /// Client-side deadline of one apply attempt (DB_TIMEOUT).
     db_timeout: Duration,
     /// How close to UTC midnight claims take their locks, in seconds (see `dedup`).
-    claim_lock_window: f64,
+    claim_window: f64,
 }
 
 /// Adds a batch's per-domain totals (`$1` domains, sorted; `$2`..`$4` their counts). Public for
@@ -265,7 +265,7 @@ impl Store {
         let store = Self {
             pool,
             db_timeout: Duration::from_secs(30),
-            claim_lock_window: dedup::CLAIM_LOCK_WINDOW.as_secs_f64(),
+            claim_window: dedup::CLAIM_WINDOW.as_secs_f64(),
         };
         store.ping().await?;
         Ok(store)
@@ -277,13 +277,13 @@ impl Store {
         self
     }
 
-    /// Sets how close to UTC midnight a claim first locks its ids or their buckets (default
-    /// [`CLAIM_LOCK_WINDOW`], 10 minutes; more than 12 hours: at any hour). Longer takes
-    /// the locks for longer (batches that share ids, or large batches that share buckets with
-    /// others, then wait for each other); shorter than a batch transaction's life would let two
-    /// attempts of one id on either side of midnight both count.
-    pub fn with_claim_lock_window(mut self, window: Duration) -> Self {
-        self.claim_lock_window = window.as_secs_f64();
+    /// Sets how close to a partition bound (UTC midnight) a claim writes its ids on both sides
+    /// of the bound (default [`CLAIM_WINDOW`], 10 minutes; more than 12 hours: at any hour, for
+    /// every bound within that time of now). Longer writes more ids twice; shorter than a batch
+    /// transaction's life would let two attempts of one id on either side of the bound both
+    /// count.
+    pub fn with_claim_window(mut self, window: Duration) -> Self {
+        self.claim_window = window.as_secs_f64();
         self
     }
 
@@ -427,7 +427,7 @@ impl Store {
         let held: HashSet<Vec<u8>> = if keys.is_empty() {
             HashSet::new()
         } else {
-            tx.query(&claim, &[&keys, &self.claim_lock_window])
+            tx.query(&claim, &[&keys, &self.claim_window])
                 .await?
                 .iter()
                 .map(|row| row.try_get(0))

@@ -184,7 +184,7 @@ async fn run(database: &str) -> Result<Value> {
                     continue;
                 }
                 let bytes: Vec<&[u8]> = ids.iter().map(|id| id.as_bytes()).collect();
-                let window = catchall::store::CLAIM_LOCK_WINDOW.as_secs_f64();
+                let window = catchall::store::CLAIM_WINDOW.as_secs_f64();
                 match &statement {
                     None => copy_uuids(&tx, &ids).await?,
                     Some(s) => {

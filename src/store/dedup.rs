@@ -13,11 +13,11 @@
 //! transaction, which lives at most a few statement timeouts, or when a publisher's retry put a
 //! second copy of a message in the queue. If two such attempts start on either side of midnight
 //! they land in two partitions and neither sees the other's uncommitted row; so within 10 minutes
-//! of midnight, claims first take transaction-scoped advisory locks (in one global order: no
-//! deadlock), and the later attempt's look-up runs after the earlier one committed or rolled
-//! back (migration V9: inside the claim's function, so no statement of its own). A claim of up
-//! to 64 keys locks each key, one of more keys its hash buckets (migration V10), so small
-//! claims of unrelated ids need not wait for each other.
+//! of midnight (where every partition bound lies), a claim writes its ids into the partitions on
+//! both sides of each bound near now, with `ON CONFLICT DO NOTHING`, and then looks them up again
+//! on a new snapshot: two attempts then always share one partition's unique index, and the later
+//! one finds the earlier one's id (migration V11, which replaced the advisory locks of V9 and
+//! V10: no claim waits for another that shares none of its ids).
 
 use super::{Store, StoreError};
 use std::time::Duration;
@@ -27,17 +27,18 @@ use std::time::Duration;
 pub(super) const UPKEEP_LOCK: i64 = 0x0063_6174_6368_7067; // "catchpg"
 
 /// How close to UTC midnight (the server's clock, the one that picks the partition) a claim
-/// first locks its ids or their hash buckets (migrations V9, V10). It must exceed the life of
-/// a batch transaction: a few statements under the 30 s `DB_TIMEOUT` and the 60 s
-/// `statement_timeout` and `idle_in_transaction_session_timeout`. [`Store::with_claim_lock_window`] changes it
-/// (tests take the locks at any hour with more than 12 hours).
-pub const CLAIM_LOCK_WINDOW: Duration = Duration::from_secs(600);
+/// looks for partition bounds within this time of now and writes its ids on both sides of each
+/// (migration V11). It must exceed the life of a batch transaction: a few statements under the
+/// 30 s `DB_TIMEOUT` and the 60 s `statement_timeout` and `idle_in_transaction_session_timeout`.
+/// [`Store::with_claim_window`] changes it (tests use more than 12 hours: every bound within
+/// that time of now).
+pub const CLAIM_WINDOW: Duration = Duration::from_secs(600);
 
 /// Claims the keys of `$1` (a batch's distinct message ids and, when it has one, its token;
 /// sorted): returns the keys some partition already holds, and inserts the others into the
-/// partition of now() (migration V10's `applied_messages_claim`). Within `$2` seconds of UTC
-/// midnight ([`CLAIM_LOCK_WINDOW`]) it first locks the keys or their buckets, in one statement
-/// with the claim.
+/// partition of now() (migration V11's `applied_messages_claim`). Within `$2` seconds of a
+/// partition bound ([`CLAIM_WINDOW`]) it writes them on both sides of the bound instead and
+/// looks them up after (see the module's documentation).
 ///
 /// One `= ANY` index scan per partition finds the held keys (all sub-statements of a `WITH` run
 /// on one snapshot); the rest are inserted in key order, so two batches with common ids wait

@@ -396,7 +396,7 @@ async fn a_claim_that_meets_a_concurrent_claim_of_the_same_id_is_applied_again_a
 {
     let db = TestDb::create().await;
     // No bucket locks (at any hour): the unique index alone meets the concurrent claim.
-    let store = db.store(4).await.with_claim_lock_window(Duration::ZERO);
+    let store = db.store(4).await.with_claim_window(Duration::ZERO);
     let first_batch = vec![delivered("shared", "a.example")];
     let second_batch = vec![
         delivered("shared", "a.example"),
@@ -459,100 +459,109 @@ async fn the_claim_before_v9_and_v9_s_claim_see_each_other_s_ids() {
     assert_eq!(claim_v8(vec![b"new"]).await, [b"new".to_vec()]);
 }
 
-/// A claim lock window of more than 12 hours: the locks are taken at any hour.
+/// A claim window of more than 12 hours: every partition bound within that time of now is
+/// near, so the window's path runs at any hour.
 const ANY_HOUR: Duration = Duration::from_secs(24 * 3600);
 
-/// The claim's bucket (of 128) of a key `id`, as SQL (migrations V8-V10).
-const BUCKET: &str = "('x' || substr(md5(id), 1, 8))::bit(32)::int4 & 127";
-
 /// Two attempts of one id that start on either side of a partition boundary (UTC midnight in
-/// production) insert into two partitions, and neither unique index sees the other's
-/// uncommitted row: without the claim's locks both commit and the id counts twice (shown here
-/// with a window of zero, so the test can tell the locks apart from luck). With the window
-/// covering the moment (production: 10 minutes around midnight; here: any hour), the later
-/// claim waits for the earlier transaction and its look-up meets the id. The boundary is made
-/// three seconds ahead, so the path runs at any hour.
+/// production) would insert into two partitions, and neither unique index would see the
+/// other's uncommitted row: with a window of zero both commit and the id counts twice (so the
+/// test can tell the window's path apart from luck). With the window covering the moment
+/// (production: 10 minutes around midnight; here: any hour), each claim inserts the id on both
+/// sides of the boundary (V11): the later one waits in its claim for the earlier transaction,
+/// fails with a claim conflict when that one commits, and, applied again, finds the id.
+/// Batches of one id and of 2,501 run the same path. The boundary is made three seconds ahead,
+/// so the path runs at any hour.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn claims_on_either_side_of_a_partition_boundary_count_an_id_once_within_the_lock_window() {
+async fn claims_on_either_side_of_a_partition_boundary_count_an_id_once_within_the_window() {
     let (counted, partitions) = claims_across_a_boundary(Duration::ZERO, 0, 0).await;
     assert_eq!(
         counted, 2,
-        "without locks the hazard is real: counted twice"
+        "outside the window the hazard is real: counted twice"
     );
     assert_eq!(
         partitions,
         ["applied_messages_after", "applied_messages_before"]
     );
 
-    // Claims of up to 64 keys lock each key, larger ones their buckets (V10): each pairing
-    // of the two kinds meets on the shared id.
-    for (first_extra, second_extra) in [(0, 0), (0, 100), (100, 0), (100, 100)] {
+    for (first_extra, second_extra) in [(0, 0), (2500, 2500)] {
         let (counted, partitions) =
             claims_across_a_boundary(ANY_HOUR, first_extra, second_extra).await;
         assert_eq!(
             counted, 1,
-            "the locks made the second claim meet the first's id \
+            "the second claim met the first's id \
              ({first_extra} and {second_extra} more messages)"
         );
-        assert_eq!(partitions, ["applied_messages_before"]);
+        assert_eq!(
+            partitions,
+            ["applied_messages_after", "applied_messages_before"],
+            "the first claim wrote the id on both sides of the boundary"
+        );
     }
 }
 
-/// Near midnight, a claim of few keys locks the keys themselves (V10), not their hash buckets
-/// of which there are 128 (V9): a batch whose ids are all new does not wait for another
-/// batch's transaction just because an id of each falls in one bucket, so batches in flight
-/// keep committing side by side. Under V9 the second batch here waited for the first's COMMIT.
+/// Near a partition bound, a claim waits only for claims that share one of its ids: a batch
+/// whose ids are all new commits while another batch's transaction is open, whatever their
+/// sizes. Under V10 a claim of more than 64 ids locked its hash buckets (128) exclusively, so
+/// the second batch of 2,500 waited for the first's COMMIT; V11 takes no advisory locks.
+/// Applied again, both count nothing twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn near_midnight_a_claim_waits_only_for_claims_of_its_own_ids() {
     let db = TestDb::create().await;
-    let store = db.store(4).await.with_claim_lock_window(ANY_HOUR);
+    let store = db.store(4).await.with_claim_window(ANY_HOUR);
     let client = db.client().await;
-    // An id in the bucket of `held` (V9's bucket of a key).
-    let other: String = client
-        .query_one(
-            &format!(
-                "SELECT id FROM (SELECT i, 'other-' || i AS id FROM generate_series(1, 10000) i) ids \
-                 WHERE {BUCKET} = (SELECT {BUCKET} FROM (SELECT 'held' AS id) held) \
-                 ORDER BY i LIMIT 1"
-            ),
-            &[],
-        )
-        .await
-        .expect("an id in the same bucket")
-        .get(0);
-
-    let (first, release) = held_before_commit(&store, vec![delivered("held", "a.example")]).await;
-    let applied = tokio::time::timeout(
-        Duration::from_secs(10),
-        store.apply(&[delivered(&other, "b.example")]),
-    )
-    .await
-    .expect("the second batch commits while the first is still open")
-    .expect("the second batch applies");
-    assert_eq!((applied.messages, applied.duplicates), (1, 0));
-    release.notify_one();
-    let applied = first.await.expect("join").expect("the first batch commits");
-    assert_eq!((applied.messages, applied.duplicates), (1, 0));
+    for n in [2500, 1] {
+        let batch = |name: &str| -> Vec<catchall::store::Message> {
+            (0..n)
+                .map(|i| delivered(&format!("{name}-{n}-{i}"), &format!("{name}.example")))
+                .collect()
+        };
+        let (first, release) = held_before_commit(&store, batch("first")).await;
+        let applied = tokio::time::timeout(Duration::from_secs(10), store.apply(&batch("second")))
+            .await
+            .unwrap_or_else(|_| panic!("a batch of {n} commits while another of {n} is open"))
+            .expect("the second batch applies");
+        assert_eq!((applied.messages, applied.duplicates), (n, 0));
+        let locks: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' \
+                   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                &[],
+            )
+            .await
+            .expect("pg_locks")
+            .get(0);
+        assert_eq!(locks, 0, "advisory locks held by an open claim of {n} ids");
+        release.notify_one();
+        let applied = first.await.expect("join").expect("the first batch commits");
+        assert_eq!((applied.messages, applied.duplicates), (n, 0));
+        for name in ["first", "second"] {
+            let again = store.apply(&batch(name)).await.expect("applied again");
+            assert_eq!((again.messages, again.duplicates), (0, n), "{name} again");
+        }
+    }
     let counts = db.counts().await;
-    assert_eq!((counts["a.example"], counts["b.example"]), ((1, 0), (1, 0)));
+    assert_eq!(
+        (counts["first.example"], counts["second.example"]),
+        ((2501, 0), (2501, 0))
+    );
 }
 
-/// During a rolling upgrade a replica of V8 locks its ids' buckets exclusively with a
-/// statement of its own, before its claim: a small V10 claim of one of those ids, which locks
-/// the bucket in shared mode, waits for that transaction, so the two attempts still meet.
+/// During a rolling upgrade a replica of V8 runs its own statements: bucket locks, then a
+/// plain insert of its ids at now(). A V11 claim of one of those ids takes no lock, but it
+/// inserts the id into the partition of now() too: it waits for that transaction on the id's
+/// row, fails with a claim conflict when it commits, and, applied again, finds the id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn near_midnight_a_small_claim_waits_for_the_bucket_locks_of_a_v8_replica() {
+async fn near_midnight_a_claim_meets_the_ids_of_a_v8_replica() {
     let db = TestDb::create().await;
-    let store = db.store(4).await.with_claim_lock_window(ANY_HOUR);
+    let store = db.store(4).await.with_claim_window(ANY_HOUR);
     let mut v8 = db.client().await;
     let v8 = v8.transaction().await.expect("begin");
     // V8's lock statement (before V9 it was the worker's own), then its claim.
     v8.query_one(
-        &format!(
-            "SELECT count(pg_advisory_xact_lock(1667326824, bucket)) \
-             FROM (SELECT DISTINCT {BUCKET} AS bucket \
-                   FROM unnest($1::bytea[]) id ORDER BY bucket) buckets"
-        ),
+        "SELECT count(pg_advisory_xact_lock(1667326824, bucket)) \
+         FROM (SELECT DISTINCT ('x' || substr(md5(id), 1, 8))::bit(32)::int4 & 127 AS bucket \
+               FROM unnest($1::bytea[]) id ORDER BY bucket) buckets",
         &[&vec![b"shared".to_vec()]],
     )
     .await
@@ -570,53 +579,24 @@ async fn near_midnight_a_small_claim_waits_for_the_bucket_locks_of_a_v8_replica(
     db.await_lock_waits(
         1,
         "%applied_messages_claim%",
-        "the V10 claim to wait for V8's locks",
+        "the V11 claim to wait for V8's row",
     )
     .await;
     v8.commit().await.expect("V8's transaction commits");
-    let applied = ours.await.expect("join").expect("applied");
+    let error = ours
+        .await
+        .expect("join")
+        .expect_err("the claim meets V8's committed id in the unique index");
+    assert!(error.is_claim_conflict(), "a claim conflict: {error:?}");
+    let applied = store
+        .apply(&[delivered("shared", "a.example")])
+        .await
+        .expect("applied again");
     assert_eq!(
         (applied.messages, applied.duplicates),
         (0, 1),
         "it met V8's id"
     );
-}
-
-/// Near midnight a claim of up to 64 ids locks each id and its bucket, a larger one only its
-/// buckets (V10): no batch holds more than 128 advisory locks, whatever its size, so the
-/// server's lock table sizes as it did with V9.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn near_midnight_a_claim_holds_at_most_128_advisory_locks() {
-    let db = TestDb::create().await;
-    let store = db.store(4).await.with_claim_lock_window(ANY_HOUR);
-    let client = db.client().await;
-    for n in [1, 64, 65, 2500] {
-        let ids: Vec<String> = (0..n).map(|i| format!("{n}-{i}")).collect();
-        let buckets: i64 = client
-            .query_one(
-                &format!("SELECT count(DISTINCT {BUCKET}) FROM unnest($1::text[]) id"),
-                &[&ids],
-            )
-            .await
-            .expect("the ids' buckets")
-            .get(0);
-        let batch = ids.iter().map(|id| delivered(id, "a.example")).collect();
-        let (task, release) = held_before_commit(&store, batch).await;
-        let held: i64 = client
-            .query_one(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
-                   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-                &[],
-            )
-            .await
-            .expect("pg_locks")
-            .get(0);
-        let expected = if n <= 64 { n as i64 + buckets } else { buckets };
-        assert_eq!(held, expected, "advisory locks held by a claim of {n} ids");
-        assert!(held <= 128, "{held} locks for {n} ids");
-        release.notify_one();
-        task.await.expect("join").expect("the batch commits");
-    }
 }
 
 /// The first batch claims `shared` before the boundary and stops before COMMIT; the second
@@ -629,7 +609,7 @@ async fn claims_across_a_boundary(
     second_extra: usize,
 ) -> (i64, Vec<String>) {
     let db = TestDb::create().await;
-    let store = db.store(4).await.with_claim_lock_window(window);
+    let store = db.store(4).await.with_claim_window(window);
     let client = db.client().await;
     // Replace the partitions by two that meet three seconds from now.
     let boundary: String = client
@@ -716,10 +696,10 @@ async fn claims_across_a_boundary(
         let (store, batch) = (store.clone(), second_batch.clone());
         async move { store.apply(&batch).await }
     });
-    // Without locks the second claim waits for nothing: it reaches the upsert, where it waits
-    // for the first's row of `a.example`, its claim of `shared` made into the other partition.
-    // With them it waits in the claim, on the lock of `shared` or of its bucket, and then meets
-    // `shared`.
+    // Outside the window the second claim waits for nothing: it reaches the upsert, where it
+    // waits for the first's row of `a.example`, its claim of `shared` made into the other
+    // partition. Within it, it waits in the claim, on the first's row of `shared` in one of
+    // the two partitions, fails when the first commits, and, applied again, finds `shared`.
     let (waits_in, second_counts) = if window.is_zero() {
         ("%INSERT INTO domains%", (2 + second_extra, 0))
     } else {
@@ -730,10 +710,17 @@ async fn claims_across_a_boundary(
     release.notify_one();
     let applied = first.await.expect("join").expect("the first batch commits");
     assert_eq!((applied.messages, applied.duplicates), (1 + first_extra, 0));
-    let applied = second
-        .await
-        .expect("join")
-        .expect("the second batch commits");
+    let applied = match second.await.expect("join") {
+        Ok(applied) => applied,
+        // Within the window the second claim's insert met the first's committed row of
+        // `shared` in one partition's unique index: a claim conflict, and the batch is applied
+        // again (as the worker does).
+        Err(error) if error.is_claim_conflict() && !window.is_zero() => store
+            .apply(&second_batch)
+            .await
+            .expect("the second batch, applied again, commits"),
+        Err(error) => panic!("the second batch commits: {error:?}"),
+    };
     assert_eq!(
         (applied.messages, applied.duplicates),
         second_counts,
