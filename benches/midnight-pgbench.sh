@@ -8,8 +8,8 @@
 #   outside   V11, a window of zero: the claim's plain path (any hour but 20 minutes a day)
 #   v10       V10's claim with the window covering now: a claim of up to 64 ids locks its
 #             ids, a larger one its hash buckets
-#   v11       V11's claim with the window covering now: it writes its ids on both sides of
-#             the partition bounds near now, then looks them up again
+#   v11       V11's claim with the window covering now: it inserts its ids on both sides of
+#             the partition bound nearest to now
 #
 #   [IDS=25] benches/midnight-pgbench.sh [ROUNDS] [TRANSACTIONS_PER_CLIENT] [DOMAINS]
 #

@@ -21,13 +21,20 @@
 -- the window's stamps include). If one does, it is the bound nearest to each of them (bounds
 -- are days apart), and both insert on both sides of it. Either way both insert the key into
 -- one partition, and its unique index makes the later insert wait for the earlier
--- transaction. No deadlock: every claim inserts in (key, stamp) order, and stamps map to
--- partitions in order. Replicas of V8 during a rolling upgrade (their own statements: bucket
+-- transaction. No deadlock: every claim inserts in (key, stamp) order, and the stamps of
+-- claims that can meet lie within the window of one bound, where they map to partitions in
+-- the same order (the default partition can lie on both sides of a partition, so that needs a
+-- window well under half a partition: 10 minutes against at least a day). Replicas of V8 during a rolling upgrade (their own statements: bucket
 -- locks, then a plain insert at now()) meet these claims the same way; replicas of V9 and V10
 -- call this function.
 --
 -- Keys claimed near a bound are kept in two partitions, each copy dropped with its partition;
--- the ids gauge counts them twice.
+-- the ids gauge counts them twice, and their applied_at is the bound (or its last
+-- microsecond), not the transaction's start. A key claimed up to 10 minutes before midnight
+-- goes to the default partition when the partition after midnight is missing (the upkeep
+-- failed for a day); creating that partition then moves it out of the default one, as V5 does
+-- for any row there (an upkeep round that races such an insert fails, and the next one runs
+-- it again). A held key comes back once, whatever number of partitions hold it.
 CREATE OR REPLACE FUNCTION applied_messages_claim(keys bytea[], lock_window interval) RETURNS SETOF bytea
 LANGUAGE plpgsql SET enable_seqscan = off AS $$
 DECLARE
@@ -58,5 +65,5 @@ BEGIN
               WHERE id NOT IN (SELECT message_id FROM held)) fresh,
              unnest(stamps) stamp
         ORDER BY id, stamp)
-    SELECT message_id FROM held;
+    SELECT DISTINCT message_id FROM held;
 END $$;

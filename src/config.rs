@@ -149,7 +149,8 @@ pub struct Config {
     /// How close to a partition bound of the applied ids (UTC midnight) a claim writes its ids
     /// on both sides of the bound (see `store::CLAIM_WINDOW`). Not for operators: shorter than
     /// a batch transaction's life lets two attempts of one id on either side of midnight both
-    /// count. Tests set zero, so what they read of the table does not depend on the hour.
+    /// count. Tests set zero, so what they read of the table does not depend on the hour;
+    /// benches set 13h (the most it takes) to run the window's path at any hour.
     #[arg(long, env = "CLAIM_WINDOW", default_value = "10m", value_parser = humantime::parse_duration, hide = true)]
     pub claim_window: Duration,
 
@@ -324,6 +325,13 @@ impl Config {
         if self.dedup_retention.is_zero() {
             return Err("DEDUP_RETENTION must be longer than 0".into());
         }
+        if self.claim_window > Duration::from_secs(13 * 3600) {
+            return Err(format!(
+                "CLAIM_WINDOW ({}) must be at most 13h (which runs the window's path at any \
+                 hour): claims more than a day apart could wait for each other in two orders",
+                humantime::format_duration(self.claim_window)
+            ));
+        }
         Ok(())
     }
 }
@@ -409,6 +417,14 @@ mod tests {
             .unwrap()
             .config;
         assert!(config.validate().unwrap_err().contains("PREFETCH"));
+        let window = |w: &str| {
+            Cli::try_parse_from(["catchall", "--claim-window", w])
+                .unwrap()
+                .config
+                .validate()
+        };
+        assert!(window("13h").is_ok() && window("0s").is_ok());
+        assert!(window("14h").unwrap_err().contains("CLAIM_WINDOW"));
     }
 
     #[test]

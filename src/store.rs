@@ -156,7 +156,8 @@ pub struct Store {
     pool: Pool,
     /// Client-side deadline of one apply attempt (DB_TIMEOUT).
     db_timeout: Duration,
-    /// How close to UTC midnight claims take their locks, in seconds (see `dedup`).
+    /// How close to UTC midnight a claim inserts its ids on both sides of the nearest partition
+    /// bound, in seconds (see `dedup`).
     claim_window: f64,
 }
 
@@ -277,11 +278,12 @@ impl Store {
         self
     }
 
-    /// Sets how close to a partition bound (UTC midnight) a claim writes its ids on both sides
-    /// of the bound (default [`CLAIM_WINDOW`], 10 minutes; more than 12 hours: at any hour, for
-    /// every bound within that time of now). Longer writes more ids twice; shorter than a batch
-    /// transaction's life would let two attempts of one id on either side of the bound both
-    /// count.
+    /// Sets how close to UTC midnight a claim inserts its ids on both sides of the partition
+    /// bound nearest to now, when that bound lies within this time of now (default
+    /// [`CLAIM_WINDOW`], 10 minutes; more than 12 hours: at any hour). Longer inserts more ids
+    /// twice; shorter than a batch transaction's life would let two attempts of one id on either
+    /// side of the bound both count. It must stay well under half a partition (a day): the
+    /// claims' insert order rules out deadlocks only for stamps around one bound.
     pub fn with_claim_window(mut self, window: Duration) -> Self {
         self.claim_window = window.as_secs_f64();
         self
@@ -405,21 +407,20 @@ impl Store {
         // own (see `upsert_and_commit`).
         let claim = client.prepare_cached(dedup::CLAIM).await?;
         let upsert = client.prepare_cached(UPSERT).await?;
-        // READ COMMITTED whatever `default_transaction_isolation` says: the claim must take its
-        // snapshot after the locks it waits for near midnight (see `dedup`).
+        // READ COMMITTED whatever `default_transaction_isolation` says: the claim is made for it
+        // (a concurrent claim of an id surfaces as `unique_violation`, a claim conflict).
         let client: &mut tokio_postgres::Client = client;
         let tx = client
             .build_transaction()
             .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
             .start()
             .await?;
-        // Ids, sorted (lock order) and without repeats within the batch.
+        // Ids, sorted (the claim's insert order) and without repeats within the batch.
         let mut ids: Vec<&[u8]> = batch.iter().filter_map(|m| m.id.as_deref()).collect();
         ids.sort_unstable();
         ids.dedup();
-        // The claim (see `dedup`): the ids and the batch token in one statement, which near
-        // midnight first locks them or their buckets. One claim per transaction: V10's locks
-        // rely on it.
+        // The claim (see `dedup`): the ids and the batch token in one statement (near midnight
+        // it inserts them on both sides of the partition bound).
         let mut keys: Vec<&[u8]> = ids.clone();
         keys.extend(token);
         keys.sort_unstable();

@@ -13,11 +13,11 @@
 //! transaction, which lives at most a few statement timeouts, or when a publisher's retry put a
 //! second copy of a message in the queue. If two such attempts start on either side of midnight
 //! they land in two partitions and neither sees the other's uncommitted row; so within 10 minutes
-//! of midnight (where every partition bound lies), a claim writes its ids into the partitions on
-//! both sides of each bound near now, with `ON CONFLICT DO NOTHING`, and then looks them up again
-//! on a new snapshot: two attempts then always share one partition's unique index, and the later
-//! one finds the earlier one's id (migration V11, which replaced the advisory locks of V9 and
-//! V10: no claim waits for another that shares none of its ids).
+//! of midnight (where every partition bound lies), when a bound lies within 10 minutes of now, a
+//! claim inserts its new ids twice, once on each side of that bound: two overlapping attempts
+//! then always insert into one common partition, whose unique index makes the later one wait
+//! and fail as above (migration V11, which replaced the advisory locks of V9 and V10: no claim
+//! waits for another that shares none of its ids).
 
 use super::{Store, StoreError};
 use std::time::Duration;
@@ -27,18 +27,18 @@ use std::time::Duration;
 pub(super) const UPKEEP_LOCK: i64 = 0x0063_6174_6368_7067; // "catchpg"
 
 /// How close to UTC midnight (the server's clock, the one that picks the partition) a claim
-/// looks for partition bounds within this time of now and writes its ids on both sides of each
-/// (migration V11). It must exceed the life of a batch transaction: a few statements under the
-/// 30 s `DB_TIMEOUT` and the 60 s `statement_timeout` and `idle_in_transaction_session_timeout`.
-/// [`Store::with_claim_window`] changes it (tests use more than 12 hours: every bound within
-/// that time of now).
+/// looks for the partition bound nearest to now and, when it lies within this time of now,
+/// inserts its new ids on both sides of it (migration V11). It must exceed the life of a batch
+/// transaction: a few statements under the 30 s `DB_TIMEOUT` and the 60 s `statement_timeout`
+/// and `idle_in_transaction_session_timeout`. [`Store::with_claim_window`] changes it (tests of
+/// the window use more than 12 hours, so it runs at any hour).
 pub const CLAIM_WINDOW: Duration = Duration::from_secs(600);
 
 /// Claims the keys of `$1` (a batch's distinct message ids and, when it has one, its token;
 /// sorted): returns the keys some partition already holds, and inserts the others into the
 /// partition of now() (migration V11's `applied_messages_claim`). Within `$2` seconds of a
-/// partition bound ([`CLAIM_WINDOW`]) it writes them on both sides of the bound instead and
-/// looks them up after (see the module's documentation).
+/// partition bound ([`CLAIM_WINDOW`]) it inserts them on both sides of the bound instead (see
+/// the module's documentation).
 ///
 /// One `= ANY` index scan per partition finds the held keys (all sub-statements of a `WITH` run
 /// on one snapshot); the rest are inserted in key order, so two batches with common ids wait

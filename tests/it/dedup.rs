@@ -453,28 +453,33 @@ async fn the_claim_before_v9_and_v9_s_claim_see_each_other_s_ids() {
         }
     };
     let claim_v8 = |keys| claim("SELECT applied_messages_claim($1::bytea[])", keys, None);
-    let claim_v9 = |keys| claim(catchall::store::CLAIM, keys, Some(600.0));
+    // A window of zero: near midnight `new` would go into two partitions, and V8's claim
+    // returns a held key once per partition (this test is about the two functions, not the
+    // window).
+    let claim_v9 = |keys| claim(catchall::store::CLAIM, keys, Some(0.0));
     assert!(claim_v8(vec![b"old"]).await.is_empty(), "`old` is new");
     assert_eq!(claim_v9(vec![b"new", b"old"]).await, [b"old".to_vec()]);
     assert_eq!(claim_v8(vec![b"new"]).await, [b"new".to_vec()]);
 }
 
-/// A claim window of more than 12 hours: every partition bound within that time of now is
-/// near, so the window's path runs at any hour.
+/// A claim window of more than 12 hours: the nearest UTC midnight and the partition bound
+/// nearest to now are always within it, so the window's path runs at any hour.
 const ANY_HOUR: Duration = Duration::from_secs(24 * 3600);
 
 /// Two attempts of one id that start on either side of a partition boundary (UTC midnight in
 /// production) would insert into two partitions, and neither unique index would see the
 /// other's uncommitted row: with a window of zero both commit and the id counts twice (so the
 /// test can tell the window's path apart from luck). With the window covering the moment
-/// (production: 10 minutes around midnight; here: any hour), each claim inserts the id on both
+/// (production: 10 minutes around midnight; here: any hour), a claim inserts the id on both
 /// sides of the boundary (V11): the later one waits in its claim for the earlier transaction,
-/// fails with a claim conflict when that one commits, and, applied again, finds the id.
-/// Batches of one id and of 2,501 run the same path. The boundary is made three seconds ahead,
-/// so the path runs at any hour.
+/// fails with a claim conflict when that one commits, and, applied again, finds the id. So it
+/// goes for small batches and for batches with 2,500 more ids each, and when only one of the two
+/// claims runs the window's path (either one). The boundary is made three seconds ahead, so the
+/// path runs at any hour.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_on_either_side_of_a_partition_boundary_count_an_id_once_within_the_window() {
-    let (counted, partitions) = claims_across_a_boundary(Duration::ZERO, 0, 0).await;
+    let (zero, window) = (Duration::ZERO, ANY_HOUR);
+    let (counted, partitions) = claims_across_a_boundary((zero, zero), 0, 0).await;
     assert_eq!(
         counted, 2,
         "outside the window the hazard is real: counted twice"
@@ -484,18 +489,29 @@ async fn claims_on_either_side_of_a_partition_boundary_count_an_id_once_within_t
         ["applied_messages_after", "applied_messages_before"]
     );
 
-    for (first_extra, second_extra) in [(0, 0), (2500, 2500)] {
-        let (counted, partitions) =
-            claims_across_a_boundary(ANY_HOUR, first_extra, second_extra).await;
-        assert_eq!(
-            counted, 1,
-            "the second claim met the first's id \
-             ({first_extra} and {second_extra} more messages)"
+    for (windows, extra) in [
+        ((window, window), 0),
+        ((window, window), 2500),
+        ((zero, window), 0),
+        ((window, zero), 0),
+    ] {
+        let (counted, partitions) = claims_across_a_boundary(windows, extra, extra).await;
+        let windowed = |w: Duration| if w.is_zero() { "zero" } else { "any hour" };
+        let case = format!(
+            "windows {} and {}, {extra} more messages each",
+            windowed(windows.0),
+            windowed(windows.1)
         );
+        assert_eq!(counted, 1, "the second claim met the first's id ({case})");
+        // Only the first claim's rows: on both sides when it ran the window's path.
+        let expected: &[&str] = if windows.0.is_zero() {
+            &["applied_messages_before"]
+        } else {
+            &["applied_messages_after", "applied_messages_before"]
+        };
         assert_eq!(
-            partitions,
-            ["applied_messages_after", "applied_messages_before"],
-            "the first claim wrote the id on both sides of the boundary"
+            partitions, expected,
+            "where the first claim put the id ({case})"
         );
     }
 }
@@ -600,16 +616,22 @@ async fn near_midnight_a_claim_meets_the_ids_of_a_v8_replica() {
 }
 
 /// The first batch claims `shared` before the boundary and stops before COMMIT; the second
-/// claims `shared` and `own` after it. Each has `first_extra` / `second_extra` more messages of
+/// claims `shared` and `own` after it; each with its own claim window (`windows`). Each has `first_extra` / `second_extra` more messages of
 /// ids of its own. Returns how often `shared`'s domain was counted and the partitions holding
 /// `shared`.
 async fn claims_across_a_boundary(
-    window: Duration,
+    windows: (Duration, Duration),
     first_extra: usize,
     second_extra: usize,
 ) -> (i64, Vec<String>) {
     let db = TestDb::create().await;
-    let store = db.store(4).await.with_claim_window(window);
+    let store = db.store(4).await;
+    let (first_store, store) = (
+        store.clone().with_claim_window(windows.0),
+        store.with_claim_window(windows.1),
+    );
+    // The two claims meet on a unique index when either inserts on both sides of the boundary.
+    let meet = !(windows.0.is_zero() && windows.1.is_zero());
     let client = db.client().await;
     // Replace the partitions by two that meet three seconds from now.
     let boundary: String = client
@@ -659,7 +681,7 @@ async fn claims_across_a_boundary(
         delivered("own", "b.example"),
     ];
     second_batch.extend((0..second_extra).map(|i| delivered(&format!("second-{i}"), "d.example")));
-    let (first, release) = held_before_commit(&store, first_batch).await;
+    let (first, release) = held_before_commit(&first_store, first_batch).await;
     let first_before: bool = client
         .query_one(
             "SELECT coalesce(bool_and(xact_start < $1::text::timestamptz), false) FROM pg_stat_activity \
@@ -700,10 +722,10 @@ async fn claims_across_a_boundary(
     // waits for the first's row of `a.example`, its claim of `shared` made into the other
     // partition. Within it, it waits in the claim, on the first's row of `shared` in one of
     // the two partitions, fails when the first commits, and, applied again, finds `shared`.
-    let (waits_in, second_counts) = if window.is_zero() {
-        ("%INSERT INTO domains%", (2 + second_extra, 0))
-    } else {
+    let (waits_in, second_counts) = if meet {
         ("%applied_messages_claim%", (1 + second_extra, 1))
+    } else {
+        ("%INSERT INTO domains%", (2 + second_extra, 0))
     };
     db.await_lock_waits(1, waits_in, "the second batch to wait for the first")
         .await;
@@ -715,7 +737,7 @@ async fn claims_across_a_boundary(
         // Within the window the second claim's insert met the first's committed row of
         // `shared` in one partition's unique index: a claim conflict, and the batch is applied
         // again (as the worker does).
-        Err(error) if error.is_claim_conflict() && !window.is_zero() => store
+        Err(error) if error.is_claim_conflict() && meet => store
             .apply(&second_batch)
             .await
             .expect("the second batch, applied again, commits"),
