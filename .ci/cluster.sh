@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A 3-node RabbitMQ cluster for tests/it/cluster.rs, made unless it already runs (idempotent):
 # catchall-c1..c3@localhost on 127.0.0.1:5701..5703 (dist ports 25701..25703), c2 and c3
-# joined to c1. A node left stopped (stop_app) by an interrupted test is started again.
+# joined to c1. A node left stopped (stop_app) by an interrupted test is started again; when a
+# node is down, the cluster is made anew.
 # Needs: rabbitmq-server (installed with apt-get when missing).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -11,6 +12,22 @@ need rabbitmq-server rabbitmq-server
 conf() { # port
   printf 'listeners.tcp.1 = 127.0.0.1:%s\nloopback_users = none\ncluster_partition_handling = pause_minority\n' "$1"
 }
+# A node that is not running (after `make extra-stop`, a reboot, a crash): the cluster is made
+# afresh, every node stopped and its state wiped. Restarting the three from their old state
+# failed once in a clean-clone CI run: c2, syncing feature flags with peers still starting,
+# crashed (RabbitMQ 3.10: `incompatible_feature_flags`, `{badmap,undefined}` in
+# rabbit_feature_flags:enable_dependencies/2). The tests keep nothing in the cluster.
+for i in 1 2 3; do
+  if ! rabbit_node_runs "catchall-c$i"; then
+    for j in 1 2 3; do
+      if rmqctl "catchall-c$j@localhost" ping >/dev/null 2>&1; then
+        rmqctl "catchall-c$j@localhost" stop >/dev/null
+      fi
+      as_root rm -rf "$CI_DIR/catchall-c$j/mnesia"
+    done
+    break
+  fi
+done
 started=()
 for i in 1 2 3; do
   if ! rabbit_node_runs "catchall-c$i"; then
