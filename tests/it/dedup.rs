@@ -473,13 +473,13 @@ const ANY_HOUR: Duration = Duration::from_secs(24 * 3600);
 /// (production: 10 minutes around midnight; here: any hour), a claim inserts the id on both
 /// sides of the boundary (V11): the later one waits in its claim for the earlier transaction,
 /// fails with a claim conflict when that one commits, and, applied again, finds the id. So it
-/// goes for small batches and for batches with 2,500 more ids each, and when only one of the two
-/// claims runs the window's path (either one). The boundary is made three seconds ahead, so the
-/// path runs at any hour.
+/// goes for small batches and for batches with 2,500 more ids each, when only one of the two
+/// claims runs the window's path (either one), and when the default partition is the side after
+/// the boundary. The boundary is made three seconds ahead, so the path runs at any hour.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_on_either_side_of_a_partition_boundary_count_an_id_once_within_the_window() {
     let (zero, window) = (Duration::ZERO, ANY_HOUR);
-    let (counted, partitions) = claims_across_a_boundary((zero, zero), 0, 0).await;
+    let (counted, partitions) = claims_across_a_boundary((zero, zero), 0, 0, true).await;
     assert_eq!(
         counted, 2,
         "outside the window the hazard is real: counted twice"
@@ -495,7 +495,7 @@ async fn claims_on_either_side_of_a_partition_boundary_count_an_id_once_within_t
         ((zero, window), 0),
         ((window, zero), 0),
     ] {
-        let (counted, partitions) = claims_across_a_boundary(windows, extra, extra).await;
+        let (counted, partitions) = claims_across_a_boundary(windows, extra, extra, true).await;
         let windowed = |w: Duration| if w.is_zero() { "zero" } else { "any hour" };
         let case = format!(
             "windows {} and {}, {extra} more messages each",
@@ -514,6 +514,25 @@ async fn claims_on_either_side_of_a_partition_boundary_count_an_id_once_within_t
             "where the first claim put the id ({case})"
         );
     }
+
+    // No partition after the boundary (the upkeep behind): the default partition is the other
+    // side. The same hazard, and the window's path meets it there.
+    let sides = ["applied_messages_before", "applied_messages_default"];
+    let (counted, partitions) = claims_across_a_boundary((zero, zero), 0, 0, false).await;
+    assert_eq!(
+        counted, 2,
+        "the default partition after the boundary: counted twice"
+    );
+    assert_eq!(partitions, sides);
+    let (counted, partitions) = claims_across_a_boundary((window, window), 0, 0, false).await;
+    assert_eq!(
+        counted, 1,
+        "the default partition after the boundary: counted once"
+    );
+    assert_eq!(
+        partitions, sides,
+        "the first claim's rows, one on each side"
+    );
 }
 
 /// Near a partition bound, a claim waits only for claims that share one of its ids: a batch
@@ -623,6 +642,7 @@ async fn claims_across_a_boundary(
     windows: (Duration, Duration),
     first_extra: usize,
     second_extra: usize,
+    after: bool,
 ) -> (i64, Vec<String>) {
     let db = TestDb::create().await;
     let store = db.store(4).await;
@@ -633,7 +653,8 @@ async fn claims_across_a_boundary(
     // The two claims meet on a unique index when either inserts on both sides of the boundary.
     let meet = !(windows.0.is_zero() && windows.1.is_zero());
     let client = db.client().await;
-    // Replace the partitions by two that meet three seconds from now.
+    // Replace the partitions by two that meet three seconds from now (or, without `after`, by
+    // one that ends then, the default partition taking what comes after).
     let boundary: String = client
         .query_one(
             "SELECT (clock_timestamp() + interval '3 seconds')::text",
@@ -665,14 +686,21 @@ async fn claims_across_a_boundary(
             "CREATE TABLE applied_messages_before PARTITION OF applied_messages \
                FOR VALUES FROM (MINVALUE) TO ('{boundary}'); \
              CREATE UNIQUE INDEX applied_messages_before_message_id \
-               ON applied_messages_before (message_id); \
-             CREATE TABLE applied_messages_after PARTITION OF applied_messages \
-               FOR VALUES FROM ('{boundary}') TO (MAXVALUE); \
-             CREATE UNIQUE INDEX applied_messages_after_message_id \
-               ON applied_messages_after (message_id);"
+               ON applied_messages_before (message_id);"
         ))
         .await
-        .expect("two partitions meeting at the boundary");
+        .expect("a partition ending at the boundary");
+    if after {
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE applied_messages_after PARTITION OF applied_messages \
+                   FOR VALUES FROM ('{boundary}') TO (MAXVALUE); \
+                 CREATE UNIQUE INDEX applied_messages_after_message_id \
+                   ON applied_messages_after (message_id);"
+            ))
+            .await
+            .expect("a partition starting at the boundary");
+    }
 
     let mut first_batch = vec![delivered("shared", "a.example")];
     first_batch.extend((0..first_extra).map(|i| delivered(&format!("first-{i}"), "c.example")));
