@@ -4,10 +4,10 @@
 # queue is filled with the producer first, then the worker starts and drains it. Time: from just
 # before the worker starts to the moment its metrics count every event (polled every 50 ms), both
 # on the server's clock. (Until V11 the end was max(applied_at); near midnight V11 stamps ids
-# with the partition bound instead.) Prints one line per drain and, per pair, time(A) / time(B) (above 1: B is
-# faster). Throwaway-grade on purpose: the paired ratios of `make bench-baseline` are the
-# figures of record; this one measures what the bench does not (the whole process, start-up
-# included) with less machinery.
+# with the partition bound instead.) Prints one line per drain and, per pair, time(A) / time(B)
+# (above 1: B is faster). Throwaway-grade on purpose: the paired ratios of `make
+# bench-baseline` are the figures of record; this one measures what the bench does not (the
+# whole process, start-up included) with less machinery.
 #
 #   benches/ab-drain.sh BIN_A BIN_B [PAIRS] [EVENTS] [EVENTS_PER_MESSAGE]
 #

@@ -24,9 +24,9 @@
 -- transaction. No deadlock: every claim inserts in (key, stamp) order, and the stamps of
 -- claims that can meet lie within the window of one bound, where they map to partitions in
 -- the same order (the default partition can lie on both sides of a partition, so that needs a
--- window well under half a partition: 10 minutes against at least a day). Replicas of V8 during a rolling upgrade (their own statements: bucket
--- locks, then a plain insert at now()) meet these claims the same way; replicas of V9 and V10
--- call this function.
+-- window well under half a partition: 10 minutes against at least a day). Replicas of V8
+-- during a rolling upgrade (their own statements: bucket locks, then a plain insert at now())
+-- meet these claims the same way; replicas of V9 and V10 call this function.
 --
 -- Keys claimed near a bound are kept in two partitions, each copy dropped with its partition;
 -- the ids gauge counts them twice, and their applied_at is the bound (or its last

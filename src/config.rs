@@ -391,6 +391,8 @@ mod tests {
         assert_eq!(config.amqp.queue, "catchall.events");
         assert_eq!(config.threshold, 1000);
         assert_eq!(config.dedup_retention, Duration::from_secs(7 * 24 * 3600));
+        // The hidden setting's default is the store's own.
+        assert_eq!(config.claim_window, crate::store::CLAIM_WINDOW);
         assert_eq!(config.shutdown_timeout, Duration::from_secs(10));
         assert_eq!(config.prefetch_bytes, 64 << 20);
         assert_eq!(config.db_timeout, Duration::from_secs(30));
