@@ -634,6 +634,130 @@ async fn near_midnight_a_claim_meets_the_ids_of_a_v8_replica() {
     );
 }
 
+/// A replica of V8 during a rolling upgrade claims with its own statements (bucket locks, then
+/// the one-argument claim, which inserts at now() only) and never runs the window's path. Across
+/// a partition boundary it still meets the claims of V11 replicas, because they insert on both
+/// sides: V8 before the boundary and V11 after it (V11 waits in its claim, fails with a claim
+/// conflict when V8 commits, and finds the id applied again), and V11 before it and V8 after it
+/// (V8's insert waits on V11's row in the partition after the boundary and fails with
+/// `unique_violation`; its batch, claimed again, finds the id). A V11 claim with a window of
+/// zero does not wait for V8's: the meeting is the window's doing. The boundary is made three
+/// seconds ahead, so this runs at any hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn across_a_partition_boundary_a_claim_meets_the_ids_of_a_v8_replica() {
+    // V8 first, before the boundary; V11 after it, with and without the window.
+    for window in [ANY_HOUR, Duration::ZERO] {
+        let db = TestDb::create().await;
+        let store = db.store(4).await.with_claim_window(window);
+        let client = db.client().await;
+        let boundary = partitions_meeting_soon(&client, true).await;
+        let mut v8 = db.client().await;
+        let v8 = v8.transaction().await.expect("begin");
+        let held = v8_claim(&v8, b"shared").await.expect("V8's claim");
+        assert!(held.is_empty(), "`shared` is new to V8");
+        await_past(&client, &boundary).await;
+        let batch = [delivered("shared", "a.example")];
+        if window.is_zero() {
+            let applied = store.apply(&batch).await.expect("V11 commits at once");
+            assert_eq!(
+                (applied.messages, applied.duplicates),
+                (1, 0),
+                "without the window V11 misses V8's uncommitted id: the hazard the window closes"
+            );
+            v8.rollback().await.expect("V8 rolls back");
+            continue;
+        }
+        let ours = tokio::spawn({
+            let (store, batch) = (store.clone(), batch.clone());
+            async move { store.apply(&batch).await }
+        });
+        db.await_lock_waits(
+            1,
+            "%applied_messages_claim%",
+            "V11's claim to wait for V8's row",
+        )
+        .await;
+        v8.commit().await.expect("V8's transaction commits");
+        let error = ours
+            .await
+            .expect("join")
+            .expect_err("V11's claim meets V8's committed id before the boundary");
+        assert!(error.is_claim_conflict(), "a claim conflict: {error:?}");
+        let applied = store.apply(&batch).await.expect("applied again");
+        assert_eq!(
+            (applied.messages, applied.duplicates),
+            (0, 1),
+            "it met V8's id"
+        );
+    }
+
+    // V11 first, before the boundary; V8 after it.
+    let db = TestDb::create().await;
+    let store = db.store(4).await.with_claim_window(ANY_HOUR);
+    let client = db.client().await;
+    let boundary = partitions_meeting_soon(&client, true).await;
+    let (ours, release) = held_before_commit(&store, vec![delivered("shared", "a.example")]).await;
+    await_past(&client, &boundary).await;
+    let v8 = tokio::spawn({
+        let mut v8 = db.client().await;
+        async move {
+            let v8 = v8.transaction().await.expect("begin");
+            let held = v8_claim(&v8, b"shared").await;
+            drop(v8);
+            held
+        }
+    });
+    db.await_lock_waits(
+        1,
+        "%applied_messages_claim%",
+        "V8's insert to wait for V11's row",
+    )
+    .await;
+    release.notify_one();
+    let applied = ours.await.expect("join").expect("V11's batch commits");
+    assert_eq!((applied.messages, applied.duplicates), (1, 0));
+    let error = v8
+        .await
+        .expect("join")
+        .expect_err("V8's insert meets V11's committed row after the boundary");
+    assert_eq!(
+        error.code(),
+        Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION),
+        "V8 fails its batch with unique_violation: {error:?}"
+    );
+    let mut v8 = db.client().await;
+    let v8 = v8.transaction().await.expect("begin");
+    let mut held = v8_claim(&v8, b"shared").await.expect("V8 claims again");
+    // Once per partition holding it (V11 put it on both sides); V8's binary takes a set.
+    held.dedup();
+    assert_eq!(
+        held,
+        [b"shared".to_vec()],
+        "V8, claiming again, finds the id"
+    );
+    assert_eq!(db.counts().await["a.example"], (1, 0));
+}
+
+/// V8's claim of `key` in `tx`: its bucket-lock statement, then the one-argument claim. Returns
+/// the keys it found held.
+async fn v8_claim(
+    tx: &tokio_postgres::Transaction<'_>,
+    key: &[u8],
+) -> Result<Vec<Vec<u8>>, tokio_postgres::Error> {
+    let keys = vec![key.to_vec()];
+    tx.query_one(
+        "SELECT count(pg_advisory_xact_lock(1667326824, bucket)) \
+         FROM (SELECT DISTINCT ('x' || substr(md5(id), 1, 8))::bit(32)::int4 & 127 AS bucket \
+               FROM unnest($1::bytea[]) id ORDER BY bucket) buckets",
+        &[&keys],
+    )
+    .await?;
+    let rows = tx
+        .query("SELECT applied_messages_claim($1::bytea[])", &[&keys])
+        .await?;
+    Ok(rows.iter().map(|row| row.get(0)).collect())
+}
+
 /// The first batch claims `shared` before the boundary and stops before COMMIT; the second
 /// claims `shared` and `own` after it; each with its own claim window (`windows`). Each has `first_extra` / `second_extra` more messages of
 /// ids of its own. Returns how often `shared`'s domain was counted and the partitions holding
@@ -653,54 +777,7 @@ async fn claims_across_a_boundary(
     // The two claims meet on a unique index when either inserts on both sides of the boundary.
     let meet = !(windows.0.is_zero() && windows.1.is_zero());
     let client = db.client().await;
-    // Replace the partitions by two that meet three seconds from now (or, without `after`, by
-    // one that ends then, the default partition taking what comes after).
-    let boundary: String = client
-        .query_one(
-            "SELECT (clock_timestamp() + interval '3 seconds')::text",
-            &[],
-        )
-        .await
-        .expect("the server's clock")
-        .get(0);
-    let partitions: Vec<String> = client
-        .query(
-            "SELECT inhrelid::regclass::text FROM pg_inherits \
-             WHERE inhparent = 'applied_messages'::regclass \
-               AND inhrelid <> 'applied_messages_default'::regclass",
-            &[],
-        )
-        .await
-        .expect("partitions")
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
-    for partition in partitions {
-        client
-            .batch_execute(&format!("DROP TABLE {partition}"))
-            .await
-            .expect("drop a partition");
-    }
-    client
-        .batch_execute(&format!(
-            "CREATE TABLE applied_messages_before PARTITION OF applied_messages \
-               FOR VALUES FROM (MINVALUE) TO ('{boundary}'); \
-             CREATE UNIQUE INDEX applied_messages_before_message_id \
-               ON applied_messages_before (message_id);"
-        ))
-        .await
-        .expect("a partition ending at the boundary");
-    if after {
-        client
-            .batch_execute(&format!(
-                "CREATE TABLE applied_messages_after PARTITION OF applied_messages \
-                   FOR VALUES FROM ('{boundary}') TO (MAXVALUE); \
-                 CREATE UNIQUE INDEX applied_messages_after_message_id \
-                   ON applied_messages_after (message_id);"
-            ))
-            .await
-            .expect("a partition starting at the boundary");
-    }
+    let boundary = partitions_meeting_soon(&client, after).await;
 
     let mut first_batch = vec![delivered("shared", "a.example")];
     first_batch.extend((0..first_extra).map(|i| delivered(&format!("first-{i}"), "c.example")));
@@ -710,38 +787,7 @@ async fn claims_across_a_boundary(
     ];
     second_batch.extend((0..second_extra).map(|i| delivered(&format!("second-{i}"), "d.example")));
     let (first, release) = held_before_commit(&first_store, first_batch).await;
-    let first_before: bool = client
-        .query_one(
-            "SELECT coalesce(bool_and(xact_start < $1::text::timestamptz), false) FROM pg_stat_activity \
-             WHERE datname = current_database() AND state = 'idle in transaction'",
-            &[&boundary],
-        )
-        .await
-        .expect("pg_stat_activity")
-        .get(0);
-    assert!(
-        first_before,
-        "setup too slow: the first batch began after the boundary"
-    );
-    wait_for(
-        Duration::from_secs(15),
-        "the server's clock to pass the boundary",
-        || {
-            let (client, boundary) = (&client, &boundary);
-            async move {
-                let past: bool = client
-                    .query_one(
-                        "SELECT clock_timestamp() > $1::text::timestamptz",
-                        &[boundary],
-                    )
-                    .await
-                    .expect("the server's clock")
-                    .get(0);
-                past.then_some(())
-            }
-        },
-    )
-    .await;
+    await_past(&client, &boundary).await;
     let second = tokio::spawn({
         let (store, batch) = (store.clone(), second_batch.clone());
         async move { store.apply(&batch).await }
@@ -898,4 +944,91 @@ async fn a_unique_violation_elsewhere_is_not_a_claim_conflict() {
         "not a claim conflict: {error:?}"
     );
     assert!(error.is_permanent(), "refused for its content: {error:?}");
+}
+
+/// Replaces the partitions of `applied_messages` by two that meet three seconds from now (or,
+/// without `after`, by one that ends then, the default partition taking what comes after).
+/// Returns the boundary as the server's text.
+async fn partitions_meeting_soon(client: &tokio_postgres::Client, after: bool) -> String {
+    let boundary: String = client
+        .query_one(
+            "SELECT (clock_timestamp() + interval '3 seconds')::text",
+            &[],
+        )
+        .await
+        .expect("the server's clock")
+        .get(0);
+    let partitions: Vec<String> = client
+        .query(
+            "SELECT inhrelid::regclass::text FROM pg_inherits \
+             WHERE inhparent = 'applied_messages'::regclass \
+               AND inhrelid <> 'applied_messages_default'::regclass",
+            &[],
+        )
+        .await
+        .expect("partitions")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    for partition in partitions {
+        client
+            .batch_execute(&format!("DROP TABLE {partition}"))
+            .await
+            .expect("drop a partition");
+    }
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE applied_messages_before PARTITION OF applied_messages \
+               FOR VALUES FROM (MINVALUE) TO ('{boundary}'); \
+             CREATE UNIQUE INDEX applied_messages_before_message_id \
+               ON applied_messages_before (message_id);"
+        ))
+        .await
+        .expect("a partition ending at the boundary");
+    if after {
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE applied_messages_after PARTITION OF applied_messages \
+                   FOR VALUES FROM ('{boundary}') TO (MAXVALUE); \
+                 CREATE UNIQUE INDEX applied_messages_after_message_id \
+                   ON applied_messages_after (message_id);"
+            ))
+            .await
+            .expect("a partition starting at the boundary");
+    }
+    boundary
+}
+
+/// Checks that the transactions held open in this database began before `boundary` (the
+/// set-up was fast enough), then waits for the server's clock to pass it.
+async fn await_past(client: &tokio_postgres::Client, boundary: &str) {
+    let began_before: bool = client
+        .query_one(
+            "SELECT coalesce(bool_and(xact_start < $1::text::timestamptz), false) FROM pg_stat_activity \
+             WHERE datname = current_database() AND state = 'idle in transaction'",
+            &[&boundary],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .get(0);
+    assert!(
+        began_before,
+        "setup too slow: the first claim began after the boundary"
+    );
+    wait_for(
+        Duration::from_secs(15),
+        "the server's clock to pass the boundary",
+        || async move {
+            let past: bool = client
+                .query_one(
+                    "SELECT clock_timestamp() > $1::text::timestamptz",
+                    &[&boundary],
+                )
+                .await
+                .expect("the server's clock")
+                .get(0);
+            past.then_some(())
+        },
+    )
+    .await;
 }
