@@ -37,7 +37,7 @@ for _ in range(int(sys.argv[1])):
     print('{"domain":"d%d.example","type":"%s"}' % (random.randrange(100000), kind))
 EOF
 
-drain() { # BIN TAG [SQL [ENV]] -> "TAG seconds worker_cpu_s worker_peak_rss_mib"
+drain() { # BIN TAG [SQL [ENV]] -> "TAG seconds worker_cpu_s worker_peak_rss_mib events_per_batch"
     local bin=$1 tag=ab_$$_$2 sql=${3:-} settings=${4:-} pid rss
     local db=$tag queue=${tag}_q exchange=${tag}_x
     psql_ -c "CREATE DATABASE $db"
@@ -60,7 +60,7 @@ drain() { # BIN TAG [SQL [ENV]] -> "TAG seconds worker_cpu_s worker_peak_rss_mib
     psql_ -d "$db" -c "INSERT INTO domains (domain) SELECT 'd' || x || '.example' FROM generate_series(0, 99999) x" \
         -c "VACUUM ANALYZE domains"
     "$root/target/release/catchall-producer" publish --batch "$per_message" "$work/events.ndjson" > /dev/null
-    local t0 t1 cpu
+    local t0 t1 cpu per_batch
     t0=$(psql_ -d "$db" -c "SELECT extract(epoch FROM clock_timestamp())")
     start
     # The worker's own count (committed events), cheaper to poll than summing the table.
@@ -72,6 +72,9 @@ drain() { # BIN TAG [SQL [ENV]] -> "TAG seconds worker_cpu_s worker_peak_rss_mib
         { echo "the worker counted $events events, the table holds others" >&2; exit 1; }
     t1=$(psql_ -d "$db" -c "SELECT extract(epoch FROM clock_timestamp())")
     cpu=$(awk '{print ($14 + $15) / 100}' "/proc/$pid/stat")
+    per_batch=$(curl -sf http://127.0.0.1:18191/metrics | awk '
+        /^catchall_batch_events_sum/ { s = $2 } /^catchall_batch_events_count/ { c = $2 }
+        END { printf "%.0f", c ? s / c : 0 }')
     rss=$(awk '/^VmHWM/ {printf "%.1f", $2 / 1024}' "/proc/$pid/status")
     kill -TERM "$pid" && wait "$pid" || true
     for q in "$queue" "$queue.dead"; do rabbitmqctl -q delete_queue "$q" > /dev/null 2>&1 || true; done
@@ -79,10 +82,10 @@ drain() { # BIN TAG [SQL [ENV]] -> "TAG seconds worker_cpu_s worker_peak_rss_mib
         rabbitmqctl -q eval "rabbit_exchange:delete(rabbit_misc:r(<<\"/\">>, exchange, <<\"$x\">>), false, <<\"ab\">>)." > /dev/null
     done
     psql_ -c "DROP DATABASE $db"
-    python3 -c "print('$2', round($t1 - $t0, 2), $cpu, $rss)"
+    python3 -c "print('$2', round($t1 - $t0, 2), $cpu, $rss, $per_batch)"
 }
 
-echo "drain seconds worker_cpu_s worker_peak_rss_mib ($events events, $per_message per message)"
+echo "drain seconds worker_cpu_s worker_peak_rss_mib events_per_batch ($events events, $per_message per message)"
 ratios=()
 for pair in $(seq 1 "$pairs"); do
     if [ $((pair % 2)) = 1 ]; then

@@ -1957,10 +1957,18 @@ impl Run {
         let cpu = sampler.stop();
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         soak::stop_producer(&mut stream).await;
-        let lookups = match lookup_task {
+        let mut lookups = match lookup_task {
             Some(task) => Some(task.await.context("look-ups panicked")??),
             None => None,
         };
+        if let Some(lookups) = lookups.as_mut() {
+            let text = http.get(format!("{base}/metrics")).send().await;
+            let text = match text {
+                Ok(response) => response.text().await.context("the worker's /metrics")?,
+                Err(error) => bail!("the worker's /metrics after the look-ups: {error}"),
+            };
+            lookups["server"] = live::server_side(&text);
+        }
         let (mut samples, marker_errors) = markers.finish().await?;
         let rss = peak_rss_mib(pid);
         stop_worker(&mut child, pid).await?;
@@ -1990,8 +1998,16 @@ impl Run {
             lookups
                 .as_ref()
                 .map(|l| format!(
-                    "; look-ups at {}/s: p50 {} ms, p99 {} ms, max {} ms, {} errors",
-                    l["rate"], l["p50_ms"], l["p99_ms"], l["max_ms"], l["errors"]
+                    "; look-ups at {}/s: p50 {} ms, p99 {} ms, max {} ms, {} errors; in the worker: {} over 5 ms, {} over 10 ms, p99 in the bucket up to {} ms, {} look-ups per query",
+                    l["rate"],
+                    l["p50_ms"],
+                    l["p99_ms"],
+                    l["max_ms"],
+                    l["errors"],
+                    l["server"]["share_over_5ms"],
+                    l["server"]["share_over_10ms"],
+                    l["server"]["p99_bucket_ms"],
+                    l["server"]["lookups_per_query"]
                 ))
                 .unwrap_or_default()
         );

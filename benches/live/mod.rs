@@ -336,6 +336,50 @@ pub async fn lookups_at(
     Ok(out)
 }
 
+/// What the worker itself saw of its single look-ups, from its
+/// `catchall_http_request_duration_seconds` histogram of `/domains/{domain}` (every such request
+/// of the run: the look-up client's and the marker polls): the share that took longer than 5 and
+/// 10 ms from the router taking the request to the answer, and the upper bound of the bucket
+/// holding the 99th percentile; and the look-ups per Postgres query ([`catchall::lookups`]). Beside the client's open-loop figures this tells the time in the
+/// handler (Postgres included) from the time before it: the socket, the kernel, the runtime.
+pub fn server_side(metrics: &str) -> Value {
+    let series = "catchall_http_request_duration_seconds_bucket{route=\"/domains/{domain}\",le=\"";
+    let buckets: Vec<(f64, f64)> = metrics
+        .lines()
+        .filter_map(|line| {
+            let (le, count) = line.strip_prefix(series)?.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect();
+    let total = buckets.iter().map(|b| b.1).fold(0.0, f64::max);
+    let within = |seconds: f64| {
+        buckets
+            .iter()
+            .find(|b| (b.0 - seconds).abs() < 1e-9)
+            .map_or(f64::NAN, |b| b.1)
+    };
+    let over = |seconds: f64| round3(1.0 - within(seconds) / total.max(1.0));
+    let p99 = buckets
+        .iter()
+        .find(|b| b.1 >= 0.99 * total)
+        .map(|b| b.0 * 1000.0);
+    // Look-ups per Postgres query: above 1 when look-ups queued for one of the two queries.
+    let queries = crate::metric(metrics, "catchall_lookup_group_domains_count");
+    let grouped = crate::metric(metrics, "catchall_lookup_group_domains_sum");
+    json!({
+        "requests": total,
+        "lookups_per_query": round3(grouped / queries.max(1.0)),
+        "share_over_5ms": over(0.005),
+        "share_over_10ms": over(0.010),
+        "p99_bucket_ms": p99.filter(|p| p.is_finite()),
+    })
+}
+
 /// One keep-alive HTTP/1.1 connection of the look-up client: `GET` a path, read the whole
 /// answer (`Content-Length` bodies, which is what the worker sends).
 struct KeepAlive(tokio::io::BufReader<tokio::net::TcpStream>);
