@@ -931,8 +931,8 @@ async fn consume(channel: &Channel, queue: &str) -> anyhow::Result<(String, lapi
 /// worker's CPU samples on single-event messages). Only in the middle of a batch, so the first
 /// message after a quiet spell is taken at once; a batch is closed no later than its timeout.
 /// 1 ms (the timer's resolution): paired drains of 200,000 single-event messages 6–17 % faster
-/// (medians of two runs) with 9–12 % less worker CPU; 2 ms was slower than 1 (README, "Fewer
-/// wake-ups per message").
+/// (medians of two runs) with 9–12 % less worker CPU; 2 ms was slower than 1
+/// (benches/README.md, "Fewer wake-ups per message").
 const GATHER_NAP: Duration = Duration::from_millis(1);
 
 /// The next delivery: what cancelled consumers still buffer first, then the current consumer.
