@@ -440,7 +440,7 @@ async fn catch_all_listing_follows_the_threshold_on_either_index() {
 /// only the worker: the upsert of a replica of the previous release crossing 1000, an operator's
 /// INSERT and UPDATE, a first bounce. The indexed listing (threshold 1000) lists exactly the
 /// domains past 1000 that never bounced. Guards the design: a flag that only the worker's own
-/// upsert maintained (cheaper, measured in the README) would fail here.
+/// upsert maintained (cheaper, measured in benches/README.md) would fail here.
 #[tokio::test]
 async fn the_listing_flag_stays_right_whoever_writes_the_counters() {
     let db = TestDb::create().await;
