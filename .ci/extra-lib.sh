@@ -14,6 +14,16 @@ need() { # command package
   as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq "$2" >/dev/null
 }
 pg_version() { ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1; }
+# postgresql-common's commands read the configuration of every cluster (ports, sockets), and
+# stop with "Invalid data directory for cluster 15 catchall_tls" on a cluster whose
+# pg_createcluster is still writing it. tls.sh and replica.sh run in parallel (a clean-clone CI
+# run failed so), so every cluster command of theirs takes one lock: `pg_cluster COMMAND ARGS`
+# runs a pg_*cluster command as root holding it, `pg_clusters` lists the clusters (`-h`).
+# `-o`: the command does not inherit the lock's descriptor, or a server that pg_ctlcluster
+# starts would hold the lock for as long as it runs.
+PG_LOCK=/tmp/catchall-ci-pgcluster.lock
+pg_cluster() { as_root flock -o "$PG_LOCK" "$@"; }
+pg_clusters() { flock -o "$PG_LOCK" pg_lsclusters -h; }
 
 # rabbitmqctl against NODE, as the rabbitmq user (who holds the Erlang cookie).
 rmqctl() { # node args...

@@ -15,8 +15,8 @@ if [ "${1:-}" = stop ]; then
   done
   version=$(pg_version)
   for cluster in catchall_replica catchall_primary catchall_tls; do
-    if pg_lsclusters -h 2>/dev/null | grep " $cluster " | grep -q online; then
-      as_root pg_ctlcluster --skip-systemctl-redirect "$version" "$cluster" stop
+    if pg_clusters 2>/dev/null | grep " $cluster " | grep -q online; then
+      pg_cluster pg_ctlcluster --skip-systemctl-redirect "$version" "$cluster" stop
     fi
   done
   echo "extra servers stopped"

@@ -9,12 +9,12 @@ cd "$(dirname "$0")"
 . ./extra-lib.sh
 need pg_createcluster postgresql
 version=$(pg_version)
-ctl() { as_root pg_ctlcluster --skip-systemctl-redirect "$version" "$@"; }
-online() { pg_lsclusters -h | grep " $1 " | grep -q online; }
+ctl() { pg_cluster pg_ctlcluster --skip-systemctl-redirect "$version" "$@"; }
+online() { pg_clusters | grep " $1 " | grep -q online; }
 wait_pg() { for _ in $(seq 1 30); do answers "$1" && return 0; sleep 1; done; return 1; }
 
-if ! pg_lsclusters -h | grep -q " catchall_primary "; then
-  as_root pg_createcluster "$version" catchall_primary --port 5434 >/dev/null
+if ! pg_clusters | grep -q " catchall_primary "; then
+  pg_cluster pg_createcluster "$version" catchall_primary --port 5434 >/dev/null
   conf=/etc/postgresql/$version/catchall_primary
   printf "listen_addresses = '127.0.0.1'\nwal_level = replica\nmax_wal_senders = 5\n" \
     | as_root tee "$conf/conf.d/catchall.conf" >/dev/null
@@ -26,13 +26,13 @@ wait_pg 5434
 
 # The replica is made when its data directory has no standby.signal (written last by
 # pg_basebackup -R): a cluster left half-made by an interrupted run is dropped and made again.
-replica_data() { pg_lsclusters -h | awk '$2 == "catchall_replica" {print $6}'; }
+replica_data() { pg_clusters | awk '$2 == "catchall_replica" {print $6}'; }
 data=$(replica_data)
 if [ -z "$data" ] || ! as_root test -f "$data/standby.signal"; then
   if [ -n "$data" ]; then
-    as_root pg_dropcluster --stop "$version" catchall_replica
+    pg_cluster pg_dropcluster --stop "$version" catchall_replica
   fi
-  as_root pg_createcluster "$version" catchall_replica --port 5435 >/dev/null
+  pg_cluster pg_createcluster "$version" catchall_replica --port 5435 >/dev/null
   conf=/etc/postgresql/$version/catchall_replica
   printf "listen_addresses = '127.0.0.1'\nhot_standby = on\n" \
     | as_root tee "$conf/conf.d/catchall.conf" >/dev/null

@@ -59,8 +59,8 @@ fi
 # Postgres, hostssl only.
 version=$(pg_version)
 pgconf=/etc/postgresql/$version/catchall_tls
-if ! pg_lsclusters -h | grep -q " catchall_tls "; then
-  as_root pg_createcluster "$version" catchall_tls --port 5433 >/dev/null
+if ! pg_clusters | grep -q " catchall_tls "; then
+  pg_cluster pg_createcluster "$version" catchall_tls --port 5433 >/dev/null
 fi
 if [ ! -f "$pgconf/server.key" ] || ! cmp -s "$certs/server.pem" "$pgconf/server.pem"; then
   as_root cp "$certs/server.pem" "$certs/server.key" "$certs/ca.pem" "$pgconf/"
@@ -78,10 +78,10 @@ local   all all                    trust
 hostssl all catchall_client 127.0.0.0/8 cert
 hostssl all all             127.0.0.0/8 trust
 HBA
-  as_root pg_ctlcluster --skip-systemctl-redirect "$version" catchall_tls restart
+  pg_cluster pg_ctlcluster --skip-systemctl-redirect "$version" catchall_tls restart
 fi
-if ! pg_lsclusters -h | grep " catchall_tls " | grep -q online; then
-  as_root pg_ctlcluster --skip-systemctl-redirect "$version" catchall_tls start
+if ! pg_clusters | grep " catchall_tls " | grep -q online; then
+  pg_cluster pg_ctlcluster --skip-systemctl-redirect "$version" catchall_tls start
 fi
 for _ in $(seq 1 30); do answers 5433 && break; sleep 1; done
 as_root runuser -u postgres -- psql -p 5433 -qAtc \
