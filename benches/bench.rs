@@ -1381,16 +1381,16 @@ fn spawn_worker(
     Ok((child, pid, base))
 }
 
+/// The worker's `/metrics` text.
+async fn metrics_text(http: &reqwest::Client, base: &str) -> Result<String> {
+    let response = http.get(format!("{base}/metrics")).send().await;
+    let text = response.context("the worker's /metrics")?.text().await;
+    text.context("the worker's /metrics")
+}
+
 /// Events the worker counted so far, from its `/metrics` (None while it does not answer).
 async fn counted(http: &reqwest::Client, base: &str) -> Option<f64> {
-    let text = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
+    let text = metrics_text(http, base).await.ok()?;
     Some(
         ["delivered", "bounced"]
             .iter()
@@ -1962,12 +1962,7 @@ impl Run {
             None => None,
         };
         if let Some(lookups) = lookups.as_mut() {
-            let text = http.get(format!("{base}/metrics")).send().await;
-            let text = match text {
-                Ok(response) => response.text().await.context("the worker's /metrics")?,
-                Err(error) => bail!("the worker's /metrics after the look-ups: {error}"),
-            };
-            lookups["server"] = live::server_side(&text);
+            lookups["server"] = live::server_side(&metrics_text(&http, &base).await?);
         }
         let (mut samples, marker_errors) = markers.finish().await?;
         let rss = peak_rss_mib(pid);

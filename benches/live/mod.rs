@@ -340,20 +340,17 @@ pub async fn lookups_at(
 /// `catchall_http_request_duration_seconds` histogram of `/domains/{domain}` (every such request
 /// of the run: the look-up client's and the marker polls): the share that took longer than 5 and
 /// 10 ms from the router taking the request to the answer, and the upper bound of the bucket
-/// holding the 99th percentile; and the look-ups per Postgres query ([`catchall::lookups`]). Beside the client's open-loop figures this tells the time in the
-/// handler (Postgres included) from the time before it: the socket, the kernel, the runtime.
+/// holding the 99th percentile; and the look-ups per Postgres query ([`catchall::lookups`]).
+/// Beside the client's open-loop figures this tells the time in the handler (Postgres included)
+/// from the time before it: the socket, the kernel, the runtime.
 pub fn server_side(metrics: &str) -> Value {
     let series = "catchall_http_request_duration_seconds_bucket{route=\"/domains/{domain}\",le=\"";
     let buckets: Vec<(f64, f64)> = metrics
         .lines()
         .filter_map(|line| {
+            // `le` parses as f64, "+Inf" included.
             let (le, count) = line.strip_prefix(series)?.split_once("\"} ")?;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
-            Some((le, count.trim().parse().ok()?))
+            Some((le.parse().ok()?, count.trim().parse().ok()?))
         })
         .collect();
     let total = buckets.iter().map(|b| b.1).fold(0.0, f64::max);

@@ -593,45 +593,8 @@ async fn near_midnight_a_claim_meets_the_ids_of_a_v8_replica() {
     let mut v8 = db.client().await;
     let v8 = v8.transaction().await.expect("begin");
     // V8's lock statement (before V9 it was the worker's own), then its claim.
-    v8.query_one(
-        "SELECT count(pg_advisory_xact_lock(1667326824, bucket)) \
-         FROM (SELECT DISTINCT ('x' || substr(md5(id), 1, 8))::bit(32)::int4 & 127 AS bucket \
-               FROM unnest($1::bytea[]) id ORDER BY bucket) buckets",
-        &[&vec![b"shared".to_vec()]],
-    )
-    .await
-    .expect("V8's bucket locks");
-    v8.query(
-        "SELECT applied_messages_claim($1::bytea[])",
-        &[&vec![b"shared".to_vec()]],
-    )
-    .await
-    .expect("V8's claim");
-    let ours = tokio::spawn({
-        let store = store.clone();
-        async move { store.apply(&[delivered("shared", "a.example")]).await }
-    });
-    db.await_lock_waits(
-        1,
-        "%applied_messages_claim%",
-        "the V11 claim to wait for V8's row",
-    )
-    .await;
-    v8.commit().await.expect("V8's transaction commits");
-    let error = ours
-        .await
-        .expect("join")
-        .expect_err("the claim meets V8's committed id in the unique index");
-    assert!(error.is_claim_conflict(), "a claim conflict: {error:?}");
-    let applied = store
-        .apply(&[delivered("shared", "a.example")])
-        .await
-        .expect("applied again");
-    assert_eq!(
-        (applied.messages, applied.duplicates),
-        (0, 1),
-        "it met V8's id"
-    );
+    v8_claim(&v8, b"shared").await.expect("V8's claim");
+    v11_meets_v8_claim(&db, &store, v8).await;
 }
 
 /// A replica of V8 during a rolling upgrade claims with its own statements (bucket locks, then
@@ -667,28 +630,7 @@ async fn across_a_partition_boundary_a_claim_meets_the_ids_of_a_v8_replica() {
             v8.rollback().await.expect("V8 rolls back");
             continue;
         }
-        let ours = tokio::spawn({
-            let (store, batch) = (store.clone(), batch.clone());
-            async move { store.apply(&batch).await }
-        });
-        db.await_lock_waits(
-            1,
-            "%applied_messages_claim%",
-            "V11's claim to wait for V8's row",
-        )
-        .await;
-        v8.commit().await.expect("V8's transaction commits");
-        let error = ours
-            .await
-            .expect("join")
-            .expect_err("V11's claim meets V8's committed id before the boundary");
-        assert!(error.is_claim_conflict(), "a claim conflict: {error:?}");
-        let applied = store.apply(&batch).await.expect("applied again");
-        assert_eq!(
-            (applied.messages, applied.duplicates),
-            (0, 1),
-            "it met V8's id"
-        );
+        v11_meets_v8_claim(&db, &store, v8).await;
     }
 
     // V11 first, before the boundary; V8 after it.
@@ -736,6 +678,38 @@ async fn across_a_partition_boundary_a_claim_meets_the_ids_of_a_v8_replica() {
         "V8, claiming again, finds the id"
     );
     assert_eq!(db.counts().await["a.example"], (1, 0));
+}
+
+/// A V11 claim of `shared` (`a.example`) while `v8` holds V8's uncommitted claim of it: it waits
+/// on V8's row, fails with a claim conflict when `v8` commits, and, applied again, finds the id.
+async fn v11_meets_v8_claim(
+    db: &TestDb,
+    store: &catchall::store::Store,
+    v8: tokio_postgres::Transaction<'_>,
+) {
+    let batch = [delivered("shared", "a.example")];
+    let ours = tokio::spawn({
+        let (store, batch) = (store.clone(), batch.clone());
+        async move { store.apply(&batch).await }
+    });
+    db.await_lock_waits(
+        1,
+        "%applied_messages_claim%",
+        "the V11 claim to wait for V8's row",
+    )
+    .await;
+    v8.commit().await.expect("V8's transaction commits");
+    let error = ours
+        .await
+        .expect("join")
+        .expect_err("the claim meets V8's committed id in the unique index");
+    assert!(error.is_claim_conflict(), "a claim conflict: {error:?}");
+    let applied = store.apply(&batch).await.expect("applied again");
+    assert_eq!(
+        (applied.messages, applied.duplicates),
+        (0, 1),
+        "it met V8's id"
+    );
 }
 
 /// V8's claim of `key` in `tx`: its bucket-lock statement, then the one-argument claim. Returns
