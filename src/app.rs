@@ -76,8 +76,7 @@ impl App {
         for migration in report.applied_migrations() {
             tracing::info!(migration = %migration, "Migration applied.");
         }
-        let listener = TcpListener::bind(config.http_addr)
-            .await
+        let listener = crate::http::bind(config.http_addr)
             .with_context(|| format!("binding the HTTP address {}", config.http_addr))?;
         Ok(Self {
             consumer: consumer::ConsumerSettings::from_config(&config),

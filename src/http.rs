@@ -694,6 +694,25 @@ async fn protection_error(error: BoxError) -> Response {
     }
 }
 
+/// The HTTP socket's listen backlog: connections the kernel completes before the server accepts
+/// them. std and mio (`TcpListener::bind`) use 128; a burst of more new connections than that
+/// (clients reconnecting at once; the bench's open-loop client opening one per request after a
+/// stall) had the rest of its SYNs dropped and sent again by TCP a second later: 186 look-ups
+/// timed out at 1 s in three bench runs, as many as the kernel's `TcpExtListenOverflows`.
+/// Linux caps it at `net.core.somaxconn` (4096 since 5.4).
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds the HTTP address with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`, as `TcpListener::bind`).
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Serves `app` on `listener` until `cancel` fires, then lets requests in flight finish.
 ///
 /// hyper directly (not `axum::serve`), so a connection that does not send its headers within
@@ -820,9 +839,13 @@ mod tests {
             .to_string()
     }
 
-    #[tokio::test]
-    async fn connections_past_the_cap_wait_until_one_closes() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    /// A server on 127.0.0.1 with `bind`, holding one connection at a time.
+    fn one_connection_server() -> (
+        std::net::SocketAddr,
+        CancellationToken,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ) {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
         let app = Router::new().route("/", axum::routing::get(|| async { "ok" }));
         let limits = ServerLimits {
@@ -836,6 +859,35 @@ mod tests {
         };
         let cancel = CancellationToken::new();
         let server = tokio::spawn(serve(listener, app, limits, cancel.clone()));
+        (addr, cancel, server)
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_new_connections_past_128_waits_in_the_backlog() {
+        let (addr, cancel, server) = one_connection_server();
+        let mut first = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(get_on(&mut first).await.contains("200"));
+        // The server accepts nothing while `first` is open: 600 connections at once must all
+        // be completed by the kernel. With a backlog of 128 the SYNs past it were dropped and
+        // their connects waited for TCP's retransmission a second later.
+        let connects = (0..600).map(|_| {
+            tokio::time::timeout(
+                Duration::from_millis(800),
+                tokio::net::TcpStream::connect(addr),
+            )
+        });
+        let results = futures_util::future::join_all(connects).await;
+        let connected = results.iter().filter(|r| matches!(r, Ok(Ok(_)))).count();
+        assert_eq!(connected, 600, "connected at once: {connected} of 600");
+        drop(results);
+        drop(first);
+        cancel.cancel();
+        server.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_cap_wait_until_one_closes() {
+        let (addr, cancel, server) = one_connection_server();
 
         let mut first = tokio::net::TcpStream::connect(addr).await.unwrap();
         assert!(get_on(&mut first).await.contains("200"));
