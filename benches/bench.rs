@@ -1711,7 +1711,7 @@ fn print_table(r: &serde_json::Value) {
     let f = &r["freshness"];
     if f.is_object() {
         println!(
-            "\n| event to visible (medians of {} windows) | rate msgs/s (achieved) | p50 ms | p99 ms (min–max) | max ms | errors |",
+            "\n| event to visible (medians of {} windows) | rate msgs/s (achieved) | p50 ms | p99 ms (min–max) | max ms | errors (markers lost) |",
             f["rounds"].as_array().map_or(1, Vec::len)
         );
         println!("|---|---|---|---|---|---|");
@@ -1721,7 +1721,7 @@ fn print_table(r: &serde_json::Value) {
             ("50 %, with look-ups", &f["under_lookups"]),
         ] {
             println!(
-                "| {name} | {} ({}) | {} | {} ({}–{}) | {} | {} |",
+                "| {name} | {} ({}) | {} | {} ({}–{}) | {} | {} ({}) |",
                 x["rate"],
                 x["achieved_rate"],
                 x["p50_ms"],
@@ -1729,7 +1729,8 @@ fn print_table(r: &serde_json::Value) {
                 x["p99_ms_spread"]["min"],
                 x["p99_ms_spread"]["max"],
                 x["max_ms"],
-                x["errors"]
+                x["errors"],
+                x["markers_lost"]
             );
         }
     }
@@ -1802,6 +1803,7 @@ fn over_rounds(mut runs: Vec<serde_json::Value>) -> serde_json::Value {
         "requests",
         "errors",
         "marker_errors",
+        "markers_lost",
         "errors_non_2xx",
         "errors_timeout",
         "errors_transport",
@@ -2046,7 +2048,7 @@ impl Run {
         if let Some(lookups) = lookups.as_mut() {
             lookups["server"] = live::server_side(&metrics_text(&http, &base).await?);
         }
-        let (mut samples, marker_errors) = markers.finish().await?;
+        let (mut samples, marker_errors, live::Lost(lost)) = markers.finish().await?;
         let rss = peak_rss_mib(pid);
         stop_worker(&mut child, pid).await?;
         let mut json = live::latency_json(&mut samples, marker_errors);
@@ -2063,6 +2065,7 @@ impl Run {
         }
         json["seconds"] = serde_json::json!(secs);
         json["marker_errors"] = serde_json::json!(marker_errors);
+        json["markers_lost"] = serde_json::json!(lost);
         json["worker_rss_peak_mib"] = serde_json::json!(round3(rss));
         json["cpu_us_per_event"] = serde_json::json!(cpu.per_event((counted1 - counted0).max(1.0)));
         json["machine_busy_cores"] = serde_json::json!(round3(cpu.machine_busy_cores));

@@ -59,6 +59,8 @@ async fn confirm_channel(amqp_url: &str) -> Result<(Connection, lapin::Channel)>
 /// publish until `GET /domains/{marker}` shows it.
 pub struct Markers {
     stop: Arc<AtomicBool>,
+    /// Set once the publisher has ended: every marker it published is in `pending`.
+    published: Arc<AtomicBool>,
     publisher: tokio::task::JoinHandle<Result<()>>,
     poller: tokio::task::JoinHandle<()>,
     /// Latencies not yet taken by [`Markers::take`].
@@ -70,6 +72,7 @@ pub struct Markers {
 impl Markers {
     pub fn start(amqp_url: &str, exchange: &str, base: &str, run: &str) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
+        let published = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let pending: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
         let errors = Arc::new(AtomicU64::new(0));
@@ -94,7 +97,10 @@ impl Markers {
                         .with_delivery_mode(2)
                         .with_message_id(uuid::Uuid::now_v7().to_string().into());
                     let published = Instant::now();
-                    let confirm = channel
+                    // The broker's confirm is awaited: a marker published just before the stop
+                    // and not yet written out when the connection closed never reached the
+                    // queue, and was waited for 30 s and counted as an error.
+                    let sent = channel
                         .basic_publish(
                             exchange.as_str().into(),
                             "marker".into(),
@@ -103,13 +109,17 @@ impl Markers {
                             properties,
                         )
                         .await;
+                    let confirm = match sent {
+                        Ok(confirm) => confirm.await,
+                        Err(error) => Err(error),
+                    };
                     match confirm {
-                        Ok(_) => {
+                        Ok(confirmation) if confirmation.is_ack() => {
                             if let Ok(mut p) = pending.lock() {
                                 p.insert(domain, published);
                             }
                         }
-                        Err(_) => {
+                        _ => {
                             errors.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -120,8 +130,12 @@ impl Markers {
         };
         let poller = {
             let base = base.to_string();
-            let (stop, pending, seen, errors) =
-                (stop.clone(), pending.clone(), seen.clone(), errors.clone());
+            let (published, pending, seen, errors) = (
+                published.clone(),
+                pending.clone(),
+                seen.clone(),
+                errors.clone(),
+            );
             tokio::spawn(async move {
                 let http = reqwest::Client::builder()
                     .timeout(REQUEST_TIMEOUT)
@@ -132,11 +146,16 @@ impl Markers {
                 let mut stopped_at: Option<Instant> = None;
                 loop {
                     tick.tick().await;
+                    // Read before the outstanding markers: once it is set, they are all in
+                    // `pending`. (Checking the publisher's stop instead ended the poll early
+                    // when the last marker went in after the poll had read `pending`, and
+                    // counted that marker as lost.)
+                    let finished = published.load(Ordering::Acquire);
                     let outstanding: Vec<(String, Instant)> = pending
                         .lock()
                         .map(|p| p.iter().map(|(d, t)| (d.clone(), *t)).collect())
                         .unwrap_or_default();
-                    if stop.load(Ordering::Relaxed) {
+                    if finished {
                         let since = *stopped_at.get_or_insert_with(Instant::now);
                         if outstanding.is_empty() || since.elapsed() > MARKER_GIVE_UP {
                             break;
@@ -187,6 +206,7 @@ impl Markers {
         };
         Self {
             stop,
+            published,
             publisher,
             poller,
             seen,
@@ -206,10 +226,13 @@ impl Markers {
     }
 
     /// Stops publishing markers, waits for the outstanding ones (up to [`MARKER_GIVE_UP`]),
-    /// and returns every latency not yet taken and the errors, lost markers included.
-    pub async fn finish(self) -> Result<(Vec<f64>, u64)> {
+    /// and returns every latency not yet taken, the errors (failed publishes and polls, lost
+    /// markers included) and, of those, the markers never seen (`Lost`).
+    pub async fn finish(self) -> Result<(Vec<f64>, u64, Lost)> {
         self.stop.store(true, Ordering::Relaxed);
-        self.publisher.await.context("marker publisher")??;
+        let ended = self.publisher.await;
+        self.published.store(true, Ordering::Release);
+        ended.context("marker publisher")??;
         let Self {
             poller,
             seen,
@@ -218,14 +241,19 @@ impl Markers {
             ..
         } = self;
         poller.await.context("marker poller")?;
-        let lost = pending.lock().map(|p| p.len() as u64).unwrap_or(0);
+        let lost = Lost(pending.lock().map(|p| p.len() as u64).unwrap_or(0));
         let samples = seen
             .lock()
             .map(|mut s| std::mem::take(&mut *s))
             .unwrap_or_default();
-        Ok((samples, errors.load(Ordering::Relaxed) + lost))
+        Ok((samples, errors.load(Ordering::Relaxed) + lost.0, lost))
     }
 }
+
+/// Markers the broker confirmed whose domain never showed as delivered within
+/// [`MARKER_GIVE_UP`]: events the worker lost or was that late with (a failed poll is retried,
+/// and counted as an error only).
+pub struct Lost(pub u64);
 
 /// Status look-ups of random known domains at `rate` requests/s until `stop`: each request is
 /// started at its scheduled time and timed from it; non-2xx answers, transport errors and

@@ -327,7 +327,7 @@ async fn run(
         rows.push(row);
     }
     stop_producer(&mut stream).await;
-    let (_, errors) = markers.finish().await?;
+    let (_, errors, crate::live::Lost(lost)) = markers.finish().await?;
     stop_worker(&mut worker, pid).await?;
     draw(&rows, rate).context("drawing target/bench/soak.svg")?;
 
@@ -358,6 +358,7 @@ async fn run(
         "rate": rate.round(),
         "calibrated_capacity_events_per_s": calibrated.map(f64::round),
         "marker_errors": errors,
+        "markers_lost": lost,
         "rss_mib": spread(&|r| r.rss_mib),
         "events_per_s": spread(&|r| r.events_per_s),
         "rows": rows.iter().map(|r| json!({
