@@ -1793,6 +1793,7 @@ fn over_rounds(mut runs: Vec<serde_json::Value>) -> serde_json::Value {
         "max_ms",
         "achieved_rate",
         "answered_per_s",
+        "rps",
     ] {
         if out.get(key).is_some() {
             out[key] = serde_json::json!(round3(Summary::of(&values(key)).median));

@@ -25,6 +25,8 @@ const MARKER_EVERY: Duration = Duration::from_millis(20);
 const POLL_EVERY: Duration = Duration::from_millis(5);
 /// A marker not visible after this long counts as lost (and as an error).
 const MARKER_GIVE_UP: Duration = Duration::from_secs(30);
+/// A marker's publish not confirmed by the broker after this long counts as an error.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 /// A look-up without an answer after this long counts as an error.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -67,6 +69,8 @@ pub struct Markers {
     seen: Arc<Mutex<Vec<f64>>>,
     pending: Arc<Mutex<HashMap<String, Instant>>>,
     errors: Arc<AtomicU64>,
+    /// Markers given up on after [`MARKER_GIVE_UP`] (counted in `errors` too).
+    given_up: Arc<AtomicU64>,
 }
 
 impl Markers {
@@ -76,6 +80,7 @@ impl Markers {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let pending: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
         let errors = Arc::new(AtomicU64::new(0));
+        let given_up = Arc::new(AtomicU64::new(0));
         let publisher = {
             let (url, exchange, run) =
                 (amqp_url.to_string(), exchange.to_string(), run.to_string());
@@ -109,12 +114,13 @@ impl Markers {
                             properties,
                         )
                         .await;
+                    // Bounded, so a broker that never confirms cannot hold `finish` for good.
                     let confirm = match sent {
-                        Ok(confirm) => confirm.await,
-                        Err(error) => Err(error),
+                        Ok(confirm) => tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await.ok(),
+                        Err(error) => Some(Err(error)),
                     };
                     match confirm {
-                        Ok(confirmation) if confirmation.is_ack() => {
+                        Some(Ok(confirmation)) if confirmation.is_ack() => {
                             if let Ok(mut p) = pending.lock() {
                                 p.insert(domain, published);
                             }
@@ -130,11 +136,12 @@ impl Markers {
         };
         let poller = {
             let base = base.to_string();
-            let (published, pending, seen, errors) = (
+            let (published, pending, seen, errors, given_up) = (
                 published.clone(),
                 pending.clone(),
                 seen.clone(),
                 errors.clone(),
+                given_up.clone(),
             );
             tokio::spawn(async move {
                 let http = reqwest::Client::builder()
@@ -194,6 +201,7 @@ impl Markers {
                                         p.remove(&domain);
                                     }
                                     errors.fetch_add(1, Ordering::Relaxed);
+                                    given_up.fetch_add(1, Ordering::Relaxed);
                                 }
                             }
                             None => {
@@ -212,6 +220,7 @@ impl Markers {
             seen,
             pending,
             errors,
+            given_up,
         }
     }
 
@@ -238,15 +247,17 @@ impl Markers {
             seen,
             pending,
             errors,
+            given_up,
             ..
         } = self;
         poller.await.context("marker poller")?;
-        let lost = Lost(pending.lock().map(|p| p.len() as u64).unwrap_or(0));
+        let outstanding = pending.lock().map(|p| p.len() as u64).unwrap_or(0);
+        let lost = Lost(given_up.load(Ordering::Relaxed) + outstanding);
         let samples = seen
             .lock()
             .map(|mut s| std::mem::take(&mut *s))
             .unwrap_or_default();
-        Ok((samples, errors.load(Ordering::Relaxed) + lost.0, lost))
+        Ok((samples, errors.load(Ordering::Relaxed) + outstanding, lost))
     }
 }
 
