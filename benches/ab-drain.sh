@@ -22,6 +22,7 @@
 # Needs RabbitMQ and Postgres on 127.0.0.1 (`make services`) and the release producer
 # (`cargo build --release -p catchall-producer`). Deletes what it created.
 set -euo pipefail
+source "$(dirname "$0")/lib.sh"
 bin_a=$1 bin_b=$2 pairs=${3:-6} events=${4:-200000} per_message=${5:-1}
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d)
@@ -77,11 +78,7 @@ drain() { # BIN TAG [SQL [ENV]] -> "TAG seconds worker_cpu_s worker_peak_rss_mib
         END { printf "%.0f", c ? s / c : 0 }')
     rss=$(awk '/^VmHWM/ {printf "%.1f", $2 / 1024}' "/proc/$pid/status")
     kill -TERM "$pid" && wait "$pid" || true
-    for q in "$queue" "$queue.dead"; do rabbitmqctl -q delete_queue "$q" > /dev/null 2>&1 || true; done
-    for x in $(rabbitmqctl -q list_exchanges name | grep "^$exchange" || true); do
-        rabbitmqctl -q eval "rabbit_exchange:delete(rabbit_misc:r(<<\"/\">>, exchange, <<\"$x\">>), false, <<\"ab\">>)." > /dev/null
-    done
-    psql_ -c "DROP DATABASE $db"
+    drop_run "$queue" "$exchange" "$db"
     python3 -c "print('$2', round($t1 - $t0, 2), $cpu, $rss, $per_batch)"
 }
 

@@ -12,6 +12,7 @@
 #
 # Needs RabbitMQ and Postgres on 127.0.0.1 (`make services`). Deletes what it created.
 set -euo pipefail
+source "$(dirname "$0")/lib.sh"
 bin_a=$1 bin_b=$2 pairs=${3:-4} secs=${4:-8}
 command -v wrk > /dev/null || { echo "ab-lookups.sh needs wrk (apt-get install wrk)" >&2; exit 1; }
 work=$(mktemp -d)
@@ -53,11 +54,7 @@ run() { # BIN TAG -> "TAG requests worker_us_per_request postgres_us_per_request
     grep -q 'Non-2xx' <<< "$out" && { echo "non-2xx answers: $out" >&2; exit 1; }
     n=$(grep -o '[0-9]* requests in' <<< "$out" | cut -d' ' -f1)
     kill -TERM "$pid" && wait "$pid" || true
-    for q in "$queue" "$queue.dead"; do rabbitmqctl -q delete_queue "$q" > /dev/null 2>&1 || true; done
-    for x in $(rabbitmqctl -q list_exchanges name | grep "^$exchange" || true); do
-        rabbitmqctl -q eval "rabbit_exchange:delete(rabbit_misc:r(<<\"/\">>, exchange, <<\"$x\">>), false, <<\"ab\">>)." > /dev/null
-    done
-    psql_ -c "DROP DATABASE $db WITH (FORCE)"
+    drop_run "$queue" "$exchange" "$db"
     local hz
     hz=$(getconf CLK_TCK)
     python3 -c "print('$2', $n, round(($w1 - $w0) * 1e6 / $hz / $n, 1), round(($p1 - $p0) * 1e6 / $hz / $n, 1))"
