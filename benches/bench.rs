@@ -1805,6 +1805,8 @@ fn over_rounds(mut runs: Vec<serde_json::Value>) -> serde_json::Value {
         "errors",
         "marker_errors",
         "markers_lost",
+        "marker_polls_failed",
+        "marker_publishes_failed",
         "errors_non_2xx",
         "errors_timeout",
         "errors_transport",
@@ -2049,7 +2051,7 @@ impl Run {
         if let Some(lookups) = lookups.as_mut() {
             lookups["server"] = live::server_side(&metrics_text(&http, &base).await?);
         }
-        let (mut samples, marker_errors, live::Lost(lost)) = markers.finish().await?;
+        let (mut samples, marker_errors, marker_kinds) = markers.finish().await?;
         let rss = peak_rss_mib(pid);
         stop_worker(&mut child, pid).await?;
         let mut json = live::latency_json(&mut samples, marker_errors);
@@ -2066,7 +2068,7 @@ impl Run {
         }
         json["seconds"] = serde_json::json!(secs);
         json["marker_errors"] = serde_json::json!(marker_errors);
-        json["markers_lost"] = serde_json::json!(lost);
+        marker_kinds.write(&mut json);
         json["worker_rss_peak_mib"] = serde_json::json!(round3(rss));
         json["cpu_us_per_event"] = serde_json::json!(cpu.per_event((counted1 - counted0).max(1.0)));
         json["machine_busy_cores"] = serde_json::json!(round3(cpu.machine_busy_cores));

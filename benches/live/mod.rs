@@ -69,8 +69,12 @@ pub struct Markers {
     seen: Arc<Mutex<Vec<f64>>>,
     pending: Arc<Mutex<HashMap<String, Instant>>>,
     errors: Arc<AtomicU64>,
-    /// Markers given up on after [`MARKER_GIVE_UP`] (counted in `errors` too).
+    /// Markers given up on after [`MARKER_GIVE_UP`], polls that failed (a non-2xx answer, a
+    /// transport error or a timeout; the marker is polled again) and publishes the broker did
+    /// not confirm: each counted in `errors` too.
     given_up: Arc<AtomicU64>,
+    failed_polls: Arc<AtomicU64>,
+    failed_publishes: Arc<AtomicU64>,
 }
 
 impl Markers {
@@ -81,10 +85,17 @@ impl Markers {
         let pending: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
         let errors = Arc::new(AtomicU64::new(0));
         let given_up = Arc::new(AtomicU64::new(0));
+        let failed_polls = Arc::new(AtomicU64::new(0));
+        let failed_publishes = Arc::new(AtomicU64::new(0));
         let publisher = {
             let (url, exchange, run) =
                 (amqp_url.to_string(), exchange.to_string(), run.to_string());
-            let (stop, pending, errors) = (stop.clone(), pending.clone(), errors.clone());
+            let (stop, pending, errors, failed_publishes) = (
+                stop.clone(),
+                pending.clone(),
+                errors.clone(),
+                failed_publishes.clone(),
+            );
             tokio::spawn(async move {
                 let (connection, channel) = confirm_channel(&url).await?;
                 let mut tick = tokio::time::interval(MARKER_EVERY);
@@ -127,6 +138,7 @@ impl Markers {
                         }
                         _ => {
                             errors.fetch_add(1, Ordering::Relaxed);
+                            failed_publishes.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                 }
@@ -136,12 +148,13 @@ impl Markers {
         };
         let poller = {
             let base = base.to_string();
-            let (published, pending, seen, errors, given_up) = (
+            let (published, pending, seen, errors, given_up, failed_polls) = (
                 published.clone(),
                 pending.clone(),
                 seen.clone(),
                 errors.clone(),
                 given_up.clone(),
+                failed_polls.clone(),
             );
             tokio::spawn(async move {
                 let http = reqwest::Client::builder()
@@ -206,6 +219,7 @@ impl Markers {
                             }
                             None => {
                                 errors.fetch_add(1, Ordering::Relaxed);
+                                failed_polls.fetch_add(1, Ordering::Relaxed);
                             }
                         }
                     }
@@ -221,6 +235,8 @@ impl Markers {
             pending,
             errors,
             given_up,
+            failed_polls,
+            failed_publishes,
         }
     }
 
@@ -236,8 +252,8 @@ impl Markers {
 
     /// Stops publishing markers, waits for the outstanding ones (up to [`MARKER_GIVE_UP`]),
     /// and returns every latency not yet taken, the errors (failed publishes and polls, lost
-    /// markers included) and, of those, the markers never seen (`Lost`).
-    pub async fn finish(self) -> Result<(Vec<f64>, u64, Lost)> {
+    /// markers included) and what they were ([`MarkerErrors`]).
+    pub async fn finish(self) -> Result<(Vec<f64>, u64, MarkerErrors)> {
         self.stop.store(true, Ordering::Relaxed);
         let ended = self.publisher.await;
         self.published.store(true, Ordering::Release);
@@ -248,23 +264,44 @@ impl Markers {
             pending,
             errors,
             given_up,
+            failed_polls,
+            failed_publishes,
             ..
         } = self;
         poller.await.context("marker poller")?;
         let outstanding = pending.lock().map(|p| p.len() as u64).unwrap_or(0);
-        let lost = Lost(given_up.load(Ordering::Relaxed) + outstanding);
+        let kinds = MarkerErrors {
+            lost: given_up.load(Ordering::Relaxed) + outstanding,
+            failed_polls: failed_polls.load(Ordering::Relaxed),
+            failed_publishes: failed_publishes.load(Ordering::Relaxed),
+        };
         let samples = seen
             .lock()
             .map(|mut s| std::mem::take(&mut *s))
             .unwrap_or_default();
-        Ok((samples, errors.load(Ordering::Relaxed) + outstanding, lost))
+        Ok((samples, errors.load(Ordering::Relaxed) + outstanding, kinds))
     }
 }
 
-/// Markers the broker confirmed whose domain never showed as delivered within
-/// [`MARKER_GIVE_UP`]: events the worker lost or was that late with (a failed poll is retried,
-/// and counted as an error only).
-pub struct Lost(pub u64);
+/// What the marker errors were.
+pub struct MarkerErrors {
+    /// Markers the broker confirmed whose domain never showed as delivered within
+    /// [`MARKER_GIVE_UP`]: events the worker lost or was that late with.
+    pub lost: u64,
+    /// Polls of the status endpoint that failed (the marker was polled again).
+    pub failed_polls: u64,
+    /// Markers the broker did not confirm (never pending, so never polled).
+    pub failed_publishes: u64,
+}
+
+impl MarkerErrors {
+    /// Adds the three counts to a window's or the soak's JSON.
+    pub fn write(&self, json: &mut Value) {
+        json["markers_lost"] = json!(self.lost);
+        json["marker_polls_failed"] = json!(self.failed_polls);
+        json["marker_publishes_failed"] = json!(self.failed_publishes);
+    }
+}
 
 /// Status look-ups of random known domains at `rate` requests/s until `stop`: each request is
 /// started at its scheduled time and timed from it; non-2xx answers, transport errors and

@@ -192,6 +192,13 @@ pub async fn soak() -> Result<()> {
         let _ = connection.close(200, "".into()).await;
     }
     let report = result?;
+    println!(
+        "\nmarkers: {} errors ({} lost, {} polls failed, {} publishes not confirmed)",
+        report["marker_errors"],
+        report["markers_lost"],
+        report["marker_polls_failed"],
+        report["marker_publishes_failed"]
+    );
     std::fs::create_dir_all("target/bench").context("creating target/bench")?;
     std::fs::write(
         "target/bench/soak.json",
@@ -327,7 +334,7 @@ async fn run(
         rows.push(row);
     }
     stop_producer(&mut stream).await;
-    let (_, errors, crate::live::Lost(lost)) = markers.finish().await?;
+    let (_, errors, marker_kinds) = markers.finish().await?;
     stop_worker(&mut worker, pid).await?;
     draw(&rows, rate).context("drawing target/bench/soak.svg")?;
 
@@ -352,13 +359,12 @@ async fn run(
             "max_deviation_from_median": round3(((max - median).abs().max((median - min).abs())) / median),
         })
     };
-    Ok(json!({
+    let mut out = json!({
         "minutes": minutes,
         "interval_secs": interval.as_secs(),
         "rate": rate.round(),
         "calibrated_capacity_events_per_s": calibrated.map(f64::round),
         "marker_errors": errors,
-        "markers_lost": lost,
         "rss_mib": spread(&|r| r.rss_mib),
         "events_per_s": spread(&|r| r.events_per_s),
         "rows": rows.iter().map(|r| json!({
@@ -374,7 +380,9 @@ async fn run(
             "cpu_us_per_event_by_process": r.cpu_by_process.iter().map(|(k, v)| (k.clone(), json!(round3(*v)))).collect::<serde_json::Map<_, _>>(),
         })).collect::<Vec<_>>(),
         "svg": "target/bench/soak.svg",
-    }))
+    });
+    marker_kinds.write(&mut out);
+    Ok(out)
 }
 
 /// Four panels over time: throughput, RSS, dedup table size, freshness.
