@@ -17,8 +17,8 @@ source "$(dirname "$0")/lib.sh"
 bin_a=$1 bin_b=$2 pairs=${3:-2} secs=${4:-130} clients=${5:-24} gap=${6:-0.002}
 python3 -c 'import requests' 2> /dev/null || { echo "keepalive-lifetime.sh needs python3-requests" >&2; exit 1; }
 work=$(mktemp -d)
-busy=()
-trap 'kill "${busy[@]}" 2> /dev/null || true; rm -rf "$work"' EXIT
+busy=() worker=
+trap 'kill "${busy[@]}" $worker 2> /dev/null || true; rm -rf "$work"' EXIT
 psql_() { psql -h 127.0.0.1 -U postgres -Atq "$@"; }
 cat > "$work/poll.py" <<'EOF'
 import collections, sys, threading, time
@@ -45,13 +45,13 @@ for error, n in errors.items(): print(f"  {n} × {error}")
 EOF
 
 run() { # BIN TAG
-    local bin=$1 tag=kal_$$_$2 pid
+    local bin=$1 tag=kal_$$_$2
     local db=$tag queue=${tag}_q exchange=${tag}_x
     psql_ -c "CREATE DATABASE $db"
     AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f CATCHALL_EXCHANGE=$exchange \
         CATCHALL_QUEUE=$queue DATABASE_URL=postgres://postgres@127.0.0.1/$db \
         HTTP_ADDR=127.0.0.1:18194 LOG_FORMAT=json "$bin" > "$work/$tag.log" 2>&1 &
-    pid=$!
+    worker=$!
     for _ in $(seq 1 300); do
         curl -sf http://127.0.0.1:18194/healthz > /dev/null && break
         sleep 0.1
@@ -62,7 +62,8 @@ run() { # BIN TAG
     echo "$2 ($bin):"
     python3 "$work/poll.py" http://127.0.0.1:18194 "$secs" "$clients" "$gap"
     kill "${busy[@]}"; busy=()
-    kill -TERM "$pid" && wait "$pid" || true
+    kill -TERM "$worker" && wait "$worker" || true
+    worker=
     drop_run "$queue" "$exchange" "$db"
 }
 

@@ -205,7 +205,8 @@ pub struct Config {
     #[arg(long, env = "HTTP_REQUEST_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub http_request_timeout: Duration,
 
-    /// How long a client may take to send a request's headers before the connection is closed.
+    /// How long a client may take to send a request's headers, or on a kept-alive connection to
+    /// start its next request, before the connection is closed.
     #[arg(long, env = "HTTP_HEADER_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub http_header_timeout: Duration,
 }
