@@ -48,12 +48,7 @@ drain() { # BIN TAG [SQL [ENV]] -> "TAG seconds worker_cpu_s worker_peak_rss_mib
     start() {
         env $settings "$bin" > "$work/$tag.log" 2>&1 &
         pid=$!
-        for _ in $(seq 1 300); do
-            curl -sf http://127.0.0.1:18191/readyz > /dev/null && return 0
-            sleep 0.1
-        done
-        echo "the worker $bin did not become ready: $work/$tag.log" >&2
-        exit 1
+        await_ready 18191 "$bin" "$work/$tag.log"
     }
     start # migrates and declares the topology
     kill -TERM "$pid" && wait "$pid" || true

@@ -33,11 +33,7 @@ run() { # BIN TAG -> "TAG requests worker_us_per_request postgres_us_per_request
         CATCHALL_QUEUE=$queue DATABASE_URL=postgres://postgres@127.0.0.1/$db \
         HTTP_ADDR=127.0.0.1:18193 LOG_FORMAT=json "$bin" > "$work/$tag.log" 2>&1 &
     pid=$!
-    for _ in $(seq 1 300); do
-        curl -sf http://127.0.0.1:18193/readyz > /dev/null && break
-        sleep 0.1
-    done
-    curl -sf http://127.0.0.1:18193/readyz > /dev/null || { echo "$bin did not become ready: $work/$tag.log" >&2; exit 1; }
+    await_ready 18193 "$bin" "$work/$tag.log"
     psql_ -d "$db" -c "INSERT INTO domains (domain, delivered) SELECT 'd' || x || '.example', x FROM generate_series(0, 99999) x" \
         -c "VACUUM ANALYZE domains"
     pg_cpu() { # clock ticks of the database's backends

@@ -2051,10 +2051,10 @@ impl Run {
         if let Some(lookups) = lookups.as_mut() {
             lookups["server"] = live::server_side(&metrics_text(&http, &base).await?);
         }
-        let (mut samples, marker_errors, marker_kinds) = markers.finish().await?;
+        let (mut samples, marker_kinds) = markers.finish().await?;
         let rss = peak_rss_mib(pid);
         stop_worker(&mut child, pid).await?;
-        let mut json = live::latency_json(&mut samples, marker_errors);
+        let mut json = live::latency_json(&mut samples, marker_kinds.total());
         // What the worker counted in the timed window: the producer's rate when it keeps up.
         let achieved = (counted1 - counted0) / window.max(1e-9);
         json["rate"] = serde_json::json!(rate.round());
@@ -2067,7 +2067,6 @@ impl Run {
             );
         }
         json["seconds"] = serde_json::json!(secs);
-        json["marker_errors"] = serde_json::json!(marker_errors);
         marker_kinds.write(&mut json);
         json["worker_rss_peak_mib"] = serde_json::json!(round3(rss));
         json["cpu_us_per_event"] = serde_json::json!(cpu.per_event((counted1 - counted0).max(1.0)));

@@ -52,11 +52,7 @@ run() { # BIN TAG
         CATCHALL_QUEUE=$queue DATABASE_URL=postgres://postgres@127.0.0.1/$db \
         HTTP_ADDR=127.0.0.1:18194 LOG_FORMAT=json "$bin" > "$work/$tag.log" 2>&1 &
     worker=$!
-    for _ in $(seq 1 300); do
-        curl -sf http://127.0.0.1:18194/healthz > /dev/null && break
-        sleep 0.1
-    done
-    curl -sf http://127.0.0.1:18194/healthz > /dev/null || { echo "$bin did not start: $work/$tag.log" >&2; exit 1; }
+    await_ready 18194 "$bin" "$work/$tag.log"
     yes > /dev/null & busy=($!)
     yes > /dev/null & busy+=($!)
     echo "$2 ($bin):"

@@ -10,3 +10,15 @@ drop_run() {
     done
     psql -h 127.0.0.1 -U postgres -Atq -c "DROP DATABASE $db WITH (FORCE)"
 }
+
+# await_ready PORT BIN LOG: waits up to 30 s for the worker BIN on 127.0.0.1:PORT to answer
+# /readyz; fails the script (pointing at LOG) if it does not.
+await_ready() {
+    local port=$1 bin=$2 log=$3
+    for _ in $(seq 1 300); do
+        curl -sf "http://127.0.0.1:$port/readyz" > /dev/null && return 0
+        sleep 0.1
+    done
+    echo "the worker $bin did not become ready: $log" >&2
+    exit 1
+}

@@ -857,20 +857,15 @@ fn log_end(result: hyper::Result<()>) {
 mod tests {
     use super::*;
 
-    /// GET / on `stream`, keeping the connection open; the answer's status line.
-    async fn get_on(stream: &mut tokio::net::TcpStream) -> String {
+    /// GET `path` on `stream`, keeping the connection open; what came back in one read, in
+    /// lower case ("" when the server closed the connection instead of answering).
+    async fn get_on(stream: &mut tokio::net::TcpStream, path: &str) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        stream
-            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
         let mut buffer = vec![0; 1024];
-        let n = stream.read(&mut buffer).await.unwrap();
-        String::from_utf8_lossy(&buffer[..n])
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .to_string()
+        let n = stream.read(&mut buffer).await.unwrap_or(0);
+        String::from_utf8_lossy(&buffer[..n]).to_lowercase()
     }
 
     /// A server on 127.0.0.1 with `bind`, holding one connection at a time.
@@ -919,7 +914,7 @@ mod tests {
     async fn a_burst_of_new_connections_past_128_waits_in_the_backlog() {
         let (addr, cancel, server) = one_connection_server();
         let mut first = tokio::net::TcpStream::connect(addr).await.unwrap();
-        assert!(get_on(&mut first).await.contains("200"));
+        assert!(get_on(&mut first, "/").await.contains("200"));
         // The kernel caps the backlog at net.core.somaxconn (4096 by default since Linux 5.4);
         // below 300 this test cannot tell our backlog from mio's 128.
         let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
@@ -961,10 +956,11 @@ mod tests {
         let (addr, cancel, server) = one_connection_server();
 
         let mut first = tokio::net::TcpStream::connect(addr).await.unwrap();
-        assert!(get_on(&mut first).await.contains("200"));
+        assert!(get_on(&mut first, "/").await.contains("200"));
         // The second connection is in the backlog, not served, while the first stays open.
         let mut second = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let waiting = tokio::time::timeout(Duration::from_millis(500), get_on(&mut second)).await;
+        let waiting =
+            tokio::time::timeout(Duration::from_millis(500), get_on(&mut second, "/")).await;
         assert!(waiting.is_err(), "served past the cap: {waiting:?}");
         drop(first);
         let served = tokio::time::timeout(Duration::from_secs(10), async {
@@ -989,7 +985,7 @@ mod tests {
     /// by hyper's header timer, at any age.)
     #[tokio::test]
     async fn a_connection_past_its_lifetime_answers_the_next_request_then_closes() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncReadExt;
         let lifetime = Duration::from_millis(300);
         let (addr, cancel, server) = server(ServerLimits {
             max_concurrency: 8,
@@ -1000,21 +996,14 @@ mod tests {
             max_connections: 8,
             connection_timeout: lifetime,
         });
-        let answer = |mut stream: tokio::net::TcpStream, path: &'static str| async move {
-            let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
-            stream.write_all(request.as_bytes()).await.unwrap();
-            let mut buffer = vec![0; 1024];
-            let n = stream.read(&mut buffer).await.unwrap_or(0);
-            (String::from_utf8_lossy(&buffer[..n]).to_lowercase(), stream)
-        };
-        let connect = || tokio::net::TcpStream::connect(addr);
-        let (first, stream) = answer(connect().await.unwrap(), "/").await;
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let first = get_on(&mut stream, "/").await;
         assert!(first.starts_with("http/1.1 200"), "{first}");
         assert!(!first.contains("connection: close"), "{first}");
         // Idle past the lifetime but not for the header timeout, after which hyper closes an
         // idle connection at any age (the thing under test is the clock), then a request.
         tokio::time::sleep(lifetime * 2).await;
-        let (next, mut stream) = answer(stream, "/").await;
+        let next = get_on(&mut stream, "/").await;
         assert!(
             next.starts_with("http/1.1 200"),
             "the request after the lifetime was answered: {next:?}"
@@ -1026,7 +1015,8 @@ mod tests {
 
         // A request that runs past the lifetime and the header timeout after it (2 s against
         // 300 ms + 1 s): the shutdown then waits for its answer, which says close.
-        let (slow, mut stream) = answer(connect().await.unwrap(), "/slow").await;
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let slow = get_on(&mut stream, "/slow").await;
         assert!(slow.starts_with("http/1.1 200"), "{slow}");
         assert!(slow.contains("connection: close"), "{slow}");
         let closed = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut rest)).await;

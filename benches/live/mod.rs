@@ -68,10 +68,9 @@ pub struct Markers {
     /// Latencies not yet taken by [`Markers::take`].
     seen: Arc<Mutex<Vec<f64>>>,
     pending: Arc<Mutex<HashMap<String, Instant>>>,
-    errors: Arc<AtomicU64>,
     /// Markers given up on after [`MARKER_GIVE_UP`], polls that failed (a non-2xx answer, a
     /// transport error or a timeout; the marker is polled again) and publishes the broker did
-    /// not confirm: each counted in `errors` too.
+    /// not confirm: the errors, by kind.
     given_up: Arc<AtomicU64>,
     failed_polls: Arc<AtomicU64>,
     failed_publishes: Arc<AtomicU64>,
@@ -83,19 +82,14 @@ impl Markers {
         let published = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let pending: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
-        let errors = Arc::new(AtomicU64::new(0));
         let given_up = Arc::new(AtomicU64::new(0));
         let failed_polls = Arc::new(AtomicU64::new(0));
         let failed_publishes = Arc::new(AtomicU64::new(0));
         let publisher = {
             let (url, exchange, run) =
                 (amqp_url.to_string(), exchange.to_string(), run.to_string());
-            let (stop, pending, errors, failed_publishes) = (
-                stop.clone(),
-                pending.clone(),
-                errors.clone(),
-                failed_publishes.clone(),
-            );
+            let (stop, pending, failed_publishes) =
+                (stop.clone(), pending.clone(), failed_publishes.clone());
             tokio::spawn(async move {
                 let (connection, channel) = confirm_channel(&url).await?;
                 let mut tick = tokio::time::interval(MARKER_EVERY);
@@ -137,7 +131,6 @@ impl Markers {
                             }
                         }
                         _ => {
-                            errors.fetch_add(1, Ordering::Relaxed);
                             failed_publishes.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -148,11 +141,10 @@ impl Markers {
         };
         let poller = {
             let base = base.to_string();
-            let (published, pending, seen, errors, given_up, failed_polls) = (
+            let (published, pending, seen, given_up, failed_polls) = (
                 published.clone(),
                 pending.clone(),
                 seen.clone(),
-                errors.clone(),
                 given_up.clone(),
                 failed_polls.clone(),
             );
@@ -213,12 +205,10 @@ impl Markers {
                                     if let Ok(mut p) = pending.lock() {
                                         p.remove(&domain);
                                     }
-                                    errors.fetch_add(1, Ordering::Relaxed);
                                     given_up.fetch_add(1, Ordering::Relaxed);
                                 }
                             }
                             None => {
-                                errors.fetch_add(1, Ordering::Relaxed);
                                 failed_polls.fetch_add(1, Ordering::Relaxed);
                             }
                         }
@@ -233,27 +223,23 @@ impl Markers {
             poller,
             seen,
             pending,
-            errors,
             given_up,
             failed_polls,
             failed_publishes,
         }
     }
 
-    /// The latencies seen since the last call, and the errors counted so far.
-    pub fn take(&self) -> (Vec<f64>, u64) {
-        let samples = self
-            .seen
+    /// The latencies seen since the last call.
+    pub fn take(&self) -> Vec<f64> {
+        self.seen
             .lock()
             .map(|mut s| std::mem::take(&mut *s))
-            .unwrap_or_default();
-        (samples, self.errors.load(Ordering::Relaxed))
+            .unwrap_or_default()
     }
 
     /// Stops publishing markers, waits for the outstanding ones (up to [`MARKER_GIVE_UP`]),
-    /// and returns every latency not yet taken, the errors (failed publishes and polls, lost
-    /// markers included) and what they were ([`MarkerErrors`]).
-    pub async fn finish(self) -> Result<(Vec<f64>, u64, MarkerErrors)> {
+    /// and returns every latency not yet taken and the errors ([`MarkerErrors`]).
+    pub async fn finish(self) -> Result<(Vec<f64>, MarkerErrors)> {
         self.stop.store(true, Ordering::Relaxed);
         let ended = self.publisher.await;
         self.published.store(true, Ordering::Release);
@@ -262,7 +248,6 @@ impl Markers {
             poller,
             seen,
             pending,
-            errors,
             given_up,
             failed_polls,
             failed_publishes,
@@ -279,7 +264,7 @@ impl Markers {
             .lock()
             .map(|mut s| std::mem::take(&mut *s))
             .unwrap_or_default();
-        Ok((samples, errors.load(Ordering::Relaxed) + outstanding, kinds))
+        Ok((samples, kinds))
     }
 }
 
@@ -295,8 +280,14 @@ pub struct MarkerErrors {
 }
 
 impl MarkerErrors {
-    /// Adds the three counts to a window's or the soak's JSON.
+    /// Every marker error: failed publishes and polls, lost markers.
+    pub fn total(&self) -> u64 {
+        self.lost + self.failed_polls + self.failed_publishes
+    }
+
+    /// Adds the total and the three counts to a window's or the soak's JSON.
     pub fn write(&self, json: &mut Value) {
+        json["marker_errors"] = json!(self.total());
         json["markers_lost"] = json!(self.lost);
         json["marker_polls_failed"] = json!(self.failed_polls);
         json["marker_publishes_failed"] = json!(self.failed_publishes);

@@ -305,7 +305,7 @@ async fn run(
         let events = now - last;
         last = now;
         let (bytes, dedup_rows) = dedup_size(&client).await?;
-        let (mut samples, _) = markers.take();
+        let mut samples = markers.take();
         samples.sort_by(f64::total_cmp);
         let row = Row {
             minute: started.elapsed().as_secs_f64() / 60.0,
@@ -334,7 +334,7 @@ async fn run(
         rows.push(row);
     }
     stop_producer(&mut stream).await;
-    let (_, errors, marker_kinds) = markers.finish().await?;
+    let (_, marker_kinds) = markers.finish().await?;
     stop_worker(&mut worker, pid).await?;
     draw(&rows, rate).context("drawing target/bench/soak.svg")?;
 
@@ -364,7 +364,6 @@ async fn run(
         "interval_secs": interval.as_secs(),
         "rate": rate.round(),
         "calibrated_capacity_events_per_s": calibrated.map(f64::round),
-        "marker_errors": errors,
         "rss_mib": spread(&|r| r.rss_mib),
         "events_per_s": spread(&|r| r.events_per_s),
         "rows": rows.iter().map(|r| json!({
