@@ -112,10 +112,17 @@ fn describe() {
     counter!("catchall_records_ignored_total", "source" => "kumomta").absolute(0);
     describe_counter!(
         "catchall_webhook_requests_total",
-        "Webhook requests, by provider and outcome (accepted, ignored, refused, invalid, unavailable)."
+        "Webhook requests, by provider and outcome (accepted, ignored, refused, invalid, unavailable, too_large)."
     );
     for provider in ["ses", "mailgun", "sendgrid", "postmark"] {
-        for outcome in ["accepted", "ignored", "refused", "invalid", "unavailable"] {
+        for outcome in [
+            "accepted",
+            "ignored",
+            "refused",
+            "invalid",
+            "unavailable",
+            "too_large",
+        ] {
             counter!("catchall_webhook_requests_total", "provider" => provider, "outcome" => outcome)
                 .absolute(0);
         }

@@ -13,6 +13,7 @@ pub mod sns;
 
 use crate::event::Event;
 use crate::metrics;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -132,6 +133,16 @@ pub enum WebhookError {
     /// 413, never published (a retry would not fit either).
     #[error("the events serialise to {0} bytes, more than the {max}-byte message limit", max = crate::event::MAX_BODY_BYTES)]
     TooLarge(usize),
+    /// The request body could not be read (over the 1 MiB request limit: 413), answered in
+    /// JSON like every other refusal.
+    #[error("the request body could not be read: {1}")]
+    Body(StatusCode, String),
+}
+
+impl From<BytesRejection> for WebhookError {
+    fn from(rejection: BytesRejection) -> Self {
+        WebhookError::Body(rejection.status(), rejection.body_text())
+    }
 }
 
 impl WebhookError {
@@ -141,6 +152,7 @@ impl WebhookError {
             WebhookError::BadRequest(_) => StatusCode::BAD_REQUEST,
             WebhookError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             WebhookError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            WebhookError::Body(status, _) => *status,
         }
     }
 
@@ -150,6 +162,10 @@ impl WebhookError {
             WebhookError::BadRequest(_) => "invalid",
             WebhookError::Unavailable(_) => "unavailable",
             WebhookError::TooLarge(_) => "too_large",
+            WebhookError::Body(status, _) if *status == StatusCode::PAYLOAD_TOO_LARGE => {
+                "too_large"
+            }
+            WebhookError::Body(..) => "invalid",
         }
     }
 }
@@ -306,44 +322,59 @@ async fn finish(
     }
 }
 
-async fn mailgun_hook(State(state): State<WebhookState>, body: Bytes) -> Response {
+async fn mailgun_hook(
+    State(state): State<WebhookState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let key = state.settings.mailgun_signing_key.as_deref().unwrap_or("");
-    let parsed = mailgun::handle(key, &body, unix_now(), &state.replays);
+    let parsed = body
+        .map_err(WebhookError::from)
+        .and_then(|body| mailgun::handle(key, &body, unix_now(), &state.replays));
     finish(&state, "mailgun", parsed).await
 }
 
 async fn sendgrid_hook(
     State(state): State<WebhookState>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let key = state.settings.sendgrid_public_key.as_deref().unwrap_or("");
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let parsed = sendgrid::handle(
-        key,
-        header(sendgrid::SIGNATURE_HEADER),
-        header(sendgrid::TIMESTAMP_HEADER),
-        &body,
-        unix_now(),
-    );
+    let parsed = body.map_err(WebhookError::from).and_then(|body| {
+        sendgrid::handle(
+            key,
+            header(sendgrid::SIGNATURE_HEADER),
+            header(sendgrid::TIMESTAMP_HEADER),
+            &body,
+            unix_now(),
+        )
+    });
     finish(&state, "sendgrid", parsed).await
 }
 
 async fn postmark_hook(
     State(state): State<WebhookState>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let auth = state.settings.postmark_auth.as_deref().unwrap_or("");
     let given = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let parsed = postmark::check_auth(auth, given).and_then(|()| postmark::parse(&body));
+    let parsed = body
+        .map_err(WebhookError::from)
+        .and_then(|body| postmark::check_auth(auth, given).and_then(|()| postmark::parse(&body)));
     finish(&state, "postmark", parsed).await
 }
 
-async fn ses_hook(State(state): State<WebhookState>, body: Bytes) -> Response {
-    let parsed = sns::handle(&state.sns, &state.settings.sns_topic_arns, &body).await;
+async fn ses_hook(
+    State(state): State<WebhookState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let parsed = match body {
+        Ok(body) => sns::handle(&state.sns, &state.settings.sns_topic_arns, &body).await,
+        Err(rejection) => Err(rejection.into()),
+    };
     finish(&state, "ses", parsed).await
 }
 

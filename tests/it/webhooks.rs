@@ -322,6 +322,19 @@ async fn provider_webhooks_are_verified_published_and_counted() {
         "{answer}"
     );
 
+    // A body over the 1 MiB request limit: 413, with a JSON error like every other refusal.
+    for provider in ["mailgun", "sendgrid", "postmark", "ses"] {
+        let path = format!("/webhooks/{provider}");
+        let (code, answer) = post(&path, vec![b' '; 1024 * 1024 + 1], vec![]).await;
+        assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE, "{provider}: {answer}");
+        assert!(
+            answer["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("length limit")),
+            "{provider}: {answer}"
+        );
+    }
+
     // Postmark: basic auth.
     let auth = vec![(
         "authorization",
@@ -420,6 +433,14 @@ async fn provider_webhooks_are_verified_published_and_counted() {
     assert_eq!(worker.metric(&refused("sendgrid")).await, 1.0);
     assert_eq!(worker.metric(&refused("postmark")).await, 1.0);
     assert_eq!(worker.metric(&refused("ses")).await, 1.0);
+    let too_large = |provider: &str| {
+        format!("catchall_webhook_requests_total{{provider=\"{provider}\",outcome=\"too_large\"}}")
+    };
+    // SendGrid's: the grown batch and the oversized body.
+    assert_eq!(worker.metric(&too_large("sendgrid")).await, 2.0);
+    for provider in ["mailgun", "postmark", "ses"] {
+        assert_eq!(worker.metric(&too_large(provider)).await, 1.0, "{provider}");
+    }
 
     // Without their settings the routes are off.
     let off = serve(webhooks::router(
