@@ -1,7 +1,8 @@
 //! Logging and traces: key/value `tracing` events (JSON for machines, pretty for people), and
-//! OpenTelemetry spans over OTLP/HTTP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+//! OpenTelemetry spans over OTLP/HTTP when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set.
 //!
-//! Without that variable no exporter, propagator or span layer is installed, and the HTTP
+//! Without either variable no exporter, propagator or span layer is installed, and the HTTP
 //! middleware ([`crate::trace_http`]) creates no span: traces cost nothing unless asked for.
 
 use crate::config::LogFormat;
@@ -67,15 +68,15 @@ pub fn traces_enabled() -> bool {
     TRACES_ON.load(Ordering::Relaxed)
 }
 
-/// Installs the global subscriber. `RUST_LOG` sets the levels (default `info`); traces go to
-/// `OTEL_EXPORTER_OTLP_ENDPOINT` (OTLP/HTTP protobuf) when it is set and not empty, with the
-/// other standard `OTEL_*` variables (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
-/// `OTEL_EXPORTER_OTLP_HEADERS`, …) honoured by the exporter.
+/// Installs the global subscriber. `RUST_LOG` sets the levels (default `info`); traces go out
+/// by OTLP/HTTP (protobuf) when `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` is set and not empty (the first wins, as the OpenTelemetry
+/// specification says), with the other standard `OTEL_*` variables (`OTEL_SERVICE_NAME`,
+/// `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_EXPORTER_OTLP_HEADERS`, …) honoured by the exporter.
 pub fn init(format: Option<LogFormat>) -> Telemetry {
-    let traces = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .ok()
-        .filter(|endpoint| !endpoint.trim().is_empty())
-        .map(|_| None);
+    let set = |name| std::env::var(name).is_ok_and(|value| !value.trim().is_empty());
+    let traces = (set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") || set("OTEL_EXPORTER_OTLP_ENDPOINT"))
+        .then_some(None);
     init_with(format, traces)
 }
 

@@ -170,12 +170,38 @@ async fn http_requests_are_exported_as_spans_continuing_the_callers_trace() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_producer_sends_the_traceparent_of_its_exported_publish_span() {
+    // The base URL: the exporter appends `/v1/traces`.
+    producer_exports_its_publish_spans(|endpoint| {
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            endpoint.trim_end_matches("/v1/traces").to_string(),
+        )
+    })
+    .await;
+}
+
+/// The signal's own variable alone turns traces on (the OpenTelemetry specification's
+/// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, the full URL, used as given).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_traces_endpoint_variable_alone_turns_traces_on() {
+    producer_exports_its_publish_spans(|endpoint| {
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", endpoint.to_string())
+    })
+    .await;
+}
+
+/// Runs `catchall-producer send` with the variable `configure` returns for the receiver's
+/// `…/v1/traces` URL (and no other endpoint variable), and checks each message's
+/// `traceparent` names a `publish` span the receiver got.
+async fn producer_exports_its_publish_spans(configure: impl Fn(&str) -> (&'static str, String)) {
     let (endpoint, received) = otlp_receiver().await;
-    let base = endpoint.trim_end_matches("/v1/traces").to_string();
+    let (variable, value) = configure(&endpoint);
     let broker = TestBroker::new();
     let output = tokio::process::Command::new(binary("catchall-producer"))
         .envs(broker.env())
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &base)
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .env(variable, value)
         .env_remove("OTEL_SERVICE_NAME")
         .args(["send", "example.com", "delivered", "--count", "2"])
         .output()
