@@ -23,7 +23,7 @@ build:
 	$(CARGO) build --workspace --all-targets
 
 ## test: unit and integration tests against the real RabbitMQ and Postgres
-test: build nextest postfix
+test: services build nextest postfix
 	bash .ci/extra.sh  # TLS broker and Postgres, 3-node cluster, replica (tests/it/{tls,cluster,replica}.rs)
 	$(CARGO) nextest run --workspace --no-fail-fast
 

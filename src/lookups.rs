@@ -21,7 +21,8 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 /// Queries for single look-ups at once. Two: one slow query does not hold up every look-up,
 /// and look-ups still gather into groups as soon as both are busy.
 pub const IN_FLIGHT: usize = 2;
-/// Domains per query at most (a bulk look-up takes up to 1,000; SPEC §5).
+/// Domains per query of grouped single look-ups at most (a bulk look-up, up to 10,000 domains,
+/// is one query of its own; SPEC §5).
 pub const MAX_GROUP: usize = 500;
 
 /// The answer to one look-up: the error is shared by every look-up of the failed query.
