@@ -329,7 +329,10 @@ fn persist(settings: &TailSettings, source: &Source) -> anyhow::Result<()> {
 
 /// Reads the complete lines after the position (at most [`CHUNK_BYTES`]), publishes their
 /// events, waits for the broker's confirms, then saves the position after them. Returns false
-/// at the end of the file (a partial last line is left for later).
+/// at the end of the file (a partial last line is left for later). An error if the publisher
+/// gave up on any of them (RabbitMQ unreachable for `--give-up-after`, or a message past
+/// `--max-attempts`): the position stays before them, so a restart publishes them again (each
+/// line's `message_id` makes the lines that did arrive count once).
 async fn read_chunk<F: FnMut(&Outgoing)>(
     source: &mut Source,
     settings: &TailSettings,
@@ -353,6 +356,7 @@ async fn read_chunk<F: FnMut(&Outgoing)>(
         None => return Ok(false),
     };
     let mut offset = source.offset;
+    let failed_before = publisher.failed;
     for line in buffer[..complete].split_inclusive(|b| *b == b'\n') {
         stats.lines += 1;
         let text = String::from_utf8_lossy(line);
@@ -371,6 +375,16 @@ async fn read_chunk<F: FnMut(&Outgoing)>(
         offset += line.len() as u64;
     }
     publisher.flush().await?;
+    let failed = publisher.failed - failed_before;
+    if failed > 0 {
+        anyhow::bail!(
+            "{failed} events of {} (bytes {}..{offset}) were not confirmed by RabbitMQ; the saved \
+             position stays at byte {}, so a restart publishes them again",
+            settings.file.display(),
+            source.offset,
+            source.offset
+        );
+    }
     source.offset = offset;
     persist(settings, source)?;
     Ok(true)

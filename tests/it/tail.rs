@@ -10,6 +10,7 @@
 
 use crate::bounce::{all_events, status};
 use crate::helpers::*;
+use crate::proxy::Proxy;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -270,8 +271,19 @@ struct Tailer {
 
 impl Tailer {
     fn start(broker: &TestBroker, log: &Path, state: &Path) -> Self {
+        Self::start_with(broker, log, state, &[])
+    }
+
+    /// With `env` set over the broker's (an `AMQP_URL` through a proxy, producer settings).
+    fn start_with(
+        broker: &TestBroker,
+        log: &Path,
+        state: &Path,
+        env: &[(&'static str, String)],
+    ) -> Self {
         let child = tokio::process::Command::new(binary("catchall-producer"))
             .envs(broker.env())
+            .envs(env.iter().cloned())
             .arg("tail")
             .arg(log)
             .args(["--format", "postfix", "--poll", "100ms", "--state"])
@@ -526,6 +538,64 @@ async fn tail_follows_a_truncation_and_a_rotation_while_stopped() {
         .map(|(d, a, b, c)| (d.to_string(), *a, *b, *c))
         .collect();
     assert_eq!(got, want);
+    worker.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// RabbitMQ unreachable past `--give-up-after` while lines arrive: the tailer exits non-zero
+/// with its saved position still before the lines it could not publish, and the restarted
+/// tailer publishes them. (It used to save the position past them and read on, publishing
+/// nothing: every line after the outage was lost, and a restart skipped them.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tailer_that_gives_up_on_rabbitmq_keeps_its_position_before_the_lines_it_lost() {
+    let (db, broker, worker) = started().await;
+    let proxy = Proxy::start("127.0.0.1:5672").await;
+    let dir = std::env::temp_dir().join(format!("catchall-tail-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).expect("log dir");
+    let log = dir.join("maillog");
+    let state = dir.join("tail.state");
+    let counted = |n: i64| {
+        let db = &db;
+        async move {
+            wait_for(
+                Duration::from_secs(30),
+                "the log's events to be counted",
+                || async {
+                    let counted = all_events(db).await;
+                    assert!(counted <= n, "counted {counted} events, more than {n}");
+                    (counted == n).then_some(())
+                },
+            )
+            .await
+        }
+    };
+
+    let before: Vec<String> = (0..3)
+        .map(|i| postfix_line(i, &format!("u{i}@a.test"), true))
+        .collect();
+    append(&log, &before);
+    let through_proxy = [
+        ("AMQP_URL", format!("amqp://guest:guest@{}/%2f", proxy.addr)),
+        ("PRODUCER_GIVE_UP_AFTER", "1s".to_string()),
+    ];
+    let mut tailer = Tailer::start_with(&broker, &log, &state, &through_proxy);
+    counted(3).await;
+
+    proxy.cut();
+    let during: Vec<String> = (10..14)
+        .map(|i| postfix_line(i, &format!("u{i}@b.test"), true))
+        .collect();
+    append(&log, &during);
+    let status = tokio::time::timeout(Duration::from_secs(30), tailer.child.wait())
+        .await
+        .expect("the tailer exits once it gives up on RabbitMQ")
+        .expect("wait for the tailer");
+    assert!(!status.success(), "the tailer exited with {status}");
+
+    proxy.restore();
+    let tailer = Tailer::start(&broker, &log, &state);
+    counted(7).await;
+    tailer.stop().await;
     worker.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
