@@ -857,14 +857,7 @@ async fn apply_attempts(
         };
         match attempt {
             Ok(applied) => {
-                metrics::batch_committed(
-                    applied.messages,
-                    applied.duplicates,
-                    applied.delivered,
-                    applied.bounced,
-                    started.elapsed(),
-                );
-                metrics::other_bounces_counted(applied.other_bounced);
+                metrics::batch_committed(&applied, started.elapsed());
                 WorkerStats::add(&stats.batches, 1);
                 WorkerStats::add(&stats.applied, applied.messages);
                 WorkerStats::add(&stats.duplicates, applied.duplicates);

@@ -4,6 +4,7 @@
 //! operator) and bumps its metric, with a small fixed label set.
 
 use crate::event::{EventType, RejectReason};
+use crate::store::Applied;
 use metrics::{
     Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
 };
@@ -233,25 +234,30 @@ pub fn unacked_bytes(bytes: usize) {
     gauge!("catchall_unacked_bytes").set(bytes as f64);
 }
 
-/// A batch was committed.
-pub fn batch_committed(
-    applied: usize,
-    duplicates: usize,
-    delivered: u64,
-    bounced: u64,
-    took: Duration,
-) {
-    counter!("catchall_messages_total", "outcome" => "applied").increment(applied as u64);
-    counter!("catchall_messages_total", "outcome" => "duplicate").increment(duplicates as u64);
-    counter!("catchall_events_total", "type" => "delivered").increment(delivered);
-    counter!("catchall_events_total", "type" => "bounced").increment(bounced);
-    histogram!("catchall_batch_events").record((delivered + bounced) as f64);
-    histogram!("catchall_batch_commit_duration_seconds").record(took.as_secs_f64());
-    tracing::debug!(
-        applied,
+/// A batch was committed: its messages and events, by outcome and type (the bounces that prove
+/// nothing about catch-all apart, SPEC §3), and its size in events, every type included.
+pub fn batch_committed(applied: &Applied, took: Duration) {
+    let Applied {
+        messages,
         duplicates,
         delivered,
         bounced,
+        other_bounced,
+        ..
+    } = *applied;
+    counter!("catchall_messages_total", "outcome" => "applied").increment(messages as u64);
+    counter!("catchall_messages_total", "outcome" => "duplicate").increment(duplicates as u64);
+    counter!("catchall_events_total", "type" => "delivered").increment(delivered);
+    counter!("catchall_events_total", "type" => "bounced").increment(bounced);
+    counter!("catchall_events_total", "type" => "other_bounced").increment(other_bounced);
+    histogram!("catchall_batch_events").record((delivered + bounced + other_bounced) as f64);
+    histogram!("catchall_batch_commit_duration_seconds").record(took.as_secs_f64());
+    tracing::debug!(
+        messages,
+        duplicates,
+        delivered,
+        bounced,
+        other_bounced,
         took_ms = took.as_millis() as u64,
         "Batch committed."
     );
@@ -319,11 +325,6 @@ pub fn http_request(route: &str, code: u16, took: Duration) {
 /// One Postgres query sent for `domains` single look-ups ([`crate::lookups`]).
 pub fn lookup_group(domains: usize) {
     histogram!("catchall_lookup_group_domains").record(domains as f64);
-}
-
-/// Bounces that prove nothing about catch-all were counted apart (SPEC §3).
-pub fn other_bounces_counted(events: u64) {
-    counter!("catchall_events_total", "type" => "other_bounced").increment(events);
 }
 
 /// KumoMTA log records of a type that is not counted were acknowledged and ignored.

@@ -137,6 +137,11 @@ async fn only_recipient_unknown_bounces_make_a_domain_not_catch_all() {
             .await,
         3.0
     );
+    // The batch-size histogram counts every event of a batch, the other bounces included.
+    assert_eq!(
+        worker.metric("catchall_batch_events_sum").await,
+        total as f64
+    );
     worker.stop().await;
 }
 
