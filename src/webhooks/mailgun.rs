@@ -80,8 +80,8 @@ pub fn handle(
     now: i64,
     replays: &ReplayCache,
 ) -> Result<Parsed, WebhookError> {
-    let body: Body = serde_json::from_slice(body)
-        .map_err(|e| WebhookError::BadRequest(format!("not a Mailgun webhook: {e}")))?;
+    let body: Body =
+        serde_json::from_slice(body).map_err(|e| super::bad_json("a Mailgun webhook", &e))?;
     let signature = &body.signature;
     let given = hex(&signature.signature).ok_or(WebhookError::Unauthorized("bad signature"))?;
     let hmac_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.as_bytes());
@@ -99,6 +99,13 @@ pub fn handle(
         return Err(WebhookError::Unauthorized("replayed token"));
     }
     Ok(parse(&body.event_data, &signature.token))
+}
+
+/// The signature's token of a Mailgun request body, if it has one.
+pub fn token(body: &[u8]) -> Option<String> {
+    serde_json::from_slice::<Body>(body)
+        .ok()
+        .map(|body| body.signature.token)
 }
 
 fn parse(data: &EventData, token: &str) -> Parsed {

@@ -170,6 +170,33 @@ impl WebhookError {
     }
 }
 
+/// A body that is not the provider's JSON: 400 with serde's message, every string it quotes
+/// from the body elided, so no answer echoes a token or a signature (SPEC §5). Field names
+/// (quoted with backticks) and positions stay.
+pub(crate) fn bad_json(what: &str, error: &serde_json::Error) -> WebhookError {
+    let text = error.to_string();
+    let mut message = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        message.push(c);
+        if c == '"' {
+            // serde writes a string from the input with `{:?}`: skip to its closing quote.
+            message.push('…');
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => {
+                        chars.next();
+                    }
+                    '"' => break,
+                    _ => {}
+                }
+            }
+            message.push('"');
+        }
+    }
+    WebhookError::BadRequest(format!("not {what}: {message}"))
+}
+
 /// Events from one verified request, and the `message_id` they are published under.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Parsed {
@@ -222,6 +249,13 @@ impl ReplayCache {
             seen.retain(|_, at| *at >= horizon);
         }
         seen.insert(token.to_string(), timestamp).is_none()
+    }
+
+    /// Forgets `token`: its request was not published (503), so the provider's retry of that
+    /// very request is not a replay.
+    pub fn forget(&self, token: &str) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.remove(token);
     }
 }
 
@@ -326,11 +360,20 @@ async fn mailgun_hook(
     State(state): State<WebhookState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => return finish(&state, "mailgun", Err(rejection.into())).await,
+    };
     let key = state.settings.mailgun_signing_key.as_deref().unwrap_or("");
-    let parsed = body
-        .map_err(WebhookError::from)
-        .and_then(|body| mailgun::handle(key, &body, unix_now(), &state.replays));
-    finish(&state, "mailgun", parsed).await
+    let parsed = mailgun::handle(key, &body, unix_now(), &state.replays);
+    let response = finish(&state, "mailgun", parsed).await;
+    if response.status() == StatusCode::SERVICE_UNAVAILABLE {
+        // Verified (its token recorded) but not published: Mailgun sends it again.
+        if let Some(token) = mailgun::token(&body) {
+            state.replays.forget(&token);
+        }
+    }
+    response
 }
 
 async fn sendgrid_hook(
@@ -473,5 +516,47 @@ mod settings_tests {
             ..WebhookArgs::default()
         };
         assert!(mailgun.any());
+    }
+}
+
+#[cfg(test)]
+mod bad_json_tests {
+    use super::{ReplayCache, WebhookError, mailgun};
+
+    /// A signature or token of the wrong type is named in serde's message; the answer elides it
+    /// (and any other string of the body) but keeps what is wrong and where.
+    #[test]
+    fn a_bad_body_is_answered_without_the_strings_it_carried() {
+        let secret = "5ec12e7f0123456789abcdef";
+        let bodies = [
+            format!(r#"{{"signature": "{secret}", "event-data": {{}}}}"#),
+            format!(
+                r#"{{"signature": {{"timestamp": "1", "token": 7, "signature": "{secret}"}}, "event-data": "{secret}\"q"}}"#
+            ),
+            format!(
+                r#"{{"signature": {{"timestamp": "1", "token": "{secret}", "signature": ["{secret}"]}}}}"#
+            ),
+        ];
+        for body in bodies {
+            let error = mailgun::handle("key", body.as_bytes(), 1, &ReplayCache::default())
+                .expect_err("not a Mailgun webhook");
+            let WebhookError::BadRequest(message) = &error else {
+                panic!("{error:?}")
+            };
+            assert!(!message.contains(secret), "{message}");
+            assert!(message.starts_with("not a Mailgun webhook: "), "{message}");
+            assert!(message.contains("line 1"), "{message}");
+        }
+        let error = mailgun::handle(
+            "key",
+            br#"{"signature": "abc", "event-data": {}}"#,
+            1,
+            &ReplayCache::default(),
+        )
+        .expect_err("bad");
+        assert!(
+            error.to_string().contains(r#"invalid type: string "…""#),
+            "{error}"
+        );
     }
 }

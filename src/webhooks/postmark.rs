@@ -55,8 +55,8 @@ pub fn check_auth(configured: &str, given: Option<&str>) -> Result<(), WebhookEr
 
 /// Parses one (authenticated) webhook record.
 pub fn parse(body: &[u8]) -> Result<Parsed, WebhookError> {
-    let record: Record = serde_json::from_slice(body)
-        .map_err(|e| WebhookError::BadRequest(format!("not a Postmark webhook: {e}")))?;
+    let record: Record =
+        serde_json::from_slice(body).map_err(|e| super::bad_json("a Postmark webhook", &e))?;
     let id = record
         .id
         .as_ref()

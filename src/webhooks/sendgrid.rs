@@ -89,8 +89,8 @@ pub fn handle(
 
 /// Parses a (verified) event array.
 pub fn parse(body: &[u8]) -> Result<Parsed, WebhookError> {
-    let events: Vec<SgEvent> = serde_json::from_slice(body)
-        .map_err(|e| WebhookError::BadRequest(format!("not a SendGrid event array: {e}")))?;
+    let events: Vec<SgEvent> =
+        serde_json::from_slice(body).map_err(|e| super::bad_json("a SendGrid event array", &e))?;
     let mut parsed = Parsed {
         message_id: format!("sendgrid:{}", sha256_hex(body)),
         ..Parsed::default()

@@ -231,8 +231,8 @@ pub async fn handle(
     topics: &[String],
     body: &[u8],
 ) -> Result<Parsed, WebhookError> {
-    let envelope: Envelope = serde_json::from_slice(body)
-        .map_err(|e| WebhookError::BadRequest(format!("not an SNS message: {e}")))?;
+    let envelope: Envelope =
+        serde_json::from_slice(body).map_err(|e| super::bad_json("an SNS message", &e))?;
     if !topics.iter().any(|t| t == &envelope.topic_arn) {
         return Err(WebhookError::Unauthorized("topic not allowed"));
     }
@@ -297,8 +297,8 @@ struct SesDelivery {
 
 /// Parses the SES notification carried in an SNS `Message`.
 pub fn parse_ses(message: &str, message_id: String) -> Result<Parsed, WebhookError> {
-    let ses: SesNotification = serde_json::from_str(message)
-        .map_err(|e| WebhookError::BadRequest(format!("not an SES notification: {e}")))?;
+    let ses: SesNotification =
+        serde_json::from_str(message).map_err(|e| super::bad_json("an SES notification", &e))?;
     let mut parsed = Parsed {
         message_id,
         ..Parsed::default()

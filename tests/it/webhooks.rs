@@ -61,6 +61,30 @@ impl EventSink for ConfirmingSink {
     }
 }
 
+/// [`ConfirmingSink`] that fails the next `failures` publishes first (the broker did not
+/// confirm them), as an outage would.
+struct FailingSink {
+    sink: ConfirmingSink,
+    failures: AtomicUsize,
+}
+
+impl EventSink for FailingSink {
+    fn publish(
+        &self,
+        events: Vec<Event>,
+        message_id: String,
+    ) -> BoxFuture<'_, Result<(), SinkError>> {
+        let fail = self
+            .failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if fail {
+            return Box::pin(async { Err(SinkError("not confirmed (the test's outage)".into())) });
+        }
+        self.sink.publish(events, message_id)
+    }
+}
+
 fn fixture(name: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/webhooks")
@@ -498,5 +522,58 @@ async fn the_worker_serves_configured_webhooks_with_its_confirming_publisher() {
     }
     let expected: Counts = [("example.com".to_string(), (1, 1))].into_iter().collect();
     assert_counts_eventually(&db, &expected, Duration::from_secs(30)).await;
+    worker.stop().await;
+}
+
+/// A verified Mailgun request that could not be published is answered 503, and the provider's
+/// retry of that very request (same token and signature) is published and counted, not refused
+/// as a replay. (The token used to be recorded before the publish, so the retry got 401 and its
+/// event was lost.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mailgun_request_answered_503_is_counted_when_mailgun_sends_it_again() {
+    let (db, broker, worker) = started().await;
+    let (connection, channel) = broker.channel().await;
+    let sink = Arc::new(FailingSink {
+        sink: ConfirmingSink {
+            _connection: connection,
+            channel,
+            exchange: broker.exchange.clone(),
+        },
+        failures: AtomicUsize::new(1),
+    });
+    let key = "key-it-signing-retry";
+    let settings = WebhookArgs {
+        mailgun_signing_key: Some(key.into()),
+        ..WebhookArgs::default()
+    };
+    let base = serve(webhooks::router(
+        WebhookState::new(sink, settings).expect("webhook state"),
+    ))
+    .await;
+    let client = reqwest::Client::new();
+    let body = mailgun_body("mailgun-delivered.json", key, "tok-retry");
+    let post = || async {
+        let response = client
+            .post(format!("{base}/webhooks/mailgun"))
+            .body(body.clone())
+            .send()
+            .await
+            .expect("POST");
+        (response.status(), response.text().await.expect("answer"))
+    };
+
+    let (code, answer) = post().await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    let (code, answer) = post().await;
+    assert_eq!(code, StatusCode::OK, "the retry: {answer}");
+    // A third time it is a replay again.
+    let (code, answer) = post().await;
+    assert_eq!(code, StatusCode::UNAUTHORIZED, "{answer}");
+    wait_for(
+        Duration::from_secs(20),
+        "the retried delivery to be counted",
+        || async { (all_events(&db).await == 1).then_some(()) },
+    )
+    .await;
     worker.stop().await;
 }
