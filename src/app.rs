@@ -242,7 +242,12 @@ async fn dedup_gauges(store: Store, retention: std::time::Duration, cancel: Canc
             let overdue = store.overdue_applied(overdue_after, 10_000).await?;
             Ok::<_, crate::store::StoreError>((store.applied_estimate().await?, overdue))
         };
-        match sampled.await {
+        // A sample that hangs on a frozen Postgres must not hold up the stop.
+        let sampled = tokio::select! {
+            sampled = sampled => sampled,
+            _ = cancel.cancelled() => return,
+        };
+        match sampled {
             Ok((ids, overdue)) => metrics::dedup_table(ids, overdue, retention),
             Err(error) => tracing::debug!(
                 error = format!("{:#}", anyhow::Error::new(error)),

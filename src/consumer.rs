@@ -928,6 +928,11 @@ async fn consume(channel: &Channel, queue: &str) -> anyhow::Result<(String, lapi
 /// (benches/README.md, "Fewer wake-ups per message").
 const GATHER_NAP: Duration = Duration::from_millis(1);
 
+/// Longest a clean stop waits for RabbitMQ to answer the consumer's cancel and the channel's and
+/// connection's close (milliseconds when it is well), inside the `SHUTDOWN_TIMEOUT` that the
+/// commits in flight leave at least 2 s of.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// The next delivery: what cancelled consumers still buffer first, then the current consumer.
 async fn next_delivery(
     draining: &mut VecDeque<lapin::Consumer>,
@@ -991,7 +996,18 @@ pub async fn run(
                 drop(pipeline);
                 health.set_consuming(false);
                 if cancel.is_cancelled() {
-                    consumer.close().await;
+                    // Everything committed is acked by now; a broker that does not answer the
+                    // close (frozen, or its replies lost) must not hold the stop past its time.
+                    if tokio::time::timeout(CLOSE_TIMEOUT, consumer.close())
+                        .await
+                        .is_err()
+                    {
+                        tracing::warn!(
+                            timeout_ms = CLOSE_TIMEOUT.as_millis() as u64,
+                            "RabbitMQ did not answer the close in time; dropping the connection."
+                        );
+                        settings.stats.unacked_reset();
+                    }
                 } else {
                     // The connection is gone: the broker takes back what was unacked.
                     settings.stats.unacked_reset();
