@@ -490,3 +490,40 @@ pub fn one_delivery(domain: &str) -> catchall::store::Message {
         events: catchall::event::parse_message(body.as_bytes()).expect("valid"),
     }
 }
+
+/// The worker binary on `db` and `broker`, with `settings` over their environment (an
+/// `AMQP_URL` through a proxy, `SHUTDOWN_TIMEOUT`, ...); JSON logs to the test's stderr.
+pub fn spawn_worker(
+    db: &TestDb,
+    broker: &TestBroker,
+    settings: &[(&str, String)],
+) -> tokio::process::Child {
+    tokio::process::Command::new(binary("catchall"))
+        .envs(broker.env())
+        .env("DATABASE_URL", &db.url)
+        .env("HTTP_ADDR", "127.0.0.1:0")
+        .env("LOG_FORMAT", "json")
+        .envs(settings.iter().map(|(name, value)| (*name, value.as_str())))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the worker binary")
+}
+
+/// Sends SIGTERM to `child` and waits at most `within` for it to exit: its status and how long
+/// the stop took.
+pub async fn sigterm(
+    child: &mut tokio::process::Child,
+    within: Duration,
+) -> (std::process::ExitStatus, Duration) {
+    let pid = child.id().expect("the child's pid") as i32;
+    let stopped_at = std::time::Instant::now();
+    // SAFETY: kill(2) on our own child process, which has not been reaped yet.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "send SIGTERM");
+    let status = tokio::time::timeout(within, child.wait())
+        .await
+        .unwrap_or_else(|_| panic!("the child exits within {within:?} of SIGTERM"))
+        .expect("wait for the child");
+    (status, stopped_at.elapsed())
+}

@@ -313,18 +313,15 @@ async fn sigterm_with_postgres_frozen_exits_0_in_time_and_loses_nothing() {
     let db = TestDb::create().await;
     let broker = TestBroker::new();
     let port = free_port();
-    let mut child = tokio::process::Command::new(binary("catchall"))
-        .envs(broker.env())
-        .env("DATABASE_URL", &db.url)
-        .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
-        .env("SHUTDOWN_TIMEOUT", "4s")
-        .env("DB_TIMEOUT", "60s")
-        .env("LOG_FORMAT", "json")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the worker binary");
+    let mut child = spawn_worker(
+        &db,
+        &broker,
+        &[
+            ("HTTP_ADDR", format!("127.0.0.1:{port}")),
+            ("SHUTDOWN_TIMEOUT", "4s".into()),
+            ("DB_TIMEOUT", "60s".into()),
+        ],
+    );
     let (first, mut expected) = singles("before", 200);
     // The topology exists once the worker consumes; publish after it is ready.
     wait_for(Duration::from_secs(30), "the worker ready", || async {
@@ -351,20 +348,13 @@ async fn sigterm_with_postgres_frozen_exits_0_in_time_and_loses_nothing() {
         },
     )
     .await;
-    let pid = child.id().expect("worker pid") as i32;
-    let stopped_at = Instant::now();
-    // SAFETY: kill(2) on our own child process, which has not been reaped yet.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "send SIGTERM");
-    let status = tokio::time::timeout(Duration::from_secs(8), child.wait())
-        .await
-        .expect("the worker exits within the shutdown timeout (and a margin)")
-        .expect("wait for the worker");
-    eprintln!("stopped in {:?} with {status:?}", stopped_at.elapsed());
+    let (status, took) = sigterm(&mut child, Duration::from_secs(8)).await;
+    eprintln!("stopped in {took:?} with {status:?}");
     assert!(
         status.success(),
         "a stop with Postgres frozen is clean: {status:?}"
     );
-    assert!(stopped_at.elapsed() < Duration::from_secs(6));
+    assert!(took < Duration::from_secs(6));
     drop(frozen);
 
     // What was not committed comes back; a new worker counts it, once.
@@ -380,20 +370,17 @@ async fn sigterm_with_postgres_frozen_and_a_lookup_in_flight_exits_0_in_time() {
     let db = TestDb::create().await;
     let broker = TestBroker::new();
     let port = free_port();
-    let mut child = tokio::process::Command::new(binary("catchall"))
-        .envs(broker.env())
-        .env("DATABASE_URL", &db.url)
-        .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
-        .env("SHUTDOWN_TIMEOUT", "4s")
-        .env("DB_TIMEOUT", "60s")
-        // One pooled connection: the look-up needs the frozen one.
-        .env("DB_POOL_SIZE", "1")
-        .env("LOG_FORMAT", "json")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the worker binary");
+    let mut child = spawn_worker(
+        &db,
+        &broker,
+        &[
+            ("HTTP_ADDR", format!("127.0.0.1:{port}")),
+            ("SHUTDOWN_TIMEOUT", "4s".into()),
+            ("DB_TIMEOUT", "60s".into()),
+            // One pooled connection: the look-up needs the frozen one.
+            ("DB_POOL_SIZE", "1".into()),
+        ],
+    );
     wait_for(Duration::from_secs(30), "the worker ready", || async {
         let response = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
             .await
@@ -416,20 +403,13 @@ async fn sigterm_with_postgres_frozen_and_a_lookup_in_flight_exits_0_in_time() {
         !lookup.is_finished(),
         "the look-up waits on frozen Postgres"
     );
-    let pid = child.id().expect("worker pid") as i32;
-    let stopped_at = Instant::now();
-    // SAFETY: kill(2) on our own child process, which has not been reaped yet.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "send SIGTERM");
-    let status = tokio::time::timeout(Duration::from_secs(8), child.wait())
-        .await
-        .expect("the worker exits within the shutdown timeout (and a margin)")
-        .expect("wait for the worker");
-    eprintln!("stopped in {:?} with {status:?}", stopped_at.elapsed());
+    let (status, took) = sigterm(&mut child, Duration::from_secs(8)).await;
+    eprintln!("stopped in {took:?} with {status:?}");
     assert!(
         status.success(),
         "a stop with a look-up stuck on frozen Postgres is clean: {status:?}"
     );
-    assert!(stopped_at.elapsed() < Duration::from_secs(6));
+    assert!(took < Duration::from_secs(6));
     // The look-up got no 2xx: 503, or its connection closed by the stop.
     let answer = lookup.await.expect("the look-up task");
     if let Ok(response) = answer {

@@ -2,24 +2,13 @@
 //! stream with exact counters.
 
 use crate::helpers::*;
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_while_events_flow_loses_and_doubles_nothing() {
     let db = TestDb::create().await;
     let broker = TestBroker::new();
-    let mut worker = tokio::process::Command::new(binary("catchall"))
-        .envs(broker.env())
-        .env("DATABASE_URL", &db.url)
-        .env("HTTP_ADDR", "127.0.0.1:0")
-        .env("SHUTDOWN_TIMEOUT", "10s")
-        .env("LOG_FORMAT", "json")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the worker binary");
+    let mut worker = spawn_worker(&db, &broker, &[("SHUTDOWN_TIMEOUT", "10s".into())]);
 
     // The producer runs at a capped rate so the stop lands mid-stream.
     let producer = Producer::spawn(
@@ -33,15 +22,7 @@ async fn sigterm_while_events_flow_loses_and_doubles_nothing() {
         || async { (db.total_events().await > 10_000).then_some(()) },
     )
     .await;
-    let pid = worker.id().expect("worker pid") as i32;
-    let stopped_at = Instant::now();
-    // SAFETY: kill(2) on our own child process, which has not been reaped yet.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "send SIGTERM");
-    let status = tokio::time::timeout(Duration::from_secs(10), worker.wait())
-        .await
-        .expect("the worker exits within the shutdown timeout")
-        .expect("wait for the worker");
-    let took = stopped_at.elapsed();
+    let (status, took) = sigterm(&mut worker, Duration::from_secs(10)).await;
     assert!(status.success(), "exit status {status:?}");
     let counted_at_stop = db.total_events().await;
     eprintln!("worker stopped in {took:?} with {counted_at_stop} events counted");
@@ -67,29 +48,20 @@ async fn sigterm_with_the_broker_not_answering_still_exits_0_in_time() {
     let db = TestDb::create().await;
     let broker = TestBroker::new();
     let proxy = crate::proxy::Proxy::start("127.0.0.1:5672").await;
-    let mut worker = tokio::process::Command::new(binary("catchall"))
-        .envs(broker.env())
-        .env("AMQP_URL", format!("amqp://guest:guest@{}/%2f", proxy.addr))
-        .env("DATABASE_URL", &db.url)
-        .env("HTTP_ADDR", "127.0.0.1:0")
-        .env("SHUTDOWN_TIMEOUT", "4s")
-        .env("LOG_FORMAT", "json")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the worker binary");
+    let mut worker = spawn_worker(
+        &db,
+        &broker,
+        &[
+            ("AMQP_URL", format!("amqp://guest:guest@{}/%2f", proxy.addr)),
+            ("SHUTDOWN_TIMEOUT", "4s".into()),
+        ],
+    );
     let producer = Producer::spawn(broker.env(), &["--events", "2000", "--seed", "5"]);
     let expected = producer.finish().await;
     assert_counts_eventually(&db, &expected, Duration::from_secs(60)).await;
 
     proxy.swallow_replies();
-    let pid = worker.id().expect("worker pid") as i32;
-    // SAFETY: kill(2) on our own child process, which has not been reaped yet.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "send SIGTERM");
-    let status = tokio::time::timeout(Duration::from_secs(8), worker.wait())
-        .await
-        .expect("the worker exits")
-        .expect("wait for the worker");
+    let (status, took) = sigterm(&mut worker, Duration::from_secs(8)).await;
+    eprintln!("stopped in {took:?}");
     assert!(status.success(), "exit status {status:?}");
 }
