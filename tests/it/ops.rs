@@ -1,5 +1,6 @@
-//! Operations: the `catchall healthcheck` subcommand (the image's HEALTHCHECK), and the gauges
-//! the alert rules and the dashboard read (deploy/prometheus, deploy/grafana).
+//! Operations: the `catchall healthcheck` subcommand (the image's HEALTHCHECK), `catchall
+//! migrate`, and the gauges the alert rules and the dashboard read (deploy/prometheus,
+//! deploy/grafana).
 
 use crate::helpers::*;
 use catchall::store::Store;
@@ -83,4 +84,40 @@ async fn ids_kept_past_the_retention_are_counted_up_to_a_cap() {
         0
     );
     assert!(store.applied_estimate().await.expect("estimate") >= 0);
+}
+
+/// `catchall migrate` applies every migration of `migrations/` to an empty database and exits
+/// 0; run again, it applies nothing and still exits 0 (an init container or a deploy job may
+/// run it on every rollout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_applies_every_migration_once_and_exits_0() {
+    let db = TestDb::create().await;
+    let migrations = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
+        .expect("migrations/")
+        .filter(|entry| {
+            entry
+                .as_ref()
+                .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".sql"))
+        })
+        .count() as i64;
+    assert!(migrations > 0);
+    for run in 1..=2 {
+        let output = tokio::process::Command::new(binary("catchall"))
+            .arg("migrate")
+            .env("DATABASE_URL", &db.url)
+            .env("LOG_FORMAT", "json")
+            .output()
+            .await
+            .expect("run catchall migrate");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "run {run}: {stderr}");
+        let applied: i64 = db
+            .client()
+            .await
+            .query_one("SELECT count(*) FROM refinery_schema_history", &[])
+            .await
+            .expect("read the schema history")
+            .get(0);
+        assert_eq!(applied, migrations, "run {run}: {stderr}");
+    }
 }

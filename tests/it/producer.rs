@@ -1,5 +1,5 @@
 //! The producer's retries: a nack waits before the message goes out again, and giving up still
-//! writes the `--expect` CSV of what was confirmed.
+//! writes the `--expect` CSV of what was confirmed. `publish -` reads NDJSON from stdin.
 
 use crate::helpers::*;
 use crate::proxy::Proxy;
@@ -95,4 +95,48 @@ async fn giving_up_still_writes_what_was_confirmed() {
     );
     assert!(confirmed >= 1000, "the CSV holds what was confirmed");
     assert!(confirmed <= queued, "only what the broker took");
+}
+
+/// `publish -`: NDJSON from stdin, blank lines skipped, an invalid line named on stderr and the
+/// exit non-zero, every valid event published and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_reads_ndjson_from_stdin_and_names_a_bad_line() {
+    use tokio::io::AsyncWriteExt;
+    let (db, broker, worker) = started().await;
+    let mut child = tokio::process::Command::new(binary("catchall-producer"))
+        .envs(broker.env())
+        .args(["publish", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start catchall-producer publish");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin
+        .write_all(
+            b"{\"domain\":\"stdin.example\",\"type\":\"delivered\"}\n\n\
+              {\"domain\":\"stdin.example\",\"type\":\"nope\"}\n\
+              {\"domain\":\"stdin.example\",\"type\":\"bounced\"}\n",
+        )
+        .await
+        .expect("write stdin");
+    drop(stdin);
+    let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("the producer finishes")
+        .expect("wait for the producer");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "an invalid line fails the run");
+    assert!(stderr.contains("-:3: skipped"), "{stderr}");
+    wait_for(
+        Duration::from_secs(30),
+        "both valid events counted",
+        || async {
+            let counts = db.counts().await;
+            (counts.get("stdin.example") == Some(&(1, 1))).then_some(())
+        },
+    )
+    .await;
+    worker.stop().await;
 }
