@@ -1,5 +1,5 @@
 //! Poison messages are dead-lettered whole; valid ones around them are counted; the worker
-//! keeps running.
+//! keeps running. A message that keeps failing otherwise meets the queue's delivery limit.
 
 use crate::helpers::*;
 use std::time::Duration;
@@ -141,4 +141,66 @@ async fn invalid_messages_are_dead_lettered_and_valid_ones_counted() {
         "dead-letter queue unchanged"
     );
     worker.stop().await;
+}
+
+/// The queue the worker declares dead-letters a message handed back more often than
+/// `DELIVERY_LIMIT` (SPEC §4, "Poison never loops"): here a consumer that requeues it every time,
+/// as a worker that crashes on it would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_requeued_past_the_delivery_limit_is_dead_lettered() {
+    use lapin::options::{BasicGetOptions, BasicRejectOptions, ConfirmSelectOptions};
+    let broker = TestBroker::new();
+    let connection = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+        .await
+        .expect("connect to RabbitMQ");
+    let channel = connection.create_channel().await.expect("open a channel");
+    let limit = 2;
+    catchall::amqp::Topology::new(&broker.exchange, &broker.queue, limit)
+        .declare(&channel)
+        .await
+        .expect("declare the topology as the worker does");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let body = br#"{"domain":"limit.example","type":"delivered"}"#;
+    publish_raw(
+        &channel,
+        &broker.exchange,
+        "delivered",
+        body,
+        Some("m-limit"),
+    )
+    .await;
+
+    // Each poll takes the message if it is back and hands it back again, until it is dead.
+    let deliveries = std::sync::atomic::AtomicU32::new(0);
+    wait_for(
+        Duration::from_secs(20),
+        "the message dead-lettered",
+        || async {
+            let got = channel
+                .basic_get(
+                    broker.queue.as_str().into(),
+                    BasicGetOptions { no_ack: false },
+                )
+                .await
+                .expect("basic.get");
+            if let Some(message) = got {
+                deliveries.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                channel
+                    .basic_reject(message.delivery_tag, BasicRejectOptions { requeue: true })
+                    .await
+                    .expect("requeue");
+            }
+            (broker.depth(&broker.dead_queue()).await == 1).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        deliveries.into_inner(),
+        limit + 1,
+        "the first delivery and {limit} more"
+    );
+    let _ = connection.close(200, "".into()).await;
 }
