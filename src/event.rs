@@ -6,6 +6,7 @@
 use crate::bounce::{BounceKind, EnhancedCode};
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use std::borrow::Cow;
 use std::fmt;
 
@@ -211,7 +212,9 @@ impl RejectReason {
 /// An event as it stands on the wire, before validation. Unknown fields are ignored.
 ///
 /// The same shape reads our events (`domain`, `type`, evidence) and KumoMTA log records
-/// (`type`, `recipient`, `response`), which share the `type` field.
+/// (`type`, `recipient`, `response`), which share the `type` field. KumoMTA's two fields are
+/// kept raw and read only for a KumoMTA record, so in one of our events they are unknown fields
+/// like any other, whatever their JSON type (a publisher's own `"response": "250 OK"`).
 #[derive(Deserialize)]
 struct RawEvent<'a> {
     #[serde(borrow, default)]
@@ -225,9 +228,9 @@ struct RawEvent<'a> {
     #[serde(borrow, default)]
     diagnostic: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
-    recipient: Option<Cow<'a, str>>,
+    recipient: Option<&'a RawValue>,
     #[serde(borrow, default)]
-    response: Option<KumoResponse<'a>>,
+    response: Option<&'a RawValue>,
 }
 
 /// The `response` of a KumoMTA log record (docs.kumomta.com/reference/log_record).
@@ -272,10 +275,15 @@ impl RawEvent<'_> {
                     KUMO_BOUNCE => EventType::Bounced,
                     _ => return Ok(None),
                 };
-                let recipient = self.recipient.as_deref().unwrap_or_default();
+                let recipient: Cow<'_, str> = match self.recipient {
+                    Some(raw) => {
+                        serde_json::from_str(raw.get()).map_err(|_| RejectReason::BadShape)?
+                    }
+                    None => Cow::Borrowed(""),
+                };
                 let domain = recipient
                     .rsplit_once('@')
-                    .map_or(recipient, |(_, domain)| domain);
+                    .map_or(recipient.as_ref(), |(_, domain)| domain);
                 let mut event = Event::new(domain, kind)?;
                 if kind == EventType::Bounced {
                     event.evidence = self.kumo_evidence()?.boxed();
@@ -307,9 +315,11 @@ impl RawEvent<'_> {
     }
 
     fn kumo_evidence(&self) -> Result<Evidence, RejectReason> {
-        let Some(response) = &self.response else {
+        let Some(raw) = self.response else {
             return Ok(Evidence::default());
         };
+        let response: KumoResponse<'_> =
+            serde_json::from_str(raw.get()).map_err(|_| RejectReason::BadShape)?;
         // KumoMTA reports its own failures (no MX, connection refused) as 500/400-class
         // responses without an enhanced code; those fall to the reply-code-and-text rule.
         let code = response
@@ -491,6 +501,30 @@ mod tests {
             serde_json::to_string(&Status::NotCatchAll).unwrap(),
             "\"not catch-all\""
         );
+    }
+
+    /// `recipient` and `response` are KumoMTA's: in one of our events they are unknown fields,
+    /// ignored whatever their type; in a KumoMTA record they must have KumoMTA's shape.
+    #[test]
+    fn kumo_field_names_in_our_events_are_ignored() {
+        let ours = br#"{"domain":"a.example","type":"delivered","response":"250 2.0.0 OK","recipient":["x@b.example"]}"#;
+        let events = parse_message(ours).expect("an event with extra fields");
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].domain, "a.example");
+        assert_eq!(events[0].kind, EventType::Delivered);
+        let bounce = br#"{"domain":"a.example","type":"bounced","code":"5.1.1","response":7}"#;
+        assert_eq!(parse_message(bounce).expect("a bounce").len(), 1);
+        let kumo = br#"{"type":"Delivery","recipient":"u@k.example","response":{"code":250,"content":"OK"}}"#;
+        assert_eq!(
+            parse_message(kumo).expect("a KumoMTA record")[0].domain,
+            "k.example"
+        );
+        for bad in [
+            br#"{"type":"Bounce","recipient":7}"#.as_slice(),
+            br#"{"type":"Bounce","recipient":"u@k.example","response":"550 no"}"#,
+        ] {
+            assert_eq!(parse_message(bad), Err(RejectReason::BadShape));
+        }
     }
 
     #[test]
