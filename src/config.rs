@@ -323,6 +323,14 @@ impl Config {
                 self.prefetch, self.batch_size
             ));
         }
+        if Duration::from_millis(self.ingest_pack_window_ms) >= self.http_request_timeout {
+            return Err(format!(
+                "INGEST_PACK_WINDOW_MS ({} ms) must be shorter than HTTP_REQUEST_TIMEOUT ({}), \
+                 or every PUT without an Idempotency-Key would time out while it waits to be packed",
+                self.ingest_pack_window_ms,
+                humantime::format_duration(self.http_request_timeout)
+            ));
+        }
         if self.dedup_retention.is_zero() {
             return Err("DEDUP_RETENTION must be longer than 0".into());
         }
@@ -428,6 +436,29 @@ mod tests {
         };
         assert!(window("13h").is_ok() && window("0s").is_ok());
         assert!(window("14h").unwrap_err().contains("CLAIM_WINDOW"));
+        let pack = |window: &str, timeout: &str| {
+            Cli::try_parse_from([
+                "catchall",
+                "--ingest-pack-window-ms",
+                window,
+                "--http-request-timeout",
+                timeout,
+            ])
+            .unwrap()
+            .config
+            .validate()
+        };
+        assert!(pack("2", "15s").is_ok() && pack("14999", "15s").is_ok());
+        assert!(
+            pack("15000", "15s")
+                .unwrap_err()
+                .contains("INGEST_PACK_WINDOW_MS")
+        );
+        assert!(
+            pack("3000", "2s")
+                .unwrap_err()
+                .contains("HTTP_REQUEST_TIMEOUT")
+        );
     }
 
     #[test]
