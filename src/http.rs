@@ -416,6 +416,39 @@ async fn post_events(
     Ok(accepted(events.len()))
 }
 
+const TOO_MANY_ITEMS: &str = "too many items";
+
+/// The items of a JSON array, each as its own text (parsed as an event by the wire format's
+/// rules, like an NDJSON line), refused as soon as there is one more than
+/// [`MAX_BATCH_EVENTS`]: a 1 MiB body of half a million tiny items is not built first.
+struct ArrayItems<'a>(Vec<&'a serde_json::value::RawValue>);
+
+impl<'de> Deserialize<'de> for ArrayItems<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Items;
+        impl<'de> serde::de::Visitor<'de> for Items {
+            type Value = ArrayItems<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON array of events")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element()? {
+                    if items.len() == MAX_BATCH_EVENTS {
+                        return Err(serde::de::Error::custom(TOO_MANY_ITEMS));
+                    }
+                    items.push(item);
+                }
+                Ok(ArrayItems(items))
+            }
+        }
+        deserializer.deserialize_seq(Items)
+    }
+}
+
 /// Parses a JSON array of events or NDJSON (one event object per line, blank lines ignored).
 /// The error names the first bad event (array index or line number, from 1).
 pub fn parse_events(body: &[u8]) -> Result<Vec<Event>, String> {
@@ -423,15 +456,18 @@ pub fn parse_events(body: &[u8]) -> Result<Vec<Event>, String> {
     let events = match text.trim_start().as_bytes().first() {
         None => return Err("body is empty: send a JSON array or NDJSON of events".into()),
         Some(b'[') => {
-            let items: Vec<serde_json::Value> = serde_json::from_str(text)
-                .map_err(|e| format!("body is not a valid JSON array: {e}"))?;
-            if items.len() > MAX_BATCH_EVENTS {
-                return Err(format!("more than {MAX_BATCH_EVENTS} events"));
-            }
-            let mut events = Vec::with_capacity(items.len());
-            for (index, item) in items.iter().enumerate() {
+            let items: ArrayItems<'_> = serde_json::from_str(text).map_err(|e| {
+                if e.to_string().starts_with(TOO_MANY_ITEMS) {
+                    format!("more than {MAX_BATCH_EVENTS} events")
+                } else {
+                    format!("body is not a valid JSON array: {e}")
+                }
+            })?;
+            let mut events = Vec::with_capacity(items.0.len());
+            for (index, item) in items.0.iter().enumerate() {
+                let item = item.get();
                 events.push(
-                    one_event(item.to_string().as_bytes(), item.is_object())
+                    one_event(item.as_bytes(), item.starts_with('{'))
                         .map_err(|reason| format!("event {}: {reason}", index + 1))?,
                 );
             }
@@ -1042,6 +1078,23 @@ mod tests {
         );
         assert!(parse_events(b"  ").is_err());
         assert!(parse_events(b"[[{\"domain\":\"a.example\",\"type\":\"delivered\"}]]").is_err());
+        // An array is refused at its 10,001st item, before the rest is read; at 10,000 it is
+        // parsed as usual.
+        let event = r#"{"domain":"a.example","type":"delivered"}"#;
+        let many = |n: usize, item: &str| format!("[{}]", vec![item; n].join(","));
+        assert_eq!(
+            parse_events(many(10_000, event).as_bytes()).unwrap().len(),
+            10_000
+        );
+        for (n, item) in [(10_001, event), (500_000, "0")] {
+            assert_eq!(
+                parse_events(many(n, item).as_bytes()).unwrap_err(),
+                "more than 10000 events"
+            );
+        }
+        // The same rules as NDJSON and the wire format: a repeated key is an error.
+        let repeated = br#"[{"domain":"a.example","type":"delivered","type":"bounced"}]"#;
+        assert!(parse_events(repeated).unwrap_err().starts_with("event 1"));
     }
 
     #[test]
