@@ -76,12 +76,27 @@ fn event_for(address: &str, kind: EventType) -> Option<Event> {
 
 /// `… postfix/smtp[123]: 4Qk1ABC: to=<a@b.example>, relay=…, dsn=5.1.1, status=bounced (host
 /// … said: 550 5.1.1 … (in reply to RCPT TO command))`. `orig_to=<…>` is not the recipient.
+///
+/// Only a delivery agent's line counts: right after the program's `name[pid]: ` come a queue id
+/// and `to=<`, and the fields are read in their order, each address to its closing `>` outside
+/// quotes. Everything else a sender can put in the log (a `from=<…>` or a refused `to=<…>` of an
+/// `NOQUEUE: reject:` line, a quoted local part such as `"x, status=sent y"@d`) is never read as
+/// a field, so it cannot forge a delivery or turn a bounce into one.
 fn parse_postfix(line: &str) -> Option<Event> {
-    let start = line.find(" to=<")? + " to=<".len();
-    let recipient = &line[start..start + line[start..].find('>')?];
-    let status_at = line.find(", status=")? + ", status=".len();
-    let status = &line[status_at..];
-    let (word, rest) = status.split_once(' ').unwrap_or((status, ""));
+    let message = &line[line.find("]: ")? + "]: ".len()..];
+    let (queue_id, fields) = message.split_once(": to=<")?;
+    if queue_id.is_empty() || !queue_id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return None;
+    }
+    let (recipient, mut rest) = address_until_close(fields)?;
+    if let Some(after) = rest.strip_prefix(", orig_to=<") {
+        rest = address_until_close(after)?.1;
+    }
+    // relay=, delay=, delays=, dsn= are Postfix's own (host names, numbers): the first
+    // `status=` field after the addresses is the status.
+    let status_at = rest.find(", status=")? + ", status=".len();
+    let status = &rest[status_at..];
+    let (word, text) = status.split_once(' ').unwrap_or((status, ""));
     let kind = match word {
         "sent" => EventType::Delivered,
         "bounced" => EventType::Bounced,
@@ -91,12 +106,12 @@ fn parse_postfix(line: &str) -> Option<Event> {
     if kind == EventType::Delivered {
         return Some(event);
     }
-    let code = line
+    let code = rest[..status_at]
         .find(", dsn=")
-        .map(|at| &line[at + ", dsn=".len()..])
+        .map(|at| &rest[at + ", dsn=".len()..])
         .and_then(|dsn| dsn.split(',').next())
         .and_then(EnhancedCode::parse);
-    let text = rest.trim();
+    let text = text.trim();
     let text = text
         .strip_prefix('(')
         .and_then(|t| t.strip_suffix(')'))
@@ -109,6 +124,23 @@ fn parse_postfix(line: &str) -> Option<Event> {
         smtp_code,
         diagnostic: (!diagnostic.is_empty()).then(|| diagnostic.to_string()),
     }))
+}
+
+/// An address that ends at the first `>` outside double quotes (Postfix logs a quoted local
+/// part as it was given), and what follows that `>`.
+fn address_until_close(text: &str) -> Option<(&str, &str)> {
+    let mut quoted = false;
+    let mut escaped = false;
+    for (at, c) in text.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            '>' if !quoted => return Some((&text[..at], &text[at + 1..])),
+            _ => {}
+        }
+    }
+    None
 }
 
 /// True for an Exim message id: `1tFxyz-0001ab-Cd` (or the longer 4.97+ form).
@@ -433,6 +465,29 @@ mod tests {
         assert_eq!(evidence.code.unwrap().to_string(), "5.1.1");
         assert_eq!(evidence.smtp_code, Some(550));
         assert!(evidence.diagnostic.unwrap().starts_with("550 5.1.1 "));
+    }
+
+    /// What a sender controls in the log (its envelope addresses, a refused recipient) cannot
+    /// forge a delivery or turn a bounce into one.
+    #[test]
+    fn postfix_lines_a_sender_shapes_are_not_misread() {
+        let forged = [
+            // smtpd refusing a relay attempt logs the sender's addresses as given.
+            r#"Dec  4 10:00:00 mx1 postfix/smtpd[77]: NOQUEUE: reject: RCPT from evil[198.51.100.7]: 554 5.7.1 <x@target.example>: Relay access denied; from=<"a, status=sent b"@evil.example> to=<x@target.example> proto=ESMTP helo=<evil>"#,
+            // qmgr logs the envelope sender of every message.
+            r#"Dec  4 10:00:00 mx1 postfix/qmgr[78]: 4Qk1ABC: from=<"q: to=<x@target.example>, status=sent"@evil.example>, size=300, nrcpt=1 (queue active)"#,
+            // A non-delivery notice names no recipient field.
+            "Dec  4 10:00:00 mx1 postfix/bounce[79]: 4Qk1ABC: sender non-delivery notification: 4Qk1ABD",
+        ];
+        for line in forged {
+            assert_eq!(parse_line(LogFormat::Postfix, line), None, "{line}");
+        }
+        // A quoted local part holding a fake status: the real status field still decides.
+        let bounce = r#"Dec  4 10:00:00 mx1 postfix/smtp[80]: 4Qk1ABC: to=<"x, status=sent y"@victim.example>, orig_to=<"o>, status=sent"@victim.example>, relay=mx.victim.example[192.0.2.1]:25, delay=0.1, delays=0/0/0/0.1, dsn=5.1.1, status=bounced (host mx.victim.example[192.0.2.1] said: 550 5.1.1 no such user (in reply to RCPT TO command))"#;
+        let event = parse_line(LogFormat::Postfix, bounce).expect("a bounce");
+        assert_eq!(event.domain, "victim.example");
+        assert_eq!(event.kind, EventType::Bounced);
+        assert_eq!(event.evidence.unwrap().code.unwrap().to_string(), "5.1.1");
     }
 
     #[test]
