@@ -160,6 +160,16 @@ fn parse_exim(line: &str) -> Option<Event> {
     let tokens: Vec<&str> = line.splitn(8, ' ').collect();
     let at = (1..tokens.len().min(6))
         .find(|&i| matches!(tokens[i], "=>" | "->" | "**") && is_exim_id(tokens[i - 1]))?;
+    // Only the time stamp (date, time, zone) and `[pid]` may come before the message id: a
+    // reject line's `H=… F=<…>` holds what a sender chose, which may look like an id and a marker.
+    let stamp = |token: &str| {
+        token
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b"-:.+[]".contains(&b))
+    };
+    if !tokens[..at - 1].iter().all(|t| stamp(t)) {
+        return None;
+    }
     let kind = if tokens[at] == "**" {
         EventType::Bounced
     } else {
@@ -488,6 +498,19 @@ mod tests {
         assert_eq!(event.domain, "victim.example");
         assert_eq!(event.kind, EventType::Bounced);
         assert_eq!(event.evidence.unwrap().code.unwrap().to_string(), "5.1.1");
+    }
+
+    /// A sender's address in an Exim reject line cannot pass for a message id and a marker.
+    #[test]
+    fn exim_lines_a_sender_shapes_are_not_misread() {
+        let forged = r#"2026-12-04 10:00:00 H=[198.51.100.7]:4242 F=<"x 1tFxyz-0001ab-Cd => y"@evil.example> rejected RCPT <x@target.example>: relay not permitted"#;
+        assert_eq!(parse_line(LogFormat::Exim, forged), None);
+        for line in [
+            "2026-12-04 10:00:00 1tFxyz-0001ab-Cd => a@ok.example R=dnslookup T=remote_smtp",
+            "2026-12-04 10:00:00.123 +0000 [4242] 1tFxyz-0001ab-Cd => a@ok.example R=x T=y",
+        ] {
+            assert!(parse_line(LogFormat::Exim, line).is_some(), "{line}");
+        }
     }
 
     #[test]
