@@ -18,7 +18,7 @@ use crate::publisher::{Outgoing, Publisher};
 use anyhow::Context;
 use catchall::bounce::{EnhancedCode, codes_in_text};
 use catchall::event::{Event, EventType, Evidence};
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -254,9 +254,23 @@ fn load_state(path: &Path) -> anyhow::Result<Option<(u64, u64, u64)>> {
 fn save_state(path: &Path, source: &Source) -> anyhow::Result<()> {
     let text = serde_json::json!({"dev": source.dev, "ino": source.ino, "offset": source.offset})
         .to_string();
-    let temporary = path.with_extension("tmp");
-    std::fs::write(&temporary, text)
+    // `<state>.tmp` (not `with_extension`: `mail.postfix` and `mail.exim` would share
+    // `mail.tmp`), synced before the rename and the directory after it, so a power loss leaves
+    // the old position or the new one, never an empty file.
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".tmp");
+    let temporary = PathBuf::from(temporary);
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::File::create(&temporary)
+        .and_then(|mut file| {
+            file.write_all(text.as_bytes())?;
+            file.sync_all()
+        })
         .and_then(|()| std::fs::rename(&temporary, path))
+        .and_then(|()| std::fs::File::open(dir)?.sync_all())
         .with_context(|| format!("writing {}", path.display()))
 }
 
@@ -266,7 +280,11 @@ fn find_saved(path: &Path, dev: u64, ino: u64) -> Option<PathBuf> {
     if std::fs::metadata(path).is_ok_and(same) {
         return Some(path.to_path_buf());
     }
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty())?;
+    // A bare file name (`tail maillog` run in its directory) is looked for beside it too.
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::read_dir(dir)
         .ok()?
         .flatten()
@@ -313,6 +331,11 @@ pub async fn run<F: FnMut(&Outgoing)>(
             }
             continue;
         };
+        // A stop is honoured between chunks too, not only at the end of the file (catching up
+        // on a long log); the position saved is the last chunk's.
+        if cancel.is_cancelled() {
+            return Ok(stats);
+        }
         if read_chunk(current, settings, publisher, &mut stats).await? {
             continue;
         }
@@ -558,6 +581,41 @@ mod tests {
             find_saved(&log, meta.dev(), meta.ino()),
             Some(dir.join("maillog.1"))
         );
+        // Given by its bare name (`tail maillog` in its directory), the renamed file is found
+        // in the working directory.
+        let cwd = std::env::current_dir().unwrap();
+        std::env::set_current_dir(&dir).unwrap();
+        let found = find_saved(Path::new("maillog"), meta.dev(), meta.ino());
+        std::env::set_current_dir(cwd).unwrap();
+        assert_eq!(found, Some(Path::new(".").join("maillog.1")));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Two tailers' state files side by side (`mail.postfix`, `mail.exim`) keep their own
+    /// positions, and no temporary file is left behind.
+    #[test]
+    fn state_files_beside_each_other_keep_their_own_positions() {
+        let dir = std::env::temp_dir().join(format!("catchall-tail-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("maillog");
+        std::fs::write(&log, "one\ntwo\n").unwrap();
+        let meta = std::fs::metadata(&log).unwrap();
+        for (name, offset) in [("mail.postfix", 4), ("mail.exim", 8)] {
+            save_state(&dir.join(name), &Source::open(&log, offset).unwrap()).unwrap();
+        }
+        for (name, offset) in [("mail.postfix", 4), ("mail.exim", 8)] {
+            assert_eq!(
+                load_state(&dir.join(name)).unwrap(),
+                Some((meta.dev(), meta.ino(), offset)),
+                "{name}"
+            );
+        }
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["mail.exim", "mail.postfix", "maillog"]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
