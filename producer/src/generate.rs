@@ -57,12 +57,27 @@ impl Generator {
             .into_iter()
             .map(|i| i as u32 + 1)
             .collect();
-        bounces_at.sort_unstable_by(|a, b| b.cmp(a));
+        // Ascending: `remaining` counts down, so the largest position comes first (`last()`).
+        bounces_at.sort_unstable();
         Plan {
             domain: format!("{name}.{tld}"),
             remaining: total,
             bounces_at,
         }
+    }
+}
+
+impl Plan {
+    /// The kind of the domain's next event: bounced at the planned positions.
+    fn next_kind(&mut self) -> EventType {
+        let kind = if self.bounces_at.last() == Some(&self.remaining) {
+            self.bounces_at.pop();
+            EventType::Bounced
+        } else {
+            EventType::Delivered
+        };
+        self.remaining -= 1;
+        kind
     }
 }
 
@@ -78,13 +93,7 @@ impl Iterator for Generator {
         }
         let index = self.rng.random_range(0..self.active.len());
         let plan = &mut self.active[index];
-        let kind = if plan.bounces_at.last() == Some(&plan.remaining) {
-            plan.bounces_at.pop();
-            EventType::Bounced
-        } else {
-            EventType::Delivered
-        };
-        plan.remaining -= 1;
+        let kind = plan.next_kind();
         let event = Event {
             domain: plan.domain.clone(),
             kind,
@@ -101,6 +110,26 @@ impl Iterator for Generator {
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    /// Every domain gets its planned bounces (three, or all its events if it has fewer), but
+    /// every 25th, which never bounces (SPEC §7).
+    #[test]
+    fn each_domain_gets_three_bounces_but_every_25th() {
+        let mut generator = Generator::new(7);
+        for n in 1..=2_000u64 {
+            let mut plan = generator.new_plan();
+            let total = plan.remaining;
+            let bounces = (0..total)
+                .filter(|_| plan.next_kind() == EventType::Bounced)
+                .count() as u32;
+            let want = if n % CATCH_ALL_EVERY == 0 {
+                0
+            } else {
+                total.min(BOUNCES_PER_DOMAIN)
+            };
+            assert_eq!(bounces, want, "domain {n} of {total} events");
+        }
+    }
 
     #[test]
     fn has_the_assignment_shape_and_is_reproducible() {
