@@ -262,20 +262,22 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                         .with_context(|| format!("opening {file}"))?,
                 )
             };
-            let mut lines = tokio::io::BufReader::new(reader).lines();
+            // Lines as bytes: one that is not UTF-8 is skipped like any other bad line.
+            let mut lines = tokio::io::BufReader::new(reader).split(b'\n');
             let mut chunk = Vec::with_capacity(batch as usize);
             let mut number = 0u64;
             while let Some(line) = lines
-                .next_line()
+                .next_segment()
                 .await
                 .with_context(|| format!("reading {file}"))?
             {
                 number += 1;
-                if line.trim().is_empty() {
+                let line = line.strip_suffix(b"\r").unwrap_or(&line);
+                let Some(first) = line.iter().find(|b| !b.is_ascii_whitespace()) else {
                     continue;
-                }
-                match parse_message(line.as_bytes()) {
-                    Ok(events) if line.trim_start().starts_with('{') => chunk.extend(events),
+                };
+                match parse_message(line) {
+                    Ok(events) if *first == b'{' => chunk.extend(events),
                     Ok(_) => {
                         invalid_lines += 1;
                         eprintln!("{file}:{number}: skipped: expected one event object per line");
