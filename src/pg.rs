@@ -12,8 +12,10 @@
 //! | `verify-ca` | always | the chain |
 //! | `verify-full` | always | the chain and the host name |
 //!
-//! Roots: `sslrootcert=FILE`, `sslrootcert=system`, else `~/.postgresql/root.crt` when it
-//! exists, else the system roots. `sslcert` + `sslkey` present a client certificate.
+//! Roots: `sslrootcert=FILE`, `sslrootcert=system` (which means `verify-full`, as in libpq 16),
+//! else `~/.postgresql/root.crt` when it exists, else the system roots (for `verify-full` only:
+//! `verify-ca` without a root file is an error, as in libpq). `sslcert` + `sslkey` present a
+//! client certificate.
 
 use crate::tls::{self, Identity, Roots, Verify};
 use std::path::PathBuf;
@@ -28,6 +30,17 @@ pub enum PgError {
     SslMode(String),
     #[error("sslcert and sslkey go together")]
     HalfIdentity,
+    #[error(
+        "sslrootcert=system needs sslmode=verify-full (or no sslmode), as in libpq 16: with \
+         sslmode={0} any publicly trusted certificate, for any name, would pass"
+    )]
+    SystemRootsNeedVerifyFull(String),
+    #[error(
+        "sslmode=verify-ca needs sslrootcert (the CA that signed the server's certificate) or \
+         ~/.postgresql/root.crt, as in libpq; for a certificate from a public CA use \
+         sslmode=verify-full&sslrootcert=system"
+    )]
+    VerifyCaWithoutRoot,
     #[error("invalid Postgres connection string: {0}")]
     Parse(#[source] tokio_postgres::Error),
     #[error("Postgres TLS settings")]
@@ -50,14 +63,27 @@ const OURS: [&str; 4] = ["sslmode", "sslrootcert", "sslcert", "sslkey"];
 pub fn config(url: &str) -> Result<(tokio_postgres::Config, MakeRustlsConnect), PgError> {
     let (rest, params) = split_tls_params(url);
     let mut config: tokio_postgres::Config = rest.parse().map_err(PgError::Parse)?;
-    let mode = params.sslmode.as_deref().unwrap_or("prefer");
+    // libpq 16: `sslrootcert=system` means `verify-full`, and a weaker mode with it is an error.
+    let system_roots = params.sslrootcert.as_deref() == Some("system");
+    let mode = match params.sslmode.as_deref() {
+        None if system_roots => "verify-full",
+        Some(mode) if system_roots && mode != "verify-full" => {
+            return Err(PgError::SystemRootsNeedVerifyFull(mode.to_string()));
+        }
+        mode => mode.unwrap_or("prefer"),
+    };
+    let root_file = default_root_file();
     let root_given = params.sslrootcert.is_some();
     let (ssl_mode, verify) = match mode {
         "disable" => (SslMode::Disable, Verify::None),
         "allow" | "prefer" if root_given => (SslMode::Prefer, Verify::ChainOnly),
         "allow" | "prefer" => (SslMode::Prefer, Verify::None),
-        "require" if root_given => (SslMode::Require, Verify::ChainOnly),
+        // As libpq: `require` with a root file (given, or ~/.postgresql/root.crt) checks the chain.
+        "require" if root_given || root_file.is_some() => (SslMode::Require, Verify::ChainOnly),
         "require" => (SslMode::Require, Verify::None),
+        "verify-ca" if !root_given && root_file.is_none() => {
+            return Err(PgError::VerifyCaWithoutRoot);
+        }
         "verify-ca" => (SslMode::Require, Verify::ChainOnly),
         "verify-full" => (SslMode::Require, Verify::Full),
         other => return Err(PgError::SslMode(other.to_string())),
@@ -74,7 +100,7 @@ pub fn config(url: &str) -> Result<(tokio_postgres::Config, MakeRustlsConnect), 
     let roots = match params.sslrootcert.as_deref() {
         Some("system") => Roots::System,
         Some(path) => Roots::File(PathBuf::from(path)),
-        None => default_root_file().map_or(Roots::System, Roots::File),
+        None => root_file.map_or(Roots::System, Roots::File),
     };
     let identity = match (&params.sslcert, &params.sslkey) {
         (Some(cert), Some(key)) if ssl_mode != SslMode::Disable => {
@@ -303,5 +329,25 @@ mod tests {
             mode("postgres://h/db?sslcert=/c.pem"),
             Err(PgError::HalfIdentity)
         ));
+        // sslrootcert=system: verify-full, and nothing weaker (libpq 16).
+        assert_eq!(
+            mode("postgres://h/db?sslrootcert=system").unwrap(),
+            SslMode::Require
+        );
+        for weaker in ["prefer", "require", "verify-ca", "disable"] {
+            let url = format!("postgres://h/db?sslmode={weaker}&sslrootcert=system");
+            assert!(
+                matches!(mode(&url), Err(PgError::SystemRootsNeedVerifyFull(m)) if m == weaker),
+                "{weaker}"
+            );
+        }
+        // verify-ca checks a chain up to a CA the operator named: without one it is an error
+        // (it used to check against every public root, with no name check: any public certificate).
+        if default_root_file().is_none() {
+            assert!(matches!(
+                mode("postgres://h/db?sslmode=verify-ca"),
+                Err(PgError::VerifyCaWithoutRoot)
+            ));
+        }
     }
 }
