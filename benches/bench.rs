@@ -959,7 +959,7 @@ impl Run {
         let db = self.clone_db_of(stage, template).await?;
         let store = Store::connect(&format!("{PG_HOST}/{db}"), self.config.db_pool_size).await?;
         // Warm the pool, so the window measures applying rather than connecting.
-        store.ping().await?;
+        store.ping_within(Duration::from_secs(10)).await?;
         let (sampler, started) = (self.db_sampler(&db), Instant::now());
         // IN_FLIGHT batches committing at once.
         let batches = self.worker_batches(messages);

@@ -9,7 +9,7 @@ use crate::event::{
 use crate::health::Health;
 use crate::ingest::{Ingest, IngestError};
 use crate::metrics;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use axum::body::Bytes;
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
@@ -213,9 +213,12 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>
     // With a replica, the primary (writes) and the replica (look-ups) must both answer.
     for probe in state.ready_probes.iter() {
         let name = &probe.name;
-        match tokio::time::timeout(Duration::from_secs(2), probe.store.ping()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
+        match probe.store.ping_within(Duration::from_secs(2)).await {
+            Ok(()) => {}
+            Err(StoreError::Timeout(_)) => {
+                return Err(unavailable(format!("{name}: no answer within 2 s")));
+            }
+            Err(error) => {
                 // The client gets a short reason; the log gets the whole error (which can
                 // carry the server's message text).
                 let reason = ready_reason(&error);
@@ -226,7 +229,6 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>
                 );
                 return Err(unavailable(format!("{name}: {reason}")));
             }
-            Err(_) => return Err(unavailable(format!("{name}: no answer within 2 s"))),
         }
     }
     Ok(Json(serde_json::json!({ "status": "ready" })))

@@ -32,21 +32,17 @@ pub async fn lag_loop(replica: Store, every: Duration, cancel: CancellationToken
             _ = ticker.tick() => {}
             _ = cancel.cancelled() => return,
         }
-        match tokio::time::timeout(Duration::from_secs(2), replica.query_f64(LAG)).await {
-            Ok(Ok(lag)) => {
+        match replica.query_f64_within(LAG, Duration::from_secs(2)).await {
+            Ok(lag) => {
                 gauge!("catchall_replica_lag_seconds").set(lag);
                 gauge!("catchall_replica_up").set(1.0);
             }
-            Ok(Err(error)) => {
+            Err(error) => {
                 gauge!("catchall_replica_up").set(0.0);
                 tracing::warn!(
                     error = format!("{:#}", anyhow::Error::new(error)),
                     "The look-up replica does not answer."
                 );
-            }
-            Err(_) => {
-                gauge!("catchall_replica_up").set(0.0);
-                tracing::warn!("The look-up replica did not answer within 2 s.");
             }
         }
     }

@@ -206,6 +206,21 @@ async fn upsert_and_commit(
     Ok(())
 }
 
+/// A probe's answer; a connection whose query timed out is taken out of the pool.
+fn probe_done<T>(
+    client: deadpool_postgres::Object,
+    answer: Result<Result<T, tokio_postgres::Error>, tokio::time::error::Elapsed>,
+    within: Duration,
+) -> Result<T, StoreError> {
+    match answer {
+        Ok(answer) => Ok(answer?),
+        Err(_) => {
+            drop(deadpool_postgres::Object::take(client));
+            Err(StoreError::Timeout(within))
+        }
+    }
+}
+
 async fn lookup_on(client: &deadpool_postgres::Client, domain: &str) -> Result<Counts, StoreError> {
     let statement = client.prepare_cached(LOOKUP).await?;
     let row = client.query_opt(&statement, &[&domain]).await?;
@@ -268,7 +283,7 @@ impl Store {
             db_timeout: Duration::from_secs(30),
             claim_window: dedup::CLAIM_WINDOW.as_secs_f64(),
         };
-        store.ping().await?;
+        store.ping_within(Duration::from_secs(10)).await?;
         Ok(store)
     }
 
@@ -334,17 +349,28 @@ impl Store {
         Ok(report)
     }
 
-    /// The one `float8` a query returns (health and lag probes).
-    pub async fn query_f64(&self, sql: &str) -> Result<f64, StoreError> {
-        let client = self.pool.get().await?;
-        Ok(client.query_one(sql, &[]).await?.try_get(0)?)
+    /// The one `float8` a query returns within `within` (the lag probe); see
+    /// [`Store::ping_within`] for a connection that does not answer.
+    pub async fn query_f64_within(&self, sql: &str, within: Duration) -> Result<f64, StoreError> {
+        let deadline = tokio::time::Instant::now() + within;
+        let client = tokio::time::timeout_at(deadline, self.pool.get())
+            .await
+            .map_err(|_| StoreError::Timeout(within))??;
+        let answer = tokio::time::timeout_at(deadline, client.query_one(sql, &[])).await;
+        Ok(probe_done(client, answer, within)?.try_get(0)?)
     }
 
-    /// Checks that Postgres answers a query.
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        let client = self.pool.get().await?;
-        client.simple_query("SELECT 1").await?;
-        Ok(())
+    /// Checks that Postgres answers a query within `within`. A connection that does not answer
+    /// in time leaves the pool: a socket to a host that vanished without a reset would
+    /// otherwise hold every later probe until TCP gives up (about 15 minutes), long after
+    /// Postgres came back.
+    pub async fn ping_within(&self, within: Duration) -> Result<(), StoreError> {
+        let deadline = tokio::time::Instant::now() + within;
+        let client = tokio::time::timeout_at(deadline, self.pool.get())
+            .await
+            .map_err(|_| StoreError::Timeout(within))??;
+        let answer = tokio::time::timeout_at(deadline, client.simple_query("SELECT 1")).await;
+        probe_done(client, answer, within).map(drop)
     }
 
     /// Applies a batch in one transaction: claims the message ids (skipping those already

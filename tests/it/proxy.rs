@@ -18,6 +18,8 @@ struct State {
     swallow_replies: AtomicBool,
     /// Cancelling it drops every connection opened under it.
     generation: Mutex<CancellationToken>,
+    /// Cancelled by [`Proxy::freeze_open_connections`] for the connections open then.
+    freeze: Mutex<CancellationToken>,
 }
 
 /// Share it with `Arc` where a fault hook needs it.
@@ -39,6 +41,7 @@ impl Proxy {
             up: AtomicBool::new(true),
             swallow_replies: AtomicBool::new(false),
             generation: Mutex::new(CancellationToken::new()),
+            freeze: Mutex::new(CancellationToken::new()),
         });
         let shutdown = CancellationToken::new();
         let accept_state = state.clone();
@@ -57,7 +60,8 @@ impl Proxy {
                     continue;
                 }
                 let token = accept_state.generation.lock().unwrap().child_token();
-                tokio::spawn(serve(client, accept_state.clone(), token));
+                let freeze = accept_state.freeze.lock().unwrap().clone();
+                tokio::spawn(serve(client, accept_state.clone(), token, freeze));
             }
         });
         Self {
@@ -85,6 +89,14 @@ impl Proxy {
         self.state.up.store(true, Ordering::SeqCst);
     }
 
+    /// The connections open now go silent both ways and stay open (a host that vanished without
+    /// a reset: the client's data sits unanswered until TCP gives up); new connections work.
+    pub fn freeze_open_connections(&self) {
+        let mut freeze = self.state.freeze.lock().unwrap();
+        freeze.cancel();
+        *freeze = CancellationToken::new();
+    }
+
     /// Stops forwarding the server's replies (requests still flow) until the next cut: what the
     /// client sends now is processed by the server, but the client never learns the outcome.
     pub fn swallow_replies(&self) {
@@ -99,7 +111,12 @@ impl Drop for Proxy {
     }
 }
 
-async fn serve(client: TcpStream, state: Arc<State>, token: CancellationToken) {
+async fn serve(
+    client: TcpStream,
+    state: Arc<State>,
+    token: CancellationToken,
+    freeze: CancellationToken,
+) {
     let Ok(server) = TcpStream::connect(state.upstream).await else {
         return;
     };
@@ -135,5 +152,7 @@ async fn serve(client: TcpStream, state: Arc<State>, token: CancellationToken) {
         _ = requests => {}
         _ = replies => {}
         _ = token.cancelled() => {}
+        // Frozen: nothing is forwarded any more, and the sockets stay open until a cut.
+        _ = freeze.cancelled() => token.cancelled().await,
     }
 }

@@ -508,3 +508,34 @@ async fn memory_stays_under_prefetch_bytes_with_1_mib_messages_while_postgres_re
     assert!(peak < BUDGET + (64 << 20), "peak RSS {peak} bytes");
     let _ = child.kill().await;
 }
+
+/// Postgres reached through a connection that goes silent without a reset (a host that
+/// vanished, a failover that moved the address): `/readyz` says so within its 2 s, drops that
+/// connection, and is ready again on the next probe over a new one. It used to keep the dead
+/// connection and answer 503 until TCP gave up on it, about 15 minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_recovers_from_a_postgres_connection_that_went_silent() {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    let pg = crate::proxy::Proxy::start("127.0.0.1:5432").await;
+    let mut config = TestWorker::config(&db, &broker);
+    config.database_url = format!("postgres://postgres@{}/{}", pg.addr, db.name);
+    let worker = TestWorker::start(config).await;
+    worker.ready().await;
+    let readyz = || async {
+        let response = reqwest::get(worker.url("/readyz"))
+            .await
+            .expect("GET /readyz");
+        (response.status(), response.text().await.expect("body"))
+    };
+
+    pg.freeze_open_connections();
+    let (status, body) = readyz().await;
+    assert_eq!(status, reqwest::StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("no answer within 2 s"), "{body}");
+    wait_for(Duration::from_secs(10), "/readyz ready again", || async {
+        (readyz().await.0 == reqwest::StatusCode::OK).then_some(())
+    })
+    .await;
+    worker.stop().await;
+}
