@@ -45,15 +45,33 @@ impl App {
             .await?
             .with_db_timeout(config.db_timeout)
             .with_claim_window(config.claim_window);
-        let lookups = match &config.status_database_url {
-            Some(replica) => Store::connect(replica, config.db_pool_size)
-                .await
-                .with_context(|| {
-                    format!(
-                        "connecting to the look-up replica (STATUS_DATABASE_URL) at {}",
-                        crate::pg::describe(replica)
-                    )
-                })?,
+        // The replica may be down at start: the worker still counts, and look-ups and /readyz
+        // say so until it answers. Only its URL and TLS files are checked now.
+        let replica = |pool_size| -> anyhow::Result<Option<Store>> {
+            config
+                .status_database_url
+                .as_deref()
+                .map(|replica| {
+                    Store::open(replica, pool_size).with_context(|| {
+                        format!(
+                            "the look-up replica's settings (STATUS_DATABASE_URL) for {}",
+                            crate::pg::describe(replica)
+                        )
+                    })
+                })
+                .transpose()
+        };
+        let lookups = match replica(config.db_pool_size)? {
+            Some(replica) => {
+                if let Err(error) = replica.ping_within(std::time::Duration::from_secs(5)).await {
+                    tracing::warn!(
+                        error = format!("{:#}", anyhow::Error::new(error)),
+                        "The look-up replica does not answer at start; look-ups fail and \
+                         /readyz says so until it does."
+                    );
+                }
+                replica
+            }
             None => connect(config.db_pool_size).await?,
         };
         // Readiness pings: one connection per server, so a look-up flood cannot starve them.
@@ -61,15 +79,10 @@ impl App {
             name: format!("Postgres {}", crate::pg::describe(url)),
             store: connect(1).await?,
         }];
-        if let Some(replica) = &config.status_database_url {
+        if let (Some(replica), Some(store)) = (&config.status_database_url, replica(1)?) {
             ready_probes.push(crate::http::ReadyProbe {
                 name: format!("Postgres replica {}", crate::pg::describe(replica)),
-                store: Store::connect(replica, 1).await.with_context(|| {
-                    format!(
-                        "connecting to the look-up replica (STATUS_DATABASE_URL) at {}",
-                        crate::pg::describe(replica)
-                    )
-                })?,
+                store,
             });
         }
         let report = store.migrate().await.context("applying migrations")?;

@@ -236,6 +236,14 @@ async fn lookup_on(client: &deadpool_postgres::Client, domain: &str) -> Result<C
 impl Store {
     /// Builds the pool and checks that Postgres answers (fail fast at start).
     pub async fn connect(database_url: &str, pool_size: u32) -> Result<Self, StoreError> {
+        let store = Self::open(database_url, pool_size)?;
+        store.ping_within(Duration::from_secs(10)).await?;
+        Ok(store)
+    }
+
+    /// Builds the pool without connecting: the URL and its TLS files are checked now, the
+    /// server on first use (the look-up replica, which may be down at start).
+    pub fn open(database_url: &str, pool_size: u32) -> Result<Self, StoreError> {
         let (mut pg, tls) = crate::pg::config(database_url)?;
         if pg.get_connect_timeout().is_none() {
             pg.connect_timeout(Duration::from_secs(5));
@@ -278,13 +286,11 @@ impl Store {
             .recycle_timeout(Some(Duration::from_secs(5)))
             .build()
             .expect("a runtime and timeouts are set, so the pool builds");
-        let store = Self {
+        Ok(Self {
             pool,
             db_timeout: Duration::from_secs(30),
             claim_window: dedup::CLAIM_WINDOW.as_secs_f64(),
-        };
-        store.ping_within(Duration::from_secs(10)).await?;
-        Ok(store)
+        })
     }
 
     /// Sets the client-side deadline of one apply attempt (DB_TIMEOUT, default 30 s).

@@ -218,3 +218,27 @@ async fn replica_serves_lookups_and_its_loss_only_stops_readiness() {
     drop(writes_db);
     worker.stop().await;
 }
+
+/// A replica that does not answer when the worker starts (a deploy or a scale-out while it
+/// restarts) does not stop the worker: it counts, and `/readyz` names the replica. It used to
+/// fail at start and crash-loop. (No replica server needed: nothing listens on the port.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_down_at_start_does_not_stop_counting() {
+    let db = crate::helpers::TestDb::create().await;
+    let broker = TestBroker::new();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let port = closed.local_addr().expect("its address").port();
+    drop(closed);
+    let mut config = TestWorker::config(&db, &broker);
+    config.status_database_url = Some(format!("postgres://postgres@127.0.0.1:{port}/postgres"));
+    let worker = TestWorker::start(config).await;
+    let expected = generate(&broker, 2_000, 10, 11).await;
+    crate::helpers::assert_counts_eventually(&db, &expected, Duration::from_secs(30)).await;
+    let response = reqwest::get(worker.url("/readyz"))
+        .await
+        .expect("GET /readyz");
+    assert_eq!(response.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    let body = response.text().await.expect("body");
+    assert!(body.contains("replica"), "{body}");
+    worker.stop().await;
+}
