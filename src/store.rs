@@ -271,6 +271,15 @@ impl Store {
             .trim()
             .to_string();
         pg.options(&options);
+        // A connection may try every host of a multi-host URL in turn, each for up to
+        // connect_timeout: the pool must wait for all of them, or a first host that drops
+        // packets would use up the whole wait and the next host would never be tried.
+        let per_host = pg
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(Duration::from_secs(5));
+        let hosts = pg.get_hosts().len().max(1) as u32;
+        let create_timeout = per_host * hosts + Duration::from_secs(5);
         let manager = Manager::from_config(
             pg,
             tls,
@@ -282,7 +291,7 @@ impl Store {
             .max_size(pool_size as usize)
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(Duration::from_secs(5)))
-            .create_timeout(Some(Duration::from_secs(5)))
+            .create_timeout(Some(create_timeout))
             .recycle_timeout(Some(Duration::from_secs(5)))
             .build()
             .expect("a runtime and timeouts are set, so the pool builds");

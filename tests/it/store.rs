@@ -5,6 +5,7 @@
 use crate::helpers::*;
 use catchall::event::parse_message;
 use catchall::store::{Message, Store};
+use std::time::Duration;
 
 /// Applies one message through `store` and returns the (statement_timeout,
 /// idle_in_transaction_session_timeout) its transaction ran under.
@@ -225,4 +226,47 @@ async fn a_database_migrated_by_a_newer_release_still_starts_this_one() {
         .await
         .expect("apply");
     assert_eq!(db.total_events().await, 1);
+}
+
+/// A multi-host `DATABASE_URL` whose first host drops packets (here: a listener whose accept
+/// queue is full, so the kernel drops the SYNs) reaches the second host. The pool gave up after
+/// 5 s, the first host's whole connect timeout, and never tried the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_host_url_moves_past_a_host_that_drops_packets() {
+    let db = TestDb::create().await;
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket.bind("127.0.0.1:0".parse().unwrap()).expect("bind");
+    let silent = socket.listen(1).expect("listen");
+    let silent_addr = silent.local_addr().expect("its address");
+    // Fill the accept queue (never accepted): later SYNs are dropped.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(stream)) = tokio::time::timeout(
+            Duration::from_millis(300),
+            tokio::net::TcpStream::connect(silent_addr),
+        )
+        .await
+        {
+            held.push(stream);
+        }
+    }
+    let url = format!(
+        "postgres://postgres@{silent_addr},127.0.0.1:5432/{}",
+        db.name
+    );
+    let store = tokio::time::timeout(
+        Duration::from_secs(30),
+        catchall::store::Store::connect(&url, 1),
+    )
+    .await
+    .expect("connect ends")
+    .expect("the second host answers");
+    assert_eq!(
+        store
+            .query_f64_within("SELECT 1::float8", Duration::from_secs(5))
+            .await
+            .expect("a query"),
+        1.0
+    );
+    drop(held);
 }
