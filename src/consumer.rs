@@ -865,6 +865,9 @@ async fn apply_attempts(
                 return Ok(Ok(applied));
             }
             Err(error) if error.is_permanent() => {
+                // Postgres answered (it refused the data): a failure an earlier attempt of this
+                // batch met is over, and /readyz must not go on saying so.
+                health.set_db_error(None);
                 let error = anyhow::Error::new(error);
                 return Ok(Err(format!("{error:#}")));
             }

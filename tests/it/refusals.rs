@@ -539,3 +539,47 @@ async fn readyz_recovers_from_a_postgres_connection_that_went_silent() {
     .await;
     worker.stop().await;
 }
+
+/// A batch that first meets a transient failure (not ready, `/readyz` says Postgres) and then
+/// a refusal of its data (dead-lettered) leaves the worker ready: Postgres answered. It stayed
+/// 503 on an idle queue until some later batch committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_after_a_transient_failure_leaves_the_worker_ready() {
+    let (db, broker, worker) = started().await;
+    db.client()
+        .await
+        .batch_execute(
+            "CREATE SEQUENCE flaky_calls; \
+             CREATE FUNCTION flaky() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+               IF NEW.domain = 'flaky.example' THEN \
+                 IF nextval('flaky_calls') = 1 THEN \
+                   RAISE EXCEPTION 'test outage' USING ERRCODE = 'serialization_failure'; \
+                 END IF; \
+                 RAISE EXCEPTION 'refused by the test trigger' USING ERRCODE = 'check_violation'; \
+               END IF; RETURN NEW; END $$; \
+             CREATE TRIGGER flaky BEFORE INSERT OR UPDATE ON domains \
+               FOR EACH ROW EXECUTE FUNCTION flaky();",
+        )
+        .await
+        .expect("install the trigger");
+    publish_all(
+        &broker,
+        &[(
+            "flaky-1".to_string(),
+            br#"{"domain":"flaky.example","type":"delivered"}"#.to_vec(),
+        )],
+    )
+    .await;
+    wait_for(
+        Duration::from_secs(30),
+        "the message dead-lettered",
+        || async { (broker.depth(&broker.dead_queue()).await == 1).then_some(()) },
+    )
+    .await;
+    wait_for(Duration::from_secs(5), "/readyz ready", || async {
+        let response = reqwest::get(worker.url("/readyz")).await.ok()?;
+        (response.status() == reqwest::StatusCode::OK).then_some(())
+    })
+    .await;
+    worker.stop().await;
+}
