@@ -172,6 +172,42 @@ async fn main() -> ExitCode {
 }
 
 /// Returns whether every event was confirmed.
+/// `--rate`: when the next chunk may go out. On schedule from the start, catching up on a lag
+/// of up to a second (timer and scheduling jitter) so the average holds; after a longer stall (a
+/// reconnect, a full confirm window) the schedule starts again from now instead of sending the
+/// whole lag at once: `--rate` is a cap (SPEC §7).
+struct Pace {
+    rate: f64,
+    base: Instant,
+    sent: u64,
+}
+
+impl Pace {
+    const MAX_CATCH_UP: Duration = Duration::from_secs(1);
+
+    fn new(rate: u64, start: Instant) -> Self {
+        Self {
+            rate: rate as f64,
+            base: start,
+            sent: 0,
+        }
+    }
+
+    fn due(&mut self, now: Instant) -> Instant {
+        let due = self.base + Duration::from_secs_f64(self.sent as f64 / self.rate);
+        if now.saturating_duration_since(due) > Self::MAX_CATCH_UP {
+            self.base = now;
+            self.sent = 0;
+            return now;
+        }
+        due
+    }
+
+    fn sent(&mut self, events: u64) {
+        self.sent += events;
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<bool> {
     let settings = PublisherSettings {
         window: cli.window as usize,
@@ -209,15 +245,15 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             let mut stream = generate::Generator::new(seed)
                 .take(events as usize)
                 .peekable();
-            let mut sent = 0u64;
+            let mut pace = rate.filter(|r| *r > 0).map(|rate| Pace::new(rate, started));
             // Once the publisher gave up (RabbitMQ unreachable too long), stop generating.
             while stream.peek().is_some() && !publisher.gave_up {
                 let chunk: Vec<Event> = stream.by_ref().take(batch as usize).collect();
-                if let Some(rate) = rate.filter(|r| *r > 0) {
-                    let due = started + Duration::from_secs_f64(sent as f64 / rate as f64);
+                if let Some(pace) = pace.as_mut() {
+                    let due = pace.due(Instant::now());
                     tokio::time::sleep_until(due.into()).await;
+                    pace.sent(chunk.len() as u64);
                 }
-                sent += chunk.len() as u64;
                 publisher.send_all(Outgoing::batches(chunk)).await?;
             }
         }
@@ -356,5 +392,33 @@ async fn stop_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On schedule, a short lag is caught up; after a stall of more than a second the
+    /// schedule restarts at the rate instead of sending the stall's worth at once.
+    #[test]
+    fn rate_catches_up_jitter_but_not_a_stall() {
+        let start = Instant::now();
+        let mut pace = Pace::new(1000, start);
+        assert_eq!(pace.due(start), start);
+        pace.sent(500);
+        assert_eq!(pace.due(start), start + Duration::from_millis(500));
+        // 300 ms late: the next chunk goes at once (it is due in the past), on the same schedule.
+        let late = start + Duration::from_millis(800);
+        assert_eq!(pace.due(late), start + Duration::from_millis(500));
+        pace.sent(500);
+        // 5 s stall: the schedule starts again from now, at 1,000 events/s.
+        let after_stall = start + Duration::from_secs(6);
+        assert_eq!(pace.due(after_stall), after_stall);
+        pace.sent(100);
+        assert_eq!(
+            pace.due(after_stall),
+            after_stall + Duration::from_millis(100)
+        );
     }
 }
