@@ -91,11 +91,15 @@ pub fn config(url: &str) -> Result<(tokio_postgres::Config, MakeRustlsConnect), 
     // `prefer` over loopback: plain, as encryption there protects nothing and costs a handshake
     // and a copy per message (and `prefer` verifies nothing anyway). `require` and up still
     // encrypt over loopback.
-    let ssl_mode = if ssl_mode == SslMode::Prefer && only_loopback(&config) {
-        SslMode::Disable
-    } else {
-        ssl_mode
-    };
+    // libpq ignores `sslmode` on Unix-domain sockets (a Cloud SQL proxy's `host=/cloudsql/…`
+    // with `sslmode=require` connects); tokio-postgres would ask the server for TLS there, be
+    // refused, and fail.
+    let ssl_mode =
+        if only_unix_sockets(&config) || (ssl_mode == SslMode::Prefer && only_loopback(&config)) {
+            SslMode::Disable
+        } else {
+            ssl_mode
+        };
     config.ssl_mode(ssl_mode);
     let roots = match params.sslrootcert.as_deref() {
         Some("system") => Roots::System,
@@ -126,6 +130,15 @@ pub fn describe(url: &str) -> String {
     };
     let port = config.get_ports().first().copied().unwrap_or(5432);
     format!("{host}:{port}/{}", config.get_dbname().unwrap_or(""))
+}
+
+/// Whether every host of `config` is a Unix-domain socket.
+fn only_unix_sockets(config: &tokio_postgres::Config) -> bool {
+    let hosts = config.get_hosts();
+    !hosts.is_empty()
+        && hosts
+            .iter()
+            .all(|host| matches!(host, tokio_postgres::config::Host::Unix(_)))
 }
 
 /// Whether every host of `config` is this machine: a Unix socket, `localhost` or a loopback
@@ -329,6 +342,13 @@ mod tests {
             mode("postgres://h/db?sslcert=/c.pem"),
             Err(PgError::HalfIdentity)
         ));
+        // A Unix-domain socket: no TLS, whatever sslmode says (as libpq).
+        for url in [
+            "postgres:///db?host=/var/run/postgresql&sslmode=require",
+            "host=/tmp dbname=db sslmode=verify-full",
+        ] {
+            assert_eq!(mode(url).unwrap(), SslMode::Disable, "{url}");
+        }
         // sslrootcert=system: verify-full, and nothing weaker (libpq 16).
         assert_eq!(
             mode("postgres://h/db?sslrootcert=system").unwrap(),

@@ -261,12 +261,31 @@ async fn a_multi_host_url_moves_past_a_host_that_drops_packets() {
     .await
     .expect("connect ends")
     .expect("the second host answers");
-    assert_eq!(
-        store
-            .query_f64_within("SELECT 1::float8", Duration::from_secs(5))
-            .await
-            .expect("a query"),
-        1.0
-    );
+    assert_answers(&store).await;
     drop(held);
+}
+
+/// Over the Unix-domain socket `sslmode=require` connects, as with libpq, which ignores
+/// `sslmode` there (a Cloud SQL proxy's socket, say). tokio-postgres asked the server for TLS
+/// on the socket, was refused, and failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sslmode_require_over_the_unix_socket_connects() {
+    let db = TestDb::create().await;
+    let url = format!(
+        "postgres://postgres@/{}?host=/var/run/postgresql&sslmode=require",
+        db.name
+    );
+    let store = Store::connect(&url, 1)
+        .await
+        .expect("connect over the socket");
+    assert_answers(&store).await;
+}
+
+/// `store` runs a query and gets its answer.
+async fn assert_answers(store: &Store) {
+    let one = store
+        .query_f64_within("SELECT 1::float8", Duration::from_secs(5))
+        .await
+        .expect("a query");
+    assert_eq!(one, 1.0);
 }
