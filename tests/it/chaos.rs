@@ -61,7 +61,7 @@ impl Slot {
         self.pg.cut();
         self.worker.cancel.cancel();
         release.notify_one();
-        let dead = std::mem::replace(&mut self.worker, {
+        let mut dead = std::mem::replace(&mut self.worker, {
             self.amqp.restore();
             self.pg.restore();
             let trigger = Trigger::default();
@@ -73,7 +73,7 @@ impl Slot {
             self.trigger = trigger;
             worker
         });
-        let _ = tokio::time::timeout(Duration::from_secs(15), dead.handle).await;
+        let _ = tokio::time::timeout(Duration::from_secs(15), &mut dead.handle).await;
         true
     }
 }

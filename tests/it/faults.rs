@@ -254,7 +254,7 @@ async fn postgres_connection_cut_after_commit_before_ack() {
 async fn worker_killed_between_commit_and_ack() {
     let rig = Rig::new().await;
     let trigger = Trigger::default();
-    let worker = start_with_hook(rig.config(), trigger.hook(rig.pg.clone())).await;
+    let mut worker = start_with_hook(rig.config(), trigger.hook(rig.pg.clone())).await;
     worker.ready().await;
     let producer = rig.producer(EVENTS, RATE, 24, false);
     rig.counted_at_least(10_000).await;
@@ -268,7 +268,7 @@ async fn worker_killed_between_commit_and_ack() {
     rig.pg.cut();
     worker.cancel.cancel();
     release.notify_one();
-    let _ = tokio::time::timeout(Duration::from_secs(15), worker.handle).await;
+    let _ = tokio::time::timeout(Duration::from_secs(15), &mut worker.handle).await;
     rig.amqp.restore();
     rig.pg.restore();
 

@@ -292,6 +292,16 @@ pub struct TestWorker {
     worker_stats: std::sync::Arc<catchall::consumer::WorkerStats>,
 }
 
+/// A worker a test did not stop (it failed before `stop`) ends with it: otherwise it would
+/// reconnect while the test's broker is dropped and declare its queues again, leaving them
+/// behind.
+impl Drop for TestWorker {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        self.handle.abort();
+    }
+}
+
 impl TestWorker {
     pub fn config(db: &TestDb, broker: &TestBroker) -> Config {
         let mut config = Config::with_names(&db.url, &broker.exchange, &broker.queue);
@@ -343,9 +353,9 @@ impl TestWorker {
     }
 
     /// Stops the worker cleanly and checks it stopped without error.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         self.cancel.cancel();
-        tokio::time::timeout(Duration::from_secs(15), self.handle)
+        tokio::time::timeout(Duration::from_secs(15), &mut self.handle)
             .await
             .expect("worker stops within 15 s")
             .expect("worker task did not panic")
