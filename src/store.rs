@@ -206,21 +206,6 @@ async fn upsert_and_commit(
     Ok(())
 }
 
-/// A probe's answer; a connection whose query timed out is taken out of the pool.
-fn probe_done<T>(
-    client: deadpool_postgres::Object,
-    answer: Result<Result<T, tokio_postgres::Error>, tokio::time::error::Elapsed>,
-    within: Duration,
-) -> Result<T, StoreError> {
-    match answer {
-        Ok(answer) => Ok(answer?),
-        Err(_) => {
-            drop(deadpool_postgres::Object::take(client));
-            Err(StoreError::Timeout(within))
-        }
-    }
-}
-
 async fn lookup_on(client: &deadpool_postgres::Client, domain: &str) -> Result<Counts, StoreError> {
     let statement = client.prepare_cached(LOOKUP).await?;
     let row = client.query_opt(&statement, &[&domain]).await?;
@@ -367,12 +352,9 @@ impl Store {
     /// The one `float8` a query returns within `within` (the lag probe); see
     /// [`Store::ping_within`] for a connection that does not answer.
     pub async fn query_f64_within(&self, sql: &str, within: Duration) -> Result<f64, StoreError> {
-        let deadline = tokio::time::Instant::now() + within;
-        let client = tokio::time::timeout_at(deadline, self.pool.get())
-            .await
-            .map_err(|_| StoreError::Timeout(within))??;
+        let (client, deadline) = self.client_within(within).await?;
         let answer = tokio::time::timeout_at(deadline, client.query_one(sql, &[])).await;
-        Ok(probe_done(client, answer, within)?.try_get(0)?)
+        Ok(done_within(client, answer, within)?.try_get(0)?)
     }
 
     /// Checks that Postgres answers a query within `within`. A connection that does not answer
@@ -380,12 +362,9 @@ impl Store {
     /// otherwise hold every later probe until TCP gives up (about 15 minutes), long after
     /// Postgres came back.
     pub async fn ping_within(&self, within: Duration) -> Result<(), StoreError> {
-        let deadline = tokio::time::Instant::now() + within;
-        let client = tokio::time::timeout_at(deadline, self.pool.get())
-            .await
-            .map_err(|_| StoreError::Timeout(within))??;
+        let (client, deadline) = self.client_within(within).await?;
         let answer = tokio::time::timeout_at(deadline, client.simple_query("SELECT 1")).await;
-        probe_done(client, answer, within).map(drop)
+        done_within(client, answer, within).map(drop)
     }
 
     /// Applies a batch in one transaction: claims the message ids (skipping those already
@@ -552,33 +531,49 @@ impl Store {
         self.db_timeout.min(LOOKUP_TIMEOUT)
     }
 
-    /// A pooled connection for a look-up, and the look-up's deadline (see
-    /// [`Store::lookup_done`]).
+    /// A pooled connection for a look-up, and the look-up's deadline (see [`done_within`]).
     async fn lookup_client(
         &self,
     ) -> Result<(deadpool_postgres::Object, tokio::time::Instant), StoreError> {
-        let timeout = self.lookup_timeout();
-        let deadline = tokio::time::Instant::now() + timeout;
-        let client = tokio::time::timeout_at(deadline, self.pool.get())
-            .await
-            .map_err(|_| StoreError::Timeout(timeout))??;
-        Ok((client, deadline))
+        self.client_within(self.lookup_timeout()).await
     }
 
     /// A look-up has a client-side deadline, so a Postgres that stops answering costs a request
     /// one deadline (then 503), not an open-ended wait that also holds up a graceful shutdown.
-    /// A connection whose query timed out leaves the pool.
     fn lookup_done<T>(
         &self,
         client: deadpool_postgres::Object,
         result: Result<Result<T, StoreError>, tokio::time::error::Elapsed>,
     ) -> Result<T, StoreError> {
-        match result {
-            Ok(result) => result,
-            Err(_) => {
-                drop(deadpool_postgres::Object::take(client));
-                Err(StoreError::Timeout(self.lookup_timeout()))
-            }
+        done_within(client, result, self.lookup_timeout())
+    }
+
+    /// A pooled connection got within `within`, and the deadline its query must keep.
+    async fn client_within(
+        &self,
+        within: Duration,
+    ) -> Result<(deadpool_postgres::Object, tokio::time::Instant), StoreError> {
+        let deadline = tokio::time::Instant::now() + within;
+        let client = tokio::time::timeout_at(deadline, self.pool.get())
+            .await
+            .map_err(|_| StoreError::Timeout(within))??;
+        Ok((client, deadline))
+    }
+}
+
+/// The answer of a query made with a deadline (look-ups, probes). A connection whose query
+/// timed out leaves the pool: its state is unknown, and a socket to a host that vanished
+/// without a reset would hold every later query on it.
+fn done_within<T, E: Into<StoreError>>(
+    client: deadpool_postgres::Object,
+    result: Result<Result<T, E>, tokio::time::error::Elapsed>,
+    within: Duration,
+) -> Result<T, StoreError> {
+    match result {
+        Ok(result) => result.map_err(Into::into),
+        Err(_) => {
+            drop(deadpool_postgres::Object::take(client));
+            Err(StoreError::Timeout(within))
         }
     }
 }

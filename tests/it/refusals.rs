@@ -308,22 +308,22 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_with_postgres_frozen_exits_0_in_time_and_loses_nothing() {
-    let db = TestDb::create().await;
-    let broker = TestBroker::new();
+/// The worker binary for a stop with Postgres frozen (`SHUTDOWN_TIMEOUT` 4 s, a `DB_TIMEOUT`
+/// past it), with `settings` over those, once it is ready (the topology exists once it
+/// consumes, so publish after this); and its HTTP port.
+async fn stoppable_worker(
+    db: &TestDb,
+    broker: &TestBroker,
+    settings: &[(&str, String)],
+) -> (tokio::process::Child, u16) {
     let port = free_port();
-    let mut child = spawn_worker(
-        &db,
-        &broker,
-        &[
-            ("HTTP_ADDR", format!("127.0.0.1:{port}")),
-            ("SHUTDOWN_TIMEOUT", "4s".into()),
-            ("DB_TIMEOUT", "60s".into()),
-        ],
-    );
-    let (first, mut expected) = singles("before", 200);
-    // The topology exists once the worker consumes; publish after it is ready.
+    let mut all = vec![
+        ("HTTP_ADDR", format!("127.0.0.1:{port}")),
+        ("SHUTDOWN_TIMEOUT", "4s".into()),
+        ("DB_TIMEOUT", "60s".into()),
+    ];
+    all.extend(settings.iter().cloned());
+    let child = spawn_worker(db, broker, &all);
     wait_for(Duration::from_secs(30), "the worker ready", || async {
         let response = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
             .await
@@ -331,6 +331,15 @@ async fn sigterm_with_postgres_frozen_exits_0_in_time_and_loses_nothing() {
         (response.status() == 200).then_some(())
     })
     .await;
+    (child, port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_postgres_frozen_exits_0_in_time_and_loses_nothing() {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    let (mut child, _) = stoppable_worker(&db, &broker, &[]).await;
+    let (first, mut expected) = singles("before", 200);
     publish_all(&broker, &first).await;
     assert_counts_eventually(&db, &expected, Duration::from_secs(30)).await;
 
@@ -369,25 +378,8 @@ async fn sigterm_with_postgres_frozen_exits_0_in_time_and_loses_nothing() {
 async fn sigterm_with_postgres_frozen_and_a_lookup_in_flight_exits_0_in_time() {
     let db = TestDb::create().await;
     let broker = TestBroker::new();
-    let port = free_port();
-    let mut child = spawn_worker(
-        &db,
-        &broker,
-        &[
-            ("HTTP_ADDR", format!("127.0.0.1:{port}")),
-            ("SHUTDOWN_TIMEOUT", "4s".into()),
-            ("DB_TIMEOUT", "60s".into()),
-            // One pooled connection: the look-up needs the frozen one.
-            ("DB_POOL_SIZE", "1".into()),
-        ],
-    );
-    wait_for(Duration::from_secs(30), "the worker ready", || async {
-        let response = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
-            .await
-            .ok()?;
-        (response.status() == 200).then_some(())
-    })
-    .await;
+    // One pooled connection: the look-up needs the frozen one.
+    let (mut child, port) = stoppable_worker(&db, &broker, &[("DB_POOL_SIZE", "1".into())]).await;
     let (first, expected) = singles("before", 50);
     publish_all(&broker, &first).await;
     assert_counts_eventually(&db, &expected, Duration::from_secs(30)).await;

@@ -458,31 +458,36 @@ fn append(path: &Path, lines: &[String]) {
     }
 }
 
+/// A fresh directory, and the paths of the log and the state file in it.
+fn log_files() -> (PathBuf, PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("catchall-tail-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).expect("log dir");
+    let (log, state) = (dir.join("maillog"), dir.join("tail.state"));
+    (dir, log, state)
+}
+
+/// Waits until exactly `n` events are counted (never more).
+async fn counted(db: &TestDb, n: i64) {
+    wait_for(
+        Duration::from_secs(30),
+        "the log's events to be counted",
+        || async {
+            let counted = all_events(db).await;
+            assert!(counted <= n, "counted {counted} events, more than {n}");
+            (counted == n).then_some(())
+        },
+    )
+    .await
+}
+
 /// Truncation in place (`copytruncate`) while the tailer runs, then a rotation by rename while
 /// it is stopped: the restarted tailer finds the renamed file by its identity, finishes it from
 /// the saved offset, then follows the new file. Nothing skipped, nothing doubled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tail_follows_a_truncation_and_a_rotation_while_stopped() {
     let (db, broker, worker) = started().await;
-    let dir = std::env::temp_dir().join(format!("catchall-tail-{}", uuid::Uuid::now_v7()));
-    std::fs::create_dir_all(&dir).expect("log dir");
-    let log = dir.join("maillog");
-    let state = dir.join("tail.state");
-    let counted = |n: i64| {
-        let db = &db;
-        async move {
-            wait_for(
-                Duration::from_secs(30),
-                "the log's events to be counted",
-                || async {
-                    let counted = all_events(db).await;
-                    assert!(counted <= n, "counted {counted} events, more than {n}");
-                    (counted == n).then_some(())
-                },
-            )
-            .await
-        }
-    };
+    let (dir, log, state) = log_files();
+    let counted = |n: i64| counted(&db, n);
 
     let first: Vec<String> = (0..6)
         .map(|i| postfix_line(i, &format!("u{i}@a.test"), true))
@@ -550,25 +555,8 @@ async fn tail_follows_a_truncation_and_a_rotation_while_stopped() {
 async fn a_tailer_that_gives_up_on_rabbitmq_keeps_its_position_before_the_lines_it_lost() {
     let (db, broker, worker) = started().await;
     let proxy = Proxy::start("127.0.0.1:5672").await;
-    let dir = std::env::temp_dir().join(format!("catchall-tail-{}", uuid::Uuid::now_v7()));
-    std::fs::create_dir_all(&dir).expect("log dir");
-    let log = dir.join("maillog");
-    let state = dir.join("tail.state");
-    let counted = |n: i64| {
-        let db = &db;
-        async move {
-            wait_for(
-                Duration::from_secs(30),
-                "the log's events to be counted",
-                || async {
-                    let counted = all_events(db).await;
-                    assert!(counted <= n, "counted {counted} events, more than {n}");
-                    (counted == n).then_some(())
-                },
-            )
-            .await
-        }
-    };
+    let (dir, log, state) = log_files();
+    let counted = |n: i64| counted(&db, n);
 
     let before: Vec<String> = (0..3)
         .map(|i| postfix_line(i, &format!("u{i}@a.test"), true))
