@@ -30,8 +30,9 @@ pub enum StoreError {
     Migration(#[from] refinery::Error),
     #[error("Postgres did not answer within {0:?} (DB_TIMEOUT); the connection was dropped")]
     Timeout(Duration),
-    /// The task that answers single look-ups ([`crate::lookups`]) is gone (it panicked).
-    #[error("the look-up task stopped")]
+    /// A task the query waited on is gone (it panicked): the one that answers single look-ups
+    /// ([`crate::lookups`]) or one getting a connection ([`Store::client_within`]).
+    #[error("a Postgres task stopped")]
     Closed,
 }
 
@@ -46,7 +47,7 @@ impl StoreError {
             Self::Pool(deadpool_postgres::PoolError::Backend(error)) => query_reason(error),
             Self::Pool(_) => "no connection available".into(),
             Self::Timeout(_) => "no answer within DB_TIMEOUT".into(),
-            Self::Closed => "the look-up task stopped".into(),
+            Self::Closed => "a Postgres task stopped".into(),
             Self::Migration(_) => "migration failed".into(),
             Self::Query(error) => query_reason(error),
         }
@@ -159,6 +160,9 @@ pub struct Store {
     /// How close to UTC midnight a claim inserts its ids on both sides of the nearest partition
     /// bound, in seconds (see `dedup`).
     claim_window: f64,
+    /// How long opening a connection may take: every host of the URL in turn, each for up to
+    /// its connect_timeout, plus 5 s (the pool's create timeout; the start-up check's bound).
+    connect_within: Duration,
 }
 
 /// Adds a batch's per-domain totals (`$1` domains, sorted; `$2`..`$4` their counts). Public for
@@ -222,7 +226,7 @@ impl Store {
     /// Builds the pool and checks that Postgres answers (fail fast at start).
     pub async fn connect(database_url: &str, pool_size: u32) -> Result<Self, StoreError> {
         let store = Self::open(database_url, pool_size)?;
-        store.ping_within(Duration::from_secs(10)).await?;
+        store.ping_within(store.connect_within).await?;
         Ok(store)
     }
 
@@ -284,6 +288,7 @@ impl Store {
             pool,
             db_timeout: Duration::from_secs(30),
             claim_window: dedup::CLAIM_WINDOW.as_secs_f64(),
+            connect_within: create_timeout,
         })
     }
 
@@ -554,9 +559,17 @@ impl Store {
         within: Duration,
     ) -> Result<(deadpool_postgres::Object, tokio::time::Instant), StoreError> {
         let deadline = tokio::time::Instant::now() + within;
-        let client = tokio::time::timeout_at(deadline, self.pool.get())
+        // The wait for a connection runs in a task of its own, which the deadline does not
+        // cancel: a connection being opened (each host of a multi-host URL in turn, for up to
+        // its connect_timeout) outlives a 2-second probe and lands in the pool for the next
+        // one. Cancelled with the probe, it was abandoned, and with a first host that does not
+        // answer no probe or look-up ever reached the second.
+        let pool = self.pool.clone();
+        let mut getting = tokio::spawn(async move { pool.get().await });
+        let client = tokio::time::timeout_at(deadline, &mut getting)
             .await
-            .map_err(|_| StoreError::Timeout(within))??;
+            .map_err(|_| StoreError::Timeout(within))?
+            .map_err(|_| StoreError::Closed)??;
         Ok((client, deadline))
     }
 }

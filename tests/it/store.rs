@@ -254,15 +254,62 @@ async fn a_multi_host_url_moves_past_a_host_that_drops_packets() {
         "postgres://postgres@{silent_addr},127.0.0.1:5432/{}",
         db.name
     );
-    let store = tokio::time::timeout(
-        Duration::from_secs(30),
-        catchall::store::Store::connect(&url, 1),
-    )
-    .await
-    .expect("connect ends")
-    .expect("the second host answers");
-    assert_answers(&store).await;
+    connects_past_the_first_host(&url).await;
     drop(held);
+}
+
+/// A multi-host `DATABASE_URL` whose first host accepts the connection and then never answers
+/// (a proxy in front of a dead server, a half-failed-over address) reaches the second host, as
+/// with libpq, whose `connect_timeout` bounds each host's whole attempt. tokio-postgres bounded
+/// only the TCP connect, so the attempt waited on the first host until the pool gave up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_host_url_moves_past_a_host_that_accepts_and_never_answers() {
+    let db = TestDb::create().await;
+    let (mute_addr, holder, mut accepted) = mute_host().await;
+    let url = format!(
+        "postgres://postgres@{mute_addr},127.0.0.1:5432/{}?connect_timeout=2",
+        db.name
+    );
+    connects_past_the_first_host(&url).await;
+    assert!(
+        accepted.try_recv().is_ok(),
+        "the first host was tried (and accepted the connection)"
+    );
+    holder.abort();
+}
+
+/// Probes and look-ups wait for a connection for less time than opening one can take with a
+/// multi-host URL whose first host does not answer (`/readyz` 2 s, here 1 s, against a
+/// `connect_timeout` of 3 s on the first host). Each such wait cancelled the connection being
+/// opened, so none ever reached the second host and `/readyz` stayed 503 after a failover. Now
+/// the connection is opened on, lands in the pool, and a later probe answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_shorter_than_a_connect_still_reach_the_second_host() {
+    let db = TestDb::create().await;
+    let (mute_addr, holder, _) = mute_host().await;
+    let url = format!(
+        "postgres://postgres@{mute_addr},127.0.0.1:5432/{}?connect_timeout=3",
+        db.name
+    );
+    let store = Store::open(&url, 1).expect("the URL is valid");
+    let first = store.ping_within(Duration::from_secs(1)).await;
+    assert!(
+        first.is_err(),
+        "the first probe cannot get past the first host in 1 s: {first:?}"
+    );
+    let answered = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if store.ping_within(Duration::from_secs(1)).await.is_ok() {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        answered.is_ok(),
+        "a 1 s probe answers once the connection opened past the first host"
+    );
+    holder.abort();
 }
 
 /// Over the Unix-domain socket `sslmode=require` connects, as with libpq, which ignores
@@ -278,6 +325,37 @@ async fn sslmode_require_over_the_unix_socket_connects() {
     let store = Store::connect(&url, 1)
         .await
         .expect("connect over the socket");
+    assert_answers(&store).await;
+}
+
+/// A host that accepts connections and never answers on them: its address, the task holding
+/// the connections (abort it to close them), and one message per accepted connection.
+async fn mute_host() -> (
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<()>,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+) {
+    let mute = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = mute.local_addr().expect("its address");
+    let (accepted_tx, accepted) = tokio::sync::mpsc::unbounded_channel();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = mute.accept().await {
+            held.push(stream); // kept open, never read from or written to
+            let _ = accepted_tx.send(());
+        }
+    });
+    (addr, holder, accepted)
+}
+
+/// `Store::connect` on a multi-host `url` ends within 30 s, and the store answers.
+async fn connects_past_the_first_host(url: &str) {
+    let store = tokio::time::timeout(Duration::from_secs(30), Store::connect(url, 1))
+        .await
+        .expect("connect ends")
+        .expect("the second host answers");
     assert_answers(&store).await;
 }
 

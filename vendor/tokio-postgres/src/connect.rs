@@ -108,8 +108,15 @@ where
 
             let mut last_err = None;
             for addr in addrs {
-                match connect_once(Addr::Tcp(addr.ip()), hostname.as_deref(), port, tls, config)
-                    .await
+                // PATCHED (catchall): connect_once_within, not connect_once.
+                match connect_once_within(
+                    Addr::Tcp(addr.ip()),
+                    hostname.as_deref(),
+                    port,
+                    tls,
+                    config,
+                )
+                .await
                 {
                     Ok(stream) => return Ok(stream),
                     Err(e) => {
@@ -128,8 +135,36 @@ where
         }
         #[cfg(unix)]
         Host::Unix(path) => {
-            connect_once(Addr::Unix(path), hostname.as_deref(), port, tls, config).await
+            // PATCHED (catchall): connect_once_within, not connect_once.
+            connect_once_within(Addr::Unix(path), hostname.as_deref(), port, tls, config).await
         }
+    }
+}
+
+// PATCHED (catchall): `connect_timeout` bounds an address's whole attempt (TCP connect, TLS
+// handshake, startup, authentication, the `target_session_attrs` check), as libpq's does, not
+// only the TCP connect; an address that accepts the connection and then never answers is left
+// for the next one instead of holding the attempt until the caller gives up.
+async fn connect_once_within<T>(
+    addr: Addr,
+    hostname: Option<&str>,
+    port: u16,
+    tls: &mut T,
+    config: &Config,
+) -> Result<(Client, Connection<Socket, T::Stream>), Error>
+where
+    T: MakeTlsConnect<Socket>,
+{
+    let attempt = connect_once(addr, hostname, port, tls, config);
+    match config.connect_timeout {
+        Some(limit) => match tokio::time::timeout(limit, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::connect(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "connection timed out",
+            ))),
+        },
+        None => attempt.await,
     }
 }
 
