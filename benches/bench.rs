@@ -841,12 +841,11 @@ impl Run {
                 )
                 .await?;
             window.push_back(confirm);
-            if window.len() >= 2_000 {
-                if let Some(confirm) = window.pop_front() {
-                    if !confirm.await?.is_ack() {
-                        bail!("prefill: nacked");
-                    }
-                }
+            if window.len() >= 2_000
+                && let Some(confirm) = window.pop_front()
+                && !confirm.await?.is_ack()
+            {
+                bail!("prefill: nacked");
             }
         }
         for confirm in window {

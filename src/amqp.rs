@@ -192,12 +192,12 @@ fn parse_node(index: usize, raw: &str) -> Result<Node, ConnectError> {
             .find(|(k, _)| k == key)
             .map(|(_, v)| v.into_owned())
     };
-    if let Some(verify) = param("verify") {
-        if verify != "verify_peer" {
-            return Err(bad(format!(
-                "verify={verify}: the server certificate is always verified"
-            )));
-        }
+    if let Some(verify) = param("verify")
+        && verify != "verify_peer"
+    {
+        return Err(bad(format!(
+            "verify={verify}: the server certificate is always verified"
+        )));
     }
     let tls = match uri.scheme {
         AMQPScheme::AMQP => {

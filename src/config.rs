@@ -323,7 +323,10 @@ impl Config {
                 self.prefetch, self.batch_size
             ));
         }
-        if Duration::from_millis(self.ingest_pack_window_ms) >= self.http_request_timeout {
+        // Only PUT /events waits in the pack window: with ingest off, it is never used.
+        if Tokens::configured(&self.ingest_tokens).is_some()
+            && Duration::from_millis(self.ingest_pack_window_ms) >= self.http_request_timeout
+        {
             return Err(format!(
                 "INGEST_PACK_WINDOW_MS ({} ms) must be shorter than HTTP_REQUEST_TIMEOUT ({}), \
                  or every PUT without an Idempotency-Key would time out while it waits to be packed",
@@ -411,6 +414,30 @@ mod tests {
         assert!(config.validate().is_ok());
     }
 
+    /// SPEC §6: every setting is a flag named like its environment variable
+    /// (`WEBHOOK_SNS_CERT`: `--webhook-sns-cert`), as its long name or an alias.
+    #[test]
+    fn every_variable_is_also_a_flag_of_the_same_name() {
+        use clap::CommandFactory;
+        let command = Cli::command();
+        let mut checked = 0;
+        let subcommands = command
+            .get_subcommands()
+            .flat_map(|sub| sub.get_arguments());
+        for arg in command.get_arguments().chain(subcommands) {
+            let Some(env) = arg.get_env() else { continue };
+            let name = env.to_string_lossy().to_lowercase().replace('_', "-");
+            let long = arg.get_long().into_iter();
+            let aliases = arg.get_all_aliases().unwrap_or_default().into_iter();
+            assert!(
+                long.chain(aliases).any(|flag| flag == name),
+                "{env:?} has no flag --{name}"
+            );
+            checked += 1;
+        }
+        assert!(checked > 30, "only {checked} settings read a variable");
+    }
+
     #[test]
     fn bad_flags_are_usage_errors() {
         for args in [
@@ -439,6 +466,8 @@ mod tests {
         let pack = |window: &str, timeout: &str| {
             Cli::try_parse_from([
                 "catchall",
+                "--ingest-tokens",
+                "t",
                 "--ingest-pack-window-ms",
                 window,
                 "--http-request-timeout",
@@ -449,6 +478,9 @@ mod tests {
             .validate()
         };
         assert!(pack("2", "15s").is_ok() && pack("14999", "15s").is_ok());
+        // Without ingest the window is never used, so it is not checked.
+        let no_ingest = Cli::try_parse_from(["catchall", "--http-request-timeout", "1ms"]);
+        assert!(no_ingest.unwrap().config.validate().is_ok());
         assert!(
             pack("15000", "15s")
                 .unwrap_err()

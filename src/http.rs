@@ -343,10 +343,10 @@ async fn require_query_token(
     request: Request,
     next: Next,
 ) -> Response {
-    if let Some(tokens) = &state.query_tokens {
-        if let Err(error) = check_token(tokens, request.headers()) {
-            return error.into_response();
-        }
+    if let Some(tokens) = &state.query_tokens
+        && let Err(error) = check_token(tokens, request.headers())
+    {
+        return error.into_response();
     }
     next.run(request).await
 }

@@ -154,10 +154,10 @@ impl Link {
             }
             state.current = None;
         }
-        if let Some(failed) = state.last_failure {
-            if failed.elapsed() < self.settings.reconnect_pause {
-                return Err(IngestError::Unavailable("reconnecting".into()));
-            }
+        if let Some(failed) = state.last_failure
+            && failed.elapsed() < self.settings.reconnect_pause
+        {
+            return Err(IngestError::Unavailable("reconnecting".into()));
         }
         match tokio::time::timeout(self.settings.confirm_timeout, self.open_channel()).await {
             Ok(Ok((connection, channel))) => {
@@ -276,14 +276,13 @@ impl Link {
 
     /// Drops the connection a failed publish used, so the next one reconnects.
     fn forget(&self, channel: &Channel) {
-        if let Ok(mut state) = self.open.try_lock() {
-            if state
+        if let Ok(mut state) = self.open.try_lock()
+            && state
                 .current
                 .as_ref()
                 .is_some_and(|(_, current)| current.id() == channel.id())
-            {
-                state.current = None;
-            }
+        {
+            state.current = None;
         }
     }
 }

@@ -468,11 +468,11 @@ impl Store {
         let mut seen: HashSet<&[u8]> = HashSet::with_capacity(ids.len());
         let mut totals: BTreeMap<&str, (i64, i64, i64)> = BTreeMap::new();
         for message in batch {
-            if let Some(id) = message.id.as_deref() {
-                if held.contains(id) || !seen.insert(id) {
-                    applied.duplicates += 1;
-                    continue;
-                }
+            if let Some(id) = message.id.as_deref()
+                && (held.contains(id) || !seen.insert(id))
+            {
+                applied.duplicates += 1;
+                continue;
             }
             applied.messages += 1;
             for event in &message.events {

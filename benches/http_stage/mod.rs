@@ -266,7 +266,11 @@ async fn http_ingest(
             let mut latencies = Vec::new();
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let prefix = if n % 2 == 0 { "events" } else { "v1/events" };
+                let prefix = if n.is_multiple_of(2) {
+                    "events"
+                } else {
+                    "v1/events"
+                };
                 n += 1;
                 let url = format!(
                     "{base}/{prefix}/{}/delivered",

@@ -357,10 +357,8 @@ pub async fn lookups_at(
                 .await;
                 let kind = match answer {
                     Ok(Ok(((status, keep_alive), connection))) => {
-                        if keep_alive {
-                            if let Ok(mut idle) = idle.lock() {
-                                idle.push(connection);
-                            }
+                        if keep_alive && let Ok(mut idle) = idle.lock() {
+                            idle.push(connection);
                         }
                         match (200..300).contains(&status) {
                             true => None,

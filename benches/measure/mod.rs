@@ -55,10 +55,10 @@ fn listening_inodes(port: u16) -> HashSet<u64> {
                 .rsplit(':')
                 .next()
                 .and_then(|p| u16::from_str_radix(p, 16).ok());
-            if local_port == Some(port) {
-                if let Ok(inode) = fields[9].parse() {
-                    inodes.insert(inode);
-                }
+            if local_port == Some(port)
+                && let Ok(inode) = fields[9].parse()
+            {
+                inodes.insert(inode);
             }
         }
     }

@@ -21,7 +21,7 @@ const ACTIVE_DOMAINS: usize = 16;
 struct Plan {
     domain: String,
     remaining: u32,
-    /// Positions (counted down in `remaining`) at which the event is a bounce, sorted descending.
+    /// Positions (counted down in `remaining`) at which the event is a bounce, sorted ascending: the next one, the largest, is last (`pop`).
     bounces_at: Vec<u32>,
 }
 
@@ -48,7 +48,7 @@ impl Generator {
             .collect();
         let tld = TLDS[self.rng.random_range(0..TLDS.len())];
         let total = self.rng.random_range(0..MAX_EVENTS_PER_DOMAIN);
-        let bounces = if self.domains % CATCH_ALL_EVERY == 0 {
+        let bounces = if self.domains.is_multiple_of(CATCH_ALL_EVERY) {
             0
         } else {
             BOUNCES_PER_DOMAIN.min(total)

@@ -140,10 +140,10 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
     /// Opens the connection and channel if they are not open, declares the topology (so
     /// nothing published before a worker starts is lost) and enables confirms.
     async fn channel(&mut self) -> anyhow::Result<Channel> {
-        if let Some((_, channel)) = &self.link {
-            if channel.status().connected() {
-                return Ok(channel.clone());
-            }
+        if let Some((_, channel)) = &self.link
+            && channel.status().connected()
+        {
+            return Ok(channel.clone());
         }
         self.link = None;
         let connection = catchall::amqp::connect(

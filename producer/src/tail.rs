@@ -301,18 +301,18 @@ pub async fn run<F: FnMut(&Outgoing)>(
     let path = settings.file.as_path();
     let mut stats = TailStats::default();
     let mut source: Option<Source> = None;
-    if let Some(state) = &settings.state {
-        if let Some((dev, ino, offset)) = load_state(state)? {
-            match find_saved(path, dev, ino) {
-                Some(found) => {
-                    tracing::info!(file = %found.display(), offset, "Resuming from the state file.");
-                    source = Some(Source::open(&found, offset)?);
-                }
-                None => tracing::warn!(
-                    file = %path.display(),
-                    "The file of the saved position is gone; reading the current file from its start."
-                ),
+    if let Some(state) = &settings.state
+        && let Some((dev, ino, offset)) = load_state(state)?
+    {
+        match find_saved(path, dev, ino) {
+            Some(found) => {
+                tracing::info!(file = %found.display(), offset, "Resuming from the state file.");
+                source = Some(Source::open(&found, offset)?);
             }
+            None => tracing::warn!(
+                file = %path.display(),
+                "The file of the saved position is gone; reading the current file from its start."
+            ),
         }
     }
     let mut rotated_since: Option<Instant> = None;

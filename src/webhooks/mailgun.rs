@@ -64,7 +64,7 @@ pub fn sign(key: &str, timestamp: &str, token: &str) -> String {
 }
 
 fn hex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return None;
     }
     (0..text.len())

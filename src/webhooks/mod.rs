@@ -46,28 +46,47 @@ pub struct SinkError(pub String);
 #[derive(Clone, Default, clap::Args)]
 pub struct WebhookArgs {
     /// Mailgun's HTTP webhook signing key: turns on `POST /webhooks/mailgun`.
-    #[arg(long, env = "WEBHOOK_MAILGUN_SIGNING_KEY", hide_env_values = true)]
+    #[arg(
+        long,
+        visible_alias = "webhook-mailgun-signing-key",
+        env = "WEBHOOK_MAILGUN_SIGNING_KEY",
+        hide_env_values = true
+    )]
     pub mailgun_signing_key: Option<String>,
 
     /// SendGrid's signed event webhook verification key, the base64 public key SendGrid
     /// shows: turns on `POST /webhooks/sendgrid`.
-    #[arg(long, env = "WEBHOOK_SENDGRID_PUBLIC_KEY")]
+    #[arg(
+        long,
+        visible_alias = "webhook-sendgrid-public-key",
+        env = "WEBHOOK_SENDGRID_PUBLIC_KEY"
+    )]
     pub sendgrid_public_key: Option<String>,
 
     /// `user:password` of the basic auth in Postmark's webhook URL: turns on
     /// `POST /webhooks/postmark`.
-    #[arg(long, env = "WEBHOOK_POSTMARK_AUTH", hide_env_values = true)]
+    #[arg(
+        long,
+        visible_alias = "webhook-postmark-auth",
+        env = "WEBHOOK_POSTMARK_AUTH",
+        hide_env_values = true
+    )]
     pub postmark_auth: Option<String>,
 
     /// SNS topic ARNs (comma-separated) whose SES notifications are accepted: turns on
     /// `POST /webhooks/ses`. Notifications from other topics are refused.
-    #[arg(long, env = "WEBHOOK_SNS_TOPIC_ARNS", value_delimiter = ',')]
+    #[arg(
+        long,
+        visible_alias = "webhook-sns-topic-arns",
+        env = "WEBHOOK_SNS_TOPIC_ARNS",
+        value_delimiter = ','
+    )]
     pub sns_topic_arns: Vec<String>,
 
     /// A PEM file pinning the SNS signing certificate (closed networks, tests); unset, the
     /// certificate is fetched from `SigningCertURL`, only over https from an
     /// `sns.<region>.amazonaws.com` host.
-    #[arg(long, env = "WEBHOOK_SNS_CERT")]
+    #[arg(long, visible_alias = "webhook-sns-cert", env = "WEBHOOK_SNS_CERT")]
     pub sns_cert: Option<std::path::PathBuf>,
 }
 
