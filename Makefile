@@ -3,11 +3,15 @@ SHELL := /bin/bash
 CARGO ?= cargo
 EVENTS ?= 10000
 
-.PHONY: start services events createEvents test extra-stop nextest chaos bench bench-baseline bench-claim bench-pg soak lint lint-rust lint-deploy build postfix
+.PHONY: deps start services events createEvents test extra-stop nextest chaos bench bench-baseline bench-claim bench-pg soak lint lint-rust lint-deploy build postfix
 
 ## start: make sure RabbitMQ and Postgres answer (starting them), then run the worker in the foreground
 start: services
 	$(CARGO) run --release --bin catchall
+
+## deps: install the tools lint and the tests need (promtool, the PyPI validators, pika) if missing
+deps:
+	bash .ci/deps.sh
 
 ## services: start RabbitMQ and Postgres if they do not answer, and create the catchall database
 services:
@@ -23,7 +27,7 @@ build:
 	$(CARGO) build --workspace --all-targets
 
 ## test: unit and integration tests against the real RabbitMQ and Postgres
-test: services build nextest postfix
+test: deps services build nextest postfix
 	bash .ci/extra.sh  # TLS broker and Postgres, 3-node cluster, replica (tests/it/{tls,cluster,replica}.rs)
 	$(CARGO) nextest run --workspace --no-fail-fast
 
@@ -90,7 +94,7 @@ bench-pg: services
 
 ## lint: formatting, clippy, and every operations file checked by its ecosystem's own validator
 ## (compose, Dockerfile, Kubernetes, KEDA, Prometheus, Grafana, GitHub workflow); .ci/run installs them
-lint: lint-rust lint-deploy
+lint: deps lint-rust lint-deploy
 
 lint-rust:
 	$(CARGO) fmt --all -- --check
