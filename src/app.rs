@@ -78,11 +78,13 @@ impl App {
         let mut ready_probes = vec![crate::http::ReadyProbe {
             name: format!("Postgres {}", crate::pg::describe(url)),
             store: connect(1).await?,
+            serves_lookups: config.status_database_url.is_none(),
         }];
         if let (Some(replica), Some(store)) = (&config.status_database_url, replica(1)?) {
             ready_probes.push(crate::http::ReadyProbe {
                 name: format!("Postgres replica {}", crate::pg::describe(replica)),
                 store,
+                serves_lookups: true,
             });
         }
         let report = store.migrate().await.context("applying migrations")?;

@@ -64,6 +64,7 @@ pub fn router(state: AppState) -> Router {
         .merge(queries)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/readyz/lookups", get(readyz_lookups))
         .route("/metrics", get(render_metrics));
     if state.ingest.is_some() {
         let ingest = Router::new()
@@ -211,7 +212,31 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>
         return Err(unavailable(format!("Postgres: {error}")));
     }
     // With a replica, the primary (writes) and the replica (look-ups) must both answer.
-    for probe in state.ready_probes.iter() {
+    ping(state.ready_probes.iter()).await?;
+    Ok(Json(serde_json::json!({ "status": "ready" })))
+}
+
+/// Ready to serve look-ups: the server they read (the replica when `STATUS_DATABASE_URL` is
+/// set) answers now, whatever the consumer does. Kubernetes' readiness probe: every replica
+/// loses the one broker at once, and gating the Service on `/readyz` would take the whole
+/// look-up API down with it while Postgres answers.
+async fn readyz_lookups(
+    State(state): State<AppState>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    ping(
+        state
+            .ready_probes
+            .iter()
+            .filter(|probe| probe.serves_lookups),
+    )
+    .await?;
+    Ok(Json(serde_json::json!({ "status": "ready" })))
+}
+
+/// Pings each server within 2 s: 503 with a short reason for the first that does not answer.
+async fn ping(probes: impl Iterator<Item = &ReadyProbe>) -> Result<(), ApiError> {
+    let unavailable = |message: String| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message);
+    for probe in probes {
         let name = &probe.name;
         match probe.store.ping_within(Duration::from_secs(2)).await {
             Ok(()) => {}
@@ -231,7 +256,7 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>
             }
         }
     }
-    Ok(Json(serde_json::json!({ "status": "ready" })))
+    Ok(())
 }
 
 /// A server `/readyz` pings, on a pool of its own (one connection): a flood of look-ups that
@@ -241,6 +266,8 @@ pub struct ReadyProbe {
     /// `Postgres HOST:PORT/DB` or `Postgres replica HOST:PORT/DB` (no password).
     pub name: String,
     pub store: Store,
+    /// The server look-ups read (`/readyz/lookups` pings only these).
+    pub serves_lookups: bool,
 }
 
 /// Why a readiness ping failed, fit for any client: a TLS verification failure in our own
@@ -783,6 +810,7 @@ pub async fn serve(
     let service = Router::new()
         .route_service("/healthz", unlimited.clone())
         .route_service("/readyz", unlimited.clone())
+        .route_service("/readyz/lookups", unlimited.clone())
         .route_service("/metrics", unlimited)
         .fallback_service(limited);
     let connections = tokio_util::task::TaskTracker::new();

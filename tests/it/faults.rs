@@ -323,6 +323,15 @@ async fn postgres_down_longer_than_a_batch_timeout() {
         reason["error"].as_str().unwrap().contains("Postgres"),
         "{reason}"
     );
+    // Look-ups read the same Postgres: not ready for them either.
+    let lookups = reqwest::get(worker.url("/readyz/lookups"))
+        .await
+        .expect("GET /readyz/lookups");
+    assert_eq!(
+        lookups.status(),
+        503,
+        "look-ups need the Postgres that is cut"
+    );
 
     // The producer finishes while Postgres is down: the worker holds at most the prefetch, the
     // rest waits in the queue.

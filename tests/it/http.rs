@@ -270,10 +270,11 @@ async fn readyz_is_503_until_the_consumer_runs() {
     let db = TestDb::create().await;
     let broker = TestBroker::new();
     let mut config = TestWorker::config(&db, &broker);
-    // A broker address where nothing listens: the consumer cannot start.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // A broker address where nothing listens: the consumer cannot start. The port stays bound
+    // (not listening, so connects are refused) for the whole test: no other test can take it.
+    let closed = tokio::net::TcpSocket::new_v4().expect("a socket");
+    closed.bind("127.0.0.1:0".parse().unwrap()).expect("bind");
     let port = closed.local_addr().unwrap().port();
-    drop(closed);
     config.amqp.amqp_url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
     let worker = TestWorker::start(config).await;
 
@@ -291,6 +292,9 @@ async fn readyz_is_503_until_the_consumer_runs() {
         StatusCode::OK,
         "look-ups are served from Postgres meanwhile"
     );
+    // So the look-up API stays in the Service (Kubernetes' readiness probe).
+    let (status, body) = get_json(&worker.url("/readyz/lookups")).await;
+    assert_eq!(status, StatusCode::OK, "ready for look-ups: {body}");
     wait_for(
         Duration::from_secs(10),
         "reconnect attempts to be counted",
@@ -298,6 +302,7 @@ async fn readyz_is_503_until_the_consumer_runs() {
     )
     .await;
     worker.stop().await;
+    drop(closed);
 }
 
 /// A flood of look-ups that holds every connection of the look-up pool (each one waits on a
