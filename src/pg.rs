@@ -81,7 +81,8 @@ pub fn config(url: &str) -> Result<(tokio_postgres::Config, MakeRustlsConnect), 
         // As libpq: `require` with a root file (given, or ~/.postgresql/root.crt) checks the chain.
         "require" if root_given || root_file.is_some() => (SslMode::Require, Verify::ChainOnly),
         "require" => (SslMode::Require, Verify::None),
-        "verify-ca" if !root_given && root_file.is_none() => {
+        // (Over a Unix-domain socket no mode uses TLS, so no root file is needed there.)
+        "verify-ca" if !root_given && root_file.is_none() && !only_unix_sockets(&config) => {
             return Err(PgError::VerifyCaWithoutRoot);
         }
         "verify-ca" => (SslMode::Require, Verify::ChainOnly),
@@ -346,6 +347,8 @@ mod tests {
         for url in [
             "postgres:///db?host=/var/run/postgresql&sslmode=require",
             "host=/tmp dbname=db sslmode=verify-full",
+            // verify-ca needs a root file only where TLS is used.
+            "postgres:///db?host=/cloudsql/p:r:db&sslmode=verify-ca",
         ] {
             assert_eq!(mode(url).unwrap(), SslMode::Disable, "{url}");
         }
@@ -363,11 +366,14 @@ mod tests {
         }
         // verify-ca checks a chain up to a CA the operator named: without one it is an error
         // (it used to check against every public root, with no name check: any public certificate).
-        if default_root_file().is_none() {
-            assert!(matches!(
-                mode("postgres://h/db?sslmode=verify-ca"),
-                Err(PgError::VerifyCaWithoutRoot)
-            ));
+        // With ~/.postgresql/root.crt (libpq's default root file) it checks against that.
+        let verify_ca = mode("postgres://h/db?sslmode=verify-ca");
+        match default_root_file() {
+            None => assert!(
+                matches!(verify_ca, Err(PgError::VerifyCaWithoutRoot)),
+                "{verify_ca:?}"
+            ),
+            Some(_) => assert_eq!(verify_ca.unwrap(), SslMode::Require),
         }
     }
 }
