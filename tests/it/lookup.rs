@@ -241,6 +241,7 @@ async fn listing_returns_every_catch_all_domain_once_while_events_are_counted() 
     .await;
 
     let client = reqwest::Client::new();
+    let start = db.total_events().await;
     let listed = page_all(&client, &worker, "status=catch-all", 7).await;
     let during = db.total_events().await;
     let names: Vec<String> = listed
@@ -271,8 +272,8 @@ async fn listing_returns_every_catch_all_domain_once_while_events_are_counted() 
     stop.cancel();
     let published = writer.await.unwrap();
     assert!(
-        during > before,
-        "events were counted while the listing paged"
+        during > start,
+        "events were counted while the listing paged ({start} before its first page, {during} after its last)"
     );
     eprintln!(
         "listed {} catch-all domains in pages of 7 while {published} events were published",
