@@ -52,4 +52,10 @@ if [ -z "$data" ] || ! as_root test -f "$data/standby.signal"; then
 fi
 online catchall_replica || ctl catchall_replica start
 wait_pg 5435
-echo "replica: Postgres primary on 5434, streaming replica on 5435 ($(psql -h 127.0.0.1 -p 5435 -U postgres -Atc 'SELECT pg_is_in_recovery()'))"
+# The replica must answer SQL and be in recovery (streaming), not merely accept TCP.
+in_recovery=$(psql -h 127.0.0.1 -p 5435 -U postgres -Atc 'SELECT pg_is_in_recovery()')
+if [ "$in_recovery" != t ]; then
+  echo "replica: Postgres on 5435 is not a replica in recovery (pg_is_in_recovery: $in_recovery)" >&2
+  exit 1
+fi
+echo "replica: Postgres primary on 5434, streaming replica on 5435 (in recovery)"

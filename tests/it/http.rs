@@ -266,7 +266,7 @@ fn which(name: &str) -> Result<std::path::PathBuf, ()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn readyz_is_503_until_the_consumer_runs() {
+async fn readyz_is_503_while_the_consumer_cannot_run() {
     let db = TestDb::create().await;
     let broker = TestBroker::new();
     let mut config = TestWorker::config(&db, &broker);

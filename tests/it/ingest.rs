@@ -486,6 +486,9 @@ async fn bad_paths_bodies_and_tokens_get_4xx_json_and_publish_nothing() {
     assert_eq!(response.status(), StatusCode::ACCEPTED);
     let expected: Counts = [("good.example".to_string(), (2, 0))].into();
     assert_counts_eventually(&db, &expected, Duration::from_secs(30)).await;
+    // A refused body that was published anyway would have been dead-lettered (not counted)
+    // before the good one was counted.
+    assert_eq!(worker.stats().rejected, 0, "nothing was dead-lettered");
     worker.stop().await;
 }
 
@@ -523,6 +526,7 @@ async fn a_body_that_grows_past_the_message_limit_gets_413_and_publishes_nothing
     assert_eq!(response.status(), StatusCode::ACCEPTED);
     let expected: Counts = [("good.example".to_string(), (1, 0))].into();
     assert_counts_eventually(&db, &expected, Duration::from_secs(30)).await;
+    assert_eq!(worker.stats().rejected, 0, "nothing was dead-lettered");
     worker.stop().await;
 }
 

@@ -162,7 +162,7 @@ async fn tls_counts_over_amqps_and_verify_full_with_client_certificates() {
         .expect("who am I")
         .get(0);
     assert_eq!(user, "catchall_client", "logged in by certificate");
-    let counted = wait_for(Duration::from_secs(60), "every event counted", || {
+    wait_for(Duration::from_secs(60), "every event counted", || {
         let client = &client;
         let expected = &expected;
         async move {
@@ -174,11 +174,10 @@ async fn tls_counts_over_amqps_and_verify_full_with_client_certificates() {
                 .iter()
                 .map(|row| (row.get(0), (row.get(1), row.get(2))))
                 .collect();
-            (counts == *expected).then_some(counts.len())
+            (counts == *expected).then_some(())
         }
     })
     .await;
-    assert!(counted > 0);
     let encrypted: i64 = client
         .query_one(
             "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
