@@ -88,9 +88,9 @@ fn parse_postfix(line: &str) -> Option<Event> {
     if queue_id.is_empty() || !queue_id.bytes().all(|b| b.is_ascii_alphanumeric()) {
         return None;
     }
-    let (recipient, mut rest) = address_until_close(fields)?;
+    let (recipient, mut rest) = address_until(fields, |c| c == '>')?;
     if let Some(after) = rest.strip_prefix(", orig_to=<") {
-        rest = address_until_close(after)?.1;
+        rest = address_until(after, |c| c == '>')?.1;
     }
     // relay=, delay=, delays=, dsn= are Postfix's own (host names, numbers): the first
     // `status=` field after the addresses is the status.
@@ -126,9 +126,10 @@ fn parse_postfix(line: &str) -> Option<Event> {
     }))
 }
 
-/// An address that ends at the first `>` outside double quotes (Postfix logs a quoted local
-/// part as it was given), and what follows that `>`.
-fn address_until_close(text: &str) -> Option<(&str, &str)> {
+/// An address that ends at the first character `end` accepts outside double quotes (`>` for
+/// Postfix, a space or comma for Exim: both log a quoted local part as it was given), and what
+/// follows that character. `None` when no such character comes.
+fn address_until(text: &str, end: impl Fn(char) -> bool) -> Option<(&str, &str)> {
     let mut quoted = false;
     let mut escaped = false;
     for (at, c) in text.char_indices() {
@@ -136,7 +137,7 @@ fn address_until_close(text: &str) -> Option<(&str, &str)> {
             _ if escaped => escaped = false,
             '\\' if quoted => escaped = true,
             '"' => quoted = !quoted,
-            '>' if !quoted => return Some((&text[..at], &text[at + 1..])),
+            c if !quoted && end(c) => return Some((&text[..at], &text[at + c.len_utf8()..])),
             _ => {}
         }
     }
@@ -180,7 +181,15 @@ fn parse_exim(line: &str) -> Option<Event> {
         + tokens[at].len()
         + 2;
     let rest = &line[marker..];
-    let address = rest.split([' ', ',']).next()?.trim_end_matches(':');
+    // The address up to a space or comma outside quotes: a quoted local part such as
+    // `"x@target.example y"@evil.example` is one address, at evil.example. A quote never
+    // closed: not an address.
+    let address = match address_until(rest, |c| c == ' ' || c == ',') {
+        Some((address, _)) => address,
+        None if !rest.contains('"') => rest,
+        None => return None,
+    }
+    .trim_end_matches(':');
     let event = event_for(address, kind)?;
     if kind == EventType::Delivered {
         return Some(event);
@@ -528,6 +537,12 @@ mod tests {
     fn exim_lines_a_sender_shapes_are_not_misread() {
         let forged = r#"2026-12-04 10:00:00 H=[198.51.100.7]:4242 F=<"x 1tFxyz-0001ab-Cd => y"@evil.example> rejected RCPT <x@target.example>: relay not permitted"#;
         assert_eq!(parse_line(LogFormat::Exim, forged), None);
+        // A quoted local part holding another address is one address, at the real domain.
+        let quoted = r#"2026-12-04 10:00:00 1tFxyz-0001ab-Cd => "x@target.example y"@evil.example R=dnslookup T=remote_smtp"#;
+        let event = parse_line(LogFormat::Exim, quoted).expect("a delivery");
+        assert_eq!(event.domain, "evil.example");
+        let unclosed = r#"2026-12-04 10:00:00 1tFxyz-0001ab-Cd => "x@target.example R=dnslookup"#;
+        assert_eq!(parse_line(LogFormat::Exim, unclosed), None);
         for line in [
             "2026-12-04 10:00:00 1tFxyz-0001ab-Cd => a@ok.example R=dnslookup T=remote_smtp",
             "2026-12-04 10:00:00.123 +0000 [4242] 1tFxyz-0001ab-Cd => a@ok.example R=x T=y",
