@@ -201,6 +201,11 @@ pub struct Config {
     #[arg(long, env = "HTTP_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub http_max_connections: u32,
 
+    /// Request bodies held at once (each up to 1 MiB); past it, requests with a body wait for
+    /// room (within HTTP_REQUEST_TIMEOUT). At least 1MiB.
+    #[arg(long, env = "HTTP_BODY_BUDGET", default_value = "32MiB", value_parser = parse_bytes)]
+    pub http_body_budget: u64,
+
     /// How long a request may take from its headers to its answer (slower ones get 408).
     #[arg(long, env = "HTTP_REQUEST_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub http_request_timeout: Duration,
@@ -332,6 +337,12 @@ impl Config {
                  or every PUT without an Idempotency-Key would time out while it waits to be packed",
                 self.ingest_pack_window_ms,
                 humantime::format_duration(self.http_request_timeout)
+            ));
+        }
+        if self.http_body_budget < crate::event::MAX_BODY_BYTES as u64 {
+            return Err(format!(
+                "HTTP_BODY_BUDGET ({} bytes) must be at least 1MiB, the largest body a request may have",
+                self.http_body_budget
             ));
         }
         if self.dedup_retention.is_zero() {
@@ -478,6 +489,9 @@ mod tests {
             .validate()
         };
         assert!(pack("2", "15s").is_ok() && pack("14999", "15s").is_ok());
+        let budget = Cli::try_parse_from(["catchall", "--http-body-budget", "1000"]);
+        let refused = budget.unwrap().config.validate().unwrap_err();
+        assert!(refused.contains("HTTP_BODY_BUDGET"), "{refused}");
         // Without ingest the window is never used, so it is not checked.
         let no_ingest = Cli::try_parse_from(["catchall", "--http-request-timeout", "1ms"]);
         assert!(no_ingest.unwrap().config.validate().is_ok());

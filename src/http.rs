@@ -723,6 +723,10 @@ pub struct ServerLimits {
     /// progress is written), and dropped if that takes longer than `request_timeout`. (An idle
     /// connection is closed by hyper's header timer `header_timeout` after its last answer.)
     pub connection_timeout: Duration,
+    /// Request bodies held at once, in bytes (HTTP_BODY_BUDGET): a request with a body reserves
+    /// its declared size (without one, the most a body may be) before it is read, and waits
+    /// while the budget is spent. At least [`MAX_BODY_BYTES`].
+    pub body_budget: usize,
 }
 
 impl ServerLimits {
@@ -737,6 +741,7 @@ impl ServerLimits {
                 .saturating_sub(Duration::from_secs(2))
                 .max(config.shutdown_timeout / 2),
             max_connections: config.http_max_connections as usize,
+            body_budget: config.http_body_budget as usize,
             connection_timeout: config
                 .http_request_timeout
                 .saturating_mul(4)
@@ -759,6 +764,36 @@ async fn protection_error(error: BoxError) -> Response {
     } else {
         tracing::warn!(error = %error, "HTTP middleware failed.");
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
+    }
+}
+
+/// Holds a request with a body until its size fits in the body budget (in KiB permits), and
+/// keeps the reservation until the answer is made: bodies of up to 1 MiB at
+/// `HTTP_MAX_CONCURRENCY` requests at once (a flood of open `POST /domains/lookup`) would
+/// otherwise take far more memory than SPEC §4's PREFETCH_BYTES + 64 MiB. The wait counts
+/// toward the request's deadline (408).
+async fn reserve_body(
+    State(budget): State<Arc<tokio::sync::Semaphore>>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let headers = request.headers();
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok()?.parse::<usize>().ok());
+    let bytes = match declared {
+        Some(0) => 0,
+        Some(length) => length.min(MAX_BODY_BYTES),
+        None if headers.contains_key(header::TRANSFER_ENCODING) => MAX_BODY_BYTES,
+        None => 0,
+    };
+    if bytes == 0 {
+        return next.run(request).await;
+    }
+    let permits = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
+    match budget.acquire_many(permits).await {
+        Ok(_reserved) => next.run(request).await,
+        Err(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response(),
     }
 }
 
@@ -798,11 +833,15 @@ pub async fn serve(
     use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::service::TowerToHyperService;
 
+    let budget = Arc::new(tokio::sync::Semaphore::new(
+        limits.body_budget.max(MAX_BODY_BYTES).div_ceil(1024),
+    ));
     let limited = ServiceBuilder::new()
         .layer(HandleErrorLayer::new(protection_error))
         .load_shed()
         .concurrency_limit(limits.max_concurrency)
         .timeout(limits.request_timeout)
+        .layer(axum::middleware::from_fn_with_state(budget, reserve_body))
         .service(app.clone());
     // Probes and metrics bypass the cap: an overloaded worker must not look dead to its
     // orchestrator (and be restarted) or go dark to its monitoring.
@@ -948,6 +987,7 @@ mod tests {
             drain_timeout: Duration::from_secs(1),
             max_connections: 1,
             connection_timeout: Duration::from_secs(60),
+            body_budget: MAX_BODY_BYTES,
         })
     }
 
@@ -974,6 +1014,93 @@ mod tests {
         let cancel = CancellationToken::new();
         let server = tokio::spawn(serve(listener, app, limits, cancel.clone()));
         (addr, cancel, server)
+    }
+
+    /// Bodies held at once stay within the body budget (here one largest body): while a
+    /// request's 1 MiB body is still arriving, a second request with a body waits before its
+    /// handler, a request without one is answered, and the second goes on once the first is
+    /// answered. Without the budget, a flood of 1 MiB bodies took memory without bound.
+    #[tokio::test]
+    async fn requests_with_bodies_wait_for_the_body_budget() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
+        let body_length = move |request: Request| {
+            let entered = entered_tx.clone();
+            async move {
+                let _ = entered.send(());
+                let body = axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES).await;
+                body.map_or(0, |body| body.len()).to_string()
+            }
+        };
+        let app = Router::new()
+            .route("/", axum::routing::get(|| async { "ok" }))
+            .route("/body", axum::routing::post(body_length));
+        let limits = ServerLimits {
+            max_concurrency: 8,
+            request_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            drain_timeout: Duration::from_secs(1),
+            max_connections: 8,
+            connection_timeout: Duration::from_secs(60),
+            body_budget: MAX_BODY_BYTES,
+        };
+        let cancel = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, app, limits, cancel.clone()));
+        let post = |length: usize| {
+            format!("POST /body HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n")
+        };
+        let answer = |mut stream: tokio::net::TcpStream| async move {
+            let mut buffer = vec![0; 1024];
+            let n = stream.read(&mut buffer).await.unwrap_or(0);
+            String::from_utf8_lossy(&buffer[..n]).to_lowercase()
+        };
+
+        let mut first = tokio::net::TcpStream::connect(addr).await.unwrap();
+        first
+            .write_all(post(MAX_BODY_BYTES).as_bytes())
+            .await
+            .unwrap();
+        first
+            .write_all(&vec![b'a'; MAX_BODY_BYTES / 2])
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), entered.recv())
+            .await
+            .expect("the first request reaches its handler");
+        let mut second = tokio::net::TcpStream::connect(addr).await.unwrap();
+        second.write_all(post(3).as_bytes()).await.unwrap();
+        second.write_all(b"abc").await.unwrap();
+        let mut other = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(
+            get_on(&mut other, "/").await.contains("200"),
+            "no body, no wait"
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), entered.recv())
+                .await
+                .is_err(),
+            "the second request waits for the budget"
+        );
+
+        first
+            .write_all(&vec![b'a'; MAX_BODY_BYTES - MAX_BODY_BYTES / 2])
+            .await
+            .unwrap();
+        let first = answer(first).await;
+        assert!(
+            first.starts_with("http/1.1 200") && first.ends_with("1048576"),
+            "{first}"
+        );
+        let second = answer(second).await;
+        assert!(
+            second.starts_with("http/1.1 200") && second.ends_with("\r\n\r\n3"),
+            "{second}"
+        );
+        cancel.cancel();
+        server.await.unwrap().unwrap();
     }
 
     #[tokio::test]
@@ -1061,6 +1188,7 @@ mod tests {
             drain_timeout: Duration::from_secs(1),
             max_connections: 8,
             connection_timeout: lifetime,
+            body_budget: MAX_BODY_BYTES,
         });
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
         let first = get_on(&mut stream, "/").await;
