@@ -346,7 +346,14 @@ async fn postgres_down_longer_than_a_batch_timeout() {
         (1..=prefetch).contains(&held),
         "the worker holds what it could not commit, within its prefetch ({prefetch}): {held} held"
     );
-    tokio::time::sleep(Duration::from_millis(1500)).await; // down for longer than a batch timeout and a few retries
+    // Down for longer than a batch timeout: another failed attempt after the producer ended.
+    let errors = worker.stats().db_errors;
+    wait_for(
+        Duration::from_secs(30),
+        "another failed attempt",
+        || async { (worker.stats().db_errors > errors).then_some(()) },
+    )
+    .await;
     assert_eq!(
         i64::from(rig.broker.depth(&rig.broker.queue).await),
         ready_in_queue,

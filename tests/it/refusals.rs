@@ -255,7 +255,9 @@ async fn lookups_on_a_frozen_backend_fail_in_time_and_the_next_runs_on_a_fresh_c
         );
     }
     let waited = started.elapsed();
-    assert!(waited < Duration::from_secs(3), "failed after {waited:?}");
+    // One deadline (1 s) for all of them, not 20 one after the other; the bound leaves room
+    // for a loaded machine.
+    assert!(waited < Duration::from_secs(10), "failed after {waited:?}");
     let counts = store
         .lookup("a.example")
         .await
@@ -286,7 +288,9 @@ async fn grouped_lookups_on_a_frozen_backend_all_fail_in_time() {
         );
     }
     let waited = started.elapsed();
-    assert!(waited < Duration::from_secs(3), "failed after {waited:?}");
+    // One deadline (1 s) for all of them, not 20 one after the other; the bound leaves room
+    // for a loaded machine.
+    assert!(waited < Duration::from_secs(10), "failed after {waited:?}");
     assert_eq!(
         lookups.queries(),
         2,
@@ -388,9 +392,18 @@ async fn sigterm_with_postgres_frozen_and_a_lookup_in_flight_exits_0_in_time() {
     let lookup = tokio::spawn(reqwest::get(format!(
         "http://127.0.0.1:{port}/domains/before0.example"
     )));
-    // Nothing outside the worker shows a request waiting on Postgres; give it time to reach
-    // the frozen connection, and check it is still waiting when the stop comes.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The worker counts a look-up query as it sends it (its only pooled connection is the
+    // frozen one); then the look-up must still be waiting when the stop comes.
+    let metrics = format!("http://127.0.0.1:{port}/metrics");
+    wait_for(
+        Duration::from_secs(10),
+        "the look-up query sent",
+        || async {
+            let text = reqwest::get(&metrics).await.ok()?.text().await.ok()?;
+            (metric_value(&text, "catchall_lookup_group_domains_count") >= 1.0).then_some(())
+        },
+    )
+    .await;
     assert!(
         !lookup.is_finished(),
         "the look-up waits on frozen Postgres"

@@ -226,9 +226,11 @@ async fn replica_serves_lookups_and_its_loss_only_stops_readiness() {
 async fn a_replica_down_at_start_does_not_stop_counting() {
     let db = crate::helpers::TestDb::create().await;
     let broker = TestBroker::new();
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    // Bound but not listening for the whole test: connects are refused, and no other test can
+    // take the port meanwhile.
+    let closed = tokio::net::TcpSocket::new_v4().expect("a socket");
+    closed.bind("127.0.0.1:0".parse().unwrap()).expect("bind");
     let port = closed.local_addr().expect("its address").port();
-    drop(closed);
     let mut config = TestWorker::config(&db, &broker);
     config.status_database_url = Some(format!("postgres://postgres@127.0.0.1:{port}/postgres"));
     let worker = TestWorker::start(config).await;
@@ -237,6 +239,13 @@ async fn a_replica_down_at_start_does_not_stop_counting() {
     let response = reqwest::get(worker.url("/readyz"))
         .await
         .expect("GET /readyz");
+    assert_eq!(response.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    let body = response.text().await.expect("body");
+    assert!(body.contains("replica"), "{body}");
+    // Look-ups read the replica: not ready for them either (the primary answers).
+    let response = reqwest::get(worker.url("/readyz/lookups"))
+        .await
+        .expect("GET /readyz/lookups");
     assert_eq!(response.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
     let body = response.text().await.expect("body");
     assert!(body.contains("replica"), "{body}");
