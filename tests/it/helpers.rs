@@ -150,7 +150,7 @@ impl Drop for TestDb {
 }
 
 /// Runs a future to completion on a runtime of its own, from sync code (Drop).
-fn run_blocking(future: impl Future<Output = ()> + Send + 'static) {
+pub fn run_blocking(future: impl Future<Output = ()> + Send + 'static) {
     let _ = std::thread::spawn(move || {
         if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -237,7 +237,12 @@ impl Drop for TestBroker {
                 Connection::connect(AMQP_URL, ConnectionProperties::default()).await
             {
                 if let Ok(channel) = connection.create_channel().await {
-                    for q in [queue.clone(), format!("{queue}.dead")] {
+                    // `.full`: a test's queue that refuses every message (it::producer).
+                    for q in [
+                        queue.clone(),
+                        format!("{queue}.dead"),
+                        format!("{queue}.full"),
+                    ] {
                         let _ = channel
                             .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                             .await;

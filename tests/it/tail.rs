@@ -459,11 +459,26 @@ fn append(path: &Path, lines: &[String]) {
 }
 
 /// A fresh directory, and the paths of the log and the state file in it.
-fn log_files() -> (PathBuf, PathBuf, PathBuf) {
+fn log_files() -> (LogDir, PathBuf, PathBuf) {
     let dir = std::env::temp_dir().join(format!("catchall-tail-{}", uuid::Uuid::now_v7()));
     std::fs::create_dir_all(&dir).expect("log dir");
     let (log, state) = (dir.join("maillog"), dir.join("tail.state"));
-    (dir, log, state)
+    (LogDir(dir), log, state)
+}
+
+/// A test's log directory, removed on drop (also when the test fails).
+struct LogDir(PathBuf);
+
+impl LogDir {
+    fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for LogDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Waits until exactly `n` events are counted (never more).
@@ -544,7 +559,6 @@ async fn tail_follows_a_truncation_and_a_rotation_while_stopped() {
         .collect();
     assert_eq!(got, want);
     worker.stop().await;
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// RabbitMQ unreachable past `--give-up-after` while lines arrive: the tailer exits non-zero
@@ -555,7 +569,7 @@ async fn tail_follows_a_truncation_and_a_rotation_while_stopped() {
 async fn a_tailer_that_gives_up_on_rabbitmq_keeps_its_position_before_the_lines_it_lost() {
     let (db, broker, worker) = started().await;
     let proxy = Proxy::start("127.0.0.1:5672").await;
-    let (dir, log, state) = log_files();
+    let (_dir, log, state) = log_files();
     let counted = |n: i64| counted(&db, n);
 
     let before: Vec<String> = (0..3)
@@ -585,5 +599,4 @@ async fn a_tailer_that_gives_up_on_rabbitmq_keeps_its_position_before_the_lines_
     counted(7).await;
     tailer.stop().await;
     worker.stop().await;
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -128,6 +128,7 @@ async fn tls_counts_over_amqps_and_verify_full_with_client_certificates() {
     let db = TlsDb::create().await;
     let id = uuid::Uuid::now_v7().simple().to_string();
     let (exchange, queue) = (format!("test.{id}.events"), format!("test.{id}.queue"));
+    let _topology = TlsTopology(exchange.clone(), queue.clone());
 
     let database_url = pg_url("catchall_client", "localhost", &db.name, &client_cert());
     let mut config = Config::with_names(&database_url, &exchange, &queue);
@@ -194,7 +195,17 @@ async fn tls_counts_over_amqps_and_verify_full_with_client_certificates() {
 
     worker.stop().await;
     drop(client);
-    delete_topology(&exchange, &queue).await;
+}
+
+/// A test's exchange and queue names on the TLS broker, whose data outlives the test: deleted
+/// on drop, also when the test fails.
+struct TlsTopology(String, String);
+
+impl Drop for TlsTopology {
+    fn drop(&mut self) {
+        let (exchange, queue) = (self.0.clone(), self.1.clone());
+        crate::helpers::run_blocking(async move { delete_topology(&exchange, &queue).await });
+    }
 }
 
 /// Refused with a clear error naming the host and the reason: a certificate from another CA,
