@@ -24,6 +24,8 @@ pub struct App {
     /// connection each, apart from the look-up pool.
     ready_probes: Vec<crate::http::ReadyProbe>,
     listener: TcpListener,
+    /// `ADMIN_ADDR`'s listener (probes and metrics only), when set.
+    admin: Option<TcpListener>,
     health: Arc<Health>,
     /// What the consumer uses of `config`.
     consumer: consumer::ConsumerSettings,
@@ -93,6 +95,13 @@ impl App {
         }
         let listener = crate::http::bind(config.http_addr)
             .with_context(|| format!("binding the HTTP address {}", config.http_addr))?;
+        let admin = match config.admin_addr {
+            Some(addr) => Some(
+                crate::http::bind(addr)
+                    .with_context(|| format!("binding the admin address {addr}"))?,
+            ),
+            None => None,
+        };
         Ok(Self {
             consumer: consumer::ConsumerSettings::from_config(&config),
             config,
@@ -100,6 +109,7 @@ impl App {
             lookups,
             ready_probes,
             listener,
+            admin,
             health: Arc::new(Health::default()),
         })
     }
@@ -121,6 +131,14 @@ impl App {
             .context("reading the HTTP address")
     }
 
+    /// The address `ADMIN_ADDR` listens on, when set (useful with port 0).
+    pub fn admin_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
+        self.admin
+            .as_ref()
+            .map(|admin| admin.local_addr().context("reading the admin address"))
+            .transpose()
+    }
+
     /// Runs until `cancel` fires, then commits and acks what is in flight, stops the HTTP server
     /// and returns.
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
@@ -130,6 +148,7 @@ impl App {
             lookups,
             ready_probes,
             listener,
+            admin,
             health,
             consumer: consumer_settings,
         } = self;
@@ -212,6 +231,16 @@ impl App {
                 cancel.clone(),
             ));
         }
+        // The admin listener has a connection cap of its own: a client that holds every
+        // connection HTTP_ADDR allows cannot make the probes fail and the pod restart.
+        let admin_server = admin.map(|admin| {
+            let admin_limits = crate::http::ServerLimits {
+                max_connections: 64,
+                ..limits
+            };
+            let app = crate::http::admin_router(state.clone());
+            tracker.spawn(crate::http::serve(admin, app, admin_limits, cancel.clone()))
+        });
         let http_cancel = cancel.clone();
         let server = tracker.spawn(async move {
             crate::http::serve(listener, router(state), limits, http_cancel).await
@@ -226,6 +255,12 @@ impl App {
             .await
             .context("the HTTP server task panicked")?
             .context("the HTTP server failed")?;
+        if let Some(admin_server) = admin_server {
+            admin_server
+                .await
+                .context("the admin HTTP server task panicked")?
+                .context("the admin HTTP server failed")?;
+        }
         if let Some(ingest) = closing {
             ingest.close().await;
         }

@@ -107,6 +107,12 @@ pub struct Config {
     #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
 
+    /// A second address that serves only /healthz, /readyz, /readyz/lookups and /metrics, out
+    /// of reach of HTTP_ADDR's connection cap (for probes and scrapes). Unset: none; they are
+    /// served on HTTP_ADDR only.
+    #[arg(long, env = "ADMIN_ADDR")]
+    pub admin_addr: Option<SocketAddr>,
+
     /// A domain with no bounce and strictly more deliveries than this is catch-all.
     #[arg(
         long = "threshold",

@@ -89,6 +89,19 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn(crate::trace_http::trace))
 }
 
+/// What `ADMIN_ADDR` serves: the probes and the metrics, nothing that reads a body or counts.
+pub fn admin_router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/readyz/lookups", get(readyz_lookups))
+        .route("/metrics", get(render_metrics))
+        .with_state(state)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(track))
+}
+
 /// An error answer: `{"error": "…"}` with a status code (and `Retry-After` on a 503, a bearer
 /// challenge on a 401).
 #[derive(Debug)]

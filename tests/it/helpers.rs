@@ -296,6 +296,8 @@ pub async fn started() -> (TestDb, TestBroker, TestWorker) {
 /// A worker running in this process.
 pub struct TestWorker {
     pub addr: SocketAddr,
+    /// `ADMIN_ADDR`'s bound address, when the config set one.
+    pub admin: Option<SocketAddr>,
     pub cancel: CancellationToken,
     pub handle: JoinHandle<anyhow::Result<()>>,
     /// This worker's own counts: the Prometheus metrics are the process', shared by every
@@ -330,11 +332,13 @@ impl TestWorker {
         // Logs go to the test's output (shown when it fails); RUST_LOG sets the levels.
         catchall::telemetry::init(Some(catchall::config::LogFormat::Pretty));
         let addr = app.http_addr().expect("bound address");
+        let admin = app.admin_addr().expect("bound admin address");
         let worker_stats = app.stats();
         let cancel = CancellationToken::new();
         let handle = tokio::spawn(app.run(cancel.clone()));
         Self {
             addr,
+            admin,
             cancel,
             handle,
             worker_stats,

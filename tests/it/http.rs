@@ -389,3 +389,56 @@ async fn readyz_names_the_failure_without_the_servers_text() {
     );
     worker.stop().await;
 }
+
+/// With `ADMIN_ADDR` the probes and the metrics have a listener of their own: a client holding
+/// every connection `HTTP_ADDR` allows (here 1) leaves them answering, so Kubernetes does not
+/// restart a worker that is only saturated and the scrape goes on. The admin address serves
+/// nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_address_answers_probes_while_http_addr_is_full() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    let mut config = TestWorker::config(&db, &broker);
+    config.http_max_connections = 1;
+    config.admin_addr = Some("127.0.0.1:0".parse().unwrap());
+    let worker = TestWorker::start(config).await;
+    worker.ready().await;
+    let admin = worker.admin.expect("an admin address");
+
+    // HTTP_ADDR's only connection, answered once and held open.
+    let mut held = tokio::net::TcpStream::connect(worker.addr).await.unwrap();
+    held.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buffer = vec![0; 1024];
+    let n = held.read(&mut buffer).await.unwrap();
+    assert!(
+        buffer[..n].starts_with(b"HTTP/1.1 200"),
+        "the held connection was served"
+    );
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    assert!(
+        client.get(worker.url("/healthz")).send().await.is_err(),
+        "HTTP_ADDR takes no second connection"
+    );
+    for path in ["/healthz", "/readyz", "/readyz/lookups", "/metrics"] {
+        let response = client
+            .get(format!("http://{admin}{path}"))
+            .send()
+            .await
+            .unwrap_or_else(|error| panic!("{path} on the admin address: {error}"));
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+    }
+    let (status, _) = get_json(&format!("http://{admin}/domains/example.com")).await;
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "no look-ups on the admin address"
+    );
+    drop(held);
+    worker.stop().await;
+}
