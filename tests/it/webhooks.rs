@@ -552,15 +552,8 @@ async fn a_mailgun_request_answered_503_is_counted_when_mailgun_sends_it_again()
     .await;
     let client = reqwest::Client::new();
     let body = mailgun_body("mailgun-delivered.json", key, "tok-retry");
-    let post = || async {
-        let response = client
-            .post(format!("{base}/webhooks/mailgun"))
-            .body(body.clone())
-            .send()
-            .await
-            .expect("POST");
-        (response.status(), response.text().await.expect("answer"))
-    };
+    let url = format!("{base}/webhooks/mailgun");
+    let post = || post_answer(&client, &url, &body);
 
     let (code, answer) = post().await;
     assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
@@ -569,11 +562,71 @@ async fn a_mailgun_request_answered_503_is_counted_when_mailgun_sends_it_again()
     // A third time it is a replay again.
     let (code, answer) = post().await;
     assert_eq!(code, StatusCode::UNAUTHORIZED, "{answer}");
+    counted_once(&db).await;
+    worker.stop().await;
+}
+
+/// The same through the worker's own route and publisher, with RabbitMQ really gone (its
+/// connection cut by a proxy): the request is answered 503, and Mailgun's retries after the
+/// broker is back are published and counted once; once accepted, the token is a replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mailgun_request_refused_while_rabbitmq_is_down_is_counted_when_sent_again() {
+    let proxy = crate::proxy::Proxy::start("127.0.0.1:5672").await;
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    let mut config = TestWorker::config(&db, &broker);
+    config.amqp.amqp_url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    let key = "key-it-signing-outage";
+    config.webhooks.mailgun_signing_key = Some(key.into());
+    let worker = TestWorker::start(config).await;
+    worker.ready().await;
+    let client = reqwest::Client::new();
+    let body = mailgun_body("mailgun-delivered.json", key, "tok-outage");
+    let url = worker.url("/webhooks/mailgun");
+    let post = || post_answer(&client, &url, &body);
+
+    proxy.cut();
+    let (code, answer) = post().await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    proxy.restore();
+    // Mailgun retries until it gets a 2xx; a 401 here would be the lost event.
+    wait_for(
+        Duration::from_secs(30),
+        "a retry to be accepted",
+        || async {
+            let (code, answer) = post().await;
+            assert_ne!(code, StatusCode::UNAUTHORIZED, "a retry refused: {answer}");
+            (code == StatusCode::OK).then_some(())
+        },
+    )
+    .await;
+    let (code, answer) = post().await;
+    assert_eq!(
+        code,
+        StatusCode::UNAUTHORIZED,
+        "accepted once, then a replay: {answer}"
+    );
+    counted_once(&db).await;
+    worker.stop().await;
+}
+
+/// POSTs `body` to `url`: the status and the answer's text.
+async fn post_answer(client: &reqwest::Client, url: &str, body: &[u8]) -> (StatusCode, String) {
+    let response = client
+        .post(url)
+        .body(body.to_vec())
+        .send()
+        .await
+        .expect("POST");
+    (response.status(), response.text().await.expect("answer"))
+}
+
+/// Waits until the one retried delivery is counted.
+async fn counted_once(db: &TestDb) {
     wait_for(
         Duration::from_secs(20),
         "the retried delivery to be counted",
-        || async { (all_events(&db).await == 1).then_some(()) },
+        || async { (all_events(db).await == 1).then_some(()) },
     )
     .await;
-    worker.stop().await;
 }
