@@ -780,17 +780,29 @@ async fn protection_error(error: BoxError) -> Response {
     }
 }
 
-/// Holds a request with a body until its size fits in the body budget (in KiB permits), and
-/// keeps the reservation until the answer is made: bodies of up to 1 MiB at
-/// `HTTP_MAX_CONCURRENCY` requests at once (a flood of open `POST /domains/lookup`) would
-/// otherwise take far more memory than SPEC §4's PREFETCH_BYTES + 64 MiB. The wait counts
-/// toward the request's deadline (408). A request without a body goes straight through, with
-/// nothing boxed (as `middleware::from_fn` it cost look-ups ~5 % more CPU: benches/ab-lookups.sh).
+/// Caps the request bodies held at once (`HTTP_BODY_BUDGET`, one permit per byte): bodies of up
+/// to 1 MiB at `HTTP_MAX_CONCURRENCY` requests at once (a flood of open `POST /domains/lookup`)
+/// would otherwise take far more memory than SPEC §4's PREFETCH_BYTES + 64 MiB. A request
+/// reserves its declared size (1 MiB without a `Content-Length`) when the first chunk of its
+/// body arrives (while the budget is spent, it stops reading its body until room is made:
+/// back-pressure on its client) and holds it until its answer is made, as the handler holds
+/// the body until then. Connections that declare a body and send nothing hold nothing. A
+/// request without a body goes straight through, nothing boxed (as `middleware::from_fn` it
+/// cost look-ups ~5 % more CPU: benches/ab-lookups.sh).
 #[derive(Clone)]
 struct BodyBudget<S> {
     inner: S,
     budget: Arc<tokio::sync::Semaphore>,
 }
+
+/// The wait for a request's room in the body budget.
+type Acquiring = futures_util::future::BoxFuture<
+    'static,
+    Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError>,
+>;
+
+/// What one request reserved, released when its answer is made.
+type Held = Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>;
 
 impl<S> tower::Service<Request> for BodyBudget<S>
 where
@@ -828,23 +840,99 @@ where
         if bytes == 0 {
             return Either::Left(self.inner.call(request));
         }
-        let permits = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
-        let budget = self.budget.clone();
+        let held = Held::default();
+        let (parts, body) = request.into_parts();
+        let body = axum::body::Body::new(BudgetBody {
+            inner: body,
+            budget: self.budget.clone(),
+            held: held.clone(),
+            reserve: u32::try_from(bytes).unwrap_or(u32::MAX),
+            waiting: None,
+        });
         // The service that was polled ready serves this request; a clone takes its place.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
+        let answer = inner.call(Request::from_parts(parts, body));
         Either::Right(Box::pin(async move {
-            match budget.acquire_many_owned(permits).await {
-                Ok(reserved) => {
-                    let answer = inner.call(request).await;
-                    drop(reserved);
-                    answer
-                }
-                Err(_) => Ok(
-                    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response(),
-                ),
-            }
+            let answer = answer.await;
+            drop(held);
+            answer
         }))
+    }
+}
+
+/// A request body that reserves its whole declared size in the budget when its first chunk
+/// arrives, before handing that chunk on; the later chunks pass. One reservation per request,
+/// so no request holds part of the budget while it waits for more (reserving each chunk as it
+/// came deadlocked requests against each other until their timeouts).
+struct BudgetBody {
+    inner: axum::body::Body,
+    budget: Arc<tokio::sync::Semaphore>,
+    held: Held,
+    /// Bytes to reserve at the first chunk (0 once reserved).
+    reserve: u32,
+    /// The first chunk, waiting for its room in the budget.
+    waiting: Option<(hyper::body::Frame<Bytes>, Acquiring)>,
+}
+
+impl BudgetBody {
+    fn hold(&mut self, permit: tokio::sync::OwnedSemaphorePermit) {
+        self.reserve = 0;
+        *self
+            .held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(permit);
+    }
+}
+
+impl hyper::body::Body for BudgetBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        if let Some((_, acquiring)) = self.waiting.as_mut() {
+            let permit = match acquiring.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(permit)) => permit,
+                Poll::Ready(Err(error)) => return Poll::Ready(Some(Err(axum::Error::new(error)))),
+            };
+            self.hold(permit);
+            let (frame, _) = self.waiting.take().expect("a chunk waits");
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        let frame = match std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => frame,
+            other => return other,
+        };
+        let bytes = frame.data_ref().map_or(0, |data| data.len());
+        if bytes == 0 || self.reserve == 0 {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        // The declared size, at most the body limit (which the budget is at least).
+        let permits = self.reserve;
+        match self.budget.clone().try_acquire_many_owned(permits) {
+            Ok(permit) => {
+                self.hold(permit);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Err(_) => {
+                let acquiring = Box::pin(self.budget.clone().acquire_many_owned(permits));
+                self.waiting = Some((frame, acquiring));
+                self.poll_frame(cx)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.waiting.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -885,7 +973,7 @@ pub async fn serve(
     use hyper_util::service::TowerToHyperService;
 
     let budget = Arc::new(tokio::sync::Semaphore::new(
-        limits.body_budget.max(MAX_BODY_BYTES).div_ceil(1024),
+        limits.body_budget.max(MAX_BODY_BYTES),
     ));
     let limited = ServiceBuilder::new()
         .layer(HandleErrorLayer::new(protection_error))
@@ -1070,22 +1158,32 @@ mod tests {
         (addr, cancel, server)
     }
 
-    /// Bodies held at once stay within the body budget (here one largest body): while a
-    /// request's 1 MiB body is still arriving, a second request with a body waits before its
-    /// handler, a request without one is answered, and the second goes on once the first is
-    /// answered. Without the budget, a flood of 1 MiB bodies took memory without bound.
+    /// Bodies held at once stay within the body budget (here one largest body), reserved when
+    /// their first bytes arrive: a request that declared 1 MiB and sent nothing holds nothing
+    /// (a few idle connections must not block every request with a body); once a 1 MiB body
+    /// has begun to arrive, another request's 3 bytes wait until that request is answered, and
+    /// its own last byte does not wait behind them; a request without a body is answered
+    /// meanwhile.
     #[tokio::test]
     async fn requests_with_bodies_wait_for_the_body_budget() {
+        use futures_util::StreamExt;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
-        let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
+        // The handler reports when it has received all but the last byte of a 1 MiB body.
+        let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel();
         let body_length = move |request: Request| {
-            let entered = entered_tx.clone();
+            let arrived = arrived_tx.clone();
             async move {
-                let _ = entered.send(());
-                let body = axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES).await;
-                body.map_or(0, |body| body.len()).to_string()
+                let mut chunks = request.into_body().into_data_stream();
+                let mut received = 0;
+                while let Some(Ok(chunk)) = chunks.next().await {
+                    received += chunk.len();
+                    if received == MAX_BODY_BYTES - 1 {
+                        let _ = arrived.send(());
+                    }
+                }
+                received.to_string()
             }
         };
         let app = Router::new()
@@ -1107,50 +1205,81 @@ mod tests {
             format!("POST /body HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n")
         };
         let answer = |mut stream: tokio::net::TcpStream| async move {
+            // Up to the end of the body, whose length the answer's text is.
+            let mut text = Vec::new();
             let mut buffer = vec![0; 1024];
-            let n = stream.read(&mut buffer).await.unwrap_or(0);
-            String::from_utf8_lossy(&buffer[..n]).to_lowercase()
+            while !text.ends_with(b"\r\n\r\n") || !text.last().is_some_and(u8::is_ascii_digit) {
+                let n = stream.read(&mut buffer).await.unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                text.extend_from_slice(&buffer[..n]);
+                if text.windows(4).any(|w| w == b"\r\n\r\n")
+                    && text.last().is_some_and(u8::is_ascii_digit)
+                {
+                    break;
+                }
+            }
+            String::from_utf8_lossy(&text).to_lowercase()
+        };
+        let small = |addr| async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            stream.write_all(post(3).as_bytes()).await.unwrap();
+            stream.write_all(b"abc").await.unwrap();
+            stream
         };
 
+        // Declared 1 MiB, sent nothing: holds nothing, a small body is answered at once.
+        let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+        idle.write_all(post(MAX_BODY_BYTES).as_bytes())
+            .await
+            .unwrap();
+        let quick = tokio::time::timeout(Duration::from_secs(5), answer(small(addr).await))
+            .await
+            .expect("a small body is not held up by a body that never came");
+        assert!(
+            quick.starts_with("http/1.1 200") && quick.ends_with("\r\n3"),
+            "{quick}"
+        );
+        drop(idle);
+
+        // 1 MiB − 1 arrived: the budget is spent, a small body waits.
         let mut first = tokio::net::TcpStream::connect(addr).await.unwrap();
         first
             .write_all(post(MAX_BODY_BYTES).as_bytes())
             .await
             .unwrap();
         first
-            .write_all(&vec![b'a'; MAX_BODY_BYTES / 2])
+            .write_all(&vec![b'a'; MAX_BODY_BYTES - 1])
             .await
             .unwrap();
-        tokio::time::timeout(Duration::from_secs(5), entered.recv())
+        tokio::time::timeout(Duration::from_secs(5), arrived.recv())
             .await
-            .expect("the first request reaches its handler");
-        let mut second = tokio::net::TcpStream::connect(addr).await.unwrap();
-        second.write_all(post(3).as_bytes()).await.unwrap();
-        second.write_all(b"abc").await.unwrap();
+            .expect("the first body arrives but for its last byte");
+        let second = tokio::spawn(answer(small(addr).await));
         let mut other = tokio::net::TcpStream::connect(addr).await.unwrap();
         assert!(
             get_on(&mut other, "/").await.contains("200"),
             "no body, no wait"
         );
+        tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(
-            tokio::time::timeout(Duration::from_millis(500), entered.recv())
-                .await
-                .is_err(),
-            "the second request waits for the budget"
+            !second.is_finished(),
+            "the second body waits for the budget"
         );
 
-        first
-            .write_all(&vec![b'a'; MAX_BODY_BYTES - MAX_BODY_BYTES / 2])
-            .await
-            .unwrap();
+        first.write_all(b"a").await.unwrap();
         let first = answer(first).await;
         assert!(
             first.starts_with("http/1.1 200") && first.ends_with("1048576"),
             "{first}"
         );
-        let second = answer(second).await;
+        let second = tokio::time::timeout(Duration::from_secs(5), second)
+            .await
+            .expect("answered once the first is")
+            .unwrap();
         assert!(
-            second.starts_with("http/1.1 200") && second.ends_with("\r\n\r\n3"),
+            second.starts_with("http/1.1 200") && second.ends_with("\r\n3"),
             "{second}"
         );
         cancel.cancel();

@@ -13,7 +13,10 @@ use tokio_util::sync::CancellationToken;
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::Healthcheck(check)) = &cli.command {
-        return healthcheck(cli.config.http_addr, check).await;
+        // ADMIN_ADDR, when set, is where the probes are served out of reach of HTTP_ADDR's
+        // connection cap.
+        let addr = cli.config.admin_addr.unwrap_or(cli.config.http_addr);
+        return healthcheck(addr, check).await;
     }
     let telemetry = telemetry::init(cli.config.log_format);
     if let Err(error) = cli.config.validate() {

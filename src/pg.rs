@@ -136,7 +136,9 @@ pub fn describe(url: &str) -> String {
 /// Whether every host of `config` is a Unix-domain socket.
 fn only_unix_sockets(config: &tokio_postgres::Config) -> bool {
     let hosts = config.get_hosts();
+    // A `hostaddr` makes tokio-postgres connect over TCP to it, whatever `host` says.
     !hosts.is_empty()
+        && config.get_hostaddrs().is_empty()
         && hosts
             .iter()
             .all(|host| matches!(host, tokio_postgres::config::Host::Unix(_)))
@@ -352,6 +354,11 @@ mod tests {
         ] {
             assert_eq!(mode(url).unwrap(), SslMode::Disable, "{url}");
         }
+        // With a hostaddr the connection is TCP to it: sslmode counts again.
+        assert_eq!(
+            mode("host=/tmp hostaddr=10.0.0.5 dbname=db sslmode=require").unwrap(),
+            SslMode::Require
+        );
         // sslrootcert=system: verify-full, and nothing weaker (libpq 16).
         assert_eq!(
             mode("postgres://h/db?sslrootcert=system").unwrap(),

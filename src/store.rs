@@ -566,8 +566,10 @@ impl Store {
         // answer no probe or look-up ever reached the second.
         // With an idle connection in the pool (the common case) it is taken at once, without
         // the task: a task per look-up query cost ~15 % more worker CPU per look-up
-        // (benches/ab-lookups.sh). Should another caller take that connection first, this wait
-        // may open one itself and lose it to the deadline: the next probe opens it again.
+        // (benches/ab-lookups.sh). Should another caller take that connection first, or the
+        // idle one turn out dead when recycled (after a failover), this wait opens one itself
+        // and may lose it to the deadline; the pool is then empty and the next caller takes
+        // the task.
         if self.pool.status().available > 0 {
             let client = tokio::time::timeout_at(deadline, self.pool.get())
                 .await

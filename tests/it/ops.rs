@@ -34,6 +34,15 @@ async fn healthcheck_exits_0_for_a_healthy_worker_and_1_otherwise() {
     );
     let (ok, stderr) = healthcheck(&addr, &["--path", "/no-such-route"]).await;
     assert!(!ok && stderr.contains("404"), "{stderr}");
+    // With ADMIN_ADDR set, that is what it probes (here with a HTTP_ADDR where nothing listens).
+    let output = tokio::process::Command::new(binary("catchall"))
+        .arg("healthcheck")
+        .env("HTTP_ADDR", "127.0.0.1:9")
+        .env("ADMIN_ADDR", &addr)
+        .output()
+        .await
+        .expect("run catchall healthcheck");
+    assert!(output.status.success(), "ADMIN_ADDR probed: {output:?}");
     worker.stop().await;
 
     let (ok, stderr) = healthcheck(&addr, &["--timeout", "2s"]).await;
