@@ -45,8 +45,9 @@ USER 10001:10001
 ENV HTTP_ADDR=0.0.0.0:8080
 EXPOSE 8080
 
-# The worker probes itself (no curl in the image): GET /healthz on HTTP_ADDR, exit 0 or 1.
-# Kubernetes ignores HEALTHCHECK and probes /healthz and /readyz itself (deploy/kubernetes).
+# The worker probes itself (no curl in the image): GET /healthz on ADMIN_ADDR when it is set,
+# else on HTTP_ADDR; exit 0 or 1. Kubernetes ignores HEALTHCHECK and probes /healthz and
+# /readyz/lookups itself, on ADMIN_ADDR (deploy/kubernetes).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
     CMD ["catchall", "healthcheck", "--path", "/healthz", "--timeout", "3s"]
 
