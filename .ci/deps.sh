@@ -4,21 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
-# promtool (Debian package prometheus) lints /metrics in the tests; no service is started:
-# policy-rc.d 101 keeps the package's service from starting during the install (as .ci/postfix.sh).
+source .ci/apt.sh
+# promtool (Debian package prometheus) lints /metrics in the tests; its service is not started.
 if ! command -v promtool >/dev/null; then
-  as_root apt-get -o DPkg::Lock::Timeout=300 update -qq
-  policy=/usr/sbin/policy-rc.d
-  created_policy=0
-  if [ ! -e "$policy" ]; then
-    printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null
-    as_root chmod +x "$policy"
-    created_policy=1
-  fi
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq \
-    --no-install-recommends prometheus >/dev/null
-  if [ "$created_policy" = 1 ]; then as_root rm -f "$policy"; fi
+  apt_install_no_start prometheus
 fi
 # PyPI, pinned in .ci/requirements.txt: make lint's validators, check-jsonschema (compose.yaml,
 # the KEDA ScaledObject, the GitHub workflow), kubernetes-validate (Kubernetes manifests),

@@ -60,12 +60,7 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             require_query_token,
         ));
-    let mut app = Router::new()
-        .merge(queries)
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/readyz/lookups", get(readyz_lookups))
-        .route("/metrics", get(render_metrics));
+    let mut app = Router::new().merge(queries).merge(probes());
     if state.ingest.is_some() {
         let ingest = Router::new()
             .route("/events/{domain}/{kind}", put(put_event))
@@ -89,13 +84,22 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn(crate::trace_http::trace))
 }
 
-/// What `ADMIN_ADDR` serves: the probes and the metrics, nothing that reads a body or counts.
-pub fn admin_router(state: AppState) -> Router {
+/// The probes and the metrics ([`PROBES`]), on `HTTP_ADDR` and on `ADMIN_ADDR`.
+fn probes() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/readyz/lookups", get(readyz_lookups))
         .route("/metrics", get(render_metrics))
+}
+
+/// The paths of [`probes`], which [`serve`] exempts from the concurrency cap and the request
+/// timeout.
+const PROBES: [&str; 4] = ["/healthz", "/readyz", "/readyz/lookups", "/metrics"];
+
+/// What `ADMIN_ADDR` serves: the probes and the metrics, nothing that reads a body or counts.
+pub fn admin_router(state: AppState) -> Router {
+    probes()
         .with_state(state)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -802,12 +806,11 @@ type Acquiring = futures_util::future::BoxFuture<
 >;
 
 /// What one request reserved, released when its answer is made.
-type Held = Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>;
+type Held = Arc<std::sync::OnceLock<tokio::sync::OwnedSemaphorePermit>>;
 
 impl<S> tower::Service<Request> for BodyBudget<S>
 where
     S: tower::Service<Request, Response = Response, Error = std::convert::Infallible>
-        + Clone
         + Send
         + 'static,
     S::Future: Send + 'static,
@@ -849,10 +852,7 @@ where
             reserve: u32::try_from(bytes).unwrap_or(u32::MAX),
             waiting: None,
         });
-        // The service that was polled ready serves this request; a clone takes its place.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let answer = inner.call(Request::from_parts(parts, body));
+        let answer = self.inner.call(Request::from_parts(parts, body));
         Either::Right(Box::pin(async move {
             let answer = answer.await;
             drop(held);
@@ -875,16 +875,6 @@ struct BudgetBody {
     waiting: Option<(hyper::body::Frame<Bytes>, Acquiring)>,
 }
 
-impl BudgetBody {
-    fn hold(&mut self, permit: tokio::sync::OwnedSemaphorePermit) {
-        self.reserve = 0;
-        *self
-            .held
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(permit);
-    }
-}
-
 impl hyper::body::Body for BudgetBody {
     type Data = Bytes;
     type Error = axum::Error;
@@ -900,7 +890,8 @@ impl hyper::body::Body for BudgetBody {
                 Poll::Ready(Ok(permit)) => permit,
                 Poll::Ready(Err(error)) => return Poll::Ready(Some(Err(axum::Error::new(error)))),
             };
-            self.hold(permit);
+            self.reserve = 0;
+            let _ = self.held.set(permit);
             let (frame, _) = self.waiting.take().expect("a chunk waits");
             return Poll::Ready(Some(Ok(frame)));
         }
@@ -912,19 +903,11 @@ impl hyper::body::Body for BudgetBody {
         if bytes == 0 || self.reserve == 0 {
             return Poll::Ready(Some(Ok(frame)));
         }
-        // The declared size, at most the body limit (which the budget is at least).
-        let permits = self.reserve;
-        match self.budget.clone().try_acquire_many_owned(permits) {
-            Ok(permit) => {
-                self.hold(permit);
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Err(_) => {
-                let acquiring = Box::pin(self.budget.clone().acquire_many_owned(permits));
-                self.waiting = Some((frame, acquiring));
-                self.poll_frame(cx)
-            }
-        }
+        // The declared size, at most the body limit (which the budget is at least); ready at
+        // once when the budget has room.
+        let acquiring = Box::pin(self.budget.clone().acquire_many_owned(self.reserve));
+        self.waiting = Some((frame, acquiring));
+        self.poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -988,11 +971,11 @@ pub async fn serve(
     // Probes and metrics bypass the cap: an overloaded worker must not look dead to its
     // orchestrator (and be restarted) or go dark to its monitoring.
     let unlimited = app.into_service::<axum::body::Body>();
-    let service = Router::new()
-        .route_service("/healthz", unlimited.clone())
-        .route_service("/readyz", unlimited.clone())
-        .route_service("/readyz/lookups", unlimited.clone())
-        .route_service("/metrics", unlimited)
+    let service = PROBES
+        .iter()
+        .fold(Router::new(), |service, path| {
+            service.route_service(path, unlimited.clone())
+        })
         .fallback_service(limited);
     let connections = tokio_util::task::TaskTracker::new();
     // Fired when the drain after a stop overruns `drain_timeout`: open connections are dropped.

@@ -160,9 +160,6 @@ pub struct Store {
     /// How close to UTC midnight a claim inserts its ids on both sides of the nearest partition
     /// bound, in seconds (see `dedup`).
     claim_window: f64,
-    /// How long opening a connection may take: every host of the URL in turn, each for up to
-    /// its connect_timeout, plus 5 s (the pool's create timeout; the start-up check's bound).
-    connect_within: Duration,
 }
 
 /// Adds a batch's per-domain totals (`$1` domains, sorted; `$2`..`$4` their counts). Public for
@@ -226,7 +223,14 @@ impl Store {
     /// Builds the pool and checks that Postgres answers (fail fast at start).
     pub async fn connect(database_url: &str, pool_size: u32) -> Result<Self, StoreError> {
         let store = Self::open(database_url, pool_size)?;
-        store.ping_within(store.connect_within).await?;
+        // As long as opening a connection may take (the pool's create timeout: every host of
+        // the URL in turn, each for up to its connect_timeout, plus 5 s).
+        let within = store
+            .pool
+            .timeouts()
+            .create
+            .unwrap_or(Duration::from_secs(10));
+        store.ping_within(within).await?;
         Ok(store)
     }
 
@@ -288,7 +292,6 @@ impl Store {
             pool,
             db_timeout: Duration::from_secs(30),
             claim_window: dedup::CLAIM_WINDOW.as_secs_f64(),
-            connect_within: create_timeout,
         })
     }
 

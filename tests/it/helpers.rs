@@ -399,6 +399,15 @@ pub fn metric_value(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// A local port where nothing listens: its socket is bound but not listening (connects are
+/// refused) for as long as the caller keeps it, so no other test can take the port meanwhile.
+pub fn closed_port() -> (tokio::net::TcpSocket, u16) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket.bind("127.0.0.1:0".parse().unwrap()).expect("bind");
+    let port = socket.local_addr().expect("its address").port();
+    (socket, port)
+}
+
 /// A binary of the workspace, built beside the test executable.
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");

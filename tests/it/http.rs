@@ -270,11 +270,8 @@ async fn readyz_is_503_while_the_consumer_cannot_run() {
     let db = TestDb::create().await;
     let broker = TestBroker::new();
     let mut config = TestWorker::config(&db, &broker);
-    // A broker address where nothing listens: the consumer cannot start. The port stays bound
-    // (not listening, so connects are refused) for the whole test: no other test can take it.
-    let closed = tokio::net::TcpSocket::new_v4().expect("a socket");
-    closed.bind("127.0.0.1:0".parse().unwrap()).expect("bind");
-    let port = closed.local_addr().unwrap().port();
+    // A broker address where nothing listens: the consumer cannot start.
+    let (closed, port) = closed_port();
     config.amqp.amqp_url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
     let worker = TestWorker::start(config).await;
 

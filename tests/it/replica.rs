@@ -1,7 +1,7 @@
 //! Look-ups from a streaming replica (`STATUS_DATABASE_URL`, SPEC §6), against the primary
 //! (5434) and replica (5435) that `.ci/replica.sh` makes.
 
-use crate::helpers::{TestBroker, TestWorker, generate, wait_for};
+use crate::helpers::{TestBroker, TestWorker, closed_port, generate, wait_for};
 use std::time::Duration;
 
 const PRIMARY: &str = "postgres://postgres@127.0.0.1:5434";
@@ -226,28 +226,22 @@ async fn replica_serves_lookups_and_its_loss_only_stops_readiness() {
 async fn a_replica_down_at_start_does_not_stop_counting() {
     let db = crate::helpers::TestDb::create().await;
     let broker = TestBroker::new();
-    // Bound but not listening for the whole test: connects are refused, and no other test can
-    // take the port meanwhile.
-    let closed = tokio::net::TcpSocket::new_v4().expect("a socket");
-    closed.bind("127.0.0.1:0".parse().unwrap()).expect("bind");
-    let port = closed.local_addr().expect("its address").port();
+    let (_closed, port) = closed_port();
     let mut config = TestWorker::config(&db, &broker);
     config.status_database_url = Some(format!("postgres://postgres@127.0.0.1:{port}/postgres"));
     let worker = TestWorker::start(config).await;
     let expected = generate(&broker, 2_000, 10, 11).await;
     crate::helpers::assert_counts_eventually(&db, &expected, Duration::from_secs(30)).await;
-    let response = reqwest::get(worker.url("/readyz"))
-        .await
-        .expect("GET /readyz");
-    assert_eq!(response.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
-    let body = response.text().await.expect("body");
-    assert!(body.contains("replica"), "{body}");
     // Look-ups read the replica: not ready for them either (the primary answers).
-    let response = reqwest::get(worker.url("/readyz/lookups"))
-        .await
-        .expect("GET /readyz/lookups");
-    assert_eq!(response.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
-    let body = response.text().await.expect("body");
-    assert!(body.contains("replica"), "{body}");
+    for path in ["/readyz", "/readyz/lookups"] {
+        let response = reqwest::get(worker.url(path)).await.expect(path);
+        assert_eq!(
+            response.status(),
+            reqwest::StatusCode::SERVICE_UNAVAILABLE,
+            "{path}"
+        );
+        let body = response.text().await.expect("body");
+        assert!(body.contains("replica"), "{path}: {body}");
+    }
     worker.stop().await;
 }
