@@ -102,6 +102,12 @@ fn parse_postfix(line: &str) -> Option<Event> {
         "bounced" => EventType::Bounced,
         _ => return None, // deferred, expired, undeliverable (address verification)…
     };
+    let relay = rest[..status_at]
+        .split(", ")
+        .find_map(|field| field.strip_prefix("relay="));
+    if relay.is_some_and(is_loopback_hop) {
+        return None;
+    }
     let event = event_for(recipient, kind)?;
     if kind == EventType::Delivered {
         return Some(event);
@@ -144,6 +150,27 @@ fn address_until(text: &str, end: impl Fn(char) -> bool) -> Option<(&str, &str)>
     None
 }
 
+/// True for a hop to this host's own loopback address (`relay=localhost[127.0.0.1]:10024`,
+/// Exim's `H=127.0.0.1 [127.0.0.1]:10024`): a content filter such as amavis or a DKIM proxy,
+/// which hands the message back to the MTA, whose delivery onwards is logged again. Counting the
+/// hop as well would count the recipient twice, and a filter's refusal is not the recipient
+/// domain's answer. `host` is the field's value; the address is the first `[…]` in it.
+fn is_loopback_hop(host: &str) -> bool {
+    let Some((_, after)) = host.split_once('[') else {
+        return false;
+    };
+    let Some((address, _)) = after.split_once(']') else {
+        return false;
+    };
+    let address = address
+        .strip_prefix("IPv6:")
+        .or_else(|| address.strip_prefix("ipv6:"))
+        .unwrap_or(address);
+    address
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.to_canonical().is_loopback())
+}
+
 /// True for an Exim message id: `1tFxyz-0001ab-Cd` (or the longer 4.97+ form).
 fn is_exim_id(token: &str) -> bool {
     let parts: Vec<&str> = token.split('-').collect();
@@ -184,12 +211,23 @@ fn parse_exim(line: &str) -> Option<Event> {
     // The address up to a space or comma outside quotes: a quoted local part such as
     // `"x@target.example y"@evil.example` is one address, at evil.example. A quote never
     // closed: not an address.
-    let address = match address_until(rest, |c| c == ' ' || c == ',') {
-        Some((address, _)) => address,
-        None if !rest.contains('"') => rest,
+    let (address, mut fields) = match address_until(rest, |c| c == ' ' || c == ',') {
+        Some(split) => split,
+        None if !rest.contains('"') => (rest, ""),
         None => return None,
+    };
+    let address = address.trim_end_matches(':');
+    // A parent address (`<pat@alias.example>`) may hold anything a sender chose: the fields
+    // Exim writes itself (`R=… T=… H=host [ip]:port`) come after it.
+    if let Some(parent) = fields.strip_prefix('<') {
+        fields = address_until(parent, |c| c == '>').map_or("", |(_, after)| after);
     }
-    .trim_end_matches(':');
+    let host = fields
+        .split_once(" H=")
+        .map(|(_, host)| host.splitn(3, ' ').take(2).collect::<Vec<_>>().join(" "));
+    if host.as_deref().is_some_and(is_loopback_hop) {
+        return None;
+    }
     let event = event_for(address, kind)?;
     if kind == EventType::Delivered {
         return Some(event);
@@ -530,6 +568,32 @@ mod tests {
         assert_eq!(event.domain, "victim.example");
         assert_eq!(event.kind, EventType::Bounced);
         assert_eq!(event.evidence.unwrap().code.unwrap().to_string(), "5.1.1");
+    }
+
+    /// A content filter on the loopback address (amavis, a DKIM proxy) is a hop: the message
+    /// comes back and its delivery onwards is what counts, once. Its refusal (spam) is not the
+    /// recipient domain's answer either.
+    #[test]
+    fn loopback_hops_are_not_counted() {
+        let postfix = [
+            "Dec  5 10:00:00 mx1 postfix/smtp[81]: 4Qk1ABC: to=<alice@ok.example>, relay=127.0.0.1[127.0.0.1]:10024, delay=0.5, delays=0.01/0/0/0.49, dsn=2.0.0, status=sent (250 2.0.0 from MTA(smtp:[127.0.0.1]:10025): 250 2.0.0 Ok: queued as 4Qk1ABD)",
+            "Dec  5 10:00:01 mx1 postfix/smtp[82]: 4Qk1ABD: to=<alice@ok.example>, relay=mx.ok.example[192.0.2.10]:25, delay=0.2, delays=0/0/0.1/0.1, dsn=2.0.0, status=sent (250 2.0.0 Ok: queued as 4Qk2XYZ)",
+            "Dec  5 10:00:02 mx1 postfix/smtp[83]: 4Qk1ABE: to=<bob@victim.example>, relay=127.0.0.1[127.0.0.1]:10024, delay=0.5, delays=0.01/0/0/0.49, dsn=5.7.0, status=bounced (host 127.0.0.1[127.0.0.1] said: 554 5.7.0 Reject, id=12345-01 - spam (in reply to end of DATA command))",
+            "Dec  5 10:00:03 mx1 postfix/lmtp[84]: 4Qk1ABF: to=<carol@ok.example>, relay=localhost[::1]:10024, delay=0.1, delays=0/0/0/0.1, dsn=2.0.0, status=sent (250 2.0.0 Ok, id=12345-02, from MTA([127.0.0.1]:10025): 250 2.0.0 Ok: queued as 4Qk1ABG)",
+            "Dec  5 10:00:04 mx1 postfix/smtp[85]: 4Qk1ABH: to=<dave@ok.example>, relay=localhost[::ffff:127.0.0.2]:10026, delay=0.1, delays=0/0/0/0.1, dsn=2.0.0, status=sent (250 2.0.0 Ok: queued as 4Qk1ABI)",
+        ];
+        let got = events(LogFormat::Postfix, &postfix.join("\n"));
+        assert_eq!(got, [("ok.example".to_string(), Tally::Delivered)]);
+        let exim = [
+            r#"2026-12-05 10:00:00 1tFxyz-0001ab-Cd => alice@ok.example R=amavis T=amavis_smtp H=127.0.0.1 [127.0.0.1]:10024 C="250 2.0.0 from MTA(smtp:[127.0.0.1]:10025): 250 2.0.0 Ok: queued as 1tFxz0-0001ad-Gh""#,
+            r#"2026-12-05 10:00:01 1tFxz0-0001ad-Gh => alice@ok.example R=dnslookup T=remote_smtp H=mx.ok.example [192.0.2.10] C="250 OK""#,
+            r#"2026-12-05 10:00:02 1tFxz1-0001ae-Ij ** bob@victim.example R=amavis T=amavis_smtp H=localhost [::1]:10024: SMTP error from remote mail server after end of data: 554 5.7.0 Reject - spam"#,
+            // A parent address holding a loopback host field is a sender's text, not Exim's.
+            r#"2026-12-05 10:00:03 1tFxz2-0001af-Kl => erin@ok.example <"x H=127.0.0.1 [127.0.0.1] y"@alias.example> R=dnslookup T=remote_smtp H=mx.ok.example [192.0.2.10] C="250 OK""#,
+        ];
+        let got = events(LogFormat::Exim, &exim.join("\n"));
+        let delivered = ("ok.example".to_string(), Tally::Delivered);
+        assert_eq!(got, [delivered.clone(), delivered]);
     }
 
     /// A sender's address in an Exim reject line cannot pass for a message id and a marker.
