@@ -532,17 +532,63 @@ pub fn spawn_worker(
     broker: &TestBroker,
     settings: &[(&str, String)],
 ) -> tokio::process::Child {
-    tokio::process::Command::new(binary("catchall"))
+    worker_command(db, broker, settings)
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("start the worker binary")
+}
+
+/// The worker binary's command for `db` and `broker` on `HTTP_ADDR=127.0.0.1:0`, with
+/// `settings` over that.
+pub fn worker_command(
+    db: &TestDb,
+    broker: &TestBroker,
+    settings: &[(&str, String)],
+) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(binary("catchall"));
+    command
         .envs(broker.env())
         .env("DATABASE_URL", &db.url)
         .env("HTTP_ADDR", "127.0.0.1:0")
         .env("LOG_FORMAT", "json")
         .envs(settings.iter().map(|(name, value)| (*name, value.as_str())))
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::inherit())
-        .kill_on_drop(true)
+        .kill_on_drop(true);
+    command
+}
+
+/// Starts `command` (a worker binary with `HTTP_ADDR=127.0.0.1:0` and JSON logs) and reads the
+/// port it bound from its "Worker starting." line; its log goes on to the test's stderr. No
+/// port is picked, freed and bound again, which another test could take in between.
+pub async fn spawn_on_a_port(mut command: tokio::process::Command) -> (tokio::process::Child, u16) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = command
+        .stderr(std::process::Stdio::piped())
         .spawn()
-        .expect("start the worker binary")
+        .expect("start the worker binary");
+    let stderr = child.stderr.take().expect("its stderr, piped");
+    let (port_tx, port_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut port_tx = Some(port_tx);
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            eprintln!("{line}");
+            let Ok(record) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if record["message"] == "Worker starting."
+                && let Some(addr) = record["http"].as_str().and_then(|a| a.parse().ok())
+                && let Some(port_tx) = port_tx.take()
+            {
+                let _ = port_tx.send(SocketAddr::port(&addr));
+            }
+        }
+    });
+    let port = tokio::time::timeout(Duration::from_secs(30), port_rx)
+        .await
+        .expect("the worker logs \"Worker starting.\" within 30 s")
+        .expect("the worker's start-up line names its HTTP address");
+    (child, port)
 }
 
 /// Sends SIGTERM to `child` and waits at most `within` for it to exit: its status and how long

@@ -45,8 +45,10 @@ async fn healthcheck_exits_0_for_a_healthy_worker_and_1_otherwise() {
     assert!(output.status.success(), "ADMIN_ADDR probed: {output:?}");
     worker.stop().await;
 
-    let (ok, stderr) = healthcheck(&addr, &["--timeout", "2s"]).await;
-    assert!(!ok, "nothing listens any more");
+    // Nothing listens (the stopped worker's port could be taken by another test meanwhile).
+    let (_closed, port) = closed_port();
+    let (ok, stderr) = healthcheck(&format!("127.0.0.1:{port}"), &["--timeout", "2s"]).await;
+    assert!(!ok, "nothing listens");
     assert!(stderr.starts_with("unhealthy: "), "{stderr}");
 }
 

@@ -3,7 +3,6 @@
 //! and memory stays bounded by bytes while Postgres refuses.
 
 use crate::helpers::*;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 /// A trigger on `domains` that refuses `refused.example` (a permanent, content-caused error).
@@ -304,14 +303,6 @@ async fn grouped_lookups_on_a_frozen_backend_all_fail_in_time() {
     drop(frozen);
 }
 
-/// A free local port for a worker binary's HTTP server.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 /// The worker binary for a stop with Postgres frozen (`SHUTDOWN_TIMEOUT` 4 s, a `DB_TIMEOUT`
 /// past it), with `settings` over those, once it is ready (the topology exists once it
 /// consumes, so publish after this); and its HTTP port.
@@ -320,14 +311,12 @@ async fn stoppable_worker(
     broker: &TestBroker,
     settings: &[(&str, String)],
 ) -> (tokio::process::Child, u16) {
-    let port = free_port();
     let mut all = vec![
-        ("HTTP_ADDR", format!("127.0.0.1:{port}")),
         ("SHUTDOWN_TIMEOUT", "4s".into()),
         ("DB_TIMEOUT", "60s".into()),
     ];
     all.extend(settings.iter().cloned());
-    let child = spawn_worker(db, broker, &all);
+    let (child, port) = spawn_on_a_port(worker_command(db, broker, &all)).await;
     wait_for(Duration::from_secs(30), "the worker ready", || async {
         let response = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
             .await
@@ -439,19 +428,12 @@ async fn memory_stays_under_prefetch_bytes_with_1_mib_messages_while_postgres_re
     const BUDGET: u64 = 16 << 20;
     let db = TestDb::create().await;
     let broker = TestBroker::new();
-    let port = free_port();
-    let mut child = tokio::process::Command::new(binary("catchall"))
-        .envs(broker.env())
-        .env("DATABASE_URL", &db.url)
-        .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
-        .env("PREFETCH_BYTES", BUDGET.to_string())
-        .env("LOG_FORMAT", "json")
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the worker binary");
+    let (mut child, port) = spawn_on_a_port(worker_command(
+        &db,
+        &broker,
+        &[("PREFETCH_BYTES", BUDGET.to_string())],
+    ))
+    .await;
     let metrics = format!("http://127.0.0.1:{port}/metrics");
     wait_for(Duration::from_secs(30), "the worker ready", || async {
         let response = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
