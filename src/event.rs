@@ -342,6 +342,16 @@ pub struct Parsed {
     pub ignored: usize,
 }
 
+impl Parsed {
+    /// Adds one record: its event, or `None` for a KumoMTA record of an uncounted type.
+    pub fn add(&mut self, event: Option<Event>) {
+        match event {
+            Some(event) => self.events.push(event),
+            None => self.ignored += 1,
+        }
+    }
+}
+
 /// Parses a message body: one event object or an array of 1 to 10,000 of them.
 ///
 /// The message is valid whole or not at all: the first invalid event rejects it.
@@ -380,10 +390,7 @@ pub fn parse_body(body: &[u8]) -> Result<Parsed, RejectReason> {
         ignored: 0,
     };
     for raw in &raw {
-        match raw.validate()? {
-            Some(event) => parsed.events.push(event),
-            None => parsed.ignored += 1,
-        }
+        parsed.add(raw.validate()?);
     }
     Ok(parsed)
 }

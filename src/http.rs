@@ -4,7 +4,8 @@
 
 use crate::config::Tokens;
 use crate::event::{
-    Event, EventType, MAX_BATCH_EVENTS, MAX_BODY_BYTES, Status, normalize_domain, parse_message,
+    Event, EventType, MAX_BATCH_EVENTS, MAX_BODY_BYTES, Parsed, Status, normalize_domain,
+    parse_body,
 };
 use crate::health::Health;
 use crate::ingest::{Ingest, IngestError};
@@ -413,11 +414,18 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 }
 
 fn accepted(events: usize) -> Response {
-    (
-        StatusCode::ACCEPTED,
-        Json(serde_json::json!({ "accepted": events })),
-    )
-        .into_response()
+    accepted_ignoring(events, 0)
+}
+
+/// 202 with the events published and, when there were any, the KumoMTA records of uncounted
+/// types that were acknowledged without publishing (SPEC §3: ignored, counted in a metric).
+fn accepted_ignoring(events: usize, ignored: usize) -> Response {
+    let body = if ignored == 0 {
+        serde_json::json!({ "accepted": events })
+    } else {
+        serde_json::json!({ "accepted": events, "ignored": ignored })
+    };
+    (StatusCode::ACCEPTED, Json(body)).into_response()
 }
 
 fn ingest(state: &AppState) -> Result<&Ingest, ApiError> {
@@ -454,12 +462,20 @@ async fn post_events(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body =
-        body.map_err(|rejection| ApiError::new(rejection.status(), rejection.body_text()))?;
+    let body = body.map_err(|rejection| {
+        let (status, text) = body_rejection(&rejection);
+        ApiError::new(status, text)
+    })?;
     let key = idempotency_key(&headers)?;
-    let events = parse_events(&body).map_err(ApiError::bad_request)?;
-    ingest(&state)?.publish_many(&events, key).await?;
-    Ok(accepted(events.len()))
+    let parsed = parse_events(&body).map_err(ApiError::bad_request)?;
+    let ingest = ingest(&state)?;
+    if !parsed.events.is_empty() {
+        ingest.publish_many(&parsed.events, key).await?;
+    }
+    if parsed.ignored > 0 {
+        metrics::records_ignored(parsed.ignored);
+    }
+    Ok(accepted_ignoring(parsed.events.len(), parsed.ignored))
 }
 
 const TOO_MANY_ITEMS: &str = "too many items";
@@ -496,10 +512,11 @@ impl<'de> Deserialize<'de> for ArrayItems<'de> {
 }
 
 /// Parses a JSON array of events or NDJSON (one event object per line, blank lines ignored).
-/// The error names the first bad event (array index or line number, from 1).
-pub fn parse_events(body: &[u8]) -> Result<Vec<Event>, String> {
+/// The error names the first bad event (array index or line number, from 1). KumoMTA records
+/// of uncounted types are counted in `ignored`, as the consumer does with them.
+pub fn parse_events(body: &[u8]) -> Result<Parsed, String> {
     let text = std::str::from_utf8(body).map_err(|_| "body is not UTF-8".to_string())?;
-    let events = match text.trim_start().as_bytes().first() {
+    let parsed = match text.trim_start().as_bytes().first() {
         None => return Err("body is empty: send a JSON array or NDJSON of events".into()),
         Some(b'[') => {
             let items: ArrayItems<'_> = serde_json::from_str(text).map_err(|e| {
@@ -509,47 +526,51 @@ pub fn parse_events(body: &[u8]) -> Result<Vec<Event>, String> {
                     format!("body is not a valid JSON array: {e}")
                 }
             })?;
-            let mut events = Vec::with_capacity(items.0.len());
+            let mut parsed = Parsed {
+                events: Vec::with_capacity(items.0.len()),
+                ignored: 0,
+            };
             for (index, item) in items.0.iter().enumerate() {
                 let item = item.get();
-                events.push(
+                parsed.add(
                     one_event(item.as_bytes(), item.starts_with('{'))
                         .map_err(|reason| format!("event {}: {reason}", index + 1))?,
                 );
             }
-            events
+            parsed
         }
         Some(_) => {
-            let mut events = Vec::new();
+            let mut parsed = Parsed::default();
             for (number, line) in text.lines().enumerate() {
                 if line.trim().is_empty() {
                     continue;
                 }
-                if events.len() == MAX_BATCH_EVENTS {
+                if parsed.events.len() + parsed.ignored == MAX_BATCH_EVENTS {
                     return Err(format!("more than {MAX_BATCH_EVENTS} events"));
                 }
                 let is_object = line.trim_start().starts_with('{');
-                events.push(
+                parsed.add(
                     one_event(line.as_bytes(), is_object)
                         .map_err(|reason| format!("line {}: {reason}", number + 1))?,
                 );
             }
-            events
+            parsed
         }
     };
-    if events.is_empty() {
+    if parsed.events.is_empty() && parsed.ignored == 0 {
         return Err("no events in the body".into());
     }
-    Ok(events)
+    Ok(parsed)
 }
 
-/// One event object, parsed and normalised by the wire format's own rules.
-fn one_event(json: &[u8], is_object: bool) -> Result<Event, String> {
+/// One event object, parsed and normalised by the wire format's own rules: `None` for a
+/// KumoMTA record of an uncounted type.
+fn one_event(json: &[u8], is_object: bool) -> Result<Option<Event>, String> {
     if !is_object {
         return Err("not an event object".into());
     }
-    let mut events = parse_message(json).map_err(|reason| reason.to_string())?;
-    events.pop().ok_or_else(|| "not an event object".into())
+    let mut parsed = parse_body(json).map_err(|reason| reason.to_string())?;
+    Ok(parsed.events.pop())
 }
 
 // --- Bulk look-up and listing ---
@@ -573,8 +594,10 @@ async fn lookup_domains(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<LookupAnswer>, ApiError> {
-    let body =
-        body.map_err(|rejection| ApiError::new(rejection.status(), rejection.body_text()))?;
+    let body = body.map_err(|rejection| {
+        let (status, text) = body_rejection(&rejection);
+        ApiError::new(status, text)
+    })?;
     let request: LookupRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(format!(
             "body must be {{\"domains\": [\"example.com\", …]}}: {e}"
@@ -790,13 +813,49 @@ async fn protection_error(error: BoxError) -> Response {
 /// reserves its declared size (1 MiB without a `Content-Length`) when the first chunk of its
 /// body arrives (while the budget is spent, it stops reading its body until room is made:
 /// back-pressure on its client) and holds it until its answer is made, as the handler holds
-/// the body until then. Connections that declare a body and send nothing hold nothing. A
+/// the body until then. Connections that declare a body and send nothing hold nothing; one that
+/// began must keep a pace that would bring its whole reservation within the request timeout
+/// (after [`PACE_GRACE`]), else it is answered 408 and its room is given back: holding the budget
+/// costs sending it, not one byte a request. A
 /// request without a body goes straight through, nothing boxed (as `middleware::from_fn` it
 /// cost look-ups ~5 % more CPU: benches/ab-lookups.sh).
 #[derive(Clone)]
 struct BodyBudget<S> {
     inner: S,
     budget: Arc<tokio::sync::Semaphore>,
+    /// The request timeout, which sets a body's pace.
+    timeout: Duration,
+}
+
+/// How long a body may fall behind its pace once its first bytes arrived.
+const PACE_GRACE: Duration = Duration::from_secs(2);
+
+/// A request body that fell behind its pace (see [`BodyBudget`]): answered 408.
+#[derive(Debug)]
+struct SlowBody;
+
+impl std::fmt::Display for SlowBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(
+            "the request body came too slowly: it must arrive at a pace that completes it \
+             within the request timeout",
+        )
+    }
+}
+
+impl std::error::Error for SlowBody {}
+
+/// The status and text of a body that could not be read: 408 when it came too slowly, else
+/// axum's (413 past the limit, 400).
+pub(crate) fn body_rejection(rejection: &BytesRejection) -> (StatusCode, String) {
+    let mut source = std::error::Error::source(rejection);
+    while let Some(error) = source {
+        if error.is::<SlowBody>() {
+            return (StatusCode::REQUEST_TIMEOUT, SlowBody.to_string());
+        }
+        source = error.source();
+    }
+    (rejection.status(), rejection.body_text())
 }
 
 /// The wait for a request's room in the body budget.
@@ -851,6 +910,8 @@ where
             held: held.clone(),
             reserve: u32::try_from(bytes).unwrap_or(u32::MAX),
             waiting: None,
+            timeout: self.timeout,
+            pace: None,
         });
         let answer = self.inner.call(Request::from_parts(parts, body));
         Either::Right(Box::pin(async move {
@@ -873,6 +934,38 @@ struct BudgetBody {
     reserve: u32,
     /// The first chunk, waiting for its room in the budget.
     waiting: Option<(hyper::body::Frame<Bytes>, Acquiring)>,
+    /// The request timeout, in which the reservation must be able to arrive.
+    timeout: Duration,
+    /// Set once reserved: the deadline for the body's next bytes.
+    pace: Option<Pace>,
+}
+
+/// A body's pace: by `PACE_GRACE` + `timeout × received / reserved` after its reservation it
+/// must have sent more than `received`.
+struct Pace {
+    started: tokio::time::Instant,
+    reserved: u32,
+    received: u64,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Pace {
+    fn start(reserved: u32) -> Self {
+        let started = tokio::time::Instant::now();
+        Self {
+            started,
+            reserved: reserved.max(1),
+            received: 0,
+            deadline: Box::pin(tokio::time::sleep_until(started + PACE_GRACE)),
+        }
+    }
+
+    fn received(&mut self, bytes: usize, timeout: Duration) {
+        self.received += bytes as u64;
+        let share = self.received as f64 / f64::from(self.reserved);
+        let deadline = self.started + PACE_GRACE + timeout.mul_f64(share.min(1.0));
+        self.deadline.as_mut().reset(deadline);
+    }
 }
 
 impl hyper::body::Body for BudgetBody {
@@ -890,17 +983,32 @@ impl hyper::body::Body for BudgetBody {
                 Poll::Ready(Ok(permit)) => permit,
                 Poll::Ready(Err(error)) => return Poll::Ready(Some(Err(axum::Error::new(error)))),
             };
-            self.reserve = 0;
             let _ = self.held.set(permit);
             let (frame, _) = self.waiting.take().expect("a chunk waits");
+            let mut pace = Pace::start(std::mem::take(&mut self.reserve));
+            pace.received(frame.data_ref().map_or(0, |data| data.len()), self.timeout);
+            self.pace = Some(pace);
             return Poll::Ready(Some(Ok(frame)));
         }
         let frame = match std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => frame,
+            Poll::Pending => {
+                if let Some(pace) = self.pace.as_mut()
+                    && pace.deadline.as_mut().poll(cx).is_ready()
+                {
+                    return Poll::Ready(Some(Err(axum::Error::new(SlowBody))));
+                }
+                return Poll::Pending;
+            }
             other => return other,
         };
         let bytes = frame.data_ref().map_or(0, |data| data.len());
-        if bytes == 0 || self.reserve == 0 {
+        let timeout = self.timeout;
+        if let Some(pace) = self.pace.as_mut() {
+            pace.received(bytes, timeout);
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        if bytes == 0 {
             return Poll::Ready(Some(Ok(frame)));
         }
         // The declared size, at most the body limit (which the budget is at least); ready at
@@ -966,6 +1074,7 @@ pub async fn serve(
         .layer(tower::layer::layer_fn(move |inner| BodyBudget {
             inner,
             budget: budget.clone(),
+            timeout: limits.request_timeout,
         }))
         .service(app.clone());
     // Probes and metrics bypass the cap: an overloaded worker must not look dead to its
@@ -1141,6 +1250,20 @@ mod tests {
         (addr, cancel, server)
     }
 
+    /// Limits for the body-budget tests: a budget of one largest body, a 10 s request timeout.
+    fn one_body_limits() -> ServerLimits {
+        ServerLimits {
+            max_concurrency: 8,
+            request_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            drain_timeout: Duration::from_secs(1),
+            max_connections: 8,
+            connection_timeout: Duration::from_secs(60),
+            body_budget: MAX_BODY_BYTES,
+        }
+    }
+
     /// Bodies held at once stay within the body budget (here one largest body), reserved when
     /// their first bytes arrive: a request that declared 1 MiB and sent nothing holds nothing
     /// (a few idle connections must not block every request with a body); once a 1 MiB body
@@ -1172,16 +1295,7 @@ mod tests {
         let app = Router::new()
             .route("/", axum::routing::get(|| async { "ok" }))
             .route("/body", axum::routing::post(body_length));
-        let limits = ServerLimits {
-            max_concurrency: 8,
-            request_timeout: Duration::from_secs(10),
-            header_timeout: Duration::from_secs(10),
-            max_header_bytes: 64 * 1024,
-            drain_timeout: Duration::from_secs(1),
-            max_connections: 8,
-            connection_timeout: Duration::from_secs(60),
-            body_budget: MAX_BODY_BYTES,
-        };
+        let limits = one_body_limits();
         let cancel = CancellationToken::new();
         let server = tokio::spawn(serve(listener, app, limits, cancel.clone()));
         let post = |length: usize| {
@@ -1264,6 +1378,101 @@ mod tests {
         assert!(
             second.starts_with("http/1.1 200") && second.ends_with("\r\n3"),
             "{second}"
+        );
+        cancel.cancel();
+        server.await.unwrap().unwrap();
+    }
+
+    /// A body that stops after its first bytes gives its room in the budget back at its pace
+    /// deadline (408 through the handlers' rejection mapping), long before the request timeout;
+    /// a body that keeps its pace is read whole.
+    #[tokio::test]
+    async fn a_body_behind_its_pace_gives_its_room_back() {
+        use futures_util::StreamExt;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        // `/began` reports its first chunk (so the test knows the budget is reserved).
+        let (began_tx, mut began) = tokio::sync::mpsc::unbounded_channel();
+        let streamed = move |request: Request| {
+            let began = began_tx.clone();
+            async move {
+                let mut chunks = request.into_body().into_data_stream();
+                while let Some(Ok(_)) = chunks.next().await {
+                    let _ = began.send(());
+                }
+                "done"
+            }
+        };
+        let whole = |body: Result<Bytes, BytesRejection>| async move {
+            match body {
+                Ok(bytes) => bytes.len().to_string().into_response(),
+                Err(rejection) => {
+                    let (status, text) = body_rejection(&rejection);
+                    ApiError::new(status, text).into_response()
+                }
+            }
+        };
+        let app = Router::new()
+            .route("/began", axum::routing::post(streamed))
+            .route("/body", axum::routing::post(whole));
+        let limits = one_body_limits();
+        let cancel = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, app, limits, cancel.clone()));
+        let send = |path: &'static str, length: usize, first: Vec<u8>| async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let head = format!(
+                "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {length}\r\n\r\n"
+            );
+            stream.write_all(head.as_bytes()).await.unwrap();
+            stream.write_all(&first).await.unwrap();
+            stream
+        };
+        let answer = |mut stream: tokio::net::TcpStream| async move {
+            let mut text = Vec::new();
+            let _ = stream.read_to_end(&mut text).await;
+            String::from_utf8_lossy(&text).to_lowercase()
+        };
+
+        // 10 bytes of a declared 1 MiB, then nothing: the whole budget is reserved, and a small
+        // body waits for it — until the stalled body falls behind its pace (about 2 s).
+        let stalled = send("/began", MAX_BODY_BYTES, b"0123456789".to_vec()).await;
+        tokio::time::timeout(Duration::from_secs(5), began.recv())
+            .await
+            .expect("the stalled body's first bytes arrive");
+        let small = send("/body", 3, b"abc".to_vec()).await;
+        let small = tokio::time::timeout(Duration::from_secs(6), answer(small))
+            .await
+            .expect("the stalled body gives its room back before the request timeout (10 s)");
+        assert!(
+            small.starts_with("http/1.1 200") && small.ends_with("\r\n\r\n3"),
+            "{small}"
+        );
+        drop(stalled);
+
+        // Through the handlers' mapping: 408 and what happened, as JSON.
+        let stalled = send("/body", 100, b"0123456789".to_vec()).await;
+        let slow = tokio::time::timeout(Duration::from_secs(6), answer(stalled))
+            .await
+            .expect("a stalled body is answered before the request timeout (10 s)");
+        assert!(slow.starts_with("http/1.1 408"), "{slow}");
+        assert!(
+            slow.contains(r#"{"error":"the request body came too slowly"#),
+            "{slow}"
+        );
+
+        // 1 MiB in four parts 0.5 s apart keeps its pace (1 MiB in 10 s) and is read whole.
+        let quarter = MAX_BODY_BYTES / 4;
+        let mut steady = send("/body", MAX_BODY_BYTES, vec![b'a'; quarter]).await;
+        for _ in 1..4 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            steady.write_all(&vec![b'a'; quarter]).await.unwrap();
+        }
+        let steady = answer(steady).await;
+        assert!(
+            steady.starts_with("http/1.1 200")
+                && steady.ends_with(&format!("\r\n\r\n{MAX_BODY_BYTES}")),
+            "{steady}"
         );
         cancel.cancel();
         server.await.unwrap().unwrap();
@@ -1388,11 +1597,11 @@ mod tests {
     #[test]
     fn events_parse_as_array_or_ndjson_and_name_the_first_bad_one() {
         let array = br#"[{"domain":"A.example.","type":"delivered"},{"domain":"b.example","type":"bounced","extra":1}]"#;
-        let events = parse_events(array).unwrap();
+        let events = parse_events(array).unwrap().events;
         assert_eq!(events.len(), 2);
         assert_eq!(events[0].domain, "a.example");
         let ndjson = b"{\"domain\":\"a.example\",\"type\":\"delivered\"}\n\n{\"domain\":\"b.example\",\"type\":\"bounced\"}\n";
-        assert_eq!(parse_events(ndjson).unwrap().len(), 2);
+        assert_eq!(parse_events(ndjson).unwrap().events.len(), 2);
         let bad = b"{\"domain\":\"a.example\",\"type\":\"delivered\"}\n[1]\n";
         assert!(parse_events(bad).unwrap_err().starts_with("line 2"));
         assert!(
@@ -1407,7 +1616,10 @@ mod tests {
         let event = r#"{"domain":"a.example","type":"delivered"}"#;
         let many = |n: usize, item: &str| format!("[{}]", vec![item; n].join(","));
         assert_eq!(
-            parse_events(many(10_000, event).as_bytes()).unwrap().len(),
+            parse_events(many(10_000, event).as_bytes())
+                .unwrap()
+                .events
+                .len(),
             10_000
         );
         for (n, item) in [(10_001, event), (500_000, "0")] {

@@ -160,7 +160,8 @@ pub enum WebhookError {
 
 impl From<BytesRejection> for WebhookError {
     fn from(rejection: BytesRejection) -> Self {
-        WebhookError::Body(rejection.status(), rejection.body_text())
+        let (status, text) = crate::http::body_rejection(&rejection);
+        WebhookError::Body(status, text)
     }
 }
 

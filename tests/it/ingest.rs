@@ -727,3 +727,76 @@ async fn a_flood_past_the_concurrency_cap_gets_503_and_slow_requests_408() {
     assert_eq!(response.status(), StatusCode::OK);
     worker.stop().await;
 }
+
+/// KumoMTA records over `POST /events` (a KumoMTA webhook pointed at the worker) are read as on
+/// the queue (SPEC §3): `Delivery` and `Bounce` counted, every other type acknowledged and
+/// counted as ignored. A 400 for them would make KumoMTA retry its `Reception` records forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kumomta_records_over_post_are_counted_or_ignored_as_on_the_queue() {
+    use crate::bounce::{all_events, status};
+    let (db, broker, worker) = ingest_worker(|_| {}).await;
+    let client = client();
+    let post = |body: String| {
+        client
+            .post(worker.url("/events"))
+            .bearer_auth(TOKEN)
+            .body(body)
+            .send()
+    };
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/kumomta/records.ndjson");
+    let ndjson = std::fs::read_to_string(&fixture).expect("the KumoMTA fixture");
+    let array = format!("[{}]", ndjson.lines().collect::<Vec<_>>().join(","));
+    let reception = ndjson.lines().next().expect("a first record").to_string();
+    assert!(reception.contains(r#""type": "Reception""#), "{reception}");
+    // 13 records: 4 deliveries, 4 bounces, 5 of other types (tests/fixtures/kumomta/README.md).
+    for (what, body, want) in [
+        (
+            "NDJSON",
+            ndjson.clone(),
+            serde_json::json!({"accepted": 8, "ignored": 5}),
+        ),
+        (
+            "array",
+            array,
+            serde_json::json!({"accepted": 8, "ignored": 5}),
+        ),
+        (
+            "only a Reception",
+            reception,
+            serde_json::json!({"accepted": 0, "ignored": 1}),
+        ),
+    ] {
+        let response = post(body).await.expect("POST answered");
+        assert_eq!(response.status(), StatusCode::ACCEPTED, "{what}");
+        let body: serde_json::Value = response.json().await.expect("JSON");
+        assert_eq!(body, want, "{what}");
+    }
+    wait_for(
+        Duration::from_secs(30),
+        "both passes to be counted",
+        || async { (all_events(&db).await == 16).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        worker
+            .metric("catchall_records_ignored_total{source=\"kumomta\"}")
+            .await,
+        11.0
+    );
+    let want = [
+        ("kumo-one.example", "not catch-all", 4, 2, 0),
+        ("kumo-two.example", "unknown", 2, 0, 4),
+        ("kumo-three.example", "not catch-all", 2, 2, 0),
+    ];
+    for (domain, verdict, delivered, bounced, other) in want {
+        assert_eq!(
+            status(&worker, domain).await,
+            serde_json::json!({"domain": domain, "status": verdict, "delivered": delivered,
+                "bounced": bounced, "other_bounced": other}),
+            "{domain}"
+        );
+    }
+    assert_eq!(broker.depth(&broker.dead_queue()).await, 0);
+    worker.stop().await;
+}
