@@ -103,6 +103,11 @@ enum Command {
         /// How often to look for new lines, rotation and truncation at the end of the file.
         #[arg(long, default_value = "250ms", value_parser = humantime_duration)]
         poll: Duration,
+        /// Count deliveries to a loopback address too. By default they are content-filter hops
+        /// (amavis on 127.0.0.1:10024) whose delivery onwards is logged and counted; this is
+        /// for a test bench whose receiving servers run on this host.
+        #[arg(long)]
+        count_loopback: bool,
     },
 }
 
@@ -273,12 +278,14 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             format,
             state,
             poll,
+            count_loopback,
         } => {
             let settings = tail::TailSettings {
                 file,
                 format,
                 state,
                 poll,
+                count_loopback,
             };
             let cancel = tokio_util::sync::CancellationToken::new();
             let on_signal = cancel.clone();

@@ -43,6 +43,9 @@ pub struct TailSettings {
     pub state: Option<PathBuf>,
     /// How often the file is checked for new lines, rotation and truncation at its end.
     pub poll: Duration,
+    /// Count hops to a loopback address too (see [`is_loopback_hop`]): for a test bench whose
+    /// receiving servers run on this host.
+    pub count_loopback: bool,
 }
 
 /// Longest read at once; a line longer than this is skipped.
@@ -59,11 +62,12 @@ pub fn line_id(dev: u64, ino: u64, offset: u64, line: &[u8]) -> String {
     uuid::Uuid::new_v5(&LINE_NAMESPACE, &name).to_string()
 }
 
-/// Turns one log line into an event, if it records a delivery or a bounce.
-pub fn parse_line(format: LogFormat, line: &str) -> Option<Event> {
+/// Turns one log line into an event, if it records a delivery or a bounce; a hop to a loopback
+/// address is not one unless `count_loopback`.
+pub fn parse_line(format: LogFormat, line: &str, count_loopback: bool) -> Option<Event> {
     match format {
-        LogFormat::Postfix => parse_postfix(line),
-        LogFormat::Exim => parse_exim(line),
+        LogFormat::Postfix => parse_postfix(line, count_loopback),
+        LogFormat::Exim => parse_exim(line, count_loopback),
     }
 }
 
@@ -82,7 +86,7 @@ fn event_for(address: &str, kind: EventType) -> Option<Event> {
 /// quotes. Everything else a sender can put in the log (a `from=<…>` or a refused `to=<…>` of an
 /// `NOQUEUE: reject:` line, a quoted local part such as `"x, status=sent y"@d`) is never read as
 /// a field, so it cannot forge a delivery or turn a bounce into one.
-fn parse_postfix(line: &str) -> Option<Event> {
+fn parse_postfix(line: &str, count_loopback: bool) -> Option<Event> {
     let message = &line[line.find("]: ")? + "]: ".len()..];
     let (queue_id, fields) = message.split_once(": to=<")?;
     if queue_id.is_empty() || !queue_id.bytes().all(|b| b.is_ascii_alphanumeric()) {
@@ -105,7 +109,7 @@ fn parse_postfix(line: &str) -> Option<Event> {
     let relay = rest[..status_at]
         .split(", ")
         .find_map(|field| field.strip_prefix("relay="));
-    if relay.is_some_and(is_loopback_hop) {
+    if !count_loopback && relay.is_some_and(is_loopback_hop) {
         return None;
     }
     let event = event_for(recipient, kind)?;
@@ -184,7 +188,7 @@ fn is_exim_id(token: &str) -> bool {
 /// `2026-11-25 02:40:00 [pid] 1tFxyz-0001ab-Cd => a@b.example R=… C="250 …"` (delivered),
 /// `->` (another address delivered in the same transaction), `** a@b.example R=… : SMTP error
 /// from remote mail server after RCPT TO:<a@b.example>: 550 5.1.1 …` (bounced).
-fn parse_exim(line: &str) -> Option<Event> {
+fn parse_exim(line: &str, count_loopback: bool) -> Option<Event> {
     let tokens: Vec<&str> = line.splitn(8, ' ').collect();
     let at = (1..tokens.len().min(6))
         .find(|&i| matches!(tokens[i], "=>" | "->" | "**") && is_exim_id(tokens[i - 1]))?;
@@ -225,7 +229,7 @@ fn parse_exim(line: &str) -> Option<Event> {
     let host = fields
         .split_once(" H=")
         .map(|(_, host)| host.splitn(3, ' ').take(2).collect::<Vec<_>>().join(" "));
-    if host.as_deref().is_some_and(is_loopback_hop) {
+    if !count_loopback && host.as_deref().is_some_and(is_loopback_hop) {
         return None;
     }
     let event = event_for(address, kind)?;
@@ -339,6 +343,58 @@ fn find_saved(path: &Path, dev: u64, ino: u64) -> Option<PathBuf> {
         .find(|candidate| std::fs::metadata(candidate).is_ok_and(same))
 }
 
+/// The file rotated after `current` when the log was rotated more than once since `current`
+/// was written (the tailer was stopped meanwhile): `current` is found among the files beside
+/// the path named like its rotations, and the next newer of them is returned. `None` (the path
+/// itself is next) when there is none, or when `current` is not among them (deleted,
+/// compressed).
+fn next_rotated(path: &Path, current: &Source) -> Option<PathBuf> {
+    let name = path.file_name()?.to_str()?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let rotations: Vec<_> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter_map(|entry| {
+            let rank = rotation_rank(name, entry.file_name().to_str()?)?;
+            let meta = entry.metadata().ok()?;
+            meta.is_file()
+                .then(|| (rank, entry.path(), current.is(&meta)))
+        })
+        .collect();
+    let (at, _, _) = rotations.iter().find(|(_, _, is_current)| *is_current)?;
+    rotations
+        .iter()
+        .filter(|(rank, _, _)| rank > at)
+        .min_by(|a, b| a.0.cmp(&b.0))
+        .map(|(_, path, _)| path.clone())
+}
+
+/// Where a file named `file_name` stands among the rotations of the log `name`, oldest first:
+/// `maillog.3` before `maillog.2` before `maillog.1` (logrotate's numbers count back), dated
+/// names (`maillog-20261205`, `maillog.20261205-101500`) in the order of their dates and after
+/// numbered ones. `None` when it is not named like a rotation: compressed (`maillog.2.gz`), a
+/// copy (`maillog.bak`), another log.
+fn rotation_rank(name: &str, file_name: &str) -> Option<(i64, String)> {
+    let suffix = file_name.strip_prefix(name)?;
+    let stamp = suffix
+        .strip_prefix('.')
+        .or_else(|| suffix.strip_prefix('-'))?;
+    if stamp.is_empty()
+        || !stamp
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b"-._".contains(&b))
+    {
+        return None;
+    }
+    match stamp.parse::<u32>() {
+        Ok(number) if stamp.len() < 6 => Some((-i64::from(number), String::new())),
+        _ => Some((0, stamp.to_string())),
+    }
+}
+
 /// Follows the log until `cancel` fires, publishing each delivery line as one event.
 pub async fn run<F: FnMut(&Outgoing)>(
     publisher: &mut Publisher<F>,
@@ -403,10 +459,13 @@ pub async fn run<F: FnMut(&Outgoing)>(
                 // The writer moved on once the new file has data: finish the old one, switch.
                 if meta.len() > 0 || since.elapsed() >= ROTATION_GRACE {
                     while read_chunk(current, settings, publisher, &mut stats).await? {}
-                    tracing::info!(file = %path.display(), "Log rotated; following the new file.");
+                    // Rotated more than once since `current` was written (while stopped): the
+                    // files between come first, oldest first.
+                    let next = next_rotated(path, current).unwrap_or_else(|| path.to_path_buf());
+                    tracing::info!(file = %next.display(), "Log rotated; following the next file.");
                     stats.rotations += 1;
-                    let next = Source::open(path, 0)
-                        .with_context(|| format!("opening {}", path.display()))?;
+                    let next = Source::open(&next, 0)
+                        .with_context(|| format!("opening {}", next.display()))?;
                     persist(settings, &next)?;
                     source = Some(next);
                     rotated_since = None;
@@ -472,7 +531,7 @@ async fn read_chunk<F: FnMut(&Outgoing)>(
     for line in buffer[..complete].split_inclusive(|b| *b == b'\n') {
         stats.lines += 1;
         let text = String::from_utf8_lossy(line);
-        if let Some(event) = parse_line(settings.format, text.trim_end()) {
+        if let Some(event) = parse_line(settings.format, text.trim_end(), settings.count_loopback) {
             stats.events += 1;
             let body = serde_json::to_vec(&event).context("serialising an event")?;
             publisher
@@ -506,6 +565,11 @@ async fn read_chunk<F: FnMut(&Outgoing)>(
 mod tests {
     use super::*;
     use catchall::event::Tally;
+
+    /// A line as `tail` reads it by default.
+    fn parse_line(format: LogFormat, line: &str) -> Option<Event> {
+        super::parse_line(format, line, false)
+    }
 
     fn fixture(name: &str) -> String {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -570,6 +634,25 @@ mod tests {
         assert_eq!(event.evidence.unwrap().code.unwrap().to_string(), "5.1.1");
     }
 
+    #[test]
+    fn rotations_are_ordered_oldest_first() {
+        let rank = |file: &str| rotation_rank("maillog", file);
+        assert!(rank("maillog.3") < rank("maillog.2") && rank("maillog.2") < rank("maillog.1"));
+        assert!(rank("maillog.12") < rank("maillog.2"));
+        assert!(rank("maillog-20261204") < rank("maillog-20261205"));
+        assert!(rank("maillog.20261205-091500") < rank("maillog.20261205-101500"));
+        for other in [
+            "maillog",
+            "maillog.2.gz",
+            "maillog.bak",
+            "maillog.",
+            "mail.err",
+            "maillogx",
+        ] {
+            assert_eq!(rank(other), None, "{other}");
+        }
+    }
+
     /// A content filter on the loopback address (amavis, a DKIM proxy) is a hop: the message
     /// comes back and its delivery onwards is what counts, once. Its refusal (spam) is not the
     /// recipient domain's answer either.
@@ -584,6 +667,12 @@ mod tests {
         ];
         let got = events(LogFormat::Postfix, &postfix.join("\n"));
         assert_eq!(got, [("ok.example".to_string(), Tally::Delivered)]);
+        // `--count-loopback` (a test bench whose receiving servers run on this host).
+        let counted = postfix
+            .iter()
+            .filter(|line| super::parse_line(LogFormat::Postfix, line, true).is_some())
+            .count();
+        assert_eq!(counted, postfix.len());
         let exim = [
             r#"2026-12-05 10:00:00 1tFxyz-0001ab-Cd => alice@ok.example R=amavis T=amavis_smtp H=127.0.0.1 [127.0.0.1]:10024 C="250 2.0.0 from MTA(smtp:[127.0.0.1]:10025): 250 2.0.0 Ok: queued as 1tFxz0-0001ad-Gh""#,
             r#"2026-12-05 10:00:01 1tFxz0-0001ad-Gh => alice@ok.example R=dnslookup T=remote_smtp H=mx.ok.example [192.0.2.10] C="250 OK""#,
