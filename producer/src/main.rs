@@ -343,8 +343,9 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     }
     if let Some(stats) = tail_stats {
         println!(
-            "tail: {} lines read, {} events, {} rotations, {} truncations",
-            stats.lines, stats.events, stats.rotations, stats.truncations
+            "tail: {} lines read, {} events, {} rotations, {} truncations, {} loopback hops \
+             not counted",
+            stats.lines, stats.events, stats.rotations, stats.truncations, stats.loopback_hops
         );
     }
     publisher.finish().await?;

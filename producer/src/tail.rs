@@ -221,15 +221,27 @@ fn parse_exim(line: &str, count_loopback: bool) -> Option<Event> {
         None => return None,
     };
     let address = address.trim_end_matches(':');
-    // A parent address (`<pat@alias.example>`) may hold anything a sender chose: the fields
-    // Exim writes itself (`R=… T=… H=host [ip]:port`) come after it.
-    if let Some(parent) = fields.strip_prefix('<') {
-        fields = address_until(parent, |c| c == '>').map_or("", |(_, after)| after);
+    // Before the fields Exim writes itself (`R=… T=… H=host [ip]:port`) may come addresses
+    // holding anything a sender chose: parents (`<pat@alias.example>`, several with
+    // `+all_parents`), `F=<sender>` and `P=<return path>` (`+sender_on_delivery`,
+    // `+return_path_on_delivery`). Each is passed over to its `>` outside quotes.
+    loop {
+        fields = fields.trim_start();
+        let Some(quoted) = ["<", "F=<", "P=<"]
+            .iter()
+            .find_map(|opening| fields.strip_prefix(opening))
+        else {
+            break;
+        };
+        fields = address_until(quoted, |c| c == '>').map_or("", |(_, after)| after);
     }
-    let host = fields
-        .split_once(" H=")
-        .map(|(_, host)| host.splitn(3, ' ').take(2).collect::<Vec<_>>().join(" "));
-    if !count_loopback && host.as_deref().is_some_and(is_loopback_hop) {
+    let mut tokens = fields.split(' ');
+    let host = tokens
+        .by_ref()
+        .find_map(|token| token.strip_prefix("H="))
+        .map(|name| format!("{name} {}", tokens.next().unwrap_or("")));
+    let loopback = host.as_deref().is_some_and(is_loopback_hop);
+    if !count_loopback && loopback {
         return None;
     }
     let event = event_for(address, kind)?;
@@ -284,6 +296,8 @@ pub struct TailStats {
     pub events: u64,
     pub rotations: u64,
     pub truncations: u64,
+    /// Deliveries and bounces to a loopback address, not counted (content-filter hops).
+    pub loopback_hops: u64,
 }
 
 fn load_state(path: &Path) -> anyhow::Result<Option<(u64, u64, u64)>> {
@@ -531,7 +545,21 @@ async fn read_chunk<F: FnMut(&Outgoing)>(
     for line in buffer[..complete].split_inclusive(|b| *b == b'\n') {
         stats.lines += 1;
         let text = String::from_utf8_lossy(line);
-        if let Some(event) = parse_line(settings.format, text.trim_end(), settings.count_loopback) {
+        let event = parse_line(settings.format, text.trim_end(), settings.count_loopback);
+        if event.is_none()
+            && !settings.count_loopback
+            && parse_line(settings.format, text.trim_end(), true).is_some()
+        {
+            stats.loopback_hops += 1;
+            if stats.loopback_hops == 1 {
+                tracing::info!(
+                    line = %text.trim_end(),
+                    "A delivery to a loopback address is not counted (a content filter's hop; \
+                     --count-loopback counts them)."
+                );
+            }
+        }
+        if let Some(event) = event {
             stats.events += 1;
             let body = serde_json::to_vec(&event).context("serialising an event")?;
             publisher
@@ -677,12 +705,20 @@ mod tests {
             r#"2026-12-05 10:00:00 1tFxyz-0001ab-Cd => alice@ok.example R=amavis T=amavis_smtp H=127.0.0.1 [127.0.0.1]:10024 C="250 2.0.0 from MTA(smtp:[127.0.0.1]:10025): 250 2.0.0 Ok: queued as 1tFxz0-0001ad-Gh""#,
             r#"2026-12-05 10:00:01 1tFxz0-0001ad-Gh => alice@ok.example R=dnslookup T=remote_smtp H=mx.ok.example [192.0.2.10] C="250 OK""#,
             r#"2026-12-05 10:00:02 1tFxz1-0001ae-Ij ** bob@victim.example R=amavis T=amavis_smtp H=localhost [::1]:10024: SMTP error from remote mail server after end of data: 554 5.7.0 Reject - spam"#,
-            // A parent address holding a loopback host field is a sender's text, not Exim's.
+            // A loopback host field in a parent, sender or return path address is a sender's
+            // text, not Exim's (`+all_parents`, `+sender_on_delivery`,
+            // `+return_path_on_delivery`).
             r#"2026-12-05 10:00:03 1tFxz2-0001af-Kl => erin@ok.example <"x H=127.0.0.1 [127.0.0.1] y"@alias.example> R=dnslookup T=remote_smtp H=mx.ok.example [192.0.2.10] C="250 OK""#,
+            r#"2026-12-05 10:00:04 1tFxz3-0001ag-Mn => fay@ok.example <a@alias.example> <"> H=::1 [::1]"@alias2.example> F=<"x H=127.0.0.1 [127.0.0.1] y"@evil.example> P=<"z> H=127.0.0.1 [127.0.0.1]"@evil.example> R=dnslookup T=remote_smtp H=mx.ok.example [192.0.2.10] C="250 OK""#,
+            r#"2026-12-05 10:00:05 1tFxz4-0001ah-Op ** gus@unknown.example F=<"x H=localhost [127.0.0.1]:25 y"@evil.example> R=dnslookup T=remote_smtp H=mx.unknown.example [192.0.2.11]: SMTP error from remote mail server after RCPT TO:<gus@unknown.example>: 550 5.1.1 User unknown"#,
         ];
         let got = events(LogFormat::Exim, &exim.join("\n"));
         let delivered = ("ok.example".to_string(), Tally::Delivered);
-        assert_eq!(got, [delivered.clone(), delivered]);
+        let bounced = ("unknown.example".to_string(), Tally::Bounced);
+        assert_eq!(
+            got,
+            [delivered.clone(), delivered.clone(), delivered, bounced]
+        );
     }
 
     /// A sender's address in an Exim reject line cannot pass for a message id and a marker.

@@ -551,6 +551,14 @@ pub fn worker_command(
         .env("DATABASE_URL", &db.url)
         .env("HTTP_ADDR", "127.0.0.1:0")
         .env("LOG_FORMAT", "json")
+        // The start-up line `spawn_on_a_port` reads is logged at info, whatever RUST_LOG says.
+        .env(
+            "RUST_LOG",
+            match std::env::var("RUST_LOG") {
+                Ok(filter) if !filter.is_empty() => format!("{filter},catchall::app=info"),
+                _ => "info".to_string(),
+            },
+        )
         .envs(settings.iter().map(|(name, value)| (*name, value.as_str())))
         .stdout(std::process::Stdio::null())
         .kill_on_drop(true);

@@ -721,7 +721,10 @@ async fn a_flood_past_the_concurrency_cap_gets_503_and_slow_requests_408() {
             tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
         let text = String::from_utf8_lossy(&answer);
         assert!(text.starts_with("HTTP/1.1 408"), "slow request: {text}");
-        assert!(text.contains("{\"error\":"), "408 is JSON: {text}");
+        assert!(
+            text.contains("{\"error\":\"the request took too long\"}"),
+            "the request timeout's 408, as JSON: {text}"
+        );
     }
     let response = client.get(&url).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
