@@ -62,12 +62,12 @@ pub fn line_id(dev: u64, ino: u64, offset: u64, line: &[u8]) -> String {
     uuid::Uuid::new_v5(&LINE_NAMESPACE, &name).to_string()
 }
 
-/// Turns one log line into an event, if it records a delivery or a bounce; a hop to a loopback
-/// address is not one unless `count_loopback`.
-pub fn parse_line(format: LogFormat, line: &str, count_loopback: bool) -> Option<Event> {
+/// The delivery or bounce a log line records, and whether it was a hop to a loopback address
+/// ([`is_loopback_hop`]).
+fn parse_hop(format: LogFormat, line: &str) -> Option<(Event, bool)> {
     match format {
-        LogFormat::Postfix => parse_postfix(line, count_loopback),
-        LogFormat::Exim => parse_exim(line, count_loopback),
+        LogFormat::Postfix => parse_postfix(line),
+        LogFormat::Exim => parse_exim(line),
     }
 }
 
@@ -86,7 +86,7 @@ fn event_for(address: &str, kind: EventType) -> Option<Event> {
 /// quotes. Everything else a sender can put in the log (a `from=<…>` or a refused `to=<…>` of an
 /// `NOQUEUE: reject:` line, a quoted local part such as `"x, status=sent y"@d`) is never read as
 /// a field, so it cannot forge a delivery or turn a bounce into one.
-fn parse_postfix(line: &str, count_loopback: bool) -> Option<Event> {
+fn parse_postfix(line: &str) -> Option<(Event, bool)> {
     let message = &line[line.find("]: ")? + "]: ".len()..];
     let (queue_id, fields) = message.split_once(": to=<")?;
     if queue_id.is_empty() || !queue_id.bytes().all(|b| b.is_ascii_alphanumeric()) {
@@ -109,12 +109,10 @@ fn parse_postfix(line: &str, count_loopback: bool) -> Option<Event> {
     let relay = rest[..status_at]
         .split(", ")
         .find_map(|field| field.strip_prefix("relay="));
-    if !count_loopback && relay.is_some_and(is_loopback_hop) {
-        return None;
-    }
+    let loopback = relay.is_some_and(is_loopback_hop);
     let event = event_for(recipient, kind)?;
     if kind == EventType::Delivered {
-        return Some(event);
+        return Some((event, loopback));
     }
     let code = rest[..status_at]
         .find(", dsn=")
@@ -129,11 +127,12 @@ fn parse_postfix(line: &str, count_loopback: bool) -> Option<Event> {
     // The remote server's words follow "said: "; otherwise the text is Postfix's own.
     let diagnostic = text.split_once(" said: ").map_or(text, |(_, said)| said);
     let (smtp_code, _) = codes_in_text(diagnostic);
-    Some(event.with_evidence(Evidence {
+    let evidence = Evidence {
         code,
         smtp_code,
         diagnostic: (!diagnostic.is_empty()).then(|| diagnostic.to_string()),
-    }))
+    };
+    Some((event.with_evidence(evidence), loopback))
 }
 
 /// An address that ends at the first character `end` accepts outside double quotes (`>` for
@@ -188,7 +187,7 @@ fn is_exim_id(token: &str) -> bool {
 /// `2026-11-25 02:40:00 [pid] 1tFxyz-0001ab-Cd => a@b.example R=… C="250 …"` (delivered),
 /// `->` (another address delivered in the same transaction), `** a@b.example R=… : SMTP error
 /// from remote mail server after RCPT TO:<a@b.example>: 550 5.1.1 …` (bounced).
-fn parse_exim(line: &str, count_loopback: bool) -> Option<Event> {
+fn parse_exim(line: &str) -> Option<(Event, bool)> {
     let tokens: Vec<&str> = line.splitn(8, ' ').collect();
     let at = (1..tokens.len().min(6))
         .find(|&i| matches!(tokens[i], "=>" | "->" | "**") && is_exim_id(tokens[i - 1]))?;
@@ -241,12 +240,9 @@ fn parse_exim(line: &str, count_loopback: bool) -> Option<Event> {
         .find_map(|token| token.strip_prefix("H="))
         .map(|name| format!("{name} {}", tokens.next().unwrap_or("")));
     let loopback = host.as_deref().is_some_and(is_loopback_hop);
-    if !count_loopback && loopback {
-        return None;
-    }
     let event = event_for(address, kind)?;
     if kind == EventType::Delivered {
-        return Some(event);
+        return Some((event, loopback));
     }
     const REMOTE: &str = "SMTP error from remote mail server after ";
     let diagnostic = match rest.find(REMOTE) {
@@ -257,11 +253,12 @@ fn parse_exim(line: &str, count_loopback: bool) -> Option<Event> {
     }
     .trim();
     let (smtp_code, code) = codes_in_text(diagnostic);
-    Some(event.with_evidence(Evidence {
+    let evidence = Evidence {
         code,
         smtp_code,
         diagnostic: (!diagnostic.is_empty()).then(|| diagnostic.to_string()),
-    }))
+    };
+    Some((event.with_evidence(evidence), loopback))
 }
 
 /// The file being read and where.
@@ -545,20 +542,20 @@ async fn read_chunk<F: FnMut(&Outgoing)>(
     for line in buffer[..complete].split_inclusive(|b| *b == b'\n') {
         stats.lines += 1;
         let text = String::from_utf8_lossy(line);
-        let event = parse_line(settings.format, text.trim_end(), settings.count_loopback);
-        if event.is_none()
-            && !settings.count_loopback
-            && parse_line(settings.format, text.trim_end(), true).is_some()
-        {
-            stats.loopback_hops += 1;
-            if stats.loopback_hops == 1 {
-                tracing::info!(
-                    line = %text.trim_end(),
-                    "A delivery to a loopback address is not counted (a content filter's hop; \
-                     --count-loopback counts them)."
-                );
+        let event = match parse_hop(settings.format, text.trim_end()) {
+            Some((_, true)) if !settings.count_loopback => {
+                stats.loopback_hops += 1;
+                if stats.loopback_hops == 1 {
+                    tracing::info!(
+                        line = %text.trim_end(),
+                        "A delivery to a loopback address is not counted (a content filter's \
+                         hop; --count-loopback counts them)."
+                    );
+                }
+                None
             }
-        }
+            hop => hop.map(|(event, _)| event),
+        };
         if let Some(event) = event {
             stats.events += 1;
             let body = serde_json::to_vec(&event).context("serialising an event")?;
@@ -596,7 +593,7 @@ mod tests {
 
     /// A line as `tail` reads it by default.
     fn parse_line(format: LogFormat, line: &str) -> Option<Event> {
-        super::parse_line(format, line, false)
+        parse_hop(format, line).and_then(|(event, loopback)| (!loopback).then_some(event))
     }
 
     fn fixture(name: &str) -> String {
@@ -698,7 +695,7 @@ mod tests {
         // `--count-loopback` (a test bench whose receiving servers run on this host).
         let counted = postfix
             .iter()
-            .filter(|line| super::parse_line(LogFormat::Postfix, line, true).is_some())
+            .filter(|line| parse_hop(LogFormat::Postfix, line).is_some())
             .count();
         assert_eq!(counted, postfix.len());
         let exim = [
