@@ -128,7 +128,7 @@ async fn serve(
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = client_read.read(&mut buf).await?;
-            if n == 0 {
+            if n == 0 || !may_forward(&token, &freeze).await {
                 return Ok::<(), std::io::Error>(());
             }
             server_write.write_all(&buf[..n]).await?;
@@ -138,7 +138,7 @@ async fn serve(
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = server_read.read(&mut buf).await?;
-            if n == 0 {
+            if n == 0 || !may_forward(&token, &freeze).await {
                 return Ok::<(), std::io::Error>(());
             }
             if !state.swallow_replies.load(Ordering::SeqCst) {
@@ -147,12 +147,61 @@ async fn serve(
         }
     };
     // Either side closing, an error, or a cut ends both directions; dropping the halves closes
-    // the sockets.
+    // the sockets. The cut is polled first: a task woken by the cut may find bytes the client
+    // wrote after it, and they must not be forwarded (a fault test cuts, then lets the worker
+    // ack, and counts on that ack being lost).
     tokio::select! {
-        _ = requests => {}
-        _ = replies => {}
+        biased;
         _ = token.cancelled() => {}
         // Frozen: nothing is forwarded any more, and the sockets stay open until a cut.
         _ = freeze.cancelled() => token.cancelled().await,
+        _ = requests => {}
+        _ = replies => {}
+    }
+}
+
+/// Whether bytes just read may be forwarded. Not after a cut, even one made while they were
+/// read (they are dropped, as the cut's would be); never while frozen (pending: the select's
+/// freeze branch takes over).
+async fn may_forward(token: &CancellationToken, freeze: &CancellationToken) -> bool {
+    if freeze.is_cancelled() && !token.is_cancelled() {
+        std::future::pending::<()>().await;
+    }
+    !token.is_cancelled()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// What a client writes after `cut` returned never reaches the server, however soon it
+    /// writes: the fault tests cut and then let the worker ack or commit, and count on that ack
+    /// or commit being lost (a multi-threaded runtime may not have run the forwarding task yet).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nothing_written_after_a_cut_is_forwarded() {
+        let upstream = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let proxy = Proxy::start(&upstream.local_addr().expect("addr").to_string()).await;
+        for round in 0..200 {
+            let mut client = TcpStream::connect(proxy.addr).await.expect("connect");
+            let (mut server, _) = upstream.accept().await.expect("accept");
+            // The connection forwards before the cut.
+            client.write_all(b"before").await.expect("write");
+            let mut before = [0u8; 6];
+            server.read_exact(&mut before).await.expect("read before");
+            proxy.cut();
+            // The client's write may succeed locally; it must not be forwarded.
+            let _ = client.write_all(b"after").await;
+            let mut rest = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(5), server.read_to_end(&mut rest))
+                .await
+                .expect("the proxy closes the server side after a cut");
+            assert!(
+                rest.is_empty(),
+                "round {round}: {:?} was forwarded after the cut ({read:?})",
+                String::from_utf8_lossy(&rest)
+            );
+            proxy.restore();
+        }
     }
 }
