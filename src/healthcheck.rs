@@ -100,9 +100,10 @@ mod tests {
 
     #[tokio::test]
     async fn nothing_listening_is_a_failure() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        drop(listener);
+        // Bound and not listening (connects are refused), and held: no other test takes it.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = socket.local_addr().unwrap();
         let error = check(addr, "/healthz", Duration::from_secs(2))
             .await
             .unwrap_err();

@@ -1269,7 +1269,7 @@ mod tests {
     }
 
     /// A server on 127.0.0.1 with `bind` and `limits`, answering `GET /` with "ok" at once and
-    /// `GET /slow` with "slow" after two seconds.
+    /// `GET /slow` with "slow" after three seconds.
     fn server(
         limits: ServerLimits,
     ) -> (
@@ -1284,7 +1284,7 @@ mod tests {
             .route(
                 "/slow",
                 axum::routing::get(|| async {
-                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    tokio::time::sleep(Duration::from_secs(3)).await;
                     "slow"
                 }),
             );
@@ -1641,7 +1641,8 @@ mod tests {
         let (addr, cancel, server) = server(ServerLimits {
             max_concurrency: 8,
             request_timeout: Duration::from_secs(10),
-            header_timeout: Duration::from_secs(1),
+            // Well past the idle wait below, however late a loaded machine wakes the test.
+            header_timeout: Duration::from_secs(2),
             max_header_bytes: 64 * 1024,
             drain_timeout: Duration::from_secs(1),
             max_connections: 8,
@@ -1665,8 +1666,8 @@ mod tests {
         let closed = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut rest)).await;
         assert!(matches!(closed, Ok(Ok(0))), "closed after it: {closed:?}");
 
-        // A request that runs past the lifetime and the header timeout after it (2 s against
-        // 300 ms + 1 s): the shutdown then waits for its answer, which says close.
+        // A request that runs past the lifetime and the header timeout after it (3 s against
+        // 300 ms + 2 s): the shutdown then waits for its answer, which says close.
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
         let slow = get_on(&mut stream, "/slow").await;
         assert!(slow.starts_with("http/1.1 200"), "{slow}");

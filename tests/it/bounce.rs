@@ -109,6 +109,15 @@ async fn only_recipient_unknown_bounces_make_a_domain_not_catch_all() {
         || async { (all_events(&db).await == total).then_some(()) },
     )
     .await;
+    // The metrics follow the commit: wait for the last batch to reach them too.
+    wait_for(
+        Duration::from_secs(10),
+        "every event in the batch metrics",
+        || async {
+            (worker.metric("catchall_batch_events_sum").await == total as f64).then_some(())
+        },
+    )
+    .await;
 
     let want = [
         ("full.example", "catch-all", 0, 5),

@@ -55,6 +55,8 @@ impl Slot {
             .is_err()
         {
             self.trigger.disarm();
+            // The hook may have taken the action just as the wait ended: let it go on.
+            release.notify_one();
             return false;
         }
         self.amqp.cut();

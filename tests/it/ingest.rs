@@ -667,7 +667,8 @@ async fn half_sent_requests_are_closed_while_lookups_and_ingest_answer() {
 async fn a_flood_past_the_concurrency_cap_gets_503_and_slow_requests_408() {
     let (_db, _broker, worker) = ingest_worker(|config| {
         config.http_max_concurrency = 4;
-        config.http_request_timeout = Duration::from_secs(3);
+        // Long enough that the slow requests surely hold their slots through the flood below.
+        config.http_request_timeout = Duration::from_secs(6);
     })
     .await;
     // Four requests that hold their slot: headers sent, body promised but never sent.
@@ -684,32 +685,36 @@ async fn a_flood_past_the_concurrency_cap_gets_503_and_slow_requests_408() {
     }
     let client = client();
     let url = worker.url("/domains/example.com");
-    let codes: HashMap<u16, usize> = wait_for(Duration::from_secs(2), "the slots to fill", || {
-        let (client, url) = (&client, &url);
-        async move {
-            let codes: Vec<(u16, Option<String>)> = futures_util::stream::iter(0..200)
-                .map(|_| async move {
-                    let response = client.get(url).send().await.unwrap();
-                    let retry = response
-                        .headers()
-                        .get("retry-after")
-                        .map(|v| v.to_str().unwrap().to_string());
-                    (response.status().as_u16(), retry)
-                })
-                .buffer_unordered(50)
-                .collect()
-                .await;
-            let mut tally = HashMap::new();
-            for (code, retry) in &codes {
-                if *code == 503 {
-                    assert!(retry.is_some(), "503 carries Retry-After");
-                }
-                *tally.entry(*code).or_insert(0) += 1;
-            }
-            (tally.get(&503).copied().unwrap_or(0) == 200).then_some(tally)
-        }
+    // The slow requests hold every slot once a single GET is refused.
+    wait_for(Duration::from_secs(3), "the slots to fill", || async {
+        let response = client.get(&url).send().await.ok()?;
+        (response.status() == StatusCode::SERVICE_UNAVAILABLE).then_some(())
     })
     .await;
+    let answers: Vec<(u16, Option<String>)> = futures_util::stream::iter(0..200)
+        .map(|_| async {
+            let response = client.get(&url).send().await.unwrap();
+            let retry = response
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_string());
+            (response.status().as_u16(), retry)
+        })
+        .buffer_unordered(50)
+        .collect()
+        .await;
+    let mut codes = HashMap::new();
+    for (code, retry) in &answers {
+        if *code == 503 {
+            assert!(retry.is_some(), "503 carries Retry-After");
+        }
+        *codes.entry(*code).or_insert(0) += 1;
+    }
+    assert_eq!(
+        codes,
+        HashMap::from([(503, 200)]),
+        "the whole flood refused"
+    );
     eprintln!("flood answers: {codes:?}");
     // Probes bypass the cap, so an overloaded worker does not look dead.
     let health = client.get(worker.url("/healthz")).send().await.unwrap();
@@ -718,7 +723,7 @@ async fn a_flood_past_the_concurrency_cap_gets_503_and_slow_requests_408() {
     for mut stream in slow {
         let mut answer = Vec::new();
         let _ =
-            tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+            tokio::time::timeout(Duration::from_secs(15), stream.read_to_end(&mut answer)).await;
         let text = String::from_utf8_lossy(&answer);
         assert!(text.starts_with("HTTP/1.1 408"), "slow request: {text}");
         assert!(

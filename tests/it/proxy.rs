@@ -4,7 +4,7 @@
 //! reach the client).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -16,6 +16,8 @@ struct State {
     up: AtomicBool,
     /// Server-to-client bytes are dropped while true.
     swallow_replies: AtomicBool,
+    /// Client-to-server writes forwarded, over every connection.
+    forwarded: AtomicU64,
     /// Cancelling it drops every connection opened under it.
     generation: Mutex<CancellationToken>,
     /// Cancelled by [`Proxy::freeze_open_connections`] for the connections open then.
@@ -40,6 +42,7 @@ impl Proxy {
             upstream,
             up: AtomicBool::new(true),
             swallow_replies: AtomicBool::new(false),
+            forwarded: AtomicU64::new(0),
             generation: Mutex::new(CancellationToken::new()),
             freeze: Mutex::new(CancellationToken::new()),
         });
@@ -55,11 +58,16 @@ impl Proxy {
                     },
                     _ = accept_shutdown.cancelled() => return,
                 };
-                if !accept_state.up.load(Ordering::SeqCst) {
-                    drop(client);
-                    continue;
-                }
-                let token = accept_state.generation.lock().unwrap().child_token();
+                // `up` read under the generation lock that a cut holds while it flips it: a
+                // connection accepted during a cut is refused or dropped with the rest.
+                let token = {
+                    let generation = accept_state.generation.lock().unwrap();
+                    if !accept_state.up.load(Ordering::SeqCst) {
+                        drop(client);
+                        continue;
+                    }
+                    generation.child_token()
+                };
                 let freeze = accept_state.freeze.lock().unwrap().clone();
                 tokio::spawn(serve(client, accept_state.clone(), token, freeze));
             }
@@ -80,8 +88,10 @@ impl Proxy {
 
     /// Drops every connection and refuses new ones until [`Proxy::restore`].
     pub fn cut(&self) {
+        let mut generation = self.state.generation.lock().unwrap();
         self.state.up.store(false, Ordering::SeqCst);
-        self.drop_connections();
+        generation.cancel();
+        *generation = CancellationToken::new();
     }
 
     pub fn restore(&self) {
@@ -95,6 +105,12 @@ impl Proxy {
         let mut freeze = self.state.freeze.lock().unwrap();
         freeze.cancel();
         *freeze = CancellationToken::new();
+    }
+
+    /// How many client-to-server writes were forwarded so far (all connections): a fault hook
+    /// waits for it to grow to know its request reached the server.
+    pub fn requests_forwarded(&self) -> u64 {
+        self.state.forwarded.load(Ordering::SeqCst)
     }
 
     /// Stops forwarding the server's replies (requests still flow) until the next cut: what the
@@ -132,6 +148,7 @@ async fn serve(
                 return Ok::<(), std::io::Error>(());
             }
             server_write.write_all(&buf[..n]).await?;
+            state.forwarded.fetch_add(1, Ordering::SeqCst);
         }
     };
     let replies = async {

@@ -10,10 +10,21 @@ async fn sigterm_while_events_flow_loses_and_doubles_nothing() {
     let broker = TestBroker::new();
     let mut worker = spawn_worker(&db, &broker, &[("SHUTDOWN_TIMEOUT", "10s".into())]);
 
-    // The producer runs at a capped rate so the stop lands mid-stream.
+    // The producer runs at a capped rate so the stop lands mid-stream; a confirm that comes
+    // late on a loaded machine must not make it publish a second copy (it would be skipped as a
+    // duplicate, which this test says never happens).
     let producer = Producer::spawn(
         broker.env(),
-        &["--events", "60000", "--rate", "15000", "--seed", "3"],
+        &[
+            "--events",
+            "60000",
+            "--rate",
+            "15000",
+            "--seed",
+            "3",
+            "--confirm-timeout",
+            "60s",
+        ],
     );
 
     wait_for(
