@@ -253,6 +253,16 @@ fn parse_node(index: usize, raw: &str) -> Result<Node, ConnectError> {
 /// URI parameters (`cacertfile`, `certfile`, `keyfile`, `server_name_indication`,
 /// `auth_mechanism=external`); the server certificate is always verified.
 pub async fn connect(urls: &str, name: &str) -> Result<Connection, ConnectError> {
+    connect_gated(urls, name, None).await
+}
+
+/// [`connect`], with a read gate: the connection stops reading while `gate` holds its limit of
+/// message bodies (the consumer's `PREFETCH_BYTES`; see `vendor/README.md`).
+pub async fn connect_gated(
+    urls: &str,
+    name: &str,
+    gate: Option<&lapin::ReadGate>,
+) -> Result<Connection, ConnectError> {
     let nodes = split_nodes(urls)
         .into_iter()
         .enumerate()
@@ -269,7 +279,7 @@ pub async fn connect(urls: &str, name: &str) -> Result<Connection, ConnectError>
     for offset in 0..nodes.len() {
         let index = (start + offset) % nodes.len();
         let node = &nodes[index];
-        match connect_node(node, name).await {
+        match connect_node(node, name, gate).await {
             Ok(connection) => {
                 set_last_good(urls, index);
                 if offset > 0 || start > 0 {
@@ -286,8 +296,15 @@ pub async fn connect(urls: &str, name: &str) -> Result<Connection, ConnectError>
     Err(ConnectError::AllNodes(failures.join("; ")))
 }
 
-async fn connect_node(node: &Node, name: &str) -> Result<Connection, lapin::Error> {
-    let properties = ConnectionProperties::default().with_connection_name(name.into());
+async fn connect_node(
+    node: &Node,
+    name: &str,
+    gate: Option<&lapin::ReadGate>,
+) -> Result<Connection, lapin::Error> {
+    let mut properties = ConnectionProperties::default().with_connection_name(name.into());
+    if let Some(gate) = gate {
+        properties = properties.with_read_gate(gate.clone());
+    }
     let runtime = lapin::runtime::default_runtime()?;
     let timeout = node
         .uri

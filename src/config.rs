@@ -135,7 +135,8 @@ pub struct Config {
     /// Unacknowledged messages the broker may hand this worker; at least the batch size. The
     /// default holds the batches in flight (IN_FLIGHT × BATCH_SIZE) and two more filling
     /// behind them, so a freed slot finds its next batch ready (README "Performance"). The
-    /// bodies held are bounded by PREFETCH_BYTES, which lowers it for large messages.
+    /// bodies held are bounded by PREFETCH_BYTES (the prefetch reaches PREFETCH only once the
+    /// bodies are seen to be small, and the connection stops reading at the budget).
     #[arg(long, env = "PREFETCH", default_value_t = 10000, value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
 
@@ -168,9 +169,10 @@ pub struct Config {
     #[command(flatten)]
     pub webhooks: crate::webhooks::WebhookArgs,
 
-    /// Bytes of message bodies this worker may hold unacknowledged (e.g. `64MiB`): the prefetch
-    /// is lowered on the live channel once large messages arrive, so memory stays bounded
-    /// whatever the sizes and however long Postgres is down (SPEC §4).
+    /// Bytes of message bodies this worker may hold unacknowledged (e.g. `64MiB`): the consumer's
+    /// connection stops reading the socket while that many are held, and the prefetch starts at
+    /// PREFETCH_BYTES / 1 MiB, so memory stays bounded whatever the sizes and however long
+    /// Postgres is down (SPEC §4).
     #[arg(long, env = "PREFETCH_BYTES", default_value = "64MiB", value_parser = parse_bytes)]
     pub prefetch_bytes: u64,
 

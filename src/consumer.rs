@@ -214,18 +214,28 @@ pub struct Consumer {
     draining: VecDeque<lapin::Consumer>,
     settings: ConsumerSettings,
     prefetch: Prefetch,
+    /// The connection stops reading while this holds `PREFETCH_BYTES` of bodies not yet acked
+    /// or rejected: the prefetch counts messages, so a switch to large ones would otherwise
+    /// bring up to `PREFETCH` of them at once (see `vendor/README.md`, lapin).
+    gate: lapin::ReadGate,
 }
 
 /// The largest body a message may have (SPEC §3): what the prefetch assumes of a message it has
 /// not seen yet.
 const MAX_BODY: usize = 1 << 20;
 
-/// Keeps the bodies held unacked under PREFETCH_BYTES by lowering the prefetch when large
-/// messages arrive, and raising it again (up to PREFETCH) once a window of deliveries shows they
-/// are small. RabbitMQ fixes a consumer's prefetch when it starts (basic.qos on a live channel
-/// only affects consumers started after it), so a change is basic.qos, then basic.cancel of the
-/// current consumer (its deliveries already sent stay unacked and are processed and acked as
-/// usual, nothing is requeued), then basic.consume with the new prefetch.
+/// The prefetch: `PREFETCH_BYTES / 1 MiB` (the largest body there may be) until a window of
+/// deliveries has been seen, then raised to `PREFETCH_BYTES / largest body of the last two
+/// windows` (at most PREFETCH) at the end of a window. It is never lowered: a lowering would come
+/// when the first large body is taken, after the broker sent the rest into the credit, and the
+/// `basic.cancel-ok` it waits for comes after them, so the connection would read them all while
+/// waiting (a read gate lets reading go on while a reply is awaited). The connection's read gate
+/// keeps the bodies under PREFETCH_BYTES when the messages turn large. RabbitMQ fixes a
+/// consumer's prefetch when it starts (basic.qos on a live channel only affects consumers started
+/// after it), so a raise is basic.qos, then basic.cancel of the current consumer (its deliveries
+/// already sent stay unacked and are processed and acked as usual, nothing is requeued), then
+/// basic.consume with the new prefetch; while it is low, the old consumer's deliveries that come
+/// before the replies are at most its prefetch × the bodies it was set for.
 #[derive(Debug, Clone)]
 struct Prefetch {
     budget: u64,
@@ -269,9 +279,8 @@ impl Prefetch {
             self.largest = 0;
         }
         let target = self.target();
-        // Lower at once; raise only at the end of a window (hysteresis: one large message keeps
-        // the prefetch low for a window or two, instead of flapping).
-        let change = target < self.current || (self.window_left == 0 && target > self.current);
+        // Raise only at the end of a window; never lower (see above).
+        let change = self.window_left == 0 && target > self.current;
         if self.window_left == 0 {
             self.window_left = usize::from(target.max(self.current)).max(64);
         }
@@ -288,7 +297,9 @@ impl Consumer {
     /// Connects, declares the topology, sets the prefetch and starts consuming.
     pub async fn open(settings: &ConsumerSettings) -> anyhow::Result<Self> {
         let queue = &settings.topology.queue;
-        let connection = amqp::connect(&settings.amqp_url, &format!("catchall-worker {queue}"))
+        let gate = lapin::ReadGate::new(settings.prefetch_bytes);
+        let name = format!("catchall-worker {queue}");
+        let connection = amqp::connect_gated(&settings.amqp_url, &name, Some(&gate))
             .await
             .with_context(|| {
                 format!(
@@ -327,6 +338,7 @@ impl Consumer {
             draining: VecDeque::new(),
             settings: settings.clone(),
             prefetch,
+            gate,
         })
     }
 
@@ -350,6 +362,7 @@ impl Consumer {
                 abort: abort.clone(),
                 hook: self.settings.fault_hook.clone(),
                 stats: self.settings.stats.clone(),
+                gate: self.gate.clone(),
             },
             in_flight: self.settings.batch.in_flight.max(1),
             committing: VecDeque::new(),
@@ -465,6 +478,7 @@ impl Consumer {
                         .await
                         .context("rejecting an invalid message")?;
                     self.settings.stats.unacked(0, size);
+                    self.gate.release(size as u64);
                     WorkerStats::add(&self.settings.stats.rejected, 1);
                     batch.rejected += 1;
                 }
@@ -597,6 +611,7 @@ struct Applier {
     abort: CancellationToken,
     hook: Option<FaultHook>,
     stats: Arc<WorkerStats>,
+    gate: lapin::ReadGate,
 }
 
 impl Applier {
@@ -706,6 +721,7 @@ impl Pipeline {
             .instrument(tracing::info_span!(parent: &oldest.span, "ack", tag = ack_tag))
             .await?;
         self.applier.stats.unacked(0, oldest.bytes);
+        self.applier.gate.release(oldest.bytes as u64);
         oldest.span.record("applied", applied.messages as i64);
         oldest.span.record("duplicates", applied.duplicates as i64);
         oldest
@@ -1088,12 +1104,18 @@ mod tests {
         // A window of small bodies raises it to PREFETCH, at the end of the window only.
         let raised: Vec<_> = (0..64).filter_map(|_| prefetch.observe(200)).collect();
         assert_eq!(raised, vec![5000]);
-        // One large body lowers it at once.
-        assert_eq!(prefetch.observe(MIB as usize), Some(64));
-        assert_eq!(prefetch.observe(200), None);
-        // It stays low for this window and the next one, then rises again.
+        // A large body does not lower it (the read gate holds the bytes).
+        assert_eq!(prefetch.observe(MIB as usize), None);
+        assert_eq!(prefetch.current, 5000);
         let changes: Vec<_> = (0..10_000).filter_map(|_| prefetch.observe(100)).collect();
-        assert_eq!(changes, vec![5000]);
+        assert_eq!(changes, Vec::<u16>::new());
+        // Large bodies from the start keep it low: nothing raises it.
+        let mut large = Prefetch::new(64 * MIB, 5000);
+        let changes: Vec<_> = (0..1000)
+            .filter_map(|_| large.observe(MIB as usize))
+            .collect();
+        assert_eq!(changes, Vec::<u16>::new());
+        assert_eq!(large.current, 64);
         // Bodies over the budget: one at a time.
         let mut tiny = Prefetch::new(1000, 5000);
         assert_eq!(tiny.current, 1);

@@ -140,7 +140,7 @@ fn describe() {
     counter!("catchall_rejections_total", "reason" => DATABASE_REJECTED).absolute(0);
     describe_gauge!(
         "catchall_prefetch_messages",
-        "The prefetch (basic.qos) in force: PREFETCH, lowered to keep PREFETCH_BYTES."
+        "The prefetch (basic.qos) in force: PREFETCH_BYTES / 1 MiB at start, raised up to PREFETCH for small bodies."
     );
     describe_gauge!(
         "catchall_unacked_bytes",

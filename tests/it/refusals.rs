@@ -496,6 +496,79 @@ async fn memory_stays_under_prefetch_bytes_with_1_mib_messages_while_postgres_re
     let _ = child.kill().await;
 }
 
+/// `PREFETCH_BYTES` holds when the messages turn large: single-event messages raise the prefetch
+/// to `PREFETCH`, then messages of ~900 KiB come faster than the worker takes them. Without the
+/// read gate the broker sent them into the credit the small ones left and the worker read them
+/// all (peak RSS 250 MiB against a 16 MiB budget in `benches/prefetch-switch.sh`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_stays_under_prefetch_bytes_when_messages_turn_large() {
+    const BUDGET: u64 = 16 << 20;
+    const SMALL: usize = 20_000;
+    const LARGE: usize = 150;
+    const PER_LARGE: usize = 4_000;
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    let start = || {
+        spawn_on_a_port(worker_command(
+            &db,
+            &broker,
+            &[("PREFETCH_BYTES", BUDGET.to_string())],
+        ))
+    };
+    // A first worker declares the queue and goes; the queue fills while no one consumes, so the
+    // small messages are a backlog in front of the large ones.
+    let (mut first, port) = start().await;
+    wait_for(
+        Duration::from_secs(30),
+        "the first worker ready",
+        || async {
+            let response = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+                .await
+                .ok()?;
+            (response.status() == 200).then_some(())
+        },
+    )
+    .await;
+    first.kill().await.expect("stop the first worker");
+    let small: Vec<(String, Vec<u8>)> = (0..SMALL)
+        .map(|i| {
+            let body = format!(r#"{{"domain":"s{}.example","type":"delivered"}}"#, i % 1000);
+            (format!("small-{i}"), body.into_bytes())
+        })
+        .collect();
+    // Long names (about 225 bytes a line) from a hundred domains: large bodies, cheap batches.
+    let stem = ["a", "b", "c"].map(|c| c.repeat(60)).join(".");
+    let large: Vec<(String, Vec<u8>)> = (0..LARGE)
+        .map(|i| {
+            let events: Vec<serde_json::Value> = (0..PER_LARGE)
+                .map(|j| {
+                    serde_json::json!({"domain": format!("{stem}.d{}.example", j % 100),
+                        "type": "delivered"})
+                })
+                .collect();
+            let body = serde_json::to_vec(&events).unwrap();
+            assert!(body.len() < 1 << 20, "{} bytes", body.len());
+            (format!("large-{i}"), body)
+        })
+        .collect();
+    publish_all(&broker, &small).await;
+    publish_all(&broker, &large).await;
+    let (mut child, _) = start().await;
+    let total = (SMALL + LARGE * PER_LARGE) as i64;
+    wait_for(Duration::from_secs(180), "every event counted", || async {
+        (db.total_events().await == total).then_some(())
+    })
+    .await;
+    let peak = peak_rss_bytes(child.id().expect("pid"));
+    eprintln!(
+        "peak RSS {} MiB (budget {} MiB + 64 MiB)",
+        peak >> 20,
+        BUDGET >> 20
+    );
+    assert!(peak < BUDGET + (64 << 20), "peak RSS {peak} bytes");
+    let _ = child.kill().await;
+}
+
 /// Postgres reached through a connection that goes silent without a reset (a host that
 /// vanished, a failover that moved the address): `/readyz` says so within its 2 s, drops that
 /// connection, and is ready again on the next probe over a new one. It used to keep the dead

@@ -240,6 +240,8 @@ impl Connection {
         + 'static,
         options: ConnectionProperties,
     ) -> Result<Self> {
+        // PATCHED (catchall): the I/O loop keeps the read gate.
+        let read_gate = options.read_gate.clone();
         let configuration = Configuration::new(&uri, options);
         let status = ConnectionStatus::new(&uri);
         let frames = Frames::default();
@@ -280,6 +282,7 @@ impl Connection {
             connect,
             uri,
             conn.configuration().backoff,
+            read_gate,
         );
 
         internal_rpc.start(channels);

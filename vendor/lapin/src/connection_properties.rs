@@ -32,6 +32,8 @@ pub struct ConnectionProperties {
     pub(crate) backoff: ExponentialBuilder,
     pub(crate) auto_recover: bool,
     backoff_configured: bool,
+    // PATCHED (catchall): see `with_read_gate`.
+    pub(crate) read_gate: Option<crate::ReadGate>,
 }
 
 impl Default for ConnectionProperties {
@@ -43,6 +45,7 @@ impl Default for ConnectionProperties {
             backoff: ExponentialBuilder::default().with_max_times(0 /* no retry by default */),
             auto_recover: false,
             backoff_configured: false,
+            read_gate: None,
         }
     }
 }
@@ -60,6 +63,15 @@ impl ConnectionProperties {
     pub fn with_client_property(mut self, key: ShortString, value: LongString) -> Self {
         self.client_properties
             .insert(key, AMQPValue::LongString(value));
+        self
+    }
+
+    // PATCHED (catchall)
+    /// Stop reading the socket while `gate` holds its limit of message bodies (see
+    /// [`crate::ReadGate`]); the application releases each body's bytes when done with it.
+    #[must_use]
+    pub fn with_read_gate(mut self, gate: crate::ReadGate) -> Self {
+        self.read_gate = Some(gate);
         self
     }
 

@@ -145,6 +145,15 @@ impl Frames {
             .next_expected_close_ok_reply(channel_id, error)
     }
 
+    // PATCHED (catchall): whether a method's reply is awaited on any channel (a read gate lets
+    // reading go on meanwhile).
+    pub(crate) fn awaits_reply(&self) -> bool {
+        self.lock_inner()
+            .expected_replies
+            .values()
+            .any(|replies| !replies.is_empty())
+    }
+
     pub(crate) fn has_pending(&self) -> bool {
         self.lock_inner().has_pending()
     }

@@ -63,6 +63,8 @@ pub(crate) struct IoLoop<
     serialized_frames: VecDeque<(FrameSize, FrameSending)>,
     half_closed: bool,
     first_connection: bool,
+    // PATCHED (catchall): see `crate::ReadGate`.
+    read_gate: Option<crate::ReadGate>,
 }
 
 impl<
@@ -86,6 +88,7 @@ impl<
         connect: C,
         uri: AMQPUri,
         backoff: ExponentialBuilder,
+        read_gate: Option<crate::ReadGate>,
     ) -> Self {
         let frame_size = std::cmp::max(
             protocol::constants::FRAME_MIN_SIZE,
@@ -113,6 +116,7 @@ impl<
             serialized_frames: VecDeque::default(),
             half_closed: false,
             first_connection: true,
+            read_gate,
         }
     }
 
@@ -162,7 +166,17 @@ impl<
     }
 
     fn can_read(&mut self) -> bool {
-        self.socket_state.readable() && self.receive_buffer.available_space() > 0
+        self.socket_state.readable() && self.receive_buffer.available_space() > 0 && !self.gated()
+    }
+
+    // PATCHED (catchall): reading waits while the read gate is closed, except during the
+    // handshake and while a method's reply is awaited (the application may be waiting for it
+    // before it can release anything).
+    fn gated(&self) -> bool {
+        self.read_gate.as_ref().is_some_and(|gate| !gate.is_open())
+            && self.status == Status::Connected
+            && self.connection_status.connected()
+            && !self.frames.awaits_reply()
     }
 
     fn can_parse(&self) -> bool {
@@ -201,6 +215,10 @@ impl<
     pub(crate) fn start(mut self) -> Result<JoinHandle> {
         let runtime = self.runtime.clone();
         let waker = self.socket_state.handle();
+        // PATCHED (catchall): a release that opens the gate wakes this loop.
+        if let Some(gate) = &self.read_gate {
+            gate.set_waker(self.socket_state.handle());
+        }
         let connect_span = tracing::Span::current();
         let handle = ThreadBuilder::new()
             .name("lapin-io-loop".to_owned())
@@ -328,6 +346,11 @@ impl<
             has_data=%self.has_data(),
             "io_loop do_run",
         );
+        // PATCHED (catchall): the server is not silent while the gate holds its frames back,
+        // so its heartbeats are not missed meanwhile.
+        if self.gated() {
+            self.heartbeat.update_last_read();
+        }
         if !self.can_read() && !self.can_write() && self.should_continue(connection_killswitch) {
             trace!("io_loop cannot do anything for now, waiting for socket events.");
             self.socket_state.wait();
@@ -601,6 +624,12 @@ impl<
         let mut did_something = false;
         while self.can_parse() {
             if let Some(frame) = self.parse(connection_killswitch)? {
+                // PATCHED (catchall): a content header announces the body the gate counts.
+                if let (Some(gate), AMQPFrame::Header(channel_id, header)) = (&self.read_gate, &frame)
+                    && *channel_id != 0
+                {
+                    gate.add(header.body_size);
+                }
                 self.channels
                     .handle_frame(frame)
                     .inspect_err(|err| self.internal_rpc.set_connection_error(err.clone()))?;

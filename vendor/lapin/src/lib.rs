@@ -165,6 +165,8 @@ pub use events::Event;
 pub use exchange::ExchangeKind;
 pub use publisher_confirm::{Confirmation, PublisherConfirm};
 pub use queue::Queue;
+// PATCHED (catchall): a byte budget on what a connection reads.
+pub use read_gate::ReadGate;
 
 /// Authentication providers and helpers for connecting to RabbitMQ.
 pub mod auth;
@@ -213,6 +215,8 @@ mod parsing;
 mod promise;
 mod publisher_confirm;
 mod queue;
+// PATCHED (catchall)
+mod read_gate;
 mod registry;
 mod returned_messages;
 mod secret_update;
