@@ -234,8 +234,9 @@ const MAX_BODY: usize = 1 << 20;
 /// consumer's prefetch when it starts (basic.qos on a live channel only affects consumers started
 /// after it), so a raise is basic.qos, then basic.cancel of the current consumer (its deliveries
 /// already sent stay unacked and are processed and acked as usual, nothing is requeued), then
-/// basic.consume with the new prefetch; while it is low, the old consumer's deliveries that come
-/// before the replies are at most its prefetch × the bodies it was set for.
+/// basic.consume with the new prefetch. The connection reads on while it waits for those
+/// replies, through whatever the old consumer was sent before them, so a raise is made only
+/// from a prefetch whose deliveries fit the budget at any size: once, from the first one.
 #[derive(Debug, Clone)]
 struct Prefetch {
     budget: u64,
@@ -279,8 +280,11 @@ impl Prefetch {
             self.largest = 0;
         }
         let target = self.target();
-        // Raise only at the end of a window; never lower (see above).
-        let change = self.window_left == 0 && target > self.current;
+        // Raise only at the end of a window, and only from a prefetch whose deliveries fit the
+        // budget at any size (see above); never lower.
+        let change = self.window_left == 0
+            && target > self.current
+            && u64::from(self.current) * MAX_BODY as u64 <= self.budget;
         if self.window_left == 0 {
             self.window_left = usize::from(target.max(self.current)).max(64);
         }
@@ -558,6 +562,9 @@ impl Consumer {
     /// Cancels the consumer and closes the channel and connection. Deliveries that were
     /// prefetched but not acked go back to the queue.
     pub async fn close(self) {
+        // What the broker sent before its replies could be any size: past the budget, the
+        // close waits for the gate (and is timed out by the caller) rather than read it all.
+        self.gate.seal();
         let cancel = self
             .channel
             .basic_cancel(
@@ -1106,6 +1113,12 @@ mod tests {
         assert_eq!(raised, vec![5000]);
         // A large body does not lower it (the read gate holds the bytes).
         assert_eq!(prefetch.observe(MIB as usize), None);
+        // Raised once, from the first prefetch only: mid-size bodies first keep it there.
+        let mut mid = Prefetch::new(64 * MIB, 5000);
+        let raised: Vec<_> = (0..64).filter_map(|_| mid.observe(100 << 10)).collect();
+        assert_eq!(raised, vec![655]);
+        let changes: Vec<_> = (0..10_000).filter_map(|_| mid.observe(100)).collect();
+        assert_eq!(changes, Vec::<u16>::new(), "655 × 1 MiB is past the budget");
         assert_eq!(prefetch.current, 5000);
         let changes: Vec<_> = (0..10_000).filter_map(|_| prefetch.observe(100)).collect();
         assert_eq!(changes, Vec::<u16>::new());

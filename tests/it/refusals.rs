@@ -536,24 +536,9 @@ async fn memory_stays_under_prefetch_bytes_when_messages_turn_large() {
             (format!("small-{i}"), body.into_bytes())
         })
         .collect();
-    // Long names (about 225 bytes a line) from a hundred domains: large bodies, cheap batches.
-    let stem = ["a", "b", "c"].map(|c| c.repeat(60)).join(".");
-    let large: Vec<(String, Vec<u8>)> = (0..LARGE)
-        .map(|i| {
-            let events: Vec<serde_json::Value> = (0..PER_LARGE)
-                .map(|j| {
-                    serde_json::json!({"domain": format!("{stem}.d{}.example", j % 100),
-                        "type": "delivered"})
-                })
-                .collect();
-            let body = serde_json::to_vec(&events).unwrap();
-            assert!(body.len() < 1 << 20, "{} bytes", body.len());
-            (format!("large-{i}"), body)
-        })
-        .collect();
     publish_all(&broker, &small).await;
-    publish_all(&broker, &large).await;
-    let (mut child, _) = start().await;
+    publish_all(&broker, &large_messages(LARGE, PER_LARGE)).await;
+    let (mut child, port) = start().await;
     let total = (SMALL + LARGE * PER_LARGE) as i64;
     wait_for(Duration::from_secs(180), "every event counted", || async {
         (db.total_events().await == total).then_some(())
@@ -566,6 +551,67 @@ async fn memory_stays_under_prefetch_bytes_when_messages_turn_large() {
         BUDGET >> 20
     );
     assert!(peak < BUDGET + (64 << 20), "peak RSS {peak} bytes");
+    // The prefetch had been raised for the small ones: the gate, not the prefetch, held the
+    // large ones back.
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics");
+    let prefetch = metric_value(&text, "catchall_prefetch_messages");
+    assert!(prefetch > 1000.0, "the prefetch was raised: {prefetch}");
+    let _ = child.kill().await;
+}
+
+/// `count` messages of `per` events each, about 900 KiB at 4,000 events: long names (about 225
+/// bytes a line) of a hundred domains, so the bodies are large and the batches cheap.
+fn large_messages(count: usize, per: usize) -> Vec<(String, Vec<u8>)> {
+    let stem = ["a", "b", "c"].map(|c| c.repeat(60)).join(".");
+    (0..count)
+        .map(|i| {
+            let events: Vec<serde_json::Value> = (0..per)
+                .map(|j| {
+                    serde_json::json!({"domain": format!("{stem}.d{}.example", j % 100),
+                        "type": "delivered"})
+                })
+                .collect();
+            let body = serde_json::to_vec(&events).unwrap();
+            assert!(body.len() < 1 << 20, "{} bytes", body.len());
+            (format!("large-{i}"), body)
+        })
+        .collect()
+}
+
+/// A body larger than `PREFETCH_BYTES` still arrives, one at a time: the read gate waits for a
+/// body under way to be read whole. It closed as soon as the body's header was counted, and a
+/// body cut in two by the socket's reads never completed: the consumer stalled for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_larger_than_prefetch_bytes_still_arrives() {
+    const BUDGET: u64 = 256 << 10;
+    const MESSAGES: usize = 20;
+    const PER: usize = 4_000;
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    let (mut child, port) = spawn_on_a_port(worker_command(
+        &db,
+        &broker,
+        &[("PREFETCH_BYTES", BUDGET.to_string())],
+    ))
+    .await;
+    wait_for(Duration::from_secs(30), "the worker ready", || async {
+        let response = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+            .await
+            .ok()?;
+        (response.status() == 200).then_some(())
+    })
+    .await;
+    publish_all(&broker, &large_messages(MESSAGES, PER)).await;
+    let total = (MESSAGES * PER) as i64;
+    wait_for(Duration::from_secs(60), "every event counted", || async {
+        (db.total_events().await == total).then_some(())
+    })
+    .await;
     let _ = child.kill().await;
 }
 

@@ -63,8 +63,10 @@ pub(crate) struct IoLoop<
     serialized_frames: VecDeque<(FrameSize, FrameSending)>,
     half_closed: bool,
     first_connection: bool,
-    // PATCHED (catchall): see `crate::ReadGate`.
+    // PATCHED (catchall): see `crate::ReadGate`; per channel, the body under way (its size,
+    // and the bytes of it not yet read).
     read_gate: Option<crate::ReadGate>,
+    bodies: std::collections::HashMap<u16, (u64, u64)>,
 }
 
 impl<
@@ -117,10 +119,13 @@ impl<
             half_closed: false,
             first_connection: true,
             read_gate,
+            bodies: Default::default(),
         }
     }
 
     fn reset(&mut self) {
+        // PATCHED (catchall): a new socket starts with no body under way.
+        self.bodies.clear();
         self.status = Status::Initial;
         self.receive_buffer.reset();
         self.send_buffer.reset();
@@ -169,14 +174,18 @@ impl<
         self.socket_state.readable() && self.receive_buffer.available_space() > 0 && !self.gated()
     }
 
-    // PATCHED (catchall): reading waits while the read gate is closed, except during the
-    // handshake and while a method's reply is awaited (the application may be waiting for it
-    // before it can release anything).
+    // PATCHED (catchall): reading waits while the read gate is closed, except, unless the gate
+    // is sealed, during the handshake, once the connection is closing and while a method's
+    // reply is awaited (the application may be waiting for it before it can release anything).
     fn gated(&self) -> bool {
-        self.read_gate.as_ref().is_some_and(|gate| !gate.is_open())
-            && self.status == Status::Connected
-            && self.connection_status.connected()
-            && !self.frames.awaits_reply()
+        let Some(gate) = self.read_gate.as_ref() else {
+            return false;
+        };
+        !gate.is_open()
+            && (gate.is_sealed()
+                || (self.status == Status::Connected
+                    && self.connection_status.connected()
+                    && !self.frames.awaits_reply()))
     }
 
     fn can_parse(&self) -> bool {
@@ -346,9 +355,9 @@ impl<
             has_data=%self.has_data(),
             "io_loop do_run",
         );
-        // PATCHED (catchall): the server is not silent while the gate holds its frames back,
-        // so its heartbeats are not missed meanwhile.
-        if self.gated() {
+        // PATCHED (catchall): a server whose frames wait unread behind the gate is not silent
+        // (the last read did not run dry); one that is silent still misses its heartbeats.
+        if self.gated() && self.socket_state.readable() {
             self.heartbeat.update_last_read();
         }
         if !self.can_read() && !self.can_write() && self.should_continue(connection_killswitch) {
@@ -624,11 +633,30 @@ impl<
         let mut did_something = false;
         while self.can_parse() {
             if let Some(frame) = self.parse(connection_killswitch)? {
-                // PATCHED (catchall): a content header announces the body the gate counts.
-                if let (Some(gate), AMQPFrame::Header(channel_id, header)) = (&self.read_gate, &frame)
-                    && *channel_id != 0
-                {
-                    gate.add(header.body_size);
+                // PATCHED (catchall): the gate counts a body once it is read whole (counted
+                // from its header, a body the size of the budget would close the gate before
+                // its end and never complete).
+                if let Some(gate) = &self.read_gate {
+                    match &frame {
+                        AMQPFrame::Header(channel_id, header) if *channel_id != 0 => {
+                            if header.body_size == 0 {
+                                self.bodies.remove(channel_id);
+                            } else {
+                                self.bodies
+                                    .insert(*channel_id, (header.body_size, header.body_size));
+                            }
+                        }
+                        AMQPFrame::Body(channel_id, payload) if *channel_id != 0 => {
+                            if let Some((size, remaining)) = self.bodies.get_mut(channel_id) {
+                                *remaining = remaining.saturating_sub(payload.len() as u64);
+                                if *remaining == 0 {
+                                    gate.add(*size);
+                                    self.bodies.remove(channel_id);
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
                 }
                 self.channels
                     .handle_frame(frame)

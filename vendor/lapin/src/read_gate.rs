@@ -4,15 +4,16 @@
 //! once. With a gate, the I/O loop stops reading the socket while the content it delivered and
 //! the application has not released reaches the limit; TCP flow control then holds the rest on
 //! the broker's side. Frames already read are still handled, acks and other writes still go out,
-//! and reading goes on regardless while a method's reply is awaited (`basic.qos-ok`,
-//! `basic.cancel-ok`, `channel.close-ok`…), so an application that awaits one cannot deadlock
-//! against its own budget.
+//! a body is counted once read whole (so one larger than the limit still arrives: what is held
+//! is at most the limit, one body under way and one read), and reading goes on regardless while a method's reply is awaited (`basic.qos-ok`, `basic.cancel-ok`,
+//! `channel.close-ok`…), so an application that awaits one cannot deadlock against its own
+//! budget, unless it sealed the gate (`seal`, before a close it bounds with a timeout).
 
 use crate::socket_state::SocketStateHandle;
 use std::fmt;
 use std::sync::{
     Arc, Mutex,
-    atomic::{AtomicU64, Ordering},
+    atomic::{AtomicBool, AtomicU64, Ordering},
 };
 
 /// Shared between the application and one connection's I/O loop (clones share the count).
@@ -24,6 +25,7 @@ pub struct ReadGate {
 struct Inner {
     limit: u64,
     held: AtomicU64,
+    sealed: AtomicBool,
     waker: Mutex<Option<SocketStateHandle>>,
 }
 
@@ -34,6 +36,7 @@ impl ReadGate {
             inner: Arc::new(Inner {
                 limit: limit.max(1),
                 held: AtomicU64::new(0),
+                sealed: AtomicBool::new(false),
                 waker: Mutex::new(None),
             }),
         }
@@ -66,7 +69,18 @@ impl ReadGate {
         }
     }
 
-    /// A content header announced a body of `bytes`.
+    /// From now on the gate holds even while a reply is awaited or the connection closes: for
+    /// an application about to close that would rather time its close out than read on (what
+    /// the broker sent before its replies could be any size).
+    pub fn seal(&self) {
+        self.inner.sealed.store(true, Ordering::SeqCst);
+    }
+
+    pub(crate) fn is_sealed(&self) -> bool {
+        self.inner.sealed.load(Ordering::SeqCst)
+    }
+
+    /// A body of `bytes` was read whole.
     pub(crate) fn add(&self, bytes: u64) {
         self.inner.held.fetch_add(bytes, Ordering::SeqCst);
     }
