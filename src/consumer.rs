@@ -236,13 +236,14 @@ const MAX_BODY: usize = 1 << 20;
 /// already sent stay unacked and are processed and acked as usual, nothing is requeued), then
 /// basic.consume with the new prefetch. The connection reads on while it waits for those
 /// replies, through whatever the old consumer was sent before them, so a raise is made only
-/// from a prefetch whose deliveries fit the budget at any size: once, from the first one.
+/// from a prefetch whose deliveries fit the budget at 1 MiB each: once, from the first one.
 #[derive(Debug, Clone)]
 struct Prefetch {
     budget: u64,
     max: u16,
-    /// The prefetch in force.
+    /// The prefetch in force, and the first one (the only one raised from).
     current: u16,
+    initial: u16,
     /// Largest body of the previous window of deliveries, and of the current one.
     previous_largest: usize,
     largest: usize,
@@ -256,12 +257,14 @@ impl Prefetch {
             budget,
             max,
             current: max,
+            initial: max,
             // Until a window has been seen, assume the largest message there may be.
             previous_largest: MAX_BODY,
             largest: 0,
             window_left: 0,
         };
         this.current = this.target();
+        this.initial = this.current;
         this.window_left = usize::from(this.current);
         this
     }
@@ -280,11 +283,10 @@ impl Prefetch {
             self.largest = 0;
         }
         let target = self.target();
-        // Raise only at the end of a window, and only from a prefetch whose deliveries fit the
-        // budget at any size (see above); never lower.
-        let change = self.window_left == 0
-            && target > self.current
-            && u64::from(self.current) * MAX_BODY as u64 <= self.budget;
+        // Raise only at the end of a window, and only from the first prefetch, whose deliveries
+        // fit the budget at 1 MiB each (or are one body, under a budget below 1 MiB); never
+        // lower (see above).
+        let change = self.window_left == 0 && target > self.current && self.current == self.initial;
         if self.window_left == 0 {
             self.window_left = usize::from(target.max(self.current)).max(64);
         }
@@ -561,10 +563,17 @@ impl Consumer {
 
     /// Cancels the consumer and closes the channel and connection. Deliveries that were
     /// prefetched but not acked go back to the queue.
+    /// Callers bound it with a timeout: past the budget it cannot read the broker's answers.
     pub async fn close(self) {
-        // What the broker sent before its replies could be any size: past the budget, the
-        // close waits for the gate (and is timed out by the caller) rather than read it all.
+        // What the broker sent before its replies could be any size: the gate stays shut for
+        // them. Already full, the answers cannot come: the connection is dropped (the broker
+        // requeues what was not acked) rather than wait out the caller's timeout.
         self.gate.seal();
+        if !self.gate.is_open() {
+            tracing::debug!("The read gate is full: closing without waiting for RabbitMQ.");
+            self.settings.stats.unacked_reset();
+            return;
+        }
         let cancel = self
             .channel
             .basic_cancel(
@@ -1118,7 +1127,12 @@ mod tests {
         let raised: Vec<_> = (0..64).filter_map(|_| mid.observe(100 << 10)).collect();
         assert_eq!(raised, vec![655]);
         let changes: Vec<_> = (0..10_000).filter_map(|_| mid.observe(100)).collect();
-        assert_eq!(changes, Vec::<u16>::new(), "655 × 1 MiB is past the budget");
+        assert_eq!(changes, Vec::<u16>::new(), "raised once already");
+        // A budget under 1 MiB starts at one message and is raised too.
+        let mut small_budget = Prefetch::new(256 << 10, 5000);
+        assert_eq!(small_budget.current, 1);
+        let raised: Vec<_> = (0..64).filter_map(|_| small_budget.observe(100)).collect();
+        assert_eq!(raised, vec![2621]);
         assert_eq!(prefetch.current, 5000);
         let changes: Vec<_> = (0..10_000).filter_map(|_| prefetch.observe(100)).collect();
         assert_eq!(changes, Vec::<u16>::new());
