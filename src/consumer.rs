@@ -1122,6 +1122,9 @@ mod tests {
         assert_eq!(raised, vec![5000]);
         // A large body does not lower it (the read gate holds the bytes).
         assert_eq!(prefetch.observe(MIB as usize), None);
+        assert_eq!(prefetch.current, 5000);
+        let changes: Vec<_> = (0..10_000).filter_map(|_| prefetch.observe(100)).collect();
+        assert_eq!(changes, Vec::<u16>::new());
         // Raised once, from the first prefetch only: mid-size bodies first keep it there.
         let mut mid = Prefetch::new(64 * MIB, 5000);
         let raised: Vec<_> = (0..64).filter_map(|_| mid.observe(100 << 10)).collect();
@@ -1133,9 +1136,6 @@ mod tests {
         assert_eq!(small_budget.current, 1);
         let raised: Vec<_> = (0..64).filter_map(|_| small_budget.observe(100)).collect();
         assert_eq!(raised, vec![2621]);
-        assert_eq!(prefetch.current, 5000);
-        let changes: Vec<_> = (0..10_000).filter_map(|_| prefetch.observe(100)).collect();
-        assert_eq!(changes, Vec::<u16>::new());
         // Large bodies from the start keep it low: nothing raises it.
         let mut large = Prefetch::new(64 * MIB, 5000);
         let changes: Vec<_> = (0..1000)

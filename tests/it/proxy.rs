@@ -81,15 +81,21 @@ impl Proxy {
 
     /// Drops every open connection at once; new connections are still accepted.
     pub fn drop_connections(&self) {
-        let mut generation = self.state.generation.lock().unwrap();
-        generation.cancel();
-        *generation = CancellationToken::new();
+        self.next_generation(None);
     }
 
     /// Drops every connection and refuses new ones until [`Proxy::restore`].
     pub fn cut(&self) {
+        self.next_generation(Some(false));
+    }
+
+    /// Cancels the connections open now and starts a new generation, setting `up` (if given)
+    /// under the same lock the accept loop reads it under.
+    fn next_generation(&self, up: Option<bool>) {
         let mut generation = self.state.generation.lock().unwrap();
-        self.state.up.store(false, Ordering::SeqCst);
+        if let Some(up) = up {
+            self.state.up.store(up, Ordering::SeqCst);
+        }
         generation.cancel();
         *generation = CancellationToken::new();
     }

@@ -316,7 +316,17 @@ async fn stoppable_worker(
         ("DB_TIMEOUT", "60s".into()),
     ];
     all.extend(settings.iter().cloned());
-    let (child, port) = spawn_on_a_port(worker_command(db, broker, &all)).await;
+    ready_worker(db, broker, &all).await
+}
+
+/// The worker binary with `settings`, once it is ready (it consumes: the topology exists); and
+/// its HTTP port.
+async fn ready_worker(
+    db: &TestDb,
+    broker: &TestBroker,
+    settings: &[(&str, String)],
+) -> (tokio::process::Child, u16) {
+    let (child, port) = spawn_on_a_port(worker_command(db, broker, settings)).await;
     wait_for(Duration::from_secs(30), "the worker ready", || async {
         let response = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
             .await
@@ -428,20 +438,9 @@ async fn memory_stays_under_prefetch_bytes_with_1_mib_messages_while_postgres_re
     const BUDGET: u64 = 16 << 20;
     let db = TestDb::create().await;
     let broker = TestBroker::new();
-    let (mut child, port) = spawn_on_a_port(worker_command(
-        &db,
-        &broker,
-        &[("PREFETCH_BYTES", BUDGET.to_string())],
-    ))
-    .await;
+    let (mut child, port) =
+        ready_worker(&db, &broker, &[("PREFETCH_BYTES", BUDGET.to_string())]).await;
     let metrics = format!("http://127.0.0.1:{port}/metrics");
-    wait_for(Duration::from_secs(30), "the worker ready", || async {
-        let response = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
-            .await
-            .ok()?;
-        (response.status() == 200).then_some(())
-    })
-    .await;
     // Every commit fails with a transient error: nothing is acked, the worker holds what the
     // prefetch lets it.
     db.client()
@@ -508,27 +507,10 @@ async fn memory_stays_under_prefetch_bytes_when_messages_turn_large() {
     const PER_LARGE: usize = 4_000;
     let db = TestDb::create().await;
     let broker = TestBroker::new();
-    let start = || {
-        spawn_on_a_port(worker_command(
-            &db,
-            &broker,
-            &[("PREFETCH_BYTES", BUDGET.to_string())],
-        ))
-    };
+    let budget = [("PREFETCH_BYTES", BUDGET.to_string())];
     // A first worker declares the queue and goes; the queue fills while no one consumes, so the
     // small messages are a backlog in front of the large ones.
-    let (mut first, port) = start().await;
-    wait_for(
-        Duration::from_secs(30),
-        "the first worker ready",
-        || async {
-            let response = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
-                .await
-                .ok()?;
-            (response.status() == 200).then_some(())
-        },
-    )
-    .await;
+    let (mut first, _) = ready_worker(&db, &broker, &budget).await;
     first.kill().await.expect("stop the first worker");
     let small: Vec<(String, Vec<u8>)> = (0..SMALL)
         .map(|i| {
@@ -538,7 +520,7 @@ async fn memory_stays_under_prefetch_bytes_when_messages_turn_large() {
         .collect();
     publish_all(&broker, &small).await;
     publish_all(&broker, &large_messages(LARGE, PER_LARGE)).await;
-    let (mut child, port) = start().await;
+    let (mut child, port) = ready_worker(&db, &broker, &budget).await;
     let total = (SMALL + LARGE * PER_LARGE) as i64;
     wait_for(Duration::from_secs(180), "every event counted", || async {
         (db.total_events().await == total).then_some(())
@@ -593,19 +575,8 @@ async fn a_body_larger_than_prefetch_bytes_still_arrives() {
     const PER: usize = 4_000;
     let db = TestDb::create().await;
     let broker = TestBroker::new();
-    let (mut child, port) = spawn_on_a_port(worker_command(
-        &db,
-        &broker,
-        &[("PREFETCH_BYTES", BUDGET.to_string())],
-    ))
-    .await;
-    wait_for(Duration::from_secs(30), "the worker ready", || async {
-        let response = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
-            .await
-            .ok()?;
-        (response.status() == 200).then_some(())
-    })
-    .await;
+    let (mut child, _) =
+        ready_worker(&db, &broker, &[("PREFETCH_BYTES", BUDGET.to_string())]).await;
     publish_all(&broker, &large_messages(MESSAGES, PER)).await;
     let total = (MESSAGES * PER) as i64;
     wait_for(Duration::from_secs(60), "every event counted", || async {
