@@ -5,6 +5,7 @@ use crate::faults::{Action, Rig, Trigger, broker_closes_connections, start_with_
 use crate::helpers::*;
 use crate::proxy::Proxy;
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,6 +15,8 @@ use tokio::sync::Notify;
 
 const EVENTS: u64 = 200_000;
 const MIN_FAULTS: usize = 20;
+/// Kinds of fault: the arms of the schedule's `match`.
+const KINDS: u32 = 6;
 
 /// One worker with its own proxies, so a fault can hit one replica alone.
 struct Slot {
@@ -102,20 +105,29 @@ async fn two_workers_survive_random_faults_with_exact_counts() {
 
     let mut faults: BTreeMap<&str, usize> = BTreeMap::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
-    // Faults keep coming until every event is counted.
-    // Until everything is counted and at least MIN_FAULTS faults were injected (a fast run can
-    // count everything first; the faults that need a batch in flight are then skipped).
+    // Every kind is injected first, in an order of the seed's, while the stream flows (a kind
+    // that finds no batch in flight is tried again next); then kinds at random.
+    let mut unfired: Vec<u32> = (0..KINDS).collect();
+    unfired.shuffle(&mut rng);
+    // Faults keep coming until everything is counted, every kind was injected and at least
+    // MIN_FAULTS faults were (a fast run can count everything first; the faults that need a
+    // batch in flight are then skipped).
     while rig.db.total_events().await < (EVENTS + ODD_COUNTED) as i64
         || faults.values().sum::<usize>() < MIN_FAULTS
+        || !unfired.is_empty()
     {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "chaos did not finish in 180 s: {faults:?}"
+            "chaos did not finish in 180 s: {faults:?} injected, kinds {unfired:?} not yet"
         );
         tokio::time::sleep(Duration::from_millis(rng.random_range(200..600))).await;
         let index = rng.random_range(0..slots.len());
         let slot = &mut slots[index];
-        let kind = match rng.random_range(0..6) {
+        let choice = match unfired.last() {
+            Some(&kind) => kind,
+            None => rng.random_range(0..KINDS),
+        };
+        let kind = match choice {
             0 => {
                 slot.amqp.cut();
                 tokio::time::sleep(Duration::from_millis(rng.random_range(50..500))).await;
@@ -158,6 +170,7 @@ async fn two_workers_survive_random_faults_with_exact_counts() {
             }
         };
         *faults.entry(kind).or_default() += 1;
+        unfired.retain(|&k| k != choice);
     }
 
     let mut expected = producer.finish().await;

@@ -501,27 +501,11 @@ async fn memory_stays_under_prefetch_bytes_with_1_mib_messages_while_postgres_re
 /// all (peak RSS 250 MiB against a 16 MiB budget in `benches/prefetch-switch.sh`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_stays_under_prefetch_bytes_when_messages_turn_large() {
-    const BUDGET: u64 = 16 << 20;
-    const SMALL: usize = 20_000;
-    const LARGE: usize = 150;
-    const PER_LARGE: usize = 4_000;
     let db = TestDb::create().await;
     let broker = TestBroker::new();
-    let budget = [("PREFETCH_BYTES", BUDGET.to_string())];
-    // A first worker declares the queue and goes; the queue fills while no one consumes, so the
-    // small messages are a backlog in front of the large ones.
-    let (mut first, _) = ready_worker(&db, &broker, &budget).await;
-    first.kill().await.expect("stop the first worker");
-    let small: Vec<(String, Vec<u8>)> = (0..SMALL)
-        .map(|i| {
-            let body = format!(r#"{{"domain":"s{}.example","type":"delivered"}}"#, i % 1000);
-            (format!("small-{i}"), body.into_bytes())
-        })
-        .collect();
-    publish_all(&broker, &small).await;
-    publish_all(&broker, &large_messages(LARGE, PER_LARGE)).await;
+    let budget = [("PREFETCH_BYTES", SWITCH_BUDGET.to_string())];
+    let total = small_then_large_queued(&db, &broker, &budget).await;
     let (mut child, port) = ready_worker(&db, &broker, &budget).await;
-    let total = (SMALL + LARGE * PER_LARGE) as i64;
     wait_for(Duration::from_secs(180), "every event counted", || async {
         (db.total_events().await == total).then_some(())
     })
@@ -530,9 +514,9 @@ async fn memory_stays_under_prefetch_bytes_when_messages_turn_large() {
     eprintln!(
         "peak RSS {} MiB (budget {} MiB + 64 MiB)",
         peak >> 20,
-        BUDGET >> 20
+        SWITCH_BUDGET >> 20
     );
-    assert!(peak < BUDGET + (64 << 20), "peak RSS {peak} bytes");
+    assert!(peak < SWITCH_BUDGET + (64 << 20), "peak RSS {peak} bytes");
     // The prefetch had been raised for the small ones: the gate, not the prefetch, held the
     // large ones back.
     let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
@@ -544,6 +528,96 @@ async fn memory_stays_under_prefetch_bytes_when_messages_turn_large() {
     let prefetch = metric_value(&text, "catchall_prefetch_messages");
     assert!(prefetch > 1000.0, "the prefetch was raised: {prefetch}");
     let _ = child.kill().await;
+}
+
+/// Postgres stalled for longer than RabbitMQ's send timeout (Ranch's default, 30 s) while large
+/// messages wait behind a full read gate: the broker's writes to the worker block, and it closes
+/// the connection. That costs one reconnect and the redelivery of what was unacked, deduplicated
+/// by message id: no event is lost or counted twice, and memory stays within the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_stall_behind_a_full_read_gate_costs_a_reconnect_and_no_count() {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    // A short DB_TIMEOUT, so the stalled batch sees the closed channel soon after the close.
+    let settings = [
+        ("PREFETCH_BYTES", SWITCH_BUDGET.to_string()),
+        ("DB_TIMEOUT", "5s".to_string()),
+    ];
+    let total = small_then_large_queued(&db, &broker, &settings).await;
+    let (mut child, port) = ready_worker(&db, &broker, &settings).await;
+    // The small ones raise the prefetch; once they are counted, the large ones flow. Then
+    // Postgres stalls: every batch waits for the lock until it is released.
+    wait_for(
+        Duration::from_secs(60),
+        "the small messages counted",
+        || async { (db.total_events().await >= SWITCH_SMALL as i64).then_some(()) },
+    )
+    .await;
+    let stall = db.client().await;
+    stall
+        .batch_execute("BEGIN; LOCK TABLE domains IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock domains");
+    let metrics = || async {
+        reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()
+    };
+    wait_for(
+        Duration::from_secs(120),
+        "the broker closes the blocked connection and the worker reconnects",
+        || async {
+            let text = metrics().await?;
+            (metric_value(&text, "catchall_broker_reconnects_total") >= 1.0).then_some(())
+        },
+    )
+    .await;
+    stall
+        .batch_execute("COMMIT")
+        .await
+        .expect("release domains");
+    wait_for(Duration::from_secs(180), "every event counted", || async {
+        (db.total_events().await == total && broker.depth(&broker.queue).await == 0).then_some(())
+    })
+    .await;
+    let peak = peak_rss_bytes(child.id().expect("pid"));
+    // A clean stop acks what is in flight; a redelivery still under way would count twice or
+    // return to the queue.
+    let (status, _) = sigterm(&mut child, Duration::from_secs(30)).await;
+    assert!(status.success(), "{status}");
+    assert_eq!(db.total_events().await, total, "counted once each");
+    assert_eq!(broker.depth(&broker.queue).await, 0, "everything acked");
+    assert!(peak < SWITCH_BUDGET + (64 << 20), "peak RSS {peak} bytes");
+}
+
+/// The budget of the small-then-large queue below.
+const SWITCH_BUDGET: u64 = 16 << 20;
+const SWITCH_SMALL: usize = 20_000;
+
+/// Queues `SWITCH_SMALL` single-event messages, then 150 of ~900 KiB (4,000 events each), all
+/// with ids, behind a first worker with `settings` that declared the queue and went; so the
+/// small ones are a backlog in front of the large ones. Returns the events queued.
+async fn small_then_large_queued(
+    db: &TestDb,
+    broker: &TestBroker,
+    settings: &[(&str, String)],
+) -> i64 {
+    const LARGE: usize = 150;
+    const PER_LARGE: usize = 4_000;
+    let (mut first, _) = ready_worker(db, broker, settings).await;
+    first.kill().await.expect("stop the first worker");
+    let small: Vec<(String, Vec<u8>)> = (0..SWITCH_SMALL)
+        .map(|i| {
+            let body = format!(r#"{{"domain":"s{}.example","type":"delivered"}}"#, i % 1000);
+            (format!("small-{i}"), body.into_bytes())
+        })
+        .collect();
+    publish_all(broker, &small).await;
+    publish_all(broker, &large_messages(LARGE, PER_LARGE)).await;
+    (SWITCH_SMALL + LARGE * PER_LARGE) as i64
 }
 
 /// `count` messages of `per` events each, about 900 KiB at 4,000 events: long names (about 225
