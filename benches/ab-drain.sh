@@ -19,6 +19,12 @@
 # index, or V7 itself on a baseline from before it (`AB_SQL_A="$(grep -v '^--'
 # migrations/V7__catch_all_listing_index.sql)"`), so that both sides carry the same schema.
 #
+# AB_HEAD_BULK=N: in front of the events, one window of the worker's first prefetch as a mixed
+# stream brings it: 63 single-event messages and one message of N events with long domain names
+# (about 230 bytes each, so N=400 is a 90 KiB body). The prefetch is raised once, at the end of
+# that window, for what it saw (a raise for its largest body kept single-event batches small for
+# the rest of the drain).
+#
 # Needs RabbitMQ and Postgres on 127.0.0.1 (`make services`) and the release producer
 # (`cargo build --release -p catchall-producer`). Deletes what it created.
 set -euo pipefail
@@ -37,6 +43,21 @@ for _ in range(int(sys.argv[1])):
     kind = 'bounced' if random.random() < 0.02 else 'delivered'
     print('{"domain":"d%d.example","type":"%s"}' % (random.randrange(100000), kind))
 EOF
+head_bulk=${AB_HEAD_BULK:-0}
+if [ "$head_bulk" -gt 0 ]; then
+    python3 - "$head_bulk" "$work/head-small.ndjson" "$work/head-bulk.ndjson" <<'EOF'
+import sys
+bulk, small, large = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+with open(small, 'w') as f:
+    for i in range(63):
+        print('{"domain":"d%d.example","type":"delivered"}' % i, file=f)
+stem = '.'.join(c * 60 for c in 'abc')
+with open(large, 'w') as f:
+    for i in range(bulk):
+        print('{"domain":"%s.d%d.example","type":"delivered"}' % (stem, i % 100), file=f)
+EOF
+    events=$((events + 63 + head_bulk))
+fi
 
 drain() { # BIN TAG [SQL [ENV]] -> "TAG seconds worker_cpu_s worker_peak_rss_mib events_per_batch"
     local bin=$1 tag=ab_$$_$2 sql=${3:-} settings=${4:-} pid rss
@@ -55,6 +76,10 @@ drain() { # BIN TAG [SQL [ENV]] -> "TAG seconds worker_cpu_s worker_peak_rss_mib
     [ -z "$sql" ] || psql_ -d "$db" -c "$sql"
     psql_ -d "$db" -c "INSERT INTO domains (domain) SELECT 'd' || x || '.example' FROM generate_series(0, 99999) x" \
         -c "VACUUM ANALYZE domains"
+    if [ "$head_bulk" -gt 0 ]; then
+        "$root/target/release/catchall-producer" publish "$work/head-small.ndjson" > /dev/null
+        "$root/target/release/catchall-producer" publish --batch "$head_bulk" "$work/head-bulk.ndjson" > /dev/null
+    fi
     "$root/target/release/catchall-producer" publish --batch "$per_message" "$work/events.ndjson" > /dev/null
     local t0 t1 cpu per_batch
     t0=$(psql_ -d "$db" -c "SELECT extract(epoch FROM clock_timestamp())")

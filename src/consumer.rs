@@ -225,18 +225,24 @@ pub struct Consumer {
 const MAX_BODY: usize = 1 << 20;
 
 /// The prefetch: `PREFETCH_BYTES / 1 MiB` (the largest body there may be) until a window of
-/// deliveries has been seen, then raised to `PREFETCH_BYTES / largest body of the last two
-/// windows` (at most PREFETCH) at the end of a window. It is never lowered: a lowering would come
-/// when the first large body is taken, after the broker sent the rest into the credit, and the
-/// `basic.cancel-ok` it waits for comes after them, so the connection would read them all while
-/// waiting (a read gate lets reading go on while a reply is awaited). The connection's read gate
-/// keeps the bodies under PREFETCH_BYTES when the messages turn large. RabbitMQ fixes a
-/// consumer's prefetch when it starts (basic.qos on a live channel only affects consumers started
-/// after it), so a raise is basic.qos, then basic.cancel of the current consumer (its deliveries
-/// already sent stay unacked and are processed and acked as usual, nothing is requeued), then
-/// basic.consume with the new prefetch. The connection reads on while it waits for those
-/// replies, through whatever the old consumer was sent before them, so a raise is made only
-/// from a prefetch whose deliveries fit the budget at 1 MiB each: once, from the first one.
+/// deliveries has been seen, then raised to `PREFETCH_BYTES / mean body of the window` (at most
+/// PREFETCH) at the end of the first window that allows a raise. The mean, not the largest body:
+/// the read gate keeps the bodies held under PREFETCH_BYTES whatever their sizes, so the prefetch
+/// need only bring that many bytes on average. Sized for a window's largest body, one 90 KiB
+/// message among single events held the prefetch at 729, and single-event batches at a third of
+/// their size, for as long as the connection lived (`benches/ab-drain.sh`, `AB_HEAD_BULK`).
+///
+/// It is never lowered: a lowering would come when the first large body is taken, after the
+/// broker sent the rest into the credit, and the `basic.cancel-ok` it waits for comes after
+/// them, so the connection would read them all while waiting (a read gate lets reading go on
+/// while a reply is awaited). The connection's read gate keeps the bodies under PREFETCH_BYTES
+/// when the messages turn large. RabbitMQ fixes a consumer's prefetch when it starts (basic.qos
+/// on a live channel only affects consumers started after it), so a raise is basic.qos, then
+/// basic.cancel of the current consumer (its deliveries already sent stay unacked and are
+/// processed and acked as usual, nothing is requeued), then basic.consume with the new prefetch.
+/// The connection reads on while it waits for those replies, through whatever the old consumer
+/// was sent before them, so a raise is made only from a prefetch whose deliveries fit the budget
+/// at 1 MiB each: once, from the first one.
 #[derive(Debug, Clone)]
 struct Prefetch {
     budget: u64,
@@ -244,53 +250,47 @@ struct Prefetch {
     /// The prefetch in force, and the first one (the only one raised from).
     current: u16,
     initial: u16,
-    /// Largest body of the previous window of deliveries, and of the current one.
-    previous_largest: usize,
-    largest: usize,
-    /// Deliveries left in the current window.
-    window_left: usize,
+    /// Bytes and deliveries seen in the current window, and the deliveries it spans.
+    window_bytes: u64,
+    window_seen: usize,
+    window_len: usize,
 }
 
 impl Prefetch {
     fn new(budget: u64, max: u16) -> Self {
-        let mut this = Self {
+        // Until a window has been seen, assume the largest message there may be.
+        let initial = Self::fit(budget, MAX_BODY as u64, max);
+        Self {
             budget,
             max,
-            current: max,
-            initial: max,
-            // Until a window has been seen, assume the largest message there may be.
-            previous_largest: MAX_BODY,
-            largest: 0,
-            window_left: 0,
-        };
-        this.current = this.target();
-        this.initial = this.current;
-        this.window_left = usize::from(this.current);
-        this
+            current: initial,
+            initial,
+            window_bytes: 0,
+            window_seen: 0,
+            window_len: usize::from(initial),
+        }
     }
 
-    fn target(&self) -> u16 {
-        let largest = self.previous_largest.max(self.largest).max(1) as u64;
-        (self.budget / largest).clamp(1, u64::from(self.max)) as u16
+    /// The prefetch that brings `budget` bytes of bodies of `body` bytes, within 1..=`max`.
+    fn fit(budget: u64, body: u64, max: u16) -> u16 {
+        (budget / body.max(1)).clamp(1, u64::from(max)) as u16
     }
 
     /// Records one delivery; returns the new prefetch when it must change.
     fn observe(&mut self, body: usize) -> Option<u16> {
-        self.largest = self.largest.max(body);
-        self.window_left = self.window_left.saturating_sub(1);
-        if self.window_left == 0 {
-            self.previous_largest = self.largest;
-            self.largest = 0;
+        self.window_bytes += body as u64;
+        self.window_seen += 1;
+        if self.window_seen < self.window_len {
+            return None;
         }
-        let target = self.target();
-        // Raise only at the end of a window, and only from the first prefetch, whose deliveries
-        // fit the budget at 1 MiB each (or are one body, under a budget below 1 MiB); never
-        // lower (see above).
-        let change = self.window_left == 0 && target > self.current && self.current == self.initial;
-        if self.window_left == 0 {
-            self.window_left = usize::from(target.max(self.current)).max(64);
-        }
-        if change {
+        let mean = self.window_bytes / self.window_seen as u64;
+        let target = Self::fit(self.budget, mean, self.max);
+        self.window_bytes = 0;
+        self.window_seen = 0;
+        self.window_len = usize::from(target.max(self.current)).max(64);
+        // Raise only from the first prefetch, whose deliveries fit the budget at 1 MiB each (or
+        // are one body, under a budget below 1 MiB); never lower (see above).
+        if target > self.current && self.current == self.initial {
             self.current = target;
             Some(target)
         } else {
@@ -328,7 +328,7 @@ impl Consumer {
             .basic_qos(prefetch.current, BasicQosOptions::default())
             .await
             .context("setting the prefetch")?;
-        metrics::prefetch_changed(prefetch.current, 0);
+        metrics::prefetch_set(prefetch.current);
         let (consumer_tag, deliveries) = consume(&channel, queue).await?;
         tracing::info!(
             queue = %queue,
@@ -449,7 +449,7 @@ impl Consumer {
             self.settings.stats.unacked(size, 0);
             if let Some(prefetch) = self.prefetch.observe(size) {
                 self.reconsume(prefetch).await?;
-                metrics::prefetch_changed(prefetch, size);
+                metrics::prefetch_set(prefetch);
             }
             if traced {
                 link_publisher(&batch.span, &delivery.properties);
@@ -1125,6 +1125,13 @@ mod tests {
         assert_eq!(prefetch.current, 5000);
         let changes: Vec<_> = (0..10_000).filter_map(|_| prefetch.observe(100)).collect();
         assert_eq!(changes, Vec::<u16>::new());
+        // The window's mean body decides, not its largest: one 90 KiB body among single events
+        // raises it as far as the small ones alone would.
+        let mut mixed = Prefetch::new(64 * MIB, 5000);
+        let raised: Vec<_> = (0..64)
+            .filter_map(|i| mixed.observe(if i == 40 { 90 << 10 } else { 50 }))
+            .collect();
+        assert_eq!(raised, vec![5000]);
         // Raised once, from the first prefetch only: mid-size bodies first keep it there.
         let mut mid = Prefetch::new(64 * MIB, 5000);
         let raised: Vec<_> = (0..64).filter_map(|_| mid.observe(100 << 10)).collect();

@@ -223,10 +223,11 @@ pub fn message_database_rejected(delivery_tag: u64, message_id: Option<&str>, er
     );
 }
 
-/// The prefetch was changed to keep the unacked bodies under PREFETCH_BYTES.
-pub fn prefetch_changed(prefetch: u16, largest_body: usize) {
+/// The prefetch in force: the first one, or its one raise for the bodies seen (see
+/// `consumer::Prefetch`).
+pub fn prefetch_set(prefetch: u16) {
     gauge!("catchall_prefetch_messages").set(f64::from(prefetch));
-    tracing::debug!(prefetch, largest_body, "Prefetch adjusted.");
+    tracing::debug!(prefetch, "Prefetch set.");
 }
 
 /// Bytes of bodies held unacked right now.
