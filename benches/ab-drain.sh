@@ -44,6 +44,8 @@ for _ in range(int(sys.argv[1])):
     print('{"domain":"d%d.example","type":"%s"}' % (random.randrange(100000), kind))
 EOF
 head_bulk=${AB_HEAD_BULK:-0}
+[[ "$head_bulk" =~ ^[0-9]+$ ]] && [ "$head_bulk" -le 4000 ] ||
+    { echo "AB_HEAD_BULK must be a number of events up to 4000 (one message): $head_bulk" >&2; exit 2; }
 if [ "$head_bulk" -gt 0 ]; then
     python3 - "$head_bulk" "$work/head-small.ndjson" "$work/head-bulk.ndjson" <<'EOF'
 import sys

@@ -250,8 +250,10 @@ struct Prefetch {
     /// The prefetch in force, and the first one (the only one raised from).
     current: u16,
     initial: u16,
-    /// Bytes and deliveries seen in the current window, and the deliveries it spans.
+    /// Bytes, largest body and deliveries seen in the current window, and the deliveries it
+    /// spans.
     window_bytes: u64,
+    window_largest: usize,
     window_seen: usize,
     window_len: usize,
 }
@@ -266,6 +268,7 @@ impl Prefetch {
             current: initial,
             initial,
             window_bytes: 0,
+            window_largest: 0,
             window_seen: 0,
             window_len: usize::from(initial),
         }
@@ -279,18 +282,23 @@ impl Prefetch {
     /// Records one delivery; returns the new prefetch when it must change.
     fn observe(&mut self, body: usize) -> Option<u16> {
         self.window_bytes += body as u64;
+        self.window_largest = self.window_largest.max(body);
         self.window_seen += 1;
         if self.window_seen < self.window_len {
             return None;
         }
         let mean = self.window_bytes / self.window_seen as u64;
         let target = Self::fit(self.budget, mean, self.max);
+        // Bodies over the largest allowed are about: a raise reads past the gate while it waits
+        // for the broker, and fits the budget only if they are at most 1 MiB.
+        let oversized = self.window_largest > MAX_BODY;
         self.window_bytes = 0;
+        self.window_largest = 0;
         self.window_seen = 0;
         self.window_len = usize::from(target.max(self.current)).max(64);
         // Raise only from the first prefetch, whose deliveries fit the budget at 1 MiB each (or
         // are one body, under a budget below 1 MiB); never lower (see above).
-        if target > self.current && self.current == self.initial {
+        if target > self.current && self.current == self.initial && !oversized {
             self.current = target;
             Some(target)
         } else {
@@ -365,7 +373,8 @@ impl Consumer {
                 health: health.clone(),
                 channel: self.channel.clone(),
                 cancel: cancel.clone(),
-                abort: abort.clone(),
+                // Fired by a stop out of time, or when the pipeline is dropped.
+                abort: abort.child_token(),
                 hook: self.settings.fault_hook.clone(),
                 stats: self.settings.stats.clone(),
                 gate: self.gate.clone(),
@@ -641,8 +650,8 @@ impl Applier {
 /// Batches applied in tasks of their own, up to `in_flight` at once (each on its own
 /// connection; sorted keys keep them from deadlocking), and acked strictly in delivery order,
 /// each once it and every batch before it committed, so a multiple-ack never covers an
-/// uncommitted message. Dropping the pipeline abandons what is in flight (the tasks are
-/// aborted, their transactions roll back, their messages stay unacked and come back).
+/// uncommitted message. Dropping the pipeline abandons what is in flight (the tasks give their
+/// attempts up, their transactions roll back, their messages stay unacked and come back).
 pub struct Pipeline {
     applier: Applier,
     in_flight: usize,
@@ -766,12 +775,12 @@ impl Pipeline {
 }
 
 impl Drop for Pipeline {
+    /// The tasks in flight give their attempts up (cancelling their queries, see
+    /// `Store::apply_once`) and end by themselves. Aborted, a task dropped its connection with
+    /// the upsert and `COMMIT` already sent, and a backend still waiting for a row lock
+    /// committed them later, after the batch had been redelivered.
     fn drop(&mut self) {
-        for in_flight in &self.committing {
-            if let Some(task) = &in_flight.task {
-                task.abort();
-            }
-        }
+        self.applier.abort.cancel();
     }
 }
 
@@ -789,7 +798,8 @@ async fn ack(channel: &Channel, last_tag: Option<u64>) -> anyhow::Result<()> {
 
 /// Applies a batch. A transient Postgres failure is retried with backoff while the batch stays
 /// unacked; gives up only when the channel has closed (the broker redelivers the batch), on stop
-/// (`cancel`, between attempts) or when a stop runs out of time (`abort`, during an attempt).
+/// (`cancel`, between attempts), or when a stop runs out of time or the pipeline is dropped
+/// (`abort`, at any time; an attempt under way has its query cancelled).
 ///
 /// A permanent failure (Postgres refuses the content, see
 /// [`crate::store::StoreError::is_permanent`]) is isolated by bisecting: each half is applied in
@@ -881,13 +891,14 @@ async fn apply_attempts(
             .hook
             .as_ref()
             .and_then(|hook| hook(FaultPoint::BeforeCommit));
-        let attempt = tokio::select! {
-            attempt = store.apply_once(Some(token), messages, before_commit) => attempt,
-            _ = abort.cancelled() => return Err(anyhow!(
-                "the stop ran out of time while Postgres was applying a batch; it stays unacked and is redelivered"
-            )),
-        };
+        let attempt = store
+            .apply_once(Some(token), messages, before_commit, Some(abort))
+            .await;
         match attempt {
+            Err(crate::store::StoreError::Abandoned) => {
+                return Err(anyhow::Error::new(crate::store::StoreError::Abandoned)
+                    .context("the batch stays unacked and is redelivered"));
+            }
             Ok(applied) => {
                 metrics::batch_committed(&applied, started.elapsed());
                 WorkerStats::add(&stats.batches, 1);
@@ -927,6 +938,9 @@ async fn apply_attempts(
                     _ = tokio::time::sleep(wait) => {}
                     _ = cancel.cancelled() => return Err(anyhow!(
                         "stopped while Postgres was failing; the batch stays unacked and is redelivered"
+                    )),
+                    _ = abort.cancelled() => return Err(anyhow!(
+                        "given up while Postgres was failing; the batch stays unacked and is redelivered"
                     )),
                 }
             }
@@ -1132,6 +1146,12 @@ mod tests {
             .filter_map(|i| mixed.observe(if i == 40 { 90 << 10 } else { 50 }))
             .collect();
         assert_eq!(raised, vec![5000]);
+        // Not from a window that held a body over 1 MiB (dead-lettered, but read first).
+        let mut oversized = Prefetch::new(64 * MIB, 5000);
+        let changes: Vec<_> = (0..64)
+            .filter_map(|i| oversized.observe(if i == 40 { 2 << 20 } else { 50 }))
+            .collect();
+        assert_eq!(changes, Vec::<u16>::new());
         // Raised once, from the first prefetch only: mid-size bodies first keep it there.
         let mut mid = Prefetch::new(64 * MIB, 5000);
         let raised: Vec<_> = (0..64).filter_map(|_| mid.observe(100 << 10)).collect();

@@ -6,6 +6,8 @@ use futures_util::future::BoxFuture;
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 use tokio_postgres::types::ToSql;
+use tokio_postgres_rustls::MakeRustlsConnect;
+use tokio_util::sync::CancellationToken;
 
 mod dedup;
 pub use dedup::{CLAIM, CLAIM_WINDOW, Upkeep, partition_days};
@@ -28,8 +30,15 @@ pub enum StoreError {
     Query(#[from] tokio_postgres::Error),
     #[error("migration failed")]
     Migration(#[from] refinery::Error),
-    #[error("Postgres did not answer within {0:?} (DB_TIMEOUT); the connection was dropped")]
+    #[error(
+        "Postgres did not answer within {0:?} (DB_TIMEOUT); the query was cancelled and the connection dropped"
+    )]
     Timeout(Duration),
+    /// An apply attempt was given up while under way (see [`Store::apply_once`]).
+    #[error(
+        "the attempt was given up (a stop out of time, or its broker connection gone); the query was cancelled and the connection dropped"
+    )]
+    Abandoned,
     /// A task the query waited on is gone (it panicked): the one that answers single look-ups
     /// ([`crate::lookups`]) or one getting a connection ([`Store::client_within`]).
     #[error("a Postgres task stopped")]
@@ -47,6 +56,7 @@ impl StoreError {
             Self::Pool(deadpool_postgres::PoolError::Backend(error)) => query_reason(error),
             Self::Pool(_) => "no connection available".into(),
             Self::Timeout(_) => "no answer within DB_TIMEOUT".into(),
+            Self::Abandoned => "attempt given up".into(),
             Self::Closed => "a Postgres task stopped".into(),
             Self::Migration(_) => "migration failed".into(),
             Self::Query(error) => query_reason(error),
@@ -155,6 +165,8 @@ pub type BeforeCommit = BoxFuture<'static, ()>;
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
+    /// For the cancel requests of abandoned attempts (see [`Store::abandon`]).
+    tls: MakeRustlsConnect,
     /// Client-side deadline of one apply attempt (DB_TIMEOUT).
     db_timeout: Duration,
     /// How close to UTC midnight a claim inserts its ids on both sides of the nearest partition
@@ -170,6 +182,8 @@ pub const UPSERT: &str = "INSERT INTO domains AS d (domain, delivered, bounced, 
      SET delivered = d.delivered + EXCLUDED.delivered, bounced = d.bounced + EXCLUDED.bounced, \
      other_bounced = d.other_bounced + EXCLUDED.other_bounced";
 const LOOKUP: &str = "SELECT delivered, bounced, other_bounced FROM domains WHERE domain = $1";
+/// Longest the cancel request of an abandoned apply attempt may take (see [`Store::abandon`]).
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(1);
 /// Longest a look-up (single, bulk or listing) waits for Postgres before answering 503.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -275,7 +289,7 @@ impl Store {
         let create_timeout = per_host * hosts + Duration::from_secs(5);
         let manager = Manager::from_config(
             pg,
-            tls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -290,6 +304,7 @@ impl Store {
             .expect("a runtime and timeouts are set, so the pool builds");
         Ok(Self {
             pool,
+            tls,
             db_timeout: Duration::from_secs(30),
             claim_window: dedup::CLAIM_WINDOW.as_secs_f64(),
         })
@@ -383,44 +398,83 @@ impl Store {
     /// costs one deadline, and its connection is taken out of the pool (not reused with a
     /// transaction in an unknown state), so the retry runs on a fresh connection.
     pub async fn apply(&self, batch: &[Message]) -> Result<Applied, StoreError> {
-        self.apply_once(None, batch, None).await
+        self.apply_once(None, batch, None, None).await
     }
 
     /// Like [`Store::apply`], and when `token` is given and some message has no id, the token
     /// is recorded in the same transaction (beside the message ids) and checked first: a batch
     /// whose COMMIT went through but whose reply was lost is not applied again when retried
     /// (its id-less messages would otherwise count twice). `before_commit`, if given, is
-    /// awaited between the statements and `COMMIT`.
+    /// awaited between the statements and `COMMIT`. An attempt past `DB_TIMEOUT`, or still
+    /// running when `abandon` fires ([`StoreError::Abandoned`]), is given up: its query is
+    /// cancelled and its connection dropped (see [`Store::abandon`]).
     pub async fn apply_once(
         &self,
         token: Option<&[u8]>,
         batch: &[Message],
         before_commit: Option<BeforeCommit>,
+        abandon: Option<&CancellationToken>,
     ) -> Result<Applied, StoreError> {
         let token = token.filter(|_| batch.iter().any(|m| m.id.is_none()));
         let deadline = tokio::time::Instant::now() + self.db_timeout;
         let mut client = tokio::time::timeout_at(deadline, self.pool.get())
             .await
             .map_err(|_| StoreError::Timeout(self.db_timeout))??;
-        match tokio::time::timeout_at(
-            deadline,
-            self.apply_on(&mut client, token, batch, before_commit),
-        )
-        .await
-        {
-            Ok(Ok(applied)) => Ok(applied),
-            Ok(Err(error)) => {
+        let outcome = {
+            let attempt = tokio::time::timeout_at(
+                deadline,
+                self.apply_on(&mut client, token, batch, before_commit),
+            );
+            match abandon {
+                Some(abandon) => tokio::select! {
+                    biased;
+                    _ = abandon.cancelled() => None,
+                    outcome = attempt => Some(outcome),
+                },
+                None => Some(attempt.await),
+            }
+        };
+        match outcome {
+            Some(Ok(Ok(applied))) => Ok(applied),
+            Some(Ok(Err(error))) => {
                 if !error.is_permanent() && !error.is_claim_conflict() {
                     // The connection may be the cause: do not hand it to the next attempt.
                     drop(deadpool_postgres::Object::take(client));
                 }
                 Err(error)
             }
-            Err(_) => {
-                drop(deadpool_postgres::Object::take(client));
+            Some(Err(_)) => {
+                self.abandon(client).await;
                 Err(StoreError::Timeout(self.db_timeout))
             }
+            None => {
+                self.abandon(client).await;
+                Err(StoreError::Abandoned)
+            }
         }
+    }
+
+    /// Gives up an attempt still under way on `client`: cancels its backend's query, then drops
+    /// the connection. The upsert and its `COMMIT` go out together (see `upsert_and_commit`), so
+    /// a backend still at work (waiting for a row lock, say) holds the `COMMIT` as well; with the
+    /// connection dropped alone it went on and committed, later, a batch the worker had given up
+    /// on and the broker redelivered, and the messages without an id counted twice. Cancelled,
+    /// the statement fails and the `COMMIT` behind it answers `ROLLBACK`. A cancel that cannot
+    /// be sent within [`CANCEL_TIMEOUT`] is logged; that backend ends at its `statement_timeout`
+    /// (60 s), or commits if what it waits for comes first.
+    async fn abandon(&self, client: deadpool_postgres::Object) {
+        let client = deadpool_postgres::Object::take(client);
+        let token = client.cancel_token();
+        let cancel = token.cancel_query(self.tls.clone());
+        let error = match tokio::time::timeout(CANCEL_TIMEOUT, cancel).await {
+            Ok(Ok(())) => return,
+            Ok(Err(error)) => anyhow::Error::new(error),
+            Err(_) => anyhow::anyhow!("no answer within {CANCEL_TIMEOUT:?}"),
+        };
+        tracing::warn!(
+            error = format!("{error:#}"),
+            "Could not cancel an abandoned Postgres attempt; it may still commit (its batch is retried or redelivered)."
+        );
     }
 
     async fn apply_on(

@@ -379,7 +379,7 @@ async fn held_before_commit(
                 entered.notify_one();
                 release.notified().await;
             });
-            store.apply_once(None, &batch, Some(hold)).await
+            store.apply_once(None, &batch, Some(hold), None).await
         }
     });
     entered.notified().await;

@@ -218,6 +218,74 @@ async fn a_frozen_backend_costs_one_deadline_then_a_fresh_connection_commits() {
     worker.stop().await;
 }
 
+/// An attempt abandoned at `DB_TIMEOUT` leaves no session behind that can still commit it. The
+/// upsert and its `COMMIT` go out together, so a backend waiting for a lock holds both; the worker
+/// used to drop the connection only, and when the lock went, that backend committed the batch the
+/// worker had given up on (its channel had closed, so the broker redelivered it): messages without
+/// an id counted twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_attempt_cannot_commit_after_its_batch_is_redelivered() {
+    const MESSAGES: i64 = 40;
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    let mut config = TestWorker::config(&db, &broker);
+    config.db_timeout = Duration::from_secs(1);
+    let worker = TestWorker::start(config).await;
+    worker.ready().await;
+    // The domain's row is locked (not the table, which would hold a fresh connection's
+    // statements at `prepare`, before anything is sent): every attempt sends its upsert and
+    // `COMMIT`, and its backend waits for the row.
+    let lock = db.client().await;
+    lock.batch_execute(
+        "INSERT INTO domains (domain) VALUES ('zombie.example'); \
+         BEGIN; SELECT 1 FROM domains WHERE domain = 'zombie.example' FOR UPDATE",
+    )
+    .await
+    .expect("lock the domain's row");
+    let (_connection, channel) = broker.channel().await;
+    let body = br#"{"domain":"zombie.example","type":"delivered"}"#;
+    for _ in 0..MESSAGES {
+        publish_raw(&channel, &broker.exchange, "x", body, None).await;
+    }
+    // An attempt has met its deadline: its backend still waits for the lock.
+    wait_for(Duration::from_secs(30), "an attempt timed out", || async {
+        (worker.stats().db_errors >= 1).then_some(())
+    })
+    .await;
+    // The broker closes the worker's connection: the next failed attempt gives the batch up, and
+    // the broker redelivers it to the reconnected consumer.
+    let name = format!("catchall-worker {}", broker.queue);
+    wait_for(
+        Duration::from_secs(30),
+        "the worker's connection closed",
+        || async { (crate::faults::broker_closes_connections(&name).await > 0).then_some(()) },
+    )
+    .await;
+    wait_for(
+        Duration::from_secs(30),
+        "the worker reconnected",
+        || async { (worker.stats().reconnects >= 1).then_some(()) },
+    )
+    .await;
+    lock.batch_execute("COMMIT").await.expect("release the row");
+    wait_for(
+        Duration::from_secs(60),
+        "the redelivered batch applied",
+        || async {
+            (worker.stats().applied >= MESSAGES as u64 && broker.depth(&broker.queue).await == 0)
+                .then_some(())
+        },
+    )
+    .await;
+    worker.stop().await;
+    let counts = db.counts().await;
+    assert_eq!(
+        counts.get("zombie.example"),
+        Some(&(MESSAGES, 0)),
+        "counted once"
+    );
+}
+
 /// A store of one connection with a 1 s deadline, on a database that holds `a.example` with 7
 /// deliveries.
 async fn one_connection_store_with_a_domain() -> (TestDb, catchall::store::Store) {
@@ -579,8 +647,11 @@ async fn a_postgres_stall_behind_a_full_read_gate_costs_a_reconnect_and_no_count
         .batch_execute("COMMIT")
         .await
         .expect("release domains");
+    // Everything counted, nothing left in the queue or in the worker's hands.
     wait_for(Duration::from_secs(180), "every event counted", || async {
-        (db.total_events().await == total && broker.depth(&broker.queue).await == 0).then_some(())
+        let held = metric_value(&metrics().await?, "catchall_unacked_bytes");
+        (db.total_events().await == total && broker.depth(&broker.queue).await == 0 && held == 0.0)
+            .then_some(())
     })
     .await;
     let peak = peak_rss_bytes(child.id().expect("pid"));
