@@ -289,8 +289,8 @@ impl Prefetch {
         }
         let mean = self.window_bytes / self.window_seen as u64;
         let target = Self::fit(self.budget, mean, self.max);
-        // Bodies over the largest allowed are about: a raise reads past the gate while it waits
-        // for the broker, and fits the budget only if they are at most 1 MiB.
+        // No raise after a body over the largest allowed: a raise reads past the gate while it
+        // awaits the broker's replies, which fits the budget only for bodies of at most 1 MiB.
         let oversized = self.window_largest > MAX_BODY;
         self.window_bytes = 0;
         self.window_largest = 0;
@@ -764,6 +764,24 @@ impl Pipeline {
         Ok(applied)
     }
 
+    /// Gives up the batches in flight and waits (a bounded time) for their tasks to end: each
+    /// requests a cancel of its query (see `Store::apply_once`), so none can still commit once
+    /// its messages are redelivered, or after the process exits.
+    pub async fn abandon(mut self) {
+        self.applier.abort.cancel();
+        let tasks = self
+            .committing
+            .drain(..)
+            .filter_map(|in_flight| in_flight.task);
+        let ended = futures_util::future::join_all(tasks);
+        if tokio::time::timeout(ABANDON_TIMEOUT, ended).await.is_err() {
+            tracing::warn!(
+                timeout_ms = ABANDON_TIMEOUT.as_millis() as u64,
+                "Batches given up did not end in time."
+            );
+        }
+    }
+
     /// After a failure: leave no commit behind; finish them, and ack in order while that works.
     async fn salvage(&mut self) {
         while !self.committing.is_empty() {
@@ -774,11 +792,19 @@ impl Pipeline {
     }
 }
 
+/// What a stop keeps after giving up the attempts under way: their cancel requests (up to
+/// 500 ms), waiting for their tasks ([`ABANDON_TIMEOUT`]) and the broker's close
+/// ([`CLOSE_TIMEOUT`]).
+const STOP_RESERVE: Duration = Duration::from_secs(3);
+
+/// How long [`Pipeline::abandon`] waits for its tasks: a cancel request takes up to 500 ms.
+const ABANDON_TIMEOUT: Duration = Duration::from_secs(1);
+
 impl Drop for Pipeline {
-    /// The tasks in flight give their attempts up (cancelling their queries, see
-    /// `Store::apply_once`) and end by themselves. Aborted, a task dropped its connection with
-    /// the upsert and `COMMIT` already sent, and a backend still waiting for a row lock
-    /// committed them later, after the batch had been redelivered.
+    /// The tasks in flight give their attempts up (see [`Pipeline::abandon`], which also waits
+    /// for them) and end by themselves. Aborted, a task dropped its connection with the upsert
+    /// and `COMMIT` already sent, and a backend still waiting for a row lock committed them
+    /// later, after the batch had been redelivered.
     fn drop(&mut self) {
         self.applier.abort.cancel();
     }
@@ -1019,7 +1045,7 @@ pub async fn run(
         let (cancel, abort) = (cancel.clone(), abort.clone());
         let grace = settings
             .shutdown_timeout
-            .saturating_sub(Duration::from_secs(2))
+            .saturating_sub(STOP_RESERVE)
             .max(settings.shutdown_timeout / 2);
         tokio::spawn(async move {
             cancel.cancelled().await;
@@ -1042,7 +1068,7 @@ pub async fn run(
                 let connected_at = Instant::now();
                 let mut pipeline = consumer.pipeline(&store, &health, &cancel, &abort);
                 let result = consumer.run(&mut pipeline).await;
-                drop(pipeline);
+                pipeline.abandon().await;
                 health.set_consuming(false);
                 if cancel.is_cancelled() {
                     // Everything committed is acked by now; a broker that does not answer the

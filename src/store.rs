@@ -30,13 +30,11 @@ pub enum StoreError {
     Query(#[from] tokio_postgres::Error),
     #[error("migration failed")]
     Migration(#[from] refinery::Error),
-    #[error(
-        "Postgres did not answer within {0:?} (DB_TIMEOUT); the query was cancelled and the connection dropped"
-    )]
+    #[error("Postgres did not answer within {0:?} (DB_TIMEOUT); the connection was dropped")]
     Timeout(Duration),
     /// An apply attempt was given up while under way (see [`Store::apply_once`]).
     #[error(
-        "the attempt was given up (a stop out of time, or its broker connection gone); the query was cancelled and the connection dropped"
+        "the attempt was given up (a stop out of time, or its broker connection gone); a cancel of its query was requested and the connection dropped"
     )]
     Abandoned,
     /// A task the query waited on is gone (it panicked): the one that answers single look-ups
@@ -183,7 +181,7 @@ pub const UPSERT: &str = "INSERT INTO domains AS d (domain, delivered, bounced, 
      other_bounced = d.other_bounced + EXCLUDED.other_bounced";
 const LOOKUP: &str = "SELECT delivered, bounced, other_bounced FROM domains WHERE domain = $1";
 /// Longest the cancel request of an abandoned apply attempt may take (see [`Store::abandon`]).
-const CANCEL_TIMEOUT: Duration = Duration::from_secs(1);
+const CANCEL_TIMEOUT: Duration = Duration::from_millis(500);
 /// Longest a look-up (single, bulk or listing) waits for Postgres before answering 503.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -405,9 +403,10 @@ impl Store {
     /// is recorded in the same transaction (beside the message ids) and checked first: a batch
     /// whose COMMIT went through but whose reply was lost is not applied again when retried
     /// (its id-less messages would otherwise count twice). `before_commit`, if given, is
-    /// awaited between the statements and `COMMIT`. An attempt past `DB_TIMEOUT`, or still
-    /// running when `abandon` fires ([`StoreError::Abandoned`]), is given up: its query is
-    /// cancelled and its connection dropped (see [`Store::abandon`]).
+    /// awaited between the statements and `COMMIT`. An attempt past `DB_TIMEOUT`, or under way
+    /// when `abandon` fires ([`StoreError::Abandoned`]; also while it waits for a connection),
+    /// is given up: a cancel of its query is requested and its connection dropped (see
+    /// [`Store::abandon`]). An attempt that ended when `abandon` fires keeps its outcome.
     pub async fn apply_once(
         &self,
         token: Option<&[u8]>,
@@ -417,51 +416,67 @@ impl Store {
     ) -> Result<Applied, StoreError> {
         let token = token.filter(|_| batch.iter().any(|m| m.id.is_none()));
         let deadline = tokio::time::Instant::now() + self.db_timeout;
-        let mut client = tokio::time::timeout_at(deadline, self.pool.get())
-            .await
-            .map_err(|_| StoreError::Timeout(self.db_timeout))??;
+        // Outside the attempt, so that it is still here to cancel when the attempt is dropped.
+        let mut connection: Option<deadpool_postgres::Object> = None;
         let outcome = {
-            let attempt = tokio::time::timeout_at(
-                deadline,
-                self.apply_on(&mut client, token, batch, before_commit),
-            );
+            let attempt = async {
+                let client = tokio::time::timeout_at(deadline, self.pool.get())
+                    .await
+                    .map_err(|_| StoreError::Timeout(self.db_timeout))??;
+                let client = connection.insert(client);
+                tokio::time::timeout_at(
+                    deadline,
+                    self.apply_on(client, token, batch, before_commit),
+                )
+                .await
+                .map_err(|_| StoreError::Timeout(self.db_timeout))?
+            };
             match abandon {
                 Some(abandon) => tokio::select! {
                     biased;
-                    _ = abandon.cancelled() => None,
                     outcome = attempt => Some(outcome),
+                    _ = abandon.cancelled() => None,
                 },
                 None => Some(attempt.await),
             }
         };
-        match outcome {
-            Some(Ok(Ok(applied))) => Ok(applied),
-            Some(Ok(Err(error))) => {
+        match (outcome, connection) {
+            (Some(Ok(applied)), _) => Ok(applied),
+            // Past DB_TIMEOUT with a connection: the statements are under way.
+            (Some(Err(error @ StoreError::Timeout(_))), Some(client)) => {
+                self.abandon(client).await;
+                Err(error)
+            }
+            (Some(Err(error)), Some(client)) => {
                 if !error.is_permanent() && !error.is_claim_conflict() {
                     // The connection may be the cause: do not hand it to the next attempt.
                     drop(deadpool_postgres::Object::take(client));
                 }
                 Err(error)
             }
-            Some(Err(_)) => {
-                self.abandon(client).await;
-                Err(StoreError::Timeout(self.db_timeout))
-            }
-            None => {
-                self.abandon(client).await;
+            (Some(Err(error)), None) => Err(error),
+            (None, client) => {
+                if let Some(client) = client {
+                    self.abandon(client).await;
+                }
                 Err(StoreError::Abandoned)
             }
         }
     }
 
-    /// Gives up an attempt still under way on `client`: cancels its backend's query, then drops
-    /// the connection. The upsert and its `COMMIT` go out together (see `upsert_and_commit`), so
-    /// a backend still at work (waiting for a row lock, say) holds the `COMMIT` as well; with the
-    /// connection dropped alone it went on and committed, later, a batch the worker had given up
-    /// on and the broker redelivered, and the messages without an id counted twice. Cancelled,
-    /// the statement fails and the `COMMIT` behind it answers `ROLLBACK`. A cancel that cannot
-    /// be sent within [`CANCEL_TIMEOUT`] is logged; that backend ends at its `statement_timeout`
-    /// (60 s), or commits if what it waits for comes first.
+    /// Gives up an attempt under way on `client`: requests a cancel of its backend's query, then
+    /// drops the connection (never back to the pool, where a late cancel could hit the next
+    /// query). The upsert and its `COMMIT` go out together (see `upsert_and_commit`), so a
+    /// backend still at work (waiting for a row lock, say) holds the `COMMIT` as well; with the
+    /// connection dropped alone it went on and committed, later, a batch the worker had given
+    /// up on and the broker redelivered, and the messages without an id counted twice.
+    /// Cancelled while a statement runs, the statement fails and the `COMMIT` behind it answers
+    /// `ROLLBACK`. A cancel cannot stop a `COMMIT` already running, nor one whose upsert ended
+    /// just before the cancel came: the batch commits then. Retried (past `DB_TIMEOUT`), the
+    /// batch's token or ids make the retry a no-op; given up and redelivered, its messages
+    /// without an id count twice. A cancel that cannot be sent within [`CANCEL_TIMEOUT`] is
+    /// logged; that backend ends at its `statement_timeout` (60 s), or commits if what it waits
+    /// for comes first.
     async fn abandon(&self, client: deadpool_postgres::Object) {
         let client = deadpool_postgres::Object::take(client);
         let token = client.cancel_token();
