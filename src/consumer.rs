@@ -774,11 +774,17 @@ impl Pipeline {
             .drain(..)
             .filter_map(|in_flight| in_flight.task);
         let ended = futures_util::future::join_all(tasks);
-        if tokio::time::timeout(ABANDON_TIMEOUT, ended).await.is_err() {
-            tracing::warn!(
+        match tokio::time::timeout(ABANDON_TIMEOUT, ended).await {
+            // Their errors are the giving up itself, or what the pipeline reported already.
+            Ok(outcomes) => {
+                for panic in outcomes.into_iter().filter_map(Result::err) {
+                    tracing::error!(error = %panic, "An apply task panicked.");
+                }
+            }
+            Err(_) => tracing::warn!(
                 timeout_ms = ABANDON_TIMEOUT.as_millis() as u64,
                 "Batches given up did not end in time."
-            );
+            ),
         }
     }
 
@@ -1004,8 +1010,8 @@ async fn consume(channel: &Channel, queue: &str) -> anyhow::Result<(String, lapi
 const GATHER_NAP: Duration = Duration::from_millis(1);
 
 /// Longest a clean stop waits for RabbitMQ to answer the consumer's cancel and the channel's and
-/// connection's close (milliseconds when it is well), inside the `SHUTDOWN_TIMEOUT` that the
-/// commits in flight leave at least 2 s of.
+/// connection's close (milliseconds when it is well), inside the [`STOP_RESERVE`] the commits in
+/// flight leave of `SHUTDOWN_TIMEOUT` (half of it when that is under 6 s).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The next delivery: what cancelled consumers still buffer first, then the current consumer.
