@@ -667,8 +667,9 @@ async fn half_sent_requests_are_closed_while_lookups_and_ingest_answer() {
 async fn a_flood_past_the_concurrency_cap_gets_503_and_slow_requests_408() {
     let (_db, _broker, worker) = ingest_worker(|config| {
         config.http_max_concurrency = 4;
-        // Long enough that the slow requests surely hold their slots through the flood below.
-        config.http_request_timeout = Duration::from_secs(6);
+        // Long enough that the slow requests surely hold their slots through the flood below,
+        // on a loaded machine too.
+        config.http_request_timeout = Duration::from_secs(12);
     })
     .await;
     // Four requests that hold their slot: headers sent, body promised but never sent.
@@ -685,9 +686,13 @@ async fn a_flood_past_the_concurrency_cap_gets_503_and_slow_requests_408() {
     }
     let client = client();
     let url = worker.url("/domains/example.com");
-    // The slow requests hold every slot once a single GET is refused.
-    wait_for(Duration::from_secs(3), "the slots to fill", || async {
-        let response = client.get(&url).send().await.ok()?;
+    // The slow requests hold every slot once a single GET is refused. Polled with an invalid
+    // domain, which is answered (400) without Postgres while a slot is free: a look-up that
+    // took a slot before the slow requests did could take seconds on a loaded machine (it
+    // once outlasted the whole wait, in CI).
+    let invalid = worker.url("/domains/a..b");
+    wait_for(Duration::from_secs(5), "the slots to fill", || async {
+        let response = client.get(&invalid).send().await.ok()?;
         (response.status() == StatusCode::SERVICE_UNAVAILABLE).then_some(())
     })
     .await;
@@ -723,7 +728,7 @@ async fn a_flood_past_the_concurrency_cap_gets_503_and_slow_requests_408() {
     for mut stream in slow {
         let mut answer = Vec::new();
         let _ =
-            tokio::time::timeout(Duration::from_secs(15), stream.read_to_end(&mut answer)).await;
+            tokio::time::timeout(Duration::from_secs(25), stream.read_to_end(&mut answer)).await;
         let text = String::from_utf8_lossy(&answer);
         assert!(text.starts_with("HTTP/1.1 408"), "slow request: {text}");
         assert!(
