@@ -281,6 +281,9 @@ impl Prefetch {
 
     /// Records one delivery; returns the new prefetch when it must change.
     fn observe(&mut self, body: usize) -> Option<u16> {
+        if self.current != self.initial {
+            return None; // raised already: it changes no more
+        }
         self.window_bytes += body as u64;
         self.window_largest = self.window_largest.max(body);
         self.window_seen += 1;
@@ -298,7 +301,7 @@ impl Prefetch {
         self.window_len = usize::from(target.max(self.current)).max(64);
         // Raise only from the first prefetch, whose deliveries fit the budget at 1 MiB each (or
         // are one body, under a budget below 1 MiB); never lower (see above).
-        if target > self.current && self.current == self.initial && !oversized {
+        if target > self.current && !oversized {
             self.current = target;
             Some(target)
         } else {
@@ -927,9 +930,10 @@ async fn apply_attempts(
             .apply_once(Some(token), messages, before_commit, Some(abort))
             .await;
         match attempt {
-            Err(crate::store::StoreError::Abandoned) => {
-                return Err(anyhow::Error::new(crate::store::StoreError::Abandoned)
-                    .context("the batch stays unacked and is redelivered"));
+            Err(error @ crate::store::StoreError::Abandoned) => {
+                return Err(
+                    anyhow::Error::new(error).context("the batch stays unacked and is redelivered")
+                );
             }
             Ok(applied) => {
                 metrics::batch_committed(&applied, started.elapsed());

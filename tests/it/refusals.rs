@@ -188,14 +188,20 @@ fn merge(into: &mut Counts, from: Counts) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_frozen_backend_costs_one_deadline_then_a_fresh_connection_commits() {
+/// A fresh database and topology, with a worker whose `DB_TIMEOUT` is `db_timeout`, ready.
+async fn started_with_db_timeout(db_timeout: Duration) -> (TestDb, TestBroker, TestWorker) {
     let db = TestDb::create().await;
     let broker = TestBroker::new();
     let mut config = TestWorker::config(&db, &broker);
-    config.db_timeout = Duration::from_secs(2);
+    config.db_timeout = db_timeout;
     let worker = TestWorker::start(config).await;
     worker.ready().await;
+    (db, broker, worker)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_backend_costs_one_deadline_then_a_fresh_connection_commits() {
+    let (db, broker, worker) = started_with_db_timeout(Duration::from_secs(2)).await;
     let (first, mut expected) = singles("before", 300);
     publish_all(&broker, &first).await;
     assert_counts_eventually(&db, &expected, Duration::from_secs(30)).await;
@@ -226,12 +232,7 @@ async fn a_frozen_backend_costs_one_deadline_then_a_fresh_connection_commits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abandoned_attempt_cannot_commit_after_its_batch_is_redelivered() {
     const MESSAGES: i64 = 40;
-    let db = TestDb::create().await;
-    let broker = TestBroker::new();
-    let mut config = TestWorker::config(&db, &broker);
-    config.db_timeout = Duration::from_secs(1);
-    let worker = TestWorker::start(config).await;
-    worker.ready().await;
+    let (db, broker, worker) = started_with_db_timeout(Duration::from_secs(1)).await;
     // The domain's row is locked (not the table, which would hold a fresh connection's
     // statements at `prepare`, before anything is sent): every attempt sends its upsert and
     // `COMMIT`, and its backend waits for the row.
@@ -463,13 +464,12 @@ async fn sigterm_with_postgres_frozen_and_a_lookup_in_flight_exits_0_in_time() {
     )));
     // The worker counts a look-up query as it sends it (its only pooled connection is the
     // frozen one); then the look-up must still be waiting when the stop comes.
-    let metrics = format!("http://127.0.0.1:{port}/metrics");
     wait_for(
         Duration::from_secs(10),
         "the look-up query sent",
         || async {
-            let text = reqwest::get(&metrics).await.ok()?.text().await.ok()?;
-            (metric_value(&text, "catchall_lookup_group_domains_count") >= 1.0).then_some(())
+            let sent = child_metric(port, "catchall_lookup_group_domains_count").await?;
+            (sent >= 1.0).then_some(())
         },
     )
     .await;
@@ -492,6 +492,18 @@ async fn sigterm_with_postgres_frozen_and_a_lookup_in_flight_exits_0_in_time() {
     drop(frozen);
 }
 
+/// One series of `/metrics` of the worker binary on `port` (0 if absent); `None` if it does not
+/// answer.
+async fn child_metric(port: u16, series: &str) -> Option<f64> {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    Some(metric_value(&text, series))
+}
+
 /// Peak resident memory of a process, from /proc (VmHWM).
 fn peak_rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
@@ -510,7 +522,6 @@ async fn memory_stays_under_prefetch_bytes_with_1_mib_messages_while_postgres_re
     let broker = TestBroker::new();
     let (mut child, port) =
         ready_worker(&db, &broker, &[("PREFETCH_BYTES", BUDGET.to_string())]).await;
-    let metrics = format!("http://127.0.0.1:{port}/metrics");
     // Every commit fails with a transient error: nothing is acked, the worker holds what the
     // prefetch lets it.
     db.client()
@@ -536,8 +547,7 @@ async fn memory_stays_under_prefetch_bytes_with_1_mib_messages_while_postgres_re
     publish_all(&broker, &messages).await;
     // The worker has taken what it may and keeps failing on it.
     wait_for(Duration::from_secs(30), "commits failing", || async {
-        let text = reqwest::get(&metrics).await.ok()?.text().await.ok()?;
-        (metric_value(&text, "catchall_db_errors_total") >= 5.0).then_some(())
+        (child_metric(port, "catchall_db_errors_total").await? >= 5.0).then_some(())
     })
     .await;
     // /readyz says why, shortly, without the server's message text.
@@ -589,13 +599,9 @@ async fn memory_stays_under_prefetch_bytes_when_messages_turn_large() {
     assert!(peak < SWITCH_BUDGET + (64 << 20), "peak RSS {peak} bytes");
     // The prefetch had been raised for the small ones: the gate, not the prefetch, held the
     // large ones back.
-    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+    let prefetch = child_metric(port, "catchall_prefetch_messages")
         .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics");
-    let prefetch = metric_value(&text, "catchall_prefetch_messages");
+        .expect("GET /metrics");
     assert!(prefetch > 1000.0, "the prefetch was raised: {prefetch}");
     let _ = child.kill().await;
 }
@@ -628,20 +634,12 @@ async fn a_postgres_stall_behind_a_full_read_gate_costs_a_reconnect_and_no_count
         .batch_execute("BEGIN; LOCK TABLE domains IN ACCESS EXCLUSIVE MODE")
         .await
         .expect("lock domains");
-    let metrics = || async {
-        reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()
-    };
     wait_for(
         Duration::from_secs(120),
         "the broker closes the blocked connection and the worker reconnects",
         || async {
-            let text = metrics().await?;
-            (metric_value(&text, "catchall_broker_reconnects_total") >= 1.0).then_some(())
+            let reconnects = child_metric(port, "catchall_broker_reconnects_total").await?;
+            (reconnects >= 1.0).then_some(())
         },
     )
     .await;
@@ -651,7 +649,7 @@ async fn a_postgres_stall_behind_a_full_read_gate_costs_a_reconnect_and_no_count
         .expect("release domains");
     // Everything counted, nothing left in the queue or in the worker's hands.
     wait_for(Duration::from_secs(180), "every event counted", || async {
-        let held = metric_value(&metrics().await?, "catchall_unacked_bytes");
+        let held = child_metric(port, "catchall_unacked_bytes").await?;
         (db.total_events().await == total && broker.depth(&broker.queue).await == 0 && held == 0.0)
             .then_some(())
     })
