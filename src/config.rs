@@ -23,8 +23,8 @@ pub struct Cli {
 pub enum Command {
     /// Apply the database migrations and exit (the worker also applies them at start).
     Migrate,
-    /// Ask the worker listening on HTTP_ADDR whether it is healthy: exit 0 on a 2xx answer, 1
-    /// otherwise (a container HEALTHCHECK without curl).
+    /// Ask the worker listening on ADMIN_ADDR when set, else HTTP_ADDR, whether it is healthy:
+    /// exit 0 on a 2xx answer, 1 otherwise (a container HEALTHCHECK without curl).
     Healthcheck(HealthcheckArgs),
     /// Write the domains of one status as CSV (domain,delivered,bounced,status) and exit.
     Export(crate::export::ExportArgs),

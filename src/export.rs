@@ -32,7 +32,11 @@ pub async fn run(args: &ExportArgs, database_url: &str, threshold: i64) -> anyho
         .with_context(|| format!("connecting to Postgres at {}", redact_url(database_url)))?;
     match &args.output {
         Some(path) => {
-            let partial = path.with_extension("partial");
+            // Beside the file, its whole name with `.partial` appended (not its extension
+            // replaced: `counts.csv` and `counts.tsv` must not share one).
+            let mut partial = path.as_os_str().to_owned();
+            partial.push(".partial");
+            let partial = PathBuf::from(partial);
             let file = std::fs::File::create(&partial)
                 .with_context(|| format!("creating {}", partial.display()))?;
             let rows = write_csv(

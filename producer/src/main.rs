@@ -29,19 +29,19 @@ struct Cli {
     amqp: AmqpArgs,
 
     /// Most publishes awaiting a broker confirm at once.
-    #[arg(long, global = true, env = "PRODUCER_WINDOW", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, global = true, env = "PRODUCER_WINDOW", visible_alias = "producer-window", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     window: u32,
 
     /// How long to wait for a confirm before publishing the message again (same message_id).
-    #[arg(long, global = true, env = "PRODUCER_CONFIRM_TIMEOUT", default_value = "10s", value_parser = humantime_duration)]
+    #[arg(long, global = true, env = "PRODUCER_CONFIRM_TIMEOUT", visible_alias = "producer-confirm-timeout", default_value = "10s", value_parser = humantime_duration)]
     confirm_timeout: Duration,
 
     /// Attempts per message before the producer gives up on it (and exits non-zero).
-    #[arg(long, global = true, env = "PRODUCER_MAX_ATTEMPTS", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, global = true, env = "PRODUCER_MAX_ATTEMPTS", visible_alias = "producer-max-attempts", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
     max_attempts: u32,
 
     /// How long RabbitMQ may stay unreachable mid-run before the producer gives up (exit 1).
-    #[arg(long, global = true, env = "PRODUCER_GIVE_UP_AFTER", default_value = "60s", value_parser = humantime_duration)]
+    #[arg(long, global = true, env = "PRODUCER_GIVE_UP_AFTER", visible_alias = "producer-give-up-after", default_value = "60s", value_parser = humantime_duration)]
     give_up_after: Duration,
 
     #[command(subcommand)]

@@ -254,28 +254,46 @@ pub(crate) fn unix_now() -> i64 {
 pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
 
 /// Remembers the Mailgun tokens seen within the freshness window, so a replayed request is
-/// refused. Bounded by the window: older tokens would fail the timestamp check anyway.
+/// refused. Bounded by the window: older tokens would fail the timestamp check anyway. Those
+/// are dropped at most once a second (each drop is a pass over every token held), so a busy
+/// webhook does not pay a pass per request.
 #[derive(Default)]
 pub struct ReplayCache {
-    seen: Mutex<HashMap<String, i64>>,
+    seen: Mutex<Seen>,
+}
+
+#[derive(Default)]
+struct Seen {
+    tokens: HashMap<String, i64>,
+    pruned_at: i64,
 }
 
 impl ReplayCache {
     /// True the first time `token` is seen (at `timestamp`); false for a replay.
     pub fn first_use(&self, token: &str, timestamp: i64, now: i64) -> bool {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        let horizon = now - 2 * MAX_CLOCK_SKEW.as_secs() as i64;
-        if seen.len() > 1024 {
-            seen.retain(|_, at| *at >= horizon);
+        if seen.tokens.len() > 1024 && now != seen.pruned_at {
+            let horizon = now - 2 * MAX_CLOCK_SKEW.as_secs() as i64;
+            seen.tokens.retain(|_, at| *at >= horizon);
+            seen.pruned_at = now;
         }
-        seen.insert(token.to_string(), timestamp).is_none()
+        seen.tokens.insert(token.to_string(), timestamp).is_none()
     }
 
     /// Forgets `token`: its request was not published (503), so the provider's retry of that
     /// very request is not a replay.
     pub fn forget(&self, token: &str) {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        seen.remove(token);
+        seen.tokens.remove(token);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .tokens
+            .len()
     }
 }
 
@@ -578,5 +596,38 @@ mod bad_json_tests {
             error.to_string().contains(r#"invalid type: string "…""#),
             "{error}"
         );
+    }
+}
+
+#[cfg(test)]
+mod replay_tests {
+    use super::{MAX_CLOCK_SKEW, ReplayCache};
+
+    /// Tokens past the window are dropped once a second, not on every request: a burst within
+    /// one second keeps them, the first request of the next second drops them; a replay is
+    /// refused throughout.
+    #[test]
+    fn old_tokens_are_dropped_once_a_second_and_replays_are_refused() {
+        let cache = ReplayCache::default();
+        let window = 2 * MAX_CLOCK_SKEW.as_secs() as i64;
+        let now = 1_000_000;
+        // Past 1024 tokens the first request of second `now` makes a pass (nothing is old).
+        for i in 0..1100 {
+            assert!(cache.first_use(&format!("new-{i}"), now, now));
+        }
+        // Tokens already past the window, within the same second: no pass, they stay.
+        for i in 0..500 {
+            assert!(cache.first_use(&format!("old-{i}"), now - window - 1, now));
+        }
+        assert_eq!(cache.len(), 1600, "no second pass within one second");
+        assert!(cache.first_use("next-second", now + 1, now + 1));
+        assert_eq!(
+            cache.len(),
+            1101,
+            "the next second's pass dropped the old tokens"
+        );
+        assert!(!cache.first_use("new-7", now, now + 1), "a replay");
+        cache.forget("new-7");
+        assert!(cache.first_use("new-7", now, now + 1), "forgotten: a retry");
     }
 }

@@ -57,11 +57,20 @@ pub fn check_auth(configured: &str, given: Option<&str>) -> Result<(), WebhookEr
 pub fn parse(body: &[u8]) -> Result<Parsed, WebhookError> {
     let record: Record =
         serde_json::from_slice(body).map_err(|e| super::bad_json("a Postmark webhook", &e))?;
+    // A record without an `ID` (a delivery) is one message's to one recipient: a message to
+    // several recipients has one delivery record each, under one `MessageID`.
+    let recipient = record.recipient.as_deref().or(record.email.as_deref());
     let id = record
         .id
         .as_ref()
         .map(|v| v.to_string())
-        .or_else(|| record.message_id.clone())
+        .or_else(|| {
+            let message = record.message_id.as_deref()?;
+            Some(format!(
+                "{message}:{}",
+                recipient.unwrap_or_default().to_lowercase()
+            ))
+        })
         .unwrap_or_else(|| super::sha256_hex(body));
     let message_id = format!("postmark:{}:{id}", record.record_type);
     let event = match record.record_type.as_str() {
@@ -135,6 +144,23 @@ mod tests {
                 None => assert_eq!((got.len(), parsed.ignored), (0, 1), "{name}"),
             }
         }
+    }
+
+    /// One message to two recipients has a delivery record for each: both count. They shared
+    /// one id (`MessageID`), so the second was skipped as a duplicate.
+    #[test]
+    fn deliveries_to_each_recipient_of_a_message_have_ids_of_their_own() {
+        let fixture = crate::webhooks::tests::fixture("postmark-delivery.json");
+        let mut record: serde_json::Value = serde_json::from_str(&fixture).expect("fixture");
+        let mut ids = Vec::new();
+        for recipient in ["a@example.com", "b@example.net", "A@Example.com"] {
+            record["Recipient"] = recipient.into();
+            let parsed = parse(record.to_string().as_bytes()).expect(recipient);
+            assert_eq!(parsed.events.len(), 1, "{recipient}");
+            ids.push(parsed.message_id);
+        }
+        assert_ne!(ids[0], ids[1], "two recipients, two ids");
+        assert_eq!(ids[0], ids[2], "one recipient however spelled, one id");
     }
 
     #[test]

@@ -77,22 +77,50 @@ pub fn canonical_string(envelope: &Envelope) -> String {
     out
 }
 
-/// True for an https URL on an `sns.<region>.amazonaws.com` host (or `.amazonaws.com.cn`).
+/// True for an https URL on an `sns.<region>.amazonaws.com` host (or `.amazonaws.com.cn`):
+/// exactly one label of at least 3 letters, digits or hyphens between, as AWS's own SDKs
+/// check (`^sns\.[a-zA-Z0-9\-]{3,}\.amazonaws\.com(\.cn)?$`). Looser, `sns.s3.amazonaws.com`
+/// (the S3 bucket `sns`, under S3's wildcard certificate) passed.
 pub fn is_sns_url(raw: &str) -> bool {
     let Ok(url) = url::Url::parse(raw) else {
         return false;
     };
     let host = url.host_str().unwrap_or("");
+    let region = host
+        .strip_prefix("sns.")
+        .and_then(|rest| {
+            rest.strip_suffix(".amazonaws.com")
+                .or_else(|| rest.strip_suffix(".amazonaws.com.cn"))
+        })
+        .unwrap_or("");
     url.scheme() == "https"
         && url.username().is_empty()
         && url.password().is_none()
         && url.port().is_none()
-        && host.starts_with("sns.")
-        && (host.ends_with(".amazonaws.com") || host.ends_with(".amazonaws.com.cn"))
-        && host
+        && region.len() >= 3
+        && region
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
+
+/// True for an SNS signing certificate's URL: an SNS host (see [`is_sns_url`]) and a path
+/// `/SimpleNotificationService-….pem`, with no query or fragment (each new spelling of one
+/// certificate would be a fetch of its own).
+fn is_certificate_url(raw: &str) -> bool {
+    let Ok(url) = url::Url::parse(raw) else {
+        return false;
+    };
+    is_sns_url(raw)
+        && url.query().is_none()
+        && url.fragment().is_none()
+        && url
+            .path()
+            .strip_prefix("/SimpleNotificationService-")
+            .is_some_and(|name| name.ends_with(".pem") && !name.contains('/'))
+}
+
+/// The most of a certificate's PEM read from `SigningCertURL` (AWS's are under 2 KiB).
+const MAX_CERTIFICATE_BYTES: usize = 16 * 1024;
 
 /// Verifies SNS signatures and answers subscription handshakes.
 pub struct SnsVerifier {
@@ -138,7 +166,7 @@ impl SnsVerifier {
         if let Some(pinned) = &self.pinned {
             return Ok(pinned.clone());
         }
-        if !is_sns_url(url) || !url.ends_with(".pem") {
+        if !is_certificate_url(url) {
             return Err(WebhookError::Unauthorized(
                 "SigningCertURL is not an SNS certificate URL",
             ));
@@ -152,12 +180,24 @@ impl SnsVerifier {
             return Ok(der.clone());
         }
         let fetch = async {
-            let response = self.client.get(url).send().await?.error_for_status()?;
-            response.text().await
+            let mut response = self.client.get(url).send().await?.error_for_status()?;
+            let mut pem = Vec::new();
+            while let Some(chunk) = response.chunk().await? {
+                pem.extend_from_slice(&chunk);
+                if pem.len() > MAX_CERTIFICATE_BYTES {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(pem))
         };
         let pem = fetch
             .await
-            .map_err(|e| certificate_fetch_error(e.status(), &e))?;
+            .map_err(|e: reqwest::Error| certificate_fetch_error(e.status(), &e))?
+            .ok_or(WebhookError::Unauthorized(
+                "SigningCertURL serves more than a certificate",
+            ))?;
+        let pem = String::from_utf8(pem)
+            .map_err(|_| WebhookError::Unauthorized("SigningCertURL is not a certificate"))?;
         let der = pem_to_der(&pem)
             .map_err(|_| WebhookError::Unauthorized("SigningCertURL is not a certificate"))?;
         let mut fetched = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
@@ -421,9 +461,29 @@ mod tests {
             "https://user@sns.us-east-1.amazonaws.com/x.pem",
             "https://sns.us-east-1.amazonaws.com:8443/x.pem",
             "https://s3.amazonaws.com/x.pem",
+            "https://sns.s3.amazonaws.com/x.pem",
+            "https://sns.a.b.amazonaws.com/x.pem",
+            "https://sns.amazonaws.com/x.pem",
+            "https://sns..amazonaws.com/x.pem",
             "not a url",
         ] {
             assert!(!is_sns_url(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_certificate_urls_are_fetched() {
+        let good = "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-a86cb10b4e1f29c941702d737128f7b6.pem";
+        assert!(is_certificate_url(good));
+        for bad in [
+            "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-x.pem?n=1.pem",
+            "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-x.pem#1.pem",
+            "https://sns.us-east-1.amazonaws.com/other.pem",
+            "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-x/y.pem",
+            "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-x.txt",
+            "https://sns.s3.amazonaws.com/SimpleNotificationService-x.pem",
+        ] {
+            assert!(!is_certificate_url(bad), "{bad}");
         }
     }
 
