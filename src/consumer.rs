@@ -625,9 +625,32 @@ fn add(total: &mut Applied, applied: Applied) {
     total.database_rejected += applied.database_rejected;
 }
 
-/// What applying a batch did, and the tag that acks it: its last message that was not
-/// dead-lettered (a multiple-ack may not name a tag already rejected).
-type Settled = (Applied, Option<u64>);
+/// What applying a batch did, and the delivery tags of its messages that were not
+/// dead-lettered: the last acks the batch (a multiple-ack may not name a tag already rejected),
+/// and each alone acks its message when an earlier batch was given up (see
+/// [`Pipeline::abandon`]).
+struct Settled {
+    applied: Applied,
+    tags: Vec<u64>,
+}
+
+impl Settled {
+    /// `tags` of a batch, less those at the indices in `rejected`.
+    fn new(applied: Applied, mut tags: Vec<u64>, rejected: &[usize]) -> Self {
+        if !rejected.is_empty() {
+            let mut index = 0;
+            tags.retain(|_| {
+                index += 1;
+                !rejected.contains(&(index - 1))
+            });
+        }
+        Self { applied, tags }
+    }
+
+    fn ack_tag(&self) -> Option<u64> {
+        self.tags.last().copied()
+    }
+}
 
 /// Everything an apply task needs; cheap to clone.
 #[derive(Clone)]
@@ -706,7 +729,10 @@ impl Pipeline {
         }
         let applier = self.applier.clone();
         let (bytes, span) = (batch.bytes, batch.span.clone());
-        let task = tokio::spawn(async move { apply_with_retry(&applier, &batch).await });
+        let task = tokio::spawn(async move {
+            let (applied, rejected) = apply_with_retry(&applier, &batch).await?;
+            Ok(Settled::new(applied, batch.tags, &rejected))
+        });
         self.committing.push_back(InFlight {
             task: Some(task),
             settled: None,
@@ -743,7 +769,8 @@ impl Pipeline {
             .settled
             .take()
             .unwrap_or_else(|| Err(anyhow!("the apply task left no outcome")));
-        let (applied, ack_tag) = outcome?;
+        let settled = outcome?;
+        let (applied, ack_tag) = (settled.applied, settled.ack_tag());
         self.applier.fault(FaultPoint::AfterCommit).await;
         ack(&self.applier.channel, ack_tag)
             .instrument(tracing::info_span!(parent: &oldest.span, "ack", tag = ack_tag))
@@ -769,24 +796,60 @@ impl Pipeline {
 
     /// Gives up the batches in flight and waits (a bounded time) for their tasks to end: each
     /// requests a cancel of its query (see `Store::apply_once`), so none can still commit once
-    /// its messages are redelivered, or after the process exits.
+    /// its messages are redelivered, or after the process exits. Batches that committed
+    /// behind one given up (a stop out of time while an older batch waits for a lock, say)
+    /// cannot be acked with a multiple-ack: each of their messages is acked alone, so they are
+    /// not redelivered (those without an id would count twice).
     pub async fn abandon(mut self) {
         self.applier.abort.cancel();
-        let tasks = self
-            .committing
-            .drain(..)
-            .filter_map(|in_flight| in_flight.task);
-        let ended = futures_util::future::join_all(tasks);
-        match tokio::time::timeout(ABANDON_TIMEOUT, ended).await {
-            // Their errors are the giving up itself, or what the pipeline reported already.
-            Ok(outcomes) => {
-                for panic in outcomes.into_iter().filter_map(Result::err) {
-                    tracing::error!(error = %panic, "An apply task panicked.");
-                }
-            }
-            Err(_) => tracing::warn!(
+        let mut committing = std::mem::take(&mut self.committing);
+        let ended = futures_util::future::join_all(committing.iter_mut().map(InFlight::settle));
+        if tokio::time::timeout(ABANDON_TIMEOUT, ended).await.is_err() {
+            tracing::warn!(
                 timeout_ms = ABANDON_TIMEOUT.as_millis() as u64,
                 "Batches given up did not end in time."
+            );
+            return;
+        }
+        let mut committed = Vec::new();
+        for in_flight in &mut committing {
+            match in_flight.settled.take() {
+                Some(Ok(settled)) => committed.push((settled, in_flight.bytes)),
+                // Other errors are the giving up itself, or what the pipeline reported already.
+                Some(Err(error)) if error.downcast_ref::<tokio::task::JoinError>().is_some() => {
+                    tracing::error!(error = format!("{error:#}"), "An apply task panicked.");
+                }
+                _ => {}
+            }
+        }
+        let channel = &self.applier.channel;
+        if committed.is_empty() || !channel.status().connected() {
+            return;
+        }
+        let messages: usize = committed
+            .iter()
+            .map(|(settled, _)| settled.tags.len())
+            .sum();
+        let tags = committed.iter().flat_map(|(settled, _)| &settled.tags);
+        let acks = tags.map(|&tag| channel.basic_ack(tag, BasicAckOptions { multiple: false }));
+        match tokio::time::timeout(ACK_TIMEOUT, futures_util::future::try_join_all(acks)).await {
+            Ok(Ok(_)) => {
+                for (_, bytes) in committed {
+                    self.applier.stats.unacked(0, bytes);
+                    self.applier.gate.release(bytes as u64);
+                }
+                tracing::info!(
+                    messages,
+                    "Acked one by one the messages committed behind a batch given up."
+                );
+            }
+            Ok(Err(error)) => tracing::warn!(
+                error = %error,
+                "Could not ack the messages committed behind a batch given up; they are redelivered and skipped as duplicates."
+            ),
+            Err(_) => tracing::warn!(
+                timeout_ms = ACK_TIMEOUT.as_millis() as u64,
+                "The acks of the messages committed behind a batch given up did not end in time; those not acked are redelivered."
             ),
         }
     }
@@ -802,12 +865,16 @@ impl Pipeline {
 }
 
 /// What a stop keeps after giving up the attempts under way: their cancel requests (up to
-/// 500 ms), waiting for their tasks ([`ABANDON_TIMEOUT`]) and the broker's close
-/// ([`CLOSE_TIMEOUT`]).
+/// 500 ms), waiting for their tasks ([`ABANDON_TIMEOUT`]), acking what committed behind them
+/// ([`ACK_TIMEOUT`]) and the broker's close ([`CLOSE_TIMEOUT`]).
 const STOP_RESERVE: Duration = Duration::from_secs(3);
 
 /// How long [`Pipeline::abandon`] waits for its tasks: a cancel request takes up to 500 ms.
 const ABANDON_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long [`Pipeline::abandon`] waits for the acks of the messages committed behind a batch
+/// given up (a few batches' worth of single acks: milliseconds when the broker is well).
+const ACK_TIMEOUT: Duration = Duration::from_millis(500);
 
 impl Drop for Pipeline {
     /// The tasks in flight give their attempts up (see [`Pipeline::abandon`], which also waits
@@ -832,8 +899,8 @@ async fn ack(channel: &Channel, last_tag: Option<u64>) -> anyhow::Result<()> {
 }
 
 /// Applies a batch. A transient Postgres failure is retried with backoff while the batch stays
-/// unacked; gives up only when the channel has closed (the broker redelivers the batch), on stop
-/// (`cancel`, between attempts), or when a stop runs out of time or the pipeline is dropped
+/// unacked, during a stop too; gives up only when the channel has closed (the broker
+/// redelivers the batch), or when a stop runs out of time or the pipeline is given up
 /// (`abort`, at any time; an attempt under way has its query cancelled).
 ///
 /// A permanent failure (Postgres refuses the content, see
@@ -847,7 +914,10 @@ async fn ack(channel: &Channel, last_tag: Option<u64>) -> anyhow::Result<()> {
     skip_all,
     fields(messages = batch.messages.len() as i64, events = batch.events as i64)
 )]
-async fn apply_with_retry(applier: &Applier, batch: &Batch) -> anyhow::Result<Settled> {
+async fn apply_with_retry(
+    applier: &Applier,
+    batch: &Batch,
+) -> anyhow::Result<(Applied, Vec<usize>)> {
     let (messages, tags, token) = (&batch.messages, &batch.tags, &batch.token);
     let mut total = Applied::default();
     let mut rejected: Vec<usize> = Vec::new();
@@ -885,17 +955,7 @@ async fn apply_with_retry(applier: &Applier, batch: &Batch) -> anyhow::Result<Se
             }
         }
     }
-    let mut dead = vec![false; messages.len()];
-    for &index in &rejected {
-        dead[index] = true;
-    }
-    let ack_tag = tags
-        .iter()
-        .zip(&dead)
-        .rev()
-        .find(|(_, dead)| !**dead)
-        .map(|(tag, _)| *tag);
-    Ok((total, ack_tag))
+    Ok((total, rejected))
 }
 
 /// Attempts to apply `messages` in one transaction until it commits (`Ok(Ok)`) or Postgres
@@ -910,7 +970,6 @@ async fn apply_attempts(
         store,
         health,
         channel,
-        cancel,
         abort,
         stats,
         ..
@@ -931,6 +990,7 @@ async fn apply_attempts(
             .await;
         match attempt {
             Err(error @ crate::store::StoreError::Abandoned) => {
+                metrics::batch_given_up();
                 return Err(
                     anyhow::Error::new(error).context("the batch stays unacked and is redelivered")
                 );
@@ -966,18 +1026,23 @@ async fn apply_attempts(
                 metrics::db_error(&error, wait);
                 WorkerStats::add(&stats.db_errors, 1);
                 if !channel.status().connected() {
+                    metrics::batch_given_up();
                     return Err(anyhow!(
                         "the channel closed while Postgres was failing; the broker redelivers the batch"
                     ));
                 }
+                // A stop does not end the retries: what is in flight is committed while the
+                // stop's time lasts (`abort` ends them). Given up at the stop's first failure, a
+                // batch whose COMMIT had gone through (its reply lost) was redelivered instead of
+                // recognised by its next attempt, and its messages without an id counted twice.
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
-                    _ = cancel.cancelled() => return Err(anyhow!(
-                        "stopped while Postgres was failing; the batch stays unacked and is redelivered"
-                    )),
-                    _ = abort.cancelled() => return Err(anyhow!(
-                        "given up while Postgres was failing; the batch stays unacked and is redelivered"
-                    )),
+                    _ = abort.cancelled() => {
+                        metrics::batch_given_up();
+                        return Err(anyhow!(
+                            "given up while Postgres was failing; the batch stays unacked and is redelivered"
+                        ));
+                    }
                 }
             }
         }

@@ -85,6 +85,11 @@ fn describe() {
     );
     counter!("catchall_claim_conflicts_total").absolute(0);
     describe_counter!(
+        "catchall_batches_given_up_total",
+        "Batches given up unacked while being applied (a stop, or a lost broker connection, while Postgres was slow or failing); the broker redelivers them."
+    );
+    counter!("catchall_batches_given_up_total").absolute(0);
+    describe_counter!(
         "catchall_broker_reconnects_total",
         "Times the worker lost RabbitMQ and connected again."
     );
@@ -295,6 +300,12 @@ pub fn claim_conflict(error: &anyhow::Error) {
         error = format!("{error:#}"),
         "A concurrent batch claimed one of this batch's message ids first; applying it again."
     );
+}
+
+/// A batch (or a part of one being bisected) was given up while being applied, its attempt
+/// under way cancelled or its retry not made: it stays unacked and the broker redelivers it.
+pub fn batch_given_up() {
+    counter!("catchall_batches_given_up_total").increment(1);
 }
 
 /// The broker connection was lost (or never made) and the worker is connecting again.

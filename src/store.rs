@@ -182,6 +182,27 @@ pub const UPSERT: &str = "INSERT INTO domains AS d (domain, delivered, bounced, 
 const LOOKUP: &str = "SELECT delivered, bounced, other_bounced FROM domains WHERE domain = $1";
 /// Longest the cancel request of an abandoned apply attempt may take (see [`Store::abandon`]).
 const CANCEL_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// How often a backend running one of the worker's queries checks that the worker is still
+/// connected (`client_connection_check_interval`, PostgreSQL 14 and later, on Linux, macOS
+/// and the BSDs), and ends the query and its transaction if not. It is what stops a backend
+/// whose attempt was given up when the cancel request missed it: a cancel that reaches a
+/// backend before it has read the statements (already sent) is discarded, and the backend
+/// then ran them, waited for a row lock, and committed once it got it, after the batch had
+/// been redelivered (`Store::abandon`). A check is a `poll` while a query runs.
+const CLIENT_CHECK_INTERVAL: &str = "250ms";
+
+/// Asks Postgres to end a query of this connection once the worker is gone (see
+/// [`CLIENT_CHECK_INTERVAL`]); a server that cannot is logged and the connection used as is.
+async fn check_the_client(client: &tokio_postgres::Client) {
+    let set = format!("SET client_connection_check_interval = '{CLIENT_CHECK_INTERVAL}'");
+    if let Err(error) = client.batch_execute(&set).await {
+        tracing::debug!(
+            error = %error,
+            "Postgres does not check that the worker is still connected (before PostgreSQL 14?)."
+        );
+    }
+}
 /// Longest a look-up (single, bulk or listing) waits for Postgres before answering 503.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -275,6 +296,9 @@ impl Store {
         options = format!("{options} -c DateStyle=ISO -c TimeZone=UTC")
             .trim()
             .to_string();
+        // Set after connecting, where a server that does not know it (before PostgreSQL 14) or
+        // cannot check on its platform refuses it without failing the connection.
+        let check_client = !options.contains("client_connection_check_interval");
         pg.options(&options);
         // A connection may try every host of a multi-host URL in turn, each for up to
         // connect_timeout: the pool must wait for all of them, or a first host that drops
@@ -298,6 +322,14 @@ impl Store {
             .wait_timeout(Some(Duration::from_secs(5)))
             .create_timeout(Some(create_timeout))
             .recycle_timeout(Some(Duration::from_secs(5)))
+            .post_create(deadpool_postgres::Hook::async_fn(move |client, _| {
+                Box::pin(async move {
+                    if check_client {
+                        check_the_client(client).await;
+                    }
+                    Ok(())
+                })
+            }))
             .build()
             .expect("a runtime and timeouts are set, so the pool builds");
         Ok(Self {

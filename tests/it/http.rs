@@ -127,6 +127,7 @@ async fn metrics_move_with_traffic() {
         "catchall_rejections_total{reason=\"not_json\"}",
         "catchall_db_errors_total",
         "catchall_broker_reconnects_total",
+        "catchall_batches_given_up_total",
     ] {
         assert!(
             before.contains(series),

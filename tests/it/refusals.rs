@@ -236,18 +236,8 @@ async fn an_abandoned_attempt_cannot_commit_after_its_batch_is_redelivered() {
     // The domain's row is locked (not the table, which would hold a fresh connection's
     // statements at `prepare`, before anything is sent): every attempt sends its upsert and
     // `COMMIT`, and its backend waits for the row.
-    let lock = db.client().await;
-    lock.batch_execute(
-        "INSERT INTO domains (domain) VALUES ('zombie.example'); \
-         BEGIN; SELECT 1 FROM domains WHERE domain = 'zombie.example' FOR UPDATE",
-    )
-    .await
-    .expect("lock the domain's row");
-    let (_connection, channel) = broker.channel().await;
-    let body = br#"{"domain":"zombie.example","type":"delivered"}"#;
-    for _ in 0..MESSAGES {
-        publish_raw(&channel, &broker.exchange, "x", body, None).await;
-    }
+    let lock = lock_row(&db, "zombie.example").await;
+    publish_id_less(&broker, "zombie.example", MESSAGES).await;
     // An attempt has met its deadline: its backend still waits for the lock.
     wait_for(Duration::from_secs(30), "an attempt timed out", || async {
         (worker.stats().db_errors >= 1).then_some(())
@@ -280,6 +270,10 @@ async fn an_abandoned_attempt_cannot_commit_after_its_batch_is_redelivered() {
         },
     )
     .await;
+    assert!(
+        worker.metric("catchall_batches_given_up_total").await >= 1.0,
+        "the batch given up is counted"
+    );
     worker.stop().await;
     let counts = db.counts().await;
     assert_eq!(
@@ -287,6 +281,81 @@ async fn an_abandoned_attempt_cannot_commit_after_its_batch_is_redelivered() {
         Some(&(MESSAGES, 0)),
         "counted once"
     );
+}
+
+/// A statement that waits for a row lock on a connection the worker dropped without a cancel
+/// (as when a cancel request reaches the backend before the statement does, and is discarded)
+/// is ended by Postgres once it sees the worker gone, not run when the lock goes. Before the
+/// worker set `client_connection_check_interval` the backend waited on and committed the
+/// update after the lock was released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_of_a_connection_dropped_without_a_cancel_does_not_outlive_it() {
+    let db = TestDb::create().await;
+    let store = db.store(1).await;
+    let lock = lock_row(&db, "dropped.example").await;
+    // Past its deadline the connection leaves the pool and is dropped; no cancel is sent.
+    let update = "UPDATE domains SET delivered = delivered + 1 \
+                  WHERE domain = 'dropped.example' RETURNING delivered::float8";
+    let error = store
+        .query_f64_within(update, Duration::from_secs(1))
+        .await
+        .expect_err("the row is locked");
+    assert!(
+        matches!(error, catchall::store::StoreError::Timeout(_)),
+        "{error:?}"
+    );
+    wait_for(
+        Duration::from_secs(10),
+        "the dropped connection's backend to end its statement",
+        || async { (lock_waiters(&lock).await? == 0).then_some(()) },
+    )
+    .await;
+    lock.batch_execute("COMMIT").await.expect("release the row");
+    assert_eq!(
+        db.counts().await.get("dropped.example"),
+        Some(&(0, 0)),
+        "the update never ran"
+    );
+}
+
+/// A client holding `domain`'s row locked (`FOR UPDATE`, in a transaction it leaves open): an
+/// upsert of the domain waits for it. The row is inserted first, apart: in one simple query the
+/// `BEGIN` would take the `INSERT` into its transaction, and a plain `UPDATE` would find no row.
+async fn lock_row(db: &TestDb, domain: &str) -> tokio_postgres::Client {
+    let lock = db.client().await;
+    lock.execute("INSERT INTO domains (domain) VALUES ($1)", &[&domain])
+        .await
+        .expect("insert the domain");
+    lock.batch_execute("BEGIN").await.expect("begin");
+    lock.execute(
+        "SELECT 1 FROM domains WHERE domain = $1 FOR UPDATE",
+        &[&domain],
+    )
+    .await
+    .expect("lock the domain's row");
+    lock
+}
+
+/// The backends of this test's database waiting for a lock (`FROM …`).
+const LOCK_WAITERS: &str =
+    "FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'";
+
+/// How many backends of this test's database wait for a lock (`None` if the query fails).
+async fn lock_waiters(client: &tokio_postgres::Client) -> Option<i64> {
+    let row = client
+        .query_one(&format!("SELECT count(*) {LOCK_WAITERS}"), &[])
+        .await
+        .ok()?;
+    Some(row.get(0))
+}
+
+/// Publishes `count` single delivered events for `domain` without a `message_id`.
+async fn publish_id_less(broker: &TestBroker, domain: &str, count: i64) {
+    let (_connection, channel) = broker.channel().await;
+    let body = serde_json::json!({"domain": domain, "type": "delivered"}).to_string();
+    for _ in 0..count {
+        publish_raw(&channel, &broker.exchange, "x", body.as_bytes(), None).await;
+    }
 }
 
 /// A store of one connection with a 1 s deadline, on a database that holds `a.example` with 7
@@ -444,6 +513,138 @@ async fn sigterm_with_postgres_frozen_exits_0_in_time_and_loses_nothing() {
     let restarted = TestWorker::start(TestWorker::config(&db, &broker)).await;
     assert_counts_eventually(&db, &expected, Duration::from_secs(30)).await;
     restarted.stop().await;
+}
+
+/// A stop out of time while the oldest batch waits for a row lock, with a later batch already
+/// committed behind it: the later batch's messages are acked one by one (a multiple-ack would
+/// cover the batch given up), so only the given-up one comes back. They used to be left
+/// unacked and redelivered, and those without an id counted twice (40 of 20).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_out_of_time_acks_what_committed_behind_the_batch_it_gives_up() {
+    const BEHIND: i64 = 20;
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    // Batches close after 1 s, so each burst below is one batch.
+    let settings = [
+        ("BATCH_TIMEOUT_MS", "1000".into()),
+        ("IN_FLIGHT", "4".into()),
+    ];
+    let (mut child, _) = stoppable_worker(&db, &broker, &settings).await;
+    let lock = lock_row(&db, "held.example").await;
+    publish_id_less(&broker, "held.example", 1).await;
+    wait_for(
+        Duration::from_secs(30),
+        "the first batch waiting for the row",
+        || async { (lock_waiters(&lock).await? > 0).then_some(()) },
+    )
+    .await;
+    publish_id_less(&broker, "behind.example", BEHIND).await;
+    wait_for(
+        Duration::from_secs(30),
+        "the second batch committed",
+        || async { (db.counts().await.get("behind.example") == Some(&(BEHIND, 0))).then_some(()) },
+    )
+    .await;
+    let (status, took) = sigterm(&mut child, Duration::from_secs(8)).await;
+    eprintln!("stopped in {took:?} with {status:?}");
+    assert!(status.success(), "a stop out of time is clean: {status:?}");
+    lock.batch_execute("COMMIT").await.expect("release the row");
+
+    // The given-up batch comes back to a new worker; nothing else does.
+    let restarted = TestWorker::start(TestWorker::config(&db, &broker)).await;
+    wait_for(
+        Duration::from_secs(30),
+        "the given-up batch applied",
+        || async {
+            let held = db.counts().await.get("held.example").copied();
+            (held == Some((1, 0)) && broker.depth(&broker.queue).await == 0).then_some(())
+        },
+    )
+    .await;
+    restarted.stop().await;
+    let counts = db.counts().await;
+    assert_eq!(counts.get("held.example"), Some(&(1, 0)));
+    assert_eq!(
+        counts.get("behind.example"),
+        Some(&(BEHIND, 0)),
+        "what committed behind the batch given up was acked, not redelivered"
+    );
+}
+
+/// An attempt that fails during a stop is retried while the stop's time lasts: the batch
+/// commits and is acked. The stop's first Postgres error used to give it up at once, seconds
+/// early, so the messages came back (and had the failed attempt's COMMIT gone through, its
+/// reply lost, those without an id would have counted twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_failing_during_a_stop_is_retried_until_the_stop_runs_out() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const MESSAGES: i64 = 10;
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    let settings = [
+        ("SHUTDOWN_TIMEOUT", "10s".into()),
+        ("DB_TIMEOUT", "60s".into()),
+        ("BATCH_SIZE", MESSAGES.to_string()),
+        // An idle connection stays open until the stop closes it (below).
+        ("HTTP_HEADER_TIMEOUT", "60s".into()),
+    ];
+    let (mut child, port) = ready_worker(&db, &broker, &settings).await;
+    let lock = lock_row(&db, "failing.example").await;
+    publish_id_less(&broker, "failing.example", MESSAGES).await;
+    wait_for(
+        Duration::from_secs(30),
+        "the batch waiting for the row",
+        || async { (lock_waiters(&lock).await? > 0).then_some(()) },
+    )
+    .await;
+
+    // An idle keep-alive connection: the worker closes it once the stop has begun.
+    let mut idle = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: worker\r\n\r\n")
+        .await
+        .expect("send a request");
+    let mut answer = [0u8; 1024];
+    let read = idle.read(&mut answer).await.expect("read the answer");
+    assert!(
+        answer[..read].starts_with(b"HTTP/1.1 200"),
+        "healthz answered"
+    );
+    let pid = child.id().expect("the child's pid") as i32;
+    // SAFETY: kill(2) on our own child process, which has not been reaped yet.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "send SIGTERM");
+    let closed = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut answer)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0))),
+        "the stop closed the idle connection: {closed:?}"
+    );
+
+    // The stop is under way: the attempt's backend is ended (a transient failure), then the
+    // row is released.
+    db.client()
+        .await
+        .execute(
+            &format!("SELECT pg_terminate_backend(pid) {LOCK_WAITERS}"),
+            &[],
+        )
+        .await
+        .expect("terminate the waiting backend");
+    lock.batch_execute("COMMIT").await.expect("release the row");
+    let status = tokio::time::timeout(Duration::from_secs(12), child.wait())
+        .await
+        .expect("the worker exits within SHUTDOWN_TIMEOUT")
+        .expect("wait for the worker");
+    assert!(status.success(), "a clean stop: {status:?}");
+    assert_eq!(
+        broker.depth(&broker.queue).await,
+        0,
+        "the batch was committed and acked, not left for redelivery"
+    );
+    assert_eq!(
+        db.counts().await.get("failing.example"),
+        Some(&(MESSAGES, 0))
+    );
 }
 
 /// A look-up in flight on a frozen Postgres does not hold the stop past SHUTDOWN_TIMEOUT: the
