@@ -164,6 +164,11 @@ impl WorkerStats {
         metrics::unacked_bytes(now as usize);
     }
 
+    /// Batches committed so far.
+    fn batches(&self) -> u64 {
+        self.batches.load(Ordering::Relaxed)
+    }
+
     /// The connection ended: the broker took back every unacked body.
     fn unacked_reset(&self) {
         self.unacked_bytes.store(0, Ordering::Relaxed);
@@ -214,6 +219,8 @@ pub struct Consumer {
     draining: VecDeque<lapin::Consumer>,
     settings: ConsumerSettings,
     prefetch: Prefetch,
+    /// Batches this worker had committed when the connection opened (see [`Prefetch::observe`]).
+    batches_at_open: u64,
     /// The connection stops reading while this holds `PREFETCH_BYTES` of bodies not yet acked
     /// or rejected: the prefetch counts messages, so a switch to large ones would otherwise
     /// bring up to `PREFETCH` of them at once (see `vendor/README.md`, lapin).
@@ -279,8 +286,14 @@ impl Prefetch {
         (budget / body.max(1)).clamp(1, u64::from(max)) as u16
     }
 
-    /// Records one delivery; returns the new prefetch when it must change.
-    fn observe(&mut self, body: usize) -> Option<u16> {
+    /// Records one delivery; returns the new prefetch when it must change. `may_raise`: a batch
+    /// committed since the connection opened. While nothing commits (Postgres stalled from the
+    /// start, or again after a reconnect) a window passes without a raise: more messages in hand
+    /// would not be counted sooner, and when they turn large they fill the read gate, which
+    /// blocks the broker's writes until it closes the connection (30 s), and again on every
+    /// connection after it. Each close returns what was unacked, and RabbitMQ 3.x counts that
+    /// as a delivery against `DELIVERY_LIMIT`.
+    fn observe(&mut self, body: usize, may_raise: bool) -> Option<u16> {
         if self.current != self.initial {
             return None; // raised already: it changes no more
         }
@@ -298,6 +311,9 @@ impl Prefetch {
         self.window_bytes = 0;
         self.window_largest = 0;
         self.window_seen = 0;
+        if !may_raise {
+            return None; // the next window of the same length decides
+        }
         self.window_len = usize::from(target.max(self.current)).max(64);
         // Raise only from the first prefetch, whose deliveries fit the budget at 1 MiB each (or
         // are one body, under a budget below 1 MiB); never lower (see above).
@@ -355,12 +371,13 @@ impl Consumer {
             draining: VecDeque::new(),
             settings: settings.clone(),
             prefetch,
+            batches_at_open: settings.stats.batches(),
             gate,
         })
     }
 
-    /// The pipeline that applies and acks this consumer's batches. `cancel` is the stop (retries
-    /// of a failing Postgres end, the loop commits what is in flight and returns); `abort` fires
+    /// The pipeline that applies and acks this consumer's batches. `cancel` is the stop (the loop
+    /// commits what is in flight, retrying a failing Postgres meanwhile, and returns); `abort` fires
     /// when a stop runs out of time (an apply attempt still running is abandoned, its batch
     /// stays unacked and comes back).
     pub fn pipeline(
@@ -459,7 +476,8 @@ impl Consumer {
             };
             let size = delivery.data.len();
             self.settings.stats.unacked(size, 0);
-            if let Some(prefetch) = self.prefetch.observe(size) {
+            let committed = self.settings.stats.batches() > self.batches_at_open;
+            if let Some(prefetch) = self.prefetch.observe(size, committed) {
                 self.reconsume(prefetch).await?;
                 metrics::prefetch_set(prefetch);
             }
@@ -1233,47 +1251,64 @@ mod tests {
         let mut prefetch = Prefetch::new(64 * MIB, 5000);
         assert_eq!(prefetch.current, 64);
         // A window of small bodies raises it to PREFETCH, at the end of the window only.
-        let raised: Vec<_> = (0..64).filter_map(|_| prefetch.observe(200)).collect();
+        let raised: Vec<_> = (0..64)
+            .filter_map(|_| prefetch.observe(200, true))
+            .collect();
         assert_eq!(raised, vec![5000]);
         // A large body does not lower it (the read gate holds the bytes).
-        assert_eq!(prefetch.observe(MIB as usize), None);
+        assert_eq!(prefetch.observe(MIB as usize, true), None);
         assert_eq!(prefetch.current, 5000);
-        let changes: Vec<_> = (0..10_000).filter_map(|_| prefetch.observe(100)).collect();
+        let changes: Vec<_> = (0..10_000)
+            .filter_map(|_| prefetch.observe(100, true))
+            .collect();
         assert_eq!(changes, Vec::<u16>::new());
         // The window's mean body decides, not its largest: one 90 KiB body among single events
         // raises it as far as the small ones alone would.
         let mut mixed = Prefetch::new(64 * MIB, 5000);
         let raised: Vec<_> = (0..64)
-            .filter_map(|i| mixed.observe(if i == 40 { 90 << 10 } else { 50 }))
+            .filter_map(|i| mixed.observe(if i == 40 { 90 << 10 } else { 50 }, true))
             .collect();
         assert_eq!(raised, vec![5000]);
         // Not from a window that held a body over 1 MiB (dead-lettered, but read first).
         let mut oversized = Prefetch::new(64 * MIB, 5000);
         let changes: Vec<_> = (0..64)
-            .filter_map(|i| oversized.observe(if i == 40 { 2 << 20 } else { 50 }))
+            .filter_map(|i| oversized.observe(if i == 40 { 2 << 20 } else { 50 }, true))
             .collect();
         assert_eq!(changes, Vec::<u16>::new());
         // Raised once, from the first prefetch only: mid-size bodies first keep it there.
         let mut mid = Prefetch::new(64 * MIB, 5000);
-        let raised: Vec<_> = (0..64).filter_map(|_| mid.observe(100 << 10)).collect();
+        let raised: Vec<_> = (0..64)
+            .filter_map(|_| mid.observe(100 << 10, true))
+            .collect();
         assert_eq!(raised, vec![655]);
-        let changes: Vec<_> = (0..10_000).filter_map(|_| mid.observe(100)).collect();
+        let changes: Vec<_> = (0..10_000).filter_map(|_| mid.observe(100, true)).collect();
         assert_eq!(changes, Vec::<u16>::new(), "raised once already");
         // A budget under 1 MiB starts at one message and is raised too.
         let mut small_budget = Prefetch::new(256 << 10, 5000);
         assert_eq!(small_budget.current, 1);
-        let raised: Vec<_> = (0..64).filter_map(|_| small_budget.observe(100)).collect();
+        let raised: Vec<_> = (0..64)
+            .filter_map(|_| small_budget.observe(100, true))
+            .collect();
         assert_eq!(raised, vec![2621]);
         // Large bodies from the start keep it low: nothing raises it.
         let mut large = Prefetch::new(64 * MIB, 5000);
         let changes: Vec<_> = (0..1000)
-            .filter_map(|_| large.observe(MIB as usize))
+            .filter_map(|_| large.observe(MIB as usize, true))
             .collect();
         assert_eq!(changes, Vec::<u16>::new());
         assert_eq!(large.current, 64);
         // Bodies over the budget: one at a time.
         let mut tiny = Prefetch::new(1000, 5000);
         assert_eq!(tiny.current, 1);
-        assert_eq!(tiny.observe(4000), None);
+        assert_eq!(tiny.observe(4000, true), None);
+        // Nothing committed on the connection: windows pass without a raise, and the first
+        // window after a commit raises it.
+        let mut stalled = Prefetch::new(64 * MIB, 5000);
+        let changes: Vec<_> = (0..640)
+            .filter_map(|_| stalled.observe(100, false))
+            .collect();
+        assert_eq!(changes, Vec::<u16>::new(), "no raise before a commit");
+        let raised: Vec<_> = (0..64).filter_map(|_| stalled.observe(100, true)).collect();
+        assert_eq!(raised, vec![5000], "one window after the first commit");
     }
 }

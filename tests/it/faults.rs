@@ -165,8 +165,8 @@ pub async fn start_with_hook(config: Config, hook: FaultHook) -> TestWorker {
     TestWorker::from_app(app)
 }
 
-/// Closes, from the broker side, every connection whose name contains `name`.
-pub async fn broker_closes_connections(name: &str) -> usize {
+/// The broker's pids of the connections named `name` (their `connection_name`).
+pub async fn broker_connections(name: &str) -> Vec<String> {
     let listed = tokio::process::Command::new("rabbitmqctl")
         .args(["list_connections", "pid", "client_properties", "-q"])
         .output()
@@ -177,17 +177,21 @@ pub async fn broker_closes_connections(name: &str) -> usize {
         "rabbitmqctl list_connections: {}",
         String::from_utf8_lossy(&listed.stderr)
     );
-    let mut closed = 0;
     // One line per connection: `<pid>\t[client properties, with {"connection_name","…"}]`.
-    for line in String::from_utf8_lossy(&listed.stdout).lines() {
-        let Some((pid, properties)) = line.split_once('\t') else {
-            continue;
-        };
-        if !properties.contains(&format!("\"{name}\"")) {
-            continue;
-        }
+    String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .filter_map(|line| line.split_once('\t'))
+        .filter(|(_, properties)| properties.contains(&format!("\"{name}\"")))
+        .map(|(pid, _)| pid.to_string())
+        .collect()
+}
+
+/// Closes, from the broker side, every connection named `name`.
+pub async fn broker_closes_connections(name: &str) -> usize {
+    let mut closed = 0;
+    for pid in broker_connections(name).await {
         let status = tokio::process::Command::new("rabbitmqctl")
-            .args(["close_connection", pid, "fault injection by a test", "-q"])
+            .args(["close_connection", &pid, "fault injection by a test", "-q"])
             .status()
             .await
             .expect("rabbitmqctl close_connection");

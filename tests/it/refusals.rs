@@ -785,7 +785,7 @@ async fn memory_stays_under_prefetch_bytes_when_messages_turn_large() {
     let db = TestDb::create().await;
     let broker = TestBroker::new();
     let budget = [("PREFETCH_BYTES", SWITCH_BUDGET.to_string())];
-    let total = small_then_large_queued(&db, &broker, &budget).await;
+    let total = small_then_large_queued(&db, &broker, &budget, SWITCH_SMALL, 150).await;
     let (mut child, port) = ready_worker(&db, &broker, &budget).await;
     wait_for(Duration::from_secs(180), "every event counted", || async {
         (db.total_events().await == total).then_some(())
@@ -820,7 +820,7 @@ async fn a_postgres_stall_behind_a_full_read_gate_costs_a_reconnect_and_no_count
         ("PREFETCH_BYTES", SWITCH_BUDGET.to_string()),
         ("DB_TIMEOUT", "5s".to_string()),
     ];
-    let total = small_then_large_queued(&db, &broker, &settings).await;
+    let total = small_then_large_queued(&db, &broker, &settings, SWITCH_SMALL, 150).await;
     let (mut child, port) = ready_worker(&db, &broker, &settings).await;
     // The small ones raise the prefetch; once they are counted, the large ones flow. Then
     // Postgres stalls: every batch waits for the lock until it is released.
@@ -865,31 +865,100 @@ async fn a_postgres_stall_behind_a_full_read_gate_costs_a_reconnect_and_no_count
     assert!(peak < SWITCH_BUDGET + (64 << 20), "peak RSS {peak} bytes");
 }
 
+/// Postgres stalled from the start, small messages in front of large ones: nothing commits,
+/// so the prefetch is not raised and the worker holds no more than its first prefetch. Raised
+/// after the first window of small ones, the prefetch brought the large ones until the read gate
+/// was full; the broker's writes then blocked and it closed the connection 30 s later, and did
+/// again on each new connection for as long as the stall lasted (each close a delivery
+/// against `DELIVERY_LIMIT`, so a long stall dead-lettered valid messages).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stall_from_the_start_keeps_the_first_prefetch_and_the_connection() {
+    const HELD_FOR: Duration = Duration::from_secs(40);
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    let settings = [
+        ("PREFETCH_BYTES", SWITCH_BUDGET.to_string()),
+        ("DB_TIMEOUT", "5s".to_string()),
+    ];
+    let total = small_then_large_queued(&db, &broker, &settings, 100, 40).await;
+    let stall = db.client().await;
+    stall
+        .batch_execute("BEGIN; LOCK TABLE domains IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock domains");
+    let (mut child, port) = spawn_on_a_port(worker_command(&db, &broker, &settings)).await;
+    wait_for(
+        Duration::from_secs(30),
+        "the worker holding its first prefetch",
+        || async {
+            let held = child_metric(port, "catchall_unacked_bytes").await?;
+            (held > 0.0).then_some(())
+        },
+    )
+    .await;
+    // Longer than RabbitMQ's send timeout (30 s): a blocked connection would be closed in it.
+    let name = format!("catchall-worker {}", broker.queue);
+    let connection = crate::faults::broker_connections(&name).await;
+    assert_eq!(
+        connection.len(),
+        1,
+        "one consumer connection: {connection:?}"
+    );
+    let started = Instant::now();
+    while started.elapsed() < HELD_FOR {
+        let prefetch = child_metric(port, "catchall_prefetch_messages").await;
+        let held = child_metric(port, "catchall_unacked_bytes").await;
+        assert_eq!(
+            crate::faults::broker_connections(&name).await,
+            connection,
+            "the broker closed the worker's connection after {:?} (prefetch {prefetch:?}, {held:?} bytes held)",
+            started.elapsed()
+        );
+        assert!(
+            held.is_some_and(|held| held < 1e6),
+            "only the first prefetch is held: {held:?} bytes (prefetch {prefetch:?})"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    stall
+        .batch_execute("COMMIT")
+        .await
+        .expect("release domains");
+    wait_for(Duration::from_secs(120), "every event counted", || async {
+        (db.total_events().await == total && broker.depth(&broker.queue).await == 0).then_some(())
+    })
+    .await;
+    let (status, _) = sigterm(&mut child, Duration::from_secs(30)).await;
+    assert!(status.success(), "{status}");
+    assert_eq!(db.total_events().await, total, "counted once each");
+}
+
 /// The budget of the small-then-large queue below.
 const SWITCH_BUDGET: u64 = 16 << 20;
 const SWITCH_SMALL: usize = 20_000;
 
-/// Queues `SWITCH_SMALL` single-event messages, then 150 of ~900 KiB (4,000 events each), all
+/// Queues `small` single-event messages, then `large` of ~900 KiB (4,000 events each), all
 /// with ids, behind a first worker with `settings` that declared the queue and went; so the
 /// small ones are a backlog in front of the large ones. Returns the events queued.
 async fn small_then_large_queued(
     db: &TestDb,
     broker: &TestBroker,
     settings: &[(&str, String)],
+    small: usize,
+    large: usize,
 ) -> i64 {
-    const LARGE: usize = 150;
     const PER_LARGE: usize = 4_000;
     let (mut first, _) = ready_worker(db, broker, settings).await;
     first.kill().await.expect("stop the first worker");
-    let small: Vec<(String, Vec<u8>)> = (0..SWITCH_SMALL)
+    let singles: Vec<(String, Vec<u8>)> = (0..small)
         .map(|i| {
             let body = format!(r#"{{"domain":"s{}.example","type":"delivered"}}"#, i % 1000);
             (format!("small-{i}"), body.into_bytes())
         })
         .collect();
-    publish_all(broker, &small).await;
-    publish_all(broker, &large_messages(LARGE, PER_LARGE)).await;
-    (SWITCH_SMALL + LARGE * PER_LARGE) as i64
+    publish_all(broker, &singles).await;
+    publish_all(broker, &large_messages(large, PER_LARGE)).await;
+    (small + large * PER_LARGE) as i64
 }
 
 /// `count` messages of `per` events each, about 900 KiB at 4,000 events: long names (about 225
