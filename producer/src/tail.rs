@@ -5,7 +5,9 @@
 //!   file is read to its end, then the new file at the path is followed from its start. The old
 //!   file is finished once the writer has moved on (the new file has data) or after a grace
 //!   period, so lines written just before the writer reopened are not lost.
-//! - **Truncation** (`copytruncate`): a file shorter than the position is read again from 0.
+//! - **Truncation** (`copytruncate`): a file shorter than the position, or whose bytes just
+//!   before the position are no longer those read there (emptied and written again past the
+//!   position, while stopped or between two looks), is read again from 0.
 //! - **Restarts**: the position (device, inode, offset) is saved in the state file after each
 //!   chunk of lines is confirmed by the broker. On start, the file with the saved identity is
 //!   found again — at the path, or renamed beside it — and read on from the saved offset, so a
@@ -261,12 +263,17 @@ fn parse_exim(line: &str) -> Option<(Event, bool)> {
     Some((event.with_evidence(evidence), loopback))
 }
 
+/// Bytes of the file kept from just before the position (see [`Source::rewritten`]).
+const PRINT_BYTES: usize = 64;
+
 /// The file being read and where.
 struct Source {
     file: std::fs::File,
     dev: u64,
     ino: u64,
     offset: u64,
+    /// The last bytes read, up to [`PRINT_BYTES`], ending at `offset` (empty: not known).
+    before: Vec<u8>,
 }
 
 impl Source {
@@ -278,11 +285,47 @@ impl Source {
             dev: meta.dev(),
             ino: meta.ino(),
             offset,
+            before: Vec::new(),
         })
     }
 
     fn is(&self, meta: &std::fs::Metadata) -> bool {
         (meta.dev(), meta.ino()) == (self.dev, self.ino)
+    }
+
+    /// True when the bytes before the position are no longer those read there: the file was
+    /// emptied in place and written again past the position (`copytruncate` while the tailer
+    /// was stopped, or between two of its looks), or its identity is another file's now (an
+    /// inode reused). Reading on at the position would skip the new lines before it and start
+    /// in the middle of one.
+    fn rewritten(&self) -> std::io::Result<bool> {
+        use std::os::unix::fs::FileExt;
+        let Some(start) = self.offset.checked_sub(self.before.len() as u64) else {
+            return Ok(true);
+        };
+        if self.before.is_empty() {
+            return Ok(false);
+        }
+        let mut found = vec![0; self.before.len()];
+        match self.file.read_exact_at(&mut found, start) {
+            Ok(()) => Ok(found != self.before),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(true),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Moves the position past `read`, the bytes that followed it.
+    fn advance(&mut self, read: &[u8]) {
+        self.before.extend_from_slice(read);
+        let excess = self.before.len().saturating_sub(PRINT_BYTES);
+        self.before.drain(..excess);
+        self.offset += read.len() as u64;
+    }
+
+    /// Back to the start of the file.
+    fn rewind(&mut self) {
+        self.offset = 0;
+        self.before.clear();
     }
 }
 
@@ -297,7 +340,11 @@ pub struct TailStats {
     pub loopback_hops: u64,
 }
 
-fn load_state(path: &Path) -> anyhow::Result<Option<(u64, u64, u64)>> {
+/// A saved position: device, inode, offset, and the bytes before it (hex; empty in a state
+/// file written before they were kept).
+type Saved = (u64, u64, u64, Vec<u8>);
+
+fn load_state(path: &Path) -> anyhow::Result<Option<Saved>> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -310,12 +357,42 @@ fn load_state(path: &Path) -> anyhow::Result<Option<(u64, u64, u64)>> {
             .as_u64()
             .with_context(|| format!("{}: no `{name}`", path.display()))
     };
-    Ok(Some((field("dev")?, field("ino")?, field("offset")?)))
+    let before = match value["before"].as_str() {
+        Some(hex) => {
+            from_hex(hex).with_context(|| format!("{}: `before` is not hex", path.display()))?
+        }
+        None => Vec::new(),
+    };
+    Ok(Some((
+        field("dev")?,
+        field("ino")?,
+        field("offset")?,
+        before,
+    )))
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn from_hex(hex: &str) -> Option<Vec<u8>> {
+    if !hex.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|at| u8::from_str_radix(hex.get(at..at + 2)?, 16).ok())
+        .collect()
 }
 
 fn save_state(path: &Path, source: &Source) -> anyhow::Result<()> {
-    let text = serde_json::json!({"dev": source.dev, "ino": source.ino, "offset": source.offset})
-        .to_string();
+    let text = serde_json::json!({
+        "dev": source.dev,
+        "ino": source.ino,
+        "offset": source.offset,
+        "before": to_hex(&source.before),
+    })
+    .to_string();
     // `<state>.tmp` (not `with_extension`: `mail.postfix` and `mail.exim` would share
     // `mail.tmp`), synced before the rename and the directory after it, so a power loss leaves
     // the old position or the new one, never an empty file.
@@ -416,12 +493,26 @@ pub async fn run<F: FnMut(&Outgoing)>(
     let mut stats = TailStats::default();
     let mut source: Option<Source> = None;
     if let Some(state) = &settings.state
-        && let Some((dev, ino, offset)) = load_state(state)?
+        && let Some((dev, ino, offset, before)) = load_state(state)?
     {
         match find_saved(path, dev, ino) {
             Some(found) => {
-                tracing::info!(file = %found.display(), offset, "Resuming from the state file.");
-                source = Some(Source::open(&found, offset)?);
+                let mut saved = Source::open(&found, offset)?;
+                saved.before = before;
+                if saved
+                    .rewritten()
+                    .with_context(|| format!("reading {}", found.display()))?
+                {
+                    tracing::warn!(
+                        file = %found.display(),
+                        "The file of the saved position was written again since (truncated, or \
+                         its inode reused); reading the current file from its start."
+                    );
+                    stats.truncations += 1;
+                } else {
+                    tracing::info!(file = %found.display(), offset, "Resuming from the state file.");
+                    source = Some(saved);
+                }
             }
             None => tracing::warn!(
                 file = %path.display(),
@@ -450,6 +541,16 @@ pub async fn run<F: FnMut(&Outgoing)>(
         if cancel.is_cancelled() {
             return Ok(stats);
         }
+        if current
+            .rewritten()
+            .with_context(|| format!("reading {}", path.display()))?
+        {
+            tracing::info!(file = %path.display(), "Log truncated and written again; reading it from its start.");
+            stats.truncations += 1;
+            current.rewind();
+            persist(settings, current)?;
+            continue;
+        }
         if read_chunk(current, settings, publisher, &mut stats).await? {
             continue;
         }
@@ -460,7 +561,7 @@ pub async fn run<F: FnMut(&Outgoing)>(
                 if meta.len() < current.offset {
                     tracing::info!(file = %path.display(), "Log truncated; reading it from its start.");
                     stats.truncations += 1;
-                    current.offset = 0;
+                    current.rewind();
                     persist(settings, current)?;
                     continue;
                 }
@@ -581,7 +682,7 @@ async fn read_chunk<F: FnMut(&Outgoing)>(
             source.offset
         );
     }
-    source.offset = offset;
+    source.advance(&buffer[..complete]);
     persist(settings, source)?;
     Ok(true)
 }
@@ -770,11 +871,12 @@ mod tests {
         std::fs::write(&log, "one\n").unwrap();
         let meta = std::fs::metadata(&log).unwrap();
         let state = dir.join("state");
-        let source = Source::open(&log, 4).unwrap();
+        let mut source = Source::open(&log, 0).unwrap();
+        source.advance(b"one\n");
         save_state(&state, &source).unwrap();
         assert_eq!(
             load_state(&state).unwrap(),
-            Some((meta.dev(), meta.ino(), 4))
+            Some((meta.dev(), meta.ino(), 4, b"one\n".to_vec()))
         );
         std::fs::rename(&log, dir.join("maillog.1")).unwrap();
         std::fs::write(&log, "new\n").unwrap();
@@ -789,6 +891,43 @@ mod tests {
         let found = find_saved(Path::new("maillog"), meta.dev(), meta.ino());
         std::env::set_current_dir(cwd).unwrap();
         assert_eq!(found, Some(Path::new(".").join("maillog.1")));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The bytes before the position tell a file written again from the one read: emptied and
+    /// written again past the position, it is `rewritten`; grown at its end, it is not.
+    #[test]
+    fn a_file_written_again_past_the_position_is_told_from_one_that_grew() {
+        let dir = std::env::temp_dir().join(format!("catchall-tail-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("maillog");
+        let first = "a line the tailer read to its end, long enough to fill the print\n";
+        std::fs::write(&log, first).unwrap();
+        let mut source = Source::open(&log, 0).unwrap();
+        assert!(!source.rewritten().unwrap(), "nothing read yet");
+        source.advance(first.as_bytes());
+        assert_eq!(source.before.len(), PRINT_BYTES);
+        std::fs::write(&log, format!("{first}and a line after it\n")).unwrap();
+        assert!(!source.rewritten().unwrap(), "grown at its end");
+        std::fs::write(
+            &log,
+            "other lines, written after the file was emptied, longer\n".repeat(3),
+        )
+        .unwrap();
+        assert!(
+            source.rewritten().unwrap(),
+            "written again past the position"
+        );
+        std::fs::write(&log, "short\n").unwrap();
+        assert!(source.rewritten().unwrap(), "shorter than the position");
+        source.rewind();
+        assert!(!source.rewritten().unwrap());
+        assert_eq!(
+            from_hex(&to_hex(b"\x00\xffab")),
+            Some(b"\x00\xffab".to_vec())
+        );
+        assert_eq!(from_hex("abc"), None);
+        assert_eq!(from_hex("zz"), None);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -807,7 +946,7 @@ mod tests {
         for (name, offset) in [("mail.postfix", 4), ("mail.exim", 8)] {
             assert_eq!(
                 load_state(&dir.join(name)).unwrap(),
-                Some((meta.dev(), meta.ino(), offset)),
+                Some((meta.dev(), meta.ino(), offset, Vec::new())),
                 "{name}"
             );
         }

@@ -593,6 +593,42 @@ async fn tail_follows_a_truncation_and_two_rotations_while_stopped() {
     worker.stop().await;
 }
 
+/// `copytruncate` while the tailer is stopped, and the emptied log written again past the saved
+/// position before it starts: the restarted tailer sees that the bytes before its position are
+/// not those it read, and reads the file from its start. It used to resume at the saved offset
+/// (the file had the same identity and was long enough): the new lines before it were never
+/// counted, and the first one after it was read from its middle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_emptied_and_written_again_past_the_position_while_stopped_is_read_from_its_start() {
+    let (db, broker, worker) = started().await;
+    let (_dir, log, state) = log_files();
+    let first: Vec<String> = (0..6)
+        .map(|i| postfix_line(i, &format!("u{i}@a.test"), true))
+        .collect();
+    append(&log, &first);
+    let tailer = Tailer::start(&broker, &log, &state);
+    counted(&db, 6).await;
+    tailer.stop().await;
+
+    // Emptied in place, then more lines than before: the file is longer than the position.
+    std::fs::File::create(&log).expect("truncate");
+    let second: Vec<String> = (10..30)
+        .map(|i| postfix_line(i, &format!("x{i}@b.test"), true))
+        .collect();
+    append(&log, &second);
+    let tailer = Tailer::start(&broker, &log, &state);
+    counted(&db, 26).await;
+    tailer.stop().await;
+    let counts = db.counts().await;
+    assert_eq!(
+        counts.get("b.test"),
+        Some(&(20, 0)),
+        "every new line counted"
+    );
+    assert_eq!(counts.get("a.test"), Some(&(6, 0)));
+    worker.stop().await;
+}
+
 /// RabbitMQ unreachable past `--give-up-after` while lines arrive: the tailer exits non-zero
 /// with its saved position still before the lines it could not publish, and the restarted
 /// tailer publishes them. (It used to save the position past them and read on, publishing
