@@ -118,7 +118,9 @@ pub struct Config {
         long = "threshold",
         visible_alias = "catchall-threshold",
         env = "CATCHALL_THRESHOLD",
-        default_value_t = 1000
+        default_value_t = 1000,
+        // Negative, a domain never seen (0 deliveries) would be catch-all, not unknown.
+        value_parser = clap::value_parser!(i64).range(0..)
     )]
     pub threshold: i64,
 
@@ -462,6 +464,7 @@ mod tests {
         for args in [
             vec!["catchall", "--batch-size", "0"],
             vec!["catchall", "--threshold", "many"],
+            vec!["catchall", "--threshold=-1"],
             vec!["catchall", "--dedup-retention", "forever"],
             vec!["catchall", "--http-addr", "nowhere"],
             vec!["catchall", "--log-format", "xml"],

@@ -820,9 +820,11 @@ impl Pipeline {
     /// not redelivered (those without an id would count twice).
     pub async fn abandon(mut self) {
         self.applier.abort.cancel();
+        // One deadline for waiting and acking, so the stop's reserve holds whatever each takes.
+        let deadline = tokio::time::Instant::now() + ABANDON_TIMEOUT;
         let mut committing = std::mem::take(&mut self.committing);
         let ended = futures_util::future::join_all(committing.iter_mut().map(InFlight::settle));
-        if tokio::time::timeout(ABANDON_TIMEOUT, ended).await.is_err() {
+        if tokio::time::timeout_at(deadline, ended).await.is_err() {
             tracing::warn!(
                 timeout_ms = ABANDON_TIMEOUT.as_millis() as u64,
                 "Batches given up did not end in time."
@@ -850,7 +852,7 @@ impl Pipeline {
             .sum();
         let tags = committed.iter().flat_map(|(settled, _)| &settled.tags);
         let acks = tags.map(|&tag| channel.basic_ack(tag, BasicAckOptions { multiple: false }));
-        match tokio::time::timeout(ACK_TIMEOUT, futures_util::future::try_join_all(acks)).await {
+        match tokio::time::timeout_at(deadline, futures_util::future::try_join_all(acks)).await {
             Ok(Ok(_)) => {
                 for (_, bytes) in committed {
                     self.applier.stats.unacked(0, bytes);
@@ -866,7 +868,7 @@ impl Pipeline {
                 "Could not ack the messages committed behind a batch given up; they are redelivered and skipped as duplicates."
             ),
             Err(_) => tracing::warn!(
-                timeout_ms = ACK_TIMEOUT.as_millis() as u64,
+                timeout_ms = ABANDON_TIMEOUT.as_millis() as u64,
                 "The acks of the messages committed behind a batch given up did not end in time; those not acked are redelivered."
             ),
         }
@@ -882,17 +884,15 @@ impl Pipeline {
     }
 }
 
-/// What a stop keeps after giving up the attempts under way: their cancel requests (up to
-/// 500 ms), waiting for their tasks ([`ABANDON_TIMEOUT`]), acking what committed behind them
-/// ([`ACK_TIMEOUT`]) and the broker's close ([`CLOSE_TIMEOUT`]).
+/// What a stop keeps after giving up the attempts under way: the oldest batch's cancel request
+/// (up to 500 ms), waiting for the other tasks and acking what committed behind it
+/// ([`ABANDON_TIMEOUT`]) and the broker's close ([`CLOSE_TIMEOUT`]).
 const STOP_RESERVE: Duration = Duration::from_secs(3);
 
-/// How long [`Pipeline::abandon`] waits for its tasks: a cancel request takes up to 500 ms.
+/// How long [`Pipeline::abandon`] waits for its tasks (a cancel request takes up to 500 ms)
+/// and for the acks of what committed behind a batch given up (a few batches' worth of single
+/// acks: milliseconds when the broker is well), both together.
 const ABANDON_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// How long [`Pipeline::abandon`] waits for the acks of the messages committed behind a batch
-/// given up (a few batches' worth of single acks: milliseconds when the broker is well).
-const ACK_TIMEOUT: Duration = Duration::from_millis(500);
 
 impl Drop for Pipeline {
     /// The tasks in flight give their attempts up (see [`Pipeline::abandon`], which also waits

@@ -194,15 +194,30 @@ const CLIENT_CHECK_INTERVAL: &str = "250ms";
 
 /// Asks Postgres to end a query of this connection once the worker is gone (see
 /// [`CLIENT_CHECK_INTERVAL`]); a server that cannot is logged and the connection used as is.
-async fn check_the_client(client: &tokio_postgres::Client) {
+/// No answer within [`CHECK_SET_TIMEOUT`] fails the new connection (the pool's create timeout
+/// does not cover this hook: a login answered and a first query never, behind a pooler with no
+/// server free or a network gone, would hold a pool slot for as long as TCP takes to give up).
+async fn check_the_client(
+    client: &tokio_postgres::Client,
+) -> Result<(), deadpool_postgres::HookError> {
     let set = format!("SET client_connection_check_interval = '{CLIENT_CHECK_INTERVAL}'");
-    if let Err(error) = client.batch_execute(&set).await {
-        tracing::debug!(
+    match tokio::time::timeout(CHECK_SET_TIMEOUT, client.batch_execute(&set)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::debug!(
             error = %error,
             "Postgres does not check that the worker is still connected (before PostgreSQL 14?)."
-        );
+        ),
+        Err(_) => {
+            return Err(deadpool_postgres::HookError::message(
+                "no answer to the connection's first statement in time",
+            ));
+        }
     }
+    Ok(())
 }
+
+/// Longest the first statement of a new connection may take (see [`check_the_client`]).
+const CHECK_SET_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest a look-up (single, bulk or listing) waits for Postgres before answering 503.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -325,7 +340,7 @@ impl Store {
             .post_create(deadpool_postgres::Hook::async_fn(move |client, _| {
                 Box::pin(async move {
                     if check_client {
-                        check_the_client(client).await;
+                        check_the_client(client).await?;
                     }
                     Ok(())
                 })

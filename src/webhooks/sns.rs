@@ -119,6 +119,33 @@ fn is_certificate_url(raw: &str) -> bool {
             .is_some_and(|name| name.ends_with(".pem") && !name.contains('/'))
 }
 
+/// The SNS host of the region a topic is in: `arn:aws:sns:us-east-1:…` →
+/// `sns.us-east-1.amazonaws.com` (`arn:aws-cn:…` → `….amazonaws.com.cn`). The topic is one the
+/// settings list, so its region is trusted: a host of the general shape that is not a region
+/// (`sns.s3-accelerate.amazonaws.com`, the S3 bucket `sns` under S3's certificate) is refused.
+fn region_host(topic_arn: &str) -> Option<String> {
+    let mut parts = topic_arn.split(':');
+    let (Some("arn"), Some(partition), Some("sns"), Some(region)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    let suffix = if partition == "aws-cn" {
+        "amazonaws.com.cn"
+    } else {
+        "amazonaws.com"
+    };
+    Some(format!("sns.{region}.{suffix}"))
+}
+
+/// True when `raw` is on the SNS host of `topic_arn`'s region (see [`region_host`]).
+fn on_region_host(raw: &str, topic_arn: &str) -> bool {
+    let host = url::Url::parse(raw)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_string));
+    host.is_some() && host == region_host(topic_arn)
+}
+
 /// The most of a certificate's PEM read from `SigningCertURL` (AWS's are under 2 KiB).
 const MAX_CERTIFICATE_BYTES: usize = 16 * 1024;
 
@@ -162,11 +189,11 @@ impl SnsVerifier {
         })
     }
 
-    async fn certificate(&self, url: &str) -> Result<Vec<u8>, WebhookError> {
+    async fn certificate(&self, url: &str, topic_arn: &str) -> Result<Vec<u8>, WebhookError> {
         if let Some(pinned) = &self.pinned {
             return Ok(pinned.clone());
         }
-        if !is_certificate_url(url) {
+        if !is_certificate_url(url) || !on_region_host(url, topic_arn) {
             return Err(WebhookError::Unauthorized(
                 "SigningCertURL is not an SNS certificate URL",
             ));
@@ -216,7 +243,9 @@ impl SnsVerifier {
                 "2" => &ring::signature::RSA_PKCS1_2048_8192_SHA256,
                 _ => return Err(WebhookError::Unauthorized("unknown SignatureVersion")),
             };
-        let der = self.certificate(&envelope.signing_cert_url).await?;
+        let der = self
+            .certificate(&envelope.signing_cert_url, &envelope.topic_arn)
+            .await?;
         let certificate = Certificate::from_der(&der)
             .map_err(|_| WebhookError::Unauthorized("unreadable SNS certificate"))?;
         let key = certificate
@@ -233,8 +262,8 @@ impl SnsVerifier {
             .map_err(|_| WebhookError::Unauthorized("bad signature"))
     }
 
-    async fn confirm(&self, url: &str) -> Result<(), WebhookError> {
-        let allowed = is_sns_url(url)
+    async fn confirm(&self, url: &str, topic_arn: &str) -> Result<(), WebhookError> {
+        let allowed = (is_sns_url(url) && on_region_host(url, topic_arn))
             || url::Url::parse(url).is_ok_and(|u| {
                 u.host_str()
                     .is_some_and(|h| self.extra_confirm_hosts.iter().any(|x| x == h))
@@ -281,7 +310,10 @@ pub async fn handle(
     match envelope.kind.as_str() {
         "SubscriptionConfirmation" => {
             verifier
-                .confirm(envelope.subscribe_url.as_deref().unwrap_or(""))
+                .confirm(
+                    envelope.subscribe_url.as_deref().unwrap_or(""),
+                    &envelope.topic_arn,
+                )
                 .await?;
             Ok(Parsed {
                 message_id,
@@ -469,6 +501,42 @@ mod tests {
         ] {
             assert!(!is_sns_url(bad), "{bad}");
         }
+    }
+
+    /// The host must be the SNS host of the topic's region: S3 hosts of the same shape (the
+    /// bucket `sns` under S3's certificates) and other regions are refused.
+    #[test]
+    fn certificates_come_from_the_topic_s_region() {
+        let topic = "arn:aws:sns:us-west-2:123456789012:MyTopic";
+        let path = "/SimpleNotificationService-f3ecfb7224c7233fe7bb5f59f96de52f.pem";
+        assert!(on_region_host(
+            &format!("https://sns.us-west-2.amazonaws.com{path}"),
+            topic
+        ));
+        for host in [
+            "sns.s3-accelerate.amazonaws.com",
+            "sns.s3-us-west-2.amazonaws.com",
+            "sns.s3-external-1.amazonaws.com",
+            "sns.us-east-1.amazonaws.com",
+        ] {
+            assert!(
+                is_sns_url(&format!("https://{host}{path}")),
+                "{host}: the shape passes"
+            );
+            assert!(
+                !on_region_host(&format!("https://{host}{path}"), topic),
+                "{host}"
+            );
+        }
+        assert_eq!(
+            region_host("arn:aws-cn:sns:cn-north-1:1:T").as_deref(),
+            Some("sns.cn-north-1.amazonaws.com.cn")
+        );
+        assert_eq!(region_host("not an arn"), None);
+        assert!(!on_region_host(
+            "https://sns.x.amazonaws.com/a.pem",
+            "not an arn"
+        ));
     }
 
     #[test]
