@@ -174,10 +174,13 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
         Ok(channel)
     }
 
-    /// Publishes a message, first waiting while the window is full.
+    /// Publishes a message, first waiting while the window is full: messages awaiting their
+    /// confirm and messages awaiting a retry count alike. (Retries once stood outside it: a
+    /// broker that nacks at once, a full queue with `overflow: reject-publish`, freed a slot per
+    /// nack, and the producer read its whole input into the retry queue.)
     pub async fn send(&mut self, message: Outgoing) -> anyhow::Result<()> {
-        while self.in_flight.len() >= self.settings.window {
-            self.settle_one().await?;
+        while self.in_flight.len() + self.retry.len() >= self.settings.window {
+            self.progress().await?;
         }
         self.publish(Pending {
             message: Arc::new(message),
@@ -207,14 +210,20 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
     /// Waits until every message sent so far is confirmed or given up on.
     pub async fn flush(&mut self) -> anyhow::Result<()> {
         while !self.in_flight.is_empty() || !self.retry.is_empty() {
-            if let Some(pending) = self.due_retry() {
-                self.publish(pending).await?;
-            } else if !self.in_flight.is_empty() {
-                self.settle_one().await?;
-            } else if let Some(due) = self.retry.front().and_then(|p| p.not_before) {
-                // Only retries left, none due yet: wait for the first.
-                tokio::time::sleep_until(due).await;
-            }
+            self.progress().await?;
+        }
+        Ok(())
+    }
+
+    /// One step towards settling what was sent: a retry that is due goes out, else the next
+    /// confirm is awaited, else (only retries left, none due) the first is waited for.
+    async fn progress(&mut self) -> anyhow::Result<()> {
+        if let Some(pending) = self.due_retry() {
+            self.publish(pending).await?;
+        } else if !self.in_flight.is_empty() {
+            self.settle_one().await?;
+        } else if let Some(due) = self.retry.front().and_then(|p| p.not_before) {
+            tokio::time::sleep_until(due).await;
         }
         Ok(())
     }

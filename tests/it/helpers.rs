@@ -615,3 +615,14 @@ pub async fn sigterm(
         .expect("wait for the child");
     (status, stopped_at.elapsed())
 }
+
+/// Peak resident memory of a process, from /proc (VmHWM).
+pub fn peak_rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmHWM in /proc/<pid>/status")
+        * 1024
+}

@@ -11,7 +11,33 @@ use std::time::{Duration, Instant};
 async fn a_nacked_message_is_retried_with_backoff() {
     let broker = TestBroker::new();
     let (connection, channel) = broker.channel().await;
-    // A queue that refuses every message: the broker nacks each publish.
+    let full = nacking_queue(&broker, &channel).await;
+    let started = Instant::now();
+    let output = tokio::process::Command::new(binary("catchall-producer"))
+        .envs(broker.env())
+        .args(["send", "a.example", "delivered", "--max-attempts", "4"])
+        .output()
+        .await
+        .expect("run the producer");
+    let took = started.elapsed();
+    let _ = channel
+        .queue_delete(full.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = connection.close(200, "".into()).await;
+    assert!(
+        !output.status.success(),
+        "nacked 4 times: the producer fails"
+    );
+    // Three waits between four attempts: at least 100 + 200 + 400 ms.
+    assert!(
+        took >= Duration::from_millis(700),
+        "the retries were spaced by a backoff, not burnt at once ({took:?})"
+    );
+}
+
+/// Binds a queue that refuses every message to the broker's exchange: the broker nacks each
+/// publish. Returns its name (delete it after).
+async fn nacking_queue(broker: &TestBroker, channel: &lapin::Channel) -> String {
     let full = format!("{}.full", broker.queue);
     let mut args = FieldTable::default();
     args.insert("x-max-length".into(), AMQPValue::LongInt(0));
@@ -33,26 +59,44 @@ async fn a_nacked_message_is_retried_with_backoff() {
         )
         .await
         .expect("bind the full queue");
-    let started = Instant::now();
-    let output = tokio::process::Command::new(binary("catchall-producer"))
+    full
+}
+
+/// A broker that nacks every publish (a full queue with `overflow: reject-publish`): messages
+/// waiting for a retry count against `--window` like those waiting for a confirm, so the
+/// producer stops reading its input. They stood outside it: each nack freed a slot for a new
+/// message, and the producer read its input into the retry queue (hundreds of MB in seconds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_count_against_the_window_when_every_publish_is_nacked() {
+    const WATCHED: Duration = Duration::from_secs(8);
+    let broker = TestBroker::new();
+    let (connection, channel) = broker.channel().await;
+    let full = nacking_queue(&broker, &channel).await;
+    let mut child = tokio::process::Command::new(binary("catchall-producer"))
         .envs(broker.env())
-        .args(["send", "a.example", "delivered", "--max-attempts", "4"])
-        .output()
-        .await
-        .expect("run the producer");
-    let took = started.elapsed();
+        .args(["--window", "100"])
+        .args(["generate", "--events", "20000000", "--batch", "100"])
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the producer");
+    let pid = child.id().expect("the producer's pid");
+    let started = Instant::now();
+    let mut peak = 0;
+    while started.elapsed() < WATCHED {
+        peak = peak.max(peak_rss_bytes(pid));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let _ = child.kill().await;
     let _ = channel
         .queue_delete(full.as_str().into(), QueueDeleteOptions::default())
         .await;
     let _ = connection.close(200, "".into()).await;
+    eprintln!("peak RSS of the producer: {} MiB", peak >> 20);
     assert!(
-        !output.status.success(),
-        "nacked 4 times: the producer fails"
-    );
-    // Three waits between four attempts: at least 100 + 200 + 400 ms.
-    assert!(
-        took >= Duration::from_millis(700),
-        "the retries were spaced by a backoff, not burnt at once ({took:?})"
+        peak < 64 << 20,
+        "the producer held {} MiB: its input went into the retry queue",
+        peak >> 20
     );
 }
 

@@ -705,17 +705,6 @@ async fn child_metric(port: u16, series: &str) -> Option<f64> {
     Some(metric_value(&text, series))
 }
 
-/// Peak resident memory of a process, from /proc (VmHWM).
-fn peak_rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("VmHWM in /proc/<pid>/status")
-        * 1024
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_stays_under_prefetch_bytes_with_1_mib_messages_while_postgres_refuses() {
     const BUDGET: u64 = 16 << 20;
