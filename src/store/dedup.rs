@@ -100,22 +100,34 @@ impl Store {
         let mut done = Upkeep::default();
         let seconds = retention.as_secs_f64();
 
-        // Partitions ahead: covered until a width and a day from now.
+        // Partitions ahead: covered until a width and a day from now. A failure here is logged
+        // and the purges below still run: returning early, a creation that failed every round
+        // left the expired partitions undropped, and the table grew without bound.
         let days = partition_days(retention);
         let tx = client.transaction().await?;
         if !Self::upkeep_lock(&tx).await? {
             return Ok(done);
         }
-        let created: i32 = tx
+        let extended = tx
             .query_one(
                 "SELECT applied_messages_extend($1, \
                    now() + make_interval(days => $1 + 1))",
                 &[&days],
             )
-            .await?
-            .get(0);
-        tx.commit().await?;
-        done.created += created as u64;
+            .await;
+        match extended {
+            Ok(row) => {
+                tx.commit().await?;
+                done.created += row.get::<_, i32>(0) as u64;
+            }
+            Err(error) => {
+                drop(tx);
+                tracing::warn!(
+                    error = format!("{:#}", anyhow::Error::new(error)),
+                    "Creating the dedup partitions ahead failed; dropping expired ones anyway."
+                );
+            }
+        }
 
         let expired: Vec<String> = client
             .query(EXPIRED, &[&seconds])

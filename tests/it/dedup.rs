@@ -241,6 +241,79 @@ async fn old_partitions_are_dropped_whole_and_young_ids_deduplicate_across_days(
     assert_eq!(db.counts().await["a.example"], (31, 0));
 }
 
+/// No partition covers now() (the upkeep failed, or the workers were down, longer than a
+/// partition and a day), so claims insert into the default partition, and one is under way
+/// when the upkeep creates the partition of now(): the creation waits for it, moves its id and
+/// attaches the partition, and the expired partition is dropped in the same round. Before V12
+/// the move missed the uncommitted id, ATTACH failed on it (23514) every round, and the round
+/// ended there, so expired partitions were never dropped either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_partition_of_now_is_made_while_claims_insert_into_the_default_one() {
+    let db = TestDb::create().await;
+    let store = db.store(2).await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "DO $$ DECLARE p regclass; BEGIN \
+               FOR p IN SELECT inhrelid::regclass FROM pg_inherits \
+                 WHERE inhparent = 'applied_messages'::regclass \
+                   AND applied_messages_upper(inhrelid) > now() LOOP \
+                 EXECUTE format('DROP TABLE %s', p); \
+               END LOOP; END $$; \
+             SELECT applied_messages_partition((now() AT TIME ZONE 'UTC')::date - 30)",
+        )
+        .await
+        .expect("no partition from today on; one expired");
+    let claim = db.client().await;
+    claim
+        .batch_execute(
+            "BEGIN; INSERT INTO applied_messages (message_id) VALUES ('\\x6e6f77'::bytea)",
+        )
+        .await
+        .expect("an uncommitted id, in the default partition");
+    let upkeep =
+        tokio::spawn(async move { store.dedup_upkeep(Duration::from_secs(7 * 24 * 3600)).await });
+    wait_for(
+        Duration::from_secs(10),
+        "the upkeep waiting for the claim",
+        || async {
+            let waiting: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    &[],
+                )
+                .await
+                .ok()?
+                .get(0);
+            (waiting > 0).then_some(())
+        },
+    )
+    .await;
+    claim
+        .batch_execute("COMMIT")
+        .await
+        .expect("commit the claim");
+    let done = upkeep
+        .await
+        .expect("the upkeep task")
+        .expect("the upkeep round");
+    assert_eq!(done.dropped, 1, "the expired partition dropped: {done:?}");
+    let held_in: String = client
+        .query_one(
+            "SELECT tableoid::regclass::text FROM applied_messages \
+             WHERE message_id = '\\x6e6f77'::bytea",
+            &[],
+        )
+        .await
+        .expect("the id")
+        .get(0);
+    assert_ne!(
+        held_in, "applied_messages_default",
+        "the id moved into the partition of now()"
+    );
+}
+
 /// A claim looks its ids up only in the partitions its insert does not check itself (migration
 /// V6), and every id already held is a duplicate wherever it is: in a past partition, in the
 /// default one, earlier in the partition of now() (its unique index, through ON CONFLICT), a
