@@ -243,7 +243,14 @@ impl App {
         });
         let http_cancel = cancel.clone();
         let server = tracker.spawn(async move {
-            crate::http::serve(listener, router(state), limits, http_cancel).await
+            let served = crate::http::serve(listener, router(state), limits, http_cancel).await;
+            // Only HTTP requests publish through it: closed once the server has stopped (its
+            // drain ends 2 s before SHUTDOWN_TIMEOUT, the close takes at most 1 s), while the
+            // consumer may still be stopping.
+            if let Some(ingest) = closing {
+                ingest.close().await;
+            }
+            served
         });
         let consumer_cancel = cancel.clone();
         tracker.spawn(async move {
@@ -260,9 +267,6 @@ impl App {
                 .await
                 .context("the admin HTTP server task panicked")?
                 .context("the admin HTTP server failed")?;
-        }
-        if let Some(ingest) = closing {
-            ingest.close().await;
         }
         tracing::info!("Worker stopped.");
         Ok(())

@@ -103,11 +103,21 @@ impl Ingest {
         self.link.channel().await.map(|_| ())
     }
 
-    /// Closes the connection (at shutdown, once the HTTP server has stopped).
+    /// Closes the connection (at shutdown, once the HTTP server has stopped). A broker that
+    /// does not answer the close within [`CLOSE_TIMEOUT`] (frozen, or its replies lost) has the
+    /// connection dropped: waiting for it held the stop past `SHUTDOWN_TIMEOUT` (exit 1).
     pub async fn close(&self) {
-        let mut state = self.link.open.lock().await;
-        if let Some((connection, _)) = state.current.take() {
-            let _ = connection.close(200, "worker stopping".into()).await;
+        let close = async {
+            let mut state = self.link.open.lock().await;
+            if let Some((connection, _)) = state.current.take() {
+                let _ = connection.close(200, "worker stopping".into()).await;
+            }
+        };
+        if tokio::time::timeout(CLOSE_TIMEOUT, close).await.is_err() {
+            tracing::warn!(
+                timeout_ms = CLOSE_TIMEOUT.as_millis() as u64,
+                "RabbitMQ did not answer the ingest connection's close in time; dropping it."
+            );
         }
     }
 
@@ -350,6 +360,9 @@ async fn pack_loop(link: Arc<Link>, mut queue: mpsc::Receiver<(Event, Reply)>) {
 
 /// Longest AMQP short string, so the longest `message_id`.
 const MAX_MESSAGE_ID_BYTES: usize = 255;
+
+/// Longest a stop waits for RabbitMQ to answer the close of the ingest connection.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A `message_id` that fits an AMQP short string: ids up to 255 bytes unchanged, longer ones
 /// (webhook ids built from a provider's payload) as their first 128 bytes, `~sha256:` and the

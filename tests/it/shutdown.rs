@@ -53,22 +53,32 @@ async fn sigterm_while_events_flow_loses_and_doubles_nothing() {
 
 /// SIGTERM while RabbitMQ takes the worker's frames but its answers never arrive (a frozen or
 /// partitioned broker): the stop still ends in time with exit 0. The worker used to wait for the
-/// close's answer without a bound, and exited 1 at `SHUTDOWN_TIMEOUT`.
+/// close's answer without a bound, and exited 1 at `SHUTDOWN_TIMEOUT`; and again, with ingest
+/// on, for the close of its ingest connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_the_broker_not_answering_still_exits_0_in_time() {
     let db = TestDb::create().await;
     let broker = TestBroker::new();
     let proxy = crate::proxy::Proxy::start("127.0.0.1:5672").await;
-    let mut worker = spawn_worker(
-        &db,
-        &broker,
-        &[
-            ("AMQP_URL", format!("amqp://guest:guest@{}/%2f", proxy.addr)),
-            ("SHUTDOWN_TIMEOUT", "4s".into()),
-        ],
-    );
+    let settings = [
+        ("AMQP_URL", format!("amqp://guest:guest@{}/%2f", proxy.addr)),
+        ("SHUTDOWN_TIMEOUT", "4s".into()),
+        ("INGEST_TOKENS", "s3cret".into()),
+    ];
+    let (mut worker, port) = spawn_on_a_port(worker_command(&db, &broker, &settings)).await;
     let producer = Producer::spawn(broker.env(), &["--events", "2000", "--seed", "5"]);
-    let expected = producer.finish().await;
+    let mut expected = producer.finish().await;
+    // One event through HTTP ingest: its connection (through the proxy too) is open.
+    let answer = reqwest::Client::new()
+        .put(format!(
+            "http://127.0.0.1:{port}/events/ingest.example/delivered"
+        ))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .expect("PUT an event");
+    assert_eq!(answer.status(), 202, "accepted once confirmed");
+    expected.insert("ingest.example".into(), (1, 0));
     assert_counts_eventually(&db, &expected, Duration::from_secs(60)).await;
 
     proxy.swallow_replies();
