@@ -56,7 +56,10 @@ pub fn router(state: AppState) -> Router {
         .route("/domains/{domain}", get(domain_status))
         .route("/v1/domain/{domain}", get(domain_status))
         .route("/domains", get(list_domains))
-        .route("/domains/lookup", post(lookup_domains))
+        .route(
+            "/domains/lookup",
+            post(lookup_domains).get(lookup_domain_status),
+        )
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_query_token,
@@ -196,7 +199,19 @@ async fn domain_status(
             format!("invalid path: {}", rejection.body_text()),
         )
     })?;
-    let domain = normalize_domain(&raw).map_err(|reason| {
+    status_of(&state, &raw).await
+}
+
+/// `GET /domains/lookup`: the status of the single-label domain `lookup`, whose path is the
+/// bulk look-up's (a POST). It was 405, while `/domains/LOOKUP` answered.
+async fn lookup_domain_status(
+    State(state): State<AppState>,
+) -> Result<Json<DomainStatus>, ApiError> {
+    status_of(&state, "lookup").await
+}
+
+async fn status_of(state: &AppState, raw: &str) -> Result<Json<DomainStatus>, ApiError> {
+    let domain = normalize_domain(raw).map_err(|reason| {
         ApiError::new(StatusCode::BAD_REQUEST, format!("invalid domain: {reason}"))
     })?;
     let counts = state
@@ -790,8 +805,10 @@ impl ServerLimits {
     }
 }
 
-/// The 503 (overload) and 408 (timeout) answers of the protective layers, as JSON.
-async fn protection_error(error: BoxError) -> Response {
+/// The 503 (overload) and 408 (timeout) answers of the protective layers, as JSON, counted in
+/// the request metrics (route `overloaded` or `timeout`: the request never reached, or never
+/// left, the router that names routes; a timed-out request took `request_timeout`).
+async fn protection_error(error: BoxError, request_timeout: Duration) -> Response {
     if error.is::<tower::load_shed::error::Overloaded>() {
         metrics::http_request("overloaded", 503, Duration::ZERO);
         ApiError::new(
@@ -800,6 +817,7 @@ async fn protection_error(error: BoxError) -> Response {
         )
         .into_response()
     } else if error.is::<tower::timeout::error::Elapsed>() {
+        metrics::http_request("timeout", 408, request_timeout);
         ApiError::new(StatusCode::REQUEST_TIMEOUT, "the request took too long").into_response()
     } else {
         tracing::warn!(error = %error, "HTTP middleware failed.");
@@ -1109,7 +1127,9 @@ pub async fn serve(
     ));
     let waiters = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let limited = ServiceBuilder::new()
-        .layer(HandleErrorLayer::new(protection_error))
+        .layer(HandleErrorLayer::new(move |error| {
+            protection_error(error, limits.request_timeout)
+        }))
         .load_shed()
         .concurrency_limit(limits.max_concurrency)
         .timeout(limits.request_timeout)
@@ -1122,7 +1142,14 @@ pub async fn serve(
         .service(app.clone());
     // Probes and metrics bypass the cap: an overloaded worker must not look dead to its
     // orchestrator (and be restarted) or go dark to its monitoring.
-    let unlimited = app.into_service::<axum::body::Body>();
+    // The outer router sets the probe's `MatchedPath`, and the app's own router would append
+    // its match to it (`/healthz/healthz` in the request metrics): it is removed first.
+    let unlimited = ServiceBuilder::new()
+        .map_request(|mut request: Request| {
+            request.extensions_mut().remove::<MatchedPath>();
+            request
+        })
+        .service(app.into_service::<axum::body::Body>());
     let service = PROBES
         .iter()
         .fold(Router::new(), |service, path| {

@@ -179,6 +179,14 @@ async fn metrics_move_with_traffic() {
     reqwest::get(worker.url("/domains/bad..domain"))
         .await
         .unwrap();
+    // The single-label domain `lookup`, whose path is the bulk look-up's (POST): 405 before.
+    let lookup = reqwest::get(worker.url("/domains/lookup")).await.unwrap();
+    assert_eq!(lookup.status(), 200);
+    let lookup: serde_json::Value = lookup.json().await.unwrap();
+    assert_eq!(
+        (lookup["domain"].as_str(), lookup["status"].as_str()),
+        (Some("lookup"), Some("unknown"))
+    );
 
     let after = reqwest::get(worker.url("/metrics"))
         .await
@@ -225,6 +233,16 @@ async fn metrics_move_with_traffic() {
             "catchall_http_request_duration_seconds_count{route=\"/domains/{domain}\"}"
         ) >= 2.0
     );
+    // A probe is counted under its own path (it was `/metrics/metrics`: the probes' router and
+    // the app's both matched it).
+    assert!(
+        metric_value(
+            &after,
+            "catchall_http_requests_total{route=\"/metrics\",code=\"200\"}"
+        ) >= 1.0,
+        "{after}"
+    );
+    assert!(!after.contains("/metrics/metrics"), "{after}");
 
     // The exposition passes Prometheus' own linter (promtool; .ci/run installs it).
     if let Ok(promtool) = which("promtool") {

@@ -738,6 +738,20 @@ async fn a_flood_past_the_concurrency_cap_gets_503_and_slow_requests_408() {
     }
     let response = client.get(&url).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
+    // Both refusals are in the request metrics (the 408s were missing: the timeout dropped the
+    // request before the router's metrics saw its answer).
+    assert_eq!(
+        worker
+            .metric("catchall_http_requests_total{route=\"timeout\",code=\"408\"}")
+            .await,
+        4.0
+    );
+    assert!(
+        worker
+            .metric("catchall_http_requests_total{route=\"overloaded\",code=\"503\"}")
+            .await
+            >= 200.0
+    );
     worker.stop().await;
 }
 
