@@ -370,15 +370,43 @@ impl Config {
 }
 
 /// A URL with its password replaced by `***`, for logs. A comma-separated list of nodes
-/// (`AMQP_URL` of a cluster) is redacted node by node.
+/// (`AMQP_URL` of a cluster) is redacted node by node; a node starts only at a comma followed
+/// by a scheme (`,amqps://`), so a comma inside a password does not split it (split there, the
+/// rest of the password was printed as a URL of its own: `<unparsable url>,horse:battery@db`).
 pub fn redact_url(raw: &str) -> String {
-    if raw.contains(',') && raw.contains("://") {
-        return raw
-            .split(',')
-            .map(|node| redact_url(node.trim()))
-            .collect::<Vec<_>>()
-            .join(",");
+    let starts: Vec<usize> = raw
+        .match_indices(',')
+        .map(|(at, _)| at)
+        .filter(|&at| starts_with_scheme(&raw[at + 1..]))
+        .collect();
+    if !starts.is_empty() {
+        let mut nodes = Vec::with_capacity(starts.len() + 1);
+        let mut from = 0;
+        for at in starts {
+            nodes.push(redact_node(raw[from..at].trim()));
+            from = at + 1;
+        }
+        nodes.push(redact_node(raw[from..].trim()));
+        return nodes.join(",");
     }
+    redact_node(raw)
+}
+
+/// `scheme://…` (RFC 3986: a letter, then letters, digits, `+`, `-`, `.`).
+fn starts_with_scheme(text: &str) -> bool {
+    let text = text.trim_start();
+    text.split_once("://").is_some_and(|(scheme, _)| {
+        scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+    })
+}
+
+/// One URL with its password replaced. One the `url` crate cannot parse (a Postgres URL with
+/// several hosts, `h1:5432,h2:5432`) keeps its scheme and what follows its last `@`: whatever
+/// credentials it has are hidden.
+fn redact_node(raw: &str) -> String {
     match url::Url::parse(raw) {
         Ok(mut parsed) => {
             if parsed.password().is_some() {
@@ -400,7 +428,12 @@ pub fn redact_url(raw: &str) -> String {
             }
             parsed.to_string()
         }
-        Err(_) => "<unparsable url>".to_string(),
+        Err(_) => match (raw.find("://"), raw.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}***{}", &raw[..scheme + 3], &raw[at..])
+            }
+            _ => "<unparsable url>".to_string(),
+        },
     }
 }
 
@@ -544,6 +577,24 @@ mod tests {
         assert_eq!(
             redact_url("amqp://u:s1@a:5672/%2f,amqp://u:s2@b:5672/%2f"),
             "amqp://u:***@a:5672/%2f,amqp://u:***@b:5672/%2f"
+        );
+        // A comma in a password does not split the URL (the rest of the password was printed).
+        for url in [
+            "postgres://catchall:Tr0ub4dor,horse:battery@db:5432/catchall",
+            "amqp://u:a,amqp:b@h/%2f",
+            "postgres://u:Tr0ub4dor,horse:battery@h1:5432,h2:5432/db",
+        ] {
+            let redacted = redact_url(url);
+            assert!(
+                !redacted.contains("battery")
+                    && !redacted.contains("horse")
+                    && !redacted.contains(":b@"),
+                "{redacted}"
+            );
+        }
+        assert_eq!(
+            redact_url("postgres://u:pw@h1:5432,h2:5432/db"),
+            "postgres://***@h1:5432,h2:5432/db"
         );
         let query = redact_url("postgres://u@h/db?sslmode=disable&password=hunter2");
         assert!(
