@@ -156,6 +156,28 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The node each `AMQP_URL` connected to last, so a reconnection starts after it.
 static LAST_GOOD: Mutex<Vec<(String, usize)>> = Mutex::new(Vec::new());
 
+/// A channel on `connection` for publishing: the topology declared and publisher confirms on
+/// (HTTP ingest's and the producer's).
+pub async fn confirming_channel(
+    connection: &Connection,
+    topology: &Topology,
+) -> anyhow::Result<Channel> {
+    use anyhow::Context;
+    let channel = connection
+        .create_channel()
+        .await
+        .context("opening a channel")?;
+    topology
+        .declare(&channel)
+        .await
+        .context("declaring the topology")?;
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .context("enabling publisher confirms")?;
+    Ok(channel)
+}
+
 /// The nodes of an `AMQP_URL`: one URL, or several of one cluster separated by commas.
 pub fn split_nodes(urls: &str) -> Vec<&str> {
     urls.split(',')

@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use lapin::Confirmation;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel, Connection};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -157,19 +157,8 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
                 redact_url(&self.amqp.amqp_url)
             )
         })?;
-        let channel = connection
-            .create_channel()
-            .await
-            .context("opening a channel")?;
-        self.amqp
-            .topology()
-            .declare(&channel)
-            .await
-            .context("declaring the topology")?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .context("enabling publisher confirms")?;
+        let channel =
+            catchall::amqp::confirming_channel(&connection, &self.amqp.topology()).await?;
         self.link = Some((connection, channel.clone()));
         Ok(channel)
     }

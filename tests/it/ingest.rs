@@ -755,6 +755,44 @@ async fn a_flood_past_the_concurrency_cap_gets_503_and_slow_requests_408() {
     worker.stop().await;
 }
 
+/// A cluster `AMQP_URL` whose next node accepts TCP and never answers: ingest connects past
+/// it, to the node after it, and the event is accepted. The whole connection attempt used to
+/// share the 5 s confirm timeout, one node's connect timeout, so the silent node used it up,
+/// the next was never tried, and every request got 503 for as long as the consumer's
+/// connection (which decides the node tried first) lasted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_connects_past_a_cluster_node_that_never_answers() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let holding = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            open.push(stream);
+        }
+    });
+    let node = "amqp://guest:guest@127.0.0.1:5672/%2f";
+    let (_db, _broker, worker) = ingest_worker(|config| {
+        config.amqp.amqp_url = format!("{node},amqp://guest:guest@{silent_addr}/%2f,{node}");
+    })
+    .await;
+    // The consumer connected to the first node: ingest starts after it, at the silent one.
+    let answer = client()
+        .put(worker.url("/events/cluster.example/delivered"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    let status = answer.status();
+    assert_eq!(
+        status,
+        StatusCode::ACCEPTED,
+        "{}",
+        answer.text().await.unwrap()
+    );
+    holding.abort();
+    worker.stop().await;
+}
+
 /// KumoMTA records over `POST /events` (a KumoMTA webhook pointed at the worker) are read as on
 /// the queue (SPEC §3): `Delivery` and `Bounce` counted, every other type acknowledged and
 /// counted as ignored. A 400 for them would make KumoMTA retry its `Reception` records forever.
