@@ -95,12 +95,16 @@ pub fn config(url: &str) -> Result<(tokio_postgres::Config, MakeRustlsConnect), 
     // libpq ignores `sslmode` on Unix-domain sockets (a Cloud SQL proxy's `host=/cloudsql/…`
     // with `sslmode=require` connects); tokio-postgres would ask the server for TLS there, be
     // refused, and fail.
-    let ssl_mode =
-        if only_unix_sockets(&config) || (ssl_mode == SslMode::Prefer && only_loopback(&config)) {
-            SslMode::Disable
-        } else {
-            ssl_mode
-        };
+    // A client certificate is how the client logs in (`cert` authentication): it goes over
+    // TLS whatever the host, as libpq's `prefer` does (dropped over loopback, the server
+    // refused the login: "no pg_hba.conf entry … no encryption").
+    let plain_loopback =
+        ssl_mode == SslMode::Prefer && only_loopback(&config) && params.sslcert.is_none();
+    let ssl_mode = if only_unix_sockets(&config) || plain_loopback {
+        SslMode::Disable
+    } else {
+        ssl_mode
+    };
     config.ssl_mode(ssl_mode);
     let roots = match params.sslrootcert.as_deref() {
         Some("system") => Roots::System,

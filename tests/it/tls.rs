@@ -50,6 +50,28 @@ fn client_cert() -> String {
     )
 }
 
+/// A client certificate over loopback with the default `sslmode` (`prefer`): presented over
+/// TLS, and the hostssl-only server lets the client in. TLS used to be dropped over loopback
+/// under `prefer`, certificate and all, and the server refused the login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_over_loopback_is_presented_with_the_default_sslmode() {
+    let db = TlsDb::create().await;
+    let params = format!(
+        "sslcert={}&sslkey={}",
+        cert("client.pem"),
+        cert("client.key")
+    );
+    let url = pg_url("catchall_client", "localhost", &db.name, &params);
+    let store = catchall::store::Store::connect(&url, 1)
+        .await
+        .expect("connects over TLS with the certificate");
+    store
+        .ping_within(std::time::Duration::from_secs(5))
+        .await
+        .expect("answers");
+    drop(store);
+}
+
 /// A database on the TLS Postgres owned by `catchall_client`, dropped at the end.
 struct TlsDb {
     name: String,
