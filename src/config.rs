@@ -428,9 +428,13 @@ fn redact_node(raw: &str) -> String {
             }
             parsed.to_string()
         }
+        // Its query is left out too: it may carry `password=`.
         Err(_) => match (raw.find("://"), raw.rfind('@')) {
             (Some(scheme), Some(at)) if at > scheme => {
-                format!("{}***{}", &raw[..scheme + 3], &raw[at..])
+                let rest = &raw[at..];
+                let rest = rest.split_once('?').map_or(rest, |(before, _)| before);
+                let query = if raw[at..].contains('?') { "?…" } else { "" };
+                format!("{}***{rest}{query}", &raw[..scheme + 3])
             }
             _ => "<unparsable url>".to_string(),
         },
@@ -595,6 +599,11 @@ mod tests {
         assert_eq!(
             redact_url("postgres://u:pw@h1:5432,h2:5432/db"),
             "postgres://***@h1:5432,h2:5432/db"
+        );
+        // A password in the query of a URL the url crate cannot parse is not printed either.
+        assert_eq!(
+            redact_url("postgres://catchall@h1:5432,h2:5432/catchall?password=s3cret"),
+            "postgres://***@h1:5432,h2:5432/catchall?…"
         );
         let query = redact_url("postgres://u@h/db?sslmode=disable&password=hunter2");
         assert!(

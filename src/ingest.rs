@@ -169,7 +169,13 @@ impl Link {
         {
             return Err(IngestError::Unavailable("reconnecting".into()));
         }
-        match self.open_channel().await {
+        // Counted as failed until it succeeds: a request dropped mid-attempt (its own timeout)
+        // leaves the pause behind it, not a queue of requests restarting the attempt.
+        state.last_failure = Some(Instant::now());
+        let opened = tokio::time::timeout(OPEN_TIMEOUT, self.open_channel())
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("no connection within {OPEN_TIMEOUT:?}")));
+        match opened {
             Ok((connection, channel)) => {
                 state.current = Some((connection, channel.clone()));
                 state.last_failure = None;
@@ -354,6 +360,11 @@ async fn pack_loop(link: Arc<Link>, mut queue: mpsc::Receiver<(Event, Reply)>) {
 
 /// Longest AMQP short string, so the longest `message_id`.
 const MAX_MESSAGE_ID_BYTES: usize = 255;
+
+/// Longest one attempt to open the ingest connection takes (its nodes in turn, each within
+/// its connect timeout, then the channel): under `HTTP_REQUEST_TIMEOUT`'s default (15 s), so the
+/// request that makes it sees its end. Two silent nodes (5 s each) before a live one use it up.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Longest a stop waits for RabbitMQ to answer the close of the ingest connection.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
