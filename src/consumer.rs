@@ -181,13 +181,12 @@ impl WorkerStats {
 pub struct Batch {
     /// Valid messages, in delivery order.
     pub messages: Vec<Message>,
-    /// Delivery tag of the last valid message: one multiple-ack settles the whole batch.
-    pub last_tag: Option<u64>,
     /// Invalid messages rejected (dead-lettered) while gathering.
     pub rejected: usize,
     /// Events in `messages`.
     pub events: usize,
-    /// Delivery tag of each of `messages` (to dead-letter one that Postgres refuses).
+    /// Delivery tag of each of `messages`: the last acks the batch (one multiple-ack), each
+    /// dead-letters its message if Postgres refuses it.
     pub tags: Vec<u64>,
     /// Bytes of the bodies of `messages`.
     pub bytes: usize,
@@ -422,7 +421,6 @@ impl Consumer {
         );
         let mut batch = Batch {
             messages: Vec::new(),
-            last_tag: None,
             rejected: 0,
             events: 0,
             tags: Vec::new(),
@@ -501,7 +499,6 @@ impl Consumer {
                     batch.bytes += size;
                     batch.tags.push(delivery.delivery_tag);
                     batch.messages.push(Message { id, events });
-                    batch.last_tag = Some(delivery.delivery_tag);
                     deadline.get_or_insert_with(|| {
                         tokio::time::Instant::now() + self.settings.batch.timeout
                     });
@@ -742,7 +739,7 @@ impl Pipeline {
         while self.committing.len() >= self.in_flight {
             add(&mut applied, self.ack_oldest().await?);
         }
-        if batch.last_tag.is_none() {
+        if batch.tags.is_empty() {
             return Ok(applied);
         }
         let applier = self.applier.clone();

@@ -13,6 +13,7 @@ pub mod event;
 pub mod export;
 pub mod health;
 pub mod healthcheck;
+pub mod hex;
 pub mod http;
 pub mod ingest;
 pub mod lookups;

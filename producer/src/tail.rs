@@ -358,9 +358,8 @@ fn load_state(path: &Path) -> anyhow::Result<Option<Saved>> {
             .with_context(|| format!("{}: no `{name}`", path.display()))
     };
     let before = match value["before"].as_str() {
-        Some(hex) => {
-            from_hex(hex).with_context(|| format!("{}: `before` is not hex", path.display()))?
-        }
+        Some(hex) => catchall::hex::decode(hex)
+            .with_context(|| format!("{}: `before` is not hex", path.display()))?,
         None => Vec::new(),
     };
     Ok(Some((
@@ -371,26 +370,12 @@ fn load_state(path: &Path) -> anyhow::Result<Option<Saved>> {
     )))
 }
 
-fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn from_hex(hex: &str) -> Option<Vec<u8>> {
-    if !hex.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..hex.len())
-        .step_by(2)
-        .map(|at| u8::from_str_radix(hex.get(at..at + 2)?, 16).ok())
-        .collect()
-}
-
 fn save_state(path: &Path, source: &Source) -> anyhow::Result<()> {
     let text = serde_json::json!({
         "dev": source.dev,
         "ino": source.ino,
         "offset": source.offset,
-        "before": to_hex(&source.before),
+        "before": catchall::hex::encode(&source.before),
     })
     .to_string();
     // `<state>.tmp` (not `with_extension`: `mail.postfix` and `mail.exim` would share
@@ -922,12 +907,6 @@ mod tests {
         assert!(source.rewritten().unwrap(), "shorter than the position");
         source.rewind();
         assert!(!source.rewritten().unwrap());
-        assert_eq!(
-            from_hex(&to_hex(b"\x00\xffab")),
-            Some(b"\x00\xffab".to_vec())
-        );
-        assert_eq!(from_hex("abc"), None);
-        assert_eq!(from_hex("zz"), None);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

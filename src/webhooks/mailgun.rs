@@ -60,17 +60,7 @@ struct DeliveryStatus {
 pub fn sign(key: &str, timestamp: &str, token: &str) -> String {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.as_bytes());
     let tag = ring::hmac::sign(&key, format!("{timestamp}{token}").as_bytes());
-    tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn hex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
+    crate::hex::encode(tag.as_ref())
 }
 
 /// Verifies and parses one webhook request.
@@ -83,7 +73,8 @@ pub fn handle(
     let body: Body =
         serde_json::from_slice(body).map_err(|e| super::bad_json("a Mailgun webhook", &e))?;
     let signature = &body.signature;
-    let given = hex(&signature.signature).ok_or(WebhookError::Unauthorized("bad signature"))?;
+    let given = crate::hex::decode(&signature.signature)
+        .ok_or(WebhookError::Unauthorized("bad signature"))?;
     let hmac_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.as_bytes());
     let signed = format!("{}{}", signature.timestamp, signature.token);
     ring::hmac::verify(&hmac_key, signed.as_bytes(), &given)

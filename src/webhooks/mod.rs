@@ -237,11 +237,7 @@ pub(crate) fn event_for(address: &str, kind: crate::event::EventType) -> Option<
 
 /// Hex SHA-256 of `data`: message ids for providers whose batches carry no single id.
 pub(crate) fn sha256_hex(data: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, data)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::hex::encode(ring::digest::digest(&ring::digest::SHA256, data).as_ref())
 }
 
 pub(crate) fn unix_now() -> i64 {

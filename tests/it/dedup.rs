@@ -273,23 +273,8 @@ async fn the_partition_of_now_is_made_while_claims_insert_into_the_default_one()
         .expect("an uncommitted id, in the default partition");
     let upkeep =
         tokio::spawn(async move { store.dedup_upkeep(Duration::from_secs(7 * 24 * 3600)).await });
-    wait_for(
-        Duration::from_secs(10),
-        "the upkeep waiting for the claim",
-        || async {
-            let waiting: i64 = client
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity \
-                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                    &[],
-                )
-                .await
-                .ok()?
-                .get(0);
-            (waiting > 0).then_some(())
-        },
-    )
-    .await;
+    db.await_lock_waits(1, "%", "the upkeep waiting for the claim")
+        .await;
     claim
         .batch_execute("COMMIT")
         .await

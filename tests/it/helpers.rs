@@ -76,9 +76,7 @@ impl TestDb {
         wait_for(Duration::from_secs(15), what, || async {
             let waiting: i64 = client
                 .query_one(
-                    "SELECT count(*) FROM pg_stat_activity \
-                     WHERE datname = current_database() AND wait_event_type = 'Lock' \
-                       AND query LIKE $1",
+                    &format!("SELECT count(*) {LOCK_WAITERS} AND query LIKE $1"),
                     &[&like],
                 )
                 .await
@@ -625,4 +623,17 @@ pub fn peak_rss_bytes(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .expect("VmHWM in /proc/<pid>/status")
         * 1024
+}
+
+/// The backends of this test's database waiting for a lock (`FROM …`).
+pub const LOCK_WAITERS: &str =
+    "FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'";
+
+/// How many backends of this test's database wait for a lock (`None` if the query fails).
+pub async fn lock_waiters(client: &tokio_postgres::Client) -> Option<i64> {
+    let row = client
+        .query_one(&format!("SELECT count(*) {LOCK_WAITERS}"), &[])
+        .await
+        .ok()?;
+    Some(row.get(0))
 }

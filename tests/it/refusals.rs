@@ -336,19 +336,6 @@ async fn lock_row(db: &TestDb, domain: &str) -> tokio_postgres::Client {
     lock
 }
 
-/// The backends of this test's database waiting for a lock (`FROM …`).
-const LOCK_WAITERS: &str =
-    "FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'";
-
-/// How many backends of this test's database wait for a lock (`None` if the query fails).
-async fn lock_waiters(client: &tokio_postgres::Client) -> Option<i64> {
-    let row = client
-        .query_one(&format!("SELECT count(*) {LOCK_WAITERS}"), &[])
-        .await
-        .ok()?;
-    Some(row.get(0))
-}
-
 /// Publishes `count` single delivered events for `domain` without a `message_id`.
 async fn publish_id_less(broker: &TestBroker, domain: &str, count: i64) {
     let (_connection, channel) = broker.channel().await;
@@ -532,12 +519,8 @@ async fn a_stop_out_of_time_acks_what_committed_behind_the_batch_it_gives_up() {
     let (mut child, _) = stoppable_worker(&db, &broker, &settings).await;
     let lock = lock_row(&db, "held.example").await;
     publish_id_less(&broker, "held.example", 1).await;
-    wait_for(
-        Duration::from_secs(30),
-        "the first batch waiting for the row",
-        || async { (lock_waiters(&lock).await? > 0).then_some(()) },
-    )
-    .await;
+    db.await_lock_waits(1, "%", "the first batch waiting for the row")
+        .await;
     publish_id_less(&broker, "behind.example", BEHIND).await;
     wait_for(
         Duration::from_secs(30),
@@ -591,12 +574,8 @@ async fn an_attempt_failing_during_a_stop_is_retried_until_the_stop_runs_out() {
     let (mut child, port) = ready_worker(&db, &broker, &settings).await;
     let lock = lock_row(&db, "failing.example").await;
     publish_id_less(&broker, "failing.example", MESSAGES).await;
-    wait_for(
-        Duration::from_secs(30),
-        "the batch waiting for the row",
-        || async { (lock_waiters(&lock).await? > 0).then_some(()) },
-    )
-    .await;
+    db.await_lock_waits(1, "%", "the batch waiting for the row")
+        .await;
 
     // An idle keep-alive connection: the worker closes it once the stop has begun.
     let mut idle = tokio::net::TcpStream::connect(("127.0.0.1", port))
