@@ -178,10 +178,12 @@ pub async fn confirming_channel(
     Ok(channel)
 }
 
-/// The nodes of an `AMQP_URL`: one URL, or several of one cluster separated by commas.
+/// The nodes of an `AMQP_URL`: one URL, or several of one cluster separated by commas (a comma
+/// inside a password does not separate; see [`crate::config::split_urls`]).
 pub fn split_nodes(urls: &str) -> Vec<&str> {
-    urls.split(',')
-        .map(str::trim)
+    crate::config::split_urls(urls)
+        .into_iter()
+        .map(|url| url.trim().trim_end_matches(',').trim())
         .filter(|url| !url.is_empty())
         .collect()
 }
@@ -399,6 +401,11 @@ mod tests {
         assert_eq!(node.uri.query.heartbeat, Some(DEFAULT_HEARTBEAT_SECS));
         let node = parse_node(1, "amqp://h/%2f?heartbeat=3").unwrap();
         assert_eq!(node.uri.query.heartbeat, Some(3));
+        // A comma is allowed unescaped in a password (RFC 3986): it does not start a node.
+        let nodes = split_nodes("amqp://u:a,b@h1/%2f,amqp://u:c,,d@h2/%2f");
+        assert_eq!(nodes, ["amqp://u:a,b@h1/%2f", "amqp://u:c,,d@h2/%2f"]);
+        let node = parse_node(0, nodes[0]).unwrap();
+        assert_eq!(node.uri.authority.userinfo.password, "a,b");
     }
 
     #[test]

@@ -374,22 +374,30 @@ impl Config {
 /// by a scheme (`,amqps://`), so a comma inside a password does not split it (split there, the
 /// rest of the password was printed as a URL of its own: `<unparsable url>,horse:battery@db`).
 pub fn redact_url(raw: &str) -> String {
-    let starts: Vec<usize> = raw
-        .match_indices(',')
-        .map(|(at, _)| at)
-        .filter(|&at| starts_with_scheme(&raw[at + 1..]))
-        .collect();
-    if !starts.is_empty() {
-        let mut nodes = Vec::with_capacity(starts.len() + 1);
-        let mut from = 0;
-        for at in starts {
-            nodes.push(redact_node(raw[from..at].trim()));
-            from = at + 1;
-        }
-        nodes.push(redact_node(raw[from..].trim()));
-        return nodes.join(",");
+    let nodes = split_urls(raw);
+    if nodes.len() > 1 {
+        return nodes
+            .into_iter()
+            .map(|node| redact_node(node.trim()))
+            .collect::<Vec<_>>()
+            .join(",");
     }
     redact_node(raw)
+}
+
+/// The URLs of a comma-separated list, untrimmed. A URL starts only at a comma followed by a
+/// scheme (`,amqps://`): RFC 3986 allows a comma unescaped in a password.
+pub fn split_urls(raw: &str) -> Vec<&str> {
+    let mut urls = Vec::new();
+    let mut from = 0;
+    for (at, _) in raw.match_indices(',') {
+        if starts_with_scheme(&raw[at + 1..]) {
+            urls.push(&raw[from..at]);
+            from = at + 1;
+        }
+    }
+    urls.push(&raw[from..]);
+    urls
 }
 
 /// `scheme://…` (RFC 3986: a letter, then letters, digits, `+`, `-`, `.`).
