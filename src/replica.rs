@@ -6,11 +6,15 @@ use metrics::{describe_gauge, gauge};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// Seconds the replica is behind: 0 when it has replayed all it received (or is a primary),
-/// else the age of the last transaction it replayed.
+/// Seconds the replica is behind: 0 when it streams from its primary and has replayed all it
+/// received (or is a primary), else the age of the last transaction it replayed. Without a WAL
+/// receiver (primary gone, replication broken) what it received says nothing of what it missed,
+/// so the age counts: it used to show 0 there, a replica cut off for hours looking current.
+/// `pg_stat_wal_receiver` has its row (its pid, at least) for every role while a receiver runs.
 const LAG: &str = "SELECT CASE \
        WHEN NOT pg_is_in_recovery() THEN 0 \
-       WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 \
+       WHEN EXISTS (SELECT 1 FROM pg_stat_wal_receiver) \
+            AND pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 \
        ELSE COALESCE(EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()), 0) \
      END::float8";
 

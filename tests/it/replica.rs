@@ -16,18 +16,17 @@ async fn client(url: &str) -> tokio_postgres::Client {
 }
 
 async fn pg_ctl(action: &str) {
+    pg_ctl_cluster("catchall_replica", action).await;
+}
+
+async fn pg_ctl_cluster(cluster: &str, action: &str) {
     let version = std::fs::read_dir("/etc/postgresql")
         .expect("/etc/postgresql")
         .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
         .max_by_key(|v| v.parse::<u32>().unwrap_or(0))
         .expect("a Postgres version");
     let status = tokio::process::Command::new("pg_ctlcluster")
-        .args([
-            "--skip-systemctl-redirect",
-            &version,
-            "catchall_replica",
-            action,
-        ])
+        .args(["--skip-systemctl-redirect", &version, cluster, action])
         .args(if action == "stop" {
             &["-m", "fast"][..]
         } else {
@@ -36,15 +35,15 @@ async fn pg_ctl(action: &str) {
         .status()
         .await
         .expect("run pg_ctlcluster");
-    // Starting a replica that runs already fails harmlessly.
+    // Starting a cluster that runs already fails harmlessly.
     assert!(
         status.success() || action == "start",
-        "pg_ctlcluster {action} catchall_replica"
+        "pg_ctlcluster {action} {cluster}"
     );
 }
 
-/// A database on the primary (so on the replica too); dropped at the end, and the replica
-/// started again if the test stopped it.
+/// A database on the primary (so on the replica too); dropped at the end, and the primary and
+/// the replica started again if the test stopped them.
 struct ReplicaDb {
     name: String,
 }
@@ -58,6 +57,7 @@ impl Drop for ReplicaDb {
                 .build()
                 .expect("a runtime");
             runtime.block_on(async move {
+                pg_ctl_cluster("catchall_primary", "start").await;
                 pg_ctl("start").await;
                 let _ = client(&format!("{PRIMARY}/postgres"))
                     .await
@@ -71,8 +71,9 @@ impl Drop for ReplicaDb {
 }
 
 /// Status look-ups are served by the replica (its pg_stat_activity shows them) and the primary
-/// sees none; the replica's lag is exported. The replica stopped: `/readyz` is 503 naming it,
-/// and counting goes on against the primary.
+/// sees none; the replica's lag is exported, and grows while the replica is cut off from its
+/// primary (it showed 0 then). The replica stopped: `/readyz` is 503 naming it, and counting
+/// goes on against the primary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replica_serves_lookups_and_its_loss_only_stops_readiness() {
     let name = format!("test_{}", uuid::Uuid::now_v7().simple());
@@ -152,18 +153,36 @@ async fn replica_serves_lookups_and_its_loss_only_stops_readiness() {
             && !query.contains("FROM domains WHERE domain = $1")),
         "only the writes reach the primary: {on_primary:?}"
     );
+    let lag = || async {
+        let text = reqwest::get(worker.url("/metrics"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .find_map(|line| line.strip_prefix("catchall_replica_lag_seconds "))?
+            .trim()
+            .parse::<f64>()
+            .ok()
+    };
+    wait_for(Duration::from_secs(15), "the replica lag metric", lag).await;
+
+    // The primary goes away: the replica has replayed all it received, and is cut off. Its
+    // lag is the age of what it last replayed, not 0; back to 0 once it streams again.
+    pg_ctl_cluster("catchall_primary", "stop").await;
+    let cut_off = wait_for(
+        Duration::from_secs(30),
+        "the lag of a replica cut off from its primary to grow past 5 s",
+        || async { lag().await.filter(|&seconds| seconds > 5.0) },
+    )
+    .await;
+    eprintln!("primary stopped: replica lag {cut_off} s");
+    pg_ctl_cluster("catchall_primary", "start").await;
     wait_for(
-        Duration::from_secs(15),
-        "the replica lag metric",
-        || async {
-            let text = reqwest::get(worker.url("/metrics"))
-                .await
-                .ok()?
-                .text()
-                .await
-                .ok()?;
-            text.contains("catchall_replica_lag_seconds ").then_some(())
-        },
+        Duration::from_secs(60),
+        "the lag to be 0 once the replica streams again",
+        || async { lag().await.filter(|&seconds| seconds == 0.0).map(|_| ()) },
     )
     .await;
 
