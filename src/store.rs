@@ -17,6 +17,24 @@ mod embedded {
 }
 
 /// Errors at the store's boundary.
+/// How long a migration's statement waits for a table lock before the migration is rolled
+/// back (see [`Store::migrate`]).
+pub const MIGRATION_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Migration attempts given up on a lock before the start fails (about a minute in all, the
+/// Kubernetes startup probe's budget).
+pub const MIGRATION_LOCK_ATTEMPTS: u32 = 6;
+
+/// Whether a migration failed waiting for a lock (SQLSTATE 55P03, `lock_timeout`).
+fn is_lock_timeout(error: &refinery::Error) -> bool {
+    match error.kind() {
+        refinery::error::Kind::Connection(_, source) => source
+            .downcast_ref::<tokio_postgres::Error>()
+            .and_then(tokio_postgres::Error::code)
+            .is_some_and(|code| *code == tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE),
+        _ => false,
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("invalid DATABASE_URL: {0}")]
@@ -374,15 +392,51 @@ impl Store {
 
     /// Applies the migrations in `migrations/`. Replicas starting together serialise on an
     /// advisory lock, so only one applies each migration.
+    ///
+    /// A migration waits at most [`MIGRATION_LOCK_TIMEOUT`] for a table lock, then is rolled
+    /// back and tried again, [`MIGRATION_LOCK_ATTEMPTS`] times in all. A lock request waiting
+    /// behind a long transaction (an export, a stuck session) queues every later request for
+    /// the table behind it: without the bound, the running workers' upserts (a rolling
+    /// upgrade) stopped for as long as that transaction lasted.
     pub async fn migrate(&self) -> Result<refinery::Report, StoreError> {
+        let mut backoff =
+            crate::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
+        let mut attempt = 1;
+        loop {
+            match self.migrate_once().await {
+                Err(StoreError::Migration(error))
+                    if attempt < MIGRATION_LOCK_ATTEMPTS && is_lock_timeout(&error) =>
+                {
+                    let wait = backoff.next_wait();
+                    tracing::warn!(
+                        error = %error,
+                        attempt,
+                        wait = ?wait,
+                        "A migration waited {MIGRATION_LOCK_TIMEOUT:?} for a table lock (a long \
+                         transaction holds it) and was rolled back; trying again."
+                    );
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn migrate_once(&self) -> Result<refinery::Report, StoreError> {
         const LOCK: i64 = 0x0063_6174_6368_616c; // "catchal"
         let mut client = self.pool.get().await?;
         client
             .execute("SELECT pg_advisory_lock($1)", &[&LOCK])
             .await?;
         // A migration on a large table may take longer than the statement timeout. The
-        // session setting must not outlive the migration: this connection leaves the pool.
-        client.batch_execute("SET statement_timeout = 0").await?;
+        // session settings must not outlive the migration: this connection leaves the pool.
+        client
+            .batch_execute(&format!(
+                "SET statement_timeout = 0; SET lock_timeout = {}",
+                MIGRATION_LOCK_TIMEOUT.as_millis()
+            ))
+            .await?;
         // A database migrated by a newer release (its replicas rolling out, or this release
         // rolled back to) holds versions this build does not know: run anyway. Every
         // migration keeps the release before it working (V8 keeps the old claim function; V7's

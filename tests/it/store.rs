@@ -200,6 +200,77 @@ async fn a_refused_upsert_ends_its_transaction_and_the_connection_applies_the_ne
     assert_eq!(counts.get("next.example"), Some(&(1, 0)));
 }
 
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
+
+/// A migration whose lock request waits behind a long transaction (an export, a stuck batch of
+/// the release before) gives up after `MIGRATION_LOCK_TIMEOUT` and tries again: the running
+/// workers' writes to the table, queued behind that request, go through in the meantime (they
+/// used to wait for as long as the long transaction lasted), and the migration is applied once
+/// the transaction ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_waiting_for_a_lock_does_not_hold_up_the_writes_behind_it() {
+    let db = TestDb::create().await;
+    let mut client = db.client().await;
+    embedded::migrations::runner()
+        .set_target(refinery::Target::Version(2))
+        .run_async(&mut client)
+        .await
+        .expect("V1 and V2");
+    // A transaction that wrote to domains and stays open: V3's CREATE INDEX waits for it.
+    let long = db.client().await;
+    long.batch_execute(
+        "BEGIN; INSERT INTO domains (domain, delivered, bounced) VALUES ('long.example', 1, 0)",
+    )
+    .await
+    .expect("the long transaction");
+    let store = Store::connect(&db.url, 1).await.expect("connect");
+    let migration = tokio::spawn(async move { store.migrate().await });
+    db.await_lock_waits(
+        1,
+        "%CREATE INDEX domains_never_bounced%",
+        "the migration to wait for the lock",
+    )
+    .await;
+    // A running worker's write, queued behind the migration's request.
+    let writer = db.client().await;
+    let wrote = tokio::time::timeout(
+        Duration::from_secs(30),
+        writer.execute(
+            "INSERT INTO domains (domain, delivered, bounced) VALUES ('other.example', 1, 0)",
+            &[],
+        ),
+    )
+    .await;
+    assert!(
+        matches!(wrote, Ok(Ok(1))),
+        "a write queued behind the migration's lock request: {wrote:?}"
+    );
+    long.batch_execute("COMMIT").await.expect("commit");
+    let report = tokio::time::timeout(Duration::from_secs(90), migration)
+        .await
+        .expect("the migration to finish once the lock is free")
+        .expect("the migration task")
+        .expect("the migration");
+    let applied: Vec<i32> = report
+        .applied_migrations()
+        .iter()
+        .map(|m| m.version())
+        .collect();
+    assert_eq!(applied, (3..=12).collect::<Vec<i32>>());
+    let index: bool = client
+        .query_one(
+            "SELECT to_regclass('domains_never_bounced') IS NOT NULL",
+            &[],
+        )
+        .await
+        .expect("the index")
+        .get(0);
+    assert!(index, "V3's index exists");
+    assert_eq!(db.total_events().await, 2);
+}
+
 /// A replica of the previous release starts against a database that a newer release already
 /// migrated (a rolling upgrade, or a rollback): it runs, rather than refusing to start because
 /// the schema history holds a version it does not know (refinery's `MissingVersion`), and it
