@@ -95,6 +95,9 @@ pub const POLICY_TEXTS: &[&str] = &[
     "too many",
     "quota",
     "full",
+    // The sender's address refused, not the recipient's: Postfix's `Sender address rejected:
+    // Domain not found`, Exim's `Sender verify failed`.
+    "sender",
 ];
 
 /// True if `text` says the recipient does not exist, and not that a policy refused it.
@@ -129,10 +132,17 @@ pub fn codes_in_text(text: &str) -> (Option<u16>, Option<EnhancedCode>) {
     (smtp, enhanced)
 }
 
+/// The `5.1.x` details that say nothing against the recipient's address (RFC 3463, RFC 3886):
+/// `5.1.5` destination address valid, `5.1.7` bad sender's mailbox syntax, `5.1.8` bad sender's
+/// system address, `5.1.9` relayed to a non-compliant mailer. One DNS fault on the sender's
+/// domain made every domain behind a `reject_unknown_sender_domain` server `not catch-all`.
+pub const NOT_THE_RECIPIENT: &[u16] = &[5, 7, 8, 9];
+
 /// Classifies a bounce from its evidence (SPEC §3):
 ///
 /// - no evidence at all → [`BounceKind::NoSuchRecipient`] (the original wire format);
-/// - an enhanced code `5.1.x` → `NoSuchRecipient`; any other defined code (`4.x.x`, `5.2.x`
+/// - an enhanced code `5.1.x` → `NoSuchRecipient` (but the sender-side and "valid" details of
+///   [`NOT_THE_RECIPIENT`] → `Other`); any other defined code (`4.x.x`, `5.2.x`
 ///   mailbox full, `5.7.x` policy…) → [`BounceKind::Other`]; `x.0.x` (other or undefined
 ///   status) says nothing, so the reply code and text decide;
 /// - otherwise a 550, 551 or 553 reply whose text says the user is unknown → `NoSuchRecipient`;
@@ -150,7 +160,9 @@ pub fn classify(
     let (text_smtp, text_code) = diagnostic.map(codes_in_text).unwrap_or_default();
     let smtp_code = smtp_code.or(text_smtp);
     match code.or(text_code) {
-        Some(c) if c.class == 5 && c.subject == 1 => return BounceKind::NoSuchRecipient,
+        Some(c) if c.class == 5 && c.subject == 1 && !NOT_THE_RECIPIENT.contains(&c.detail) => {
+            return BounceKind::NoSuchRecipient;
+        }
         Some(c) if c.class != 5 || c.subject != 0 => return BounceKind::Other,
         _ => {}
     }
@@ -230,6 +242,23 @@ mod tests {
             (Some("5.1.1"), None, None, NoSuchRecipient),
             (Some("5.1.2"), None, None, NoSuchRecipient),
             (Some("5.1.10"), None, None, NoSuchRecipient),
+            (Some("5.1.6"), None, None, NoSuchRecipient),
+            // The sender's address refused, or the recipient's valid: no proof.
+            (
+                Some("5.1.8"),
+                Some(550),
+                Some("<b@esp.example>: Sender address rejected: Domain not found"),
+                Other,
+            ),
+            (Some("5.1.7"), Some(553), None, Other),
+            (Some("5.1.5"), None, None, Other),
+            (
+                None,
+                Some(550),
+                Some("<b@esp.example>: Sender address rejected: Domain not found"),
+                Other,
+            ),
+            (None, Some(550), Some("Sender verify failed"), Other),
             (Some("5.2.2"), Some(552), Some("Mailbox full"), Other),
             (Some("5.7.1"), Some(554), Some("spam"), Other),
             (Some("4.1.1"), Some(450), None, Other),

@@ -299,18 +299,26 @@ impl RawEvent<'_> {
         self.recipient.is_some() && self.kind.starts_with(|c: char| c.is_ascii_uppercase())
     }
 
+    /// A blank `code` or `diagnostic` and an `smtp_code` of 0 are absent, not invalid: what
+    /// publishers that cannot leave a field out send (a Go struct without `omitempty`). Such a
+    /// bounce was dead-lettered, or counted as no proof.
     fn evidence(&self) -> Result<Evidence, RejectReason> {
-        let code = match self.code.as_deref() {
-            None => None,
+        let code = match self.code.as_deref().map(str::trim) {
+            None | Some("") => None,
             Some(code) => Some(EnhancedCode::parse(code).ok_or(RejectReason::InvalidEvidence)?),
         };
-        if self.smtp_code.is_some_and(|c| !(200..600).contains(&c)) {
+        let smtp_code = self.smtp_code.filter(|&c| c != 0);
+        if smtp_code.is_some_and(|c| !(200..600).contains(&c)) {
             return Err(RejectReason::InvalidEvidence);
         }
         Ok(Evidence {
             code,
-            smtp_code: self.smtp_code,
-            diagnostic: self.diagnostic.as_deref().map(str::to_string),
+            smtp_code,
+            diagnostic: self
+                .diagnostic
+                .as_deref()
+                .filter(|text| !text.trim().is_empty())
+                .map(str::to_string),
         })
     }
 
@@ -746,6 +754,20 @@ mod tests {
             parse_message(br#"{"domain":"a.io","type":"bounced","smtp_code":"550"}"#),
             Err(RejectReason::BadShape)
         );
+        // Blank fields are absent (a publisher that cannot leave them out): the old format's
+        // proof, not a dead letter; a blank diagnostic beside a code leaves the code to decide.
+        let blank = bounce(serde_json::json!({"domain": "a.io", "type": "bounced",
+            "code": "", "smtp_code": 0, "diagnostic": ""}));
+        assert_eq!(
+            (blank.evidence.is_none(), blank.tally()),
+            (true, Tally::Bounced)
+        );
+        let blank_text = bounce(serde_json::json!({"domain": "a.io", "type": "bounced",
+            "code": " ", "smtp_code": 550, "diagnostic": " "}));
+        assert_eq!(blank_text.tally(), Tally::OtherBounced);
+        let coded = bounce(serde_json::json!({"domain": "a.io", "type": "bounced",
+            "code": "5.1.1", "smtp_code": 0, "diagnostic": ""}));
+        assert_eq!(coded.tally(), Tally::Bounced);
     }
 
     #[test]
