@@ -281,9 +281,16 @@ impl RawEvent<'_> {
                     }
                     None => Cow::Borrowed(""),
                 };
-                let domain = recipient
-                    .rsplit_once('@')
-                    .map_or(recipient.as_ref(), |(_, domain)| domain);
+                // A recipient without a domain to count under, a local `postmaster` (RFC 5321)
+                // or an address literal (`u@[192.0.2.1]`), is ignored like the record types
+                // we do not count; it was counted under the domain `postmaster`, or
+                // dead-lettered.
+                let domain = match recipient.rsplit_once('@') {
+                    None if recipient.trim().is_empty() => return Err(RejectReason::InvalidDomain),
+                    None => return Ok(None),
+                    Some((_, domain)) if domain.trim_start().starts_with('[') => return Ok(None),
+                    Some((_, domain)) => domain,
+                };
                 let mut event = Event::new(domain, kind)?;
                 if kind == EventType::Bounced {
                     event.evidence = self.kumo_evidence()?.boxed();
@@ -367,12 +374,18 @@ pub fn parse_message(body: &[u8]) -> Result<Vec<Event>, RejectReason> {
     parse_body(body).map(|parsed| parsed.events)
 }
 
+/// `text` without one leading byte order mark, which RFC 8259 §8.1 lets a parser ignore (files
+/// saved by Windows tools start with one; it was `not_json`).
+pub fn strip_bom(text: &str) -> &str {
+    text.strip_prefix('\u{feff}').unwrap_or(text)
+}
+
 /// Like [`parse_message`], also saying how many KumoMTA records were ignored.
 pub fn parse_body(body: &[u8]) -> Result<Parsed, RejectReason> {
     if body.len() > MAX_BODY_BYTES {
         return Err(RejectReason::TooLarge);
     }
-    let text = std::str::from_utf8(body).map_err(|_| RejectReason::NotUtf8)?;
+    let text = strip_bom(std::str::from_utf8(body).map_err(|_| RejectReason::NotUtf8)?);
     let raw: Vec<RawEvent<'_>> = match text.trim_start().as_bytes().first() {
         Some(b'[') => {
             let raw: Vec<RawEvent<'_>> = serde_json::from_str(text).map_err(json_error)?;
@@ -819,10 +832,33 @@ mod tests {
         }
         let bad = record("Delivery", 250, None, "OK").replace("User@Recipient.Example", "nobody@");
         assert_eq!(parse_body(bad.as_bytes()), Err(RejectReason::InvalidDomain));
+        let bad = record("Delivery", 250, None, "OK").replace("User@Recipient.Example", "");
+        assert_eq!(parse_body(bad.as_bytes()), Err(RejectReason::InvalidDomain));
+        // No domain to count under: ignored, not counted under `postmaster` nor dead-lettered.
+        for recipient in ["postmaster", "u@[192.0.2.1]", "u@[IPv6:2001:db8::1]"] {
+            let record =
+                record("Delivery", 250, None, "OK").replace("User@Recipient.Example", recipient);
+            let parsed = parse(record);
+            assert_eq!((parsed.events.len(), parsed.ignored), (0, 1), "{recipient}");
+        }
         // A capitalised type without a recipient is still an unknown type of ours.
         assert_eq!(
             parse_message(br#"{"domain":"a.com","type":"Delivery"}"#),
             Err(RejectReason::UnknownType)
+        );
+    }
+
+    #[test]
+    fn a_leading_byte_order_mark_is_ignored() {
+        let body = "\u{feff}{\"domain\":\"a.com\",\"type\":\"delivered\"}";
+        assert_eq!(
+            parse_message(body.as_bytes()),
+            Ok(vec![Event::new("a.com", EventType::Delivered).unwrap()])
+        );
+        // Only a leading one.
+        assert_eq!(
+            parse_message("{\"domain\":\"a.com\",\"type\":\"delivered\"}\u{feff}".as_bytes()),
+            Err(RejectReason::NotJson)
         );
     }
 

@@ -530,7 +530,9 @@ impl<'de> Deserialize<'de> for ArrayItems<'de> {
 /// The error names the first bad event (array index or line number, from 1). KumoMTA records
 /// of uncounted types are counted in `ignored`, as the consumer does with them.
 pub fn parse_events(body: &[u8]) -> Result<Parsed, String> {
-    let text = std::str::from_utf8(body).map_err(|_| "body is not UTF-8".to_string())?;
+    let text = crate::event::strip_bom(
+        std::str::from_utf8(body).map_err(|_| "body is not UTF-8".to_string())?,
+    );
     let parsed = match text.trim_start().as_bytes().first() {
         None => return Err("body is empty: send a JSON array or NDJSON of events".into()),
         Some(b'[') => {
@@ -1713,6 +1715,9 @@ mod tests {
         assert_eq!(events[0].domain, "a.example");
         let ndjson = b"{\"domain\":\"a.example\",\"type\":\"delivered\"}\n\n{\"domain\":\"b.example\",\"type\":\"bounced\"}\n";
         assert_eq!(parse_events(ndjson).unwrap().events.len(), 2);
+        // A file saved with a byte order mark (RFC 8259 §8.1): its first line was refused.
+        let with_bom = [b"\xEF\xBB\xBF".as_slice(), ndjson].concat();
+        assert_eq!(parse_events(&with_bom).unwrap().events.len(), 2);
         let bad = b"{\"domain\":\"a.example\",\"type\":\"delivered\"}\n[1]\n";
         assert!(parse_events(bad).unwrap_err().starts_with("line 2"));
         assert!(

@@ -316,6 +316,11 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             {
                 number += 1;
                 let line = line.strip_suffix(b"\r").unwrap_or(&line);
+                // A file saved with a byte order mark (RFC 8259 §8.1).
+                let line = match number {
+                    1 => line.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(line),
+                    _ => line,
+                };
                 let Some(first) = line.iter().find(|b| !b.is_ascii_whitespace()) else {
                     continue;
                 };

@@ -143,9 +143,9 @@ async fn giving_up_still_writes_what_was_confirmed() {
     assert!(confirmed <= queued, "only what the broker took");
 }
 
-/// `publish -`: NDJSON from stdin (CRLF too), blank lines skipped, an invalid line (one not
-/// UTF-8 included) named on stderr and the exit non-zero, every valid event published and
-/// counted.
+/// `publish -`: NDJSON from stdin (CRLF too, and a leading byte order mark), blank lines
+/// skipped, an invalid line (one not UTF-8 included) named on stderr and the exit non-zero,
+/// every valid event published and counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_reads_ndjson_from_stdin_and_names_a_bad_line() {
     use tokio::io::AsyncWriteExt;
@@ -162,7 +162,7 @@ async fn publish_reads_ndjson_from_stdin_and_names_a_bad_line() {
     let mut stdin = child.stdin.take().expect("stdin");
     stdin
         .write_all(
-            b"{\"domain\":\"stdin.example\",\"type\":\"delivered\"}\n\n\
+            b"\xEF\xBB\xBF{\"domain\":\"stdin.example\",\"type\":\"delivered\"}\n\n\
               {\"domain\":\"stdin.example\",\"type\":\"nope\"}\n\
               {\"domain\":\"stdin\xff.example\",\"type\":\"delivered\"}\r\n\
               {\"domain\":\"stdin.example\",\"type\":\"bounced\"}\r\n",
@@ -176,6 +176,7 @@ async fn publish_reads_ndjson_from_stdin_and_names_a_bad_line() {
         .expect("wait for the producer");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "an invalid line fails the run");
+    assert!(!stderr.contains("-:1:"), "{stderr}");
     assert!(stderr.contains("-:3: skipped"), "{stderr}");
     // A line that is not UTF-8 is skipped too, and the lines after it are read.
     assert!(stderr.contains("-:4: skipped"), "{stderr}");
