@@ -11,7 +11,7 @@ pub mod postmark;
 pub mod sendgrid;
 pub mod sns;
 
-use crate::event::Event;
+use crate::event::{Event, MAX_BATCH_EVENTS};
 use crate::metrics;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
@@ -346,6 +346,24 @@ fn serialised_len(events: &[Event]) -> usize {
     serde_json::to_vec(events).map_or(0, |body| body.len())
 }
 
+/// Publishes the events as messages of at most [`MAX_BATCH_EVENTS`] each, the most a message
+/// may hold (the consumer dead-letters more as `batch_too_large`; a SendGrid post can carry
+/// more, and was lost so). One part keeps the provider-derived id; parts of a larger delivery
+/// are `{id}/{n}`, so a retry after a partial failure counts each part once.
+async fn publish_in_parts(state: &WebhookState, parsed: &Parsed) -> Result<(), SinkError> {
+    let parts = parsed.events.chunks(MAX_BATCH_EVENTS);
+    let several = parts.len() > 1;
+    for (n, part) in parts.enumerate() {
+        let id = if several {
+            format!("{}/{n}", parsed.message_id)
+        } else {
+            parsed.message_id.clone()
+        };
+        state.sink.publish(part.to_vec(), id).await?;
+    }
+    Ok(())
+}
+
 /// Publishes what a provider module parsed and answers.
 async fn finish(
     state: &WebhookState,
@@ -357,9 +375,7 @@ async fn finish(
         Ok(parsed) if serialised_len(&parsed.events) > crate::event::MAX_BODY_BYTES => {
             Err(WebhookError::TooLarge(serialised_len(&parsed.events)))
         }
-        Ok(parsed) => state
-            .sink
-            .publish(parsed.events.clone(), parsed.message_id.clone())
+        Ok(parsed) => publish_in_parts(state, &parsed)
             .await
             .map(|()| parsed)
             .map_err(|e| WebhookError::Unavailable(e.to_string())),

@@ -99,6 +99,16 @@ fn now() -> i64 {
         .as_secs() as i64
 }
 
+/// A SendGrid signing key pair and its public key as an operator configures it (base64 SPKI).
+fn sendgrid_key(rng: &SystemRandom) -> (EcdsaKeyPair, String) {
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, rng).expect("key");
+    let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), rng)
+        .expect("key pair");
+    let mut spki = catchall::webhooks::sendgrid::P256_SPKI_PREFIX.to_vec();
+    spki.extend_from_slice(key.public_key().as_ref());
+    (key, STANDARD.encode(&spki))
+}
+
 /// An RSA key and self-signed certificate for SNS, made with the openssl CLI.
 struct SnsKey {
     dir: PathBuf,
@@ -229,16 +239,12 @@ async fn provider_webhooks_are_verified_published_and_counted() {
     // Keys the test generates, configured as an operator would.
     let mailgun_key = "key-it-signing-0123456789";
     let rng = SystemRandom::new();
-    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).expect("key");
-    let sendgrid = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng)
-        .expect("key pair");
-    let mut spki = catchall::webhooks::sendgrid::P256_SPKI_PREFIX.to_vec();
-    spki.extend_from_slice(sendgrid.public_key().as_ref());
+    let (sendgrid, sendgrid_public_key) = sendgrid_key(&rng);
     let sns_key = SnsKey::new();
     let topic = "arn:aws:sns:us-west-2:123456789012:MyTopic";
     let settings = WebhookArgs {
         mailgun_signing_key: Some(mailgun_key.into()),
-        sendgrid_public_key: Some(STANDARD.encode(&spki)),
+        sendgrid_public_key: Some(sendgrid_public_key),
         postmark_auth: Some("hook:s3cret".into()),
         sns_topic_arns: vec![topic.into()],
         sns_cert: Some(sns_key.dir.join("cert.pem")),
@@ -522,6 +528,57 @@ async fn the_worker_serves_configured_webhooks_with_its_confirming_publisher() {
     }
     let expected: Counts = [("example.com".to_string(), (1, 1))].into_iter().collect();
     assert_counts_eventually(&db, &expected, Duration::from_secs(30)).await;
+    worker.stop().await;
+}
+
+/// A SendGrid post of more events than one message may hold (10,000) is published in parts,
+/// every event counted and none dead-lettered; its retry counts once. It used to go out as one
+/// message that the consumer dead-lettered as `batch_too_large` after SendGrid had its 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sendgrid_post_of_more_than_a_message_holds_is_published_in_parts() {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    let rng = SystemRandom::new();
+    let (key, public_key) = sendgrid_key(&rng);
+    let mut config = TestWorker::config(&db, &broker);
+    config.webhooks.sendgrid_public_key = Some(public_key);
+    let worker = TestWorker::start(config).await;
+    worker.ready().await;
+    let total = catchall::event::MAX_BATCH_EVENTS + 1;
+    let events: Vec<serde_json::Value> = (0..total)
+        .map(|i| {
+            serde_json::json!({"email": "u@parts.example", "timestamp": 1513299569,
+                "event": "delivered", "sg_event_id": format!("part-{i}")})
+        })
+        .collect();
+    let body = serde_json::to_vec(&events).expect("JSON");
+    let client = reqwest::Client::new();
+    for attempt in ["first", "retry"] {
+        let ts = now().to_string();
+        let mut signed = ts.as_bytes().to_vec();
+        signed.extend_from_slice(&body);
+        let signature = STANDARD.encode(key.sign(&rng, &signed).expect("sign").as_ref());
+        let response = client
+            .post(worker.url("/webhooks/sendgrid"))
+            .header(catchall::webhooks::sendgrid::SIGNATURE_HEADER, signature)
+            .header(catchall::webhooks::sendgrid::TIMESTAMP_HEADER, ts)
+            .body(body.clone())
+            .send()
+            .await
+            .expect("POST /webhooks/sendgrid");
+        assert_eq!(response.status(), StatusCode::OK, "{attempt}");
+    }
+    let expected: Counts = [("parts.example".to_string(), (total as i64, 0))]
+        .into_iter()
+        .collect();
+    assert_counts_eventually(&db, &expected, Duration::from_secs(60)).await;
+    // Every message settled: the retry's parts were skipped as duplicates, none dead-lettered.
+    wait_for(Duration::from_secs(30), "the queue to drain", || async {
+        (broker.depth(&broker.queue).await == 0).then_some(())
+    })
+    .await;
+    assert_eq!(broker.depth(&broker.dead_queue()).await, 0, "dead letters");
+    assert_eq!(db.total_events().await, total as i64);
     worker.stop().await;
 }
 
