@@ -38,6 +38,9 @@ pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
 }
 
+/// How long the spans left at exit may take to go out.
+pub const FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl Telemetry {
     /// Whether spans are exported.
     pub fn traces_enabled(&self) -> bool {
@@ -53,10 +56,12 @@ impl Telemetry {
         }
     }
 
-    /// Flushes and stops the exporter (at the end of `main`).
+    /// Flushes and stops the exporter (at the end of `main`), within [`FLUSH_TIMEOUT`]. The
+    /// SDK's own default, 5 s, came after `SHUTDOWN_TIMEOUT`: with a collector that does not
+    /// answer, a stop took 10 + 5 s, the whole of compose's 15 s grace before SIGKILL.
     pub fn shutdown(self) {
         if let Some(provider) = self.provider
-            && let Err(error) = provider.shutdown()
+            && let Err(error) = provider.shutdown_with_timeout(FLUSH_TIMEOUT)
         {
             tracing::warn!(error = %error, "Stopping the trace exporter failed.");
         }

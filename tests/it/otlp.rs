@@ -368,3 +368,38 @@ async fn a_batch_span_links_the_publishers_trace_and_carries_its_counts() {
     worker.stop().await;
     telemetry.shutdown();
 }
+
+/// A collector that accepts connections and never answers holds the exit at most
+/// `FLUSH_TIMEOUT` (2 s) after the stop: the SDK's default of 5 s came on top of
+/// `SHUTDOWN_TIMEOUT` and used up compose's grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_that_does_not_answer_delays_the_exit_by_the_flush_timeout_at_most() {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    // Bound and listening, never accepting: the kernel completes the handshakes, nothing answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let endpoint = format!("http://{}/v1/traces", silent.local_addr().expect("address"));
+    let settings = [
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", endpoint),
+        ("SHUTDOWN_TIMEOUT", "4s".into()),
+    ];
+    let (mut worker, port) = spawn_on_a_port(worker_command(&db, &broker, &settings)).await;
+    // Spans to export: one per request.
+    let client = reqwest::Client::new();
+    for _ in 0..5 {
+        let answer = client
+            .get(format!("http://127.0.0.1:{port}/domains/example.com"))
+            .send()
+            .await
+            .expect("GET a status");
+        assert_eq!(answer.status(), 200);
+    }
+    let (status, took) = sigterm(&mut worker, Duration::from_secs(15)).await;
+    eprintln!("stopped in {took:?}");
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        took < catchall::telemetry::FLUSH_TIMEOUT + Duration::from_millis(2500),
+        "an idle worker's stop plus the flush took {took:?}"
+    );
+    drop(silent);
+}
