@@ -27,6 +27,7 @@ if ! answers 5432; then
   hba=/etc/postgresql/$version/main/pg_hba.conf
   if ! grep -q '^host all all 127.0.0.1/32 trust' "$hba"; then
     as_root sed -i '1i host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\nlocal all all trust' "$hba"
+    echo "services: $hba now trusts every local connection (the tests' defaults); remove its first three lines to undo" >&2
   fi
   as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start
 fi

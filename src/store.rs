@@ -20,8 +20,8 @@ mod embedded {
 /// How long a migration's statement waits for a table lock before the migration is rolled
 /// back (see [`Store::migrate`]).
 pub const MIGRATION_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
-/// Migration attempts given up on a lock before the start fails (about a minute in all, the
-/// Kubernetes startup probe's budget).
+/// Migration attempts given up on a lock before the start fails (about a minute in all, within
+/// the Kubernetes startup probe's five).
 pub const MIGRATION_LOCK_ATTEMPTS: u32 = 6;
 
 /// Whether a migration failed waiting for a lock (SQLSTATE 55P03, `lock_timeout`).
