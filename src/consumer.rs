@@ -810,7 +810,7 @@ impl Pipeline {
     }
 
     /// Gives up the batches in flight and waits (a bounded time) for their tasks to end: each
-    /// requests a cancel of its query (see `Store::apply_once`), so none can still commit once
+    /// terminates its backend (see `Store::apply_once`), so none can still commit once
     /// its messages are redelivered, or after the process exits. Batches that committed
     /// behind one given up (a stop out of time while an older batch waits for a lock, say)
     /// cannot be acked with a multiple-ack: each of their messages is acked alone, so they are
@@ -881,12 +881,12 @@ impl Pipeline {
     }
 }
 
-/// What a stop keeps after giving up the attempts under way: the oldest batch's cancel request
-/// (up to 500 ms), waiting for the other tasks and acking what committed behind it
+/// What a stop keeps after giving up the attempts under way: the oldest batch's terminate of its
+/// backend (up to 500 ms, and as much again for a cancel request if that fails), waiting for the other tasks and acking what committed behind it
 /// ([`ABANDON_TIMEOUT`]) and the broker's close ([`CLOSE_TIMEOUT`]).
 const STOP_RESERVE: Duration = Duration::from_secs(3);
 
-/// How long [`Pipeline::abandon`] waits for its tasks (a cancel request takes up to 500 ms)
+/// How long [`Pipeline::abandon`] waits for its tasks (a terminate takes up to 500 ms)
 /// and for the acks of what committed behind a batch given up (a few batches' worth of single
 /// acks: milliseconds when the broker is well), both together.
 const ABANDON_TIMEOUT: Duration = Duration::from_secs(1);

@@ -4,6 +4,7 @@ use crate::event::{Event, Tally};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use futures_util::future::BoxFuture;
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_postgres::types::ToSql;
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -52,7 +53,7 @@ pub enum StoreError {
     Timeout(Duration),
     /// An apply attempt was given up while under way (see [`Store::apply_once`]).
     #[error(
-        "the attempt was given up (a stop out of time, or its broker connection gone); a cancel of its query was requested and the connection dropped"
+        "the attempt was given up (a stop out of time, or its broker connection gone); its connection was dropped and its backend terminated"
     )]
     Abandoned,
     /// A task the query waited on is gone (it panicked): the one that answers single look-ups
@@ -181,7 +182,11 @@ pub type BeforeCommit = BoxFuture<'static, ()>;
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
-    /// For the cancel requests of abandoned attempts (see [`Store::abandon`]).
+    /// For the connection that terminates the backend of an abandoned attempt (see
+    /// [`Store::abandon`]): its own, not the pool's, whose connections may be stalled too.
+    pg: Arc<tokio_postgres::Config>,
+    /// For the cancel requests of abandoned attempts whose backend could not be terminated
+    /// (see [`Store::abandon`]).
     tls: MakeRustlsConnect,
     /// Client-side deadline of one apply attempt (DB_TIMEOUT).
     db_timeout: Duration,
@@ -198,16 +203,16 @@ pub const UPSERT: &str = "INSERT INTO domains AS d (domain, delivered, bounced, 
      SET delivered = d.delivered + EXCLUDED.delivered, bounced = d.bounced + EXCLUDED.bounced, \
      other_bounced = d.other_bounced + EXCLUDED.other_bounced";
 const LOOKUP: &str = "SELECT delivered, bounced, other_bounced FROM domains WHERE domain = $1";
-/// Longest the cancel request of an abandoned apply attempt may take (see [`Store::abandon`]).
+/// Longest the terminate (and then the cancel request) of an abandoned apply attempt's
+/// backend may take, each (see [`Store::abandon`]).
 const CANCEL_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// How often a backend running one of the worker's queries checks that the worker is still
 /// connected (`client_connection_check_interval`, PostgreSQL 14 and later, on Linux, macOS
-/// and the BSDs), and ends the query and its transaction if not. It is what stops a backend
-/// whose attempt was given up when the cancel request missed it: a cancel that reaches a
-/// backend before it has read the statements (already sent) is discarded, and the backend
-/// then ran them, waited for a row lock, and committed once it got it, after the batch had
-/// been redelivered (`Store::abandon`). A check is a `poll` while a query runs.
+/// and the BSDs), and ends the query and its transaction if not: the second line of defence
+/// behind `Store::abandon`'s terminate, for a backend it could not reach. It narrows, not
+/// closes, the window: a lock released within the interval still let such a backend commit
+/// a batch already redelivered. A check is a `poll` while a query runs.
 const CLIENT_CHECK_INTERVAL: &str = "250ms";
 
 /// Asks Postgres to end a query of this connection once the worker is gone (see
@@ -342,6 +347,7 @@ impl Store {
             .unwrap_or(Duration::from_secs(5));
         let hosts = pg.get_hosts().len().max(1) as u32;
         let create_timeout = per_host * hosts + Duration::from_secs(5);
+        let terminating = Arc::new(pg.clone());
         let manager = Manager::from_config(
             pg,
             tls.clone(),
@@ -367,6 +373,7 @@ impl Store {
             .expect("a runtime and timeouts are set, so the pool builds");
         Ok(Self {
             pool,
+            pg: terminating,
             tls,
             db_timeout: Duration::from_secs(30),
             claim_window: dedup::CLAIM_WINDOW.as_secs_f64(),
@@ -506,7 +513,7 @@ impl Store {
     /// (its id-less messages would otherwise count twice). `before_commit`, if given, is
     /// awaited between the statements and `COMMIT`. An attempt past `DB_TIMEOUT`, or under way
     /// when `abandon` fires ([`StoreError::Abandoned`]; also while it waits for a connection),
-    /// is given up: a cancel of its query is requested and its connection dropped (see
+    /// is given up: its connection is dropped and its backend terminated (see
     /// [`Store::abandon`]). An attempt that ended when `abandon` fires keeps its outcome.
     pub async fn apply_once(
         &self,
@@ -565,31 +572,60 @@ impl Store {
         }
     }
 
-    /// Gives up an attempt under way on `client`: requests a cancel of its backend's query, then
-    /// drops the connection (never back to the pool, where a late cancel could hit the next
-    /// query). The upsert and its `COMMIT` go out together (see `upsert_and_commit`), so a
-    /// backend still at work (waiting for a row lock, say) holds the `COMMIT` as well; with the
+    /// Gives up an attempt under way on `client`: drops the connection (never back to the pool)
+    /// and ends its backend with `pg_terminate_backend` from a connection of its own,
+    /// so nothing of the attempt can commit once its batch is retried or redelivered.
+    ///
+    /// The upsert and its `COMMIT` go out together (see `upsert_and_commit`), so a backend
+    /// still at work (waiting for a row lock, say) holds the `COMMIT` as well; with the
     /// connection dropped alone it went on and committed, later, a batch the worker had given
-    /// up on and the broker redelivered, and the messages without an id counted twice.
-    /// Cancelled while a statement runs, the statement fails and the `COMMIT` behind it answers
-    /// `ROLLBACK`. A cancel cannot stop a `COMMIT` already running, nor one whose upsert ended
-    /// just before the cancel came: the batch commits then. Retried (past `DB_TIMEOUT`), the
-    /// batch's token or ids make the retry a no-op; given up and redelivered, its messages
-    /// without an id count twice. A cancel that cannot be sent within [`CANCEL_TIMEOUT`] is
-    /// logged; that backend ends at its `statement_timeout` (60 s), or commits if what it waits
-    /// for comes first.
+    /// up on and the broker redelivered, and the messages without an id counted twice. A cancel
+    /// request (what this did before) has the same hole in a narrower place: one that reaches
+    /// the backend between statements, before the rest of the attempt arrives on the other
+    /// connection, is discarded, and the statements then ran and committed
+    /// (`an_abandoned_attempt_whose_commit_arrives_after_the_cancel_does_not_commit`). A
+    /// terminated backend runs nothing more. Neither can stop a `COMMIT` already running: the
+    /// batch commits then; retried (past `DB_TIMEOUT`), its token or ids make the retry a
+    /// no-op; given up and redelivered, its messages without an id count twice.
+    ///
+    /// If the terminate cannot be sent within [`CANCEL_TIMEOUT`] (no connection to be had, a
+    /// role without the right), a cancel request is tried as before; failing that too, it is
+    /// logged, and the backend ends when `client_connection_check_interval` sees the
+    /// connection gone, at its `statement_timeout` (60 s), or commits if what it waits for
+    /// comes first.
     async fn abandon(&self, client: deadpool_postgres::Object) {
         let client = deadpool_postgres::Object::take(client);
+        let pid = client.backend_pid();
         let token = client.cancel_token();
-        let cancel = token.cancel_query(self.tls.clone());
-        let error = match tokio::time::timeout(CANCEL_TIMEOUT, cancel).await {
-            Ok(Ok(())) => return,
+        drop(client);
+        let terminate = async {
+            let (other, connection) = self.pg.connect(self.tls.clone()).await?;
+            let connection = tokio::spawn(connection);
+            let terminated = other
+                .execute("SELECT pg_terminate_backend($1)", &[&pid])
+                .await;
+            drop(other);
+            let _ = connection.await;
+            terminated
+        };
+        let error = match tokio::time::timeout(CANCEL_TIMEOUT, terminate).await {
+            Ok(Ok(_)) => return,
             Ok(Err(error)) => anyhow::Error::new(error),
             Err(_) => anyhow::anyhow!("no answer within {CANCEL_TIMEOUT:?}"),
         };
+        let cancel = token.cancel_query(self.tls.clone());
+        let cancelled = match tokio::time::timeout(CANCEL_TIMEOUT, cancel).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(anyhow::Error::new(error)),
+            Err(_) => Err(anyhow::anyhow!("no answer within {CANCEL_TIMEOUT:?}")),
+        };
         tracing::warn!(
+            backend = pid,
             error = format!("{error:#}"),
-            "Could not cancel an abandoned Postgres attempt; it may still commit (its batch is retried or redelivered)."
+            cancel = cancelled
+                .as_ref()
+                .map_or_else(|e| format!("{e:#}"), |()| "sent".into()),
+            "Could not end the backend of an abandoned Postgres attempt; it may still commit (its batch is retried or redelivered)."
         );
     }
 

@@ -81,6 +81,9 @@ pub enum Action {
     LoseCommitReply,
     /// Stop between commit and ack until the test lets go (the test kills the worker meanwhile).
     HoldAfterCommit(Arc<Notify>, Arc<Notify>),
+    /// Hold the `COMMIT` (and all else sent on the Postgres connections open then) in the
+    /// proxy until the test releases it.
+    HoldCommit,
 }
 
 /// A fault hook that performs one armed action at its point, once.
@@ -106,7 +109,7 @@ impl Trigger {
             let action = match (&*armed, point) {
                 (Some(Action::HoldAfterCommit(..)), FaultPoint::AfterCommit)
                 | (
-                    Some(Action::CutPgBeforeCommit | Action::LoseCommitReply),
+                    Some(Action::CutPgBeforeCommit | Action::LoseCommitReply | Action::HoldCommit),
                     FaultPoint::BeforeCommit,
                 ) => armed.take(),
                 _ => None,
@@ -146,6 +149,7 @@ impl Trigger {
                             pg.restore();
                         });
                     }
+                    Action::HoldCommit => pg.hold_open_connections(),
                     Action::HoldAfterCommit(held, release) => {
                         held.notify_one();
                         release.notified().await;

@@ -22,6 +22,10 @@ struct State {
     generation: Mutex<CancellationToken>,
     /// Cancelled by [`Proxy::freeze_open_connections`] for the connections open then.
     freeze: Mutex<CancellationToken>,
+    /// Cancelled by [`Proxy::hold_open_connections`] for the connections open then.
+    hold: Mutex<CancellationToken>,
+    /// Cancelled by [`Proxy::release_held`].
+    released: CancellationToken,
 }
 
 /// Share it with `Arc` where a fault hook needs it.
@@ -45,6 +49,8 @@ impl Proxy {
             forwarded: AtomicU64::new(0),
             generation: Mutex::new(CancellationToken::new()),
             freeze: Mutex::new(CancellationToken::new()),
+            hold: Mutex::new(CancellationToken::new()),
+            released: CancellationToken::new(),
         });
         let shutdown = CancellationToken::new();
         let accept_state = state.clone();
@@ -69,7 +75,8 @@ impl Proxy {
                     generation.child_token()
                 };
                 let freeze = accept_state.freeze.lock().unwrap().clone();
-                tokio::spawn(serve(client, accept_state.clone(), token, freeze));
+                let hold = accept_state.hold.lock().unwrap().clone();
+                tokio::spawn(serve(client, accept_state.clone(), token, freeze, hold));
             }
         });
         Self {
@@ -113,6 +120,21 @@ impl Proxy {
         *freeze = CancellationToken::new();
     }
 
+    /// The connections open now keep what their clients send until [`Proxy::release_held`],
+    /// even once the client has closed: then it reaches the server, whose side stays open
+    /// until a cut (a request overtaken by one sent later on another connection, such as a
+    /// cancel request). New connections work.
+    pub fn hold_open_connections(&self) {
+        let mut hold = self.state.hold.lock().unwrap();
+        hold.cancel();
+        *hold = CancellationToken::new();
+    }
+
+    /// Forwards what [`Proxy::hold_open_connections`] held, and what follows.
+    pub fn release_held(&self) {
+        self.state.released.cancel();
+    }
+
     /// How many client-to-server writes were forwarded so far (all connections): a fault hook
     /// waits for it to grow to know its request reached the server.
     pub fn requests_forwarded(&self) -> u64 {
@@ -138,6 +160,7 @@ async fn serve(
     state: Arc<State>,
     token: CancellationToken,
     freeze: CancellationToken,
+    hold: CancellationToken,
 ) {
     let Ok(server) = TcpStream::connect(state.upstream).await else {
         return;
@@ -148,8 +171,38 @@ async fn serve(
     let (mut server_read, mut server_write) = server.into_split();
     let requests = async {
         let mut buf = vec![0u8; 64 * 1024];
+        let mut held = Vec::new();
+        let mut client_gone = false;
         loop {
+            if hold.is_cancelled() && !state.released.is_cancelled() {
+                // Held: keep what the client sends (and its going) until the release.
+                tokio::select! {
+                    // A reset counts as gone too: the client may close with replies unread.
+                    read = client_read.read(&mut buf), if !client_gone => match read {
+                        Ok(0) | Err(_) => client_gone = true,
+                        Ok(n) => held.extend_from_slice(&buf[..n]),
+                    },
+                    _ = state.released.cancelled() => {}
+                }
+                continue;
+            }
+            if !held.is_empty() {
+                server_write.write_all(&std::mem::take(&mut held)).await?;
+                state.forwarded.fetch_add(1, Ordering::SeqCst);
+            }
+            if client_gone {
+                // The server's side stays open: it runs what it was sent, unaware.
+                std::future::pending::<()>().await;
+            }
             let n = client_read.read(&mut buf).await?;
+            if hold.is_cancelled() && !state.released.is_cancelled() {
+                // Held while this read waited: these bytes are the first held.
+                match n {
+                    0 => client_gone = true,
+                    n => held.extend_from_slice(&buf[..n]),
+                }
+                continue;
+            }
             if n == 0 || !may_forward(&token, &freeze).await {
                 return Ok::<(), std::io::Error>(());
             }

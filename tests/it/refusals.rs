@@ -245,20 +245,8 @@ async fn an_abandoned_attempt_cannot_commit_after_its_batch_is_redelivered() {
     .await;
     // The broker closes the worker's connection: the next failed attempt gives the batch up, and
     // the broker redelivers it to the reconnected consumer.
-    let name = format!("catchall-worker {}", broker.queue);
-    wait_for(
-        Duration::from_secs(30),
-        "the worker's connection closed",
-        || async { (crate::faults::broker_closes_connections(&name).await > 0).then_some(()) },
-    )
-    .await;
-    wait_for(
-        Duration::from_secs(30),
-        "the worker reconnected",
-        || async { (worker.stats().reconnects >= 1).then_some(()) },
-    )
-    .await;
-    // By now the given-up attempts' cancels were sent: the worker waits for them before it
+    give_up_through_the_broker(&worker, &broker).await;
+    // By now the given-up attempts' backends were ended: the worker waits for that before it
     // reconnects.
     lock.batch_execute("COMMIT").await.expect("release the row");
     wait_for(
@@ -316,6 +304,103 @@ async fn a_statement_of_a_connection_dropped_without_a_cancel_does_not_outlive_i
         Some(&(0, 0)),
         "the update never ran"
     );
+}
+
+/// An attempt given up while its `COMMIT` is still on the way to its backend (held in a proxy
+/// here; a loaded machine's socket buffers in life) cannot commit once the batch is
+/// redelivered. The cancel request sent at the give-up reached the backend first, idle between
+/// statements, and was discarded; the `COMMIT` arriving next committed the batch the broker
+/// had redelivered: its messages without an id counted twice (67 and 69 of 40 here; 49 of 40
+/// in a full run of `an_abandoned_attempt_cannot_commit_after_its_batch_is_redelivered`, where
+/// a lock released within the 250 ms client check did the same). The backend is now
+/// terminated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_attempt_whose_commit_arrives_after_the_cancel_does_not_commit() {
+    use crate::faults::{Action, Rig, Trigger, start_with_hook};
+    const MESSAGES: i64 = 40;
+    let rig = Rig::new().await;
+    let mut config = rig.config();
+    config.db_timeout = Duration::from_secs(1);
+    let trigger = Trigger::default();
+    let worker = start_with_hook(config, trigger.hook(rig.pg.clone())).await;
+    worker.ready().await;
+    trigger.arm(Action::HoldCommit);
+    publish_id_less(&rig.broker, "late.example", MESSAGES).await;
+    // The first attempt ran its statements; its COMMIT is held: no answer, DB_TIMEOUT.
+    wait_for(Duration::from_secs(30), "an attempt timed out", || async {
+        (worker.stats().db_errors >= 1).then_some(())
+    })
+    .await;
+    // The broker closes the worker's connection: a batch still failing is given up and
+    // redelivered, under a new token.
+    give_up_through_the_broker(&worker, &rig.broker).await;
+    // The backends still holding an upsert (the attempt given up, unless it was ended), then
+    // the held COMMIT reaches them.
+    let client = rig.db.client().await;
+    let holding: Vec<i32> = client
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+             AND state = 'idle in transaction' AND query LIKE 'INSERT INTO domains%'",
+            &[],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    eprintln!("backends holding an upsert at the release: {holding:?}");
+    rig.pg.release_held();
+    wait_for(
+        Duration::from_secs(60),
+        "the batch applied and the queue drained",
+        || async {
+            (worker.stats().applied >= MESSAGES as u64
+                && rig.broker.depth(&rig.broker.queue).await == 0)
+                .then_some(())
+        },
+    )
+    .await;
+    wait_for(
+        Duration::from_secs(10),
+        "those backends to commit or end",
+        || async {
+            let left: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE pid = ANY($1) AND state = 'idle in transaction'",
+                    &[&holding],
+                )
+                .await
+                .ok()?
+                .get(0);
+            (left == 0).then_some(())
+        },
+    )
+    .await;
+    worker.stop().await;
+    assert_eq!(
+        rig.db.counts().await.get("late.example"),
+        Some(&(MESSAGES, 0)),
+        "counted once"
+    );
+}
+
+/// Closes the worker's broker connection from the broker's side and waits until it has
+/// reconnected: a batch still failing then is given up, and its messages redelivered.
+async fn give_up_through_the_broker(worker: &TestWorker, broker: &TestBroker) {
+    let name = format!("catchall-worker {}", broker.queue);
+    wait_for(
+        Duration::from_secs(30),
+        "the worker's connection closed",
+        || async { (crate::faults::broker_closes_connections(&name).await > 0).then_some(()) },
+    )
+    .await;
+    wait_for(
+        Duration::from_secs(30),
+        "the worker reconnected",
+        || async { (worker.stats().reconnects >= 1).then_some(()) },
+    )
+    .await;
 }
 
 /// A client holding `domain`'s row locked (`FOR UPDATE`, in a transaction it leaves open): an

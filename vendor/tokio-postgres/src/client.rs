@@ -211,6 +211,13 @@ impl Client {
         }
     }
 
+    // PATCHED (catchall): the backend's process id, for `pg_terminate_backend` from another
+    // connection (the worker ends the backend of an apply attempt it gave up on).
+    /// The process id of the server backend of this connection (`pg_backend_pid()`).
+    pub fn backend_pid(&self) -> i32 {
+        self.process_id
+    }
+
     pub(crate) fn inner(&self) -> &Arc<InnerClient> {
         &self.inner
     }
