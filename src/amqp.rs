@@ -277,7 +277,25 @@ fn parse_node(index: usize, raw: &str) -> Result<Node, ConnectError> {
 /// URI parameters (`cacertfile`, `certfile`, `keyfile`, `server_name_indication`,
 /// `auth_mechanism=external`); the server certificate is always verified.
 pub async fn connect(urls: &str, name: &str) -> Result<Connection, ConnectError> {
-    connect_gated(urls, name, None).await
+    connect_from(urls, name, None, Start::AfterLast).await
+}
+
+/// [`connect`] for a connection beside one that is open (HTTP ingest's, beside the
+/// consumer's): it starts *at* the node this process connected to last, which answers. Started
+/// after it, every attempt went first through the nodes the consumer had found silent: with
+/// two before a live one, their connect timeouts used up ingest's 10 s and every request got
+/// 503 for as long as the consumer's connection lasted.
+pub async fn connect_beside(urls: &str, name: &str) -> Result<Connection, ConnectError> {
+    connect_from(urls, name, None, Start::AtLast).await
+}
+
+/// Where an attempt starts in a cluster's node list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// After the node connected to last: its connection was lost, so it may be down.
+    AfterLast,
+    /// At the node connected to last: another connection to it is open.
+    AtLast,
 }
 
 /// [`connect`], with a read gate: the connection stops reading while `gate` holds its limit of
@@ -286,6 +304,15 @@ pub async fn connect_gated(
     urls: &str,
     name: &str,
     gate: Option<&lapin::ReadGate>,
+) -> Result<Connection, ConnectError> {
+    connect_from(urls, name, gate, Start::AfterLast).await
+}
+
+async fn connect_from(
+    urls: &str,
+    name: &str,
+    gate: Option<&lapin::ReadGate>,
+    from: Start,
 ) -> Result<Connection, ConnectError> {
     let nodes = split_nodes(urls)
         .into_iter()
@@ -298,7 +325,11 @@ pub async fn connect_gated(
             reason: "no node".into(),
         });
     }
-    let start = last_good(urls).map_or(0, |last| last + 1);
+    let start = match (last_good(urls), from) {
+        (None, _) => 0,
+        (Some(last), Start::AfterLast) => last + 1,
+        (Some(last), Start::AtLast) => last,
+    };
     let mut failures = Vec::new();
     for offset in 0..nodes.len() {
         let index = (start + offset) % nodes.len();

@@ -8,7 +8,7 @@
 //! packed: it is its own message with `message_id` = the key, so a retry of it is deduplicated by
 //! the worker like any republished message (a pack's fresh id could not be).
 
-use crate::amqp::{Topology, connect};
+use crate::amqp::{Topology, connect_beside};
 use crate::config::redact_url;
 use crate::event::{Event, MAX_BODY_BYTES};
 use lapin::PublisherConfirm;
@@ -198,10 +198,11 @@ impl Link {
     /// timeout), then opens a confirming channel within `confirm_timeout`. The whole used to
     /// share `confirm_timeout` (5 s), one node's connect timeout: a first node that dropped
     /// packets used it up, the next node was never tried, and ingest answered 503 for as long
-    /// as the consumer's connection lasted (which decides the node tried first).
+    /// as the consumer's connection lasted (which decides the node tried first). The first
+    /// node tried is the consumer's (see [`connect_beside`]).
     async fn open_channel(&self) -> anyhow::Result<(Connection, Channel)> {
         use anyhow::Context;
-        let connection = connect(
+        let connection = connect_beside(
             &self.settings.amqp_url,
             &format!("catchall ingest {}", self.settings.topology.exchange),
         )

@@ -755,13 +755,35 @@ async fn a_flood_past_the_concurrency_cap_gets_503_and_slow_requests_408() {
     worker.stop().await;
 }
 
-/// A cluster `AMQP_URL` whose next node accepts TCP and never answers: ingest connects past
-/// it, to the node after it, and the event is accepted. The whole connection attempt used to
-/// share the 5 s confirm timeout, one node's connect timeout, so the silent node used it up,
-/// the next was never tried, and every request got 503 for as long as the consumer's
-/// connection (which decides the node tried first) lasted.
+/// A cluster `AMQP_URL` whose first node accepts TCP and never answers: ingest, whose
+/// connection opens at start (beside the consumer's, both from the first node), connects past
+/// it to the next, and the event is accepted. The whole connection attempt used to share the
+/// 5 s confirm timeout, one node's connect timeout, so the silent node used it up, the next
+/// was never tried, and every request got 503.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_connects_past_a_cluster_node_that_never_answers() {
+    a_put_is_accepted_with_a_silent_node(|silent| {
+        format!("amqp://guest:guest@{silent}/%2f,amqp://guest:guest@127.0.0.1:5672/%2f")
+    })
+    .await;
+}
+
+/// Two cluster nodes that accept TCP and never answer, before a live one: the consumer gets
+/// to the live node past both, and ingest's connection starts there too. It started after the
+/// consumer's node, so every attempt spent its 10 s on the two silent ones (6 s each here) and
+/// every request got 503 for as long as the consumer stayed connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_connects_to_the_consumers_node_past_two_silent_ones() {
+    a_put_is_accepted_with_a_silent_node(|silent| {
+        let quiet = format!("amqp://guest:guest@{silent}/%2f?connection_timeout=6000");
+        format!("{quiet},{quiet},amqp://guest:guest@127.0.0.1:5672/%2f")
+    })
+    .await;
+}
+
+/// A worker on the cluster `AMQP_URL` that `url` makes of a node that accepts TCP and never
+/// answers: one PUT is answered 202.
+async fn a_put_is_accepted_with_a_silent_node(url: impl FnOnce(std::net::SocketAddr) -> String) {
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let silent_addr = silent.local_addr().unwrap();
     let holding = tokio::spawn(async move {
@@ -770,12 +792,8 @@ async fn ingest_connects_past_a_cluster_node_that_never_answers() {
             open.push(stream);
         }
     });
-    let node = "amqp://guest:guest@127.0.0.1:5672/%2f";
-    let (_db, _broker, worker) = ingest_worker(|config| {
-        config.amqp.amqp_url = format!("{node},amqp://guest:guest@{silent_addr}/%2f,{node}");
-    })
-    .await;
-    // The consumer connected to the first node: ingest starts after it, at the silent one.
+    let (_db, _broker, worker) =
+        ingest_worker(|config| config.amqp.amqp_url = url(silent_addr)).await;
     let answer = client()
         .put(worker.url("/events/cluster.example/delivered"))
         .bearer_auth(TOKEN)
