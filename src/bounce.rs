@@ -97,7 +97,9 @@ pub const POLICY_TEXTS: &[&str] = &[
     "full",
     // The sender's address refused, not the recipient's: Postfix's `Sender address rejected:
     // Domain not found`, Exim's `Sender verify failed`.
-    "sender",
+    "sender address",
+    "sender verify",
+    "sender domain",
 ];
 
 /// True if `text` says the recipient does not exist, and not that a policy refused it.
@@ -142,7 +144,8 @@ pub const NOT_THE_RECIPIENT: &[u16] = &[5, 7, 8, 9];
 ///
 /// - no evidence at all → [`BounceKind::NoSuchRecipient`] (the original wire format);
 /// - an enhanced code `5.1.x` → `NoSuchRecipient` (but the sender-side and "valid" details of
-///   [`NOT_THE_RECIPIENT`] → `Other`); any other defined code (`4.x.x`, `5.2.x`
+///   [`NOT_THE_RECIPIENT`] → `Other`, and `5.1.0` is left to the reply and text); any other
+///   defined code (`4.x.x`, `5.2.x`
 ///   mailbox full, `5.7.x` policy…) → [`BounceKind::Other`]; `x.0.x` (other or undefined
 ///   status) says nothing, so the reply code and text decide;
 /// - otherwise a 550, 551 or 553 reply whose text says the user is unknown → `NoSuchRecipient`;
@@ -160,6 +163,9 @@ pub fn classify(
     let (text_smtp, text_code) = diagnostic.map(codes_in_text).unwrap_or_default();
     let smtp_code = smtp_code.or(text_smtp);
     match code.or(text_code) {
+        // `5.1.0`, *other address status*, names no side: the reply and text decide, as for
+        // `5.0.x` (Postfix sends it for a sender refused as unknown).
+        Some(c) if c.class == 5 && c.subject == 1 && c.detail == 0 => {}
         Some(c) if c.class == 5 && c.subject == 1 && !NOT_THE_RECIPIENT.contains(&c.detail) => {
             return BounceKind::NoSuchRecipient;
         }
@@ -259,6 +265,40 @@ mod tests {
                 Other,
             ),
             (None, Some(550), Some("Sender verify failed"), Other),
+            (
+                Some("5.1.0"),
+                Some(550),
+                Some(
+                    "<b@esp.example>: Sender address rejected: User unknown in virtual mailbox table",
+                ),
+                Other,
+            ),
+            (
+                None,
+                None,
+                Some("550 5.1.0 <b@esp.example>: Sender address rejected: User unknown"),
+                Other,
+            ),
+            (
+                Some("5.1.0"),
+                Some(550),
+                Some("<jo@example.com>: Recipient address rejected: User unknown"),
+                NoSuchRecipient,
+            ),
+            (
+                Some("5.1.0"),
+                Some(550),
+                Some("Address rejected"),
+                NoSuchRecipient,
+            ),
+            (Some("5.1.0"), Some(554), Some("Rejected"), Other),
+            // "sender" alone is not the sender's refusal.
+            (
+                None,
+                Some(550),
+                Some("No such user here (sender b@esp.example notified)"),
+                NoSuchRecipient,
+            ),
             (Some("5.2.2"), Some(552), Some("Mailbox full"), Other),
             (Some("5.7.1"), Some(554), Some("spam"), Other),
             (Some("4.1.1"), Some(450), None, Other),

@@ -11,11 +11,13 @@ use tokio_util::sync::CancellationToken;
 /// receiver (primary gone, replication broken) what it received says nothing of what it missed,
 /// so the age counts: it used to show 0 there, a replica cut off for hours looking current.
 /// `pg_stat_wal_receiver` has its row (its pid, at least) for every role while a receiver runs.
+/// A replica that has replayed no transaction since it started counts from its start.
 const LAG: &str = "SELECT CASE \
        WHEN NOT pg_is_in_recovery() THEN 0 \
        WHEN EXISTS (SELECT 1 FROM pg_stat_wal_receiver) \
             AND pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 \
-       ELSE COALESCE(EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()), 0) \
+       ELSE EXTRACT(EPOCH FROM now() \
+            - COALESCE(pg_last_xact_replay_timestamp(), pg_postmaster_start_time())) \
      END::float8";
 
 /// Measures the replica's lag every `every` until `cancel` fires, as the gauge

@@ -17,7 +17,6 @@ mod embedded {
     refinery::embed_migrations!("migrations");
 }
 
-/// Errors at the store's boundary.
 /// How long a migration's statement waits for a table lock before the migration is rolled
 /// back (see [`Store::migrate`]).
 pub const MIGRATION_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -36,6 +35,7 @@ fn is_lock_timeout(error: &refinery::Error) -> bool {
     }
 }
 
+/// Errors at the store's boundary.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("invalid DATABASE_URL: {0}")]
@@ -409,11 +409,21 @@ impl Store {
         let mut backoff =
             crate::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
         let mut attempt = 1;
+        // Each migration commits on its own: those an attempt applied before one timed out
+        // stay applied, and belong in the report.
+        let mut applied = Vec::new();
         loop {
             match self.migrate_once().await {
+                Ok(report) => {
+                    applied.extend(report.applied_migrations().iter().cloned());
+                    return Ok(refinery::Report::new(applied));
+                }
                 Err(StoreError::Migration(error))
                     if attempt < MIGRATION_LOCK_ATTEMPTS && is_lock_timeout(&error) =>
                 {
+                    if let Some(report) = error.report() {
+                        applied.extend(report.applied_migrations().iter().cloned());
+                    }
                     let wait = backoff.next_wait();
                     tracing::warn!(
                         error = %error,

@@ -185,6 +185,7 @@ async fn replica_serves_lookups_and_its_loss_only_stops_readiness() {
         || async { lag().await.filter(|&seconds| seconds == 0.0).map(|_| ()) },
     )
     .await;
+    worker.ready().await;
 
     // The replica goes away: not ready, naming it; counting goes on.
     pg_ctl("stop").await;

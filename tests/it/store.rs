@@ -204,11 +204,11 @@ mod embedded {
     refinery::embed_migrations!("migrations");
 }
 
-/// A migration whose lock request waits behind a long transaction (an export, a stuck batch of
-/// the release before) gives up after `MIGRATION_LOCK_TIMEOUT` and tries again: the running
-/// workers' writes to the table, queued behind that request, go through in the meantime (they
-/// used to wait for as long as the long transaction lasted), and the migration is applied once
-/// the transaction ends.
+/// A migration whose lock request waits behind a long transaction (here a read, as an export
+/// makes) gives up after `MIGRATION_LOCK_TIMEOUT` and tries again: the running workers' writes
+/// to the table, queued behind that request, go through in the meantime (they used to wait for
+/// as long as the long transaction lasted), and the migration is applied once the transaction
+/// ends. The report names every migration applied, those of the attempt that timed out too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_migration_waiting_for_a_lock_does_not_hold_up_the_writes_behind_it() {
     let db = TestDb::create().await;
@@ -218,18 +218,17 @@ async fn a_migration_waiting_for_a_lock_does_not_hold_up_the_writes_behind_it() 
         .run_async(&mut client)
         .await
         .expect("V1 and V2");
-    // A transaction that wrote to domains and stays open: V3's CREATE INDEX waits for it.
+    // A transaction that read domains and stays open: V3's CREATE INDEX goes through, V4's
+    // ALTER TABLE waits for it.
     let long = db.client().await;
-    long.batch_execute(
-        "BEGIN; INSERT INTO domains (domain, delivered, bounced) VALUES ('long.example', 1, 0)",
-    )
-    .await
-    .expect("the long transaction");
+    long.batch_execute("BEGIN; SELECT count(*) FROM domains")
+        .await
+        .expect("the long transaction");
     let store = Store::connect(&db.url, 1).await.expect("connect");
     let migration = tokio::spawn(async move { store.migrate().await });
     db.await_lock_waits(
         1,
-        "%CREATE INDEX domains_never_bounced%",
+        "%ALTER TABLE domains ADD COLUMN other_bounced%",
         "the migration to wait for the lock",
     )
     .await;
@@ -268,7 +267,7 @@ async fn a_migration_waiting_for_a_lock_does_not_hold_up_the_writes_behind_it() 
         .expect("the index")
         .get(0);
     assert!(index, "V3's index exists");
-    assert_eq!(db.total_events().await, 2);
+    assert_eq!(db.total_events().await, 1);
 }
 
 /// A replica of the previous release starts against a database that a newer release already
