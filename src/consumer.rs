@@ -882,11 +882,12 @@ impl Pipeline {
 }
 
 /// What a stop keeps after giving up the attempts under way: the oldest batch's terminate of its
-/// backend (up to 500 ms, and as much again for a cancel request if that fails), waiting for the other tasks and acking what committed behind it
+/// backend (up to 600 ms with the cancel request that follows one that failed), waiting for the other tasks and acking what committed behind it
 /// ([`ABANDON_TIMEOUT`]) and the broker's close ([`CLOSE_TIMEOUT`]).
 const STOP_RESERVE: Duration = Duration::from_secs(3);
 
-/// How long [`Pipeline::abandon`] waits for its tasks (a terminate takes up to 500 ms)
+/// How long [`Pipeline::abandon`] waits for its tasks (a terminate, and a cancel request after
+/// one that failed, take up to 600 ms)
 /// and for the acks of what committed behind a batch given up (a few batches' worth of single
 /// acks: milliseconds when the broker is well), both together.
 const ABANDON_TIMEOUT: Duration = Duration::from_secs(1);
@@ -916,7 +917,7 @@ async fn ack(channel: &Channel, last_tag: Option<u64>) -> anyhow::Result<()> {
 /// Applies a batch. A transient Postgres failure is retried with backoff while the batch stays
 /// unacked, during a stop too; gives up only when the channel has closed (the broker
 /// redelivers the batch), or when a stop runs out of time or the pipeline is given up
-/// (`abort`, at any time; an attempt under way has its query cancelled).
+/// (`abort`, at any time; an attempt under way has its backend terminated).
 ///
 /// A permanent failure (Postgres refuses the content, see
 /// [`crate::store::StoreError::is_permanent`]) is isolated by bisecting: each half is applied in

@@ -203,9 +203,15 @@ pub const UPSERT: &str = "INSERT INTO domains AS d (domain, delivered, bounced, 
      SET delivered = d.delivered + EXCLUDED.delivered, bounced = d.bounced + EXCLUDED.bounced, \
      other_bounced = d.other_bounced + EXCLUDED.other_bounced";
 const LOOKUP: &str = "SELECT delivered, bounced, other_bounced FROM domains WHERE domain = $1";
-/// Longest the terminate (and then the cancel request) of an abandoned apply attempt's
-/// backend may take, each (see [`Store::abandon`]).
-const CANCEL_TIMEOUT: Duration = Duration::from_millis(500);
+/// Longest the terminate of an abandoned apply attempt's backend may take, connection included
+/// (see [`Store::abandon`]).
+const TERMINATE_TIMEOUT: Duration = Duration::from_millis(400);
+/// Longest the cancel request sent when the terminate did not end the backend may take; with
+/// [`TERMINATE_TIMEOUT`], 600 ms, within the consumer's 1 s `ABANDON_TIMEOUT`.
+const CANCEL_TIMEOUT: Duration = Duration::from_millis(200);
+/// Ends a backend of this role and database: `true` if it was signalled.
+const TERMINATE: &str = "SELECT COALESCE((SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+     WHERE pid = $1 AND usename = current_user AND datname = current_database()), false)";
 
 /// How often a backend running one of the worker's queries checks that the worker is still
 /// connected (`client_connection_check_interval`, PostgreSQL 14 and later, on Linux, macOS
@@ -598,11 +604,12 @@ impl Store {
     /// batch commits then; retried (past `DB_TIMEOUT`), its token or ids make the retry a
     /// no-op; given up and redelivered, its messages without an id count twice.
     ///
-    /// If the terminate cannot be sent within [`CANCEL_TIMEOUT`] (no connection to be had, a
-    /// role without the right), a cancel request is tried as before; failing that too, it is
-    /// logged, and the backend ends when `client_connection_check_interval` sees the
-    /// connection gone, at its `statement_timeout` (60 s), or commits if what it waits for
-    /// comes first.
+    /// If the terminate cannot be sent within [`TERMINATE_TIMEOUT`] (no connection to be had, a
+    /// role without the right) or finds no backend of that pid (one that ended already, or
+    /// behind a pooler such as PgBouncer, whose key is its own), a cancel request is sent as
+    /// before (a pooler passes it on). A terminate that failed is logged; the backend then
+    /// ends when `client_connection_check_interval` sees the connection gone, at its
+    /// `statement_timeout` (60 s), or commits if what it waits for comes first.
     async fn abandon(&self, client: deadpool_postgres::Object) {
         let client = deadpool_postgres::Object::take(client);
         let pid = client.backend_pid();
@@ -610,18 +617,30 @@ impl Store {
         drop(client);
         let terminate = async {
             let (other, connection) = self.pg.connect(self.tls.clone()).await?;
-            let connection = tokio::spawn(connection);
-            let terminated = other
-                .execute("SELECT pg_terminate_backend($1)", &[&pid])
-                .await;
-            drop(other);
-            let _ = connection.await;
+            // Only a backend of this role and database: after a failover a multi-host URL may
+            // reach another server, where the pid is someone else's.
+            let query = async {
+                let terminated = other
+                    .query_one(TERMINATE, &[&pid])
+                    .await
+                    .and_then(|row| row.try_get::<_, bool>(0));
+                drop(other);
+                terminated
+            };
+            // Both in this future: given up at the deadline, the connection goes with it.
+            let (terminated, _) = tokio::join!(query, connection);
             terminated
         };
-        let error = match tokio::time::timeout(CANCEL_TIMEOUT, terminate).await {
-            Ok(Ok(_)) => return,
-            Ok(Err(error)) => anyhow::Error::new(error),
-            Err(_) => anyhow::anyhow!("no answer within {CANCEL_TIMEOUT:?}"),
+        let (error, expected) = match tokio::time::timeout(TERMINATE_TIMEOUT, terminate).await {
+            Ok(Ok(true)) => return,
+            // No backend of that pid: one that ended already, or a pooler (PgBouncer) that
+            // gave the client a key of its own; the cancel request goes through the pooler.
+            Ok(Ok(false)) => (anyhow::anyhow!("no backend with pid {pid}"), true),
+            Ok(Err(error)) => (anyhow::Error::new(error), false),
+            Err(_) => (
+                anyhow::anyhow!("no answer within {TERMINATE_TIMEOUT:?}"),
+                false,
+            ),
         };
         let cancel = token.cancel_query(self.tls.clone());
         let cancelled = match tokio::time::timeout(CANCEL_TIMEOUT, cancel).await {
@@ -629,13 +648,23 @@ impl Store {
             Ok(Err(error)) => Err(anyhow::Error::new(error)),
             Err(_) => Err(anyhow::anyhow!("no answer within {CANCEL_TIMEOUT:?}")),
         };
+        let cancel = cancelled
+            .as_ref()
+            .map_or_else(|e| format!("{e:#}"), |()| "sent".into());
+        if expected && cancelled.is_ok() {
+            tracing::debug!(
+                backend = pid,
+                error = format!("{error:#}"),
+                cancel,
+                "Abandoned Postgres attempt cancelled."
+            );
+            return;
+        }
         tracing::warn!(
             backend = pid,
             error = format!("{error:#}"),
-            cancel = cancelled
-                .as_ref()
-                .map_or_else(|e| format!("{e:#}"), |()| "sent".into()),
-            "Could not end the backend of an abandoned Postgres attempt; it may still commit (its batch is retried or redelivered)."
+            cancel,
+            "Could not terminate the backend of an abandoned Postgres attempt; it may still commit (its batch is retried or redelivered)."
         );
     }
 
