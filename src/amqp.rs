@@ -336,7 +336,11 @@ async fn connect_from(
         let node = &nodes[index];
         match connect_node(node, name, gate).await {
             Ok(connection) => {
-                set_last_good(urls, index);
+                // The consumer's node decides: a connection beside it that had to move on
+                // must not make the consumer's next reconnect skip the node it found.
+                if from == Start::AfterLast {
+                    set_last_good(urls, index);
+                }
                 if offset > 0 || start > 0 {
                     tracing::info!(node = %node.address, "Connected to RabbitMQ node.");
                 }

@@ -755,14 +755,14 @@ async fn a_flood_past_the_concurrency_cap_gets_503_and_slow_requests_408() {
     worker.stop().await;
 }
 
-/// A cluster `AMQP_URL` whose first node accepts TCP and never answers: ingest, whose
-/// connection opens at start (beside the consumer's, both from the first node), connects past
-/// it to the next, and the event is accepted. The whole connection attempt used to share the
-/// 5 s confirm timeout, one node's connect timeout, so the silent node used it up, the next
-/// was never tried, and every request got 503.
+/// A cluster `AMQP_URL` whose first node accepts TCP and never answers, and a PUT at once,
+/// while the consumer still waits on that node: no node is known good yet, so ingest starts
+/// there too, connects past it to the next, and the event is accepted. The whole connection
+/// attempt used to share the 5 s confirm timeout, one node's connect timeout, so the silent
+/// node used it up, the next was never tried, and every request got 503.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_connects_past_a_cluster_node_that_never_answers() {
-    a_put_is_accepted_with_a_silent_node(|silent| {
+    a_put_is_accepted_with_a_silent_node(false, |silent| {
         format!("amqp://guest:guest@{silent}/%2f,amqp://guest:guest@127.0.0.1:5672/%2f")
     })
     .await;
@@ -774,7 +774,7 @@ async fn ingest_connects_past_a_cluster_node_that_never_answers() {
 /// every request got 503 for as long as the consumer stayed connected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_connects_to_the_consumers_node_past_two_silent_ones() {
-    a_put_is_accepted_with_a_silent_node(|silent| {
+    a_put_is_accepted_with_a_silent_node(true, |silent| {
         let quiet = format!("amqp://guest:guest@{silent}/%2f?connection_timeout=6000");
         format!("{quiet},{quiet},amqp://guest:guest@127.0.0.1:5672/%2f")
     })
@@ -782,8 +782,11 @@ async fn ingest_connects_to_the_consumers_node_past_two_silent_ones() {
 }
 
 /// A worker on the cluster `AMQP_URL` that `url` makes of a node that accepts TCP and never
-/// answers: one PUT is answered 202.
-async fn a_put_is_accepted_with_a_silent_node(url: impl FnOnce(std::net::SocketAddr) -> String) {
+/// answers: one PUT, once the worker is ready or (`ready` false) at once, is answered 202.
+async fn a_put_is_accepted_with_a_silent_node(
+    ready: bool,
+    url: impl FnOnce(std::net::SocketAddr) -> String,
+) {
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let silent_addr = silent.local_addr().unwrap();
     let holding = tokio::spawn(async move {
@@ -792,8 +795,15 @@ async fn a_put_is_accepted_with_a_silent_node(url: impl FnOnce(std::net::SocketA
             open.push(stream);
         }
     });
-    let (_db, _broker, worker) =
-        ingest_worker(|config| config.amqp.amqp_url = url(silent_addr)).await;
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    let mut config = TestWorker::config(&db, &broker);
+    config.ingest_tokens = Some(TOKEN.parse().unwrap());
+    config.amqp.amqp_url = url(silent_addr);
+    let worker = TestWorker::start(config).await;
+    if ready {
+        worker.ready().await;
+    }
     let answer = client()
         .put(worker.url("/events/cluster.example/delivered"))
         .bearer_auth(TOKEN)
