@@ -100,6 +100,8 @@ pub const POLICY_TEXTS: &[&str] = &[
     "sender address",
     "sender verify",
     "sender domain",
+    "sender's",
+    "sender rejected",
 ];
 
 /// True if `text` says the recipient does not exist, and not that a policy refused it.
@@ -265,6 +267,18 @@ mod tests {
                 Other,
             ),
             (None, Some(550), Some("Sender verify failed"), Other),
+            (
+                None,
+                Some(550),
+                Some("The sender's domain does not exist"),
+                Other,
+            ),
+            (
+                None,
+                Some(550),
+                Some("Sender rejected: user unknown"),
+                Other,
+            ),
             (
                 Some("5.1.0"),
                 Some(550),
