@@ -98,6 +98,15 @@ fn parse_postfix(line: &str) -> Option<(Event, bool)> {
     if let Some(after) = rest.strip_prefix(", orig_to=<") {
         rest = address_until(after, |c| c == '>')?.1;
     }
+    // Postfix before 3.5 (and `info_log_address_format = internal`) logs a local part
+    // unquoted, so a sender's `a@victim.example>, status=sent x"@evil.example` would close the
+    // address early: the fields must then start where Postfix's own do, and hold one status.
+    if !rest.starts_with(", relay=")
+        || rest.matches(", status=").count() != 1
+        || rest.matches(", dsn=").count() > 1
+    {
+        return None;
+    }
     // relay=, delay=, delays=, dsn= are Postfix's own (host names, numbers): the first
     // `status=` field after the addresses is the status.
     let status_at = rest.find(", status=")? + ", status=".len();
@@ -112,6 +121,10 @@ fn parse_postfix(line: &str) -> Option<(Event, bool)> {
         .split(", ")
         .find_map(|field| field.strip_prefix("relay="));
     let loopback = relay.is_some_and(is_loopback_hop);
+    // `postfix/discard` logs a message it threw away as sent to `relay=none`: not delivered.
+    if kind == EventType::Delivered && relay == Some("none") {
+        return None;
+    }
     let event = event_for(recipient, kind)?;
     if kind == EventType::Delivered {
         return Some((event, loopback));
@@ -221,6 +234,8 @@ fn parse_exim(line: &str) -> Option<(Event, bool)> {
         None if !rest.contains('"') => (rest, ""),
         None => return None,
     };
+    // `** a@b.example: Unrouteable address`: the reason follows the address.
+    let reason_follows = address.ends_with(':');
     let address = address.trim_end_matches(':');
     // Before the fields Exim writes itself (`R=… T=… H=host [ip]:port`) may come addresses
     // holding anything a sender chose: parents (`<pat@alias.example>`, several with
@@ -246,21 +261,56 @@ fn parse_exim(line: &str) -> Option<(Event, bool)> {
     if kind == EventType::Delivered {
         return Some((event, loopback));
     }
+    // The reason, read past the addresses passed over above (a sender's `F=<…>` may hold any
+    // text, "SMTP error from remote mail server after …: 550 5.1.1" included): after the
+    // address's own `:`, or after Exim's fields (`R=… T=… H=host [ip]: reason`).
+    let reason = if reason_follows {
+        fields
+    } else {
+        fields.split_once(": ").map_or("", |(_, text)| text)
+    };
     const REMOTE: &str = "SMTP error from remote mail server after ";
-    let diagnostic = match rest.find(REMOTE) {
-        Some(at) => rest[at + REMOTE.len()..]
-            .split_once(": ")
-            .map_or("", |(_, text)| text),
-        None => rest.split_once(": ").map_or("", |(_, text)| text),
+    let diagnostic = match reason.trim_start().strip_prefix(REMOTE) {
+        // `MAIL FROM:<…> SIZE=1234: 553 …`, `RCPT TO:<…>: 550 …`, `end of data: 554 …`.
+        Some(command) => after_command(command),
+        None => reason,
     }
     .trim();
+    // A bounce logged without a reason (`** a@b.example R=virtual_aliases:`) proves nothing:
+    // what Exim wrote is its evidence, so it is not counted as the bare old format's proof.
+    let diagnostic = match diagnostic {
+        "" => fields.trim().trim_end_matches(':').trim(),
+        text => text,
+    };
+    let diagnostic = if diagnostic.is_empty() {
+        "no reason logged"
+    } else {
+        diagnostic
+    };
     let (smtp_code, code) = codes_in_text(diagnostic);
     let evidence = Evidence {
         code,
         smtp_code,
-        diagnostic: (!diagnostic.is_empty()).then(|| diagnostic.to_string()),
+        diagnostic: Some(diagnostic.to_string()),
     };
     Some((event.with_evidence(evidence), loopback))
+}
+
+/// What follows the SMTP command an Exim remote error names: past its first `: ` outside an
+/// address in `<…>` (whose local part a sender chose and may hold `: 550 5.1.1`).
+fn after_command(mut command: &str) -> &str {
+    loop {
+        let colon = command.find(": ");
+        match command.find('<') {
+            Some(open) if colon.is_none_or(|colon| open < colon) => {
+                match address_until(&command[open + 1..], |c| c == '>') {
+                    Some((_, after)) => command = after,
+                    None => return "",
+                }
+            }
+            _ => return colon.map_or("", |colon| &command[colon + 2..]),
+        }
+    }
 }
 
 /// Bytes of the file kept from just before the position (see [`Source::rewritten`]).
@@ -737,6 +787,15 @@ mod tests {
         for line in forged {
             assert_eq!(parse_line(LogFormat::Postfix, line), None, "{line}");
         }
+        // Unquoted (Postfix before 3.5): an address closed early by a sender's `>`, and a
+        // discarded message (not delivered).
+        for line in [
+            "Dec  4 10:00:00 mx1 postfix/smtp[80]: 4Qk1ABC: to=<a@victim.example>, status=sent x@evil.example>, relay=mx.evil.example[192.0.2.9]:25, delay=0.2, delays=0/0/0.1/0.1, dsn=5.7.1, status=bounced (host mx.evil.example[192.0.2.9] said: 554 5.7.1 spam (in reply to end of DATA command))",
+            "Dec  4 10:00:00 mx1 postfix/smtp[80]: 4Qk1ABC: to=<a@victim.example>, relay=x, delay=1, delays=1, dsn=2.0.0, status=sent x@evil.example>, relay=mx.evil.example[192.0.2.9]:25, delay=0.2, delays=0/0/0.1/0.1, dsn=5.7.1, status=bounced (host mx.evil.example[192.0.2.9] said: 554 5.7.1 spam (in reply to end of DATA command))",
+            "Dec  4 10:00:00 mx1 postfix/discard[90]: 4Qk1ABJ: to=<x@blocked.example>, relay=none, delay=0.1, delays=0.1/0/0/0, dsn=2.0.0, status=sent (blocked.example)",
+        ] {
+            assert_eq!(parse_line(LogFormat::Postfix, line), None, "{line}");
+        }
         // A quoted local part holding a fake status: the real status field still decides.
         let bounce = r#"Dec  4 10:00:00 mx1 postfix/smtp[80]: 4Qk1ABC: to=<"x, status=sent y"@victim.example>, orig_to=<"o>, status=sent"@victim.example>, relay=mx.victim.example[192.0.2.1]:25, delay=0.1, delays=0/0/0/0.1, dsn=5.1.1, status=bounced (host mx.victim.example[192.0.2.1] said: 550 5.1.1 no such user (in reply to RCPT TO command))"#;
         let event = parse_line(LogFormat::Postfix, bounce).expect("a bounce");
@@ -815,6 +874,22 @@ mod tests {
         assert_eq!(event.domain, "evil.example");
         let unclosed = r#"2026-12-04 10:00:00 1tFxyz-0001ab-Cd => "x@target.example R=dnslookup"#;
         assert_eq!(parse_line(LogFormat::Exim, unclosed), None);
+        // A sender's address holding a remote error of its own: the real reply decides.
+        for line in [
+            r#"2026-12-05 10:00:06 1tFxz5-0001ai-Qr ** carol@victim.example R=dnslookup T=remote_smtp H=mx.victim.example [192.0.2.13]: SMTP error from remote mail server after MAIL FROM:<"x: 550 5.1.1 no such user"@evil.example> SIZE=1234: 553 5.7.1 Sender rejected"#,
+            r#"2026-12-05 10:00:06 1tFxz5-0001ai-Qr ** carol@victim.example F=<"SMTP error from remote mail server after x: 550 5.1.1 no such user"@evil.example> R=dnslookup T=remote_smtp H=mx.victim.example [192.0.2.13]: SMTP error from remote mail server after end of data: 553 5.7.1 Sender rejected"#,
+        ] {
+            let event = parse_line(LogFormat::Exim, line).expect("a bounce");
+            assert_eq!(
+                (event.domain.as_str(), event.tally()),
+                ("victim.example", Tally::OtherBounced),
+                "{line}"
+            );
+        }
+        // A bounce logged without a reason proves nothing.
+        let bare = "2026-12-05 10:00:07 1tFxz6-0001aj-St ** info@x.example F=<a@b.example> R=virtual_aliases:";
+        let event = parse_line(LogFormat::Exim, bare).expect("a bounce");
+        assert_eq!(event.tally(), Tally::OtherBounced);
         for line in [
             "2026-12-04 10:00:00 1tFxyz-0001ab-Cd => a@ok.example R=dnslookup T=remote_smtp",
             "2026-12-04 10:00:00.123 +0000 [4242] 1tFxyz-0001ab-Cd => a@ok.example R=x T=y",
