@@ -448,22 +448,31 @@ fn save_state(path: &Path, source: &Source) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
-/// Finds the file a saved state points to: the path itself, or a file renamed beside it.
+/// Finds the file a saved state points to: the path itself, or a file renamed beside it. Its
+/// device and inode first; then the inode alone, as the files are in one directory, so on one
+/// file system, whose device number may have changed since (btrfs, LVM and NFS may number
+/// theirs anew at each mount): it was not found after such a reboot, and the current file was
+/// read again from its start under new ids, every line counted twice. (An inode reused by
+/// another file is told by the bytes before the position, [`Source::rewritten`].)
 fn find_saved(path: &Path, dev: u64, ino: u64) -> Option<PathBuf> {
-    let same = |meta: std::fs::Metadata| (meta.dev(), meta.ino()) == (dev, ino);
-    if std::fs::metadata(path).is_ok_and(same) {
-        return Some(path.to_path_buf());
-    }
     // A bare file name (`tail maillog` run in its directory) is looked for beside it too.
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    std::fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .map(|entry| entry.path())
-        .find(|candidate| std::fs::metadata(candidate).is_ok_and(same))
+    let beside = || {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|entry| entry.path())
+    };
+    let find = |same: &dyn Fn(&std::fs::Metadata) -> bool| {
+        std::iter::once(path.to_path_buf())
+            .chain(beside())
+            .find(|candidate| std::fs::metadata(candidate).is_ok_and(|meta| same(&meta)))
+    };
+    find(&|meta| (meta.dev(), meta.ino()) == (dev, ino)).or_else(|| find(&|meta| meta.ino() == ino))
 }
 
 /// The file rotated after `current` when the log was rotated more than once since `current`
@@ -951,6 +960,11 @@ mod tests {
         let found = find_saved(Path::new("maillog"), meta.dev(), meta.ino());
         std::env::set_current_dir(cwd).unwrap();
         assert_eq!(found, Some(Path::new(".").join("maillog.1")));
+        // The file system numbered anew at the next mount (btrfs, LVM, NFS): found by its inode.
+        assert_eq!(
+            find_saved(&log, meta.dev() ^ 1, meta.ino()),
+            Some(dir.join("maillog.1"))
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
