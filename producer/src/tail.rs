@@ -475,6 +475,55 @@ fn find_saved(path: &Path, dev: u64, ino: u64) -> Option<PathBuf> {
     find(&|meta| (meta.dev(), meta.ino()) == (dev, ino)).or_else(|| find(&|meta| meta.ino() == ino))
 }
 
+/// `current` truncated: its copy (see [`find_copy`]) opened at the position, to be finished
+/// before the emptied file is read from its start (lines written after the last read and
+/// before a `copytruncate` are only there).
+fn copy_of(path: &Path, current: &Source) -> anyhow::Result<Option<Source>> {
+    let Some(copy) = find_copy(path, current.offset, &current.before) else {
+        return Ok(None);
+    };
+    tracing::info!(
+        file = %path.display(),
+        copy = %copy.display(),
+        offset = current.offset,
+        "Log emptied (copytruncate); finishing its copy first."
+    );
+    let mut resumed = Source::open(&copy, current.offset)
+        .with_context(|| format!("opening {}", copy.display()))?;
+    resumed.before = current.before.clone();
+    Ok(Some(resumed))
+}
+
+/// A rotation beside the path (`maillog.1`, `maillog-20261205`) that holds, just before
+/// `offset`, the bytes read there: the copy a `copytruncate` made of the file read, whose
+/// lines after `offset` were never read (they were lost: the emptied file was read from its
+/// start). The newest such copy if several match.
+fn find_copy(path: &Path, offset: u64, before: &[u8]) -> Option<PathBuf> {
+    use std::os::unix::fs::FileExt;
+    let name = path.file_name()?.to_str()?;
+    let start = offset.checked_sub(before.len() as u64)?;
+    if before.is_empty() {
+        return None;
+    }
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut copies: Vec<_> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter_map(|entry| {
+            let rank = rotation_rank(name, entry.file_name().to_str()?)?;
+            let file = std::fs::File::open(entry.path()).ok()?;
+            let mut found = vec![0; before.len()];
+            file.read_exact_at(&mut found, start).ok()?;
+            (found == before).then(|| (rank, entry.path()))
+        })
+        .collect();
+    copies.sort();
+    copies.pop().map(|(_, copy)| copy)
+}
+
 /// The file rotated after `current` when the log was rotated more than once since `current`
 /// was written (the tailer was stopped meanwhile): `current` is found among the files beside
 /// the path named like its rotations, and the next newer of them is returned. `None` (the path
@@ -547,12 +596,17 @@ pub async fn run<F: FnMut(&Outgoing)>(
                     .rewritten()
                     .with_context(|| format!("reading {}", found.display()))?
                 {
-                    tracing::warn!(
-                        file = %found.display(),
-                        "The file of the saved position was written again since (truncated, or \
-                         its inode reused); reading the current file from its start."
-                    );
                     stats.truncations += 1;
+                    // A `copytruncate` while stopped: the lines after the position are in the
+                    // copy now. Read there first, then the current file from its start.
+                    match copy_of(path, &saved)? {
+                        Some(copy) => source = Some(copy),
+                        None => tracing::warn!(
+                            file = %found.display(),
+                            "The file of the saved position was written again since (truncated, \
+                             or its inode reused); reading the current file from its start."
+                        ),
+                    }
                 } else {
                     tracing::info!(file = %found.display(), offset, "Resuming from the state file.");
                     source = Some(saved);
@@ -589,8 +643,13 @@ pub async fn run<F: FnMut(&Outgoing)>(
             .rewritten()
             .with_context(|| format!("reading {}", path.display()))?
         {
-            tracing::info!(file = %path.display(), "Log truncated and written again; reading it from its start.");
             stats.truncations += 1;
+            if let Some(copy) = copy_of(path, current)? {
+                persist(settings, &copy)?;
+                source = Some(copy);
+                continue;
+            }
+            tracing::info!(file = %path.display(), "Log truncated and written again; reading it from its start.");
             current.rewind();
             persist(settings, current)?;
             continue;
@@ -603,8 +662,13 @@ pub async fn run<F: FnMut(&Outgoing)>(
             Ok(meta) if current.is(&meta) => {
                 rotated_since = None;
                 if meta.len() < current.offset {
-                    tracing::info!(file = %path.display(), "Log truncated; reading it from its start.");
                     stats.truncations += 1;
+                    if let Some(copy) = copy_of(path, current)? {
+                        persist(settings, &copy)?;
+                        source = Some(copy);
+                        continue;
+                    }
+                    tracing::info!(file = %path.display(), "Log truncated; reading it from its start.");
                     current.rewind();
                     persist(settings, current)?;
                     continue;

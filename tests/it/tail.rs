@@ -629,6 +629,44 @@ async fn a_log_emptied_and_written_again_past_the_position_while_stopped_is_read
     worker.stop().await;
 }
 
+/// `copytruncate` while the tailer is stopped, with lines written after the saved position
+/// before the copy: those lines are only in the copy (`maillog.1`). The restarted tailer finds
+/// the copy by the bytes before its position, reads it from there, then the emptied log from
+/// its start. It used to read only the emptied log: the lines in the copy were lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lines_a_copytruncate_copied_while_stopped_are_read_from_the_copy() {
+    let (db, broker, worker) = started().await;
+    let (dir, log, state) = log_files();
+    let lines = |range: std::ops::Range<usize>, domain: &str| -> Vec<String> {
+        range
+            .map(|i| postfix_line(i, &format!("u{i}@{domain}"), true))
+            .collect()
+    };
+    append(&log, &lines(0..6, "a.test"));
+    let tailer = Tailer::start(&broker, &log, &state);
+    counted(&db, 6).await;
+    tailer.stop().await;
+
+    // Stopped: more lines, then logrotate's copytruncate, then new lines in the emptied log.
+    append(&log, &lines(10..14, "c.test"));
+    std::fs::copy(&log, dir.join("maillog.1")).expect("copy");
+    std::fs::File::create(&log).expect("truncate");
+    append(&log, &lines(20..25, "d.test"));
+    let tailer = Tailer::start(&broker, &log, &state);
+    counted(&db, 15).await;
+    tailer.stop().await;
+    let counts = db.counts().await;
+    assert_eq!(
+        (
+            counts.get("a.test"),
+            counts.get("c.test"),
+            counts.get("d.test")
+        ),
+        (Some(&(6, 0)), Some(&(4, 0)), Some(&(5, 0)))
+    );
+    worker.stop().await;
+}
+
 /// RabbitMQ unreachable past `--give-up-after` while lines arrive: the tailer exits non-zero
 /// with its saved position still before the lines it could not publish, and the restarted
 /// tailer publishes them. (It used to save the position past them and read on, publishing
