@@ -89,7 +89,12 @@ fn event_for(address: &str, kind: EventType) -> Option<Event> {
 /// `NOQUEUE: reject:` line, a quoted local part such as `"x, status=sent y"@d`) is never read as
 /// a field, so it cannot forge a delivery or turn a bounce into one.
 fn parse_postfix(line: &str) -> Option<(Event, bool)> {
-    let message = &line[line.find("]: ")? + "]: ".len()..];
+    let message = if line.starts_with('<') {
+        // Never also read as RFC 3164: its `]: ` could be found in a sender's address.
+        rfc5424_message(line)?
+    } else {
+        &line[line.find("]: ")? + "]: ".len()..]
+    };
     let (queue_id, fields) = message.split_once(": to=<")?;
     if queue_id.is_empty() || !queue_id.bytes().all(|b| b.is_ascii_alphanumeric()) {
         return None;
@@ -148,6 +153,46 @@ fn parse_postfix(line: &str) -> Option<(Event, bool)> {
         diagnostic: (!diagnostic.is_empty()).then(|| diagnostic.to_string()),
     };
     Some((event.with_evidence(evidence), loopback))
+}
+
+/// The message of an RFC 5424 syslog line (`<22>1 2026-11-25T02:38:01.123+00:00 mx1
+/// postfix/smtp 14877 - - 843D3990178: to=<…>`, rsyslog's `RSYSLOG_SyslogProtocol23Format`):
+/// the header read field by field, structured data (`-`, or `[id key="value"]…` with `\"`,
+/// `\\` and `\]` escaped in values) passed over. It used to be read as RFC 3164, which found no
+/// `]: ` (every line skipped), or one in a sender's address.
+fn rfc5424_message(line: &str) -> Option<&str> {
+    let (pri, rest) = line.strip_prefix('<')?.split_once('>')?;
+    if pri.is_empty() || pri.len() > 3 || !pri.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let rest = rest.strip_prefix("1 ")?;
+    // TIMESTAMP HOSTNAME APP-NAME PROCID MSGID: no spaces in any of them.
+    let mut fields = rest.splitn(6, ' ');
+    for _ in 0..5 {
+        fields.next().filter(|field| !field.is_empty())?;
+    }
+    let mut rest = fields.next()?;
+    if let Some(after) = rest.strip_prefix('-') {
+        rest = after;
+    } else {
+        while let Some(element) = rest.strip_prefix('[') {
+            let mut quoted = false;
+            let mut escaped = false;
+            let end = element.char_indices().find_map(|(at, c)| {
+                match c {
+                    _ if escaped => escaped = false,
+                    '\\' if quoted => escaped = true,
+                    '"' => quoted = !quoted,
+                    ']' if !quoted => return Some(at),
+                    _ => {}
+                }
+                None
+            })?;
+            rest = &element[end + 1..];
+        }
+    }
+    let message = rest.strip_prefix(' ').unwrap_or(rest);
+    Some(message.strip_prefix('\u{feff}').unwrap_or(message))
 }
 
 /// An address that ends at the first character `end` accepts outside double quotes (`>` for
@@ -875,6 +920,27 @@ mod tests {
         assert_eq!(event.domain, "victim.example");
         assert_eq!(event.kind, EventType::Bounced);
         assert_eq!(event.evidence.unwrap().code.unwrap().to_string(), "5.1.1");
+    }
+
+    /// RFC 5424 lines (rsyslog's `RSYSLOG_SyslogProtocol23Format`) are read, with or without
+    /// structured data; a `]: ` in a sender's address on such a line is never taken for the
+    /// end of an RFC 3164 tag.
+    #[test]
+    fn rfc5424_lines_are_read() {
+        let sent = "<22>1 2026-11-25T02:38:01.123456+00:00 mx1 postfix/smtp 14877 - - 843D3990178: to=<alice@ok.example>, relay=mx.ok.example[192.0.2.10]:25, delay=0.2, delays=0.02/0.01/0.1/0.07, dsn=2.0.0, status=sent (250 2.0.0 Ok)";
+        let event = parse_line(LogFormat::Postfix, sent).expect("a delivery");
+        assert_eq!(
+            (event.domain.as_str(), event.tally()),
+            ("ok.example", Tally::Delivered)
+        );
+        let with_sd = r#"<22>1 2026-11-25T02:38:02Z mx1 postfix/smtp 14878 - [meta sequenceId="1" note="a "b" c\]"][x y="z"] 843D3990179: to=<nobody@unknown.example>, relay=mx.unknown.example[192.0.2.11]:25, delay=0.1, delays=0/0/0.05/0.05, dsn=5.1.1, status=bounced (host mx.unknown.example[192.0.2.11] said: 550 5.1.1 no such user (in reply to RCPT TO command))"#;
+        let event = parse_line(LogFormat::Postfix, with_sd).expect("a bounce");
+        assert_eq!(
+            (event.domain.as_str(), event.tally()),
+            ("unknown.example", Tally::Bounced)
+        );
+        let forged = r#"<22>1 2026-11-25T02:38:03Z mx1 postfix/qmgr 14879 - - 843D3990180: from=<"x]: 843D3990181: to=<a@victim.example>, relay=r, delay=1, delays=1, dsn=2.0.0, status=sent (ok)"@evil.example>, size=300, nrcpt=1 (queue active)"#;
+        assert_eq!(parse_line(LogFormat::Postfix, forged), None);
     }
 
     #[test]
