@@ -89,11 +89,18 @@ fn event_for(address: &str, kind: EventType) -> Option<Event> {
 /// `NOQUEUE: reject:` line, a quoted local part such as `"x, status=sent y"@d`) is never read as
 /// a field, so it cannot forge a delivery or turn a bounce into one.
 fn parse_postfix(line: &str) -> Option<(Event, bool)> {
-    let message = if line.starts_with('<') {
+    let message = match syslog_5424(line)? {
         // Never also read as RFC 3164: its `]: ` could be found in a sender's address.
-        rfc5424_message(line)?
-    } else {
-        &line[line.find("]: ")? + "]: ".len()..]
+        Some(message) => message,
+        // RFC 3164, also behind a `<PRI>` (rsyslog's `%rawmsg%`, forwarding templates).
+        None => {
+            let line = line
+                .strip_prefix('<')
+                .and_then(|rest| rest.split_once('>'))
+                .filter(|(pri, _)| is_pri(pri))
+                .map_or(line, |(_, rest)| rest);
+            &line[line.find("]: ")? + "]: ".len()..]
+        }
     };
     let (queue_id, fields) = message.split_once(": to=<")?;
     if queue_id.is_empty() || !queue_id.bytes().all(|b| b.is_ascii_alphanumeric()) {
@@ -107,6 +114,7 @@ fn parse_postfix(line: &str) -> Option<(Event, bool)> {
     // unquoted, so a sender's `a@victim.example>, status=sent x"@evil.example` would close the
     // address early: the fields must then start where Postfix's own do, and hold one status.
     if !rest.starts_with(", relay=")
+        || rest.matches(", relay=").count() != 1
         || rest.matches(", status=").count() != 1
         || rest.matches(", dsn=").count() > 1
     {
@@ -160,12 +168,28 @@ fn parse_postfix(line: &str) -> Option<(Event, bool)> {
 /// the header read field by field, structured data (`-`, or `[id key="value"]…` with `\"`,
 /// `\\` and `\]` escaped in values) passed over. It used to be read as RFC 3164, which found no
 /// `]: ` (every line skipped), or one in a sender's address.
-fn rfc5424_message(line: &str) -> Option<&str> {
-    let (pri, rest) = line.strip_prefix('<')?.split_once('>')?;
-    if pri.is_empty() || pri.len() > 3 || !pri.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let rest = rest.strip_prefix("1 ")?;
+///
+/// `Some(None)` when the line is not RFC 5424 (no `<PRI>1 `); `None` when it is one whose
+/// header does not parse (the line is skipped).
+fn syslog_5424(line: &str) -> Option<Option<&str>> {
+    let Some(rest) = line
+        .strip_prefix('<')
+        .and_then(|rest| rest.split_once('>'))
+        .filter(|(pri, _)| is_pri(pri))
+        .and_then(|(_, rest)| rest.strip_prefix("1 "))
+    else {
+        return Some(None);
+    };
+    rfc5424_message(rest).map(Some)
+}
+
+/// A syslog priority: one to three digits.
+fn is_pri(pri: &str) -> bool {
+    !pri.is_empty() && pri.len() <= 3 && pri.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// The message of an RFC 5424 line after its `<PRI>1 `.
+fn rfc5424_message(rest: &str) -> Option<&str> {
     // TIMESTAMP HOSTNAME APP-NAME PROCID MSGID: no spaces in any of them.
     let mut fields = rest.splitn(6, ' ');
     for _ in 0..5 {
@@ -191,7 +215,8 @@ fn rfc5424_message(line: &str) -> Option<&str> {
             rest = &element[end + 1..];
         }
     }
-    let message = rest.strip_prefix(' ').unwrap_or(rest);
+    // rsyslog's own message text starts with a space of its own: two after the header.
+    let message = rest.trim_start_matches(' ');
     Some(message.strip_prefix('\u{feff}').unwrap_or(message))
 }
 
@@ -312,7 +337,7 @@ fn parse_exim(line: &str) -> Option<(Event, bool)> {
     let reason = if reason_follows {
         fields
     } else {
-        fields.split_once(": ").map_or("", |(_, text)| text)
+        after_colon_outside_quotes(fields)
     };
     const REMOTE: &str = "SMTP error from remote mail server after ";
     let diagnostic = match reason.trim_start().strip_prefix(REMOTE) {
@@ -339,6 +364,23 @@ fn parse_exim(line: &str) -> Option<(Event, bool)> {
         diagnostic: Some(diagnostic.to_string()),
     };
     Some((event.with_evidence(evidence), loopback))
+}
+
+/// What follows the first `: ` outside double quotes (`DN="O=Acme: Mail"` with Exim's
+/// `+tls_peerdn` comes before the reason), or `""`.
+fn after_colon_outside_quotes(text: &str) -> &str {
+    let mut quoted = false;
+    let mut escaped = false;
+    for (at, c) in text.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            ':' if !quoted && text[at + 1..].starts_with(' ') => return &text[at + 2..],
+            _ => {}
+        }
+    }
+    ""
 }
 
 /// What follows the SMTP command an Exim remote error names: past its first `: ` outside an
@@ -499,7 +541,7 @@ fn save_state(path: &Path, source: &Source) -> anyhow::Result<()> {
 /// theirs anew at each mount): it was not found after such a reboot, and the current file was
 /// read again from its start under new ids, every line counted twice. (An inode reused by
 /// another file is told by the bytes before the position, [`Source::rewritten`].)
-fn find_saved(path: &Path, dev: u64, ino: u64) -> Option<PathBuf> {
+fn find_saved(path: &Path, dev: u64, ino: u64, by_inode: bool) -> Option<PathBuf> {
     // A bare file name (`tail maillog` run in its directory) is looked for beside it too.
     let dir = path
         .parent()
@@ -517,7 +559,11 @@ fn find_saved(path: &Path, dev: u64, ino: u64) -> Option<PathBuf> {
             .chain(beside())
             .find(|candidate| std::fs::metadata(candidate).is_ok_and(|meta| same(&meta)))
     };
-    find(&|meta| (meta.dev(), meta.ino()) == (dev, ino)).or_else(|| find(&|meta| meta.ino() == ino))
+    find(&|meta| (meta.dev(), meta.ino()) == (dev, ino)).or_else(|| {
+        by_inode
+            .then(|| find(&|meta| meta.is_file() && meta.ino() == ino))
+            .flatten()
+    })
 }
 
 /// `current` truncated: its copy (see [`find_copy`]) opened at the position, to be finished
@@ -633,7 +679,9 @@ pub async fn run<F: FnMut(&Outgoing)>(
     if let Some(state) = &settings.state
         && let Some((dev, ino, offset, before)) = load_state(state)?
     {
-        match find_saved(path, dev, ino) {
+        // By inode alone only with the bytes before the position saved, which tell another
+        // file that reuses the inode (state files of older releases have none).
+        match find_saved(path, dev, ino, !before.is_empty()) {
             Some(found) => {
                 let mut saved = Source::open(&found, offset)?;
                 saved.before = before;
@@ -911,6 +959,7 @@ mod tests {
             "Dec  4 10:00:00 mx1 postfix/smtp[80]: 4Qk1ABC: to=<a@victim.example>, status=sent x@evil.example>, relay=mx.evil.example[192.0.2.9]:25, delay=0.2, delays=0/0/0.1/0.1, dsn=5.7.1, status=bounced (host mx.evil.example[192.0.2.9] said: 554 5.7.1 spam (in reply to end of DATA command))",
             "Dec  4 10:00:00 mx1 postfix/smtp[80]: 4Qk1ABC: to=<a@victim.example>, relay=x, delay=1, delays=1, dsn=2.0.0, status=sent x@evil.example>, relay=mx.evil.example[192.0.2.9]:25, delay=0.2, delays=0/0/0.1/0.1, dsn=5.7.1, status=bounced (host mx.evil.example[192.0.2.9] said: 554 5.7.1 spam (in reply to end of DATA command))",
             "Dec  4 10:00:00 mx1 postfix/discard[90]: 4Qk1ABJ: to=<x@blocked.example>, relay=none, delay=0.1, delays=0.1/0/0/0, dsn=2.0.0, status=sent (blocked.example)",
+            "Dec  4 10:00:00 mx1 postfix/smtp[80]: 4Qk1ABC: to=<a@victim.example>, relay=x y@evil.example>, relay=mx.evil.example[192.0.2.9]:25, delay=0.2, delays=0/0/0.1/0.1, dsn=2.0.0, status=sent (250 ok)",
         ] {
             assert_eq!(parse_line(LogFormat::Postfix, line), None, "{line}");
         }
@@ -941,6 +990,14 @@ mod tests {
         );
         let forged = r#"<22>1 2026-11-25T02:38:03Z mx1 postfix/qmgr 14879 - - 843D3990180: from=<"x]: 843D3990181: to=<a@victim.example>, relay=r, delay=1, delays=1, dsn=2.0.0, status=sent (ok)"@evil.example>, size=300, nrcpt=1 (queue active)"#;
         assert_eq!(parse_line(LogFormat::Postfix, forged), None);
+        // rsyslog's message text brings a space of its own; a `<PRI>` before an RFC 3164 line.
+        for line in [
+            sent.replace("- - 843D", "- -  843D"),
+            "<22>Nov 25 02:38:01 mx1 postfix/smtp[14877]: 843D3990178: to=<alice@ok.example>, relay=mx.ok.example[192.0.2.10]:25, delay=0.2, delays=0.02/0.01/0.1/0.07, dsn=2.0.0, status=sent (250 2.0.0 Ok)".to_string(),
+        ] {
+            let event = parse_line(LogFormat::Postfix, &line).expect("a delivery");
+            assert_eq!(event.domain, "ok.example", "{line}");
+        }
     }
 
     #[test]
@@ -1025,6 +1082,10 @@ mod tests {
                 "{line}"
             );
         }
+        // A TLS peer's DN (`+tls_peerdn`) with a `: ` before the reason.
+        let dn = r#"2026-12-05 10:00:08 1tFxz7-0001ak-Uv ** nobody@unknown.example R=dnslookup T=remote_smtp H=mx.unknown.example [192.0.2.11] X=TLS1.3:TLS_AES_256_GCM_SHA384:256 CV=yes DN="O=Acme: Mail,CN=mx.unknown.example": SMTP error from remote mail server after RCPT TO:<nobody@unknown.example>: 550 5.1.1 User unknown"#;
+        let event = parse_line(LogFormat::Exim, dn).expect("a bounce");
+        assert_eq!(event.tally(), Tally::Bounced);
         // A bounce logged without a reason proves nothing.
         let bare = "2026-12-05 10:00:07 1tFxz6-0001aj-St ** info@x.example F=<a@b.example> R=virtual_aliases:";
         let event = parse_line(LogFormat::Exim, bare).expect("a bounce");
@@ -1080,19 +1141,19 @@ mod tests {
         std::fs::rename(&log, dir.join("maillog.1")).unwrap();
         std::fs::write(&log, "new\n").unwrap();
         assert_eq!(
-            find_saved(&log, meta.dev(), meta.ino()),
+            find_saved(&log, meta.dev(), meta.ino(), true),
             Some(dir.join("maillog.1"))
         );
         // Given by its bare name (`tail maillog` in its directory), the renamed file is found
         // in the working directory.
         let cwd = std::env::current_dir().unwrap();
         std::env::set_current_dir(&dir).unwrap();
-        let found = find_saved(Path::new("maillog"), meta.dev(), meta.ino());
+        let found = find_saved(Path::new("maillog"), meta.dev(), meta.ino(), true);
         std::env::set_current_dir(cwd).unwrap();
         assert_eq!(found, Some(Path::new(".").join("maillog.1")));
         // The file system numbered anew at the next mount (btrfs, LVM, NFS): found by its inode.
         assert_eq!(
-            find_saved(&log, meta.dev() ^ 1, meta.ino()),
+            find_saved(&log, meta.dev() ^ 1, meta.ino(), true),
             Some(dir.join("maillog.1"))
         );
         std::fs::remove_dir_all(&dir).unwrap();
