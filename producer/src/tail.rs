@@ -199,20 +199,9 @@ fn rfc5424_message(rest: &str) -> Option<&str> {
     if let Some(after) = rest.strip_prefix('-') {
         rest = after;
     } else {
+        // `[id key="value"]…`: values quoted, with `\"`, `\\` and `\]` escaped.
         while let Some(element) = rest.strip_prefix('[') {
-            let mut quoted = false;
-            let mut escaped = false;
-            let end = element.char_indices().find_map(|(at, c)| {
-                match c {
-                    _ if escaped => escaped = false,
-                    '\\' if quoted => escaped = true,
-                    '"' => quoted = !quoted,
-                    ']' if !quoted => return Some(at),
-                    _ => {}
-                }
-                None
-            })?;
-            rest = &element[end + 1..];
+            rest = address_until(element, |c| c == ']')?.1;
         }
     }
     // rsyslog's own message text starts with a space of its own: two after the header.
@@ -368,17 +357,12 @@ fn parse_exim(line: &str) -> Option<(Event, bool)> {
 
 /// What follows the first `: ` outside double quotes (`DN="O=Acme: Mail"` with Exim's
 /// `+tls_peerdn` comes before the reason), or `""`.
-fn after_colon_outside_quotes(text: &str) -> &str {
-    let mut quoted = false;
-    let mut escaped = false;
-    for (at, c) in text.char_indices() {
-        match c {
-            _ if escaped => escaped = false,
-            '\\' if quoted => escaped = true,
-            '"' => quoted = !quoted,
-            ':' if !quoted && text[at + 1..].starts_with(' ') => return &text[at + 2..],
-            _ => {}
+fn after_colon_outside_quotes(mut text: &str) -> &str {
+    while let Some((_, after)) = address_until(text, |c| c == ':') {
+        if let Some(reason) = after.strip_prefix(' ') {
+            return reason;
         }
+        text = after;
     }
     ""
 }
