@@ -318,10 +318,72 @@ async fn a_statement_of_a_connection_dropped_without_a_cancel_does_not_outlive_i
 /// terminated: no session holds the upsert, and the retry commits at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abandoned_attempt_whose_commit_arrives_after_the_cancel_does_not_commit() {
+    abandoned_attempt_with_its_commit_held(false).await;
+}
+
+/// The same with the worker logged in as a role that is not a superuser (the owner of its
+/// database, as on a managed Postgres): it may end its own backends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_is_not_a_superuser_ends_the_backend_of_an_abandoned_attempt() {
+    abandoned_attempt_with_its_commit_held(true).await;
+}
+
+/// A login role for one test, dropped with what it owns once the test's database is gone (so
+/// it is declared before the database).
+struct TestRole(String);
+
+impl TestRole {
+    async fn create() -> Self {
+        let name = format!("catchall_{}", uuid::Uuid::now_v7().simple());
+        admin()
+            .await
+            .batch_execute(&format!("CREATE ROLE {name} LOGIN"))
+            .await
+            .expect("create the role");
+        Self(name)
+    }
+}
+
+impl Drop for TestRole {
+    fn drop(&mut self) {
+        let name = self.0.clone();
+        run_blocking(async move {
+            let _ = admin()
+                .await
+                .batch_execute(&format!("DROP ROLE IF EXISTS {name}"))
+                .await;
+        });
+    }
+}
+
+async fn admin() -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(PG_ADMIN_URL, tokio_postgres::NoTls)
+        .await
+        .expect("Postgres must answer on 127.0.0.1:5432");
+    tokio::spawn(connection);
+    client
+}
+
+async fn abandoned_attempt_with_its_commit_held(as_owner_role: bool) {
     use crate::faults::{Action, Rig, Trigger, start_with_hook};
     const MESSAGES: i64 = 40;
+    let role = match as_owner_role {
+        true => Some(TestRole::create().await),
+        false => None,
+    };
     let rig = Rig::new().await;
     let mut config = rig.config();
+    if let Some(role) = &role {
+        admin()
+            .await
+            .batch_execute(&format!(
+                "ALTER DATABASE \"{}\" OWNER TO {}",
+                rig.db.name, role.0
+            ))
+            .await
+            .expect("the role owns the test database");
+        config.database_url = format!("postgres://{}@{}/{}", role.0, rig.pg.addr, rig.db.name);
+    }
     config.db_timeout = Duration::from_secs(1);
     let trigger = Trigger::default();
     let worker = start_with_hook(config, trigger.hook(rig.pg.clone())).await;
@@ -367,6 +429,21 @@ async fn an_abandoned_attempt_whose_commit_arrives_after_the_cancel_does_not_com
         Some(&(MESSAGES, 0)),
         "counted once"
     );
+    if let Some(role) = &role {
+        let superuser: bool = admin()
+            .await
+            .query_one(
+                "SELECT rolsuper FROM pg_roles WHERE rolname = $1",
+                &[&role.0],
+            )
+            .await
+            .expect("the role")
+            .get(0);
+        assert!(
+            !superuser,
+            "the worker ran as a role that is not a superuser"
+        );
+    }
 }
 
 /// Closes the worker's broker connection from the broker's side and waits until it has
