@@ -183,8 +183,7 @@ pub async fn confirming_channel(
 pub fn split_nodes(urls: &str) -> Vec<&str> {
     crate::config::split_urls(urls)
         .into_iter()
-        .map(|url| url.trim().trim_end_matches(',').trim())
-        .filter(|url| !url.is_empty())
+        .map(str::trim)
         .collect()
 }
 

@@ -385,18 +385,21 @@ pub fn redact_url(raw: &str) -> String {
     redact_node(raw)
 }
 
-/// The URLs of a comma-separated list, untrimmed. A URL starts only at a comma followed by a
-/// scheme (`,amqps://`): RFC 3986 allows a comma unescaped in a password.
+/// The URLs of a comma-separated list, untrimmed, blank ones left out. A URL starts only at a
+/// comma followed by a scheme (`,amqps://`), and a comma followed by nothing more ends one: RFC
+/// 3986 allows a comma unescaped in a password, never at the end of a URL.
 pub fn split_urls(raw: &str) -> Vec<&str> {
     let mut urls = Vec::new();
     let mut from = 0;
     for (at, _) in raw.match_indices(',') {
-        if starts_with_scheme(&raw[at + 1..]) {
+        let after = &raw[at + 1..];
+        if starts_with_scheme(after) || after.trim().is_empty() {
             urls.push(&raw[from..at]);
             from = at + 1;
         }
     }
     urls.push(&raw[from..]);
+    urls.retain(|url| !url.trim().is_empty());
     urls
 }
 

@@ -505,10 +505,7 @@ fn save_state(path: &Path, source: &Source) -> anyhow::Result<()> {
     let mut temporary = path.as_os_str().to_owned();
     temporary.push(".tmp");
     let temporary = PathBuf::from(temporary);
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = dir_of(path);
     std::fs::File::create(&temporary)
         .and_then(|mut file| {
             file.write_all(text.as_bytes())?;
@@ -526,13 +523,8 @@ fn save_state(path: &Path, source: &Source) -> anyhow::Result<()> {
 /// read again from its start under new ids, every line counted twice. (An inode reused by
 /// another file is told by the bytes before the position, [`Source::rewritten`].)
 fn find_saved(path: &Path, dev: u64, ino: u64, by_inode: bool) -> Option<PathBuf> {
-    // A bare file name (`tail maillog` run in its directory) is looked for beside it too.
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
     let beside = || {
-        std::fs::read_dir(dir)
+        std::fs::read_dir(dir_of(path))
             .into_iter()
             .flatten()
             .flatten()
@@ -548,6 +540,26 @@ fn find_saved(path: &Path, dev: u64, ino: u64, by_inode: bool) -> Option<PathBuf
             .then(|| find(&|meta| meta.is_file() && meta.ino() == ino))
             .flatten()
     })
+}
+
+/// `current` was found emptied (`how`) while followed: its copy to finish first, saved as the
+/// position (see [`copy_of`]), or else `current` rewound to its start.
+fn truncated(
+    path: &Path,
+    current: &mut Source,
+    settings: &TailSettings,
+    stats: &mut TailStats,
+    how: &str,
+) -> anyhow::Result<Option<Source>> {
+    stats.truncations += 1;
+    if let Some(copy) = copy_of(path, current)? {
+        persist(settings, &copy)?;
+        return Ok(Some(copy));
+    }
+    tracing::info!(file = %path.display(), "Log {how}; reading it from its start.");
+    current.rewind();
+    persist(settings, current)?;
+    Ok(None)
 }
 
 /// `current` truncated: its copy (see [`find_copy`]) opened at the position, to be finished
@@ -575,28 +587,21 @@ fn copy_of(path: &Path, current: &Source) -> anyhow::Result<Option<Source>> {
 /// start). The newest such copy if several match.
 fn find_copy(path: &Path, offset: u64, before: &[u8]) -> Option<PathBuf> {
     use std::os::unix::fs::FileExt;
-    let name = path.file_name()?.to_str()?;
     let start = offset.checked_sub(before.len() as u64)?;
     if before.is_empty() {
         return None;
     }
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let mut copies: Vec<_> = std::fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .filter_map(|entry| {
-            let rank = rotation_rank(name, entry.file_name().to_str()?)?;
-            let file = std::fs::File::open(entry.path()).ok()?;
-            let mut found = vec![0; before.len()];
-            file.read_exact_at(&mut found, start).ok()?;
-            (found == before).then(|| (rank, entry.path()))
-        })
-        .collect();
-    copies.sort();
-    copies.pop().map(|(_, copy)| copy)
+    let holds_the_bytes = |copy: &Path| {
+        let mut found = vec![0; before.len()];
+        std::fs::File::open(copy)
+            .and_then(|file| file.read_exact_at(&mut found, start))
+            .is_ok_and(|()| found == before)
+    };
+    rotations(path)
+        .into_iter()
+        .filter(|(_, copy, _)| holds_the_bytes(copy))
+        .max_by(|a, b| a.0.cmp(&b.0))
+        .map(|(_, copy, _)| copy)
 }
 
 /// The file rotated after `current` when the log was rotated more than once since `current`
@@ -605,27 +610,38 @@ fn find_copy(path: &Path, offset: u64, before: &[u8]) -> Option<PathBuf> {
 /// itself is next) when there is none, or when `current` is not among them (deleted,
 /// compressed).
 fn next_rotated(path: &Path, current: &Source) -> Option<PathBuf> {
-    let name = path.file_name()?.to_str()?;
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let rotations: Vec<_> = std::fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .filter_map(|entry| {
-            let rank = rotation_rank(name, entry.file_name().to_str()?)?;
-            let meta = entry.metadata().ok()?;
-            meta.is_file()
-                .then(|| (rank, entry.path(), current.is(&meta)))
-        })
-        .collect();
-    let (at, _, _) = rotations.iter().find(|(_, _, is_current)| *is_current)?;
+    let rotations = rotations(path);
+    let (at, _, _) = rotations.iter().find(|(_, _, meta)| current.is(meta))?;
     rotations
         .iter()
         .filter(|(rank, _, _)| rank > at)
         .min_by(|a, b| a.0.cmp(&b.0))
         .map(|(_, path, _)| path.clone())
+}
+
+/// The regular files beside the log `path` named like its rotations, with their place among
+/// them ([`rotation_rank`]) and their metadata.
+fn rotations(path: &Path) -> Vec<((i64, String), PathBuf, std::fs::Metadata)> {
+    let Some(name) = path.file_name().and_then(|name| name.to_str()) else {
+        return Vec::new();
+    };
+    std::fs::read_dir(dir_of(path))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let rank = rotation_rank(name, entry.file_name().to_str()?)?;
+            let meta = entry.metadata().ok()?;
+            meta.is_file().then(|| (rank, entry.path(), meta))
+        })
+        .collect()
+}
+
+/// The directory `path` is in (`.` for a bare file name: `tail maillog` run in its directory).
+fn dir_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
 }
 
 /// Where a file named `file_name` stands among the rotations of the log `name`, oldest first:
@@ -720,15 +736,15 @@ pub async fn run<F: FnMut(&Outgoing)>(
             .rewritten()
             .with_context(|| format!("reading {}", path.display()))?
         {
-            stats.truncations += 1;
-            if let Some(copy) = copy_of(path, current)? {
-                persist(settings, &copy)?;
+            if let Some(copy) = truncated(
+                path,
+                current,
+                settings,
+                &mut stats,
+                "truncated and written again",
+            )? {
                 source = Some(copy);
-                continue;
             }
-            tracing::info!(file = %path.display(), "Log truncated and written again; reading it from its start.");
-            current.rewind();
-            persist(settings, current)?;
             continue;
         }
         if read_chunk(current, settings, publisher, &mut stats).await? {
@@ -739,15 +755,10 @@ pub async fn run<F: FnMut(&Outgoing)>(
             Ok(meta) if current.is(&meta) => {
                 rotated_since = None;
                 if meta.len() < current.offset {
-                    stats.truncations += 1;
-                    if let Some(copy) = copy_of(path, current)? {
-                        persist(settings, &copy)?;
+                    if let Some(copy) = truncated(path, current, settings, &mut stats, "truncated")?
+                    {
                         source = Some(copy);
-                        continue;
                     }
-                    tracing::info!(file = %path.display(), "Log truncated; reading it from its start.");
-                    current.rewind();
-                    persist(settings, current)?;
                     continue;
                 }
             }

@@ -46,14 +46,20 @@ pub struct TestDb {
     pub url: String,
 }
 
+/// A client of the `postgres` database as the superuser (creating databases and roles).
+pub async fn admin() -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(PG_ADMIN_URL, tokio_postgres::NoTls)
+        .await
+        .expect("Postgres must answer at 127.0.0.1:5432 (user postgres, trust auth)");
+    tokio::spawn(connection);
+    client
+}
+
 impl TestDb {
     pub async fn create() -> Self {
         let name = format!("test_{}", uuid::Uuid::now_v7().simple());
-        let (client, connection) = tokio_postgres::connect(PG_ADMIN_URL, tokio_postgres::NoTls)
+        admin()
             .await
-            .expect("Postgres must answer at 127.0.0.1:5432 (user postgres, trust auth)");
-        tokio::spawn(connection);
-        client
             .batch_execute(&format!("CREATE DATABASE \"{name}\""))
             .await
             .expect("create the test database");

@@ -366,10 +366,7 @@ async fn readyz_stays_ready_while_lookups_hold_every_pooled_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_names_the_failure_without_the_servers_text() {
     let (db, _broker, worker) = started().await;
-    let (admin, connection) = tokio_postgres::connect(PG_ADMIN_URL, tokio_postgres::NoTls)
-        .await
-        .expect("connect to the postgres database");
-    tokio::spawn(connection);
+    let admin = admin().await;
     let name = db.name.clone();
     // New connections are refused with a FATAL whose text names the database; the
     // worker's existing ones are cut, so its readiness ping must open a new one.

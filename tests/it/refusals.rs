@@ -356,14 +356,6 @@ impl Drop for TestRole {
     }
 }
 
-async fn admin() -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(PG_ADMIN_URL, tokio_postgres::NoTls)
-        .await
-        .expect("Postgres must answer on 127.0.0.1:5432");
-    tokio::spawn(connection);
-    client
-}
-
 async fn abandoned_attempt_with_its_commit_held(as_owner_role: bool) {
     use crate::faults::{Action, Rig, Trigger, start_with_hook};
     const MESSAGES: i64 = 40;

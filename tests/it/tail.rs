@@ -448,6 +448,18 @@ async fn tail_of_a_real_postfix_log_counts_what_the_sink_decided() {
     worker.stop().await;
 }
 
+/// [`postfix_line`]s numbered `range`, for `{local}{n}@{domain}`.
+fn postfix_lines(
+    range: std::ops::Range<usize>,
+    local: &str,
+    domain: &str,
+    sent: bool,
+) -> Vec<String> {
+    range
+        .map(|n| postfix_line(n, &format!("{local}{n}@{domain}"), sent))
+        .collect()
+}
+
 /// A Postfix delivery line for `address`: `sent`, or `bounced` with `550 5.1.1`.
 fn postfix_line(n: usize, address: &str, sent: bool) -> String {
     if sent {
@@ -527,37 +539,27 @@ async fn tail_follows_a_truncation_and_two_rotations_while_stopped() {
         &[postfix_line(90, "old@old.test", true)],
     );
 
-    let first: Vec<String> = (0..6)
-        .map(|i| postfix_line(i, &format!("u{i}@a.test"), true))
-        .collect();
+    let first = postfix_lines(0..6, "u", "a.test", true);
     append(&log, &first);
     let tailer = Tailer::start(&broker, &log, &state);
     counted(6).await;
 
     // copytruncate: the file is emptied in place and written again, shorter than before.
     std::fs::File::create(&log).expect("truncate");
-    let second: Vec<String> = (10..12)
-        .map(|i| postfix_line(i, &format!("x{i}@b.test"), false))
-        .collect();
+    let second = postfix_lines(10..12, "x", "b.test", false);
     append(&log, &second);
     counted(8).await;
     tailer.stop().await;
 
     // While stopped: more lines in the old file, then it is renamed and a new one started.
-    let third: Vec<String> = (20..23)
-        .map(|i| postfix_line(i, &format!("u{i}@c.test"), true))
-        .collect();
+    let third = postfix_lines(20..23, "u", "c.test", true);
     append(&log, &third);
     std::fs::rename(&log, dir.join("maillog.1")).expect("rotate");
-    let between: Vec<String> = (40..42)
-        .map(|i| postfix_line(i, &format!("u{i}@e.test"), true))
-        .collect();
+    let between = postfix_lines(40..42, "u", "e.test", true);
     append(&log, &between);
     std::fs::rename(dir.join("maillog.1"), dir.join("maillog.2")).expect("rotate again");
     std::fs::rename(&log, dir.join("maillog.1")).expect("rotate again");
-    let fourth: Vec<String> = (30..34)
-        .map(|i| postfix_line(i, &format!("u{i}@d.test"), true))
-        .collect();
+    let fourth = postfix_lines(30..34, "u", "d.test", true);
     append(&log, &fourth);
     // A copy is not a rotation: its lines were read as the log's.
     std::fs::copy(dir.join("maillog.1"), dir.join("maillog.bak")).expect("copy");
@@ -602,9 +604,7 @@ async fn tail_follows_a_truncation_and_two_rotations_while_stopped() {
 async fn a_log_emptied_and_written_again_past_the_position_while_stopped_is_read_from_its_start() {
     let (db, broker, worker) = started().await;
     let (_dir, log, state) = log_files();
-    let first: Vec<String> = (0..6)
-        .map(|i| postfix_line(i, &format!("u{i}@a.test"), true))
-        .collect();
+    let first = postfix_lines(0..6, "u", "a.test", true);
     append(&log, &first);
     let tailer = Tailer::start(&broker, &log, &state);
     counted(&db, 6).await;
@@ -612,9 +612,7 @@ async fn a_log_emptied_and_written_again_past_the_position_while_stopped_is_read
 
     // Emptied in place, then more lines than before: the file is longer than the position.
     std::fs::File::create(&log).expect("truncate");
-    let second: Vec<String> = (10..30)
-        .map(|i| postfix_line(i, &format!("x{i}@b.test"), true))
-        .collect();
+    let second = postfix_lines(10..30, "x", "b.test", true);
     append(&log, &second);
     let tailer = Tailer::start(&broker, &log, &state);
     counted(&db, 26).await;
@@ -637,21 +635,16 @@ async fn a_log_emptied_and_written_again_past_the_position_while_stopped_is_read
 async fn the_lines_a_copytruncate_copied_while_stopped_are_read_from_the_copy() {
     let (db, broker, worker) = started().await;
     let (dir, log, state) = log_files();
-    let lines = |range: std::ops::Range<usize>, domain: &str| -> Vec<String> {
-        range
-            .map(|i| postfix_line(i, &format!("u{i}@{domain}"), true))
-            .collect()
-    };
-    append(&log, &lines(0..6, "a.test"));
+    append(&log, &postfix_lines(0..6, "u", "a.test", true));
     let tailer = Tailer::start(&broker, &log, &state);
     counted(&db, 6).await;
     tailer.stop().await;
 
     // Stopped: more lines, then logrotate's copytruncate, then new lines in the emptied log.
-    append(&log, &lines(10..14, "c.test"));
+    append(&log, &postfix_lines(10..14, "u", "c.test", true));
     std::fs::copy(&log, dir.join("maillog.1")).expect("copy");
     std::fs::File::create(&log).expect("truncate");
-    append(&log, &lines(20..25, "d.test"));
+    append(&log, &postfix_lines(20..25, "u", "d.test", true));
     let tailer = Tailer::start(&broker, &log, &state);
     counted(&db, 15).await;
     tailer.stop().await;
@@ -678,9 +671,7 @@ async fn a_tailer_that_gives_up_on_rabbitmq_keeps_its_position_before_the_lines_
     let (_dir, log, state) = log_files();
     let counted = |n: i64| counted(&db, n);
 
-    let before: Vec<String> = (0..3)
-        .map(|i| postfix_line(i, &format!("u{i}@a.test"), true))
-        .collect();
+    let before = postfix_lines(0..3, "u", "a.test", true);
     append(&log, &before);
     let through_proxy = [
         ("AMQP_URL", format!("amqp://guest:guest@{}/%2f", proxy.addr)),
@@ -690,9 +681,7 @@ async fn a_tailer_that_gives_up_on_rabbitmq_keeps_its_position_before_the_lines_
     counted(3).await;
 
     proxy.cut();
-    let during: Vec<String> = (10..14)
-        .map(|i| postfix_line(i, &format!("u{i}@b.test"), true))
-        .collect();
+    let during = postfix_lines(10..14, "u", "b.test", true);
     append(&log, &during);
     let status = tokio::time::timeout(Duration::from_secs(30), tailer.child.wait())
         .await
