@@ -24,7 +24,9 @@ pub async fn all_events(db: &TestDb) -> i64 {
         .await
     {
         Ok(row) => row.get(0),
-        Err(_) => 0,
+        // Not migrated yet; any other failure fails the test (a 0 could pass a check).
+        Err(error) if error.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => 0,
+        Err(error) => panic!("counting the events: {error}"),
     }
 }
 
@@ -114,7 +116,8 @@ async fn only_recipient_unknown_bounces_make_a_domain_not_catch_all() {
         Duration::from_secs(10),
         "every event in the batch metrics",
         || async {
-            (worker.metric("catchall_batch_events_sum").await == total as f64).then_some(())
+            (worker.try_metric("catchall_batch_events_sum").await == Some(total as f64))
+                .then_some(())
         },
     )
     .await;

@@ -179,22 +179,15 @@ async fn two_workers_survive_random_faults_with_exact_counts() {
         entry.0 += counts.0;
         entry.1 += counts.1;
     }
+    // Every domain's counters exactly as published: nothing lost, nothing doubled.
     assert_counts_eventually(&rig.db, &expected, Duration::from_secs(120)).await;
-    let actual = rig.db.counts().await;
-    let (mut lost, mut doubled) = (0i64, 0i64);
-    for (domain, (d, b)) in &expected {
-        let (ad, ab) = actual.get(domain).copied().unwrap_or_default();
-        lost += (d - ad).max(0) + (b - ab).max(0);
-        doubled += (ad - d).max(0) + (ab - b).max(0);
-    }
     let injected: usize = faults.values().sum();
     eprintln!(
-        "chaos: {injected} faults injected {faults:?}; {} events checked over {} domains; {lost} lost, {doubled} doubled",
+        "chaos: {injected} faults injected {faults:?}; {} events over {} domains counted exactly once",
         EVENTS,
         expected.len()
     );
     assert!(injected >= MIN_FAULTS, "{injected} faults injected");
-    assert_eq!((lost, doubled), (0, 0));
     wait_for(
         Duration::from_secs(30),
         "the refused messages dead-lettered, each once",

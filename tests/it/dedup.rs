@@ -35,7 +35,7 @@ async fn a_stream_published_twice_with_the_same_ids_is_counted_once() {
     let (db, broker, worker) = started().await;
     let expected = publish_stream(&broker, true).await;
     assert_counts_eventually(&db, &expected, Duration::from_secs(30)).await;
-    assert_eq!(publish_stream(&broker, true).await, expected);
+    publish_stream(&broker, true).await;
     wait_for(
         Duration::from_secs(30),
         "the second copy to be skipped",

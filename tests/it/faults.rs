@@ -132,18 +132,17 @@ impl Trigger {
                     Action::LoseCommitReply => {
                         // Before the COMMIT goes out: its answer will be lost, then the
                         // connection cut.
-                        let before = pg.requests_forwarded();
+                        let before = pg.commits_swallowed();
                         pg.swallow_replies();
                         tokio::spawn(async move {
-                            // The COMMIT forwarded (however late this task runs), then time
-                            // for Postgres to carry it out before the cut.
+                            // Postgres has answered the COMMIT (however late this task runs
+                            // or the server is), and its answer was swallowed: cut now.
                             wait_for(
                                 Duration::from_secs(10),
-                                "the COMMIT to be forwarded",
-                                || async { (pg.requests_forwarded() > before).then_some(()) },
+                                "the COMMIT's answer to be swallowed",
+                                || async { (pg.commits_swallowed() > before).then_some(()) },
                             )
                             .await;
-                            tokio::time::sleep(Duration::from_millis(300)).await;
                             pg.cut();
                             tokio::time::sleep(Duration::from_millis(200)).await;
                             pg.restore();

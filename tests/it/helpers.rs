@@ -333,6 +333,12 @@ impl TestWorker {
     }
 
     pub fn from_app(app: App) -> Self {
+        // The metrics recorder and the tracing subscriber are one per process: the tests read
+        // them as their own worker's only when each test runs in a process of its own.
+        assert!(
+            std::env::var_os("NEXTEST_RUN_ID").is_some(),
+            "run the tests with `cargo nextest run` (one process per test), as `make test` does"
+        );
         // Logs go to the test's output (shown when it fails); RUST_LOG sets the levels.
         catchall::telemetry::init(Some(catchall::config::LogFormat::Pretty));
         let addr = app.http_addr().expect("bound address");
@@ -381,8 +387,17 @@ impl TestWorker {
             .expect("worker stopped without error");
     }
 
-    /// The value of one metric series in `/metrics` (0 if absent).
+    /// The value of one metric series in `/metrics`; an absent series fails the test (a
+    /// renamed or unexported series must not read as 0).
     pub async fn metric(&self, series: &str) -> f64 {
+        self.try_metric(series)
+            .await
+            .unwrap_or_else(|| panic!("{series} is not in /metrics"))
+    }
+
+    /// The value of one metric series in `/metrics`, `None` while it is not exported (a
+    /// histogram before its first sample).
+    pub async fn try_metric(&self, series: &str) -> Option<f64> {
         let text = reqwest::get(self.url("/metrics"))
             .await
             .expect("GET /metrics")
@@ -394,13 +409,11 @@ impl TestWorker {
 }
 
 /// The value of `series` (name with labels exactly as rendered) in a Prometheus text page.
-pub fn metric_value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| {
-            let (name, value) = line.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok()).flatten()
-        })
-        .unwrap_or(0.0)
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let (name, value) = line.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok()).flatten()
+    })
 }
 
 /// A local port where nothing listens: its socket is bound but not listening (connects are
@@ -425,6 +438,23 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// A file path of the test's own in the temporary directory, removed on drop (also when the
+/// test fails).
+pub struct TempFile(pub PathBuf);
+
+impl TempFile {
+    /// `catchall-{name}-{uuid}.csv`.
+    pub fn csv(name: &str) -> Self {
+        Self(std::env::temp_dir().join(format!("catchall-{name}-{}.csv", uuid::Uuid::now_v7())))
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Reads a `--expect` CSV.
 pub fn read_expect(path: &Path) -> Counts {
     std::fs::read_to_string(path)
@@ -444,20 +474,19 @@ pub fn read_expect(path: &Path) -> Counts {
 /// `catchall-producer generate … --expect <temp file>` running in the background.
 pub struct Producer {
     child: tokio::process::Child,
-    expect: PathBuf,
+    expect: TempFile,
 }
 
 impl Producer {
     /// Starts `generate` with `args`, on the broker `env` names.
     pub fn spawn(env: Vec<(&'static str, String)>, args: &[&str]) -> Self {
-        let expect =
-            std::env::temp_dir().join(format!("catchall-expect-{}.csv", uuid::Uuid::now_v7()));
+        let expect = TempFile::csv("expect");
         let child = tokio::process::Command::new(binary("catchall-producer"))
             .envs(env)
             .arg("generate")
             .args(args)
             .arg("--expect")
-            .arg(&expect)
+            .arg(&expect.0)
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
@@ -474,9 +503,7 @@ impl Producer {
         let stdout = String::from_utf8_lossy(&output.stdout);
         assert!(output.status.success(), "producer failed: {stdout}");
         eprintln!("producer: {}", stdout.trim());
-        let counts = read_expect(&self.expect);
-        let _ = std::fs::remove_file(&self.expect);
-        counts
+        read_expect(&self.expect.0)
     }
 }
 

@@ -299,17 +299,16 @@ async fn listing_returns_every_catch_all_domain_once_while_events_are_counted() 
     }
 
     // `catchall export` writes the same catch-all domains as CSV.
-    let output = std::env::temp_dir().join(format!("catchall-export-{}.csv", uuid::Uuid::now_v7()));
+    let output = TempFile::csv("export");
     let status = tokio::process::Command::new(binary("catchall"))
         .env("DATABASE_URL", &db.url)
         .args(["export", "--status", "catch-all", "--output"])
-        .arg(&output)
+        .arg(&output.0)
         .status()
         .await
         .expect("run catchall export");
     assert!(status.success());
-    let csv = std::fs::read_to_string(&output).expect("the export file");
-    let _ = std::fs::remove_file(&output);
+    let csv = std::fs::read_to_string(&output.0).expect("the export file");
     let mut lines = csv.lines();
     assert_eq!(lines.next(), Some("domain,delivered,bounced,status"));
     let exported: Vec<&str> = lines.collect();

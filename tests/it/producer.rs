@@ -105,7 +105,7 @@ async fn giving_up_still_writes_what_was_confirmed() {
     let broker = TestBroker::new();
     let (_connection, _channel) = broker.channel().await; // the topology
     let proxy = Proxy::start("127.0.0.1:5672").await;
-    let expect = std::env::temp_dir().join(format!("catchall-expect-{}.csv", uuid::Uuid::now_v7()));
+    let expect = TempFile::csv("expect");
     let mut env = broker.env();
     env.push(("AMQP_URL", format!("amqp://guest:guest@{}/%2f", proxy.addr)));
     let child = tokio::process::Command::new(binary("catchall-producer"))
@@ -115,7 +115,7 @@ async fn giving_up_still_writes_what_was_confirmed() {
             "generate", "--events", "1000000", "--rate", "5000", "--seed", "8",
         ])
         .arg("--expect")
-        .arg(&expect)
+        .arg(&expect.0)
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -132,8 +132,7 @@ async fn giving_up_still_writes_what_was_confirmed() {
         .expect("the producer gives up within a minute")
         .expect("wait for the producer");
     assert!(!output.status.success(), "giving up is a failure");
-    let confirmed: i64 = read_expect(&expect).values().map(|(d, b)| d + b).sum();
-    let _ = std::fs::remove_file(&expect);
+    let confirmed: i64 = read_expect(&expect.0).values().map(|(d, b)| d + b).sum();
     let queued = i64::from(broker.depth(&broker.queue).await);
     eprintln!(
         "{}; {confirmed} events in the CSV, {queued} messages queued",

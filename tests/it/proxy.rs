@@ -14,10 +14,12 @@ struct State {
     upstream: SocketAddr,
     /// New connections are refused (accepted and closed) while false.
     up: AtomicBool,
+    /// Connections refused so far.
+    refused: AtomicU64,
     /// Server-to-client bytes are dropped while true.
     swallow_replies: AtomicBool,
-    /// Client-to-server writes forwarded, over every connection.
-    forwarded: AtomicU64,
+    /// Swallowed server reads that held a `COMMIT` command tag, over every connection.
+    commits_swallowed: AtomicU64,
     /// Cancelling it drops every connection opened under it.
     generation: Mutex<CancellationToken>,
     /// Cancelled by [`Proxy::freeze_open_connections`] for the connections open then.
@@ -45,8 +47,9 @@ impl Proxy {
         let state = Arc::new(State {
             upstream,
             up: AtomicBool::new(true),
+            refused: AtomicU64::new(0),
             swallow_replies: AtomicBool::new(false),
-            forwarded: AtomicU64::new(0),
+            commits_swallowed: AtomicU64::new(0),
             generation: Mutex::new(CancellationToken::new()),
             freeze: Mutex::new(CancellationToken::new()),
             hold: Mutex::new(CancellationToken::new()),
@@ -70,6 +73,7 @@ impl Proxy {
                     let generation = accept_state.generation.lock().unwrap();
                     if !accept_state.up.load(Ordering::SeqCst) {
                         drop(client);
+                        accept_state.refused.fetch_add(1, Ordering::SeqCst);
                         continue;
                     }
                     generation.child_token()
@@ -135,10 +139,15 @@ impl Proxy {
         self.state.released.cancel();
     }
 
-    /// How many client-to-server writes were forwarded so far (all connections): a fault hook
-    /// waits for it to grow to know its request reached the server.
-    pub fn requests_forwarded(&self) -> u64 {
-        self.state.forwarded.load(Ordering::SeqCst)
+    /// How many connections were refused while cut: a client's attempts.
+    pub fn refused(&self) -> u64 {
+        self.state.refused.load(Ordering::SeqCst)
+    }
+
+    /// How many swallowed replies held Postgres's `COMMIT` command tag: the server has carried
+    /// out a `COMMIT` whose answer the client will never see.
+    pub fn commits_swallowed(&self) -> u64 {
+        self.state.commits_swallowed.load(Ordering::SeqCst)
     }
 
     /// Stops forwarding the server's replies (requests still flow) until the next cut: what the
@@ -188,7 +197,6 @@ async fn serve(
             }
             if !held.is_empty() {
                 server_write.write_all(&std::mem::take(&mut held)).await?;
-                state.forwarded.fetch_add(1, Ordering::SeqCst);
             }
             if client_gone {
                 // The server's side stays open: it runs what it was sent, unaware.
@@ -207,7 +215,6 @@ async fn serve(
                 return Ok::<(), std::io::Error>(());
             }
             server_write.write_all(&buf[..n]).await?;
-            state.forwarded.fetch_add(1, Ordering::SeqCst);
         }
     };
     let replies = async {
@@ -219,6 +226,9 @@ async fn serve(
             }
             if !state.swallow_replies.load(Ordering::SeqCst) {
                 client_write.write_all(&buf[..n]).await?;
+            } else if buf[..n].windows(7).any(|w| w == b"COMMIT\0") {
+                // A CommandComplete tag (a read may split one; then the next commit counts).
+                state.commits_swallowed.fetch_add(1, Ordering::SeqCst);
             }
         }
     };

@@ -810,8 +810,8 @@ async fn sigterm_with_postgres_frozen_and_a_lookup_in_flight_exits_0_in_time() {
     drop(frozen);
 }
 
-/// One series of `/metrics` of the worker binary on `port` (0 if absent); `None` if it does not
-/// answer.
+/// One series of `/metrics` of the worker binary on `port`; `None` if it does not answer or
+/// does not export the series.
 async fn child_metric(port: u16, series: &str) -> Option<f64> {
     let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
         .await
@@ -819,7 +819,7 @@ async fn child_metric(port: u16, series: &str) -> Option<f64> {
         .text()
         .await
         .ok()?;
-    Some(metric_value(&text, series))
+    metric_value(&text, series)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
