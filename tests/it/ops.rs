@@ -57,13 +57,14 @@ async fn metrics_expose_readiness_memory_and_the_dedup_table() {
     let (_db, _broker, worker) = started().await;
     // Sampled every 5 s.
     wait_for(Duration::from_secs(15), "catchall_ready 1", || async {
-        (worker.metric("catchall_ready").await == 1.0).then_some(())
+        (worker.try_metric("catchall_ready").await == Some(1.0)).then_some(())
     })
     .await;
     let rss = worker.metric("process_resident_memory_bytes").await;
     assert!(rss > 1_000_000.0 && rss < 1e9, "RSS {rss}");
     wait_for(Duration::from_secs(15), "the dedup gauges", || async {
-        (worker.metric("catchall_dedup_retention_seconds").await == 604_800.0).then_some(())
+        (worker.try_metric("catchall_dedup_retention_seconds").await == Some(604_800.0))
+            .then_some(())
     })
     .await;
     assert_eq!(worker.metric("catchall_dedup_overdue_ids").await, 0.0);
@@ -137,4 +138,51 @@ async fn migrate_applies_every_migration_once_and_exits_0() {
             .get(0);
         assert_eq!(applied, migrations, "run {run}: {stderr}");
     }
+}
+
+/// The broker's password is not logged at any level. lapin traced every frame it wrote, among
+/// them the login (`Connection.StartOk`, `response: LongString([0, 103, …])`: PLAIN's
+/// `\0user\0password` as bytes), so `RUST_LOG=trace` put the password in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_password_is_not_in_a_trace_log() {
+    use tokio::io::AsyncBufReadExt;
+    const PASSWORD: &str = "s3cret-in-a-trace";
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    let url = format!("amqp://guest:{PASSWORD}@127.0.0.1:5672/%2f");
+    let mut worker = worker_command(
+        &db,
+        &broker,
+        &[("AMQP_URL", url), ("RUST_LOG", "trace".into())],
+    )
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .expect("start the worker binary");
+    let mut lines = tokio::io::BufReader::new(worker.stderr.take().expect("stderr")).lines();
+    let as_bytes = PASSWORD
+        .bytes()
+        .map(|b| b.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut read = 0;
+    let login = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.expect("read the log") {
+            read += 1;
+            assert!(
+                !line.contains(PASSWORD) && !line.contains(&as_bytes),
+                "the password is in the log: {line}"
+            );
+            // The login frame, written (both its old and its redacted form).
+            if line.contains("will write to buffer")
+                && (line.contains("StartOk") || line.contains("start-ok"))
+            {
+                return line;
+            }
+        }
+        panic!("the worker exited before it logged its login");
+    })
+    .await
+    .expect("the login frame traced within 30 s");
+    eprintln!("{read} log lines read; the login: {login}");
+    let _ = worker.kill().await;
 }

@@ -249,6 +249,16 @@ impl FrameEntry {
 
 impl fmt::Display for FrameEntry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // PATCHED (catchall): Connection.StartOk and SecureOk carry the credentials (PLAIN's
+        // `\0user\0password`); the I/O loop traces every frame it writes with this.
+        use amq_protocol::protocol::connection::AMQPMethod as Connection;
+        if let AMQPFrame::Method(
+            channel,
+            AMQPClass::Connection(Connection::StartOk(_) | Connection::SecureOk(_)),
+        ) = &self.frame
+        {
+            return write!(f, "connection.start-ok/secure-ok on channel {channel} (credentials hidden)");
+        }
         self.frame.fmt(f)
     }
 }
