@@ -51,12 +51,12 @@ pub const CLAIM_WINDOW: Duration = Duration::from_secs(600);
 pub const CLAIM: &str =
     "SELECT applied_messages_claim($1::bytea[], make_interval(secs => $2::float8))";
 
-/// The partitions whose upper bound is at least `$1` seconds old: every id in them is older
+/// The first partition whose upper bound is at least `$1` seconds old: every id in it is older
 /// than the retention (the default partition has no bound and is never listed).
 const EXPIRED: &str = "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
      WHERE i.inhparent = 'applied_messages'::regclass \
        AND applied_messages_upper(c.oid) <= now() - make_interval(secs => $1) \
-     ORDER BY 1";
+     ORDER BY 1 LIMIT 1";
 
 /// Days per partition for a retention: a third of it, 1 to 7 days. A claim probes one index
 /// per partition (about retention / width + 2 of them), and ids are kept up to one width past
@@ -129,17 +129,17 @@ impl Store {
             }
         }
 
-        let expired: Vec<String> = client
-            .query(EXPIRED, &[&seconds])
-            .await?
-            .iter()
-            .map(|row| row.get(0))
-            .collect();
-        for partition in expired {
+        // One expired partition a transaction, found under the lock: a list read before it
+        // could name a partition another replica had dropped since (the round then failed).
+        loop {
             let tx = client.transaction().await?;
             if !Self::upkeep_lock(&tx).await? {
                 return Ok(done);
             }
+            let Some(row) = tx.query_opt(EXPIRED, &[&seconds]).await? else {
+                break;
+            };
+            let partition: String = row.get(0);
             // Postgres' estimate (no scan of a day of ids); counted when never analysed.
             let ids: f64 = tx
                 .query_one(
