@@ -31,17 +31,49 @@ pub struct App {
     consumer: consumer::ConsumerSettings,
 }
 
+/// Connects to Postgres at `url`, waiting with backoff (1 s doubling to 30 s) while it does not
+/// answer: a worker started before its database (a restart of both, a new cluster) waits for it
+/// instead of exiting. A URL that cannot work, or a server that refuses the worker, fails at
+/// once (see [`crate::store::StoreError::is_unreachable`]).
+pub async fn connect_waiting(url: &str, pool_size: u32) -> anyhow::Result<Store> {
+    let mut backoff = crate::backoff::Backoff::new(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(30),
+    );
+    loop {
+        match Store::connect(url, pool_size).await {
+            Ok(store) => return Ok(store),
+            Err(error) if error.is_unreachable() => {
+                let wait = backoff.next_wait();
+                tracing::warn!(
+                    error = format!("{:#}", anyhow::Error::new(error)),
+                    postgres = %redact_url(url),
+                    wait = ?wait,
+                    "Postgres does not answer at start; trying again."
+                );
+                tokio::time::sleep(wait).await;
+            }
+            Err(error) => {
+                return Err(anyhow::Error::new(error)
+                    .context(format!("connecting to Postgres at {}", redact_url(url))));
+            }
+        }
+    }
+}
+
 impl App {
-    /// Connects to Postgres (failing fast if it does not answer), applies the migrations and
-    /// binds the HTTP address.
+    /// Connects to Postgres (waiting while it does not answer; failing fast when it refuses),
+    /// applies the migrations and binds the HTTP address.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         config.validate().map_err(anyhow::Error::msg)?;
+        if config.claim_window.is_zero() {
+            tracing::warn!(
+                "CLAIM_WINDOW is 0: a message whose attempts fall on both sides of UTC midnight \
+                 can be counted twice. It is meant for tests; leave it unset in production."
+            );
+        }
         let url = config.database_url.as_str();
-        let connect = |size| async move {
-            Store::connect(url, size)
-                .await
-                .with_context(|| format!("connecting to Postgres at {}", redact_url(url)))
-        };
+        let connect = |size| connect_waiting(url, size);
         // The commits in flight, plus the purge.
         let store = connect(config.in_flight + 1)
             .await?

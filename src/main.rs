@@ -2,8 +2,7 @@
 
 use anyhow::Context;
 use catchall::app::App;
-use catchall::config::{Cli, Command, HealthcheckArgs, redact_url};
-use catchall::store::Store;
+use catchall::config::{Cli, Command, HealthcheckArgs};
 use catchall::telemetry;
 use clap::Parser;
 use std::process::ExitCode;
@@ -50,35 +49,46 @@ async fn healthcheck(http_addr: std::net::SocketAddr, check: &HealthcheckArgs) -
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = cli.config;
+    if let Some(Command::Export(args)) = &cli.command {
+        let rows = catchall::export::run(args, &config.database_url, config.threshold).await?;
+        tracing::info!(rows, "Export written.");
+        return Ok(());
+    }
+    // From here on a stop signal is ours, during the start too (waiting for Postgres,
+    // migrating): the start is dropped (a migration under way rolls back) and the exit is 0.
+    let stop = Stop::install();
     if let Some(Command::Migrate) = cli.command {
-        let store = Store::connect(&config.database_url, 1)
-            .await
-            .with_context(|| {
-                format!(
-                    "connecting to Postgres at {}",
-                    redact_url(&config.database_url)
-                )
-            })?;
-        let report = store.migrate().await.context("applying migrations")?;
+        let migrate = async {
+            let store = catchall::app::connect_waiting(&config.database_url, 1).await?;
+            store.migrate().await.context("applying migrations")
+        };
+        let report = tokio::select! {
+            report = migrate => report?,
+            signal = stop.signalled() => {
+                tracing::info!(signal, "Stopped before the migrations were done.");
+                return Ok(());
+            }
+        };
         tracing::info!(
             applied = report.applied_migrations().len(),
             "Migrations up to date."
         );
         return Ok(());
     }
-    if let Some(Command::Export(args)) = &cli.command {
-        let rows = catchall::export::run(args, &config.database_url, config.threshold).await?;
-        tracing::info!(rows, "Export written.");
-        return Ok(());
-    }
 
     let shutdown_timeout = config.shutdown_timeout;
-    let app = App::build(config).await?;
+    let app = tokio::select! {
+        app = App::build(config) => app?,
+        signal = stop.signalled() => {
+            tracing::info!(signal, "Stopped while starting.");
+            return Ok(());
+        }
+    };
     let cancel = CancellationToken::new();
     let mut worker = tokio::spawn(app.run(cancel.clone()));
     tokio::select! {
         result = &mut worker => return result.context("the worker task panicked")?,
-        signal = shutdown_signal() => tracing::info!(signal, "Stopping: committing and acking what is in flight."),
+        signal = stop.signalled() => tracing::info!(signal, "Stopping: committing and acking what is in flight."),
     }
     cancel.cancel();
     match tokio::time::timeout(shutdown_timeout, worker).await {
@@ -89,18 +99,49 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Waits for SIGTERM or SIGINT and names it.
-async fn shutdown_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("Could not install signal handlers; stop with SIGKILL.");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+/// SIGTERM and SIGINT, handled from [`Stop::install`] on: the first asks for a stop, a second
+/// one ends the process at once (exit 130 or 143, as the signal's default would have).
+struct Stop {
+    first: tokio::sync::watch::Receiver<Option<&'static str>>,
+}
+
+impl Stop {
+    fn install() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (tell, first) = tokio::sync::watch::channel(None);
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::spawn(async move {
+                    let mut stopping = false;
+                    loop {
+                        let (name, code) = tokio::select! {
+                            _ = term.recv() => ("SIGTERM", 143),
+                            _ = int.recv() => ("SIGINT", 130),
+                        };
+                        if stopping {
+                            tracing::warn!(signal = name, "A second stop signal: exiting now.");
+                            std::process::exit(code);
+                        }
+                        stopping = true;
+                        let _ = tell.send(Some(name));
+                    }
+                });
+            }
+            _ => tracing::error!("Could not install signal handlers; stop with SIGKILL."),
+        }
+        Self { first }
+    }
+
+    /// Waits for the first stop signal and names it.
+    async fn signalled(&self) -> &'static str {
+        let mut first = self.first.clone();
+        match first.wait_for(Option::is_some).await {
+            Ok(name) => name.unwrap_or("a signal"),
+            // No handlers: no signal ever comes.
+            Err(_) => std::future::pending().await,
+        }
     }
 }

@@ -20,6 +20,9 @@ mod embedded {
 /// How long a migration's statement waits for a table lock before the migration is rolled
 /// back (see [`Store::migrate`]).
 pub const MIGRATION_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+/// The session advisory lock a replica holds while it migrates ("catchal"): the others wait
+/// for it, without a time limit, before they run theirs.
+pub const MIGRATION_LOCK: i64 = 0x0063_6174_6368_616c;
 /// Migration attempts given up on a lock before the start fails (about a minute in all, within
 /// the Kubernetes startup probe's five).
 pub const MIGRATION_LOCK_ATTEMPTS: u32 = 6;
@@ -107,6 +110,46 @@ impl StoreError {
             // PL/pgSQL RAISE (P0001 raise_exception, P0004 assert_failure).
             "22" | "23" | "27" | "09" | "2F" | "38" | "39" | "44" | "P0"
         )
+    }
+
+    /// Whether Postgres gave no answer at all (a refused, reset or timed-out connection, a
+    /// name that does not resolve yet, the pool's wait) or answered that it cannot take the
+    /// connection yet (starting up or shutting down, too many connections): the start waits
+    /// and tries again. An answer that refuses the worker (authentication, an unknown
+    /// database, a certificate that fails) is not: it stays until someone changes a setting.
+    pub fn is_unreachable(&self) -> bool {
+        let error = match self {
+            Self::Timeout(_) | Self::Pool(deadpool_postgres::PoolError::Timeout(_)) => {
+                return true;
+            }
+            Self::Pool(deadpool_postgres::PoolError::Backend(error)) | Self::Query(error) => error,
+            _ => return false,
+        };
+        if let Some(db) = error.as_db_error() {
+            use tokio_postgres::error::SqlState;
+            return [
+                SqlState::CANNOT_CONNECT_NOW,
+                SqlState::TOO_MANY_CONNECTIONS,
+                SqlState::ADMIN_SHUTDOWN,
+                SqlState::CRASH_SHUTDOWN,
+            ]
+            .contains(db.code());
+        }
+        let mut source = std::error::Error::source(error);
+        while let Some(cause) = source {
+            if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+                // TLS failures come as invalid data; a missing file is not the network.
+                return !matches!(
+                    io.kind(),
+                    std::io::ErrorKind::InvalidData
+                        | std::io::ErrorKind::InvalidInput
+                        | std::io::ErrorKind::NotFound
+                        | std::io::ErrorKind::PermissionDenied
+                );
+            }
+            source = cause.source();
+        }
+        error.is_closed()
     }
 
     /// A `unique_violation` on the applied ids: a concurrent transaction claimed one of the
@@ -352,7 +395,10 @@ impl Store {
             .copied()
             .unwrap_or(Duration::from_secs(5));
         let hosts = pg.get_hosts().len().max(1) as u32;
-        let create_timeout = per_host * hosts + Duration::from_secs(5);
+        // Saturating: a huge connect_timeout in the URL means no bound, not a panic.
+        let create_timeout = per_host
+            .saturating_mul(hosts)
+            .saturating_add(Duration::from_secs(5));
         let terminating = Arc::new(pg.clone());
         let manager = Manager::from_config(
             pg,
@@ -447,16 +493,26 @@ impl Store {
     }
 
     async fn migrate_once(&self) -> Result<refinery::Report, StoreError> {
-        const LOCK: i64 = 0x0063_6174_6368_616c; // "catchal"
         let mut client = self.pool.get().await?;
-        client
-            .execute("SELECT pg_advisory_lock($1)", &[&LOCK])
-            .await?;
-        // A migration on a large table may take longer than the statement timeout. The
+        // A migration on a large table may take longer than the statement timeout, and so may
+        // the wait for another replica's (a waiter used to fail after 60 s and exit). The
         // session settings must not outlive the migration: this connection leaves the pool.
         client
+            .batch_execute("SET statement_timeout = 0; SET lock_timeout = 0")
+            .await?;
+        let locked: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&MIGRATION_LOCK])
+            .await?
+            .get(0);
+        if !locked {
+            tracing::info!("Another replica is migrating the database; waiting for it to finish.");
+            client
+                .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+                .await?;
+        }
+        client
             .batch_execute(&format!(
-                "SET statement_timeout = 0; SET lock_timeout = {}",
+                "SET lock_timeout = {}",
                 MIGRATION_LOCK_TIMEOUT.as_millis()
             ))
             .await?;
@@ -477,7 +533,7 @@ impl Store {
             Err(_) => Ok(None),
         };
         let unlocked = client
-            .execute("SELECT pg_advisory_unlock($1)", &[&LOCK])
+            .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
             .await;
         drop(deadpool_postgres::Object::take(client));
         unlocked?;

@@ -86,3 +86,60 @@ async fn sigterm_with_the_broker_not_answering_still_exits_0_in_time() {
     eprintln!("stopped in {took:?}");
     assert!(status.success(), "exit status {status:?}");
 }
+
+/// A worker started while its Postgres does not answer (a restart of both, a database that
+/// comes up later) waits for it with backoff, then starts and counts. It used to exit 1 at once
+/// ("connecting to Postgres"), leaving a restart loop to the supervisor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_started_before_postgres_answers_waits_for_it() {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    let postgres = crate::proxy::Proxy::start("127.0.0.1:5432").await;
+    postgres.cut();
+    let url = format!("postgres://postgres@{}/{}", postgres.addr, db.name);
+    let command = worker_command(&db, &broker, &[("DATABASE_URL", url)]);
+    let started = tokio::spawn(spawn_on_a_port(command));
+    wait_for(
+        Duration::from_secs(30),
+        "the worker to try Postgres a second time",
+        || async { (postgres.refused() >= 2).then_some(()) },
+    )
+    .await;
+    assert!(
+        !started.is_finished(),
+        "the worker gave up, or started, without Postgres"
+    );
+    postgres.restore();
+    let (mut worker, port) = started
+        .await
+        .expect("the worker starts once Postgres answers");
+    let expected = generate(&broker, 2_000, 10, 41).await;
+    assert_counts_eventually(&db, &expected, Duration::from_secs(60)).await;
+    let ready = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+        .await
+        .expect("GET /readyz");
+    assert_eq!(ready.status(), 200);
+    let (status, _) = sigterm(&mut worker, Duration::from_secs(15)).await;
+    assert!(status.success(), "exit status {status:?}");
+}
+
+/// SIGTERM while the worker starts (here: while it waits for Postgres) ends it with exit 0,
+/// as a stop should. The signal handlers were installed only once the worker had started, so
+/// the signal's default action killed it (exit status: signal 15).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_starting_exits_0() {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    let postgres = crate::proxy::Proxy::start("127.0.0.1:5432").await;
+    postgres.cut();
+    let url = format!("postgres://postgres@{}/{}", postgres.addr, db.name);
+    let mut worker = spawn_worker(&db, &broker, &[("DATABASE_URL", url)]);
+    wait_for(
+        Duration::from_secs(30),
+        "the worker to try Postgres",
+        || async { (postgres.refused() >= 1).then_some(()) },
+    )
+    .await;
+    let (status, took) = sigterm(&mut worker, Duration::from_secs(10)).await;
+    assert!(status.success(), "exit status {status:?} after {took:?}");
+}

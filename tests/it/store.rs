@@ -270,6 +270,88 @@ async fn a_migration_waiting_for_a_lock_does_not_hold_up_the_writes_behind_it() 
     assert_eq!(db.total_events().await, 1);
 }
 
+/// A migration that has landed is never edited: refinery checks every applied migration's
+/// checksum (its whole text, comments included) at start, so a changed file stops every
+/// replica of the new build on databases the old one migrated (`DivergentVersion`), and the
+/// other way round. A change goes in a new migration, which adds its checksum to `LANDED`. (V1, V5–V8, V10 and V11 were edited
+/// before this check; these are their texts since 2026-12-05.)
+#[test]
+fn landed_migrations_are_never_edited() {
+    const LANDED: &[(i32, u64)] = &[
+        (1, 4684035827027312900),
+        (2, 15743629583025969016),
+        (3, 16532600618698181750),
+        (4, 12286987729895757125),
+        (5, 10306922658139906000),
+        (6, 13171747912216279353),
+        (7, 7458090205967017700),
+        (8, 7019057250184149859),
+        (9, 5212072717629346053),
+        (10, 14737201305418054684),
+        (11, 7913009070405035228),
+        (12, 3292058764619838238),
+    ];
+    let mut checksums: Vec<(i32, u64)> = embedded::migrations::runner()
+        .get_migrations()
+        .iter()
+        .map(|m| (m.version(), m.checksum()))
+        .collect();
+    checksums.sort();
+    for (version, checksum) in LANDED {
+        assert_eq!(
+            checksums.iter().find(|(v, _)| v == version),
+            Some(&(*version, *checksum)),
+            "V{version} was edited or removed; add a new migration instead"
+        );
+    }
+    // A new migration adds its line to LANDED.
+    assert_eq!(checksums, LANDED, "the migrations and their checksums");
+}
+
+/// A replica that starts while another one migrates waits for that migration, however long it
+/// takes. Its wait for the migration lock ran under the session's statement timeout (60 s), so
+/// a replica started beside a migration longer than that failed to start, and restarted in a
+/// loop. Here the statement timeout is 1 s and the other replica holds the lock for 3 s.
+#[tokio::test]
+async fn a_replica_waits_for_another_replicas_migration_past_the_statement_timeout() {
+    let db = TestDb::create().await;
+    let other = db.client().await;
+    other
+        .execute(
+            "SELECT pg_advisory_lock($1)",
+            &[&catchall::store::MIGRATION_LOCK],
+        )
+        .await
+        .expect("the other replica's migration lock");
+    let url = format!("{}?options=-c%20statement_timeout%3D1s", db.url);
+    let store = Store::connect(&url, 1).await.expect("connect");
+    let migration = tokio::spawn(async move { store.migrate().await });
+    db.await_lock_waits(
+        1,
+        "%pg_advisory_lock%",
+        "the replica to wait for the migration lock",
+    )
+    .await;
+    // The other replica's migration goes on for three statement timeouts.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    if migration.is_finished() {
+        panic!("the waiting replica stopped waiting: {:?}", migration.await);
+    }
+    other
+        .execute(
+            "SELECT pg_advisory_unlock($1)",
+            &[&catchall::store::MIGRATION_LOCK],
+        )
+        .await
+        .expect("unlock");
+    let report = tokio::time::timeout(Duration::from_secs(60), migration)
+        .await
+        .expect("the migration to finish once the lock is free")
+        .expect("the migration task")
+        .expect("the migration");
+    assert_eq!(report.applied_migrations().len(), 12);
+}
+
 /// A replica of the previous release starts against a database that a newer release already
 /// migrated (a rolling upgrade, or a rollback): it runs, rather than refusing to start because
 /// the schema history holds a version it does not know (refinery's `MissingVersion`), and it
@@ -320,6 +402,11 @@ async fn a_multi_host_url_moves_past_a_host_that_drops_packets() {
             held.push(stream);
         }
     }
+    assert!(
+        held.len() < 4,
+        "the accept queue never filled: {} connects answered",
+        held.len()
+    );
     let url = format!(
         "postgres://postgres@{silent_addr},127.0.0.1:5432/{}",
         db.name
