@@ -187,6 +187,29 @@ pub fn split_nodes(urls: &str) -> Vec<&str> {
         .collect()
 }
 
+/// Checks `AMQP_URL` as a connection would read it (every node, its TLS files included), so
+/// that a URL no connection can use stops the start with a usage error instead of being retried
+/// as if the broker were down.
+pub fn check_urls(urls: &str) -> Result<(), ConnectError> {
+    nodes(urls).map(|_| ())
+}
+
+/// Every node of `urls`, parsed; at least one.
+fn nodes(urls: &str) -> Result<Vec<Node>, ConnectError> {
+    let nodes = split_nodes(urls)
+        .into_iter()
+        .enumerate()
+        .map(|(index, raw)| parse_node(index, raw))
+        .collect::<Result<Vec<_>, _>>()?;
+    if nodes.is_empty() {
+        return Err(ConnectError::Url {
+            node: 0,
+            reason: "no node".into(),
+        });
+    }
+    Ok(nodes)
+}
+
 fn parse_node(index: usize, raw: &str) -> Result<Node, ConnectError> {
     let bad = |reason: String| ConnectError::Url {
         node: index + 1,
@@ -313,17 +336,7 @@ async fn connect_from(
     gate: Option<&lapin::ReadGate>,
     from: Start,
 ) -> Result<Connection, ConnectError> {
-    let nodes = split_nodes(urls)
-        .into_iter()
-        .enumerate()
-        .map(|(index, raw)| parse_node(index, raw))
-        .collect::<Result<Vec<_>, _>>()?;
-    if nodes.is_empty() {
-        return Err(ConnectError::Url {
-            node: 0,
-            reason: "no node".into(),
-        });
-    }
+    let nodes = nodes(urls)?;
     let start = match (last_good(urls), from) {
         (None, _) => 0,
         (Some(last), Start::AfterLast) => last + 1,

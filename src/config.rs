@@ -37,12 +37,13 @@ pub struct HealthcheckArgs {
     #[arg(long, default_value = "/healthz")]
     pub path: String,
     /// How long the whole check may take.
-    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "3s", value_parser = timeout)]
     pub timeout: Duration,
 }
 
 /// The broker and the topology (SPEC §3); shared with the producer, which declares the same
-/// topology so that events published before any worker starts are kept.
+/// topology so that events published before any worker starts are kept. Global: the flags go
+/// before or after a subcommand (`catchall-producer generate --exchange x`).
 #[derive(Debug, Clone, Args)]
 pub struct AmqpArgs {
     /// RabbitMQ URL; several nodes of one cluster separated by commas, tried in turn at every
@@ -51,6 +52,7 @@ pub struct AmqpArgs {
     /// verified. `heartbeat=` defaults to 10 s. Its password is never logged.
     #[arg(
         long,
+        global = true,
         env = "AMQP_URL",
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
         hide_env_values = true
@@ -60,6 +62,7 @@ pub struct AmqpArgs {
     /// Topic exchange events are published to. Its dead-letter exchange is `<exchange>.dlx`.
     #[arg(
         long = "exchange",
+        global = true,
         visible_alias = "catchall-exchange",
         env = "CATCHALL_EXCHANGE",
         default_value = "catchall.events"
@@ -69,6 +72,7 @@ pub struct AmqpArgs {
     /// Durable quorum queue the workers share. Rejected messages go to `<queue>.dead`.
     #[arg(
         long = "queue",
+        global = true,
         visible_alias = "catchall-queue",
         env = "CATCHALL_QUEUE",
         default_value = "catchall.events"
@@ -76,7 +80,7 @@ pub struct AmqpArgs {
     pub queue: String,
 
     /// Deliveries after which the quorum queue dead-letters a message that keeps failing.
-    #[arg(long, env = "DELIVERY_LIMIT", default_value_t = 20)]
+    #[arg(long, global = true, env = "DELIVERY_LIMIT", default_value_t = 20)]
     pub delivery_limit: u32,
 }
 
@@ -131,7 +135,7 @@ pub struct Config {
     pub batch_size: u32,
 
     /// How long a batch waits to fill after its first message, in milliseconds.
-    #[arg(long, env = "BATCH_TIMEOUT_MS", default_value_t = 20)]
+    #[arg(long, env = "BATCH_TIMEOUT_MS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=86_400_000))]
     pub batch_timeout_ms: u64,
 
     /// Unacknowledged messages the broker may hand this worker; at least the batch size. The
@@ -152,19 +156,18 @@ pub struct Config {
     pub db_pool_size: u32,
 
     /// How long applied message ids are remembered for deduplication (e.g. `7d`, `12h`).
-    #[arg(long, env = "DEDUP_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "DEDUP_RETENTION", default_value = "7d", value_parser = retention)]
     pub dedup_retention: Duration,
 
-    /// How close to a partition bound of the applied ids (UTC midnight) a claim writes its ids
-    /// on both sides of the bound (see `store::CLAIM_WINDOW`). Not for operators: shorter than
-    /// a batch transaction's life lets two attempts of one id on either side of midnight both
-    /// count. Tests set zero, so what they read of the table does not depend on the hour;
-    /// benches set 13h (the most it takes) to run the window's path at any hour.
-    #[arg(long, env = "CLAIM_WINDOW", default_value = "10m", value_parser = humantime::parse_duration, hide = true)]
+    /// How close to UTC midnight (a bound of the applied ids' partitions) a claim writes its ids
+    /// on both sides of it. Keep the default: it must outlast a batch transaction (at least
+    /// DB_TIMEOUT), or two attempts of one id on either side of midnight both count. 0 (tests
+    /// only, warned at start) turns it off; 13h at most (benches, to take the path at any hour).
+    #[arg(long, env = "CLAIM_WINDOW", default_value = "10m", value_parser = humantime::parse_duration)]
     pub claim_window: Duration,
 
     /// How long a stop (SIGTERM/SIGINT) may take to commit and ack what is in flight.
-    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = shutdown_timeout)]
     pub shutdown_timeout: Duration,
 
     /// ESP webhooks (issue 11): each route is off until its setting is set.
@@ -180,7 +183,7 @@ pub struct Config {
 
     /// Client-side deadline of one attempt to apply a batch (e.g. `30s`): a Postgres that stops
     /// answering costs one deadline, then the batch is retried on a fresh connection.
-    #[arg(long, env = "DB_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "DB_TIMEOUT", default_value = "30s", value_parser = timeout)]
     pub db_timeout: Duration,
 
     /// Log format; by default `pretty` on a terminal and `json` otherwise. Levels come from RUST_LOG.
@@ -199,7 +202,7 @@ pub struct Config {
     pub query_tokens: Option<Tokens>,
 
     /// How long a PUT without an Idempotency-Key waits for others to share its message, in ms.
-    #[arg(long, env = "INGEST_PACK_WINDOW_MS", default_value_t = 2)]
+    #[arg(long, env = "INGEST_PACK_WINDOW_MS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=86_400_000))]
     pub ingest_pack_window_ms: u64,
 
     /// Requests served at once; past it requests get 503 with Retry-After instead of queueing.
@@ -217,13 +220,44 @@ pub struct Config {
     pub http_body_budget: u64,
 
     /// How long a request may take from its headers to its answer (slower ones get 408).
-    #[arg(long, env = "HTTP_REQUEST_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "HTTP_REQUEST_TIMEOUT", default_value = "15s", value_parser = timeout)]
     pub http_request_timeout: Duration,
 
     /// How long a client may take to send a request's headers, or on a kept-alive connection to
     /// start its next request, before the connection is closed.
-    #[arg(long, env = "HTTP_HEADER_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "HTTP_HEADER_TIMEOUT", default_value = "5s", value_parser = timeout)]
     pub http_header_timeout: Duration,
+}
+
+/// A timeout (`30s`, `500ms`): more than 0 (every attempt, request or check would time out at
+/// once) and at most a day (deadlines past that overflow the clock's arithmetic).
+pub fn timeout(text: &str) -> Result<Duration, String> {
+    duration_within(text, Duration::from_millis(1), DAY)
+}
+
+/// `SHUTDOWN_TIMEOUT`: at least 4 s, since a stop keeps up to 3 s for an attempt it abandons and
+/// the broker's close, and at most a day.
+pub fn shutdown_timeout(text: &str) -> Result<Duration, String> {
+    duration_within(text, Duration::from_secs(4), DAY)
+}
+
+/// `DEDUP_RETENTION`: more than 0 and at most ten years.
+pub fn retention(text: &str) -> Result<Duration, String> {
+    duration_within(text, Duration::from_secs(1), 3650 * DAY)
+}
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+fn duration_within(text: &str, min: Duration, max: Duration) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text).map_err(|error| error.to_string())?;
+    if duration < min || duration > max {
+        return Err(format!(
+            "must be from {} to {}",
+            humantime::format_duration(min),
+            humantime::format_duration(max)
+        ));
+    }
+    Ok(duration)
 }
 
 /// A byte size: a number with an optional unit (`B`, `KiB`, `MiB`, `GiB`; `KB`, `MB`, `GB` are
@@ -332,6 +366,8 @@ impl Config {
 
     /// Checks what clap cannot check alone.
     pub fn validate(&self) -> Result<(), String> {
+        crate::amqp::check_urls(&self.amqp.amqp_url)
+            .map_err(|error| format!("{:#}", anyhow::Error::new(error)))?;
         if u32::from(self.prefetch) < self.batch_size {
             return Err(format!(
                 "PREFETCH ({}) must be at least BATCH_SIZE ({}), or batches could never fill",
@@ -349,14 +385,29 @@ impl Config {
                 humantime::format_duration(self.http_request_timeout)
             ));
         }
+        const TIB: u64 = 1 << 40;
+        for (name, bytes) in [
+            ("HTTP_BODY_BUDGET", self.http_body_budget),
+            ("PREFETCH_BYTES", self.prefetch_bytes),
+        ] {
+            if bytes > TIB {
+                return Err(format!("{name} ({bytes} bytes) must be at most 1TiB"));
+            }
+        }
         if self.http_body_budget < crate::event::MAX_BODY_BYTES as u64 {
             return Err(format!(
                 "HTTP_BODY_BUDGET ({} bytes) must be at least 1MiB, the largest body a request may have",
                 self.http_body_budget
             ));
         }
-        if self.dedup_retention.is_zero() {
-            return Err("DEDUP_RETENTION must be longer than 0".into());
+        if !self.claim_window.is_zero() && self.claim_window < self.db_timeout {
+            return Err(format!(
+                "CLAIM_WINDOW ({}) must be at least DB_TIMEOUT ({}), the longest a batch's \
+                 transaction lasts: shorter, two attempts of one message on either side of UTC \
+                 midnight could both count",
+                humantime::format_duration(self.claim_window),
+                humantime::format_duration(self.db_timeout)
+            ));
         }
         if self.claim_window > Duration::from_secs(13 * 3600) {
             return Err(format!(
@@ -472,7 +523,7 @@ mod tests {
         assert_eq!(config.amqp.queue, "catchall.events");
         assert_eq!(config.threshold, 1000);
         assert_eq!(config.dedup_retention, Duration::from_secs(7 * 24 * 3600));
-        // The hidden setting's default is the store's own.
+        // The setting's default is the store's own.
         assert_eq!(config.claim_window, crate::store::CLAIM_WINDOW);
         assert_eq!(config.shutdown_timeout, Duration::from_secs(10));
         assert_eq!(config.prefetch_bytes, 64 << 20);
@@ -517,10 +568,55 @@ mod tests {
             vec!["catchall", "--http-addr", "nowhere"],
             vec!["catchall", "--log-format", "xml"],
             vec!["catchall", "--no-such-flag"],
+            // Zero timeouts timed out every attempt; huge ones overflowed deadlines (panics).
+            vec!["catchall", "--db-timeout", "0s"],
+            vec!["catchall", "--db-timeout", "10000000000000000000s"],
+            vec!["catchall", "--shutdown-timeout", "0s"],
+            vec!["catchall", "--shutdown-timeout", "3s"],
+            vec!["catchall", "--http-request-timeout", "0s"],
+            vec!["catchall", "--http-header-timeout", "400000000000d"],
+            vec!["catchall", "--dedup-retention", "0s"],
+            vec!["catchall", "--dedup-retention", "99999999999d"],
+            vec!["catchall", "--batch-timeout-ms", "18446744073709551615"],
+            vec!["catchall", "healthcheck", "--timeout", "0s"],
         ] {
             let err = Cli::try_parse_from(&args).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{args:?}");
         }
+        let refused = |args: &[&str]| {
+            Cli::try_parse_from(args)
+                .unwrap()
+                .config
+                .validate()
+                .unwrap_err()
+        };
+        // An AMQP_URL no connection could use was retried for ever as if the broker were down.
+        for (url, says) in [
+            ("amqps://h/%2f?verify=verify_none", "verify=verify_none"),
+            (
+                "amqp://h/%2f?cacertfile=/ca.pem",
+                "cacertfile needs an amqps",
+            ),
+            (
+                "amqps://h/%2f?certfile=/c.pem",
+                "certfile and keyfile go together",
+            ),
+            (
+                "amqps://h/%2f?cacertfile=/no/such/ca.pem",
+                "TLS settings of h:5671",
+            ),
+            ("amqp://h:port/%2f", "invalid AMQP_URL (node 1)"),
+            ("amqp://h/%2f,amqp://", "invalid AMQP_URL (node 2)"),
+        ] {
+            let error = refused(&["catchall", "--amqp-url", url]);
+            assert!(error.contains(says), "{url}: {error}");
+        }
+        let error = refused(&["catchall", "--prefetch-bytes", "2048GiB"]);
+        assert!(error.contains("PREFETCH_BYTES"), "{error}");
+        let error = refused(&["catchall", "--http-body-budget", "2048GiB"]);
+        assert!(error.contains("HTTP_BODY_BUDGET"), "{error}");
+        let error = refused(&["catchall", "--claim-window", "10s"]);
+        assert!(error.contains("at least DB_TIMEOUT"), "{error}");
         let config = Cli::try_parse_from(["catchall", "--batch-size", "600", "--prefetch", "500"])
             .unwrap()
             .config;

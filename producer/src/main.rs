@@ -412,6 +412,25 @@ async fn stop_signal() {
 mod tests {
     use super::*;
 
+    /// The broker's flags go before or after the subcommand, as the producer's own do (after
+    /// it, `--exchange` was refused as an unexpected argument).
+    #[test]
+    fn broker_flags_go_after_the_subcommand_too() {
+        let cli = Cli::try_parse_from([
+            "catchall-producer",
+            "generate",
+            "--events",
+            "10",
+            "--exchange",
+            "x",
+            "--amqp-url",
+            "amqp://h/%2f",
+        ])
+        .expect("flags after the subcommand");
+        assert_eq!(cli.amqp.exchange, "x");
+        assert_eq!(cli.amqp.amqp_url, "amqp://h/%2f");
+    }
+
     /// On schedule, a short lag is caught up; after a stall of more than a second the
     /// schedule restarts at the rate instead of sending the stall's worth at once.
     #[test]
