@@ -389,11 +389,18 @@ async fn abandoned_attempt_with_its_commit_held(as_owner_role: bool) {
     })
     .await;
     // With the backend of the attempt given up still in its transaction, every retry waits
-    // behind it (the batch's token): this times out.
+    // behind it (the batch's token): this times out. Counted in the table, not in the worker's
+    // applied messages: when the messages came as two batches, both held, the second one's
+    // backend could take the row lock once the first was terminated and commit before its own
+    // terminate came; its retry then found its token and applied nothing, rightly.
     wait_for(
         Duration::from_secs(30),
         "a retry to apply the batch",
-        || async { (worker.stats().applied >= MESSAGES as u64).then_some(()) },
+        || async {
+            let counted = rig.db.total_events().await;
+            assert!(counted <= MESSAGES, "{counted} of {MESSAGES} counted");
+            (counted == MESSAGES).then_some(())
+        },
     )
     .await;
     let client = rig.db.client().await;
