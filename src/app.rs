@@ -66,6 +66,7 @@ impl App {
     /// applies the migrations and binds the HTTP address.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         config.validate().map_err(anyhow::Error::msg)?;
+        config.check_amqp_url().map_err(anyhow::Error::msg)?;
         if config.claim_window.is_zero() {
             tracing::warn!(
                 "CLAIM_WINDOW is 0: a message whose attempts fall on both sides of UTC midnight \

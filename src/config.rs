@@ -365,9 +365,14 @@ impl Config {
     }
 
     /// Checks what clap cannot check alone.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks `AMQP_URL` as a connection would read it, TLS files included (the worker only:
+    /// `migrate` and `export` never connect to RabbitMQ).
+    pub fn check_amqp_url(&self) -> Result<(), String> {
         crate::amqp::check_urls(&self.amqp.amqp_url)
-            .map_err(|error| format!("{:#}", anyhow::Error::new(error)))?;
+            .map_err(|error| format!("{:#}", anyhow::Error::new(error)))
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
         if u32::from(self.prefetch) < self.batch_size {
             return Err(format!(
                 "PREFETCH ({}) must be at least BATCH_SIZE ({}), or batches could never fill",
@@ -404,7 +409,7 @@ impl Config {
             return Err(format!(
                 "CLAIM_WINDOW ({}) must be at least DB_TIMEOUT ({}), the longest a batch's \
                  transaction lasts: shorter, two attempts of one message on either side of UTC \
-                 midnight could both count",
+                 midnight could both count. Lower DB_TIMEOUT, or raise CLAIM_WINDOW (13h at most)",
                 humantime::format_duration(self.claim_window),
                 humantime::format_duration(self.db_timeout)
             ));
@@ -590,6 +595,13 @@ mod tests {
                 .validate()
                 .unwrap_err()
         };
+        let bad_amqp = |url: &str| {
+            Cli::try_parse_from(["catchall", "--amqp-url", url])
+                .unwrap()
+                .config
+                .check_amqp_url()
+                .unwrap_err()
+        };
         // An AMQP_URL no connection could use was retried for ever as if the broker were down.
         for (url, says) in [
             ("amqps://h/%2f?verify=verify_none", "verify=verify_none"),
@@ -608,7 +620,7 @@ mod tests {
             ("amqp://h:port/%2f", "invalid AMQP_URL (node 1)"),
             ("amqp://h/%2f,amqp://", "invalid AMQP_URL (node 2)"),
         ] {
-            let error = refused(&["catchall", "--amqp-url", url]);
+            let error = bad_amqp(url);
             assert!(error.contains(says), "{url}: {error}");
         }
         let error = refused(&["catchall", "--prefetch-bytes", "2048GiB"]);

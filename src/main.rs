@@ -55,7 +55,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         return Ok(());
     }
     // From here on a stop signal is ours, during the start too (waiting for Postgres,
-    // migrating): the start is dropped (a migration under way rolls back) and the exit is 0.
+    // migrating): the start is dropped (a migration under way rolls back) and the worker exits
+    // 0 (`migrate` exits 1: its work is not done).
     let stop = Stop::install();
     if let Some(Command::Migrate) = cli.command {
         let migrate = async {
@@ -64,10 +65,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         };
         let report = tokio::select! {
             report = migrate => report?,
-            signal = stop.signalled() => {
-                tracing::info!(signal, "Stopped before the migrations were done.");
-                return Ok(());
-            }
+            // Not a success: a Job or a `migrate && deploy` must not take it for one.
+            signal = stop.signalled() => anyhow::bail!("stopped by {signal} before the migrations were done"),
         };
         tracing::info!(
             applied = report.applied_migrations().len(),
@@ -76,6 +75,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         return Ok(());
     }
 
+    if let Err(error) = config.check_amqp_url() {
+        clap::Error::raw(
+            clap::error::ErrorKind::ValueValidation,
+            format!("{error}\n"),
+        )
+        .exit();
+    }
     let shutdown_timeout = config.shutdown_timeout;
     let app = tokio::select! {
         app = App::build(config) => app?,

@@ -138,13 +138,12 @@ impl StoreError {
         let mut source = std::error::Error::source(error);
         while let Some(cause) = source {
             if let Some(io) = cause.downcast_ref::<std::io::Error>() {
-                // TLS failures come as invalid data; a missing file is not the network.
+                // TLS failures come as invalid data. A Unix socket not there yet (a proxy
+                // sidecar starting) is NotFound; a host that does not allow writes yet
+                // (`target_session_attrs=read-write` during a failover) is PermissionDenied.
                 return !matches!(
                     io.kind(),
-                    std::io::ErrorKind::InvalidData
-                        | std::io::ErrorKind::InvalidInput
-                        | std::io::ErrorKind::NotFound
-                        | std::io::ErrorKind::PermissionDenied
+                    std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
                 );
             }
             source = cause.source();
@@ -395,10 +394,11 @@ impl Store {
             .copied()
             .unwrap_or(Duration::from_secs(5));
         let hosts = pg.get_hosts().len().max(1) as u32;
-        // Saturating: a huge connect_timeout in the URL means no bound, not a panic.
+        // At most a day: a huge connect_timeout in the URL must not overflow a deadline.
         let create_timeout = per_host
             .saturating_mul(hosts)
-            .saturating_add(Duration::from_secs(5));
+            .saturating_add(Duration::from_secs(5))
+            .min(Duration::from_secs(24 * 3600));
         let terminating = Arc::new(pg.clone());
         let manager = Manager::from_config(
             pg,

@@ -249,17 +249,25 @@ impl FrameEntry {
 
 impl fmt::Display for FrameEntry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // PATCHED (catchall): Connection.StartOk and SecureOk carry the credentials (PLAIN's
-        // `\0user\0password`); the I/O loop traces every frame it writes with this.
+        Shown(&self.frame).fmt(f)
+    }
+}
+
+/// PATCHED (catchall): a frame as traced. Connection.StartOk and SecureOk carry the credentials
+/// (PLAIN's `\0user\0password`): never printed.
+struct Shown<'a>(&'a AMQPFrame);
+
+impl fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use amq_protocol::protocol::connection::AMQPMethod as Connection;
         if let AMQPFrame::Method(
             channel,
             AMQPClass::Connection(Connection::StartOk(_) | Connection::SecureOk(_)),
-        ) = &self.frame
+        ) = self.0
         {
             return write!(f, "connection.start-ok/secure-ok on channel {channel} (credentials hidden)");
         }
-        self.frame.fmt(f)
+        self.0.fmt(f)
     }
 }
 
@@ -325,7 +333,8 @@ impl Inner {
     ) {
         let sending = FrameSending::new(Some(canceler), resolver);
         if let Some(error) = self.check_poison(channel_id) {
-            trace!(channel=%channel_id, frame=?frame, "Discarding frame because of poisoning");
+            // PATCHED (catchall): through `Shown`, which hides credentials.
+            trace!(channel=%channel_id, frame=%Shown(&frame), "Discarding frame because of poisoning");
             if let Some(reply) = expected_reply {
                 Self::cancel_expected_reply(reply, error.clone());
             }
