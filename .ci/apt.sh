@@ -12,7 +12,11 @@ apt_install_no_start() {
     as_root chmod +x "$policy"
     created_policy=1
   fi
+  local status=0
   as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq \
-    --no-install-recommends "$@" >/dev/null
+    --no-install-recommends "$@" >/dev/null || status=$?
+  # Removed whatever the install did: left behind, it would keep every later install on this
+  # machine from starting its services.
   if [ "$created_policy" = 1 ]; then as_root rm -f "$policy"; fi
+  return "$status"
 }

@@ -28,7 +28,11 @@ pg_clusters() { flock -o "$PG_LOCK" pg_lsclusters -h; }
 # rabbitmqctl against NODE, as the rabbitmq user (who holds the Erlang cookie).
 rmqctl() { # node args...
   local node=$1; shift
-  as_root runuser -u rabbitmq -- env ERL_EPMD_ADDRESS=127.0.0.1 "$RABBIT_BIN/rabbitmqctl" -n "$node" "$@"
+  # -t: rabbitmqctl waits for ever by default on most commands (a node that hangs); 180 s
+  # leaves a cluster's start_app its wait for the other nodes. Not with a --timeout of its own.
+  local timeout=(-t 180)
+  [[ " $* " == *" --timeout "* ]] && timeout=()
+  as_root runuser -u rabbitmq -- env ERL_EPMD_ADDRESS=127.0.0.1 "$RABBIT_BIN/rabbitmqctl" "${timeout[@]}" -n "$node" "$@"
 }
 
 # Starts a RabbitMQ node NAME@localhost in $CI_DIR/NAME (owned by the rabbitmq user) with the

@@ -10,17 +10,20 @@ started=$(date +%s)
 # `extra.sh stop` (make extra-stop): stops them, data kept (the next run starts them again). They
 # take CPU while they idle (four RabbitMQ nodes, three Postgres clusters): stop them before a bench.
 if [ "${1:-}" = stop ]; then
+  status=0
   for node in catchall-c3 catchall-c2 catchall-c1 catchall-tls; do
-    if rmqctl "$node@localhost" ping >/dev/null 2>&1; then rmqctl "$node@localhost" stop >/dev/null; fi
+    if rmqctl "$node@localhost" ping >/dev/null 2>&1; then
+      rmqctl "$node@localhost" stop >/dev/null || status=1
+    fi
   done
   version=$(pg_version)
   for cluster in catchall_replica catchall_primary catchall_tls; do
     if pg_clusters 2>/dev/null | grep " $cluster " | grep -q online; then
-      pg_cluster pg_ctlcluster --skip-systemctl-redirect "$version" "$cluster" stop
+      pg_cluster pg_ctlcluster --skip-systemctl-redirect "$version" "$cluster" stop || status=1
     fi
   done
-  echo "extra servers stopped"
-  exit 0
+  if [ "$status" = 0 ]; then echo "extra servers stopped"; else echo "extra servers: a stop failed" >&2; fi
+  exit $status
 fi
 for pair in openssl:openssl rabbitmq-server:rabbitmq-server pg_createcluster:postgresql; do
   if ! need "${pair%%:*}" "${pair#*:}"; then
@@ -30,7 +33,8 @@ for pair in openssl:openssl rabbitmq-server:rabbitmq-server pg_createcluster:pos
 done
 pids=()
 for script in tls.sh cluster.sh replica.sh; do
-  bash "$script" > "/tmp/catchall-ci-${script%.sh}.log" 2>&1 &
+  # Bounded: a node that hangs must fail the run, not hold it until CI's own limit.
+  timeout 600 bash "$script" > "/tmp/catchall-ci-${script%.sh}.log" 2>&1 &
   pids+=("$!")
 done
 status=0

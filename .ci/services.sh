@@ -11,14 +11,13 @@ wait_port() { # port name seconds
   echo "services: $2 does not answer on 127.0.0.1:$1" >&2
   return 1
 }
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
-apt_install() {
-  as_root apt-get -o DPkg::Lock::Timeout=300 update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq "$@" >/dev/null
-}
+cd "$(dirname "$0")"
+# Installed without starting their services (on a machine with systemd the package would
+# start its own cluster, and the start below would then fail as "already running").
+source ./apt.sh
 
 if ! answers 5432; then
-  command -v pg_ctlcluster >/dev/null || apt_install postgresql
+  command -v pg_ctlcluster >/dev/null || apt_install_no_start postgresql
   version=$(ls /etc/postgresql | sort -V | tail -n 1)
   if ! pg_lsclusters -h 2>/dev/null | grep -q " main "; then
     as_root pg_createcluster "$version" main
@@ -29,12 +28,17 @@ if ! answers 5432; then
     as_root sed -i '1i host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\nlocal all all trust' "$hba"
     echo "services: $hba now trusts every local connection (the tests' defaults); remove its first three lines to undo" >&2
   fi
-  as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start
+  if pg_lsclusters -h | grep " main " | grep -q online; then
+    # Running, but not on 127.0.0.1:5432 yet or without the lines above: read them.
+    as_root pg_ctlcluster --skip-systemctl-redirect "$version" main reload
+  else
+    as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start
+  fi
 fi
 wait_port 5432 Postgres 60
 
 if ! answers 5672; then
-  command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
+  command -v rabbitmq-server >/dev/null || apt_install_no_start rabbitmq-server
   as_root rabbitmq-server -detached
   as_root rabbitmqctl await_startup --timeout 120 >/dev/null
 fi

@@ -84,6 +84,7 @@ if ! pg_clusters | grep " catchall_tls " | grep -q online; then
   pg_cluster pg_ctlcluster --skip-systemctl-redirect "$version" catchall_tls start
 fi
 for _ in $(seq 1 30); do answers 5433 && break; sleep 1; done
+answers 5433 || { echo "tls: Postgres does not answer on 127.0.0.1:5433" >&2; exit 1; }
 as_root runuser -u postgres -- psql -p 5433 -qAtc \
   "DO \$\$ BEGIN CREATE ROLE catchall_client LOGIN CREATEDB; EXCEPTION WHEN duplicate_object THEN NULL; END \$\$"
 
