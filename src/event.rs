@@ -428,6 +428,7 @@ fn json_error(e: serde_json::Error) -> RejectReason {
 /// digits and inner hyphens).
 pub fn normalize_domain(input: &str) -> Result<String, RejectReason> {
     let trimmed = input.trim();
+    let dotted = trimmed.ends_with('.');
     let trimmed = trimmed.strip_suffix('.').unwrap_or(trimmed);
     if trimmed.is_empty() || trimmed.len() > 4 * MAX_DOMAIN_OCTETS {
         return Err(RejectReason::InvalidDomain);
@@ -438,6 +439,11 @@ pub fn normalize_domain(input: &str) -> Result<String, RejectReason> {
         trimmed.to_ascii_lowercase()
     } else {
         let mut ascii = idna::domain_to_ascii(trimmed).map_err(|_| RejectReason::InvalidDomain)?;
+        // A trailing ideographic full stop (`。`, `．`, `｡`) is the root's dot once mapped:
+        // dropped like a `.` above, once.
+        if !dotted && ascii.ends_with('.') {
+            ascii.pop();
+        }
         ascii.make_ascii_lowercase();
         if !is_host_name(&ascii) {
             return Err(RejectReason::InvalidDomain);
@@ -570,6 +576,10 @@ mod tests {
             ("localhost", "localhost"),
             ("a-b.c0.io", "a-b.c0.io"),
             ("123.45", "123.45"),
+            // An ideographic full stop as the root's dot (UTS #46 maps it to `.`).
+            ("example.com。", "example.com"),
+            ("EXAMPLE.com．", "example.com"),
+            ("例え.jp｡", "xn--r8jz45g.jp"),
             (
                 &format!("{}.com", "a".repeat(63)),
                 &format!("{}.com", "a".repeat(63)),
@@ -591,6 +601,14 @@ mod tests {
         .join(".");
         assert_eq!(longest.len(), 253);
         assert_eq!(normalize_domain(&longest), Ok(longest.clone()));
+        // One root dot, in whichever script: never two.
+        for twice in ["example.com..", "example.com.。", "example.com。。"] {
+            assert_eq!(
+                normalize_domain(twice),
+                Err(RejectReason::InvalidDomain),
+                "{twice:?}"
+            );
+        }
     }
 
     #[test]

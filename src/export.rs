@@ -19,8 +19,9 @@ pub struct ExportArgs {
     #[arg(long, value_parser = crate::http::parse_status, default_value = "catch-all")]
     pub status: Status,
 
-    /// File to write; standard output when absent. Written to `<FILE>.partial` and renamed
-    /// when complete, so a failed export never leaves a truncated file under the name.
+    /// File to write; standard output when absent. Written beside it under a name of its own
+    /// and renamed when complete, so a failed or stopped export leaves no file, truncated or
+    /// not.
     #[arg(long, short)]
     pub output: Option<PathBuf>,
 }
@@ -32,22 +33,11 @@ pub async fn run(args: &ExportArgs, database_url: &str, threshold: i64) -> anyho
         .with_context(|| format!("connecting to Postgres at {}", redact_url(database_url)))?;
     match &args.output {
         Some(path) => {
-            // Beside the file, its whole name with `.partial` appended (not its extension
-            // replaced: `counts.csv` and `counts.tsv` must not share one).
-            let mut partial = path.as_os_str().to_owned();
-            partial.push(".partial");
-            let partial = PathBuf::from(partial);
-            let file = std::fs::File::create(&partial)
-                .with_context(|| format!("creating {}", partial.display()))?;
-            let rows = write_csv(
-                &store,
-                args.status,
-                threshold,
-                std::io::BufWriter::new(file),
-            )
-            .await?;
-            std::fs::rename(&partial, path)
-                .with_context(|| format!("renaming {} to {}", partial.display(), path.display()))?;
+            let partial = Partial::create(path)?;
+            let mut out = std::io::BufWriter::new(&partial.file);
+            let rows = write_csv(&store, args.status, threshold, &mut out).await?;
+            drop(out);
+            partial.persist(path)?;
             Ok(rows)
         }
         None => {
@@ -59,6 +49,61 @@ pub async fn run(args: &ExportArgs, database_url: &str, threshold: i64) -> anyho
                 std::io::BufWriter::new(stdout),
             )
             .await
+        }
+    }
+}
+
+/// The file an export writes before it is complete: beside the output, its whole name with
+/// `.<uuid>.partial` appended (not its extension replaced: `counts.csv` and `counts.tsv` must
+/// not share one; two exports to one name each have their own, where they wrote into one file
+/// and renamed a mix of both), created new (never through a link left there). Removed when
+/// dropped unpersisted: an export that fails or is stopped leaves nothing behind.
+struct Partial {
+    path: PathBuf,
+    file: std::fs::File,
+    persisted: bool,
+}
+
+impl Partial {
+    fn create(output: &std::path::Path) -> anyhow::Result<Self> {
+        let mut path = output.as_os_str().to_owned();
+        path.push(format!(".{}.partial", uuid::Uuid::now_v7().simple()));
+        let path = PathBuf::from(path);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self {
+            path,
+            file,
+            persisted: false,
+        })
+    }
+
+    /// On disk (data, then the rename) under `output`, replacing what was there.
+    fn persist(mut self, output: &std::path::Path) -> anyhow::Result<()> {
+        self.file
+            .sync_all()
+            .with_context(|| format!("writing {}", self.path.display()))?;
+        std::fs::rename(&self.path, output)
+            .with_context(|| format!("renaming {} to {}", self.path.display(), output.display()))?;
+        self.persisted = true;
+        let dir = match output.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => std::path::Path::new("."),
+        };
+        // The rename itself reaches the disk with its directory.
+        std::fs::File::open(dir)
+            .and_then(|dir| dir.sync_all())
+            .with_context(|| format!("syncing {}", dir.display()))
+    }
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        if !self.persisted {
+            let _ = std::fs::remove_file(&self.path);
         }
     }
 }

@@ -615,11 +615,15 @@ async fn lookup_domains(
         let (status, text) = body_rejection(&rejection);
         ApiError::new(status, text)
     })?;
-    let request: LookupRequest = serde_json::from_slice(&body).map_err(|e| {
+    let shape = |e: &dyn std::fmt::Display| {
         ApiError::bad_request(format!(
             "body must be {{\"domains\": [\"example.com\", …]}}: {e}"
         ))
-    })?;
+    };
+    // A leading byte order mark (a file saved by a Windows tool) is ignored, as by POST /events.
+    let text = std::str::from_utf8(&body).map_err(|_| shape(&"the body is not UTF-8"))?;
+    let request: LookupRequest =
+        serde_json::from_str(crate::event::strip_bom(text)).map_err(|e| shape(&e))?;
     if request.domains.len() > MAX_BATCH_EVENTS {
         return Err(ApiError::bad_request(format!(
             "more than {MAX_BATCH_EVENTS} domains"

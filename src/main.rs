@@ -49,15 +49,20 @@ async fn healthcheck(http_addr: std::net::SocketAddr, check: &HealthcheckArgs) -
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = cli.config;
+    // From here on a stop signal is ours, during the start too (waiting for Postgres,
+    // migrating): the start is dropped (a migration under way rolls back) and the worker exits
+    // 0 (`migrate` and `export` exit 1: their work is not done).
+    let stop = Stop::install();
     if let Some(Command::Export(args)) = &cli.command {
-        let rows = catchall::export::run(args, &config.database_url, config.threshold).await?;
+        let export = catchall::export::run(args, &config.database_url, config.threshold);
+        let rows = tokio::select! {
+            rows = export => rows?,
+            // The export's file under way is removed with it.
+            signal = stop.signalled() => anyhow::bail!("stopped by {signal}; nothing exported"),
+        };
         tracing::info!(rows, "Export written.");
         return Ok(());
     }
-    // From here on a stop signal is ours, during the start too (waiting for Postgres,
-    // migrating): the start is dropped (a migration under way rolls back) and the worker exits
-    // 0 (`migrate` exits 1: its work is not done).
-    let stop = Stop::install();
     if let Some(Command::Migrate) = cli.command {
         let migrate = async {
             let store = catchall::app::connect_waiting(&config.database_url, 1).await?;
