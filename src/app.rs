@@ -272,10 +272,18 @@ impl App {
                 ..limits
             };
             let app = crate::http::admin_router(state.clone());
-            tracker.spawn(crate::http::serve(admin, app, admin_limits, cancel.clone()))
+            let stop_all = cancel.clone();
+            tracker.spawn(async move {
+                // A server that ends before the stop (an error, a panic) stops the worker: it
+                // exits 1 with the reason instead of counting on without probes or metrics.
+                let _stop_all = stop_all.clone().drop_guard();
+                crate::http::serve(admin, app, admin_limits, stop_all).await
+            })
         });
         let http_cancel = cancel.clone();
         let server = tracker.spawn(async move {
+            // As for the admin server above.
+            let _stop_all = http_cancel.clone().drop_guard();
             let served = crate::http::serve(listener, router(state), limits, http_cancel).await;
             // Only HTTP requests publish through it: closed once the server has stopped (its
             // drain ends 2 s before SHUTDOWN_TIMEOUT, the close takes at most 1 s), while the
