@@ -14,6 +14,13 @@ need() { # command package
   as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq "$2" >/dev/null
 }
 pg_version() { ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1; }
+# put FILE TEXT: writes TEXT (and a newline) to FILE as root unless it holds it already; true
+# when it wrote. Configuration is written on every run, so a run interrupted between making a
+# cluster and configuring it is repaired by the next one.
+put() {
+  [ "$(as_root cat "$1" 2>/dev/null)" = "$2" ] && return 1
+  printf '%s\n' "$2" | as_root tee "$1" >/dev/null
+}
 # postgresql-common's commands read the configuration of every cluster (ports, sockets), and
 # stop with "Invalid data directory for cluster 15 catchall_tls" on a cluster whose
 # pg_createcluster is still writing it. tls.sh and replica.sh run in parallel (a clean-clone CI

@@ -15,13 +15,19 @@ wait_pg() { for _ in $(seq 1 30); do answers "$1" && return 0; sleep 1; done; re
 
 if ! pg_clusters | grep -q " catchall_primary "; then
   pg_cluster pg_createcluster "$version" catchall_primary --port 5434 >/dev/null
-  conf=/etc/postgresql/$version/catchall_primary
-  printf "listen_addresses = '127.0.0.1'\nwal_level = replica\nmax_wal_senders = 5\n" \
-    | as_root tee "$conf/conf.d/catchall.conf" >/dev/null
-  printf 'local all all trust\nhost all all 127.0.0.1/32 trust\nhost replication all 127.0.0.1/32 trust\n' \
-    | as_root tee "$conf/pg_hba.conf" >/dev/null
 fi
-online catchall_primary || ctl catchall_primary start
+conf=/etc/postgresql/$version/catchall_primary
+changed=0
+put "$conf/conf.d/catchall.conf" \
+  "$(printf "listen_addresses = '127.0.0.1'\nwal_level = replica\nmax_wal_senders = 5")" && changed=1
+put "$conf/pg_hba.conf" \
+  "$(printf 'local all all trust\nhost all all 127.0.0.1/32 trust\nhost replication all 127.0.0.1/32 trust')" \
+  && changed=1
+if ! online catchall_primary; then
+  ctl catchall_primary start
+elif [ "$changed" = 1 ]; then
+  ctl catchall_primary restart
+fi
 wait_pg 5434
 
 # The replica is made when its data directory has no standby.signal (written last by

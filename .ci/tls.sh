@@ -62,26 +62,28 @@ pgconf=/etc/postgresql/$version/catchall_tls
 if ! pg_clusters | grep -q " catchall_tls "; then
   pg_cluster pg_createcluster "$version" catchall_tls --port 5433 >/dev/null
 fi
-if [ ! -f "$pgconf/server.key" ] || ! cmp -s "$certs/server.pem" "$pgconf/server.pem"; then
+# Written on every run (see `put`): a run interrupted after the copy and before the rest is
+# repaired by the next one.
+changed=0
+if ! as_root test -f "$pgconf/server.key" || ! as_root cmp -s "$certs/server.pem" "$pgconf/server.pem" \
+  || ! as_root cmp -s "$certs/server.key" "$pgconf/server.key"; then
   as_root cp "$certs/server.pem" "$certs/server.key" "$certs/ca.pem" "$pgconf/"
   as_root chown postgres:postgres "$pgconf/server.pem" "$pgconf/server.key" "$pgconf/ca.pem"
   as_root chmod 600 "$pgconf/server.key"
-  as_root tee "$pgconf/conf.d/catchall-tls.conf" >/dev/null <<CONF
-listen_addresses = '127.0.0.1,127.0.0.2'
+  changed=1
+fi
+put "$pgconf/conf.d/catchall-tls.conf" "listen_addresses = '127.0.0.1,127.0.0.2'
 ssl = on
 ssl_cert_file = '$pgconf/server.pem'
 ssl_key_file = '$pgconf/server.key'
-ssl_ca_file = '$pgconf/ca.pem'
-CONF
-  as_root tee "$pgconf/pg_hba.conf" >/dev/null <<HBA
-local   all all                    trust
+ssl_ca_file = '$pgconf/ca.pem'" && changed=1
+put "$pgconf/pg_hba.conf" "local   all all                    trust
 hostssl all catchall_client 127.0.0.0/8 cert
-hostssl all all             127.0.0.0/8 trust
-HBA
-  pg_cluster pg_ctlcluster --skip-systemctl-redirect "$version" catchall_tls restart
-fi
+hostssl all all             127.0.0.0/8 trust" && changed=1
 if ! pg_clusters | grep " catchall_tls " | grep -q online; then
   pg_cluster pg_ctlcluster --skip-systemctl-redirect "$version" catchall_tls start
+elif [ "$changed" = 1 ]; then
+  pg_cluster pg_ctlcluster --skip-systemctl-redirect "$version" catchall_tls restart
 fi
 for _ in $(seq 1 30); do answers 5433 && break; sleep 1; done
 answers 5433 || { echo "tls: Postgres does not answer on 127.0.0.1:5433" >&2; exit 1; }
