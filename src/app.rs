@@ -243,7 +243,11 @@ impl App {
                         metrics::process_memory();
                         metrics::readiness(upkeep_health.consuming() && upkeep_health.db_error().is_none());
                     }
-                    _ = upkeep_cancel.cancelled() => return,
+                    _ = upkeep_cancel.cancelled() => {
+                        // Stopping: not ready any more (it stayed 1 for the whole stop).
+                        metrics::readiness(false);
+                        return;
+                    }
                 }
             }
         });
@@ -337,16 +341,22 @@ async fn dedup_gauges(store: Store, retention: std::time::Duration, cancel: Canc
             let overdue = store.overdue_applied(overdue_after, 10_000).await?;
             Ok::<_, crate::store::StoreError>((store.applied_estimate().await?, overdue))
         };
-        // A sample that hangs on a frozen Postgres must not hold up the stop.
+        // A sample that hangs on a frozen Postgres must not hold up the stop, nor the next
+        // sample (it had no bound of its own).
         let sampled = tokio::select! {
-            sampled = sampled => sampled,
+            sampled = tokio::time::timeout(std::time::Duration::from_secs(30), sampled) => sampled,
             _ = cancel.cancelled() => return,
         };
         match sampled {
-            Ok((ids, overdue)) => metrics::dedup_table(ids, overdue, retention),
-            Err(error) => tracing::debug!(
+            Ok(Ok((ids, overdue))) => metrics::dedup_table(ids, overdue, retention),
+            // Once a minute at most. The gauges keep their last values meanwhile, so the
+            // alert on overdue ids cannot see a purge that fails while this does: said here.
+            Ok(Err(error)) => tracing::warn!(
                 error = format!("{:#}", anyhow::Error::new(error)),
-                "Sampling the dedup table failed."
+                "Sampling the dedup table failed; its gauges keep their last values."
+            ),
+            Err(_) => tracing::warn!(
+                "Sampling the dedup table took over 30 s; its gauges keep their last values."
             ),
         }
     }

@@ -34,9 +34,11 @@ pub fn install() -> PrometheusHandle {
                 .and_then(|b| {
                     b.set_buckets_for_metric(
                         Matcher::Suffix("_duration_seconds".into()),
+                        // Up to a minute: a commit attempt may take DB_TIMEOUT (30 s), a request
+                        // HTTP_REQUEST_TIMEOUT (15 s); ending at 5 s, every slower one read 5 s.
                         &[
                             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                            2.5, 5.0,
+                            2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
                         ],
                     )
                 })
@@ -91,7 +93,7 @@ fn describe() {
     counter!("catchall_batches_given_up_total").absolute(0);
     describe_counter!(
         "catchall_broker_reconnects_total",
-        "Times the worker lost RabbitMQ and connected again."
+        "Connection attempts to RabbitMQ after a failure (a lost connection, or a broker that did not answer), whether or not they succeeded."
     );
     describe_counter!(
         "catchall_dedup_purged_total",

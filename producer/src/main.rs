@@ -33,7 +33,7 @@ struct Cli {
     window: u32,
 
     /// How long to wait for a confirm before publishing the message again (same message_id).
-    #[arg(long, global = true, env = "PRODUCER_CONFIRM_TIMEOUT", visible_alias = "producer-confirm-timeout", default_value = "10s", value_parser = humantime_duration)]
+    #[arg(long, global = true, env = "PRODUCER_CONFIRM_TIMEOUT", visible_alias = "producer-confirm-timeout", default_value = "10s", value_parser = catchall::config::timeout)]
     confirm_timeout: Duration,
 
     /// Attempts per message before the producer gives up on it (and exits non-zero).
@@ -41,7 +41,7 @@ struct Cli {
     max_attempts: u32,
 
     /// How long RabbitMQ may stay unreachable mid-run before the producer gives up (exit 1).
-    #[arg(long, global = true, env = "PRODUCER_GIVE_UP_AFTER", visible_alias = "producer-give-up-after", default_value = "60s", value_parser = humantime_duration)]
+    #[arg(long, global = true, env = "PRODUCER_GIVE_UP_AFTER", visible_alias = "producer-give-up-after", default_value = "60s", value_parser = catchall::config::timeout)]
     give_up_after: Duration,
 
     #[command(subcommand)]
@@ -101,7 +101,7 @@ enum Command {
         #[arg(long)]
         state: Option<PathBuf>,
         /// How often to look for new lines, rotation and truncation at the end of the file.
-        #[arg(long, default_value = "250ms", value_parser = humantime_duration)]
+        #[arg(long, default_value = "250ms", value_parser = catchall::config::timeout)]
         poll: Duration,
         /// Count deliveries to a loopback address too. By default they are content-filter hops
         /// (amavis on 127.0.0.1:10024) whose delivery onwards is logged and counted; this is
@@ -114,10 +114,6 @@ enum Command {
 fn event_type(s: &str) -> Result<EventType, String> {
     s.parse()
         .map_err(|_| "must be `delivered` or `bounced`".to_string())
-}
-
-fn humantime_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| e.to_string())
 }
 
 /// Counts what the broker confirmed, per domain, and drives the progress bar.
@@ -429,6 +425,44 @@ mod tests {
         .expect("flags after the subcommand");
         assert_eq!(cli.amqp.exchange, "x");
         assert_eq!(cli.amqp.amqp_url, "amqp://h/%2f");
+    }
+
+    /// A zero confirm timeout republished every message at once until it gave up; a zero poll
+    /// spun a core. Timeouts run from 1 ms to a day, as the worker's.
+    #[test]
+    fn zero_or_huge_timeouts_are_usage_errors() {
+        for args in [
+            [
+                "catchall-producer",
+                "--confirm-timeout",
+                "0s",
+                "generate",
+                "--events",
+                "1",
+            ],
+            [
+                "catchall-producer",
+                "--give-up-after",
+                "400000000000d",
+                "generate",
+                "--events",
+                "1",
+            ],
+        ] {
+            let error = Cli::try_parse_from(args).unwrap_err();
+            assert_eq!(error.exit_code(), 2, "{args:?}");
+        }
+        let error = Cli::try_parse_from([
+            "catchall-producer",
+            "tail",
+            "f",
+            "--format",
+            "postfix",
+            "--poll",
+            "0s",
+        ])
+        .unwrap_err();
+        assert_eq!(error.exit_code(), 2);
     }
 
     /// On schedule, a short lag is caught up; after a stall of more than a second the

@@ -278,7 +278,14 @@ impl SnsVerifier {
             .send()
             .await
             .and_then(|r| r.error_for_status())
-            .map_err(|e| WebhookError::Unavailable(format!("confirming the subscription: {e}")))?;
+            // Without the URL: SubscribeURL holds the subscription's token, and this text goes
+            // to the log and back to the caller.
+            .map_err(|e| {
+                WebhookError::Unavailable(format!(
+                    "confirming the subscription: {}",
+                    e.without_url()
+                ))
+            })?;
         tracing::info!("SNS subscription confirmed.");
         Ok(())
     }

@@ -411,6 +411,23 @@ async fn provider_webhooks_are_verified_published_and_counted() {
         1,
         "SubscribeURL was fetched once"
     );
+    // A confirmation that fails says why without the SubscribeURL, which holds the
+    // subscription's token (the error, in the log and in the answer, quoted the URL whole).
+    let failing = subscribe_url
+        .replace("/confirm?", "/missing?")
+        .replace("Token=abc", "Token=t0ken-s3cret");
+    let confirmation = sns_key.envelope(
+        "sns-subscription-confirmation.json",
+        "You have chosen to subscribe to the topic.",
+        "1",
+        Some(&failing),
+    );
+    let (code, answer) = post("/webhooks/ses", confirmation.into_bytes(), vec![]).await;
+    assert_ne!(code, StatusCode::OK, "{answer}");
+    assert!(
+        answer.to_string().contains("404") && !answer.to_string().contains("t0ken-s3cret"),
+        "{answer}"
+    );
     let bounce = sns_key.envelope(
         "sns-notification.json",
         &fixture("ses-bounce-permanent.json"),
