@@ -19,7 +19,8 @@ pg_version() { ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1; }
 # cluster and configuring it is repaired by the next one.
 put() {
   [ "$(as_root cat "$1" 2>/dev/null)" = "$2" ] && return 1
-  printf '%s\n' "$2" | as_root tee "$1" >/dev/null
+  # A failed write ends the script (its callers read false as "unchanged").
+  printf '%s\n' "$2" | as_root tee "$1" >/dev/null || { echo "put: writing $1 failed" >&2; exit 1; }
 }
 # postgresql-common's commands read the configuration of every cluster (ports, sockets), and
 # stop with "Invalid data directory for cluster 15 catchall_tls" on a cluster whose
@@ -35,8 +36,9 @@ pg_clusters() { flock -o "$PG_LOCK" pg_lsclusters -h; }
 # rabbitmqctl against NODE, as the rabbitmq user (who holds the Erlang cookie).
 rmqctl() { # node args...
   local node=$1; shift
-  # -t: rabbitmqctl waits for ever by default on most commands (a node that hangs); 180 s
-  # leaves a cluster's start_app its wait for the other nodes. Not with a --timeout of its own.
+  # -t: rabbitmqctl waits for ever by default on most commands (a node that hangs); 180 s is
+  # plenty for nodes started together (a lone clustered start_app may wait up to 300 s for the
+  # others; then it fails here). Not with a --timeout of its own.
   local timeout=(-t 180)
   [[ " $* " == *" --timeout "* ]] && timeout=()
   as_root runuser -u rabbitmq -- env ERL_EPMD_ADDRESS=127.0.0.1 "$RABBIT_BIN/rabbitmqctl" "${timeout[@]}" -n "$node" "$@"

@@ -31,6 +31,8 @@ for pair in openssl:openssl rabbitmq-server:rabbitmq-server pg_createcluster:pos
     exit 1
   fi
 done
+# The scripts run under `timeout`, away from the terminal: sudo asks for its password here.
+if [ "$(id -u)" != 0 ]; then sudo -v; fi
 pids=()
 for script in tls.sh cluster.sh replica.sh; do
   # Bounded: a node that hangs must fail the run, not hold it until CI's own limit.

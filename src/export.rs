@@ -93,10 +93,12 @@ impl Partial {
             Some(dir) if !dir.as_os_str().is_empty() => dir,
             _ => std::path::Path::new("."),
         };
-        // The rename itself reaches the disk with its directory.
-        std::fs::File::open(dir)
-            .and_then(|dir| dir.sync_all())
-            .with_context(|| format!("syncing {}", dir.display()))
+        // The rename itself reaches the disk with its directory. The export is complete
+        // either way: a directory that cannot be synced (not readable) is only a warning.
+        if let Err(error) = std::fs::File::open(dir).and_then(|dir| dir.sync_all()) {
+            tracing::warn!(%error, dir = %dir.display(), "Could not sync the export's directory.");
+        }
+        Ok(())
     }
 }
 
