@@ -169,10 +169,14 @@ fn database_unavailable<E>(error: E) -> ApiError
 where
     E: std::error::Error + Send + Sync + 'static,
 {
-    tracing::warn!(
-        error = format!("{:#}", anyhow::Error::new(error)),
-        "Look-up failed."
-    );
+    static LOG: crate::metrics::LogBudget = crate::metrics::LogBudget::new();
+    if let Some(suppressed) = LOG.take() {
+        tracing::warn!(
+            error = format!("{:#}", anyhow::Error::new(error)),
+            suppressed,
+            "Look-up failed."
+        );
+    }
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "the database is unavailable",

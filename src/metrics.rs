@@ -10,9 +10,59 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Lines a second logged for one kind of thing that anyone can make happen at any rate (a
+/// poison stream, forged webhooks, look-ups while Postgres is down); past it they are counted
+/// and the next line logged says how many were left out (`suppressed`). The metrics count
+/// every one.
+const LOG_BURST: u64 = 10;
+
+/// A per-second budget of log lines (see [`LOG_BURST`]).
+pub struct LogBudget {
+    second: AtomicU64,
+    used: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl LogBudget {
+    pub const fn new() -> Self {
+        Self {
+            second: AtomicU64::new(0),
+            used: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether to log a line now (with how many were left out since the last one logged).
+    pub fn take(&self) -> Option<u64> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_secs());
+        self.take_at(now)
+    }
+
+    fn take_at(&self, second: u64) -> Option<u64> {
+        if self.second.swap(second, Ordering::Relaxed) != second {
+            self.used.store(0, Ordering::Relaxed);
+        }
+        if self.used.fetch_add(1, Ordering::Relaxed) < LOG_BURST {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+impl Default for LogBudget {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 /// Installs the Prometheus recorder once per process and returns the handle that renders it.
 pub fn install() -> PrometheusHandle {
@@ -273,14 +323,18 @@ pub fn batch_committed(applied: &Applied, took: Duration) {
 
 /// A message was rejected without requeue, so the broker dead-letters it.
 pub fn message_rejected(reason: RejectReason, delivery_tag: u64, message_id: Option<&str>) {
+    static LOG: LogBudget = LogBudget::new();
     counter!("catchall_messages_total", "outcome" => "rejected").increment(1);
     counter!("catchall_rejections_total", "reason" => reason.as_str()).increment(1);
-    tracing::warn!(
-        reason = reason.as_str(),
-        delivery_tag,
-        message_id,
-        "Message rejected: {reason}; dead-lettered."
-    );
+    if let Some(suppressed) = LOG.take() {
+        tracing::warn!(
+            reason = reason.as_str(),
+            delivery_tag,
+            message_id,
+            suppressed,
+            "Message rejected: {reason}; dead-lettered."
+        );
+    }
 }
 
 /// Postgres failed while applying a batch; the batch stays unacked and is retried.
@@ -362,7 +416,33 @@ pub fn webhook_handled(
 /// A webhook request was refused (forged, replayed, unauthenticated: `refused`), invalid, or
 /// could not be published (`unavailable`).
 pub fn webhook_failed(provider: &'static str, outcome: &'static str, reason: &str) {
+    static LOG: LogBudget = LogBudget::new();
     counter!("catchall_webhook_requests_total", "provider" => provider, "outcome" => outcome)
         .increment(1);
-    tracing::warn!(provider, outcome, reason, "Webhook request not accepted.");
+    if let Some(suppressed) = LOG.take() {
+        tracing::warn!(
+            provider,
+            outcome,
+            reason,
+            suppressed,
+            "Webhook request not accepted."
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A poison stream at any rate logs ten lines a second; the next line logged says how
+    /// many were left out, and a new second starts a new budget.
+    #[test]
+    fn a_log_budget_lets_ten_lines_a_second_through_and_counts_the_rest() {
+        let budget = LogBudget::new();
+        let first: Vec<Option<u64>> = (0..25).map(|_| budget.take_at(100)).collect();
+        assert_eq!(first[..10], [Some(0); 10]);
+        assert!(first[10..].iter().all(Option::is_none));
+        assert_eq!(budget.take_at(101), Some(15), "the 15 left out, said once");
+        assert_eq!(budget.take_at(101), Some(0));
+    }
 }
