@@ -784,7 +784,15 @@ impl Pipeline {
             .settled
             .take()
             .unwrap_or_else(|| Err(anyhow!("the apply task left no outcome")));
-        let settled = outcome?;
+        let settled = match outcome {
+            Ok(settled) => settled,
+            Err(error) => {
+                // Given up halfway through a bisection: its committed parts are acked.
+                let deadline = tokio::time::Instant::now() + ABANDON_TIMEOUT;
+                ack_each(&self.applier.channel, committed_part(&error), deadline).await;
+                return Err(error);
+            }
+        };
         let (applied, ack_tag) = (settled.applied, settled.ack_tag());
         self.applier.fault(FaultPoint::AfterCommit).await;
         ack(&self.applier.channel, ack_tag)
@@ -828,46 +836,26 @@ impl Pipeline {
             );
             return;
         }
-        let mut committed = Vec::new();
+        // Whole batches that committed, and the committed parts of one given up while bisecting.
+        let mut tags = Vec::new();
+        let mut released = 0;
         for in_flight in &mut committing {
             match in_flight.settled.take() {
-                Some(Ok(settled)) => committed.push((settled, in_flight.bytes)),
-                // Other errors are the giving up itself, or what the pipeline reported already.
+                Some(Ok(settled)) => {
+                    tags.extend_from_slice(&settled.tags);
+                    released += in_flight.bytes;
+                }
                 Some(Err(error)) if error.downcast_ref::<tokio::task::JoinError>().is_some() => {
                     tracing::error!(error = format!("{error:#}"), "An apply task panicked.");
                 }
-                _ => {}
+                // The giving up itself, or what the pipeline reported already.
+                Some(Err(error)) => tags.extend_from_slice(committed_part(&error)),
+                None => {}
             }
         }
-        let channel = &self.applier.channel;
-        if committed.is_empty() || !channel.status().connected() {
-            return;
-        }
-        let messages: usize = committed
-            .iter()
-            .map(|(settled, _)| settled.tags.len())
-            .sum();
-        let tags = committed.iter().flat_map(|(settled, _)| &settled.tags);
-        let acks = tags.map(|&tag| channel.basic_ack(tag, BasicAckOptions { multiple: false }));
-        match tokio::time::timeout_at(deadline, futures_util::future::try_join_all(acks)).await {
-            Ok(Ok(_)) => {
-                for (_, bytes) in committed {
-                    self.applier.stats.unacked(0, bytes);
-                    self.applier.gate.release(bytes as u64);
-                }
-                tracing::info!(
-                    messages,
-                    "Acked one by one the messages committed behind a batch given up."
-                );
-            }
-            Ok(Err(error)) => tracing::warn!(
-                error = %error,
-                "Could not ack the messages committed behind a batch given up; they are redelivered and skipped as duplicates."
-            ),
-            Err(_) => tracing::warn!(
-                timeout_ms = ABANDON_TIMEOUT.as_millis() as u64,
-                "The acks of the messages committed behind a batch given up did not end in time; those not acked are redelivered."
-            ),
+        if ack_each(&self.applier.channel, &tags, deadline).await {
+            self.applier.stats.unacked(0, released);
+            self.applier.gate.release(released as u64);
         }
     }
 
@@ -899,6 +887,68 @@ impl Drop for Pipeline {
     /// later, after the batch had been redelivered.
     fn drop(&mut self) {
         self.applier.abort.cancel();
+    }
+}
+
+/// A batch given up while it was being bisected, some of its parts committed: their messages
+/// must be acked one by one (a multiple-ack would cover the rest). The parts' tokens die with
+/// the task, so redelivered, those without an id were counted again.
+#[derive(Debug)]
+struct PartlyCommitted {
+    tags: Vec<u64>,
+}
+
+impl std::fmt::Display for PartlyCommitted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "given up while bisecting, {} of its messages committed",
+            self.tags.len()
+        )
+    }
+}
+
+/// The tags of the messages that committed in a batch given up halfway (none otherwise).
+fn committed_part(error: &anyhow::Error) -> &[u64] {
+    error
+        .downcast_ref::<PartlyCommitted>()
+        .map_or(&[], |part| part.tags.as_slice())
+}
+
+/// Acks `tags` one by one, within `deadline`; what is not acked is redelivered. Whether all
+/// were acked.
+async fn ack_each(channel: &Channel, tags: &[u64], deadline: tokio::time::Instant) -> bool {
+    if tags.is_empty() {
+        return true;
+    }
+    if !channel.status().connected() {
+        return false;
+    }
+    let acks = tags
+        .iter()
+        .map(|&tag| channel.basic_ack(tag, BasicAckOptions { multiple: false }));
+    match tokio::time::timeout_at(deadline, futures_util::future::try_join_all(acks)).await {
+        Ok(Ok(_)) => {
+            tracing::info!(
+                messages = tags.len(),
+                "Acked one by one the messages committed behind, or in parts of, a batch given up."
+            );
+            true
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(
+                error = %error,
+                "Could not ack the messages committed in a batch given up; they are redelivered (those with an id are skipped as duplicates)."
+            );
+            false
+        }
+        Err(_) => {
+            tracing::warn!(
+                timeout_ms = ABANDON_TIMEOUT.as_millis() as u64,
+                "The acks of the messages committed in a batch given up did not end in time; those not acked are redelivered."
+            );
+            false
+        }
     }
 }
 
@@ -937,6 +987,9 @@ async fn apply_with_retry(
     let (messages, tags, token) = (&batch.messages, &batch.tags, &batch.token);
     let mut total = Applied::default();
     let mut rejected: Vec<usize> = Vec::new();
+    // The tags of the parts that committed, while bisecting: a batch given up halfway must still
+    // have them acked (see `PartlyCommitted`).
+    let mut committed: Vec<u64> = Vec::new();
     // Ranges still to apply, the next one on top.
     let mut pending: Vec<std::ops::Range<usize>> = Vec::with_capacity(8);
     pending.push(0..messages.len());
@@ -949,8 +1002,20 @@ async fn apply_with_retry(
             part_token.extend((range.start as u32).to_be_bytes());
             part_token.extend((range.end as u32).to_be_bytes());
         }
-        match apply_attempts(applier, &part_token, part).await? {
-            Ok(applied) => add(&mut total, applied),
+        let attempted = match apply_attempts(applier, &part_token, part).await {
+            Ok(attempted) => attempted,
+            Err(error) if !committed.is_empty() => {
+                return Err(error.context(PartlyCommitted { tags: committed }));
+            }
+            Err(error) => return Err(error),
+        };
+        match attempted {
+            Ok(applied) => {
+                add(&mut total, applied);
+                if range.len() != messages.len() {
+                    committed.extend_from_slice(&tags[range]);
+                }
+            }
             Err(refused) if range.len() == 1 => {
                 let tag = tags[range.start];
                 let id = part[0].id.as_deref().map(String::from_utf8_lossy);

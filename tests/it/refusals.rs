@@ -699,6 +699,59 @@ async fn a_stop_out_of_time_acks_what_committed_behind_the_batch_it_gives_up() {
     );
 }
 
+/// A stop that gives up a batch while it is being bisected acks, one by one, the messages of
+/// the parts that committed. The parts' tokens died with the task, so those messages came back
+/// and, having no id, were counted again (found by a review).
+///
+/// One batch of 10 id-less messages: 8 to `good.example`, then one to `refused.example`
+/// (refused by a trigger: the batch is bisected) and one to `z-held.example`, whose row is
+/// locked; in sorted order the refusal comes before the lock, so every part holding it fails
+/// at once, and the parts of `good.example` commit while the last part waits for the row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_while_bisecting_acks_the_parts_that_committed() {
+    const GOOD: i64 = 8;
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    // One batch: it closes after 1 s.
+    let (mut child, _) =
+        stoppable_worker(&db, &broker, &[("BATCH_TIMEOUT_MS", "1000".into())]).await;
+    refuse_one_domain(&db).await;
+    let lock = lock_row(&db, "z-held.example").await;
+    publish_id_less(&broker, "good.example", GOOD).await;
+    publish_id_less(&broker, "refused.example", 1).await;
+    publish_id_less(&broker, "z-held.example", 1).await;
+    db.await_lock_waits(1, "%", "the last part waiting for the row")
+        .await;
+    assert_eq!(
+        db.counts().await.get("good.example"),
+        Some(&(GOOD, 0)),
+        "the parts of good.example committed"
+    );
+    let (status, took) = sigterm(&mut child, Duration::from_secs(20)).await;
+    eprintln!("stopped in {took:?} with {status:?}");
+    assert!(status.success(), "a clean stop: {status:?}");
+    lock.batch_execute("COMMIT").await.expect("release the row");
+
+    // Only the part given up comes back; the refused message was dead-lettered.
+    let restarted = TestWorker::start(TestWorker::config(&db, &broker)).await;
+    wait_for(
+        Duration::from_secs(30),
+        "the part given up applied",
+        || async {
+            let held = db.counts().await.get("z-held.example").copied();
+            (held == Some((1, 0)) && broker.depth(&broker.queue).await == 0).then_some(())
+        },
+    )
+    .await;
+    restarted.stop().await;
+    assert_eq!(
+        db.counts().await.get("good.example"),
+        Some(&(GOOD, 0)),
+        "the committed parts were acked, not redelivered and counted again"
+    );
+    assert_eq!(broker.depth(&broker.dead_queue()).await, 1);
+}
+
 /// An attempt that fails during a stop is retried while the stop's time lasts: the batch
 /// commits and is acked. The stop's first Postgres error used to give it up at once, seconds
 /// early, so the messages came back (and had the failed attempt's COMMIT gone through, its
