@@ -222,6 +222,20 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Publish { .. } | Command::Tail { .. } => (None, None),
     };
     let progress = progress_bar(total);
+    // SIGINT/SIGTERM: `tail` stops where it is (its normal end); the other commands stop
+    // sending, settle what was sent (for one confirm timeout at most), print the summary and
+    // write the --expect CSV of what was confirmed, and exit 1. They used to die on the spot,
+    // without the summary or the CSV.
+    let stop = tokio_util::sync::CancellationToken::new();
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            stop_signal().await;
+            stop.cancel();
+        });
+    }
+    let is_tail = matches!(cli.command, Command::Tail { .. });
+    let confirm_timeout = cli.confirm_timeout;
     let mut tally = Tally {
         keep_domains: expect.is_some(),
         ..Tally::default()
@@ -246,13 +260,19 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             let mut stream = generate::Generator::new(seed)
                 .take(events as usize)
                 .peekable();
-            let mut pace = rate.filter(|r| *r > 0).map(|rate| Pace::new(rate, started));
+            // Paced from now: the connect is not lag to catch up on (it sent that much at once).
+            let mut pace = rate
+                .filter(|r| *r > 0)
+                .map(|rate| Pace::new(rate, Instant::now()));
             // Once the publisher gave up (RabbitMQ unreachable too long), stop generating.
-            while stream.peek().is_some() && !publisher.gave_up {
+            while stream.peek().is_some() && !publisher.gave_up && !stop.is_cancelled() {
                 let chunk: Vec<Event> = stream.by_ref().take(batch as usize).collect();
                 if let Some(pace) = pace.as_mut() {
                     let due = pace.due(Instant::now());
-                    tokio::time::sleep_until(due.into()).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(due.into()) => {}
+                        _ = stop.cancelled() => break,
+                    }
                     pace.sent(chunk.len() as u64);
                 }
                 publisher.send_all(Outgoing::batches(chunk)).await?;
@@ -266,6 +286,9 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             let event = Event::new(&domain, kind)
                 .map_err(|reason| anyhow::anyhow!("{domain:?}: {reason}"))?;
             for _ in 0..count {
+                if publisher.gave_up || stop.is_cancelled() {
+                    break;
+                }
                 publisher.send(Outgoing::single(event.clone())).await?;
             }
         }
@@ -283,13 +306,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 poll,
                 count_loopback,
             };
-            let cancel = tokio_util::sync::CancellationToken::new();
-            let on_signal = cancel.clone();
-            tokio::spawn(async move {
-                stop_signal().await;
-                on_signal.cancel();
-            });
-            tail_stats = Some(tail::run(&mut publisher, &settings, &cancel).await?);
+            tail_stats = Some(tail::run(&mut publisher, &settings, &stop).await?);
         }
         Command::Publish { file, batch } => {
             let reader: Box<dyn tokio::io::AsyncRead + Unpin> = if file == "-" {
@@ -305,11 +322,17 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             let mut lines = tokio::io::BufReader::new(reader).split(b'\n');
             let mut chunk = Vec::with_capacity(batch as usize);
             let mut number = 0u64;
-            while let Some(line) = lines
-                .next_segment()
-                .await
-                .with_context(|| format!("reading {file}"))?
-            {
+            loop {
+                // Once the publisher gave up, the rest would only be counted as failed (it
+                // read on to the end of its input, which for a pipe is never).
+                if publisher.gave_up {
+                    break;
+                }
+                let line = tokio::select! {
+                    line = lines.next_segment() => line.with_context(|| format!("reading {file}"))?,
+                    _ = stop.cancelled() => break,
+                };
+                let Some(line) = line else { break };
                 number += 1;
                 let line = line.strip_suffix(b"\r").unwrap_or(&line);
                 // A file saved with a byte order mark (RFC 8259 §8.1).
@@ -349,7 +372,20 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             stats.lines, stats.events, stats.rotations, stats.truncations, stats.loopback_hops
         );
     }
-    publisher.finish().await?;
+    let stopped = stop.is_cancelled() && !is_tail;
+    if stopped {
+        tracing::warn!("Stopped by a signal before every event was sent.");
+        if tokio::time::timeout(confirm_timeout, publisher.finish())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "Not every confirm came within {confirm_timeout:?}; those events are not in the summary."
+            );
+        }
+    } else {
+        publisher.finish().await?;
+    }
     let (failed, retries) = (publisher.failed, publisher.retries);
     drop(publisher);
     progress.finish_and_clear();
@@ -368,7 +404,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     if let Some(path) = expect {
         tally.write_csv(&path)?;
     }
-    Ok(failed == 0 && invalid_lines == 0)
+    Ok(failed == 0 && invalid_lines == 0 && !stopped)
 }
 
 /// A progress bar on a terminal; nothing otherwise.

@@ -191,7 +191,9 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
     pub async fn finish(&mut self) -> anyhow::Result<()> {
         self.flush().await?;
         if let Some((connection, _)) = self.link.take() {
-            let _ = connection.close(200, "producer done".into()).await;
+            // Bounded: a broker that blocked publishing (a resource alarm) may never answer.
+            let close = connection.close(200, "producer done".into());
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), close).await;
         }
         Ok(())
     }
@@ -228,30 +230,10 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
                 return Ok(());
             }
             let channel = match self.channel().await {
-                Ok(channel) => {
-                    self.unreachable_since = None;
-                    channel
-                }
+                Ok(channel) => channel,
                 Err(error) => {
-                    let since = *self
-                        .unreachable_since
-                        .get_or_insert_with(std::time::Instant::now);
-                    if since.elapsed() >= self.settings.give_up_after {
-                        tracing::error!(
-                            error = format!("{error:#}"),
-                            "RabbitMQ unreachable for {:?}; giving up on every message not confirmed.",
-                            self.settings.give_up_after
-                        );
-                        self.gave_up = true;
-                        continue;
-                    }
-                    let wait = self.reconnect.next_wait();
-                    tracing::warn!(
-                        error = format!("{error:#}"),
-                        retry_in_ms = wait.as_millis() as u64,
-                        "RabbitMQ unavailable; retrying."
-                    );
-                    tokio::time::sleep(wait).await;
+                    self.unavailable(error, "RabbitMQ unavailable; retrying.")
+                        .await;
                     continue;
                 }
             };
@@ -273,8 +255,12 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
             if let Some(headers) = catchall::telemetry::trace_headers() {
                 properties = properties.with_headers(headers);
             }
-            let published = channel
-                .basic_publish(
+            // Bounded: while the broker blocks publishing (`connection.blocked`, a memory or
+            // disk alarm) lapin writes nothing and this waited for ever, past every timeout.
+            let timeout = self.settings.confirm_timeout;
+            let published = tokio::time::timeout(
+                timeout,
+                channel.basic_publish(
                     self.amqp.exchange.as_str().into(),
                     message.routing_key.into(),
                     BasicPublishOptions {
@@ -283,14 +269,25 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
                     },
                     &message.body,
                     properties,
-                )
-                .await;
+                ),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(lapin::Error::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "the broker took no publish within {timeout:?} (publishing blocked by a resource alarm?)"
+                    ),
+                )))
+            });
             match published {
                 Ok(confirm) => {
                     self.reconnect.reset();
-                    let timeout = self.settings.confirm_timeout;
+                    self.unreachable_since = None;
+                    // From now, not from when the window first polls it.
+                    let deadline = tokio::time::Instant::now() + timeout;
                     self.in_flight.push(Box::pin(async move {
-                        let outcome = match tokio::time::timeout(timeout, confirm).await {
+                        let outcome = match tokio::time::timeout_at(deadline, confirm).await {
                             Ok(Ok(Confirmation::Ack(None))) => Ok(()),
                             Ok(Ok(Confirmation::Ack(Some(returned)))) => {
                                 Err(anyhow!("returned as unroutable: {}", returned.reply_text))
@@ -309,14 +306,34 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
                     return Ok(());
                 }
                 Err(error) => {
-                    let wait = self.reconnect.next_wait();
-                    tracing::warn!(error = %error, retry_in_ms = wait.as_millis() as u64, "Publish failed; reconnecting.");
                     self.link = None;
                     pending.attempts -= 1; // the connection failed, not the message
-                    tokio::time::sleep(wait).await;
+                    self.unavailable(error, "Publish failed; reconnecting.")
+                        .await;
                 }
             }
         }
+    }
+
+    /// RabbitMQ did not take a message (no connection, or a publish that failed or was blocked):
+    /// waits before the next attempt, or gives up once that has lasted `give_up_after` since
+    /// the last message it took.
+    async fn unavailable(&mut self, error: impl std::fmt::Display, what: &str) {
+        let since = *self
+            .unreachable_since
+            .get_or_insert_with(std::time::Instant::now);
+        if since.elapsed() >= self.settings.give_up_after {
+            tracing::error!(
+                error = %error,
+                "RabbitMQ unavailable for {:?}; giving up on every message not confirmed.",
+                self.settings.give_up_after
+            );
+            self.gave_up = true;
+            return;
+        }
+        let wait = self.reconnect.next_wait();
+        tracing::warn!(error = %error, retry_in_ms = wait.as_millis() as u64, "{what}");
+        tokio::time::sleep(wait).await;
     }
 
     /// Settles the next confirm: a confirmed message is tallied, any other outcome is queued

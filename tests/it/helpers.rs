@@ -494,6 +494,24 @@ impl Producer {
         Self { child, expect }
     }
 
+    pub fn pid(&self) -> i32 {
+        self.child.id().expect("the producer's pid") as i32
+    }
+
+    /// Waits (up to `within`) for the producer to exit, whatever its status: its output, and
+    /// the events of its `--expect` CSV.
+    pub async fn exit(self, within: Duration) -> (std::process::Output, i64) {
+        let output = tokio::time::timeout(within, self.child.wait_with_output())
+            .await
+            .unwrap_or_else(|_| panic!("the producer exits within {within:?}"))
+            .expect("wait for the producer");
+        let confirmed = read_expect(&self.expect.0)
+            .values()
+            .map(|(d, b)| d + b)
+            .sum();
+        (output, confirmed)
+    }
+
     /// Waits for the producer to exit 0 and returns the counts it confirmed.
     pub async fn finish(self) -> Counts {
         let output = tokio::time::timeout(Duration::from_secs(120), self.child.wait_with_output())

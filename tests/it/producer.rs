@@ -105,21 +105,23 @@ async fn giving_up_still_writes_what_was_confirmed() {
     let broker = TestBroker::new();
     let (_connection, _channel) = broker.channel().await; // the topology
     let proxy = Proxy::start("127.0.0.1:5672").await;
-    let expect = TempFile::csv("expect");
     let mut env = broker.env();
     env.push(("AMQP_URL", format!("amqp://guest:guest@{}/%2f", proxy.addr)));
-    let child = tokio::process::Command::new(binary("catchall-producer"))
-        .envs(env)
-        .args(["--give-up-after", "1s", "--confirm-timeout", "1s"])
-        .args([
-            "generate", "--events", "1000000", "--rate", "5000", "--seed", "8",
-        ])
-        .arg("--expect")
-        .arg(&expect.0)
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the producer");
+    let producer = Producer::spawn(
+        env,
+        &[
+            "--give-up-after",
+            "1s",
+            "--confirm-timeout",
+            "1s",
+            "--events",
+            "1000000",
+            "--rate",
+            "5000",
+            "--seed",
+            "8",
+        ],
+    );
     // Well past 1000 queued: the confirms of the last messages the broker took may die with the
     // cut, and the CSV must still hold 1000.
     wait_for(Duration::from_secs(30), "some events confirmed", || async {
@@ -127,12 +129,8 @@ async fn giving_up_still_writes_what_was_confirmed() {
     })
     .await;
     proxy.cut();
-    let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
-        .await
-        .expect("the producer gives up within a minute")
-        .expect("wait for the producer");
+    let (output, confirmed) = producer.exit(Duration::from_secs(60)).await;
     assert!(!output.status.success(), "giving up is a failure");
-    let confirmed: i64 = read_expect(&expect.0).values().map(|(d, b)| d + b).sum();
     let queued = i64::from(broker.depth(&broker.queue).await);
     eprintln!(
         "{}; {confirmed} events in the CSV, {queued} messages queued",
@@ -189,4 +187,81 @@ async fn publish_reads_ndjson_from_stdin_and_names_a_bad_line() {
     )
     .await;
     worker.stop().await;
+}
+
+/// SIGTERM to `generate` stops it sending, settles what it sent, prints the summary and writes
+/// the `--expect` CSV of what the broker confirmed, then exits 1 (the run is not complete). It
+/// died on the spot, with neither, so a run could not be reconciled with what the worker
+/// counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_generate_still_writes_what_was_confirmed() {
+    let broker = TestBroker::new();
+    let (_connection, _channel) = broker.channel().await; // the topology
+    let producer = Producer::spawn(
+        broker.env(),
+        &[
+            "--events", "1000000", "--rate", "5000", "--batch", "1", "--seed", "9",
+        ],
+    );
+    wait_for(Duration::from_secs(30), "some events queued", || async {
+        (broker.depth(&broker.queue).await >= 1000).then_some(())
+    })
+    .await;
+    // SAFETY: kill(2) on our own child process, which has not been reaped yet.
+    assert_eq!(
+        unsafe { libc::kill(producer.pid(), libc::SIGTERM) },
+        0,
+        "send SIGTERM"
+    );
+    let (output, confirmed) = producer.exit(Duration::from_secs(30)).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("confirmed"), "the summary: {stdout}");
+    let queued = i64::from(broker.depth(&broker.queue).await);
+    eprintln!("{}; {confirmed} in the CSV, {queued} queued", stdout.trim());
+    assert!(confirmed >= 1000, "{confirmed} events in the CSV");
+    assert_eq!(confirmed, queued, "the CSV holds what the broker took");
+}
+
+/// `publish -` on a pipe that stays open, with RabbitMQ gone past `--give-up-after`: it stops
+/// reading and exits 1. It read on, counting every later line as failed without trying it,
+/// for as long as the pipe stayed open (for `journalctl -f | …`, for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_from_an_open_pipe_exits_once_it_gives_up() {
+    use tokio::io::AsyncWriteExt;
+    let broker = TestBroker::new();
+    let (_connection, _channel) = broker.channel().await; // the topology
+    let proxy = Proxy::start("127.0.0.1:5672").await;
+    let mut env = broker.env();
+    env.push(("AMQP_URL", format!("amqp://guest:guest@{}/%2f", proxy.addr)));
+    let mut child = tokio::process::Command::new(binary("catchall-producer"))
+        .envs(env)
+        .args(["--give-up-after", "1s", "--confirm-timeout", "1s"])
+        .args(["publish", "-", "--batch", "1"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the producer");
+    let mut stdin = child.stdin.take().expect("its stdin");
+    let line = b"{\"domain\":\"pipe.example\",\"type\":\"delivered\"}\n";
+    stdin.write_all(line).await.expect("write a line");
+    wait_for(Duration::from_secs(30), "the first line queued", || async {
+        (broker.depth(&broker.queue).await == 1).then_some(())
+    })
+    .await;
+    proxy.cut();
+    // A line now and then, the pipe kept open: the producer must end by itself.
+    let exited = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            if let Some(status) = child.try_wait().expect("poll the producer") {
+                return status;
+            }
+            let _ = stdin.write_all(line).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("the producer exits within 60 s of the cut, its input still open");
+    assert_eq!(exited.code(), Some(1), "giving up is a failure");
 }
