@@ -400,6 +400,7 @@ impl Consumer {
             },
             in_flight: self.settings.batch.in_flight.max(1),
             committing: VecDeque::new(),
+            partly_committed: Vec::new(),
         }
     }
 
@@ -697,6 +698,9 @@ pub struct Pipeline {
     applier: Applier,
     in_flight: usize,
     committing: VecDeque<InFlight>,
+    /// The committed parts of a batch given up while bisecting, whose error `ack_oldest`
+    /// reported: acked by [`Pipeline::abandon`], within its deadline.
+    partly_committed: Vec<u64>,
 }
 
 /// A batch being applied in its own task.
@@ -787,9 +791,10 @@ impl Pipeline {
         let settled = match outcome {
             Ok(settled) => settled,
             Err(error) => {
-                // Given up halfway through a bisection: its committed parts are acked.
-                let deadline = tokio::time::Instant::now() + ABANDON_TIMEOUT;
-                ack_each(&self.applier.channel, committed_part(&error), deadline).await;
+                // Given up halfway through a bisection: its committed parts are acked by
+                // `abandon`, which always follows, under the stop's one deadline.
+                self.partly_committed
+                    .extend_from_slice(committed_part(&error));
                 return Err(error);
             }
         };
@@ -827,6 +832,9 @@ impl Pipeline {
         self.applier.abort.cancel();
         // One deadline for waiting and acking, so the stop's reserve holds whatever each takes.
         let deadline = tokio::time::Instant::now() + ABANDON_TIMEOUT;
+        // First the committed parts of a batch `ack_oldest` reported given up: they are known.
+        let reported = std::mem::take(&mut self.partly_committed);
+        ack_each(&self.applier.channel, &reported, deadline).await;
         let mut committing = std::mem::take(&mut self.committing);
         let ended = futures_util::future::join_all(committing.iter_mut().map(InFlight::settle));
         if tokio::time::timeout_at(deadline, ended).await.is_err() {
