@@ -226,12 +226,16 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     // sending, settle what was sent (for one confirm timeout at most), print the summary and
     // write the --expect CSV of what was confirmed, and exit 1. They used to die on the spot,
     // without the summary or the CSV.
+    // A second signal ends the process at once (130), CSV or not.
     let stop = tokio_util::sync::CancellationToken::new();
     {
         let stop = stop.clone();
         tokio::spawn(async move {
             stop_signal().await;
             stop.cancel();
+            stop_signal().await;
+            tracing::warn!("A second stop signal: exiting now.");
+            std::process::exit(130);
         });
     }
     let is_tail = matches!(cli.command, Command::Tail { .. });
@@ -246,6 +250,9 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         progress.inc(message.events.len() as u64);
     })
     .await?;
+    if !is_tail {
+        publisher.stop_on(stop.clone());
+    }
 
     let mut invalid_lines = 0u64;
     let mut tail_stats = None;
@@ -372,7 +379,14 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             stats.lines, stats.events, stats.rotations, stats.truncations, stats.loopback_hops
         );
     }
-    let stopped = stop.is_cancelled() && !is_tail;
+    // A stop (before or while the last confirms are awaited) waits for them one confirm
+    // timeout at most.
+    let interrupted = (stop.is_cancelled() && !is_tail)
+        || tokio::select! {
+            finished = publisher.finish() => { finished?; false }
+            _ = stop.cancelled(), if !is_tail => true,
+        };
+    let stopped = interrupted && !is_tail;
     if stopped {
         tracing::warn!("Stopped by a signal before every event was sent.");
         if tokio::time::timeout(confirm_timeout, publisher.finish())
@@ -383,8 +397,6 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 "Not every confirm came within {confirm_timeout:?}; those events are not in the summary."
             );
         }
-    } else {
-        publisher.finish().await?;
     }
     let (failed, retries) = (publisher.failed, publisher.retries);
     drop(publisher);

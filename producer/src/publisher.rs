@@ -112,6 +112,9 @@ pub struct Publisher<F: FnMut(&Outgoing)> {
     /// counts as failed, and the run ends normally (so what was confirmed is still reported
     /// and written to `--expect`).
     pub gave_up: bool,
+    /// Cancelled by a stop: waits for room in the window or for RabbitMQ end at once (see
+    /// [`Publisher::stop_on`]).
+    stop: tokio_util::sync::CancellationToken,
 }
 
 impl<F: FnMut(&Outgoing)> Publisher<F> {
@@ -132,9 +135,18 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
             failed: 0,
             retries: 0,
             gave_up: false,
+            stop: tokio_util::sync::CancellationToken::new(),
         };
         publisher.channel().await?;
         Ok(publisher)
+    }
+
+    /// Once `stop` is cancelled, a `send` waiting for room in the window returns without
+    /// publishing, and RabbitMQ unavailable means giving up at once: a stop does not wait for a
+    /// broker that takes messages but never confirms them (up to `max_attempts` confirm
+    /// timeouts), or for `give_up_after`.
+    pub fn stop_on(&mut self, stop: tokio_util::sync::CancellationToken) {
+        self.stop = stop;
     }
 
     /// Opens the connection and channel if they are not open, declares the topology (so
@@ -168,8 +180,12 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
     /// broker that nacks at once, a full queue with `overflow: reject-publish`, freed a slot per
     /// nack, and the producer read its whole input into the retry queue.)
     pub async fn send(&mut self, message: Outgoing) -> anyhow::Result<()> {
+        let stop = self.stop.clone();
         while self.in_flight.len() + self.retry.len() >= self.settings.window {
-            self.progress().await?;
+            tokio::select! {
+                progress = self.progress() => progress?,
+                _ = stop.cancelled() => return Ok(()),
+            }
         }
         self.publish(Pending {
             message: Arc::new(message),
@@ -239,6 +255,8 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
             };
             pending.attempts += 1;
             if pending.attempts > self.settings.max_attempts {
+                // The broker answered (it refused or did not confirm): not unreachable.
+                self.unreachable_since = None;
                 self.failed += 1;
                 tracing::error!(message_id = %pending.message.id, "Message not confirmed after {} attempts; giving up on it.", self.settings.max_attempts);
                 return Ok(());
@@ -322,7 +340,7 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
         let since = *self
             .unreachable_since
             .get_or_insert_with(std::time::Instant::now);
-        if since.elapsed() >= self.settings.give_up_after {
+        if since.elapsed() >= self.settings.give_up_after || self.stop.is_cancelled() {
             tracing::error!(
                 error = %error,
                 "RabbitMQ unavailable for {:?}; giving up on every message not confirmed.",
@@ -333,7 +351,11 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
         }
         let wait = self.reconnect.next_wait();
         tracing::warn!(error = %error, retry_in_ms = wait.as_millis() as u64, "{what}");
-        tokio::time::sleep(wait).await;
+        let stop = self.stop.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.cancelled() => self.gave_up = true,
+        }
     }
 
     /// Settles the next confirm: a confirmed message is tallied, any other outcome is queued

@@ -265,3 +265,62 @@ async fn publish_from_an_open_pipe_exits_once_it_gives_up() {
     .expect("the producer exits within 60 s of the cut, its input still open");
     assert_eq!(exited.code(), Some(1), "giving up is a failure");
 }
+
+/// SIGTERM while every publish is nacked (the window full of messages waiting for a retry):
+/// the producer stops within a confirm timeout, exit 1. A stop was honoured only between
+/// sends, and a send waiting for room in the window waited until messages ran out of their 50
+/// attempts (minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_does_not_wait_for_a_window_of_nacked_messages() {
+    use tokio::io::AsyncBufReadExt;
+    const WINDOW: usize = 50;
+    let broker = TestBroker::new();
+    let (connection, channel) = broker.channel().await;
+    let full = nacking_queue(&broker, &channel).await;
+    let mut child = tokio::process::Command::new(binary("catchall-producer"))
+        .envs(broker.env())
+        .env("RUST_LOG", "catchall_producer=debug")
+        .args(["--window", &WINDOW.to_string(), "--confirm-timeout", "2s"])
+        .args(["generate", "--events", "1000000"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the producer");
+    // The window full of nacked messages waiting for their retry (each one logs it).
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let mut nacked = 0;
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while nacked < WINDOW {
+            match lines.next_line().await.expect("read the log") {
+                Some(line) if line.contains("Publishing again") => nacked += 1,
+                Some(_) => {}
+                None => panic!("the producer exited"),
+            }
+        }
+    })
+    .await
+    .expect("a window of nacks within 30 s");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let stopped = Instant::now();
+    let pid = child.id().expect("the producer's pid") as i32;
+    // SAFETY: kill(2) on our own child process, which has not been reaped yet.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "send SIGTERM");
+    let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("the producer stops within 60 s")
+        .expect("wait for the producer");
+    let took = stopped.elapsed();
+    let _ = channel
+        .queue_delete(full.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = connection.close(200, "".into()).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    eprintln!("stopped in {took:?}: {}", stdout.trim());
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("confirmed 0 events"), "{stdout}");
+    assert!(
+        took < Duration::from_secs(20),
+        "the stop took {took:?}, far more than a confirm timeout (2 s)"
+    );
+}
