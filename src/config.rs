@@ -405,6 +405,20 @@ impl Config {
                 self.http_body_budget
             ));
         }
+        // SNS messages are refused past MAX_MESSAGE_AGE: their ids must be remembered as long.
+        let sns_on = self
+            .webhooks
+            .sns_topic_arns
+            .iter()
+            .any(|arn| !arn.trim().is_empty());
+        if sns_on && self.dedup_retention < crate::webhooks::sns::MAX_MESSAGE_AGE {
+            return Err(format!(
+                "DEDUP_RETENTION ({}) must be at least 2h with WEBHOOK_SNS_TOPIC_ARNS set: SNS \
+                 messages up to 2 h old are accepted, and one replayed after its id was \
+                 forgotten would count again",
+                humantime::format_duration(self.dedup_retention)
+            ));
+        }
         if !self.claim_window.is_zero() && self.claim_window < self.db_timeout {
             return Err(format!(
                 "CLAIM_WINDOW ({}) must be at least DB_TIMEOUT ({}), the longest a batch's \
@@ -629,6 +643,14 @@ mod tests {
         assert!(error.contains("HTTP_BODY_BUDGET"), "{error}");
         let error = refused(&["catchall", "--claim-window", "10s"]);
         assert!(error.contains("at least DB_TIMEOUT"), "{error}");
+        let error = refused(&[
+            "catchall",
+            "--sns-topic-arns",
+            "arn:aws:sns:us-east-1:1:t",
+            "--dedup-retention",
+            "1h",
+        ]);
+        assert!(error.contains("at least 2h"), "{error}");
         let config = Cli::try_parse_from(["catchall", "--batch-size", "600", "--prefetch", "500"])
             .unwrap()
             .config;

@@ -540,6 +540,10 @@ pub(crate) mod tests {
         let mut value: serde_json::Value = serde_json::from_str(&fixture(name)).unwrap();
         value["Message"] = message.into();
         value["SignatureVersion"] = version.into();
+        // Signed now: older than two hours is refused as a replay.
+        value["Timestamp"] = humantime::format_rfc3339_millis(std::time::SystemTime::now())
+            .to_string()
+            .into();
         let envelope: super::sns::Envelope = serde_json::from_value(value.clone()).unwrap();
         value["Signature"] =
             rsa_sign(super::sns::canonical_string(&envelope).as_bytes(), version).into();

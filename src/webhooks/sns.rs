@@ -301,6 +301,30 @@ pub(crate) fn pem_der_for_tests(pem: &str) -> Vec<u8> {
     pem_to_der(pem).expect("a PEM certificate")
 }
 
+/// How old a signed SNS message may be: AWS gives up delivering one after an hour at most (the
+/// longest HTTP/S delivery policy), so an older one is a replay. Its `MessageId` is remembered
+/// for `DEDUP_RETENTION` only (at least this long when SNS is on): replayed later, it counted
+/// again.
+pub const MAX_MESSAGE_AGE: std::time::Duration = std::time::Duration::from_secs(2 * 3600);
+
+/// A signed `Timestamp` from `MAX_MESSAGE_AGE` ago to 5 minutes ahead (clock skew).
+fn fresh(timestamp: &str, now: std::time::SystemTime) -> Result<(), WebhookError> {
+    let signed = humantime::parse_rfc3339(timestamp)
+        .map_err(|_| WebhookError::Unauthorized("the Timestamp is not an RFC 3339 time"))?;
+    let too_old = now
+        .checked_sub(MAX_MESSAGE_AGE)
+        .is_some_and(|oldest| signed < oldest);
+    let ahead = signed
+        .duration_since(now)
+        .is_ok_and(|ahead| ahead > std::time::Duration::from_secs(300));
+    if too_old || ahead {
+        return Err(WebhookError::Unauthorized(
+            "the message's Timestamp is stale or ahead (a replay?)",
+        ));
+    }
+    Ok(())
+}
+
 /// Verifies and handles one SNS request.
 pub async fn handle(
     verifier: &SnsVerifier,
@@ -313,6 +337,7 @@ pub async fn handle(
         return Err(WebhookError::Unauthorized("topic not allowed"));
     }
     verifier.verify(&envelope).await?;
+    fresh(&envelope.timestamp, std::time::SystemTime::now())?;
     let message_id = format!("sns:{}", envelope.message_id);
     match envelope.kind.as_str() {
         "SubscriptionConfirmation" => {
@@ -485,6 +510,24 @@ mod tests {
             (vec![d(Tally::Bounced)], 0)
         );
         assert_eq!(tallies("ses-complaint.json"), (vec![], 1));
+    }
+
+    /// A signed notification older than two hours is a replay (AWS retries an hour at most):
+    /// its id may have left the dedup table, and it counted again.
+    #[test]
+    fn stale_or_future_timestamps_are_refused() {
+        let now = humantime::parse_rfc3339("2026-12-05T12:00:00Z").unwrap();
+        for (timestamp, ok) in [
+            ("2026-12-05T11:59:59.719Z", true),
+            ("2026-12-05T10:00:01Z", true),
+            ("2026-12-05T09:59:59Z", false),
+            ("2012-05-02T00:54:06.655Z", false),
+            ("2026-12-05T12:04:00Z", true),
+            ("2026-12-05T12:06:00Z", false),
+            ("yesterday", false),
+        ] {
+            assert_eq!(fresh(timestamp, now).is_ok(), ok, "{timestamp}");
+        }
     }
 
     #[test]

@@ -156,10 +156,30 @@ impl SnsKey {
         version: &str,
         subscribe_url: Option<&str>,
     ) -> String {
+        // Signed now: an SNS message more than two hours old is refused as a replay.
+        self.envelope_at(
+            fixture_name,
+            message,
+            version,
+            subscribe_url,
+            std::time::SystemTime::now(),
+        )
+    }
+
+    /// [`SnsKey::envelope`] with the `Timestamp` of `signed`.
+    fn envelope_at(
+        &self,
+        fixture_name: &str,
+        message: &str,
+        version: &str,
+        subscribe_url: Option<&str>,
+        signed: std::time::SystemTime,
+    ) -> String {
         let mut value: serde_json::Value =
             serde_json::from_str(&fixture(fixture_name)).expect("json");
         value["Message"] = message.into();
         value["MessageId"] = uuid::Uuid::now_v7().to_string().into();
+        value["Timestamp"] = humantime::format_rfc3339_millis(signed).to_string().into();
         value["SignatureVersion"] = version.into();
         if let Some(url) = subscribe_url {
             value["SubscribeURL"] = url.into();
@@ -459,6 +479,17 @@ async fn provider_webhooks_are_verified_published_and_counted() {
         StatusCode::UNAUTHORIZED,
         "a message changed after signing"
     );
+    // Signed, but three hours ago: a replay (AWS retries for an hour at most). It was counted,
+    // and its id may have left the dedup table.
+    let stale = sns_key.envelope_at(
+        "sns-notification.json",
+        &fixture("ses-delivery.json"),
+        "2",
+        None,
+        std::time::SystemTime::now() - Duration::from_secs(3 * 3600),
+    );
+    let (code, answer) = post("/webhooks/ses", stale.into_bytes(), vec![]).await;
+    assert_eq!(code, StatusCode::UNAUTHORIZED, "{answer}");
 
     // Counted: delivered 1 (Mailgun) + 1 (SendGrid) + 1 (Postmark) + 2 (SES); proving bounces
     // 1 + 1 + 1 + 2; other bounces 3 (SendGrid 500/5.0.0, 5.2.2, 5.7.1 blocked).
@@ -479,7 +510,7 @@ async fn provider_webhooks_are_verified_published_and_counted() {
     assert_eq!(worker.metric(&refused("mailgun")).await, 2.0);
     assert_eq!(worker.metric(&refused("sendgrid")).await, 1.0);
     assert_eq!(worker.metric(&refused("postmark")).await, 1.0);
-    assert_eq!(worker.metric(&refused("ses")).await, 1.0);
+    assert_eq!(worker.metric(&refused("ses")).await, 2.0);
     let too_large = |provider: &str| {
         format!("catchall_webhook_requests_total{{provider=\"{provider}\",outcome=\"too_large\"}}")
     };
