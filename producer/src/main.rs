@@ -326,7 +326,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 )
             };
             // Lines as bytes: one that is not UTF-8 is skipped like any other bad line.
-            let mut lines = tokio::io::BufReader::new(reader).split(b'\n');
+            let mut lines = tokio::io::BufReader::new(reader);
+            let mut line = Vec::new();
             let mut chunk = Vec::with_capacity(batch as usize);
             let mut number = 0u64;
             loop {
@@ -335,11 +336,13 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 if publisher.gave_up {
                     break;
                 }
-                let line = tokio::select! {
-                    line = lines.next_segment() => line.with_context(|| format!("reading {file}"))?,
+                let read = tokio::select! {
+                    read = next_line(&mut lines, &mut line) => read.with_context(|| format!("reading {file}"))?,
                     _ = stop.cancelled() => break,
                 };
-                let Some(line) = line else { break };
+                if !read {
+                    break;
+                }
                 number += 1;
                 let line = line.strip_suffix(b"\r").unwrap_or(&line);
                 // A file saved with a byte order mark (RFC 8259 §8.1).
@@ -419,6 +422,35 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     Ok(failed == 0 && invalid_lines == 0 && !stopped)
 }
 
+/// Reads the next line of `reader` into `line`, without its `\n`; false at the end. Of a line
+/// longer than a message may be, only the first `MAX_BODY_BYTES + 1` bytes are kept (enough
+/// for it to be refused as too large): the rest is read and dropped, so one line of gigabytes
+/// (a JSON array by mistake, an input without newlines) is not held whole.
+async fn next_line(
+    reader: &mut (impl tokio::io::AsyncBufRead + Unpin),
+    line: &mut Vec<u8>,
+) -> std::io::Result<bool> {
+    const KEEP: usize = catchall::event::MAX_BODY_BYTES + 1;
+    line.clear();
+    let mut read_any = false;
+    loop {
+        let buffer = reader.fill_buf().await?;
+        if buffer.is_empty() {
+            return Ok(read_any);
+        }
+        read_any = true;
+        let end = buffer.iter().position(|&b| b == b'\n');
+        let part = &buffer[..end.unwrap_or(buffer.len())];
+        let room = KEEP.saturating_sub(line.len());
+        line.extend_from_slice(&part[..part.len().min(room)]);
+        let used = end.map_or(buffer.len(), |end| end + 1);
+        reader.consume(used);
+        if end.is_some() {
+            return Ok(true);
+        }
+    }
+}
+
 /// A progress bar on a terminal; nothing otherwise.
 fn progress_bar(total: Option<u64>) -> ProgressBar {
     if !std::io::stderr().is_terminal() {
@@ -455,6 +487,28 @@ async fn stop_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Lines as `publish` reads them: a long one is cut to what it takes to refuse it, and the
+    /// next line is read whole after it; a last line without a newline counts.
+    #[tokio::test]
+    async fn lines_are_read_with_a_bound() {
+        let long = vec![b'x'; 3 * catchall::event::MAX_BODY_BYTES];
+        let mut input = b"one\r\n".to_vec();
+        input.extend_from_slice(&long);
+        input.extend_from_slice(b"\ntwo\n\nlast");
+        // A small buffer, so the long line spans many reads.
+        let mut reader = tokio::io::BufReader::with_capacity(4096, &input[..]);
+        let mut line = Vec::new();
+        let mut read = Vec::new();
+        while next_line(&mut reader, &mut line).await.expect("read") {
+            read.push(line.clone());
+        }
+        assert_eq!(read.len(), 5);
+        assert_eq!(read[0], b"one\r");
+        assert_eq!(read[1].len(), catchall::event::MAX_BODY_BYTES + 1);
+        assert!(parse_message(&read[1]).is_err(), "refused as too large");
+        assert_eq!(read[2..], [b"two".to_vec(), Vec::new(), b"last".to_vec()]);
+    }
 
     /// The broker's flags go before or after the subcommand, as the producer's own do (after
     /// it, `--exchange` was refused as an unexpected argument).

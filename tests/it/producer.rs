@@ -324,3 +324,57 @@ async fn a_stop_does_not_wait_for_a_window_of_nacked_messages() {
         "the stop took {took:?}, far more than a confirm timeout (2 s)"
     );
 }
+
+/// `publish -` given one line of 256 MiB (a JSON array by mistake, an input without newlines)
+/// holds only what it takes to refuse it as too large: it held the whole line, and a line of
+/// gigabytes took as much memory. The line is refused with its number, the next one published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_does_not_hold_a_huge_line_whole() {
+    use tokio::io::AsyncWriteExt;
+    const LONG: usize = 256 << 20;
+    let broker = TestBroker::new();
+    let (_connection, _channel) = broker.channel().await; // the topology
+    let mut child = tokio::process::Command::new(binary("catchall-producer"))
+        .envs(broker.env())
+        .args(["publish", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the producer");
+    let pid = child.id().expect("the producer's pid");
+    let mut stdin = child.stdin.take().expect("its stdin");
+    let block = vec![b'x'; 1 << 20];
+    for _ in 0..LONG / block.len() {
+        stdin.write_all(&block).await.expect("write the long line");
+    }
+    // Read by now but for what the pipe holds; the line is not over yet.
+    let peak = peak_rss_bytes(pid);
+    stdin
+        .write_all(b"\n{\"domain\":\"after.example\",\"type\":\"delivered\"}\n")
+        .await
+        .expect("write the next line");
+    drop(stdin);
+    let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("the producer ends within 60 s")
+        .expect("wait for the producer");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    eprintln!("peak RSS {} MiB; {}", peak >> 20, stderr.trim());
+    assert!(
+        !output.status.success(),
+        "a refused line makes the exit non-zero"
+    );
+    assert!(stderr.contains("-:1: skipped"), "{stderr}");
+    assert_eq!(
+        broker.depth(&broker.queue).await,
+        1,
+        "the next line published"
+    );
+    assert!(
+        peak < 64 << 20,
+        "the producer held {} MiB for a line of 256 MiB",
+        peak >> 20
+    );
+}
