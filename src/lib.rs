@@ -20,6 +20,7 @@ pub mod lookups;
 pub mod metrics;
 pub mod pg;
 pub mod replica;
+pub mod signals;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

@@ -3,6 +3,7 @@
 use anyhow::Context;
 use catchall::app::App;
 use catchall::config::{Cli, Command, HealthcheckArgs};
+use catchall::signals::Stop;
 use catchall::telemetry;
 use clap::Parser;
 use std::process::ExitCode;
@@ -107,52 +108,5 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Err(_) => anyhow::bail!(
             "did not stop within the shutdown timeout ({shutdown_timeout:?}); unacked messages return to the queue"
         ),
-    }
-}
-
-/// SIGTERM and SIGINT, handled from [`Stop::install`] on: the first asks for a stop, a second
-/// one ends the process at once (exit 130 or 143, as the signal's default would have).
-struct Stop {
-    first: tokio::sync::watch::Receiver<Option<&'static str>>,
-}
-
-impl Stop {
-    fn install() -> Self {
-        use tokio::signal::unix::{SignalKind, signal};
-        let (tell, first) = tokio::sync::watch::channel(None);
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::spawn(async move {
-                    let mut stopping = false;
-                    loop {
-                        let (name, code) = tokio::select! {
-                            _ = term.recv() => ("SIGTERM", 143),
-                            _ = int.recv() => ("SIGINT", 130),
-                        };
-                        if stopping {
-                            tracing::warn!(signal = name, "A second stop signal: exiting now.");
-                            std::process::exit(code);
-                        }
-                        stopping = true;
-                        let _ = tell.send(Some(name));
-                    }
-                });
-            }
-            _ => tracing::error!("Could not install signal handlers; stop with SIGKILL."),
-        }
-        Self { first }
-    }
-
-    /// Waits for the first stop signal and names it.
-    async fn signalled(&self) -> &'static str {
-        let mut first = self.first.clone();
-        match first.wait_for(Option::is_some).await {
-            Ok(name) => name.unwrap_or("a signal"),
-            // No handlers: no signal ever comes.
-            Err(_) => std::future::pending().await,
-        }
     }
 }

@@ -226,18 +226,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     // sending, settle what was sent (for one confirm timeout at most), print the summary and
     // write the --expect CSV of what was confirmed, and exit 1. They used to die on the spot,
     // without the summary or the CSV.
-    // A second signal ends the process at once (130), CSV or not.
-    let stop = tokio_util::sync::CancellationToken::new();
-    {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            stop_signal().await;
-            stop.cancel();
-            stop_signal().await;
-            tracing::warn!("A second stop signal: exiting now.");
-            std::process::exit(130);
-        });
-    }
+    // A second signal ends the process at once (130 or 143), CSV or not.
+    let stop = catchall::signals::Stop::install().token();
     let is_tail = matches!(cli.command, Command::Tail { .. });
     let confirm_timeout = cli.confirm_timeout;
     let mut tally = Tally {
@@ -466,22 +456,6 @@ fn progress_bar(total: Option<u64>) -> ProgressBar {
         bar.set_style(style);
     }
     bar
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn stop_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(error) => {
-            tracing::warn!(%error, "Cannot watch SIGTERM; stopping on SIGINT only.");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }
 
 #[cfg(test)]

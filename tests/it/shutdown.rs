@@ -97,9 +97,7 @@ async fn sigterm_with_the_broker_not_answering_still_exits_0_in_time() {
 async fn a_worker_started_before_postgres_answers_waits_for_it() {
     let db = TestDb::create().await;
     let broker = TestBroker::new();
-    let postgres = crate::proxy::Proxy::start("127.0.0.1:5432").await;
-    postgres.cut();
-    let url = format!("postgres://postgres@{}/{}", postgres.addr, db.name);
+    let (postgres, url) = postgres_not_answering(&db).await;
     let command = worker_command(&db, &broker, &[("DATABASE_URL", url)]);
     let started = tokio::spawn(spawn_on_a_port(command));
     wait_for(
@@ -133,9 +131,7 @@ async fn a_worker_started_before_postgres_answers_waits_for_it() {
 async fn sigterm_while_starting_exits_0() {
     let db = TestDb::create().await;
     let broker = TestBroker::new();
-    let postgres = crate::proxy::Proxy::start("127.0.0.1:5432").await;
-    postgres.cut();
-    let url = format!("postgres://postgres@{}/{}", postgres.addr, db.name);
+    let (postgres, url) = postgres_not_answering(&db).await;
     let mut worker = spawn_worker(&db, &broker, &[("DATABASE_URL", url)]);
     wait_for(
         Duration::from_secs(30),
@@ -152,14 +148,10 @@ async fn sigterm_while_starting_exits_0() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_stopped_before_it_is_done_exits_1() {
     let db = TestDb::create().await;
-    let postgres = crate::proxy::Proxy::start("127.0.0.1:5432").await;
-    postgres.cut();
+    let (postgres, url) = postgres_not_answering(&db).await;
     let mut migrate = tokio::process::Command::new(binary("catchall"))
         .arg("migrate")
-        .env(
-            "DATABASE_URL",
-            format!("postgres://postgres@{}/{}", postgres.addr, db.name),
-        )
+        .env("DATABASE_URL", url)
         .stdout(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
@@ -172,4 +164,12 @@ async fn migrate_stopped_before_it_is_done_exits_1() {
     .await;
     let (status, _) = sigterm(&mut migrate, Duration::from_secs(10)).await;
     assert_eq!(status.code(), Some(1), "exit status {status:?}");
+}
+
+/// `db` behind a proxy that refuses every connection until `restore`, and its URL.
+async fn postgres_not_answering(db: &TestDb) -> (crate::proxy::Proxy, String) {
+    let postgres = crate::proxy::Proxy::start("127.0.0.1:5432").await;
+    postgres.cut();
+    let url = format!("postgres://postgres@{}/{}", postgres.addr, db.name);
+    (postgres, url)
 }
