@@ -4,14 +4,14 @@
 CI_DIR=${CATCHALL_CI_DIR:-/tmp/catchall-ci}
 RABBIT_BIN=/usr/lib/rabbitmq/bin
 
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+# as_root, apt_install_no_start (callers cd to .ci/ first).
+. ./apt.sh
 answers() { (exec 3<>"/dev/tcp/${2:-127.0.0.1}/$1") 2>/dev/null; }
 # Installs PACKAGE when COMMAND is missing. .ci/extra.sh calls it for all three scripts, one
 # at a time, before starting them in parallel (so they never run apt-get at the same time).
 need() { # command package
   command -v "$1" >/dev/null && return 0
-  as_root apt-get -o DPkg::Lock::Timeout=300 update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq "$2" >/dev/null
+  apt_install_no_start "$2"
 }
 pg_version() { ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1; }
 # put FILE TEXT: writes TEXT (and a newline) to FILE as root unless it holds it already; true
