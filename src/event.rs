@@ -214,7 +214,10 @@ impl RejectReason {
 /// The same shape reads our events (`domain`, `type`, evidence) and KumoMTA log records
 /// (`type`, `recipient`, `response`), which share the `type` field. KumoMTA's two fields are
 /// kept raw and read only for a KumoMTA record, so in one of our events they are unknown fields
-/// like any other, whatever their JSON type (a publisher's own `"response": "250 OK"`).
+/// like any other, whatever their JSON type (a publisher's own `"response": "250 OK"`). The
+/// evidence is kept raw too and read only for a bounce: on a delivery it is ignored whatever its
+/// JSON type (a publisher's own `"code": 250` dead-lettered the event as `bad_shape`), and on a
+/// bounce a wrong type is `invalid_evidence`, like a wrong value.
 #[derive(Deserialize)]
 struct RawEvent<'a> {
     #[serde(borrow, default)]
@@ -222,11 +225,11 @@ struct RawEvent<'a> {
     #[serde(rename = "type", borrow)]
     kind: Cow<'a, str>,
     #[serde(borrow, default)]
-    code: Option<Cow<'a, str>>,
-    #[serde(default)]
-    smtp_code: Option<u16>,
+    code: Option<&'a RawValue>,
     #[serde(borrow, default)]
-    diagnostic: Option<Cow<'a, str>>,
+    smtp_code: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    diagnostic: Option<&'a RawValue>,
     #[serde(borrow, default)]
     recipient: Option<&'a RawValue>,
     #[serde(borrow, default)]
@@ -301,31 +304,35 @@ impl RawEvent<'_> {
         }
     }
 
-    /// A KumoMTA log record: a capitalised `type` and a `recipient`.
+    /// A KumoMTA log record: a capitalised `type`, a `recipient` and a `response`, and no
+    /// `domain`. With only the first two, one of our events whose publisher capitalised its
+    /// type and added a field of its own (`"type": "Delivered", "recipient": …`) was
+    /// acknowledged as an ignored KumoMTA record: neither counted nor dead-lettered.
     fn is_kumo_record(&self) -> bool {
-        self.recipient.is_some() && self.kind.starts_with(|c: char| c.is_ascii_uppercase())
+        self.domain.is_none()
+            && self.recipient.is_some()
+            && self.response.is_some()
+            && self.kind.starts_with(|c: char| c.is_ascii_uppercase())
     }
 
     /// A blank `code` or `diagnostic` and an `smtp_code` of 0 are absent, not invalid: what
     /// publishers that cannot leave a field out send (a Go struct without `omitempty`). Such a
     /// bounce was dead-lettered, or counted as no proof.
     fn evidence(&self) -> Result<Evidence, RejectReason> {
-        let code = match self.code.as_deref().map(str::trim) {
+        let code: Option<Cow<'_, str>> = evidence_field(self.code)?;
+        let code = match code.as_deref().map(str::trim) {
             None | Some("") => None,
             Some(code) => Some(EnhancedCode::parse(code).ok_or(RejectReason::InvalidEvidence)?),
         };
-        let smtp_code = self.smtp_code.filter(|&c| c != 0);
+        let smtp_code = evidence_field::<u16>(self.smtp_code)?.filter(|&c| c != 0);
         if smtp_code.is_some_and(|c| !(200..600).contains(&c)) {
             return Err(RejectReason::InvalidEvidence);
         }
+        let diagnostic: Option<Cow<'_, str>> = evidence_field(self.diagnostic)?;
         Ok(Evidence {
             code,
             smtp_code,
-            diagnostic: self
-                .diagnostic
-                .as_deref()
-                .filter(|text| !text.trim().is_empty())
-                .map(str::to_string),
+            diagnostic: non_blank(diagnostic.as_deref()),
         })
     }
 
@@ -344,9 +351,28 @@ impl RawEvent<'_> {
         Ok(Evidence {
             code,
             smtp_code: response.code.filter(|c| (200..600).contains(c)),
-            diagnostic: response.content.as_deref().map(str::to_string),
+            diagnostic: non_blank(response.content.as_deref()),
         })
     }
+}
+
+/// A bounce's evidence field: absent or `null` is `None`; a value of the wrong JSON type (a
+/// number for `code`, a string for `smtp_code`) is invalid evidence.
+fn evidence_field<'a, T: Deserialize<'a>>(
+    raw: Option<&'a RawValue>,
+) -> Result<Option<T>, RejectReason> {
+    match raw {
+        None => Ok(None),
+        Some(raw) => serde_json::from_str(raw.get()).map_err(|_| RejectReason::InvalidEvidence),
+    }
+}
+
+/// A diagnostic, unless blank: a blank one is no evidence, whichever path it came by (a
+/// KumoMTA record's blank `content` counted as evidence over AMQP, and as none once `POST
+/// /events` had republished it as our event).
+fn non_blank(text: Option<&str>) -> Option<String> {
+    text.filter(|text| !text.trim().is_empty())
+        .map(str::to_string)
 }
 
 /// A parsed message body.
@@ -554,11 +580,38 @@ mod tests {
             "k.example"
         );
         for bad in [
-            br#"{"type":"Bounce","recipient":7}"#.as_slice(),
+            br#"{"type":"Bounce","recipient":7,"response":{}}"#.as_slice(),
             br#"{"type":"Bounce","recipient":"u@k.example","response":"550 no"}"#,
         ] {
             assert_eq!(parse_message(bad), Err(RejectReason::BadShape));
         }
+        // One of our events with a capitalised type and fields of its publisher's own is not a
+        // KumoMTA record (those have a `response` and no `domain`): it is dead-lettered, not
+        // acknowledged as an ignored record.
+        for ours in [
+            br#"{"domain":"a.com","type":"Delivered","recipient":"jo@a.com"}"#.as_slice(),
+            br#"{"type":"Delivered","recipient":"jo@a.com"}"#,
+            br#"{"domain":"a.com","type":"Delivered","recipient":"jo@a.com","response":{}}"#,
+        ] {
+            assert_eq!(
+                parse_body(ours),
+                Err(RejectReason::UnknownType),
+                "{}",
+                String::from_utf8_lossy(ours)
+            );
+        }
+    }
+
+    /// A field of the publisher's own nested past serde_json's recursion limit (128) is
+    /// skipped like any unknown field (a review feared `not_json`).
+    #[test]
+    fn deep_nesting_in_an_unknown_field_is_skipped() {
+        let deep = format!(
+            r#"{{"domain":"a.com","type":"delivered","meta":{}{}}}"#,
+            "[".repeat(1000),
+            "]".repeat(1000)
+        );
+        assert_eq!(parse_message(deep.as_bytes()).map(|e| e.len()), Ok(1));
     }
 
     #[test]
@@ -752,12 +805,31 @@ mod tests {
         let spam = bounce(serde_json::json!({"domain": "a.io", "type": "bounced",
             "code": "5.7.1", "smtp_code": 554, "diagnostic": "rejected as spam"}));
         assert_eq!(spam.tally(), Tally::OtherBounced);
-        // Evidence on a delivery is ignored.
-        let delivered =
-            bounce(serde_json::json!({"domain": "a.io", "type": "delivered", "code": "5.1.1"}));
+        // Evidence on a delivery is ignored, whatever its JSON type (a publisher's own
+        // `"code": 250` was dead-lettered as `bad_shape`).
+        for fields in [
+            serde_json::json!({"code": "5.1.1"}),
+            serde_json::json!({"code": 250, "smtp_code": "250", "diagnostic": {"text": "OK"}}),
+            serde_json::json!({"smtp_code": 70000, "diagnostic": 7}),
+        ] {
+            let mut event = serde_json::json!({"domain": "a.io", "type": "delivered"});
+            event
+                .as_object_mut()
+                .unwrap()
+                .extend(fields.as_object().unwrap().clone());
+            let delivered = bounce(event);
+            assert_eq!(
+                (delivered.tally(), delivered.evidence),
+                (Tally::Delivered, None),
+                "{fields}"
+            );
+        }
+        // `null` is absent.
+        let nulls = bounce(serde_json::json!({"domain": "a.io", "type": "bounced",
+            "code": null, "smtp_code": null, "diagnostic": null}));
         assert_eq!(
-            (delivered.tally(), delivered.evidence),
-            (Tally::Delivered, None)
+            (nulls.evidence.is_none(), nulls.tally()),
+            (true, Tally::Bounced)
         );
         // What the producer writes reads back the same.
         let text = serde_json::to_string(&spam).unwrap();
@@ -770,10 +842,16 @@ mod tests {
             serde_json::to_string(&old).unwrap(),
             r#"{"domain":"a.io","type":"bounced"}"#
         );
+        // A wrong value or a wrong JSON type on a bounce is invalid evidence (a wrong type
+        // was `bad_shape`).
         for bad in [
             r#"{"domain":"a.io","type":"bounced","code":"5.1"}"#,
             r#"{"domain":"a.io","type":"bounced","code":"x"}"#,
             r#"{"domain":"a.io","type":"bounced","smtp_code":999}"#,
+            r#"{"domain":"a.io","type":"bounced","smtp_code":"550"}"#,
+            r#"{"domain":"a.io","type":"bounced","smtp_code":70000}"#,
+            r#"{"domain":"a.io","type":"bounced","code":511}"#,
+            r#"{"domain":"a.io","type":"bounced","diagnostic":["no such user"]}"#,
         ] {
             assert_eq!(
                 parse_message(bad.as_bytes()),
@@ -781,10 +859,6 @@ mod tests {
                 "{bad}"
             );
         }
-        assert_eq!(
-            parse_message(br#"{"domain":"a.io","type":"bounced","smtp_code":"550"}"#),
-            Err(RejectReason::BadShape)
-        );
         // Blank fields are absent (a publisher that cannot leave them out): the old format's
         // proof, not a dead letter; a blank diagnostic beside a code leaves the code to decide.
         let blank = bounce(serde_json::json!({"domain": "a.io", "type": "bounced",
@@ -859,6 +933,14 @@ mod tests {
             let parsed = parse(record);
             assert_eq!((parsed.events.len(), parsed.ignored), (0, 1), "{recipient}");
         }
+        // A blank `content` is no evidence, as in our own events: the same count over AMQP as
+        // once `POST /events` republished it as our event (it was `other_bounced` here).
+        let blank = parse(
+            r#"{"type":"Bounce","recipient":"u@k.example","response":{"content":" "}}"#.into(),
+        );
+        let ours = parse(r#"{"domain":"k.example","type":"bounced","diagnostic":" "}"#.into());
+        assert_eq!(blank.events, ours.events);
+        assert_eq!(blank.events[0].tally(), Tally::Bounced);
         // A capitalised type without a recipient is still an unknown type of ours.
         assert_eq!(
             parse_message(br#"{"domain":"a.com","type":"Delivery"}"#),
