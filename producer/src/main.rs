@@ -32,6 +32,11 @@ struct Cli {
     #[arg(long, global = true, env = "PRODUCER_WINDOW", visible_alias = "producer-window", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     window: u32,
 
+    /// Most bytes of messages (bodies and events) awaiting a confirm or a retry at once (`B`,
+    /// `KiB`, `MiB`, `GiB`); a message is always let through when the window is empty.
+    #[arg(long, global = true, env = "PRODUCER_WINDOW_BYTES", visible_alias = "producer-window-bytes", default_value = "64MiB", value_parser = window_bytes)]
+    window_bytes: u64,
+
     /// How long to wait for a confirm before publishing the message again (same message_id).
     #[arg(long, global = true, env = "PRODUCER_CONFIRM_TIMEOUT", visible_alias = "producer-confirm-timeout", default_value = "10s", value_parser = catchall::config::timeout)]
     confirm_timeout: Duration,
@@ -209,9 +214,19 @@ impl Pace {
     }
 }
 
+/// A byte size of at least 1 KiB (see [`catchall::config::parse_bytes`]).
+fn window_bytes(text: &str) -> Result<u64, String> {
+    let bytes = catchall::config::parse_bytes(text)?;
+    if bytes < 1024 {
+        return Err("must be at least 1KiB".into());
+    }
+    Ok(bytes)
+}
+
 async fn run(cli: Cli) -> anyhow::Result<bool> {
     let settings = PublisherSettings {
         window: cli.window as usize,
+        window_bytes: usize::try_from(cli.window_bytes).unwrap_or(usize::MAX),
         confirm_timeout: cli.confirm_timeout,
         max_attempts: cli.max_attempts,
         give_up_after: cli.give_up_after,

@@ -5,7 +5,7 @@
 use anyhow::{Context, anyhow};
 use catchall::backoff::Backoff;
 use catchall::config::{AmqpArgs, redact_url};
-use catchall::event::{Event, MAX_BODY_BYTES};
+use catchall::event::{Event, Evidence, MAX_BODY_BYTES};
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
@@ -14,6 +14,7 @@ use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel, Connection};
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// A message to publish and the events it carries (for the tally of what was confirmed).
@@ -26,6 +27,23 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
+    /// What the message holds in memory while it is pending: its body and its events (which
+    /// take about as much again: a domain's `String` and the `Event` around it).
+    fn held_bytes(&self) -> usize {
+        let events: usize = self
+            .events
+            .iter()
+            .map(|event| {
+                let evidence = event.evidence.as_ref().map_or(0, |evidence| {
+                    std::mem::size_of::<Evidence>()
+                        + evidence.diagnostic.as_ref().map_or(0, String::capacity)
+                });
+                std::mem::size_of::<Event>() + event.domain.capacity() + evidence
+            })
+            .sum();
+        self.body.len() + events
+    }
+
     /// One event, routed by its type.
     pub fn single(event: Event) -> Self {
         let body = serde_json::to_vec(&event).expect("an event always serialises");
@@ -62,8 +80,12 @@ impl Outgoing {
 /// Tuning of the publisher.
 #[derive(Debug, Clone, Copy)]
 pub struct PublisherSettings {
-    /// Most publishes awaiting a confirm at once.
+    /// Most publishes awaiting a confirm or a retry at once.
     pub window: usize,
+    /// Most bytes they hold, bodies and events (one message is let through whatever its
+    /// size). Counting messages alone, a window of 1,000 batches of 10,000 events held about a
+    /// gigabyte while the broker was slow or nacking.
+    pub window_bytes: usize,
     /// How long to wait for a confirm before publishing again.
     pub confirm_timeout: Duration,
     /// Attempts per message (nacked, returned or unconfirmed) before it counts as failed.
@@ -74,6 +96,8 @@ pub struct PublisherSettings {
 
 struct Pending {
     message: Arc<Outgoing>,
+    /// Its body's bytes counted in the window until it is confirmed or given up on.
+    _held: Held,
     attempts: u32,
     /// After a nack, return or timeout, the message waits until then before it goes out again
     /// (per-message backoff: a leader election nacks for seconds, not milliseconds).
@@ -91,6 +115,29 @@ fn retry_wait(attempts: u32) -> Duration {
     wait
 }
 
+/// Bytes of a pending message's body, counted in [`Publisher::held_bytes`] while it lives:
+/// whichever way a message leaves (confirmed, given up on, dropped by a stop), its bytes do.
+struct Held {
+    bytes: usize,
+    total: Arc<AtomicUsize>,
+}
+
+impl Held {
+    fn new(bytes: usize, total: &Arc<AtomicUsize>) -> Self {
+        total.fetch_add(bytes, Ordering::Relaxed);
+        Self {
+            bytes,
+            total: total.clone(),
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
 type ConfirmFuture = BoxFuture<'static, (Pending, anyhow::Result<()>)>;
 
 /// Publishes with confirms; `on_confirm` is called once for each message the broker confirmed.
@@ -100,6 +147,8 @@ pub struct Publisher<F: FnMut(&Outgoing)> {
     link: Option<(Connection, Channel)>,
     in_flight: FuturesUnordered<ConfirmFuture>,
     retry: VecDeque<Pending>,
+    /// Bytes of the bodies in `in_flight` and `retry` (see [`Held`]).
+    held_bytes: Arc<AtomicUsize>,
     reconnect: Backoff,
     /// Since when RabbitMQ has not answered, while it does not.
     unreachable_since: Option<std::time::Instant>,
@@ -129,6 +178,7 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
             link: None,
             in_flight: FuturesUnordered::new(),
             retry: VecDeque::new(),
+            held_bytes: Arc::new(AtomicUsize::new(0)),
             reconnect: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
             unreachable_since: None,
             on_confirm,
@@ -175,24 +225,35 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
         Ok(channel)
     }
 
-    /// Publishes a message, first waiting while the window is full: messages awaiting their
-    /// confirm and messages awaiting a retry count alike. (Retries once stood outside it: a
-    /// broker that nacks at once, a full queue with `overflow: reject-publish`, freed a slot per
-    /// nack, and the producer read its whole input into the retry queue.)
+    /// Publishes a message, first waiting while the window is full (of messages or of their
+    /// bytes): messages awaiting their confirm and messages awaiting a retry count alike.
+    /// (Retries once stood outside it: a broker that nacks at once, a full queue with
+    /// `overflow: reject-publish`, freed a slot per nack, and the producer read its whole input
+    /// into the retry queue.)
     pub async fn send(&mut self, message: Outgoing) -> anyhow::Result<()> {
         let stop = self.stop.clone();
-        while self.in_flight.len() + self.retry.len() >= self.settings.window {
+        let held = message.held_bytes();
+        while self.window_is_full(held) {
             tokio::select! {
                 progress = self.progress() => progress?,
                 _ = stop.cancelled() => return Ok(()),
             }
         }
         self.publish(Pending {
+            _held: Held::new(held, &self.held_bytes),
             message: Arc::new(message),
             attempts: 0,
             not_before: None,
         })
         .await
+    }
+
+    /// Whether a message of `bytes` must wait for room; never when nothing is pending.
+    fn window_is_full(&self, bytes: usize) -> bool {
+        let pending = self.in_flight.len() + self.retry.len();
+        let held = self.held_bytes.load(Ordering::Relaxed);
+        pending >= self.settings.window
+            || (pending > 0 && held.saturating_add(bytes) > self.settings.window_bytes)
     }
 
     /// Publishes each message in turn.

@@ -272,35 +272,15 @@ async fn publish_from_an_open_pipe_exits_once_it_gives_up() {
 /// attempts (minutes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_does_not_wait_for_a_window_of_nacked_messages() {
-    use tokio::io::AsyncBufReadExt;
     const WINDOW: usize = 50;
     let broker = TestBroker::new();
     let (connection, channel) = broker.channel().await;
     let full = nacking_queue(&broker, &channel).await;
-    let mut child = tokio::process::Command::new(binary("catchall-producer"))
-        .envs(broker.env())
-        .env("RUST_LOG", "catchall_producer=debug")
-        .args(["--window", &WINDOW.to_string(), "--confirm-timeout", "2s"])
-        .args(["generate", "--events", "1000000"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the producer");
-    // The window full of nacked messages waiting for their retry (each one logs it).
-    let mut lines = tokio::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let mut nacked = 0;
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while nacked < WINDOW {
-            match lines.next_line().await.expect("read the log") {
-                Some(line) if line.contains("Publishing again") => nacked += 1,
-                Some(_) => {}
-                None => panic!("the producer exited"),
-            }
-        }
-    })
-    .await
-    .expect("a window of nacks within 30 s");
+    let window = WINDOW.to_string();
+    let args = ["--window", &window, "--confirm-timeout", "2s"];
+    let (child, mut lines) = logging_producer(&broker, &args, &["generate", "--events", "1000000"]);
+    // The window full of nacked messages waiting for their retry.
+    await_nacks(&mut lines, WINDOW).await;
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     let stopped = Instant::now();
     let pid = child.id().expect("the producer's pid") as i32;
@@ -377,4 +357,73 @@ async fn publish_does_not_hold_a_huge_line_whole() {
         "the producer held {} MiB for a line of 256 MiB",
         peak >> 20
     );
+}
+
+/// `--batch 10000` (about 500 KB a message) while every publish is nacked: the window is bounded
+/// by its bytes (`--window-bytes`, 64 MiB) as well as by its messages. Counting messages alone,
+/// the default window of 1,000 filled with nacked batches waiting for their retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_window_is_bounded_by_its_bytes() {
+    const NACKS: usize = 600;
+    let broker = TestBroker::new();
+    let (connection, channel) = broker.channel().await;
+    let full = nacking_queue(&broker, &channel).await;
+    let generate = ["generate", "--events", "20000000", "--batch", "10000"];
+    let (mut child, mut lines) = logging_producer(&broker, &[], &generate);
+    await_nacks(&mut lines, NACKS).await;
+    let peak = peak_rss_bytes(child.id().expect("the producer's pid"));
+    let _ = child.kill().await;
+    let _ = channel
+        .queue_delete(full.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = connection.close(200, "".into()).await;
+    eprintln!(
+        "peak RSS of the producer after {NACKS} nacks: {} MiB",
+        peak >> 20
+    );
+    assert!(
+        peak < 160 << 20,
+        "the producer held {} MiB of nacked batches: its window counts messages only",
+        peak >> 20
+    );
+}
+
+type LogLines = tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>;
+
+/// The producer with `flags`, then `command`, logging at debug level to a pipe read line by
+/// line (stdout piped too, for its summary).
+fn logging_producer(
+    broker: &TestBroker,
+    flags: &[&str],
+    command: &[&str],
+) -> (tokio::process::Child, LogLines) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(binary("catchall-producer"))
+        .envs(broker.env())
+        .env("RUST_LOG", "catchall_producer=debug")
+        .args(flags)
+        .args(command)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the producer");
+    let lines = tokio::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+    (child, lines)
+}
+
+/// Waits (90 s at most) until the producer logged `nacks` nacks ("Publishing again").
+async fn await_nacks(lines: &mut LogLines, nacks: usize) {
+    let mut nacked = 0;
+    tokio::time::timeout(Duration::from_secs(90), async {
+        while nacked < nacks {
+            match lines.next_line().await.expect("read the log") {
+                Some(line) if line.contains("Publishing again") => nacked += 1,
+                Some(_) => {}
+                None => panic!("the producer exited"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{nacks} nacks within 90 s"));
 }
