@@ -105,6 +105,7 @@ fn parse(data: &EventData, token: &str) -> Parsed {
         events: Vec::new(),
         message_id: message_id.clone(),
         ignored: 1,
+        ..Parsed::default()
     };
     let recipient = data.recipient.as_deref().unwrap_or_default();
     let event = match data.event.as_str() {
@@ -122,6 +123,7 @@ fn parse(data: &EventData, token: &str) -> Parsed {
             events: vec![event],
             message_id,
             ignored: 0,
+            ..Parsed::default()
         },
         None => ignored(),
     }

@@ -223,6 +223,10 @@ pub struct Parsed {
     pub events: Vec<Event>,
     /// Derived from the provider's ids (or the signed body), so a retry is counted once.
     pub message_id: String,
+    /// Empty, or one per event: an event with the provider's own id of that event is published
+    /// alone under it, so a copy the provider sends again in another batch is counted once
+    /// (SendGrid's `sg_event_id`); the events without one go together under `message_id`.
+    pub event_ids: Vec<Option<String>>,
     /// Provider events acknowledged without counting (opens, clicks, complaints, deferrals…).
     pub ignored: usize,
 }
@@ -346,12 +350,52 @@ fn serialised_len(events: &[Event]) -> usize {
     serde_json::to_vec(events).map_or(0, |body| body.len())
 }
 
+/// The events published together under `message_id`: those without an id of their own.
+fn grouped(parsed: &Parsed) -> Vec<Event> {
+    if parsed.event_ids.is_empty() {
+        return parsed.events.clone();
+    }
+    parsed
+        .events
+        .iter()
+        .zip(&parsed.event_ids)
+        .filter(|(_, id)| id.is_none())
+        .map(|(event, _)| event.clone())
+        .collect()
+}
+
+/// Publishes one event as a message of its own (owned, so the stream of them is `Send`).
+async fn publish_alone(
+    sink: Arc<dyn EventSink>,
+    event: Event,
+    id: String,
+) -> Result<(), SinkError> {
+    sink.publish(vec![event], id).await
+}
+
+/// How many single-event messages of one request are awaiting their confirms at once.
+const KEYED_IN_FLIGHT: usize = 64;
+
 /// Publishes the events as messages of at most [`MAX_BATCH_EVENTS`] each, the most a message
 /// may hold (the consumer dead-letters more as `batch_too_large`; a SendGrid post can carry
 /// more, and was lost so). One part keeps the provider-derived id; parts of a larger delivery
 /// are `{id}/{n}`, so a retry after a partial failure counts each part once.
 async fn publish_in_parts(state: &WebhookState, parsed: &Parsed) -> Result<(), SinkError> {
-    let parts = parsed.events.chunks(MAX_BATCH_EVENTS);
+    use futures_util::{StreamExt, TryStreamExt};
+    let keyed: Vec<(Event, String)> = parsed
+        .events
+        .iter()
+        .zip(&parsed.event_ids)
+        .filter_map(|(event, id)| Some((event.clone(), id.clone()?)))
+        .collect();
+    let sink = state.sink.clone();
+    futures_util::stream::iter(keyed)
+        .map(move |(event, id)| publish_alone(sink.clone(), event, id))
+        .buffer_unordered(KEYED_IN_FLIGHT)
+        .try_collect::<()>()
+        .await?;
+    let grouped = grouped(parsed);
+    let parts = grouped.chunks(MAX_BATCH_EVENTS);
     let several = parts.len() > 1;
     for (n, part) in parts.enumerate() {
         let id = if several {
@@ -372,8 +416,8 @@ async fn finish(
 ) -> Response {
     let result = match parsed {
         Ok(parsed) if parsed.events.is_empty() => Ok(parsed),
-        Ok(parsed) if serialised_len(&parsed.events) > crate::event::MAX_BODY_BYTES => {
-            Err(WebhookError::TooLarge(serialised_len(&parsed.events)))
+        Ok(parsed) if serialised_len(&grouped(&parsed)) > crate::event::MAX_BODY_BYTES => {
+            Err(WebhookError::TooLarge(serialised_len(&grouped(&parsed))))
         }
         Ok(parsed) => publish_in_parts(state, &parsed)
             .await

@@ -89,11 +89,13 @@ pub fn parse(body: &[u8]) -> Result<Parsed, WebhookError> {
             events: vec![event],
             message_id,
             ignored: 0,
+            ..Parsed::default()
         },
         None => Parsed {
             events: Vec::new(),
             message_id,
             ignored: 1,
+            ..Parsed::default()
         },
     })
 }

@@ -4,8 +4,11 @@
 //!
 //! Events: `delivered` → delivered; `bounce` (both `type` `bounce` and `blocked`) → bounced
 //! with `status` (enhanced code) and `reason` (the remote text) as evidence. `dropped` (SendGrid
-//! did not send), `deferred`, `processed`, opens, clicks, spam reports… are ignored. The
-//! message id is the SHA-256 of the signed body: a retried batch is counted once.
+//! did not send), `deferred`, `processed`, opens, clicks, spam reports… are ignored. An event
+//! with an `sg_event_id` is published alone as `sendgrid:{sg_event_id}`: SendGrid may send an
+//! event again in another batch, and says to deduplicate on that id (its Event Webhook
+//! troubleshooting guide). Events without one go together under the SHA-256 of the signed
+//! body: a retried batch is counted once.
 
 use super::{MAX_CLOCK_SKEW, Parsed, WebhookError, event_for, sha256_hex};
 use crate::bounce::{EnhancedCode, codes_in_text};
@@ -33,6 +36,16 @@ struct SgEvent {
     status: Option<String>,
     #[serde(default)]
     reason: Option<String>,
+    /// A string in SendGrid's events; anything else is as if absent.
+    #[serde(default)]
+    sg_event_id: Option<serde_json::Value>,
+}
+
+impl SgEvent {
+    fn id(&self) -> Option<String> {
+        let id = self.sg_event_id.as_ref()?.as_str()?.trim();
+        (!id.is_empty()).then(|| format!("sendgrid:{id}"))
+    }
 }
 
 /// The uncompressed P-256 point of SendGrid's base64 DER key.
@@ -122,7 +135,10 @@ pub fn parse(body: &[u8]) -> Result<Parsed, WebhookError> {
             _ => None,
         };
         match mapped {
-            Some(e) => parsed.events.push(e),
+            Some(e) => {
+                parsed.events.push(e);
+                parsed.event_ids.push(event.id());
+            }
             None => parsed.ignored += 1,
         }
     }
@@ -186,6 +202,24 @@ mod tests {
             parsed.ignored, 5,
             "processed, deferred, dropped, open, spamreport"
         );
+        // Each counted event goes alone under its `sg_event_id`.
+        assert_eq!(
+            parsed.event_ids,
+            [
+                "rWVYmVk90MjZJ9iohOBa3w==",
+                "6g4ZI7SA-xmRDv57GoPIPw==",
+                "7h5aJ8TB-ynSEw68HpQJQx==",
+                "8i6bK9UC-zoTFx79IqRKRy==",
+                "9j7cL0VD-apUGy80JrSLSz==",
+            ]
+            .map(|id| Some(format!("sendgrid:{id}")))
+        );
+        let without = parse(
+            br#"[{"email":"a@x.example","event":"delivered","sg_event_id":7},
+            {"email":"a@x.example","event":"delivered","sg_event_id":" "}]"#,
+        )
+        .expect("parses");
+        assert_eq!(without.event_ids, [None, None]);
     }
 
     #[test]

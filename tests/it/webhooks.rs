@@ -346,11 +346,12 @@ async fn provider_webhooks_are_verified_published_and_counted() {
 
     // SendGrid: a signed batch under the 1 MiB request limit whose IDN domains grow past the
     // 1 MiB message limit when normalised: 413, never published (the counts below show it).
+    // Without `sg_event_id`s, the events go as one message.
     let idn = vec!["ü"; 31].join(".");
     let grown: Vec<serde_json::Value> = (0..4500)
-        .map(|i| {
+        .map(|_| {
             serde_json::json!({"email": format!("a@{idn}"), "timestamp": 1513299569,
-                "event": "delivered", "sg_event_id": format!("big-{i}")})
+                "event": "delivered"})
         })
         .collect();
     let grown = serde_json::to_vec(&grown).unwrap();
@@ -579,11 +580,33 @@ async fn the_worker_serves_configured_webhooks_with_its_confirming_publisher() {
     worker.stop().await;
 }
 
-/// A SendGrid post of more events than one message may hold (10,000) is published in parts,
-/// every event counted and none dead-lettered; its retry counts once. It used to go out as one
-/// message that the consumer dead-lettered as `batch_too_large` after SendGrid had its 200.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sendgrid_post_of_more_than_a_message_holds_is_published_in_parts() {
+/// SendGrid's side of a test: its signing key.
+struct SendGrid {
+    key: EcdsaKeyPair,
+    rng: SystemRandom,
+}
+
+impl SendGrid {
+    /// Signs `body` as SendGrid does and posts it to the worker's webhook.
+    async fn post(&self, worker: &TestWorker, body: Vec<u8>) -> StatusCode {
+        let ts = now().to_string();
+        let mut signed = ts.as_bytes().to_vec();
+        signed.extend_from_slice(&body);
+        let signature = STANDARD.encode(self.key.sign(&self.rng, &signed).expect("sign").as_ref());
+        reqwest::Client::new()
+            .post(worker.url("/webhooks/sendgrid"))
+            .header(catchall::webhooks::sendgrid::SIGNATURE_HEADER, signature)
+            .header(catchall::webhooks::sendgrid::TIMESTAMP_HEADER, ts)
+            .body(body)
+            .send()
+            .await
+            .expect("POST /webhooks/sendgrid")
+            .status()
+    }
+}
+
+/// A worker with the SendGrid webhook on, ready.
+async fn sendgrid_worker() -> (TestDb, TestBroker, TestWorker, SendGrid) {
     let db = TestDb::create().await;
     let broker = TestBroker::new();
     let rng = SystemRandom::new();
@@ -592,29 +615,27 @@ async fn a_sendgrid_post_of_more_than_a_message_holds_is_published_in_parts() {
     config.webhooks.sendgrid_public_key = Some(public_key);
     let worker = TestWorker::start(config).await;
     worker.ready().await;
+    (db, broker, worker, SendGrid { key, rng })
+}
+
+/// A SendGrid post of more events than one message may hold (10,000), without `sg_event_id`s,
+/// is published in parts, every event counted and none dead-lettered; its retry counts once. It
+/// used to go out as one message that the consumer dead-lettered as `batch_too_large` after
+/// SendGrid had its 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sendgrid_post_of_more_than_a_message_holds_is_published_in_parts() {
+    let (db, broker, worker, sendgrid) = sendgrid_worker().await;
     let total = catchall::event::MAX_BATCH_EVENTS + 1;
     let events: Vec<serde_json::Value> = (0..total)
         .map(|i| {
-            serde_json::json!({"email": "u@parts.example", "timestamp": 1513299569,
-                "event": "delivered", "sg_event_id": format!("part-{i}")})
+            serde_json::json!({"email": format!("u{i}@parts.example"), "timestamp": 1513299569,
+                "event": "delivered"})
         })
         .collect();
     let body = serde_json::to_vec(&events).expect("JSON");
-    let client = reqwest::Client::new();
     for attempt in ["first", "retry"] {
-        let ts = now().to_string();
-        let mut signed = ts.as_bytes().to_vec();
-        signed.extend_from_slice(&body);
-        let signature = STANDARD.encode(key.sign(&rng, &signed).expect("sign").as_ref());
-        let response = client
-            .post(worker.url("/webhooks/sendgrid"))
-            .header(catchall::webhooks::sendgrid::SIGNATURE_HEADER, signature)
-            .header(catchall::webhooks::sendgrid::TIMESTAMP_HEADER, ts)
-            .body(body.clone())
-            .send()
-            .await
-            .expect("POST /webhooks/sendgrid");
-        assert_eq!(response.status(), StatusCode::OK, "{attempt}");
+        let status = sendgrid.post(&worker, body.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{attempt}");
     }
     let expected: Counts = [("parts.example".to_string(), (total as i64, 0))]
         .into_iter()
@@ -734,4 +755,55 @@ async fn counted_once(db: &TestDb) {
         || async { (all_events(db).await == 1).then_some(()) },
     )
     .await;
+}
+
+/// SendGrid may send an event again in another batch, and says to deduplicate on its
+/// `sg_event_id`: each event with one is published alone under it, so the copy is counted once.
+/// The signed body's hash was the only id, and a copy in a batch of other events counted
+/// twice. Events without an id still go together under the body's hash (a retry of the same
+/// body counts once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sendgrid_event_sent_again_in_another_batch_is_counted_once() {
+    let (db, broker, worker, sendgrid) = sendgrid_worker().await;
+    let event = |email: &str, kind: &str, id: Option<&str>| {
+        let mut event = serde_json::json!({"email": email, "timestamp": 1513299569,
+            "event": kind, "status": "5.1.1", "reason": "550 5.1.1 no such user"});
+        if let Some(id) = id {
+            event["sg_event_id"] = id.into();
+        }
+        event
+    };
+    let first = vec![
+        event("a@dup.example", "delivered", Some("E1")),
+        event("b@bounced.example", "bounce", Some("E2")),
+    ];
+    let again = vec![
+        event("c@other.example", "delivered", Some("E3")),
+        event("a@dup.example", "delivered", Some("E1")),
+        event("b@bounced.example", "bounce", Some("E2")),
+        event("d@noid.example", "delivered", None),
+    ];
+    // The second batch twice: SendGrid's retry of the very same body.
+    for batch in [&first, &again, &again] {
+        let body = serde_json::to_vec(batch).expect("JSON");
+        assert_eq!(sendgrid.post(&worker, body).await, StatusCode::OK);
+    }
+    let expected: Counts = [
+        ("dup.example", (1, 0)),
+        ("bounced.example", (0, 1)),
+        ("other.example", (1, 0)),
+        ("noid.example", (1, 0)),
+    ]
+    .into_iter()
+    .map(|(domain, counts)| (domain.to_string(), counts))
+    .collect();
+    assert_counts_eventually(&db, &expected, Duration::from_secs(30)).await;
+    wait_for(Duration::from_secs(30), "the queue to drain", || async {
+        (broker.depth(&broker.queue).await == 0).then_some(())
+    })
+    .await;
+    assert_eq!(db.counts().await, expected, "nothing counted twice");
+    // E1 and E2 in the second batch; E3, E1, E2 and the id-less part in its retry.
+    assert_eq!(worker.stats().duplicates, 6);
+    worker.stop().await;
 }
