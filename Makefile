@@ -2,6 +2,11 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 EVENTS ?= 10000
+# Where pip puts the validators' commands (.ci/deps.sh): the interpreter's scripts directory and
+# the user's. Under pyenv the first is not on the PATH until `pyenv rehash`, so on a fresh machine
+# `make lint` found no check-jsonschema right after installing it.
+PY_BIN := $(shell python3 -c 'import os, site, sysconfig; print(sysconfig.get_path("scripts") + os.pathsep + os.path.join(site.USER_BASE, "bin"))' 2>/dev/null)
+export PATH := $(if $(PY_BIN),$(PY_BIN):)$(PATH)
 
 .PHONY: deps start services events createEvents test extra-stop nextest chaos bench bench-baseline bench-claim bench-pg soak lint lint-rust lint-deploy build postfix
 

@@ -5,6 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 source .ci/apt.sh
+# Where pip puts commands (the interpreter's scripts directory, the user's): not on the PATH
+# under pyenv until `pyenv rehash` (the Makefile adds them too).
+if command -v python3 >/dev/null; then
+  PATH="$(python3 -c 'import os, site, sysconfig; print(sysconfig.get_path("scripts") + os.pathsep + os.path.join(site.USER_BASE, "bin"))'):$PATH"
+fi
 # promtool (Debian package prometheus) lints /metrics in the tests; its service is not started.
 if ! command -v promtool >/dev/null; then
   apt_install_no_start prometheus
