@@ -2,6 +2,8 @@
 #
 # Image for both binaries: the worker `catchall` (the entrypoint) and `catchall-producer`.
 #   docker build -t catchall .
+#   docker build -t registry.example.com/catchall:1.0 .   # for Kubernetes: a new version tag per
+#                                                         # build (deploy/kubernetes/kustomization.yaml)
 #   docker run --rm catchall --help
 #   docker run --rm --entrypoint catchall-producer catchall --help
 
