@@ -20,6 +20,12 @@ pub struct App {
     store: Store,
     /// Status look-ups.
     lookups: Store,
+    /// With a replica (`lookups`): the primary's look-up pool, read while the replica is too
+    /// far behind, and the replica's one connection for measuring its lag.
+    primary: Option<Store>,
+    lag_probe: Option<Store>,
+    /// One connection for sampling the dedup table.
+    dedup_probe: Store,
     /// What `/readyz` pings: the primary and (with STATUS_DATABASE_URL) the replica, one
     /// connection each, apart from the look-up pool.
     ready_probes: Vec<crate::http::ReadyProbe>,
@@ -96,19 +102,28 @@ impl App {
                 })
                 .transpose()
         };
-        let lookups = match replica(config.db_pool_size)? {
-            Some(replica) => {
-                if let Err(error) = replica.ping_within(std::time::Duration::from_secs(5)).await {
+        // With a replica, a look-up pool on the primary too, read while the replica is too far
+        // behind (or down), and a pool of one for measuring its lag.
+        let (lookups, primary, lag_probe) = match replica(config.db_pool_size)? {
+            Some(replica_pool) => {
+                if let Err(error) = replica_pool
+                    .ping_within(std::time::Duration::from_secs(5))
+                    .await
+                {
                     tracing::warn!(
                         error = format!("{:#}", anyhow::Error::new(error)),
-                        "The look-up replica does not answer at start; look-ups fail and \
-                         /readyz says so until it does."
+                        "The look-up replica does not answer at start; look-ups read from the \
+                         primary and /readyz says so until it does."
                     );
                 }
-                replica
+                let primary = connect(config.db_pool_size)
+                    .await?
+                    .with_db_timeout(config.db_timeout);
+                (replica_pool, Some(primary), replica(1)?)
             }
-            None => connect(config.db_pool_size).await?,
+            None => (connect(config.db_pool_size).await?, None, None),
         };
+        let lookups = lookups.with_db_timeout(config.db_timeout);
         // Readiness pings: one connection per server, so a look-up flood cannot starve them.
         let mut ready_probes = vec![crate::http::ReadyProbe {
             name: format!("Postgres {}", crate::pg::describe(url)),
@@ -135,11 +150,15 @@ impl App {
             ),
             None => None,
         };
+        let dedup_probe = connect(1).await?;
         Ok(Self {
             consumer: consumer::ConsumerSettings::from_config(&config),
             config,
             store,
             lookups,
+            primary,
+            lag_probe,
+            dedup_probe,
             ready_probes,
             listener,
             admin,
@@ -179,6 +198,9 @@ impl App {
             config,
             store,
             lookups,
+            primary,
+            lag_probe,
+            dedup_probe,
             ready_probes,
             listener,
             admin,
@@ -206,9 +228,14 @@ impl App {
         };
         let ingest = ingest_tokens.and_then(|tokens| Some((publisher.clone()?, tokens)));
         let closing = publisher;
+        let fallback = crate::replica::Fallback::default();
         let state = AppState {
             lookups: crate::lookups::Lookups::spawn(lookups.clone()),
             store: lookups,
+            primary: primary.map(|primary| {
+                let lookups = crate::lookups::Lookups::spawn(primary.clone());
+                (primary, lookups, fallback.clone())
+            }),
             ready_probes: ready_probes.into(),
             health: health.clone(),
             metrics: metrics::install(),
@@ -251,8 +278,10 @@ impl App {
                 }
             }
         });
+        // On the primary, where the ids are (the look-up pool may be a replica's, whose table
+        // statistics are its own), on a connection of its own (a sample may take seconds).
         tracker.spawn(dedup_gauges(
-            state.store.clone(),
+            dedup_probe,
             config.dedup_retention,
             cancel.clone(),
         ));
@@ -261,10 +290,12 @@ impl App {
             config.dedup_retention,
             cancel.clone(),
         ));
-        if config.status_database_url.is_some() {
+        if let Some(lag_probe) = lag_probe {
             tracker.spawn(crate::replica::lag_loop(
-                state.store.clone(),
+                lag_probe,
                 std::time::Duration::from_secs(5),
+                config.max_replica_lag,
+                fallback,
                 cancel.clone(),
             ));
         }

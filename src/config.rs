@@ -107,6 +107,12 @@ pub struct Config {
     #[arg(long, env = "STATUS_DATABASE_URL", hide_env_values = true)]
     pub status_database_url: Option<String>,
 
+    /// With STATUS_DATABASE_URL: while the replica is further behind than this (or does not
+    /// answer), look-ups and listings read from DATABASE_URL instead, so they never answer from
+    /// a replica cut off from its primary.
+    #[arg(long, env = "MAX_REPLICA_LAG", default_value = "30s", value_parser = timeout)]
+    pub max_replica_lag: Duration,
+
     /// Address of the HTTP server (status, health, metrics). Port 0 picks a free port.
     #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,

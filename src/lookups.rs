@@ -24,6 +24,10 @@ pub const IN_FLIGHT: usize = 2;
 /// Domains per query of grouped single look-ups at most (a bulk look-up, up to 10,000 domains,
 /// is one query of its own; SPEC §5).
 pub const MAX_GROUP: usize = 500;
+/// Single look-ups waiting for a query at most; past it a look-up fails at once (503). The
+/// queue was unbounded: while Postgres stalled it grew at the clients' rate, since a request
+/// that timed out or whose client left did not take its look-up out.
+pub const MAX_QUEUED: usize = 10_000;
 
 /// The answer to one look-up: the error is shared by every look-up of the failed query.
 pub type Answer = Result<Counts, Arc<StoreError>>;
@@ -37,17 +41,20 @@ struct Ask {
 /// queries ends when the last handle is dropped.
 #[derive(Clone)]
 pub struct Lookups {
-    asks: mpsc::UnboundedSender<Ask>,
+    asks: mpsc::Sender<Ask>,
     queries: Arc<AtomicU64>,
+    /// Look-ups those queries answered.
+    asked: Arc<AtomicU64>,
 }
 
 impl Lookups {
     /// Starts the task that groups look-ups and queries `store` (the look-up pool, or the
     /// replica's). Must run inside a Tokio runtime.
     pub fn spawn(store: Store) -> Self {
-        let (asks, mut queue) = mpsc::unbounded_channel::<Ask>();
+        let (asks, mut queue) = mpsc::channel::<Ask>(MAX_QUEUED);
         let queries = Arc::new(AtomicU64::new(0));
-        let sent = queries.clone();
+        let asked = Arc::new(AtomicU64::new(0));
+        let (sent, sent_asks) = (queries.clone(), asked.clone());
         tokio::spawn(async move {
             let slots = Arc::new(Semaphore::new(IN_FLIGHT));
             loop {
@@ -59,15 +66,23 @@ impl Lookups {
                 let Some(first) = queue.recv().await else {
                     return;
                 };
+                // Look-ups whose request is gone (its client left, or it timed out) are
+                // dropped, not queried.
                 let mut group = vec![first];
+                group.retain(|ask| !ask.reply.is_closed());
                 while group.len() < MAX_GROUP {
                     match queue.try_recv() {
+                        Ok(ask) if ask.reply.is_closed() => {}
                         Ok(ask) => group.push(ask),
                         Err(_) => break,
                     }
                 }
+                if group.is_empty() {
+                    continue;
+                }
                 crate::metrics::lookup_group(group.len());
                 sent.fetch_add(1, Ordering::Relaxed);
+                sent_asks.fetch_add(group.len() as u64, Ordering::Relaxed);
                 let store = store.clone();
                 tokio::spawn(async move {
                     answer(&store, group).await;
@@ -75,7 +90,11 @@ impl Lookups {
                 });
             }
         });
-        Self { asks, queries }
+        Self {
+            asks,
+            queries,
+            asked,
+        }
     }
 
     /// Queries sent so far (each answered one group of look-ups).
@@ -83,12 +102,20 @@ impl Lookups {
         self.queries.load(Ordering::Relaxed)
     }
 
+    /// Look-ups sent to Postgres so far (those dropped before their query are not).
+    pub fn asked(&self) -> u64 {
+        self.asked.load(Ordering::Relaxed)
+    }
+
     /// A (normalised) domain's counters; zero for a domain never seen.
     pub async fn lookup(&self, domain: String) -> Answer {
         let (reply, answer) = oneshot::channel();
         self.asks
-            .send(Ask { domain, reply })
-            .map_err(|_| Arc::new(StoreError::Closed))?;
+            .try_send(Ask { domain, reply })
+            .map_err(|error| match error {
+                mpsc::error::TrySendError::Full(_) => Arc::new(StoreError::Busy),
+                mpsc::error::TrySendError::Closed(_) => Arc::new(StoreError::Closed),
+            })?;
         answer.await.map_err(|_| Arc::new(StoreError::Closed))?
     }
 }

@@ -1,9 +1,12 @@
-//! Look-ups from a streaming replica (`STATUS_DATABASE_URL`, SPEC §6): its lag as a metric.
-//! `/readyz` pings the replica beside the primary (see `crate::http::ReadyProbe`).
+//! Look-ups from a streaming replica (`STATUS_DATABASE_URL`, SPEC §6): its lag as a metric, and
+//! look-ups from the primary while it is further behind than `MAX_REPLICA_LAG` or does not
+//! answer. `/readyz` pings the replica beside the primary (see `crate::http::ReadyProbe`).
 
 use crate::store::Store;
 use metrics::{describe_gauge, gauge};
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 /// Seconds the replica is behind: 0 when it streams from its primary and has replayed all it
@@ -20,9 +23,45 @@ const LAG: &str = "SELECT CASE \
             - COALESCE(pg_last_xact_replay_timestamp(), pg_postmaster_start_time())) \
      END::float8";
 
+/// Whether reads go to the primary instead of the replica: set by [`lag_loop`], read by the
+/// HTTP handlers. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Fallback(Arc<AtomicBool>);
+
+impl Fallback {
+    pub fn is_active(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Sets it, logging and exporting a change (`catchall_lookups_from_primary`).
+    fn set(&self, active: bool, why: &str) {
+        gauge!("catchall_lookups_from_primary").set(if active { 1.0 } else { 0.0 });
+        if self.0.swap(active, Ordering::Relaxed) != active {
+            if active {
+                tracing::warn!(
+                    why,
+                    "Look-ups read from the primary until the replica catches up."
+                );
+            } else {
+                tracing::info!("The replica caught up: look-ups read from it again.");
+            }
+        }
+    }
+}
+
 /// Measures the replica's lag every `every` until `cancel` fires, as the gauge
-/// `catchall_replica_lag_seconds`; `catchall_replica_up` is 0 while it does not answer.
-pub async fn lag_loop(replica: Store, every: Duration, cancel: CancellationToken) {
+/// `catchall_replica_lag_seconds`; `catchall_replica_up` is 0 while it does not answer, and the
+/// lag then grows from the last one measured (the replica is at least that far behind: it kept
+/// its last value, a replica down for hours looking current). `replica` is a pool of its own, so
+/// look-ups holding every pooled connection do not make the replica look down. While the lag
+/// passes `max_lag` or the replica does not answer, `fallback` sends reads to the primary.
+pub async fn lag_loop(
+    replica: Store,
+    every: Duration,
+    max_lag: Duration,
+    fallback: Fallback,
+    cancel: CancellationToken,
+) {
     describe_gauge!(
         "catchall_replica_lag_seconds",
         "How far the look-up replica (STATUS_DATABASE_URL) is behind the primary."
@@ -31,8 +70,15 @@ pub async fn lag_loop(replica: Store, every: Duration, cancel: CancellationToken
         "catchall_replica_up",
         "1 while the look-up replica (STATUS_DATABASE_URL) answers, else 0."
     );
+    describe_gauge!(
+        "catchall_lookups_from_primary",
+        "1 while look-ups read from DATABASE_URL because the replica is further behind than \
+         MAX_REPLICA_LAG or does not answer."
+    );
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The last lag measured, and when.
+    let mut last: Option<(f64, Instant)> = None;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -40,11 +86,18 @@ pub async fn lag_loop(replica: Store, every: Duration, cancel: CancellationToken
         }
         match replica.query_f64_within(LAG, Duration::from_secs(2)).await {
             Ok(lag) => {
+                last = Some((lag, Instant::now()));
                 gauge!("catchall_replica_lag_seconds").set(lag);
                 gauge!("catchall_replica_up").set(1.0);
+                let behind = lag > max_lag.as_secs_f64();
+                fallback.set(behind, "the replica is further behind than MAX_REPLICA_LAG");
             }
             Err(error) => {
                 gauge!("catchall_replica_up").set(0.0);
+                if let Some((lag, at)) = last {
+                    gauge!("catchall_replica_lag_seconds").set(lag + at.elapsed().as_secs_f64());
+                }
+                fallback.set(true, "the replica does not answer");
                 tracing::warn!(
                     error = format!("{:#}", anyhow::Error::new(error)),
                     "The look-up replica does not answer."

@@ -63,6 +63,9 @@ pub enum StoreError {
     /// ([`crate::lookups`]) or one getting a connection ([`Store::client_within`]).
     #[error("a Postgres task stopped")]
     Closed,
+    /// [`crate::lookups::MAX_QUEUED`] single look-ups already wait for Postgres.
+    #[error("too many look-ups are waiting for Postgres")]
+    Busy,
 }
 
 impl StoreError {
@@ -78,6 +81,7 @@ impl StoreError {
             Self::Timeout(_) => "no answer within DB_TIMEOUT".into(),
             Self::Abandoned => "attempt given up".into(),
             Self::Closed => "a Postgres task stopped".into(),
+            Self::Busy => "too many look-ups waiting".into(),
             Self::Migration(_) => "migration failed".into(),
             Self::Query(error) => query_reason(error),
         }

@@ -569,6 +569,63 @@ async fn lookups_asked_together_share_a_query_and_each_gets_its_own_counters() {
     );
 }
 
+/// While Postgres stalls (`domains` locked), look-ups pile up: past [`MAX_QUEUED`] one fails at
+/// once (`Busy`, 503), and those whose request is gone (here a 2 s client deadline) are dropped
+/// from the queue, not queried once Postgres answers again (only the groups already sent are). The queue was unbounded and every
+/// look-up in it was queried (10,600 here, in groups of 500 that each waited the 5 s look-up
+/// deadline while the table stayed locked).
+///
+/// [`MAX_QUEUED`]: catchall::lookups::MAX_QUEUED
+#[tokio::test]
+async fn lookups_whose_request_is_gone_are_not_queried_and_the_queue_is_bounded() {
+    const ASKED: usize = catchall::lookups::MAX_QUEUED + 600;
+    let db = TestDb::create().await;
+    let lookups = catchall::lookups::Lookups::spawn(db.store(2).await);
+    let lock = db.client().await;
+    lock.batch_execute("BEGIN; LOCK TABLE domains IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock the table");
+    let answers = futures_util::future::join_all((0..ASKED).map(|i| {
+        let lookups = lookups.clone();
+        tokio::time::timeout(Duration::from_secs(2), async move {
+            lookups.lookup(format!("d{i}.stalled.example")).await
+        })
+    }))
+    .await;
+    let busy = answers
+        .iter()
+        .filter(|answer| {
+            matches!(answer, Ok(Err(error)) if matches!(**error, catchall::store::StoreError::Busy))
+        })
+        .count();
+    let timed_out = answers.iter().filter(|answer| answer.is_err()).count();
+    eprintln!("{busy} refused as busy, {timed_out} timed out");
+    assert!(busy > 0, "past MAX_QUEUED a look-up fails at once");
+    assert_eq!(
+        busy + timed_out,
+        ASKED,
+        "none answered while the table was locked"
+    );
+    lock.batch_execute("COMMIT")
+        .await
+        .expect("release the table");
+
+    // Behind every earlier one in the queue: answered once the queue is through them.
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        lookups.lookup("after.stalled.example".into()),
+    )
+    .await
+    .expect("a look-up answered within 30 s of the release")
+    .expect("the look-up");
+    let asked = lookups.asked();
+    eprintln!("{asked} look-ups queried of {ASKED}");
+    assert!(
+        asked <= (catchall::lookups::IN_FLIGHT * catchall::lookups::MAX_GROUP) as u64 + 1,
+        "{asked} look-ups queried: those whose request was gone were queried too"
+    );
+}
+
 /// A failed export leaves no file behind. It writes to a file of its own beside the output and
 /// renames it once complete; a failure used to leave `<FILE>.partial` there (here the first page
 /// fails: the database was never migrated).
@@ -592,4 +649,59 @@ async fn a_failed_export_leaves_no_file() {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(!status.success(), "the export fails");
     assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// Bulk look-ups of more than 10,000 domains are refused while the body is parsed: a 1 MiB
+/// body of 262,000 `"a"` entries was built whole (about 15 MB of strings) before the limit
+/// refused it, once per runtime thread at a time. Peak RSS of a worker answering 96 of them,
+/// 32 at a time (the bodies themselves, up to HTTP_BODY_BUDGET, 32 MiB), all refused with 400:
+/// it grew 55–66 MiB before, 30–33 MiB after, on this machine's two runtime threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_lookup_over_the_limit_is_refused_without_being_built() {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    let (child, port) = spawn_on_a_port(worker_command(&db, &broker, &[])).await;
+    let pid = child.id().expect("the worker's pid");
+    let url = format!("http://127.0.0.1:{port}/domains/lookup");
+    wait_for(Duration::from_secs(30), "the worker to answer", || async {
+        reqwest::get(format!("http://127.0.0.1:{port}/healthz"))
+            .await
+            .ok()
+            .map(drop)
+    })
+    .await;
+    let entries = vec!["\"a\""; 262_000].join(",");
+    let body = format!("{{\"domains\":[{entries}]}}");
+    assert!(body.len() < 1 << 20, "{} bytes", body.len());
+    let before = peak_rss_bytes(pid);
+    let client = reqwest::Client::new();
+    for _ in 0..3 {
+        let answers = futures_util::future::join_all((0..32).map(|_| {
+            client
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(body.clone())
+                .send()
+        }))
+        .await;
+        for answer in answers {
+            let response = answer.expect("POST /domains/lookup");
+            assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+            let error: Value = response.json().await.expect("a JSON error");
+            assert_eq!(error["error"], "more than 10000 domains");
+        }
+    }
+    let peak = peak_rss_bytes(pid);
+    eprintln!(
+        "peak RSS {} MiB (before the requests {} MiB)",
+        peak >> 20,
+        before >> 20
+    );
+    assert!(
+        peak < before + (45 << 20),
+        "the bodies were built whole: peak RSS {} MiB, {} MiB before",
+        peak >> 20,
+        before >> 20
+    );
+    drop(child);
 }

@@ -48,6 +48,34 @@ struct ReplicaDb {
     name: String,
 }
 
+impl ReplicaDb {
+    /// A new database on the primary, once the replica has it too; and a client of the
+    /// replica.
+    async fn create() -> (Self, tokio_postgres::Client) {
+        let name = format!("test_{}", uuid::Uuid::now_v7().simple());
+        client(&format!("{PRIMARY}/postgres"))
+            .await
+            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .await
+            .expect("create the test database on the primary");
+        let db = ReplicaDb { name: name.clone() };
+        let replica = client(&format!("{REPLICA}/postgres")).await;
+        wait_for(
+            Duration::from_secs(15),
+            "the database on the replica",
+            || async {
+                let row = replica
+                    .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+                    .await
+                    .ok()?;
+                row.map(|_| ())
+            },
+        )
+        .await;
+        (db, replica)
+    }
+}
+
 impl Drop for ReplicaDb {
     fn drop(&mut self) {
         let name = self.name.clone();
@@ -59,6 +87,14 @@ impl Drop for ReplicaDb {
             runtime.block_on(async move {
                 pg_ctl_cluster("catchall_primary", "start").await;
                 pg_ctl("start").await;
+                // A test that paused the replica's replay and failed before resuming it.
+                if let Ok((replica, connection)) =
+                    tokio_postgres::connect(&format!("{REPLICA}/postgres"), tokio_postgres::NoTls)
+                        .await
+                {
+                    tokio::spawn(connection);
+                    let _ = replica.batch_execute("SELECT pg_wal_replay_resume()").await;
+                }
                 let _ = client(&format!("{PRIMARY}/postgres"))
                     .await
                     .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
@@ -79,26 +115,8 @@ impl Drop for ReplicaDb {
 /// goes on against the primary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replica_serves_lookups_and_its_loss_only_stops_readiness() {
-    let name = format!("test_{}", uuid::Uuid::now_v7().simple());
-    client(&format!("{PRIMARY}/postgres"))
-        .await
-        .batch_execute(&format!("CREATE DATABASE \"{name}\""))
-        .await
-        .expect("create the test database on the primary");
-    let _db = ReplicaDb { name: name.clone() };
-    let replica = client(&format!("{REPLICA}/postgres")).await;
-    wait_for(
-        Duration::from_secs(15),
-        "the database on the replica",
-        || async {
-            let row = replica
-                .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
-                .await
-                .ok()?;
-            row.map(|_| ())
-        },
-    )
-    .await;
+    let (database, replica) = ReplicaDb::create().await;
+    let name = database.name.clone();
     let broker = TestBroker::new();
     let id = uuid::Uuid::now_v7().simple().to_string();
     let (writes, lookups) = (format!("catchall-w-{id}"), format!("catchall-l-{id}"));
@@ -243,8 +261,9 @@ async fn replica_serves_lookups_and_its_loss_only_stops_readiness() {
 }
 
 /// A replica that does not answer when the worker starts (a deploy or a scale-out while it
-/// restarts) does not stop the worker: it counts, and `/readyz` names the replica. It used to
-/// fail at start and crash-loop. (No replica server needed: nothing listens on the port.)
+/// restarts) does not stop the worker: it counts, `/readyz` names the replica, and look-ups
+/// read the primary (`/readyz/lookups` pings it). It used to fail at start and crash-loop.
+/// (No replica server needed: nothing listens on the port.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_down_at_start_does_not_stop_counting() {
     let db = crate::helpers::TestDb::create().await;
@@ -255,16 +274,99 @@ async fn a_replica_down_at_start_does_not_stop_counting() {
     let worker = TestWorker::start(config).await;
     let expected = generate(&broker, 2_000, 10, 11).await;
     crate::helpers::assert_counts_eventually(&db, &expected, Duration::from_secs(30)).await;
-    // Look-ups read the replica: not ready for them either (the primary answers).
-    for path in ["/readyz", "/readyz/lookups"] {
-        let response = reqwest::get(worker.url(path)).await.expect(path);
-        assert_eq!(
-            response.status(),
-            reqwest::StatusCode::SERVICE_UNAVAILABLE,
-            "{path}"
-        );
-        let body = response.text().await.expect("body");
-        assert!(body.contains("replica"), "{path}: {body}");
-    }
+    let response = reqwest::get(worker.url("/readyz")).await.expect("/readyz");
+    assert_eq!(response.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    let body = response.text().await.expect("body");
+    assert!(body.contains("replica"), "/readyz: {body}");
+    let (domain, counts) = expected.iter().next().expect("a domain");
+    let url = worker.url(&format!("/domains/{domain}"));
+    wait_for(
+        Duration::from_secs(15),
+        "look-ups from the primary, and /readyz/lookups ready",
+        || async {
+            let ready = reqwest::get(worker.url("/readyz/lookups")).await.ok()?;
+            let body: serde_json::Value = reqwest::get(&url).await.ok()?.json().await.ok()?;
+            (ready.status() == 200 && body["delivered"] == counts.0 && body["bounced"] == counts.1)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(worker.metric("catchall_lookups_from_primary").await, 1.0);
+    worker.stop().await;
+}
+
+/// A replica further behind than MAX_REPLICA_LAG (its replay paused: a broken stream, or an
+/// operator's pause) is not read: look-ups answer from the primary until it catches up, then
+/// from the replica again. They answered from the stale replica for as long as it lagged, and
+/// `/readyz/lookups` stayed 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lookups_read_the_primary_while_the_replica_lags() {
+    let (database, replica) = ReplicaDb::create().await;
+    let name = database.name.clone();
+    let broker = TestBroker::new();
+    let mut config = catchall::config::Config::with_names(
+        &format!("{PRIMARY}/{name}"),
+        &broker.exchange,
+        &broker.queue,
+    );
+    config.status_database_url = Some(format!("{REPLICA}/{name}"));
+    config.max_replica_lag = Duration::from_secs(1);
+    let worker = TestWorker::start(config).await;
+    worker.ready().await;
+    let status = |domain: &str| {
+        let url = worker.url(&format!("/domains/{domain}"));
+        async move {
+            let body: serde_json::Value = reqwest::get(&url).await.ok()?.json().await.ok()?;
+            body["delivered"].as_i64()
+        }
+    };
+    let publish = |domain: &'static str, count: usize| {
+        let broker = &broker;
+        async move {
+            let (_connection, channel) = broker.channel().await;
+            let body = serde_json::json!({"domain": domain, "type": "delivered"}).to_string();
+            for _ in 0..count {
+                crate::helpers::publish_raw(&channel, &broker.exchange, "x", body.as_bytes(), None)
+                    .await;
+            }
+        }
+    };
+    publish("before.example", 3).await;
+    wait_for(Duration::from_secs(30), "the replica to serve", || async {
+        (status("before.example").await == Some(3)).then_some(())
+    })
+    .await;
+
+    replica
+        .batch_execute("SELECT pg_wal_replay_pause()")
+        .await
+        .expect("pause the replica's replay");
+    publish("during.example", 5).await;
+    wait_for(
+        Duration::from_secs(30),
+        "look-ups from the primary while the replica lags",
+        || async { (status("during.example").await == Some(5)).then_some(()) },
+    )
+    .await;
+    assert_eq!(worker.metric("catchall_lookups_from_primary").await, 1.0);
+    let ready = reqwest::get(worker.url("/readyz/lookups"))
+        .await
+        .expect("/readyz/lookups");
+    assert_eq!(ready.status(), 200, "look-ups are served, from the primary");
+
+    replica
+        .batch_execute("SELECT pg_wal_replay_resume()")
+        .await
+        .expect("resume the replica's replay");
+    wait_for(
+        Duration::from_secs(30),
+        "look-ups from the replica again once it caught up",
+        || async {
+            let from_primary = worker.try_metric("catchall_lookups_from_primary").await?;
+            (from_primary == 0.0).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(status("during.example").await, Some(5));
     worker.stop().await;
 }
