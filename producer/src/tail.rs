@@ -392,6 +392,13 @@ struct Source {
     file: std::fs::File,
     dev: u64,
     ino: u64,
+    /// The file identity its lines' ids are made of ([`line_id`]): its own, except for a copy
+    /// finishing the file it copied (a `copytruncate`), and a file resumed by its inode alone
+    /// (its device numbered anew), which keep the identity the lines were read under before. So
+    /// a line read again after a restart (the tailer stopped between a chunk's confirm and the
+    /// save of its position) has the id it was published under, and counts once; read from the
+    /// copy, or under the new device number, it had a new id and counted twice.
+    ids: (u64, u64),
     offset: u64,
     /// The last bytes read, up to [`PRINT_BYTES`], ending at `offset` (empty: not known).
     before: Vec<u8>,
@@ -405,6 +412,7 @@ impl Source {
             file,
             dev: meta.dev(),
             ino: meta.ino(),
+            ids: (meta.dev(), meta.ino()),
             offset,
             before: Vec::new(),
         })
@@ -578,6 +586,7 @@ fn copy_of(path: &Path, current: &Source) -> anyhow::Result<Option<Source>> {
     let mut resumed = Source::open(&copy, current.offset)
         .with_context(|| format!("opening {}", copy.display()))?;
     resumed.before = current.before.clone();
+    resumed.ids = current.ids;
     Ok(Some(resumed))
 }
 
@@ -685,6 +694,7 @@ pub async fn run<F: FnMut(&Outgoing)>(
             Some(found) => {
                 let mut saved = Source::open(&found, offset)?;
                 saved.before = before;
+                saved.ids = (dev, ino);
                 if saved
                     .rewritten()
                     .with_context(|| format!("reading {}", found.display()))?
@@ -858,7 +868,7 @@ async fn read_chunk<F: FnMut(&Outgoing)>(
             let body = serde_json::to_vec(&event).context("serialising an event")?;
             publisher
                 .send(Outgoing {
-                    id: line_id(source.dev, source.ino, offset, line),
+                    id: line_id(source.ids.0, source.ids.1, offset, line),
                     routing_key: event.kind.as_str(),
                     body,
                     events: vec![event],

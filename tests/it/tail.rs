@@ -660,6 +660,57 @@ async fn the_lines_a_copytruncate_copied_while_stopped_are_read_from_the_copy() 
     worker.stop().await;
 }
 
+/// The tailer stopped after publishing lines but before saving its position past them (killed
+/// between a chunk's confirm and the save), then a `copytruncate` while it was down: the
+/// restarted tailer reads those lines again from the copy, under the ids they were published
+/// with, so they count once. Their ids were made of the copy's inode, and they counted twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lines_read_again_from_a_copy_after_a_crash_count_once() {
+    let (db, broker, worker) = started().await;
+    let (dir, log, state) = log_files();
+    let lines = postfix_lines(0..6, "u", "a.test", true);
+    append(&log, &lines);
+    let tailer = Tailer::start(&broker, &log, &state);
+    counted(&db, 6).await;
+    tailer.stop().await;
+
+    // The position as a crash would have left it: after the first three lines, which the
+    // broker had confirmed with the other three.
+    let offset: usize = lines[..3].iter().map(String::len).sum();
+    let content = std::fs::read(&log).expect("read the log");
+    let before = &content[offset.saturating_sub(64)..offset];
+    let mut saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).expect("read the state"))
+            .expect("the state is JSON");
+    saved["offset"] = offset.into();
+    saved["before"] = before
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>()
+        .into();
+    std::fs::write(&state, saved.to_string()).expect("rewind the state");
+
+    // While stopped: logrotate's copytruncate, then new lines in the emptied log.
+    std::fs::copy(&log, dir.join("maillog.1")).expect("copy");
+    std::fs::File::create(&log).expect("truncate");
+    append(&log, &postfix_lines(20..25, "u", "d.test", true));
+    let tailer = Tailer::start(&broker, &log, &state);
+    counted(&db, 11).await;
+    tailer.stop().await;
+    wait_for(Duration::from_secs(30), "the queue to drain", || async {
+        (broker.depth(&broker.queue).await == 0).then_some(())
+    })
+    .await;
+    let counts = db.counts().await;
+    assert_eq!(
+        (counts.get("a.test"), counts.get("d.test")),
+        (Some(&(6, 0)), Some(&(5, 0))),
+        "the lines read again from the copy count once"
+    );
+    assert_eq!(worker.stats().duplicates, 3, "the three lines read again");
+    worker.stop().await;
+}
+
 /// RabbitMQ unreachable past `--give-up-after` while lines arrive: the tailer exits non-zero
 /// with its saved position still before the lines it could not publish, and the restarted
 /// tailer publishes them. (It used to save the position past them and read on, publishing
