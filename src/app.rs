@@ -24,6 +24,8 @@ pub struct App {
     /// far behind, and the replica's one connection for measuring its lag.
     primary: Option<Store>,
     lag_probe: Option<Store>,
+    /// Look-ups start on the primary: the replica did not answer at start.
+    replica_down_at_start: bool,
     /// One connection for sampling the dedup table.
     dedup_probe: Store,
     /// What `/readyz` pings: the primary and (with STATUS_DATABASE_URL) the replica, one
@@ -104,12 +106,14 @@ impl App {
         };
         // With a replica, a look-up pool on the primary too, read while the replica is too far
         // behind (or down), and a pool of one for measuring its lag.
+        let mut replica_down_at_start = false;
         let (lookups, primary, lag_probe) = match replica(config.db_pool_size)? {
             Some(replica_pool) => {
                 if let Err(error) = replica_pool
                     .ping_within(std::time::Duration::from_secs(5))
                     .await
                 {
+                    replica_down_at_start = true;
                     tracing::warn!(
                         error = format!("{:#}", anyhow::Error::new(error)),
                         "The look-up replica does not answer at start; look-ups read from the \
@@ -158,6 +162,7 @@ impl App {
             lookups,
             primary,
             lag_probe,
+            replica_down_at_start,
             dedup_probe,
             ready_probes,
             listener,
@@ -200,6 +205,7 @@ impl App {
             lookups,
             primary,
             lag_probe,
+            replica_down_at_start,
             dedup_probe,
             ready_probes,
             listener,
@@ -228,7 +234,8 @@ impl App {
         };
         let ingest = ingest_tokens.and_then(|tokens| Some((publisher.clone()?, tokens)));
         let closing = publisher;
-        let fallback = crate::replica::Fallback::default();
+        let fallback = crate::replica::Fallback::new(replica_down_at_start);
+        let primary_probe = primary.clone();
         let state = AppState {
             lookups: crate::lookups::Lookups::spawn(lookups.clone()),
             store: lookups,
@@ -290,9 +297,10 @@ impl App {
             config.dedup_retention,
             cancel.clone(),
         ));
-        if let Some(lag_probe) = lag_probe {
+        if let (Some(lag_probe), Some(primary)) = (lag_probe, primary_probe) {
             tracker.spawn(crate::replica::lag_loop(
                 lag_probe,
+                primary,
                 std::time::Duration::from_secs(5),
                 config.max_replica_lag,
                 fallback,

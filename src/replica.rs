@@ -29,6 +29,12 @@ const LAG: &str = "SELECT CASE \
 pub struct Fallback(Arc<AtomicBool>);
 
 impl Fallback {
+    /// `active` from the start: the replica did not answer at start (until the first
+    /// measurement says otherwise).
+    pub fn new(active: bool) -> Self {
+        Self(Arc::new(AtomicBool::new(active)))
+    }
+
     pub fn is_active(&self) -> bool {
         self.0.load(Ordering::Relaxed)
     }
@@ -54,9 +60,13 @@ impl Fallback {
 /// lag then grows from the last one measured (the replica is at least that far behind: it kept
 /// its last value, a replica down for hours looking current). `replica` is a pool of its own, so
 /// look-ups holding every pooled connection do not make the replica look down. While the lag
-/// passes `max_lag` or the replica does not answer, `fallback` sends reads to the primary.
+/// passes `max_lag` or the replica does not answer, `fallback` sends reads to `primary`, if it
+/// answers (in a failover the replica lags because its primary is gone: stale answers beat
+/// none); back to the replica once its lag is under half of `max_lag`, so a replica hovering
+/// around the bound does not make answers flip between two servers every few seconds.
 pub async fn lag_loop(
     replica: Store,
+    primary: Store,
     every: Duration,
     max_lag: Duration,
     fallback: Fallback,
@@ -89,20 +99,50 @@ pub async fn lag_loop(
                 last = Some((lag, Instant::now()));
                 gauge!("catchall_replica_lag_seconds").set(lag);
                 gauge!("catchall_replica_up").set(1.0);
-                let behind = lag > max_lag.as_secs_f64();
-                fallback.set(behind, "the replica is further behind than MAX_REPLICA_LAG");
+                let bound = max_lag.as_secs_f64();
+                let behind = lag
+                    > if fallback.is_active() {
+                        bound / 2.0
+                    } else {
+                        bound
+                    };
+                if behind {
+                    use_primary(
+                        &primary,
+                        &fallback,
+                        "the replica is further behind than MAX_REPLICA_LAG",
+                    )
+                    .await;
+                } else {
+                    fallback.set(false, "");
+                }
             }
             Err(error) => {
                 gauge!("catchall_replica_up").set(0.0);
                 if let Some((lag, at)) = last {
                     gauge!("catchall_replica_lag_seconds").set(lag + at.elapsed().as_secs_f64());
                 }
-                fallback.set(true, "the replica does not answer");
                 tracing::warn!(
                     error = format!("{:#}", anyhow::Error::new(error)),
                     "The look-up replica does not answer."
                 );
+                use_primary(&primary, &fallback, "the replica does not answer").await;
             }
+        }
+    }
+}
+
+/// Reads from the primary if it answers now; else from the replica (a failover: the primary is
+/// gone, and the replica's answers, however old, beat none).
+async fn use_primary(primary: &Store, fallback: &Fallback, why: &str) {
+    match primary.ping_within(Duration::from_secs(2)).await {
+        Ok(()) => fallback.set(true, why),
+        Err(error) => {
+            tracing::warn!(
+                error = format!("{:#}", anyhow::Error::new(error)),
+                "The primary does not answer either: look-ups read the replica."
+            );
+            fallback.set(false, "");
         }
     }
 }

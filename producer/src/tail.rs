@@ -471,7 +471,17 @@ pub struct TailStats {
 
 /// A saved position: device, inode, offset, and the bytes before it (hex; empty in a state
 /// file written before they were kept).
-type Saved = (u64, u64, u64, Vec<u8>);
+/// A saved position: the file (device, inode), the offset, the bytes before it, and the
+/// identity the file's line ids are made of ([`Source::ids`]; its own in state files of older
+/// releases).
+#[derive(Debug, PartialEq, Eq)]
+struct Saved {
+    dev: u64,
+    ino: u64,
+    offset: u64,
+    before: Vec<u8>,
+    ids: (u64, u64),
+}
 
 fn load_state(path: &Path) -> anyhow::Result<Option<Saved>> {
     let text = match std::fs::read_to_string(path) {
@@ -491,18 +501,28 @@ fn load_state(path: &Path) -> anyhow::Result<Option<Saved>> {
             .with_context(|| format!("{}: `before` is not hex", path.display()))?,
         None => Vec::new(),
     };
-    Ok(Some((
-        field("dev")?,
-        field("ino")?,
-        field("offset")?,
+    let (dev, ino) = (field("dev")?, field("ino")?);
+    let ids = match (value["id_dev"].as_u64(), value["id_ino"].as_u64()) {
+        (Some(id_dev), Some(id_ino)) => (id_dev, id_ino),
+        _ => (dev, ino),
+    };
+    Ok(Some(Saved {
+        dev,
+        ino,
+        offset: field("offset")?,
         before,
-    )))
+        ids,
+    }))
 }
 
 fn save_state(path: &Path, source: &Source) -> anyhow::Result<()> {
     let text = serde_json::json!({
         "dev": source.dev,
         "ino": source.ino,
+        // Saved too: a copy's lines keep the ids of the file it copied after a restart (they
+        // were made of the copy's own identity then, and a chunk read again counted twice).
+        "id_dev": source.ids.0,
+        "id_ino": source.ids.1,
         "offset": source.offset,
         "before": catchall::hex::encode(&source.before),
     })
@@ -686,7 +706,13 @@ pub async fn run<F: FnMut(&Outgoing)>(
     let mut stats = TailStats::default();
     let mut source: Option<Source> = None;
     if let Some(state) = &settings.state
-        && let Some((dev, ino, offset, before)) = load_state(state)?
+        && let Some(Saved {
+            dev,
+            ino,
+            offset,
+            before,
+            ids,
+        }) = load_state(state)?
     {
         // By inode alone only with the bytes before the position saved, which tell another
         // file that reuses the inode (state files of older releases have none).
@@ -694,7 +720,9 @@ pub async fn run<F: FnMut(&Outgoing)>(
             Some(found) => {
                 let mut saved = Source::open(&found, offset)?;
                 saved.before = before;
-                saved.ids = (dev, ino);
+                // The identity its lines were read under before the restart, even if the
+                // file was found by its inode alone (a new device number).
+                saved.ids = ids;
                 if saved
                     .rewritten()
                     .with_context(|| format!("reading {}", found.display()))?
@@ -1141,7 +1169,13 @@ mod tests {
         save_state(&state, &source).unwrap();
         assert_eq!(
             load_state(&state).unwrap(),
-            Some((meta.dev(), meta.ino(), 4, b"one\n".to_vec()))
+            Some(Saved {
+                dev: meta.dev(),
+                ino: meta.ino(),
+                offset: 4,
+                before: b"one\n".to_vec(),
+                ids: (meta.dev(), meta.ino()),
+            })
         );
         std::fs::rename(&log, dir.join("maillog.1")).unwrap();
         std::fs::write(&log, "new\n").unwrap();
@@ -1197,6 +1231,28 @@ mod tests {
 
     /// Two tailers' state files side by side (`mail.postfix`, `mail.exim`) keep their own
     /// positions, and no temporary file is left behind.
+    /// The identity of a copy's line ids (the file it copied) is saved with the position and
+    /// read back; a state file without one (older releases) means the file's own.
+    #[test]
+    fn the_identity_of_the_line_ids_is_saved() {
+        let dir = std::env::temp_dir().join(format!("catchall-tail-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (log, state) = (dir.join("maillog.1"), dir.join("state"));
+        std::fs::write(&log, "one\n").unwrap();
+        let meta = std::fs::metadata(&log).unwrap();
+        let mut copy = Source::open(&log, 4).unwrap();
+        copy.ids = (7, 42);
+        save_state(&state, &copy).unwrap();
+        let saved = load_state(&state).unwrap().unwrap();
+        assert_eq!(
+            (saved.dev, saved.ino, saved.ids),
+            (meta.dev(), meta.ino(), (7, 42))
+        );
+        std::fs::write(&state, r#"{"dev":1,"ino":2,"offset":3}"#).unwrap();
+        assert_eq!(load_state(&state).unwrap().unwrap().ids, (1, 2));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn state_files_beside_each_other_keep_their_own_positions() {
         let dir = std::env::temp_dir().join(format!("catchall-tail-{}", uuid::Uuid::now_v7()));
@@ -1210,7 +1266,13 @@ mod tests {
         for (name, offset) in [("mail.postfix", 4), ("mail.exim", 8)] {
             assert_eq!(
                 load_state(&dir.join(name)).unwrap(),
-                Some((meta.dev(), meta.ino(), offset, Vec::new())),
+                Some(Saved {
+                    dev: meta.dev(),
+                    ino: meta.ino(),
+                    offset,
+                    before: Vec::new(),
+                    ids: (meta.dev(), meta.ino()),
+                }),
                 "{name}"
             );
         }

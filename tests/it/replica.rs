@@ -298,7 +298,7 @@ async fn a_replica_down_at_start_does_not_stop_counting() {
 /// A replica further behind than MAX_REPLICA_LAG (its replay paused: a broken stream, or an
 /// operator's pause) is not read: look-ups answer from the primary until it catches up, then
 /// from the replica again. They answered from the stale replica for as long as it lagged, and
-/// `/readyz/lookups` stayed 200.
+/// `/readyz/lookups` stayed 200. With the primary down too, they stay on the replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lookups_read_the_primary_while_the_replica_lags() {
     let (database, replica) = ReplicaDb::create().await;
@@ -368,5 +368,21 @@ async fn lookups_read_the_primary_while_the_replica_lags() {
     )
     .await;
     assert_eq!(status("during.example").await, Some(5));
+
+    // A failover: the primary gone, the replica cut off and lagging. Look-ups stay on the
+    // replica, whose answers, however old, beat none (they went to the primary, and failed).
+    pg_ctl_cluster("catchall_primary", "stop").await;
+    wait_for(
+        Duration::from_secs(30),
+        "look-ups from the lagging replica while the primary is down",
+        || async {
+            let lag = worker.try_metric("catchall_replica_lag_seconds").await?;
+            let from_primary = worker.try_metric("catchall_lookups_from_primary").await?;
+            let answered = status("during.example").await;
+            (lag > 2.0 && from_primary == 0.0 && answered == Some(5)).then_some(())
+        },
+    )
+    .await;
+    pg_ctl_cluster("catchall_primary", "start").await;
     worker.stop().await;
 }
