@@ -269,6 +269,17 @@ fn parse_node(index: usize, raw: &str) -> Result<Node, ConnectError> {
                 _ => return Err(bad("certfile and keyfile go together".into())),
             };
             let sni = param("server_name_indication");
+            // Without the host-name check only a private CA keeps the server to who it says it
+            // is: with the system roots any publicly trusted certificate, for any name, passed
+            // (Postgres refuses the same: `sslrootcert=system` needs `verify-full`).
+            if sni.as_deref() == Some("disable") && param("cacertfile").is_none() {
+                return Err(bad(
+                    "server_name_indication=disable needs cacertfile (the CA that signed the \
+                     broker's certificate): with the system roots any publicly trusted \
+                     certificate, for any name, would pass"
+                        .into(),
+                ));
+            }
             // `disable`, as in RabbitMQ's Erlang client: no SNI and no host-name check.
             let (verify, server_name) = match sni.as_deref() {
                 Some("disable") => (Verify::ChainOnly, host.clone()),
@@ -465,6 +476,11 @@ mod tests {
             .err()
             .unwrap();
         assert!(error.to_string().contains("always verified"), "{error}");
+        // No host-name check and the system roots: any public certificate would pass.
+        let error = parse_node(0, "amqps://h/%2f?server_name_indication=disable")
+            .err()
+            .unwrap();
+        assert!(error.to_string().contains("needs cacertfile"), "{error}");
         let error = parse_node(2, "amqps://u:secret@h/%2f?cacertfile=/nonexistent/ca.pem")
             .err()
             .unwrap();

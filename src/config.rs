@@ -490,42 +490,45 @@ fn starts_with_scheme(text: &str) -> bool {
     })
 }
 
-/// One URL with its password replaced. One the `url` crate cannot parse (a Postgres URL with
-/// several hosts, `h1:5432,h2:5432`) keeps its scheme and what follows its last `@`: whatever
-/// credentials it has are hidden.
+/// One URL with its password replaced, by its text: everything between the user name and the
+/// last `@` is hidden, and the value of every query key naming a password or secret
+/// (`password`, `sslpassword`, …). By text, not by a URL parser: the `url` crate ends the
+/// authority at the first `/`, `?` or `#`, so it read no password in `u:#Xk9p@db` (which
+/// tokio-postgres connects with) and printed it whole.
 fn redact_node(raw: &str) -> String {
-    match url::Url::parse(raw) {
-        Ok(mut parsed) => {
-            if parsed.password().is_some() {
-                let _ = parsed.set_password(Some("***"));
-            }
-            if parsed.query_pairs().any(|(key, _)| key == "password") {
-                let pairs: Vec<(String, String)> = parsed
-                    .query_pairs()
-                    .map(|(key, value)| {
-                        let value = if key == "password" {
-                            "***".into()
-                        } else {
-                            value.into_owned()
-                        };
-                        (key.into_owned(), value)
-                    })
-                    .collect();
-                parsed.query_pairs_mut().clear().extend_pairs(pairs);
-            }
-            parsed.to_string()
+    let Some(scheme_end) = raw.find("://").map(|at| at + 3) else {
+        return "<unparsable url>".to_string();
+    };
+    let (head, rest) = raw.split_at(scheme_end);
+    let (credentials, tail) = match rest.rfind('@') {
+        Some(at) => {
+            let user = rest[..at].split(':').next().unwrap_or_default();
+            let hidden = if rest[..at].contains(':') { ":***" } else { "" };
+            (format!("{user}{hidden}"), &rest[at..])
         }
-        // Its query is left out too: it may carry `password=`.
-        Err(_) => match (raw.find("://"), raw.rfind('@')) {
-            (Some(scheme), Some(at)) if at > scheme => {
-                let rest = &raw[at..];
-                let rest = rest.split_once('?').map_or(rest, |(before, _)| before);
-                let query = if raw[at..].contains('?') { "?…" } else { "" };
-                format!("{}***{rest}{query}", &raw[..scheme + 3])
-            }
-            _ => "<unparsable url>".to_string(),
-        },
-    }
+        None => (String::new(), rest),
+    };
+    let tail = match tail.split_once('?') {
+        Some((before, query)) => {
+            let pairs: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((key, _)) if is_secret_key(key) => format!("{key}=***"),
+                    _ => pair.to_string(),
+                })
+                .collect();
+            format!("{before}?{}", pairs.join("&"))
+        }
+        None => tail.to_string(),
+    };
+    format!("{head}{credentials}{tail}")
+}
+
+/// A query key whose value is a secret: libpq's `password` and `sslpassword`, and any other
+/// key naming a password or a secret.
+fn is_secret_key(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    key.contains("password") || key.contains("secret")
 }
 
 #[cfg(test)]
@@ -745,12 +748,35 @@ mod tests {
         }
         assert_eq!(
             redact_url("postgres://u:pw@h1:5432,h2:5432/db"),
-            "postgres://***@h1:5432,h2:5432/db"
+            "postgres://u:***@h1:5432,h2:5432/db"
         );
-        // A password in the query of a URL the url crate cannot parse is not printed either.
+        // A password in the query of a URL with several hosts is not printed either.
         assert_eq!(
             redact_url("postgres://catchall@h1:5432,h2:5432/catchall?password=s3cret"),
-            "postgres://***@h1:5432,h2:5432/catchall?…"
+            "postgres://catchall@h1:5432,h2:5432/catchall?password=***"
+        );
+        // Passwords the url crate reads as no userinfo (a `#`, `/` or `?` in them), libpq's
+        // `sslpassword`, and a URL without `//`: none is printed.
+        for (url, secret) in [
+            ("postgres://catchall:#Xk9p@db/catchall", "Xk9p"),
+            ("amqp://u:#Xk9p@rmq/%2f", "Xk9p"),
+            (
+                "postgres://catchall:Zq?9vT@db/catchall?sslmode=require",
+                "9vT",
+            ),
+            ("postgres://catchall:a/b@db/catchall", "a/b"),
+            (
+                "postgres://c@db/c?sslmode=verify-full&sslkey=/k.pem&sslpassword=KeyPass1",
+                "KeyPass1",
+            ),
+            ("amqp:u:p4ss@h", "p4ss"),
+        ] {
+            let redacted = redact_url(url);
+            assert!(!redacted.contains(secret), "{url} → {redacted}");
+        }
+        assert_eq!(
+            redact_url("postgres://catchall:#Xk9p@db:5432/catchall?sslmode=require"),
+            "postgres://catchall:***@db:5432/catchall?sslmode=require"
         );
         let query = redact_url("postgres://u@h/db?sslmode=disable&password=hunter2");
         assert!(

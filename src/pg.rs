@@ -98,8 +98,13 @@ pub fn config(url: &str) -> Result<(tokio_postgres::Config, MakeRustlsConnect), 
     // A client certificate is how the client logs in (`cert` authentication): it goes over
     // TLS whatever the host, as libpq's `prefer` does (dropped over loopback, the server
     // refused the login: "no pg_hba.conf entry … no encryption").
-    let plain_loopback =
-        ssl_mode == SslMode::Prefer && only_loopback(&config) && params.sslcert.is_none();
+    // Neither when a root certificate or channel binding asks for TLS: loopback may be a tunnel
+    // (`ssh -L`, `kubectl port-forward`) to a server elsewhere, as libpq's `prefer` assumes.
+    let plain_loopback = ssl_mode == SslMode::Prefer
+        && only_loopback(&config)
+        && params.sslcert.is_none()
+        && params.sslrootcert.is_none()
+        && config.get_channel_binding() != tokio_postgres::config::ChannelBinding::Require;
     let ssl_mode = if only_unix_sockets(&config) || plain_loopback {
         SslMode::Disable
     } else {
@@ -118,7 +123,10 @@ pub fn config(url: &str) -> Result<(tokio_postgres::Config, MakeRustlsConnect), 
         (Some(_), None) | (None, Some(_)) => return Err(PgError::HalfIdentity),
         _ => None,
     };
-    let client = tls::client_config(&roots, verify, identity)?;
+    let mut client = tls::client_config(&roots, verify, identity)?;
+    // Postgres 17 refuses a direct TLS connection (`sslnegotiation=direct`) without this ALPN,
+    // which libpq 17 always sends; servers before 17 ignore it.
+    client.alpn_protocols = vec![b"postgresql".to_vec()];
     Ok((config, MakeRustlsConnect::new(client)))
 }
 
@@ -188,17 +196,23 @@ pub fn split_tls_params(url: &str) -> (String, TlsParams) {
         true
     };
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let Some((base, query)) = url.split_once('?') else {
+        let Some(start) = query_start(url) else {
             return (url.to_string(), params);
         };
+        let (base, query) = (&url[..start], &url[start + 1..]);
         let kept: Vec<&str> = query
             .split('&')
             .filter(|pair| {
-                let mut decoded = url::form_urlencoded::parse(pair.as_bytes());
-                match decoded.next() {
-                    Some((key, value)) if OURS.contains(&key.as_ref()) => {
-                        !take(&key, value.into_owned())
-                    }
+                // Percent-decoded as libpq and tokio-postgres do: a `+` stays a `+` (form
+                // decoding read `/etc/ssl/db+ca.pem` as `/etc/ssl/db ca.pem`).
+                let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+                let decode = |text: &str| {
+                    percent_encoding::percent_decode_str(text)
+                        .decode_utf8_lossy()
+                        .into_owned()
+                };
+                match decode(key) {
+                    key if OURS.contains(&key.as_str()) => !take(&key, decode(value)),
                     _ => !pair.is_empty(),
                 }
             })
@@ -218,6 +232,17 @@ pub fn split_tls_params(url: &str) -> (String, TlsParams) {
         }
         (kept.join(" "), params)
     }
+}
+
+/// Where the query of a Postgres URL starts (its `?`), found as tokio-postgres finds it: after
+/// the credentials, which run to the first `@`. Taken from the first `?`, a `?` in the password
+/// (`u:Zq?9vT@db/app?sslmode=require`) hid the `sslmode`, and `require` became `prefer`.
+fn query_start(url: &str) -> Option<usize> {
+    let authority = url.find("://")? + 3;
+    let host = url[authority..]
+        .find('@')
+        .map_or(authority, |at| authority + at + 1);
+    url[host..].find('?').map(|at| host + at)
 }
 
 /// The `key = value` pairs of a libpq keyword string, each with its raw text (values may be
@@ -291,6 +316,16 @@ mod tests {
         assert_eq!(params.sslrootcert.as_deref(), Some("/etc/ca.pem"));
         let (rest, _) = split_tls_params("postgresql://h/db?sslmode=disable");
         assert_eq!(rest, "postgresql://h/db");
+        // A `?` in the password: the query is the one after the host, as tokio-postgres reads
+        // it (the `sslmode=require` was missed, and `prefer` overrode tokio-postgres' `require`).
+        let url = "postgres://catchall:Zq?9vT@db.example.com/catchall?sslmode=require";
+        let (rest, params) = split_tls_params(url);
+        assert_eq!(rest, "postgres://catchall:Zq?9vT@db.example.com/catchall");
+        assert_eq!(params.sslmode.as_deref(), Some("require"));
+        assert_eq!(config(url).unwrap().0.get_ssl_mode(), SslMode::Require);
+        // Percent-decoded only, as libpq: a `+` in a path stays a `+`.
+        let (_, params) = split_tls_params("postgres://h/db?sslrootcert=/etc/ssl/db+ca%20x.pem");
+        assert_eq!(params.sslrootcert.as_deref(), Some("/etc/ssl/db+ca x.pem"));
     }
 
     #[test]
@@ -325,6 +360,18 @@ mod tests {
             mode("postgres://localhost/db?sslmode=require").unwrap(),
             SslMode::Require
         );
+        // Loopback that asks for TLS (a tunnel to a server elsewhere): `prefer` tries it.
+        // (Debian's bundle of the public roots stands for a CA file here.)
+        for tunnel in [
+            "postgres://localhost/db?channel_binding=require",
+            "postgres://127.0.0.1/db?sslrootcert=/etc/ssl/certs/ca-certificates.crt",
+        ] {
+            assert_eq!(
+                config(tunnel).map(|(c, _)| c.get_ssl_mode()).ok(),
+                Some(SslMode::Prefer),
+                "{tunnel}"
+            );
+        }
         assert_eq!(
             mode("postgres://h/db?sslmode=disable").unwrap(),
             SslMode::Disable
