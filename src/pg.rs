@@ -7,7 +7,7 @@
 //! | `sslmode` | TLS | server certificate checked |
 //! |---|---|---|
 //! | `disable` | never | – |
-//! | `allow`, `prefer` (default) | if the server offers it, except over loopback | no; the chain if `sslrootcert` is set |
+//! | `allow`, `prefer` (default) | if the server offers it, except over loopback (unless `sslcert`, `sslrootcert` or `channel_binding=require`) | no; the chain if `sslrootcert` is set |
 //! | `require` | always | no; the chain if `sslrootcert` is set |
 //! | `verify-ca` | always | the chain |
 //! | `verify-full` | always | the chain and the host name |
