@@ -81,6 +81,14 @@ impl App {
                  can be counted twice. It is meant for tests; leave it unset in production."
             );
         }
+        if config.dedup_retention < std::time::Duration::from_secs(24 * 3600) {
+            tracing::warn!(
+                dedup_retention = %humantime::format_duration(config.dedup_retention),
+                "DEDUP_RETENTION is under a day: a message redelivered or published again after \
+                 it (a publisher's retry, a replay) counts again. (`1m` is a minute; a month is \
+                 `1M` or `30d`.)"
+            );
+        }
         let url = config.database_url.as_str();
         let connect = |size| connect_waiting(url, size);
         // The commits in flight, plus the purge.

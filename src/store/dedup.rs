@@ -66,6 +66,22 @@ pub fn partition_days(retention: Duration) -> i32 {
     (retention.as_secs().div_ceil(3 * DAY)).clamp(1, 7) as i32
 }
 
+/// How long an upkeep step waits for a lock on the dedup table: every claim queues behind the
+/// wait (it was 5 s: all counting stopped for 5 s whenever a claim or a reader held the table).
+pub const UPKEEP_LOCK_WAIT: Duration = Duration::from_millis(200);
+/// Attempts of a step locked out, each after a longer pause ([`UPKEEP_LOCK_PAUSE`] × tries).
+const UPKEEP_LOCK_TRIES: u32 = 5;
+const UPKEEP_LOCK_PAUSE: Duration = Duration::from_millis(250);
+
+/// The largest never-analysed partition whose ids are counted before it is dropped (a count
+/// of 64 MiB takes well under a second).
+const COUNTED_PARTITION_BYTES: i64 = 64 << 20;
+
+/// A lock wait past `lock_timeout` (SQLSTATE 55P03).
+fn is_lock_timeout(error: &tokio_postgres::Error) -> bool {
+    error.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
+}
+
 /// What one upkeep round did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Upkeep {
@@ -73,8 +89,8 @@ pub struct Upkeep {
     pub created: u64,
     /// Partitions dropped whole.
     pub dropped: u64,
-    /// Ids removed: the dropped partitions' (Postgres' estimate when it has one, else
-    /// counted) plus those deleted from the default partition.
+    /// Ids removed: the dropped partitions' (Postgres' estimate; counted for a small one never
+    /// analysed, none for a large one) plus those deleted from the default partition.
     pub ids: u64,
 }
 
@@ -92,9 +108,12 @@ impl Store {
     ///
     /// Each step is its own short transaction that first tries the upkeep's advisory lock:
     /// replicas running it at once take turns, and one that finds it taken stops (the holder
-    /// does the work). A `lock_timeout` keeps a DROP from queueing inserts behind a long
-    /// transaction; it fails, and the next round retries. Dropping the future (on stop)
-    /// abandons at most one step, which rolls back.
+    /// does the work). The DDL's locks (ACCESS EXCLUSIVE on `applied_messages` for a DROP, on
+    /// the default partition for a creation) queue every claim behind them while they wait, so
+    /// a step waits [`UPKEEP_LOCK_WAIT`] at most, then tries again a few times
+    /// ([`UPKEEP_LOCK_TRIES`]); a step still locked out (a long transaction on the table) is
+    /// logged and the round goes on to the next one. Dropping the future (on stop) abandons at
+    /// most one step, which rolls back.
     pub async fn dedup_upkeep(&self, retention: Duration) -> Result<Upkeep, StoreError> {
         let mut client = self.pool.get().await?;
         let mut done = Upkeep::default();
@@ -104,33 +123,44 @@ impl Store {
         // and the purges below still run: returning early, a creation that failed every round
         // left the expired partitions undropped, and the table grew without bound.
         let days = partition_days(retention);
-        let tx = client.transaction().await?;
-        if !Self::upkeep_lock(&tx).await? {
-            return Ok(done);
-        }
-        let extended = tx
-            .query_one(
-                "SELECT applied_messages_extend($1, \
-                   now() + make_interval(days => $1 + 1))",
-                &[&days],
-            )
-            .await;
-        match extended {
-            Ok(row) => {
-                tx.commit().await?;
-                done.created += row.get::<_, i32>(0) as u64;
+        let mut tries = 0;
+        loop {
+            let tx = client.transaction().await?;
+            if !Self::upkeep_lock(&tx).await? {
+                return Ok(done);
             }
-            Err(error) => {
-                drop(tx);
-                tracing::warn!(
-                    error = format!("{:#}", anyhow::Error::new(error)),
-                    "Creating the dedup partitions ahead failed; dropping expired ones anyway."
-                );
+            let extended = tx
+                .query_one(
+                    "SELECT applied_messages_extend($1, \
+                       now() + make_interval(days => $1 + 1))",
+                    &[&days],
+                )
+                .await;
+            match extended {
+                Ok(row) => {
+                    tx.commit().await?;
+                    done.created += row.get::<_, i32>(0) as u64;
+                    break;
+                }
+                Err(error) if is_lock_timeout(&error) && tries + 1 < UPKEEP_LOCK_TRIES => {
+                    drop(tx);
+                    tries += 1;
+                    tokio::time::sleep(UPKEEP_LOCK_PAUSE * tries).await;
+                }
+                Err(error) => {
+                    drop(tx);
+                    tracing::warn!(
+                        error = format!("{:#}", anyhow::Error::new(error)),
+                        "Creating the dedup partitions ahead failed; dropping expired ones anyway."
+                    );
+                    break;
+                }
             }
         }
 
         // One expired partition a transaction, found under the lock: a list read before it
         // could name a partition another replica had dropped since (the round then failed).
+        let mut tries = 0;
         loop {
             let tx = client.transaction().await?;
             if !Self::upkeep_lock(&tx).await? {
@@ -140,17 +170,20 @@ impl Store {
                 break;
             };
             let partition: String = row.get(0);
-            // Postgres' estimate (no scan of a day of ids); counted when never analysed.
-            let ids: f64 = tx
+            // Postgres' estimate (no scan of days of ids). Never analysed: counted if it is
+            // small; a large one counts as none (counted whatever its size, a scan could outlast
+            // the statement timeout and fail every round, and the partition was never dropped).
+            let row = tx
                 .query_one(
-                    "SELECT reltuples::float8 FROM pg_class WHERE oid = $1::text::regclass",
+                    "SELECT reltuples::float8, pg_relation_size(oid) FROM pg_class \
+                     WHERE oid = $1::text::regclass",
                     &[&partition],
                 )
-                .await?
-                .get(0);
-            let ids = if ids >= 0.0 {
-                ids as u64
-            } else {
+                .await?;
+            let (estimate, size): (f64, i64) = (row.get(0), row.get(1));
+            let ids = if estimate >= 0.0 {
+                estimate
+            } else if size <= COUNTED_PARTITION_BYTES {
                 let counted: i64 = tx
                     .query_one(
                         &format!("SELECT count(*) FROM {}", quote_ident(&partition)),
@@ -158,14 +191,37 @@ impl Store {
                     )
                     .await?
                     .get(0);
-                counted as u64
+                counted as f64
+            } else {
+                0.0
             };
             // The name comes from the catalogue (a child of applied_messages), quoted.
-            tx.batch_execute(&format!("DROP TABLE IF EXISTS {}", quote_ident(&partition)))
-                .await?;
-            tx.commit().await?;
-            done.dropped += 1;
-            done.ids += ids;
+            let dropped = tx
+                .batch_execute(&format!("DROP TABLE IF EXISTS {}", quote_ident(&partition)))
+                .await;
+            match dropped {
+                Ok(()) => {
+                    tx.commit().await?;
+                    done.dropped += 1;
+                    done.ids += ids as u64;
+                }
+                Err(error) if is_lock_timeout(&error) && tries + 1 < UPKEEP_LOCK_TRIES => {
+                    drop(tx);
+                    tries += 1;
+                    tokio::time::sleep(UPKEEP_LOCK_PAUSE * tries).await;
+                }
+                Err(error) if is_lock_timeout(&error) => {
+                    drop(tx);
+                    tracing::warn!(
+                        partition,
+                        tries = UPKEEP_LOCK_TRIES,
+                        "An expired dedup partition stays: a transaction on the table keeps it \
+                         from being dropped; the next round tries again."
+                    );
+                    break;
+                }
+                Err(error) => return Err(error.into()),
+            }
         }
 
         loop {
@@ -196,7 +252,9 @@ impl Store {
             .await?
             .get(0);
         if locked {
-            tx.batch_execute("SET LOCAL lock_timeout = '5s'").await?;
+            let wait = UPKEEP_LOCK_WAIT.as_millis();
+            tx.batch_execute(&format!("SET LOCAL lock_timeout = '{wait}ms'"))
+                .await?;
         }
         Ok(locked)
     }
