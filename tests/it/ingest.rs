@@ -891,3 +891,102 @@ async fn kumomta_records_over_post_are_counted_or_ignored_as_on_the_queue() {
     assert_eq!(broker.depth(&broker.dead_queue()).await, 0);
     worker.stop().await;
 }
+
+/// Publishes on one channel from many tasks at once, as the ingest's shared channel does: each
+/// confirm answers its own message. lapin took a message's delivery tag before copying its body
+/// into frames, and queued the frames after, so a small message published meanwhile could go
+/// out first under the large one's tag: each got the other's confirm (a request answered 202
+/// for a message the broker refused, and the other 503 for one it took).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_publishes_on_one_channel_get_their_own_confirms() {
+    use lapin::options::{
+        BasicPublishOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+        QueueDeclareOptions, QueueDeleteOptions,
+    };
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+    const PUBLISHES: usize = 600;
+    let broker = TestBroker::new();
+    let (connection, channel) = broker.channel().await;
+    // An exchange of its own: key `ok` to a queue that takes everything, `full` to one that
+    // refuses everything (the broker nacks those).
+    let exchange = format!("{}.confirms", broker.exchange);
+    channel
+        .exchange_declare(
+            exchange.as_str().into(),
+            lapin::ExchangeKind::Direct,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare the exchange");
+    let (ok, full) = (
+        format!("{}.ok", broker.queue),
+        format!("{}.full", broker.queue),
+    );
+    let mut refusing = FieldTable::default();
+    refusing.insert("x-max-length".into(), AMQPValue::LongInt(0));
+    refusing.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString(LongString::from("reject-publish")),
+    );
+    for (queue, key, args) in [
+        (&ok, "ok", FieldTable::default()),
+        (&full, "full", refusing),
+    ] {
+        channel
+            .queue_declare(queue.as_str().into(), QueueDeclareOptions::default(), args)
+            .await
+            .expect("declare a queue");
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind a queue");
+    }
+    let large = vec![b'x'; 512 * 1024];
+    let outcomes = futures_util::future::join_all((0..PUBLISHES).map(|i| {
+        let (channel, exchange, large) = (channel.clone(), exchange.clone(), large.clone());
+        tokio::spawn(async move {
+            // Large messages to the queue that takes them, small ones to the one that refuses.
+            let (key, body): (&str, &[u8]) = if i % 2 == 0 {
+                ("ok", &large)
+            } else {
+                ("full", b"small")
+            };
+            let confirm = channel
+                .basic_publish(
+                    exchange.as_str().into(),
+                    key.into(),
+                    BasicPublishOptions::default(),
+                    body,
+                    lapin::BasicProperties::default(),
+                )
+                .await
+                .expect("publish")
+                .await
+                .expect("a confirm");
+            (key, confirm.is_ack())
+        })
+    }))
+    .await;
+    let wrong = outcomes
+        .into_iter()
+        .map(|outcome| outcome.expect("the publishing task"))
+        .filter(|(key, acked)| *acked != (*key == "ok"))
+        .count();
+    for queue in [&ok, &full] {
+        let _ = channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    let _ = channel
+        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+        .await;
+    let _ = connection.close(200, "".into()).await;
+    assert_eq!(wrong, 0, "confirms answered another message of {PUBLISHES}");
+}

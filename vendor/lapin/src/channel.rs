@@ -71,6 +71,8 @@ pub struct Channel {
     channel_closer: Option<Arc<ChannelCloser>>,
     _connection_closer: Option<Arc<ConnectionCloser>>,
     recovery_config: RecoveryConfig,
+    // PATCHED (catchall): see `send_method_frame_with_body`.
+    publish_order: Arc<std::sync::Mutex<()>>,
 }
 
 impl PartialEq for Channel {
@@ -136,6 +138,7 @@ impl Channel {
             channel_closer,
             _connection_closer: connection_closer,
             recovery_config,
+            publish_order: Arc::default(),
         }
     }
 
@@ -506,7 +509,6 @@ impl Channel {
         method: AMQPClass,
         payload: &[u8],
         properties: BasicProperties,
-        publisher_confirms_result: Option<PublisherConfirm>,
     ) -> Result<PublisherConfirm> {
         let class_id = method.get_amqp_class_id();
         let header = AMQPContentHeader {
@@ -529,7 +531,19 @@ impl Channel {
 
         trace!(channel=%self.id, "send_frames");
         let (promise, resolver) = Promise::new(ctx);
-        self.frames.push_frames(self.id, frames, resolver);
+        // PATCHED (catchall): the delivery tag is taken and the frames queued under one lock.
+        // The tag was taken before the body was copied into frames and the frames queued after,
+        // so a message published meanwhile from another thread could reach the broker first,
+        // under the tag counted for this one: each got the other's confirm.
+        let publisher_confirms_result = {
+            let _order = self
+                .publish_order
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let confirm = self.before_basic_publish();
+            self.frames.push_frames(self.id, frames, resolver);
+            confirm
+        };
         self.wake();
         promise.await?;
         Ok(publisher_confirms_result
