@@ -81,7 +81,10 @@ struct Link {
 
 #[derive(Default)]
 struct LinkState {
-    current: Option<(Connection, Channel)>,
+    /// The connection, its channel, and its number (see [`Link::forget`]).
+    current: Option<(Connection, Channel, u64)>,
+    /// Connections opened so far.
+    opened: u64,
     last_failure: Option<Instant>,
 }
 
@@ -109,7 +112,7 @@ impl Ingest {
     pub async fn close(&self) {
         let close = async {
             let mut state = self.link.open.lock().await;
-            if let Some((connection, _)) = state.current.take() {
+            if let Some((connection, _, _)) = state.current.take() {
                 let _ = connection.close(200, "worker stopping".into()).await;
             }
         };
@@ -156,11 +159,19 @@ impl Link {
     /// The open channel, or a new connection with the topology declared and confirms on. After a
     /// failed attempt, callers fail fast for `reconnect_pause` rather than queue up behind
     /// connects to a broker that is down.
-    async fn channel(&self) -> Result<Channel, IngestError> {
+    async fn channel(&self) -> Result<(Channel, u64), IngestError> {
         let mut state = self.open.lock().await;
-        if let Some((_, channel)) = &state.current {
+        if let Some((connection, channel, number)) = &state.current {
+            // Blocked by a resource alarm, the connection takes frames it will not send: each
+            // publish would be answered 503 after the publish timeout, and kept, to be sent
+            // when the alarm clears (the client's retries then counted once each).
+            if connection.status().blocked() {
+                return Err(IngestError::Unavailable(
+                    "RabbitMQ blocks publishing (a memory or disk alarm)".into(),
+                ));
+            }
             if channel.status().connected() {
-                return Ok(channel.clone());
+                return Ok((channel.clone(), *number));
             }
             state.current = None;
         }
@@ -177,10 +188,12 @@ impl Link {
             .unwrap_or_else(|_| Err(anyhow::anyhow!("no connection within {OPEN_TIMEOUT:?}")));
         match opened {
             Ok((connection, channel)) => {
-                state.current = Some((connection, channel.clone()));
+                state.opened += 1;
+                let number = state.opened;
+                state.current = Some((connection, channel.clone(), number));
                 state.last_failure = None;
                 tracing::info!("Ingest publisher connected to RabbitMQ.");
-                Ok(channel)
+                Ok((channel, number))
             }
             Err(error) => {
                 state.last_failure = Some(Instant::now());
@@ -228,7 +241,7 @@ impl Link {
         if body.len() > MAX_BODY_BYTES {
             return Err(IngestError::TooLarge(body.len()));
         }
-        let channel = self.channel().await?;
+        let (channel, connection) = self.channel().await?;
         let properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into())
@@ -253,11 +266,11 @@ impl Link {
         match published {
             Ok(Ok(confirm)) => Ok(confirm),
             Ok(Err(error)) => {
-                self.forget(&channel);
+                self.forget(connection);
                 Err(IngestError::Unavailable(error.to_string()))
             }
             Err(_) => {
-                self.forget(&channel);
+                self.forget(connection);
                 Err(IngestError::Unavailable(format!(
                     "the broker took no publish within {timeout:?} (blocked?)"
                 )))
@@ -285,13 +298,16 @@ impl Link {
         }
     }
 
-    /// Drops the connection a failed publish used, so the next one reconnects.
-    fn forget(&self, channel: &Channel) {
+    /// Drops the connection a failed publish used (its number), so the next one reconnects;
+    /// not a newer one. By the channel's id, the same on every connection (1), a late failure
+    /// on a connection long gone dropped its healthy successor, then the next.
+    /// (Not waiting for the lock: the next failure tries again.)
+    fn forget(&self, connection: u64) {
         if let Ok(mut state) = self.open.try_lock()
             && state
                 .current
                 .as_ref()
-                .is_some_and(|(_, current)| current.id() == channel.id())
+                .is_some_and(|(_, _, current)| *current == connection)
         {
             state.current = None;
         }
