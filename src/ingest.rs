@@ -279,22 +279,36 @@ impl Link {
     }
 
     /// Waits for the broker's verdict on a message. Only an ack of a routed message is success.
+    /// The confirm is awaited to its end in a task of its own, whatever becomes of the wait
+    /// (timed out, or the request dropped: its client gone, or past HTTP_REQUEST_TIMEOUT):
+    /// dropped unresolved, lapin keeps a confirm until `wait_for_confirms`, which nothing calls,
+    /// so the long-lived ingest channel held one more for every request that stopped waiting.
     async fn settle(&self, confirm: PublisherConfirm) -> Result<(), IngestError> {
         let timeout = self.settings.confirm_timeout;
+        let confirm = tokio::spawn(confirm);
         match tokio::time::timeout(timeout, confirm).await {
-            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-            Ok(Ok(Confirmation::Ack(Some(returned)))) => Err(IngestError::NotConfirmed(format!(
-                "returned as unroutable: {}",
-                returned.reply_text
+            Ok(Err(error)) => Err(IngestError::Unavailable(format!(
+                "waiting for the confirm: {error}"
             ))),
-            Ok(Ok(Confirmation::Nack(_))) => Err(IngestError::NotConfirmed("nacked".into())),
-            Ok(Ok(Confirmation::NotRequested)) => {
-                Err(IngestError::NotConfirmed("confirms are off".into()))
-            }
-            Ok(Err(error)) => Err(IngestError::Unavailable(error.to_string())),
+            Ok(Ok(outcome)) => Self::verdict(outcome),
             Err(_) => Err(IngestError::NotConfirmed(format!(
                 "no confirm within {timeout:?}"
             ))),
+        }
+    }
+
+    fn verdict(outcome: lapin::Result<Confirmation>) -> Result<(), IngestError> {
+        match outcome {
+            Ok(Confirmation::Ack(None)) => Ok(()),
+            Ok(Confirmation::Ack(Some(returned))) => Err(IngestError::NotConfirmed(format!(
+                "returned as unroutable: {}",
+                returned.reply_text
+            ))),
+            Ok(Confirmation::Nack(_)) => Err(IngestError::NotConfirmed("nacked".into())),
+            Ok(Confirmation::NotRequested) => {
+                Err(IngestError::NotConfirmed("confirms are off".into()))
+            }
+            Err(error) => Err(IngestError::Unavailable(error.to_string())),
         }
     }
 
@@ -348,7 +362,9 @@ async fn pack_loop(link: Arc<Link>, mut queue: mpsc::Receiver<(Event, Reply)>) {
             }
         }
         // A caller that has gone (client disconnected, or answered 408) is not published for:
-        // it got no 202, so its event must not count.
+        // it got no 202, so its event must not count. Checked once the connection is there (a
+        // reconnect may take seconds: callers that gave up meanwhile were published for).
+        let _ = link.channel().await;
         pack.retain(|(_, reply)| !reply.is_closed());
         if pack.is_empty() {
             continue;
