@@ -66,6 +66,9 @@ pub enum IngestError {
 
 type Reply = oneshot::Sender<Result<(), IngestError>>;
 
+/// Why a publish was refused at once: the connection is blocked by a resource alarm.
+const BLOCKED: &str = "RabbitMQ blocks publishing (a memory or disk alarm)";
+
 /// The publisher shared by the HTTP handlers. Cheap to clone.
 #[derive(Clone)]
 pub struct Ingest {
@@ -166,9 +169,7 @@ impl Link {
             // publish would be answered 503 after the publish timeout, and kept, to be sent
             // when the alarm clears (the client's retries then counted once each).
             if connection.status().blocked() {
-                return Err(IngestError::Unavailable(
-                    "RabbitMQ blocks publishing (a memory or disk alarm)".into(),
-                ));
+                return Err(IngestError::Unavailable(BLOCKED.into()));
             }
             if channel.status().connected() {
                 return Ok((channel.clone(), *number));
@@ -241,7 +242,17 @@ impl Link {
         if body.len() > MAX_BODY_BYTES {
             return Err(IngestError::TooLarge(body.len()));
         }
-        let (channel, connection) = self.channel().await?;
+        let (channel, connection) = match self.channel().await {
+            Ok(open) => open,
+            Err(error) => {
+                let outcome = match &error {
+                    IngestError::Unavailable(why) if why == BLOCKED => "blocked",
+                    _ => "unavailable",
+                };
+                crate::metrics::ingest_published(outcome, Some(&error));
+                return Err(error);
+            }
+        };
         let properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into())
@@ -267,13 +278,16 @@ impl Link {
             Ok(Ok(confirm)) => Ok(confirm),
             Ok(Err(error)) => {
                 self.forget(connection);
+                crate::metrics::ingest_published("unavailable", Some(&error));
                 Err(IngestError::Unavailable(error.to_string()))
             }
             Err(_) => {
                 self.forget(connection);
-                Err(IngestError::Unavailable(format!(
+                let error = IngestError::Unavailable(format!(
                     "the broker took no publish within {timeout:?} (blocked?)"
-                )))
+                ));
+                crate::metrics::ingest_published("publish_timeout", Some(&error));
+                Err(error)
             }
         }
     }
@@ -286,29 +300,48 @@ impl Link {
     async fn settle(&self, confirm: PublisherConfirm) -> Result<(), IngestError> {
         let timeout = self.settings.confirm_timeout;
         let confirm = tokio::spawn(confirm);
-        match tokio::time::timeout(timeout, confirm).await {
-            Ok(Err(error)) => Err(IngestError::Unavailable(format!(
-                "waiting for the confirm: {error}"
-            ))),
+        let (outcome, result) = match tokio::time::timeout(timeout, confirm).await {
+            Ok(Err(error)) => (
+                "unavailable",
+                Err(IngestError::Unavailable(format!(
+                    "waiting for the confirm: {error}"
+                ))),
+            ),
             Ok(Ok(outcome)) => Self::verdict(outcome),
-            Err(_) => Err(IngestError::NotConfirmed(format!(
-                "no confirm within {timeout:?}"
-            ))),
-        }
+            Err(_) => (
+                "confirm_timeout",
+                Err(IngestError::NotConfirmed(format!(
+                    "no confirm within {timeout:?}"
+                ))),
+            ),
+        };
+        let error = result.as_ref().err().map(|e| e as &dyn std::fmt::Display);
+        crate::metrics::ingest_published(outcome, error);
+        result
     }
 
-    fn verdict(outcome: lapin::Result<Confirmation>) -> Result<(), IngestError> {
+    /// The broker's verdict, and its `catchall_ingest_publishes_total` outcome.
+    fn verdict(outcome: lapin::Result<Confirmation>) -> (&'static str, Result<(), IngestError>) {
         match outcome {
-            Ok(Confirmation::Ack(None)) => Ok(()),
-            Ok(Confirmation::Ack(Some(returned))) => Err(IngestError::NotConfirmed(format!(
-                "returned as unroutable: {}",
-                returned.reply_text
-            ))),
-            Ok(Confirmation::Nack(_)) => Err(IngestError::NotConfirmed("nacked".into())),
-            Ok(Confirmation::NotRequested) => {
-                Err(IngestError::NotConfirmed("confirms are off".into()))
+            Ok(Confirmation::Ack(None)) => ("acked", Ok(())),
+            Ok(Confirmation::Ack(Some(returned))) => (
+                "returned",
+                Err(IngestError::NotConfirmed(format!(
+                    "returned as unroutable: {}",
+                    returned.reply_text
+                ))),
+            ),
+            Ok(Confirmation::Nack(_)) => {
+                ("nacked", Err(IngestError::NotConfirmed("nacked".into())))
             }
-            Err(error) => Err(IngestError::Unavailable(error.to_string())),
+            Ok(Confirmation::NotRequested) => (
+                "unavailable",
+                Err(IngestError::NotConfirmed("confirms are off".into())),
+            ),
+            Err(error) => (
+                "unavailable",
+                Err(IngestError::Unavailable(error.to_string())),
+            ),
         }
     }
 

@@ -188,6 +188,15 @@ fn describe() {
     for outcome in ["applied", "duplicate", "rejected"] {
         counter!("catchall_messages_total", "outcome" => outcome).absolute(0);
     }
+    describe_counter!(
+        "catchall_ingest_publishes_total",
+        "Messages the HTTP ingest and the webhooks published, by outcome: acked, nacked, returned \
+         (unroutable), confirm_timeout, publish_timeout (the broker took no publish), blocked (a \
+         RabbitMQ resource alarm), unavailable (no connection, or it failed)."
+    );
+    for outcome in INGEST_OUTCOMES {
+        counter!("catchall_ingest_publishes_total", "outcome" => outcome).absolute(0);
+    }
     for reason in RejectReason::ALL {
         counter!("catchall_rejections_total", "reason" => reason.as_str()).absolute(0);
     }
@@ -411,6 +420,30 @@ pub fn webhook_handled(
     counter!("catchall_webhook_requests_total", "provider" => provider, "outcome" => outcome)
         .increment(1);
     tracing::debug!(provider, outcome, events, ignored, "Webhook handled.");
+}
+
+/// The outcomes of `catchall_ingest_publishes_total`.
+pub const INGEST_OUTCOMES: [&str; 7] = [
+    "acked",
+    "nacked",
+    "returned",
+    "confirm_timeout",
+    "publish_timeout",
+    "blocked",
+    "unavailable",
+];
+
+/// A message the HTTP ingest or a webhook published (or could not): `outcome` is one of
+/// [`INGEST_OUTCOMES`]. A failure is logged too, at most ten lines a second (at debug level
+/// the HTTP answer was all there was).
+pub fn ingest_published(outcome: &'static str, error: Option<&dyn std::fmt::Display>) {
+    counter!("catchall_ingest_publishes_total", "outcome" => outcome).increment(1);
+    static LOG: LogBudget = LogBudget::new();
+    if let Some(error) = error
+        && let Some(suppressed) = LOG.take()
+    {
+        tracing::warn!(outcome, error = %error, suppressed, "An ingest publish failed.");
+    }
 }
 
 /// A webhook request was refused (forged, replayed, unauthenticated: `refused`), invalid, or

@@ -252,6 +252,22 @@ async fn broker_unreachable_mid_run_gives_503_and_loses_no_accepted_event() {
         let (md, mb) = may.get(domain).copied().unwrap_or_default();
         assert!(*d <= md && *b <= mb, "{domain} counted more than was sent");
     }
+    // The publisher's outcomes are counted: the 503s came from failed publishes.
+    let outcome = |name: &str| format!("catchall_ingest_publishes_total{{outcome=\"{name}\"}}");
+    assert!(worker.metric(&outcome("acked")).await > 0.0);
+    let mut failed = 0.0;
+    for name in [
+        "unavailable",
+        "publish_timeout",
+        "confirm_timeout",
+        "nacked",
+    ] {
+        failed += worker.metric(&outcome(name)).await;
+    }
+    assert!(
+        failed > 0.0,
+        "no failed publish counted for {unavailable} answers of 503"
+    );
     worker.stop().await;
 }
 
