@@ -114,6 +114,11 @@ impl App {
         };
         // With a replica, a look-up pool on the primary too, read while the replica is too far
         // behind (or down), and a pool of one for measuring its lag.
+        // A look-up may wait for one group's query to end, then run its own (see
+        // `crate::lookups`): each within a third of HTTP_REQUEST_TIMEOUT (and DB_TIMEOUT, and
+        // 5 s), so a Postgres that stops answering is a 503 with Retry-After, not the request
+        // timeout's 408.
+        let lookup_deadline = config.db_timeout.min(config.http_request_timeout / 3);
         let mut replica_down_at_start = false;
         let (lookups, primary, lag_probe) = match replica(config.db_pool_size)? {
             Some(replica_pool) => {
@@ -130,12 +135,12 @@ impl App {
                 }
                 let primary = connect(config.db_pool_size)
                     .await?
-                    .with_db_timeout(config.db_timeout);
+                    .with_db_timeout(lookup_deadline);
                 (replica_pool, Some(primary), replica(1)?)
             }
             None => (connect(config.db_pool_size).await?, None, None),
         };
-        let lookups = lookups.with_db_timeout(config.db_timeout);
+        let lookups = lookups.with_db_timeout(lookup_deadline);
         // Readiness pings: one connection per server, so a look-up flood cannot starve them.
         let mut ready_probes = vec![crate::http::ReadyProbe {
             name: format!("Postgres {}", crate::pg::describe(url)),

@@ -705,3 +705,31 @@ async fn a_bulk_lookup_over_the_limit_is_refused_without_being_built() {
     );
     drop(child);
 }
+
+/// A Postgres that stops answering (here `domains` locked) makes a look-up a 503 with
+/// `Retry-After` before the request's own deadline: with HTTP_REQUEST_TIMEOUT under the 5 s
+/// look-up deadline it was the request timeout's 408.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_lookup_is_a_503_before_the_request_timeout() {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    let mut config = TestWorker::config(&db, &broker);
+    config.http_request_timeout = Duration::from_secs(3);
+    let worker = TestWorker::start(config).await;
+    worker.ready().await;
+    let lock = db.client().await;
+    lock.batch_execute("BEGIN; LOCK TABLE domains IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock the table");
+    let response = reqwest::get(worker.url("/domains/stalled.example"))
+        .await
+        .expect("GET /domains/stalled.example");
+    let status = response.status();
+    let retry_after = response.headers().get("retry-after").cloned();
+    lock.batch_execute("COMMIT")
+        .await
+        .expect("release the table");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(retry_after.is_some(), "a 503 says when to retry");
+    worker.stop().await;
+}
