@@ -77,6 +77,22 @@ const UPKEEP_LOCK_PAUSE: Duration = Duration::from_millis(250);
 /// of 64 MiB takes well under a second).
 const COUNTED_PARTITION_BYTES: i64 = 64 << 20;
 
+/// The tries of one upkeep step kept out by a lock.
+#[derive(Default)]
+struct LockTries(u32);
+
+impl LockTries {
+    /// After a lock timeout with tries left: waits a growing pause and says to try again.
+    async fn again(&mut self, error: &tokio_postgres::Error) -> bool {
+        if !is_lock_timeout(error) || self.0 + 1 >= UPKEEP_LOCK_TRIES {
+            return false;
+        }
+        self.0 += 1;
+        tokio::time::sleep(UPKEEP_LOCK_PAUSE * self.0).await;
+        true
+    }
+}
+
 /// A lock wait past `lock_timeout` (SQLSTATE 55P03).
 fn is_lock_timeout(error: &tokio_postgres::Error) -> bool {
     error.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
@@ -123,7 +139,7 @@ impl Store {
         // and the purges below still run: returning early, a creation that failed every round
         // left the expired partitions undropped, and the table grew without bound.
         let days = partition_days(retention);
-        let mut tries = 0;
+        let mut tries = LockTries::default();
         loop {
             let tx = client.transaction().await?;
             if !Self::upkeep_lock(&tx).await? {
@@ -142,13 +158,11 @@ impl Store {
                     done.created += row.get::<_, i32>(0) as u64;
                     break;
                 }
-                Err(error) if is_lock_timeout(&error) && tries + 1 < UPKEEP_LOCK_TRIES => {
-                    drop(tx);
-                    tries += 1;
-                    tokio::time::sleep(UPKEEP_LOCK_PAUSE * tries).await;
-                }
                 Err(error) => {
                     drop(tx);
+                    if tries.again(&error).await {
+                        continue;
+                    }
                     tracing::warn!(
                         error = format!("{:#}", anyhow::Error::new(error)),
                         "Creating the dedup partitions ahead failed; dropping expired ones anyway."
@@ -160,7 +174,7 @@ impl Store {
 
         // One expired partition a transaction, found under the lock: a list read before it
         // could name a partition another replica had dropped since (the round then failed).
-        let mut tries = 0;
+        let mut tries = LockTries::default();
         loop {
             let tx = client.transaction().await?;
             if !Self::upkeep_lock(&tx).await? {
@@ -205,13 +219,14 @@ impl Store {
                     done.dropped += 1;
                     done.ids += ids as u64;
                 }
-                Err(error) if is_lock_timeout(&error) && tries + 1 < UPKEEP_LOCK_TRIES => {
+                Err(error) => {
                     drop(tx);
-                    tries += 1;
-                    tokio::time::sleep(UPKEEP_LOCK_PAUSE * tries).await;
-                }
-                Err(error) if is_lock_timeout(&error) => {
-                    drop(tx);
+                    if tries.again(&error).await {
+                        continue;
+                    }
+                    if !is_lock_timeout(&error) {
+                        return Err(error.into());
+                    }
                     tracing::warn!(
                         partition,
                         tries = UPKEEP_LOCK_TRIES,
@@ -220,7 +235,6 @@ impl Store {
                     );
                     break;
                 }
-                Err(error) => return Err(error.into()),
             }
         }
 

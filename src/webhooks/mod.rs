@@ -350,18 +350,17 @@ fn serialised_len(events: &[Event]) -> usize {
     serde_json::to_vec(events).map_or(0, |body| body.len())
 }
 
-/// The events published together under `message_id`: those without an id of their own.
-fn grouped(parsed: &Parsed) -> Vec<Event> {
-    if parsed.event_ids.is_empty() {
-        return parsed.events.clone();
+/// The events published together under `message_id` (those without an id of their own), and
+/// each of the others with its id.
+fn split(parsed: &Parsed) -> (Vec<Event>, Vec<(Event, String)>) {
+    let (mut grouped, mut keyed) = (Vec::new(), Vec::new());
+    for (n, event) in parsed.events.iter().enumerate() {
+        match parsed.event_ids.get(n).cloned().flatten() {
+            Some(id) => keyed.push((event.clone(), id)),
+            None => grouped.push(event.clone()),
+        }
     }
-    parsed
-        .events
-        .iter()
-        .zip(&parsed.event_ids)
-        .filter(|(_, id)| id.is_none())
-        .map(|(event, _)| event.clone())
-        .collect()
+    (grouped, keyed)
 }
 
 /// Publishes one event as a message of its own (owned, so the stream of them is `Send`).
@@ -382,27 +381,25 @@ const KEYED_IN_FLIGHT: usize = 256;
 /// may hold (the consumer dead-letters more as `batch_too_large`; a SendGrid post can carry
 /// more, and was lost so). One part keeps the provider-derived id; parts of a larger delivery
 /// are `{id}/{n}`, so a retry after a partial failure counts each part once.
-async fn publish_in_parts(state: &WebhookState, parsed: &Parsed) -> Result<(), SinkError> {
+async fn publish_in_parts(
+    state: &WebhookState,
+    message_id: &str,
+    grouped: Vec<Event>,
+    keyed: Vec<(Event, String)>,
+) -> Result<(), SinkError> {
     use futures_util::{StreamExt, TryStreamExt};
     // The events without an id of their own first: a request that times out on the
     // single-event messages after them is retried, and those already confirmed then count once.
-    let grouped = grouped(parsed);
     let parts = grouped.chunks(MAX_BATCH_EVENTS);
     let several = parts.len() > 1;
     for (n, part) in parts.enumerate() {
         let id = if several {
-            format!("{}/{n}", parsed.message_id)
+            format!("{message_id}/{n}")
         } else {
-            parsed.message_id.clone()
+            message_id.to_string()
         };
         state.sink.publish(part.to_vec(), id).await?;
     }
-    let keyed: Vec<(Event, String)> = parsed
-        .events
-        .iter()
-        .zip(&parsed.event_ids)
-        .filter_map(|(event, id)| Some((event.clone(), id.clone()?)))
-        .collect();
     let sink = state.sink.clone();
     futures_util::stream::iter(keyed)
         .map(move |(event, id)| publish_alone(sink.clone(), event, id))
@@ -419,13 +416,16 @@ async fn finish(
 ) -> Response {
     let result = match parsed {
         Ok(parsed) if parsed.events.is_empty() => Ok(parsed),
-        Ok(parsed) if serialised_len(&grouped(&parsed)) > crate::event::MAX_BODY_BYTES => {
-            Err(WebhookError::TooLarge(serialised_len(&grouped(&parsed))))
+        Ok(parsed) => {
+            let (grouped, keyed) = split(&parsed);
+            match serialised_len(&grouped) {
+                len if len > crate::event::MAX_BODY_BYTES => Err(WebhookError::TooLarge(len)),
+                _ => publish_in_parts(state, &parsed.message_id, grouped, keyed)
+                    .await
+                    .map(|()| parsed)
+                    .map_err(|e| WebhookError::Unavailable(e.to_string())),
+            }
         }
-        Ok(parsed) => publish_in_parts(state, &parsed)
-            .await
-            .map(|()| parsed)
-            .map_err(|e| WebhookError::Unavailable(e.to_string())),
         Err(e) => Err(e),
     };
     match result {

@@ -159,10 +159,8 @@ async fn applied_ids_older_than_the_retention_are_purged() {
 /// round drops the partition.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_partition_held_by_a_long_transaction_does_not_stop_the_round() {
-    use catchall::store::Store;
     let db = TestDb::create().await;
-    let store = Store::connect(&db.url, 2).await.expect("connect");
-    store.migrate().await.expect("migrate");
+    let store = db.store(2).await;
     let client = db.client().await;
     client
         .batch_execute(
