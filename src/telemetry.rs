@@ -10,10 +10,12 @@ use lapin::types::{AMQPValue, FieldTable};
 use opentelemetry::Context;
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{SpanData, SpanExporter};
 use std::io::IsTerminal;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer;
 use tracing_subscriber::layer::SubscriberExt;
@@ -106,6 +108,16 @@ pub fn init_with(format: Option<LogFormat>, traces: Option<Option<String>>) -> T
             .with_writer(std::io::stderr)
             .boxed(),
     };
+    // The endpoints the exporter may name in an error, to redact them (an endpoint it cannot
+    // parse is quoted whole, with any password in it).
+    let mut endpoints: Vec<String> = [
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ]
+    .iter()
+    .filter_map(|name| std::env::var(name).ok())
+    .collect();
+    endpoints.extend(traces.clone().flatten());
     let (provider, setup_error) = match traces.map(tracer_provider) {
         None => (None, None),
         Some(Ok(provider)) => (Some(provider), None),
@@ -123,7 +135,7 @@ pub fn init_with(format: Option<LogFormat>, traces: Option<Option<String>>) -> T
         .is_ok();
     if let Some(error) = setup_error {
         tracing::error!(
-            error = format!("{:#}", anyhow::Error::new(error)),
+            error = redact_endpoints(&format!("{:#}", anyhow::Error::new(error)), &endpoints),
             "Traces are off."
         );
     }
@@ -156,17 +168,106 @@ fn tracer_provider(endpoint: Option<String>) -> Result<SdkTracerProvider, Teleme
         resource = resource.with_service_name(name);
     }
     Ok(SdkTracerProvider::builder()
-        .with_batch_exporter(exporter.build()?)
+        .with_batch_exporter(Logged {
+            inner: exporter.build()?,
+            failing: AtomicU64::new(0),
+        })
         .with_resource(resource.build())
         .build())
 }
 
-/// The publisher's trace context carried by a message's `traceparent` (and `tracestate`)
-/// header, so the work on the message continues the publisher's trace. `None` when the header
-/// is absent, not a string, not UTF-8 or not a valid W3C `traceparent`.
+/// `text` with every one of `endpoints` in it replaced by its redacted form.
+fn redact_endpoints(text: &str, endpoints: &[String]) -> String {
+    endpoints
+        .iter()
+        .filter(|endpoint| !endpoint.is_empty())
+        .fold(text.to_string(), |text, endpoint| {
+            text.replace(endpoint.as_str(), &crate::config::redact_url(endpoint))
+        })
+}
+
+/// How many failed exports in a row are logged once (about 5 minutes of the batch exporter's
+/// 5 s schedule).
+const EXPORT_FAILURES_PER_LOG: u64 = 60;
+
+/// The OTLP exporter, its failures logged. The SDK's own log lines are compiled out (its
+/// `internal-logs` feature is off), so a collector that refused every export (down, a 401 for a
+/// wrong `OTEL_EXPORTER_OTLP_HEADERS`, a 404 for a wrong path) showed nothing after "Exporting
+/// traces over OTLP/HTTP.". The first failure is logged, then one in
+/// [`EXPORT_FAILURES_PER_LOG`], and the first success after them. The exporter's errors name no
+/// URL ("network error", a status code).
+#[derive(Debug)]
+struct Logged<E> {
+    inner: E,
+    /// Failed exports since the last one that went through.
+    failing: AtomicU64,
+}
+
+impl<E: SpanExporter> SpanExporter for Logged<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let spans = batch.len();
+        let result = self.inner.export(batch).await;
+        match &result {
+            Ok(()) => {
+                let failed = self.failing.swap(0, Ordering::Relaxed);
+                if failed > 0 {
+                    tracing::info!(failed_exports = failed, "Exporting traces again.");
+                }
+            }
+            Err(error) => {
+                let failed = self.failing.fetch_add(1, Ordering::Relaxed) + 1;
+                if failed % EXPORT_FAILURES_PER_LOG == 1 {
+                    tracing::warn!(
+                        error = %error,
+                        spans,
+                        failed_exports = failed,
+                        "Exporting traces failed: these spans are lost."
+                    );
+                }
+            }
+        }
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: std::time::Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+/// The publisher's trace context carried by a message's `traceparent` header, so the work on
+/// the message continues the publisher's trace. `None` when the header is absent, not a
+/// string, not UTF-8 or not a valid W3C `traceparent`. As [`remote_context`] keeps it.
 pub fn remote_parent(headers: &FieldTable) -> Option<Context> {
-    let context = TraceContextPropagator::new().extract(&AmqpHeaders(headers));
-    context.span().span_context().is_valid().then_some(context)
+    remote_context(&AmqpHeaders(headers))
+}
+
+/// A caller's W3C trace context (an HTTP request's or a message's headers) as the parent of
+/// our spans: its trace and span ids only. Its sampled flag is not obeyed: the sampler follows
+/// the parent, so a `traceparent` ending in `-00`, which any HTTP client may send before its
+/// token is checked, dropped the request's spans (a forged webhook could hide its own). Its
+/// `tracestate` is not kept: up to 32 entries of the caller's choosing (about 16 KiB), copied
+/// into every span and link while the exporter's queue holds them.
+pub fn remote_context(headers: &dyn Extractor) -> Option<Context> {
+    use opentelemetry::trace::{SpanContext, TraceFlags, TraceState};
+    let extracted = TraceContextPropagator::new().extract(headers);
+    let caller = extracted.span().span_context().clone();
+    caller.is_valid().then(|| {
+        Context::new().with_remote_span_context(SpanContext::new(
+            caller.trace_id(),
+            caller.span_id(),
+            TraceFlags::SAMPLED,
+            true,
+            TraceState::NONE,
+        ))
+    })
 }
 
 /// Headers for a message this process publishes: a `publish` span (a child of the current span,
@@ -242,6 +343,31 @@ mod tests {
         assert!(span.is_remote() && span.is_sampled());
         let short = remote_parent(&headers(AMQPValue::ShortString(header.into())));
         assert!(short.is_some(), "a short string works too");
+    }
+
+    #[test]
+    fn a_callers_sampled_flag_and_tracestate_are_not_kept() {
+        let mut table = headers(AMQPValue::LongString(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00".into(),
+        ));
+        table.insert(
+            TRACESTATE.into(),
+            AMQPValue::LongString(format!("big={}", "x".repeat(200)).into()),
+        );
+        let context = remote_parent(&table).expect("a valid traceparent");
+        let span = context.span().span_context().clone();
+        assert_eq!(span.span_id().to_string(), "00f067aa0ba902b7");
+        assert!(span.is_sampled(), "sampled whatever the caller says");
+        assert_eq!(span.trace_state().header(), "", "no tracestate");
+    }
+
+    #[test]
+    fn endpoints_in_errors_are_redacted() {
+        let endpoint = "http://u:pa ss@collector:4318".to_string();
+        let error = format!("invalid endpoint '{endpoint}': invalid uri character");
+        let redacted = redact_endpoints(&error, &[endpoint, String::new()]);
+        assert!(!redacted.contains("pa ss"), "{redacted}");
+        assert!(redacted.contains("u:***@collector:4318"), "{redacted}");
     }
 
     #[test]

@@ -311,16 +311,7 @@ async fn listing_returns_every_catch_all_domain_once_while_events_are_counted() 
     }
 
     // `catchall export` writes the same catch-all domains as CSV.
-    let output = TempFile::csv("export");
-    let status = tokio::process::Command::new(binary("catchall"))
-        .env("DATABASE_URL", &db.url)
-        .args(["export", "--status", "catch-all", "--output"])
-        .arg(&output.0)
-        .status()
-        .await
-        .expect("run catchall export");
-    assert!(status.success());
-    let csv = std::fs::read_to_string(&output.0).expect("the export file");
+    let csv = export_catch_all(&db).await;
     let mut lines = csv.lines();
     assert_eq!(lines.next(), Some("domain,delivered,bounced,status"));
     let exported: Vec<&str> = lines.collect();
@@ -732,4 +723,57 @@ async fn a_stalled_lookup_is_a_503_before_the_request_timeout() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(retry_after.is_some(), "a 503 says when to retry");
     worker.stop().await;
+}
+
+/// `catchall export` pages through more domains than one page (10,000) holds: every catch-all
+/// domain once, in order, none of the others. The export above fits in one page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_longer_than_a_page_writes_every_domain_once() {
+    const CATCH_ALL: i64 = 25_003;
+    let db = TestDb::create().await;
+    let store = catchall::store::Store::connect(&db.url, 1)
+        .await
+        .expect("connect");
+    store.migrate().await.expect("migrate");
+    // Catch-all domains interleaved (in the listing's "C" order) with bouncing and unknown ones.
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO domains (domain, delivered, bounced) \
+             SELECT 'd' || lpad(i::text, 6, '0') || '.example', 1001, 0 \
+               FROM generate_series(1, {CATCH_ALL}) i \
+             UNION ALL SELECT 'd' || lpad(i::text, 6, '0') || '.bouncing.example', 1001, 1 \
+               FROM generate_series(1, 5000) i \
+             UNION ALL SELECT 'd' || lpad(i::text, 6, '0') || '.unknown.example', 3, 0 \
+               FROM generate_series(1, 5000) i"
+        ))
+        .await
+        .expect("seed the domains");
+    let csv = export_catch_all(&db).await;
+    let mut lines = csv.lines();
+    assert_eq!(lines.next(), Some("domain,delivered,bounced,status"));
+    let exported: Vec<String> = lines.map(str::to_string).collect();
+    let expected: Vec<String> = (1..=CATCH_ALL)
+        .map(|i| format!("d{i:06}.example,1001,0,catch-all"))
+        .collect();
+    assert_eq!(
+        exported.len(),
+        expected.len(),
+        "every catch-all domain, once"
+    );
+    assert!(exported == expected, "in order, nothing else");
+}
+
+/// What `catchall export --status catch-all --output FILE` writes for `db`.
+async fn export_catch_all(db: &TestDb) -> String {
+    let output = TempFile::csv("export");
+    let status = tokio::process::Command::new(binary("catchall"))
+        .env("DATABASE_URL", &db.url)
+        .args(["export", "--status", "catch-all", "--output"])
+        .arg(&output.0)
+        .status()
+        .await
+        .expect("run catchall export");
+    assert!(status.success());
+    std::fs::read_to_string(&output.0).expect("the export file")
 }

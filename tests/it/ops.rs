@@ -54,20 +54,52 @@ async fn healthcheck_exits_0_for_a_healthy_worker_and_1_otherwise() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_expose_readiness_memory_and_the_dedup_table() {
-    let (_db, _broker, worker) = started().await;
-    // Sampled every 5 s.
-    wait_for(Duration::from_secs(15), "catchall_ready 1", || async {
-        (worker.try_metric("catchall_ready").await == Some(1.0)).then_some(())
-    })
-    .await;
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    // Through a proxy, so that the broker can go away for this worker alone.
+    let amqp = crate::proxy::Proxy::start("127.0.0.1:5672").await;
+    let mut config = TestWorker::config(&db, &broker);
+    config.amqp.amqp_url = format!("amqp://guest:guest@{}/%2f", amqp.addr);
+    let worker = TestWorker::start(config).await;
+    worker.ready().await;
+    let gauge = async |series: &'static str, want: f64| {
+        // Sampled every 5 s.
+        wait_for(Duration::from_secs(15), series, || async {
+            (worker.try_metric(series).await == Some(want)).then_some(())
+        })
+        .await;
+    };
+    gauge("catchall_ready", 1.0).await;
     let rss = worker.metric("process_resident_memory_bytes").await;
     assert!(rss > 1_000_000.0 && rss < 1e9, "RSS {rss}");
-    wait_for(Duration::from_secs(15), "the dedup gauges", || async {
-        (worker.try_metric("catchall_dedup_retention_seconds").await == Some(604_800.0))
-            .then_some(())
-    })
-    .await;
+    gauge("catchall_dedup_retention_seconds", 604_800.0).await;
     assert_eq!(worker.metric("catchall_dedup_overdue_ids").await, 0.0);
+
+    // The broker gone: not ready, then ready again.
+    amqp.cut();
+    gauge("catchall_ready", 0.0).await;
+    amqp.restore();
+    gauge("catchall_ready", 1.0).await;
+
+    // The request durations have a bucket at SPEC §1's 200 ms bound.
+    let status = reqwest::get(worker.url("/domains/example.com"))
+        .await
+        .expect("GET a status")
+        .status();
+    assert_eq!(status, 200);
+    let text = reqwest::get(worker.url("/metrics"))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("body");
+    assert!(
+        text.lines().any(
+            |line| line.starts_with("catchall_http_request_duration_seconds_bucket{")
+                && line.contains("le=\"0.2\"")
+        ),
+        "a 0.2 s bucket"
+    );
     worker.stop().await;
 }
 

@@ -107,25 +107,74 @@ async fn http_requests_are_exported_as_spans_continuing_the_callers_trace() {
         .await
         .expect("GET an invalid domain");
     assert_eq!(response.status(), 400);
+    // A caller's "not sampled" flag does not drop our span (any client may send one, before
+    // its token is checked), and its tracestate is not copied.
+    let unsampled_trace = "5bf92f3577b34da6a3ce929d0e0e4737";
+    let response = client
+        .get(worker.url("/domains/example.org"))
+        .header(
+            "traceparent",
+            format!("00-{unsampled_trace}-{caller_span}-00"),
+        )
+        .header("tracestate", format!("caller={}", "x".repeat(200)))
+        .send()
+        .await
+        .expect("GET with an unsampled traceparent");
+    assert_eq!(response.status(), 200);
+    // A long path is recorded cut, and a method of the caller's own is `_OTHER`.
+    let long_path = format!("/{}", "p".repeat(5_000));
+    let response = client
+        .request(
+            reqwest::Method::from_bytes(b"FROB").expect("a method"),
+            worker.url(&long_path),
+        )
+        .send()
+        .await
+        .expect("FROB a long path");
+    assert!(response.status().is_client_error(), "{}", response.status());
 
     telemetry.flush();
     let spans = wait_for(
         Duration::from_secs(20),
-        "both request spans at the OTLP receiver",
+        "the request spans at the OTLP receiver",
         || {
             let received = received.clone();
             async move {
                 let received = received.lock().expect("lock");
                 let lookups: Vec<(String, Span)> = received
                     .iter()
-                    .filter(|(_, span)| span.name == "GET /domains/{domain}")
+                    .filter(|(_, span)| {
+                        span.name == "GET /domains/{domain}" || span.name == "_OTHER"
+                    })
                     .cloned()
                     .collect();
-                (lookups.len() >= 2).then_some(lookups)
+                (lookups.len() >= 4).then_some(lookups)
             }
         },
     )
     .await;
+    let (_, unsampled) = spans
+        .iter()
+        .find(|(_, span)| hex(&span.trace_id) == unsampled_trace)
+        .expect("the span of the request whose caller did not sample");
+    assert_eq!(hex(&unsampled.parent_span_id), caller_span);
+    assert_eq!(
+        unsampled.trace_state, "",
+        "the caller's tracestate is not kept"
+    );
+    let (_, other) = spans
+        .iter()
+        .find(|(_, span)| span.name == "_OTHER")
+        .expect("the span of the FROB request");
+    assert_eq!(
+        attribute(other, "http.request.method"),
+        Some(Value::StringValue("_OTHER".into()))
+    );
+    assert_eq!(
+        attribute(other, "url.path"),
+        Some(Value::StringValue(long_path[..256].to_string())),
+        "the path cut to 256 bytes"
+    );
 
     // The request that carried a traceparent continues that trace, as a child of the caller.
     let (service, continued) = spans
@@ -156,7 +205,10 @@ async fn http_requests_are_exported_as_spans_continuing_the_callers_trace() {
     // The request without one starts a trace of its own, and records its 400.
     let (_, fresh) = spans
         .iter()
-        .find(|(_, span)| hex(&span.trace_id) != trace_id)
+        .find(|(_, span)| {
+            span.name == "GET /domains/{domain}"
+                && ![trace_id, unsampled_trace].contains(&hex(&span.trace_id).as_str())
+        })
         .expect("a span in a new trace");
     assert!(fresh.parent_span_id.is_empty(), "a root span");
     assert_eq!(
@@ -401,5 +453,116 @@ async fn a_collector_that_does_not_answer_delays_the_exit_by_the_flush_timeout_a
         took < catchall::telemetry::FLUSH_TIMEOUT + Duration::from_millis(2500),
         "an idle worker's stop plus the flush took {took:?}"
     );
-    drop(silent);
+    // The exporter did try the collector (a worker exporting nothing would pass the above).
+    silent.set_nonblocking(true).expect("non-blocking");
+    assert!(
+        silent.accept().is_ok(),
+        "the exporter connected to the collector"
+    );
+}
+
+type LogLines = tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>;
+
+/// A worker binary on `settings`, and its log's lines.
+fn logging_worker(
+    db: &TestDb,
+    broker: &TestBroker,
+    settings: &[(&str, String)],
+) -> (tokio::process::Child, LogLines) {
+    use tokio::io::AsyncBufReadExt;
+    let mut worker = worker_command(db, broker, settings)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the worker binary");
+    let stderr = worker.stderr.take().expect("stderr piped");
+    (worker, tokio::io::BufReader::new(stderr).lines())
+}
+
+/// Reads `lines` until one contains `wanted` (returned), panicking after `within`, or if a
+/// line contains `forbidden`.
+async fn log_line(
+    lines: &mut LogLines,
+    wanted: &str,
+    forbidden: Option<&str>,
+    within: Duration,
+) -> String {
+    tokio::time::timeout(within, async {
+        while let Some(line) = lines.next_line().await.expect("read the log") {
+            eprintln!("{line}");
+            if let Some(forbidden) = forbidden {
+                assert!(!line.contains(forbidden), "{forbidden:?} logged: {line}");
+            }
+            if line.contains(wanted) {
+                return line;
+            }
+        }
+        panic!("the log ended without {wanted:?}");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {wanted:?} in the log within {within:?}"))
+}
+
+/// A collector that refuses every export is logged: the SDK's own log lines are compiled out,
+/// so before, nothing followed "Exporting traces over OTLP/HTTP.".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_exports_are_logged() {
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(|| async { StatusCode::UNAUTHORIZED }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the refusing collector");
+    let endpoint = format!(
+        "http://{}/v1/traces",
+        listener.local_addr().expect("address")
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    let settings = [("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", endpoint)];
+    let (mut worker, mut log) = logging_worker(&db, &broker, &settings);
+    let started = log_line(&mut log, "Worker starting.", None, Duration::from_secs(30)).await;
+    let http = serde_json::from_str::<serde_json::Value>(&started).expect("a JSON line")["http"]
+        .as_str()
+        .expect("the HTTP address")
+        .to_string();
+    // Spans to export: one per request.
+    for _ in 0..3 {
+        let answer = reqwest::get(format!("http://{http}/domains/example.com"))
+            .await
+            .expect("GET a status");
+        assert_eq!(answer.status(), 200);
+    }
+    let line = log_line(
+        &mut log,
+        "Exporting traces failed",
+        None,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(line.contains("401"), "the status named: {line}");
+    let _ = worker.kill().await;
+}
+
+/// An OTLP endpoint the exporter cannot parse is named in its error, redacted: the password
+/// in it was logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_otlp_endpoint_is_logged_without_its_password() {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    let settings = [(
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "http://collector:pa ss-word@otel.example:4318".to_string(),
+    )];
+    let (mut worker, mut log) = logging_worker(&db, &broker, &settings);
+    let line = log_line(
+        &mut log,
+        "Traces are off.",
+        Some("pa ss-word"),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(line.contains("collector:***@otel.example"), "{line}");
+    let _ = worker.kill().await;
 }
