@@ -1,8 +1,9 @@
 //! `make bench`: how close the worker comes to what RabbitMQ and Postgres themselves can do on
 //! this machine, measured in one run (issue 4).
 //!
-//! Every stage drains a pre-filled queue of the same events, in a database of its own cloned from
-//! one template (so each starts from the same `domains` table):
+//! Every stage drains a pre-filled queue of the same events (the insert path's: of new domains,
+//! below), in a database of its own cloned from one template (so each starts from the same
+//! `domains` table):
 //! - single: N single-event messages with a `message_id`. Ceiling: a no-op consumer with the
 //!   worker's prefetch and multi-ack pattern. Worker: the release `catchall` binary, dedup on
 //!   (and off: the same messages without `message_id`).
@@ -23,7 +24,9 @@
 //!   event of applying single-message batches)`, the dedup overhead (applying the same
 //!   single-message batches with and without ids), and a batched reference floor that is not our
 //!   code (the plainest sorted `unnest` upsert);
-//! - an `insert` stage (empty table: every domain new) beside the update path;
+//! - an `insert` stage beside the update path: events of the same kinds, each for a domain of its
+//!   own outside the template's (`BENCH_DOMAINS + i`), so every event inserts a row; into an
+//!   empty table and (`insert.populated`) into a copy of the template holding `BENCH_DOMAINS`;
 //! - open-loop stages (see `live`), fed by the release `catchall-producer` in a process of its
 //!   own: the live capacity (the producer unthrottled while the worker counts), event-to-visible
 //!   latency at 50 % and 90 % of it, and status look-ups at `BENCH_LOOKUP_RATE` (default
@@ -75,12 +78,27 @@ const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const PG_HOST: &str = "postgres://postgres@127.0.0.1:5432";
 const PER_MESSAGE: usize = 100;
 const LOOKUP_CONCURRENCY: usize = 4;
+/// Every HTTP request the bench makes to a worker (its `/metrics`, `/readyz`, the closed-loop
+/// look-ups) gives up after this long, so a worker that stops answering fails the stage or
+/// counts as an error instead of hanging it.
+pub(crate) const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
+/// A no-op drain with no delivery for this long, or a prefill publish not confirmed within it,
+/// fails the stage.
+const BROKER_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
         .and_then(|v| v.replace('_', "").parse().ok())
         .unwrap_or(default)
+}
+
+/// A client for the worker's HTTP server, with [`HTTP_TIMEOUT`].
+pub(crate) fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(HTTP_TIMEOUT)
+        .build()
+        .expect("a client with a timeout builds")
 }
 
 fn domain(i: u64) -> String {
@@ -90,6 +108,9 @@ fn domain(i: u64) -> String {
 struct Run {
     id: String,
     events: Vec<Event>,
+    /// The insert path's events: `events`' kinds, each for a domain of its own that no template
+    /// holds (`BENCH_DOMAINS + i`), so every one of them inserts a row.
+    insert_events: Vec<Event>,
     domains: u64,
     config: Config,
     /// Migrated, every bench domain present at zero (the update path).
@@ -123,8 +144,9 @@ struct Timed {
     /// migrations, topology, the first batch), NaN for other stages.
     startup_secs: f64,
     /// The time the whole stage would take at its steady rate: for worker drains, the rate
-    /// from the moment a tenth of the events was counted to the end (no start-up in it);
-    /// for other stages, `secs`.
+    /// from the moment a tenth of the events was counted to the end (no process start-up,
+    /// connecting or migrations in it); for other stages, `secs` (the no-op drain and the
+    /// floors time no set-up either). Every rate and ratio of `all` is taken over it.
     steady_secs: f64,
 }
 
@@ -174,6 +196,15 @@ async fn main() -> Result<()> {
             evidence: None,
         })
         .collect();
+    let insert_events: Vec<Event> = events
+        .iter()
+        .zip(domains..)
+        .map(|(e, i)| Event {
+            domain: domain(i),
+            kind: e.kind,
+            evidence: None,
+        })
+        .collect();
     eprintln!(
         "bench: {events_n} events over {domains} domains; BATCH_SIZE={} BATCH_TIMEOUT_MS={} PREFETCH={} DB_POOL_SIZE={} IN_FLIGHT={}",
         config.batch_size,
@@ -192,13 +223,14 @@ async fn main() -> Result<()> {
     let run = Run {
         id,
         events,
+        insert_events,
         domains,
         config,
         template,
         empty_template,
         baseline,
         repeats: env_u64("BENCH_REPEATS", 5).max(1) as usize,
-        services: Services::find(),
+        services: Services::find()?,
     };
     let started = Instant::now();
     let only_lookups = std::env::var("BENCH_STAGES").is_ok_and(|s| s == "lookups");
@@ -245,13 +277,29 @@ impl Run {
             .iter()
             .map(|e| serde_json::to_vec(e).context("serialising an event"))
             .collect::<Result<_>>()?;
-        let batches: Vec<Vec<u8>> = self
-            .events
-            .chunks(PER_MESSAGE)
-            .map(|c| serde_json::to_vec(c).context("serialising a batch"))
-            .collect::<Result<_>>()?;
+        // 100 events per message: the bodies, and the same messages as the worker would apply
+        // them, parsed beforehand.
+        let batched = |events: &[Event]| -> Result<(Vec<Vec<u8>>, Vec<Message>)> {
+            let bodies: Vec<Vec<u8>> = events
+                .chunks(PER_MESSAGE)
+                .map(|c| serde_json::to_vec(c).context("serialising a batch"))
+                .collect::<Result<_>>()?;
+            let messages = bodies
+                .iter()
+                .map(|body| {
+                    Ok(Message {
+                        id: Some(uuid::Uuid::now_v7().to_string().into_bytes()),
+                        events: parse_message(body).map_err(|r| anyhow::anyhow!("{r}"))?,
+                    })
+                })
+                .collect::<Result<_>>()?;
+            Ok((bodies, messages))
+        };
+        let (batches, batched_messages) = batched(&self.events)?;
+        // The insert path's own events (every domain new), batched alike.
+        let (insert_batches, insert_messages) = batched(&self.insert_events)?;
         // The same events as the worker would apply them, parsed beforehand: one per message
-        // (with ids and without), and 100 per message.
+        // (with ids and without).
         let single_messages = |with_ids: bool| -> Vec<Message> {
             self.events
                 .iter()
@@ -261,15 +309,6 @@ impl Run {
                 })
                 .collect()
         };
-        let batched_messages: Vec<Message> = batches
-            .iter()
-            .map(|body| {
-                Ok(Message {
-                    id: Some(uuid::Uuid::now_v7().to_string().into_bytes()),
-                    events: parse_message(body).map_err(|r| anyhow::anyhow!("{r}"))?,
-                })
-            })
-            .collect::<Result<_>>()?;
 
         // BENCH_STAGES=batched runs only the batched floors and worker (for big BENCH_DOMAINS).
         let only_batched = std::env::var("BENCH_STAGES").is_ok_and(|s| s == "batched");
@@ -303,35 +342,48 @@ impl Run {
                 );
                 t.entry(stage).or_default().push(timed);
             };
+            // Odd rounds run each pair below in one order, even rounds in the other, so a
+            // stage's place in the round (what ran just before it) weighs on both alike.
+            let odd = round % 2 == 1;
             if !only_batched {
                 let (noop, publish_rate) = self.noop_drain("single-ceiling", &singles).await?;
                 publish_rates.push(publish_rate);
                 record("single_noop", noop);
-                record(
-                    "single_apply_ids",
-                    self.store_floor("single-apply", &with_ids, false).await?,
-                );
-                record(
-                    "single_apply_no_ids",
-                    self.store_floor("single-apply-noids", &without_ids, false)
-                        .await?,
-                );
-                let on = self
-                    .worker_drain("single-worker", &singles, true, false, false)
-                    .await?;
-                record("single_worker", on.timed);
-                if let Some((base, ours)) = self.baseline_drains("single", &singles, round).await? {
-                    record("single_worker_baseline", base.timed);
-                    record("single_worker_without_v7", ours.timed);
+                for ids in [odd, !odd] {
+                    if ids {
+                        record(
+                            "single_apply_ids",
+                            self.store_floor("single-apply", &with_ids, false).await?,
+                        );
+                    } else {
+                        record(
+                            "single_apply_no_ids",
+                            self.store_floor("single-apply-noids", &without_ids, false)
+                                .await?,
+                        );
+                    }
                 }
-                let off = self
-                    .worker_drain("single-nodedup", &singles, false, false, false)
-                    .await?;
-                record("single_worker_dedup_off", off.timed);
+                for dedup in [odd, !odd] {
+                    if dedup {
+                        let on = self
+                            .worker_drain("single-worker", &singles, true, false, false)
+                            .await?;
+                        record("single_worker", on.timed);
+                        if let Some((base, ours)) =
+                            self.baseline_drains("single", &singles, round).await?
+                        {
+                            record("single_worker_baseline", base.timed);
+                            record("single_worker_without_v7", ours.timed);
+                        }
+                    } else {
+                        let off = self
+                            .worker_drain("single-nodedup", &singles, false, false, false)
+                            .await?;
+                        record("single_worker_dedup_off", off.timed);
+                    }
+                }
             }
-            // Odd rounds run `Store::apply` before the reference, even rounds after it, so a
-            // stage's place in the round (what ran just before it) weighs on both alike.
-            for apply_turn in [round % 2 == 1, round % 2 == 0] {
+            for apply_turn in [odd, !odd] {
                 if apply_turn {
                     record(
                         "batched_floor",
@@ -341,7 +393,8 @@ impl Run {
                 } else {
                     record(
                         "batched_reference",
-                        self.reference_floor("batched-reference", false).await?,
+                        self.reference_floor("batched-reference", &self.events, false)
+                            .await?,
                     );
                 }
             }
@@ -371,28 +424,56 @@ impl Run {
                 );
             }
             // The insert path (every domain new) runs with BENCH_STAGES=batched too, so
-            // `make bench-pg` measures it at 10,000,000 domains.
-            record(
-                "insert_floor",
-                self.store_floor("insert-ceiling", &batched_messages, true)
-                    .await?,
-            );
-            record(
-                "insert_reference",
-                self.reference_floor("insert-reference", true).await?,
-            );
-            let insert = self
-                .worker_drain("insert-worker", &batches, true, false, true)
-                .await?;
-            record("insert_worker", insert.timed);
+            // `make bench-pg` measures it at 10,000,000 domains: into an empty table, then into
+            // one holding BENCH_DOMAINS rows (`populated`); floor, reference and worker in this
+            // order in odd rounds, reversed in even ones.
+            for (empty, stages) in [
+                (true, ["insert_floor", "insert_reference", "insert_worker"]),
+                (
+                    false,
+                    [
+                        "insert_populated_floor",
+                        "insert_populated_reference",
+                        "insert_populated_worker",
+                    ],
+                ),
+            ] {
+                let mut turns = [0, 1, 2];
+                if !odd {
+                    turns.reverse();
+                }
+                for turn in turns {
+                    let name = stages[turn];
+                    let stage = name.replace('_', "-");
+                    let timed = match turn {
+                        0 => self.store_floor(&stage, &insert_messages, empty).await?,
+                        1 => {
+                            self.reference_floor(&stage, &self.insert_events, empty)
+                                .await?
+                        }
+                        _ => {
+                            self.worker_drain(&stage, &insert_batches, true, false, empty)
+                                .await?
+                                .timed
+                        }
+                    };
+                    record(name, timed);
+                }
+            }
         }
-        let rate = |stage: &str| -> Summary {
+        // Rates and ratios are over each stage's steady window (`Timed::steady_secs`): for a
+        // worker drain from the moment a tenth of the events was counted to the end, so its
+        // process start-up is left out as the no-op drain's and the floors' set-up is (for
+        // those, the whole timed window). Only `baseline`'s ratios are whole drains (its
+        // `steady` gives them over the steady windows).
+        let rate_by = |stage: &str, secs: fn(&Timed) -> f64| -> Summary {
             Summary::of(
                 &t.get(stage)
-                    .map(|v| v.iter().map(|x| n / x.secs).collect::<Vec<_>>())
+                    .map(|v| v.iter().map(|x| n / secs(x)).collect::<Vec<_>>())
                     .unwrap_or_default(),
             )
         };
+        let rate = |stage: &str| rate_by(stage, |x| x.steady_secs);
         // Paired per round: worker against the ceiling measured minutes apart in the same round.
         let paired_by = |worker: &str, ceiling: &str, secs: fn(&Timed) -> f64| -> Summary {
             let (Some(w), Some(c)) = (t.get(worker), t.get(ceiling)) else {
@@ -405,10 +486,10 @@ impl Run {
                     .collect::<Vec<_>>(),
             )
         };
-        let paired = |worker: &str, ceiling: &str| paired_by(worker, ceiling, |x| x.secs);
-        // The same at the steady rates (worker drains without their start-up).
-        let paired_steady =
-            |worker: &str, ceiling: &str| paired_by(worker, ceiling, |x| x.steady_secs);
+        // Whole drains, start-up included (`baseline` only).
+        let paired_whole = |worker: &str, ceiling: &str| paired_by(worker, ceiling, |x| x.secs);
+        // At the steady rates (worker drains without their start-up).
+        let paired = |worker: &str, ceiling: &str| paired_by(worker, ceiling, |x| x.steady_secs);
         let cpu = |stage: &str| -> serde_json::Value {
             let windows: Vec<(CpuWindow, f64)> = t
                 .get(stage)
@@ -450,11 +531,14 @@ impl Run {
             // all CPU (Postgres and the applying client), as a fraction of the apply cost.
             let apply_ids_us = median_of("single_apply_ids", &|x| x.cpu.total_per_event(n));
             let apply_plain_us = median_of("single_apply_no_ids", &|x| x.cpu.total_per_event(n));
-            let pg_ids_us = median_of("single_apply_ids", &|x| x.cpu.postgres_per_event(n));
+            let pg_ids_us = apply_pg_us;
             let pg_plain_us = median_of("single_apply_no_ids", &|x| x.cpu.postgres_per_event(n));
+            // The limit of messages without ids (what the dedup-off worker is read against):
+            // the same no-op drain plus the Postgres CPU of applying them without ids.
+            let limit_no_ids = measure::cores() * 1e6 / (noop_us + pg_plain_us);
             let dedup_overhead = (apply_ids_us - apply_plain_us) / apply_plain_us;
             eprintln!(
-                "single: limit {limit:.0} events/s (no-op drain {noop_us:.1} µs/msg + Postgres apply {apply_pg_us:.1} µs/event on {} cores); dedup overhead {dedup_overhead:.3}",
+                "single: limit {limit:.0} events/s (no-op drain {noop_us:.1} µs/msg + Postgres apply {apply_pg_us:.1} µs/event on {} cores), without ids {limit_no_ids:.0} (Postgres apply {pg_plain_us:.1} µs/event); dedup overhead {dedup_overhead:.3}",
                 measure::cores()
             );
             serde_json::json!({
@@ -468,10 +552,12 @@ impl Run {
                 "rss_mib": round3(rss_of(&t, &["single_worker", "single_worker_dedup_off"])),
                 "limit_events_per_s": limit.round(),
                 "ratio_to_limit": round3(on.median / limit),
-                "ratio_to_limit_dedup_off": round3(off.median / limit),
+                "limit_no_ids_events_per_s": limit_no_ids.round(),
+                "ratio_to_limit_dedup_off": round3(off.median / limit_no_ids),
                 "limit_inputs_cpu_us": {
                     "noop_drain_per_message": round3(noop_us),
                     "postgres_apply_per_event": round3(apply_pg_us),
+                    "postgres_apply_no_ids_per_event": round3(pg_plain_us),
                     "cores": measure::cores(),
                 },
                 "dedup_overhead": round3(dedup_overhead),
@@ -508,40 +594,49 @@ impl Run {
                 .worker_drain("batched-lookups", &batches, true, true, false)
                 .await?;
             eprintln!(
-                "batched worker under look-ups: {:.0} events/s",
-                n / loaded.timed.secs
+                "batched worker under look-ups: {:.0} events/s (steady)",
+                n / loaded.timed.steady_secs
             );
             Some(loaded)
         };
         let closed_loop = loaded.as_ref().and_then(|l| l.lookups.clone());
         let rss = [
             single["rss_mib"].as_f64(),
-            Some(rss_of(&t, &["batched_worker", "insert_worker"])),
+            Some(rss_of(
+                &t,
+                &["batched_worker", "insert_worker", "insert_populated_worker"],
+            )),
             loaded.as_ref().map(|l| l.timed.rss_mib),
         ]
         .into_iter()
         .flatten()
         .fold(0.0, f64::max);
-        let insert = t.contains_key("insert_worker").then(|| {
-            let (floor, reference, worker) = (
-                rate("insert_floor"),
-                rate("insert_reference"),
-                rate("insert_worker"),
-            );
+        // The insert path: `prefix` is `insert` (an empty table) or `insert_populated` (one
+        // holding BENCH_DOMAINS rows); every event's domain is new to either.
+        let insert_of = |prefix: &str| {
+            let [floor, reference, worker] =
+                ["floor", "reference", "worker"].map(|s| format!("{prefix}_{s}"));
+            let (floor, reference, worker) = (floor.as_str(), reference.as_str(), worker.as_str());
             serde_json::json!({
-                "events": self.events.len(),
-                "store_apply_events_per_s": floor.median.round(),
-                "reference_floor_events_per_s": reference.median.round(),
-                "worker_events_per_s": worker.median.round(),
-                "ratio": round3(paired("insert_worker", "insert_floor").median),
-                "ratio_to_reference": round3(paired("insert_worker", "insert_reference").median),
+                "events": self.insert_events.len(),
+                "store_apply_events_per_s": rate(floor).median.round(),
+                "reference_floor_events_per_s": rate(reference).median.round(),
+                "worker_events_per_s": rate(worker).median.round(),
+                "ratio": round3(paired(worker, floor).median),
+                "ratio_to_reference": round3(paired(worker, reference).median),
                 "cpu_us_per_event": {
-                    "store_apply": cpu("insert_floor"),
-                    "reference": cpu("insert_reference"),
-                    "worker": cpu("insert_worker"),
+                    "store_apply": cpu(floor),
+                    "reference": cpu(reference),
+                    "worker": cpu(worker),
                 },
-                "spread_events_per_s": spread(&["insert_floor", "insert_reference", "insert_worker"]),
+                "spread_events_per_s": spread(&[floor, reference, worker]),
             })
+        };
+        let insert = t.contains_key("insert_worker").then(|| {
+            let mut insert = insert_of("insert");
+            insert["populated"] = insert_of("insert_populated");
+            insert["populated"]["table_rows_before"] = serde_json::json!(self.domains);
+            insert
         });
 
         // Open loop: freshness at 50 % and 90 % of the measured capacity, look-ups while
@@ -560,6 +655,7 @@ impl Run {
             status["closed_loop"] = serde_json::json!({
                 "concurrency": LOOKUP_CONCURRENCY,
                 "requests": c.requests,
+                "errors": c.errors,
                 "p50_ms": round3(c.p50_ms),
                 "p95_ms": round3(c.p95_ms),
                 "p99_ms": round3(c.p99_ms),
@@ -586,20 +682,20 @@ impl Run {
         let baseline = self.baseline.as_ref().map(|b| {
             serde_json::json!({
                 "bin": b.bin.display().to_string(),
-                "single_events_per_s": rate("single_worker_baseline").median.round(),
-                "single_ratio": round3(paired("single_worker", "single_worker_baseline").median),
-                "single_ratio_spread": paired("single_worker", "single_worker_baseline").json(3),
-                "batched_events_per_s": rate("batched_worker_baseline").median.round(),
-                "batched_ratio": round3(paired("batched_worker", "batched_worker_baseline").median),
-                "batched_ratio_spread": paired("batched_worker", "batched_worker_baseline").json(3),
+                "single_events_per_s": rate_by("single_worker_baseline", |x| x.secs).median.round(),
+                "single_ratio": round3(paired_whole("single_worker", "single_worker_baseline").median),
+                "single_ratio_spread": paired_whole("single_worker", "single_worker_baseline").json(3),
+                "batched_events_per_s": rate_by("batched_worker_baseline", |x| x.secs).median.round(),
+                "batched_ratio": round3(paired_whole("batched_worker", "batched_worker_baseline").median),
+                "batched_ratio_spread": paired_whole("batched_worker", "batched_worker_baseline").json(3),
                 // Issue 8's changes alone: ours without V7 (issue 10) against the baseline.
-                "single_ratio_without_v7": round3(paired("single_worker_without_v7", "single_worker_baseline").median),
-                "single_ratio_without_v7_spread": paired("single_worker_without_v7", "single_worker_baseline").json(3),
-                "batched_ratio_without_v7": round3(paired("batched_worker_without_v7", "batched_worker_baseline").median),
-                "batched_ratio_without_v7_spread": paired("batched_worker_without_v7", "batched_worker_baseline").json(3),
+                "single_ratio_without_v7": round3(paired_whole("single_worker_without_v7", "single_worker_baseline").median),
+                "single_ratio_without_v7_spread": paired_whole("single_worker_without_v7", "single_worker_baseline").json(3),
+                "batched_ratio_without_v7": round3(paired_whole("batched_worker_without_v7", "batched_worker_baseline").median),
+                "batched_ratio_without_v7_spread": paired_whole("batched_worker_without_v7", "batched_worker_baseline").json(3),
                 // The Postgres sides alone: our `Store::apply` without V7 against the baseline's
                 // statements, batched alike (`baseline_floor`).
-                "batched_floor_ratio_without_v7": paired("batched_floor_without_v7", "batched_floor_baseline").json(3),
+                "batched_floor_ratio_without_v7": paired_whole("batched_floor_without_v7", "batched_floor_baseline").json(3),
                 "batched_floor_cpu_us_per_event": {
                     "baseline": cpu("batched_floor_baseline"),
                     "ours_without_v7": cpu("batched_floor_without_v7"),
@@ -607,10 +703,10 @@ impl Run {
                 // Without the start-up (process start to first count), which the whole drains
                 // include: the rate from the first tenth counted to the end.
                 "steady": {
-                    "single_ratio": paired_steady("single_worker", "single_worker_baseline").json(3),
-                    "batched_ratio": paired_steady("batched_worker", "batched_worker_baseline").json(3),
-                    "single_ratio_without_v7": paired_steady("single_worker_without_v7", "single_worker_baseline").json(3),
-                    "batched_ratio_without_v7": paired_steady("batched_worker_without_v7", "batched_worker_baseline").json(3),
+                    "single_ratio": paired("single_worker", "single_worker_baseline").json(3),
+                    "batched_ratio": paired("batched_worker", "batched_worker_baseline").json(3),
+                    "single_ratio_without_v7": paired("single_worker_without_v7", "single_worker_baseline").json(3),
+                    "batched_ratio_without_v7": paired("batched_worker_without_v7", "batched_worker_baseline").json(3),
                 },
                 "startup_secs": {
                     "ours": round3(median_of("batched_worker", &|x| x.startup_secs)),
@@ -635,7 +731,7 @@ impl Run {
                 "ceiling_events_per_s": floor.median.round(),
                 "worker_events_per_s": worker.median.round(),
                 "ratio": round3(paired("batched_worker", "batched_floor").median),
-                "worker_under_lookups_events_per_s": loaded.as_ref().map(|l| (n / l.timed.secs).round()),
+                "worker_under_lookups_events_per_s": loaded.as_ref().map(|l| (n / l.timed.steady_secs).round()),
                 "reference_floor_events_per_s": reference.median.round(),
                 "ratio_to_reference": round3(paired("batched_worker", "batched_reference").median),
                 "store_apply_ratio_to_reference": round3(paired("batched_floor", "batched_reference").median),
@@ -843,13 +939,13 @@ impl Run {
             window.push_back(confirm);
             if window.len() >= 2_000
                 && let Some(confirm) = window.pop_front()
-                && !confirm.await?.is_ack()
+                && !confirmed(confirm).await?
             {
                 bail!("prefill: nacked");
             }
         }
         for confirm in window {
-            if !confirm.await?.is_ack() {
+            if !confirmed(confirm).await? {
                 bail!("prefill: nacked");
             }
         }
@@ -914,7 +1010,14 @@ impl Run {
                         continue;
                     }
                 },
-                None => consumer.next().await,
+                None => tokio::time::timeout(BROKER_TIMEOUT, consumer.next())
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "{stage}: no delivery within {BROKER_TIMEOUT:?} ({seen} of {})",
+                            bodies.len()
+                        )
+                    })?,
             };
             let delivery = next.context("consumer ended")??;
             last_tag = delivery.delivery_tag;
@@ -1117,11 +1220,11 @@ impl Run {
     /// A floor that is not our code: the plainest upsert of the same events, without
     /// deduplication. Each batch (BATCH_SIZE events, in order) summed per domain and sorted
     /// beforehand, then one `INSERT … SELECT FROM unnest(…) ON CONFLICT DO UPDATE` per batch
-    /// (its own transaction), on IN_FLIGHT connections at once.
-    async fn reference_floor(&self, stage: &str, empty: bool) -> Result<Timed> {
+    /// (its own transaction), on IN_FLIGHT connections at once. `events`: the run's, or the
+    /// insert path's.
+    async fn reference_floor(&self, stage: &str, events: &[Event], empty: bool) -> Result<Timed> {
         type Arrays = (Vec<String>, Vec<i64>, Vec<i64>);
-        let batches: Vec<Arrays> = self
-            .events
+        let batches: Vec<Arrays> = events
             .chunks(self.config.batch_size as usize)
             .map(|chunk| {
                 let mut totals: std::collections::BTreeMap<&str, (i64, i64)> = Default::default();
@@ -1264,7 +1367,7 @@ impl Run {
                 ..Watch::default()
             },
         );
-        let http = reqwest::Client::new();
+        let http = http_client();
         let done = std::sync::Arc::new(tokio::sync::Notify::new());
         let lookup_task = lookups.then(|| {
             tokio::spawn(lookup_load(
@@ -1382,7 +1485,11 @@ fn spawn_worker(
 
 /// The worker's `/metrics` text.
 async fn metrics_text(http: &reqwest::Client, base: &str) -> Result<String> {
-    let response = http.get(format!("{base}/metrics")).send().await;
+    let response = http
+        .get(format!("{base}/metrics"))
+        .timeout(HTTP_TIMEOUT)
+        .send()
+        .await;
     let text = response.context("the worker's /metrics")?.text().await;
     text.context("the worker's /metrics")
 }
@@ -1413,6 +1520,15 @@ fn poll_interval(first: Option<Instant>, counted: Option<f64>, want: f64) -> Dur
         }
         _ => Duration::from_secs_f64(FINE),
     }
+}
+
+/// Whether the broker acked a prefill publish; an error if it did not answer within
+/// [`BROKER_TIMEOUT`].
+async fn confirmed(confirm: lapin::PublisherConfirm) -> Result<bool> {
+    let confirmation = tokio::time::timeout(BROKER_TIMEOUT, confirm)
+        .await
+        .with_context(|| format!("prefill: no confirm within {BROKER_TIMEOUT:?}"))??;
+    Ok(confirmation.is_ack())
 }
 
 /// A process's peak resident memory (`VmHWM`), or its current one (`VmRSS`).
@@ -1468,7 +1584,10 @@ fn on_capacity(single: &serde_json::Value) -> f64 {
 
 #[derive(Clone, Default)]
 struct Lookups {
+    /// Answered 2xx (the percentiles are theirs).
     requests: usize,
+    /// Non-2xx answers, transport errors and timeouts ([`HTTP_TIMEOUT`]).
+    errors: usize,
     p50_ms: f64,
     p95_ms: f64,
     p99_ms: f64,
@@ -1493,27 +1612,31 @@ async fn lookup_load(
         let (http, base, stop) = (http.clone(), base.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
             let mut rng = StdRng::seed_from_u64(worker as u64);
-            let mut latencies = Vec::new();
+            let (mut latencies, mut errors) = (Vec::new(), 0);
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let url = format!("{base}/domains/{}", domain(rng.random_range(0..domains)));
                 let t = Instant::now();
                 match http.get(url).send().await {
                     Ok(response) if response.status().is_success() => {
-                        let _ = response.bytes().await;
-                        latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+                        match response.bytes().await {
+                            Ok(_) => latencies.push(t.elapsed().as_secs_f64() * 1000.0),
+                            Err(_) => errors += 1,
+                        }
                     }
-                    _ => {}
+                    _ => errors += 1,
                 }
             }
-            latencies
+            (latencies, errors)
         }));
     }
     done.notified().await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let elapsed = started.elapsed().as_secs_f64();
-    let mut all = Vec::new();
+    let (mut all, mut errors) = (Vec::new(), 0);
     for task in tasks {
-        all.extend(task.await.unwrap_or_default());
+        let (latencies, failed) = task.await.unwrap_or_default();
+        all.extend(latencies);
+        errors += failed;
     }
     all.sort_by(f64::total_cmp);
     let pct = |p: f64| {
@@ -1523,6 +1646,7 @@ async fn lookup_load(
     };
     Lookups {
         requests: all.len(),
+        errors,
         p50_ms: pct(0.50),
         p95_ms: pct(0.95),
         p99_ms: pct(0.99),
@@ -1592,11 +1716,12 @@ fn print_table(r: &serde_json::Value) {
     );
     if single.is_object() {
         println!(
-            "single: limit {} events/s (cores / (no-op drain {} + Postgres apply {} CPU-µs per event)); worker / limit {} (dedup off {}); dedup overhead {} of the apply cost (Postgres alone {})",
+            "single: limit {} events/s (cores / (no-op drain {} + Postgres apply {} CPU-µs per event)); worker / limit {} (dedup off / limit without ids {}: {}); dedup overhead {} of the apply cost (Postgres alone {})",
             single["limit_events_per_s"],
             single["limit_inputs_cpu_us"]["noop_drain_per_message"],
             single["limit_inputs_cpu_us"]["postgres_apply_per_event"],
             single["ratio_to_limit"],
+            single["limit_no_ids_events_per_s"],
             single["ratio_to_limit_dedup_off"],
             single["dedup_overhead"],
             single["dedup_overhead_postgres_only"],
@@ -1665,18 +1790,28 @@ fn print_table(r: &serde_json::Value) {
         );
     }
     let insert = &r["insert"];
-    if insert.is_object() {
-        println!(
-            "insert (empty table): Store::apply {} events/s, reference {}, worker {} (worker / reference {})",
-            insert["store_apply_events_per_s"],
-            insert["reference_floor_events_per_s"],
-            insert["worker_events_per_s"],
-            insert["ratio_to_reference"]
-        );
+    for (name, x) in [
+        ("empty table", insert),
+        ("table of BENCH_DOMAINS", &insert["populated"]),
+    ] {
+        if x.is_object() {
+            println!(
+                "insert (every domain new, {name}): Store::apply {} events/s, reference {}, worker {} (worker / reference {})",
+                x["store_apply_events_per_s"],
+                x["reference_floor_events_per_s"],
+                x["worker_events_per_s"],
+                x["ratio_to_reference"]
+            );
+        }
     }
     // CPU-µs per event, by process, per stage (medians).
     let mut cpu_rows: Vec<(String, &serde_json::Value)> = Vec::new();
-    for (section, value) in [("single", single), ("batched", batched), ("insert", insert)] {
+    for (section, value) in [
+        ("single", single),
+        ("batched", batched),
+        ("insert", insert),
+        ("insert populated", &insert["populated"]),
+    ] {
         if let Some(stages) = value["cpu_us_per_event"].as_object() {
             for (stage, groups) in stages {
                 cpu_rows.push((format!("{section} {stage}"), groups));
@@ -1758,15 +1893,16 @@ fn print_table(r: &serde_json::Value) {
     let c = &st["closed_loop"];
     if c.is_object() {
         println!(
-            "status closed loop ({} concurrent) during a batched drain: p50 {} ms, p95 {} ms, p99 {} ms, {} req/s",
-            c["concurrency"], c["p50_ms"], c["p95_ms"], c["p99_ms"], c["rps"]
+            "status closed loop ({} concurrent) during a batched drain: p50 {} ms, p95 {} ms, p99 {} ms, {} req/s, {} errors",
+            c["concurrency"], c["p50_ms"], c["p95_ms"], c["p99_ms"], c["rps"], c["errors"]
         );
     }
     println!("worker peak RSS {} MiB", r["rss_peak_mib"]);
 }
 
 /// The rounds of one open-loop window as one report: the round with the median p99, its
-/// `p50_ms`, `p99_ms`, `max_ms` and `achieved_rate` replaced by the medians over the rounds,
+/// `p50_ms`, `p99_ms` and `achieved_rate` replaced by the medians over the rounds, `max_ms` by
+/// the maximum over every round (the median of the rounds' maxima in `median_of_max_ms`),
 /// its counts (samples, requests, every kind of error) by their sums, `rate_reached` only if
 /// every round reached it, plus `p99_ms_spread` and every round as it was (`rounds`).
 fn over_rounds(mut runs: Vec<serde_json::Value>) -> serde_json::Value {
@@ -1785,11 +1921,22 @@ fn over_rounds(mut runs: Vec<serde_json::Value>) -> serde_json::Value {
     if !out.is_object() {
         return out;
     }
+    if out.get("max_ms").is_some() {
+        let maxima = values("max_ms");
+        out["median_of_max_ms"] = serde_json::json!(round3(Summary::of(&maxima).median));
+        // The slowest sample of any round (NaN, written as null, when no round had one).
+        let max = maxima
+            .into_iter()
+            .filter(|x| x.is_finite())
+            .reduce(f64::max);
+        out["max_ms"] = serde_json::json!(round3(max.unwrap_or(f64::NAN)));
+    }
     for key in [
         "p50_ms",
         "p95_ms",
         "p99_ms",
-        "max_ms",
+        "p50_ms_answered",
+        "p99_ms_answered",
         "achieved_rate",
         "answered_per_s",
         "rps",
@@ -1952,7 +2099,7 @@ impl Run {
         let db = self.clone_db(stage, false).await?;
         let result = async {
             let (mut child, pid, base) = self.spawn_worker(&db, &topology)?;
-            let http = reqwest::Client::new();
+            let http = http_client();
             measure::wait_ready(&http, &base, Duration::from_secs(30), stage).await?;
             let secs = env_u64("BENCH_CALIBRATE_SECS", 16);
             let capacity = soak::calibrate(producer, &topology, &http, &base, secs).await;
@@ -2006,7 +2153,7 @@ impl Run {
     ) -> Result<LiveRun> {
         let (mut child, pid, base) =
             spawn_worker(bin, &format!("{PG_HOST}/{db}"), topology, &self.config)?;
-        let http = reqwest::Client::new();
+        let http = http_client();
         measure::wait_ready(&http, &base, Duration::from_secs(30), stage).await?;
         // The producer publishes in a process of its own (in the bench's, the publishers
         // starved: 20,000 of 29,000 msgs/s); its messages go to target/bench/producer.log.
@@ -2020,14 +2167,18 @@ impl Run {
             &base,
             &format!("{}-{stage}", self.id),
         );
+        // Timed after a second of warm-up (the producer connects and reaches its rate), for
+        // `secs`: only look-ups and markers scheduled in [window_start, window_end) are reported.
+        let window_start = Instant::now() + Duration::from_secs(1);
+        let window_end = window_start + Duration::from_secs(secs);
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let lookup_task = lookups.map(|r| {
             let (base, stop) = (base.clone(), stop.clone());
             let domains = self.domains;
-            tokio::spawn(async move { live::lookups_at(&base, domains, r, stop).await })
+            let window = (window_start, window_end);
+            tokio::spawn(async move { live::lookups_at(&base, domains, r, stop, window).await })
         });
-        // Timed after a second of warm-up (the producer connects and reaches its rate).
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep_until(window_start.into()).await;
         let sampler = Sampler::start(
             &self.services,
             Watch {
@@ -2037,7 +2188,7 @@ impl Run {
             },
         );
         let (counted0, started) = (counted(&http, &base).await.unwrap_or(0.0), Instant::now());
-        tokio::time::sleep(Duration::from_secs(secs)).await;
+        tokio::time::sleep_until(window_end.into()).await;
         let counted1 = counted(&http, &base).await.unwrap_or(0.0);
         let window = started.elapsed().as_secs_f64();
         let cpu = sampler.stop();
@@ -2050,7 +2201,7 @@ impl Run {
         if let Some(lookups) = lookups.as_mut() {
             lookups["server"] = live::server_side(&metrics_text(&http, &base).await?);
         }
-        let (mut samples, marker_kinds) = markers.finish().await?;
+        let (mut samples, marker_kinds) = markers.finish(Some((window_start, window_end))).await?;
         let rss = peak_rss_mib(pid);
         stop_worker(&mut child, pid).await?;
         let mut json = live::latency_json(&mut samples, marker_kinds.total());

@@ -48,7 +48,7 @@ impl Run {
         self.prefill(&topology, &bodies, true).await?;
         drop(bodies);
         let (mut child, pid, base) = spawn_worker(bin, &url, &topology, &self.config)?;
-        let http = reqwest::Client::new();
+        let http = crate::http_client();
         // Refused for 20 s: long enough for every retry to have taken what the prefetch allows.
         let refused = Instant::now();
         let mut errors = 0.0;

@@ -230,10 +230,12 @@ async fn run(
     interval: Duration,
     id: &str,
 ) -> Result<Value> {
+    // Before anything starts: an error here leaves nothing running.
+    let services = Services::find()?;
     let url = format!("{PG_HOST}/{db}");
     let config = <catchall::config::Cli as clap::Parser>::parse_from(["catchall"]).config;
     let (mut worker, pid, base) = spawn_worker(crate::ours(), &url, topology, &config)?;
-    let http = reqwest::Client::new();
+    let http = crate::http_client();
     crate::measure::wait_ready(&http, &base, Duration::from_secs(60), "soak").await?;
     let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
     tokio::spawn(connection);
@@ -269,7 +271,6 @@ async fn run(
         "soak-producer.log",
     )?;
     let producer_pid = stream.id().map(|p| p as i32);
-    let services = Services::find();
     let markers =
         crate::live::Markers::start(AMQP_URL, &topology.exchange, &base, &format!("{id}-soak"));
 
@@ -334,7 +335,7 @@ async fn run(
         rows.push(row);
     }
     stop_producer(&mut stream).await;
-    let (_, marker_kinds) = markers.finish().await?;
+    let (_, marker_kinds) = markers.finish(None).await?;
     stop_worker(&mut worker, pid).await?;
     draw(&rows, rate).context("drawing target/bench/soak.svg")?;
 
