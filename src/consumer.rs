@@ -99,6 +99,7 @@ pub struct WorkerStats {
     batches: AtomicU64,
     applied: AtomicU64,
     duplicates: AtomicU64,
+    recovered: AtomicU64,
     rejected: AtomicU64,
     database_rejected: AtomicU64,
     db_errors: AtomicU64,
@@ -115,6 +116,8 @@ pub struct StatsSnapshot {
     pub applied: u64,
     /// Messages skipped as already applied.
     pub duplicates: u64,
+    /// Batches found committed by an earlier attempt whose `COMMIT` went unanswered.
+    pub recovered: u64,
     /// Invalid messages dead-lettered while gathering.
     pub rejected: u64,
     /// Messages dead-lettered because Postgres refused them.
@@ -134,6 +137,7 @@ impl WorkerStats {
             batches: get(&self.batches),
             applied: get(&self.applied),
             duplicates: get(&self.duplicates),
+            recovered: get(&self.recovered),
             rejected: get(&self.rejected),
             database_rejected: get(&self.database_rejected),
             db_errors: get(&self.db_errors),
@@ -1066,6 +1070,8 @@ async fn apply_attempts(
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut attempts = 0u32;
     let mut conflicts = 0u32;
+    // What the last failed attempt counted when its COMMIT went out: it may have committed.
+    let mut maybe_committed: Option<Applied> = None;
     loop {
         attempts += 1;
         tracing::Span::current().record("attempts", i64::from(attempts));
@@ -1074,9 +1080,13 @@ async fn apply_attempts(
             .hook
             .as_ref()
             .and_then(|hook| hook(FaultPoint::BeforeCommit));
+        let mut sent = None;
         let attempt = store
-            .apply_once(Some(token), messages, before_commit, Some(abort))
+            .apply_once(Some(token), messages, before_commit, Some(abort), &mut sent)
             .await;
+        if attempt.is_err() && sent.is_some() {
+            maybe_committed = sent;
+        }
         match attempt {
             Err(error @ crate::store::StoreError::Abandoned) => {
                 metrics::batch_given_up();
@@ -1084,7 +1094,23 @@ async fn apply_attempts(
                     anyhow::Error::new(error).context("the batch stays unacked and is redelivered")
                 );
             }
-            Ok(applied) => {
+            Ok(mut applied) => {
+                // Every message a duplicate after an attempt whose COMMIT went out unanswered:
+                // that attempt committed (its token or ids are what this one found; another
+                // worker's copies of all of them in between are far less likely), so its counts
+                // are this batch's. Reported as duplicates, its events were missing from
+                // `catchall_events_total`.
+                if let Some(committed) = maybe_committed
+                    && applied.messages == 0
+                    && applied.duplicates == messages.len()
+                {
+                    tracing::debug!(
+                        messages = messages.len(),
+                        "An earlier attempt of this batch had committed."
+                    );
+                    WorkerStats::add(&stats.recovered, 1);
+                    applied = committed;
+                }
                 metrics::batch_committed(&applied, started.elapsed());
                 WorkerStats::add(&stats.batches, 1);
                 WorkerStats::add(&stats.applied, applied.messages);

@@ -580,7 +580,7 @@ impl Store {
     /// costs one deadline, and its connection is taken out of the pool (not reused with a
     /// transaction in an unknown state), so the retry runs on a fresh connection.
     pub async fn apply(&self, batch: &[Message]) -> Result<Applied, StoreError> {
-        self.apply_once(None, batch, None, None).await
+        self.apply_once(None, batch, None, None, &mut None).await
     }
 
     /// Like [`Store::apply`], and when `token` is given and some message has no id, the token
@@ -591,12 +591,17 @@ impl Store {
     /// when `abandon` fires ([`StoreError::Abandoned`]; also while it waits for a connection),
     /// is given up: its connection is dropped and its backend terminated (see
     /// [`Store::abandon`]). An attempt that ended when `abandon` fires keeps its outcome.
+    ///
+    /// `sent` is set to what the attempt counts once its statements and `COMMIT` are about to go
+    /// out: if it fails then, the batch may have committed, and a later attempt that finds it
+    /// so (every message a duplicate) reports these counts (see `consumer::apply_attempts`).
     pub async fn apply_once(
         &self,
         token: Option<&[u8]>,
         batch: &[Message],
         before_commit: Option<BeforeCommit>,
         abandon: Option<&CancellationToken>,
+        sent: &mut Option<Applied>,
     ) -> Result<Applied, StoreError> {
         let token = token.filter(|_| batch.iter().any(|m| m.id.is_none()));
         let deadline = tokio::time::Instant::now() + self.db_timeout;
@@ -610,7 +615,7 @@ impl Store {
                 let client = connection.insert(client);
                 tokio::time::timeout_at(
                     deadline,
-                    self.apply_on(client, token, batch, before_commit),
+                    self.apply_on(client, token, batch, before_commit, sent),
                 )
                 .await
                 .map_err(|_| StoreError::Timeout(self.db_timeout))?
@@ -734,6 +739,7 @@ impl Store {
         token: Option<&[u8]>,
         batch: &[Message],
         before_commit: Option<BeforeCommit>,
+        sent: &mut Option<Applied>,
     ) -> Result<Applied, StoreError> {
         let mut applied = Applied::default();
         // Prepared (once per connection: cached) before the transaction, which is tokio-postgres'
@@ -802,6 +808,7 @@ impl Store {
             }
         }
         applied.domains = totals.len();
+        *sent = Some(applied);
 
         if !totals.is_empty() {
             let mut domains = Vec::with_capacity(totals.len());

@@ -3,7 +3,9 @@
 //! consumer, which consumes again. The failover test runs against the 3-node cluster that
 //! `.ci/cluster.sh` starts (catchall-c1..c3@localhost on 5701..5703).
 
-use crate::helpers::{AMQP_URL, Producer, TestBroker, TestDb, TestWorker, wait_for};
+use crate::helpers::{
+    AMQP_URL, Producer, TestBroker, TestDb, TestWorker, assert_counts_now, wait_for,
+};
 use crate::proxy::Proxy;
 use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
@@ -199,6 +201,26 @@ async fn leader(up: usize, queue: &str) -> usize {
         .unwrap_or_else(|| panic!("a leader in {line}"))
 }
 
+/// Whether `node` lists all three nodes among the queue's online members (false when
+/// rabbitmqctl fails or does not answer within 10 s: the node may still be starting).
+async fn all_members_online(node: usize, queue: &str) -> bool {
+    let command = rabbitmqctl_command(
+        node,
+        &["list_queues", "name", "online", "-q", "--no-table-headers"],
+    )
+    .kill_on_drop(true)
+    .output();
+    let Ok(Ok(output)) = tokio::time::timeout(Duration::from_secs(10), command).await else {
+        return false;
+    };
+    let listing = String::from_utf8_lossy(&output.stdout);
+    output.status.success()
+        && listing
+            .lines()
+            .find(|line| line.split_whitespace().next() == Some(queue))
+            .is_some_and(|line| (1..=3).all(|i| line.contains(&node_name(i))))
+}
+
 /// Two workers and the producer, each given the three nodes in a different order. The node
 /// each worker is on, then the queue's leader (and the producer's node) are stopped one after
 /// another while 300,000 events flow (at 3,000 a second: 100 s, so that the stops, about 10 s
@@ -280,11 +302,13 @@ async fn cluster_failover_counts_every_event() {
             continue; // the leader was on a node already lost once
         }
         lost.push(node);
-        let before = db.total_events().await;
         let since = Instant::now();
-        rabbitmqctl(node, &["stop_app"]).await;
+        // Listed first: the guard starts it again should stop_app fail half-way.
         stopped.lock().unwrap().push(node);
+        rabbitmqctl(node, &["stop_app"]).await;
         let stopped_at = since.elapsed().as_secs_f64();
+        // Read once the node is down: what is counted from here on is counted during the outage.
+        let before = db.total_events().await;
         // Ready again while the node is still down.
         let mut unready = Vec::new();
         for (name, watch) in ["a", "b"].iter().zip(&watches) {
@@ -315,6 +339,14 @@ async fn cluster_failover_counts_every_event() {
         ));
         rabbitmqctl(node, &["start_app"]).await;
         stopped.lock().unwrap().retain(|n| *n != node);
+        // The queue's three members online again before the next stop, which would otherwise
+        // leave the queue without a quorum.
+        wait_for(
+            Duration::from_secs(60),
+            "the queue's three members online again",
+            || async { all_members_online(node, &broker.queue).await.then_some(()) },
+        )
+        .await;
     }
     eprintln!("failover:\n  {}", report.join("\n  "));
 
@@ -329,6 +361,8 @@ async fn cluster_failover_counts_every_event() {
     drop(watches);
     a.stop().await;
     b.stop().await;
+    // Still exact once both stopped: nothing counted again later (a late redelivery).
+    assert_counts_now(&db, &expected).await;
 }
 
 /// The broker cancels the consumer when its queue is deleted (as it does when a queue moves):

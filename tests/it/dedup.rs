@@ -481,7 +481,9 @@ async fn held_before_commit(
                 entered.notify_one();
                 release.notified().await;
             });
-            store.apply_once(None, &batch, Some(hold), None).await
+            store
+                .apply_once(None, &batch, Some(hold), None, &mut None)
+                .await
         }
     });
     entered.notified().await;

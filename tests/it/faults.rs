@@ -37,8 +37,20 @@ impl Rig {
     }
 
     /// Starts `catchall-producer generate` in the background, publishing straight to RabbitMQ
-    /// (or through the AMQP proxy).
+    /// (or through the AMQP proxy), with a 3 s confirm timeout.
     pub fn producer(&self, events: u64, rate: u64, seed: u64, through_proxy: bool) -> Producer {
+        self.producer_with_confirm_timeout(events, rate, seed, through_proxy, "3s")
+    }
+
+    /// [`Rig::producer`] with its `--confirm-timeout` (past it a message is published again).
+    pub fn producer_with_confirm_timeout(
+        &self,
+        events: u64,
+        rate: u64,
+        seed: u64,
+        through_proxy: bool,
+        confirm_timeout: &str,
+    ) -> Producer {
         let mut env = self.broker.env();
         if through_proxy {
             env.push((
@@ -57,7 +69,7 @@ impl Rig {
                 "--seed",
                 &seed,
                 "--confirm-timeout",
-                "3s",
+                confirm_timeout,
             ],
         )
     }
@@ -175,11 +187,16 @@ pub async fn start_with_hook(config: Config, hook: FaultHook) -> TestWorker {
 
 /// The broker's pids of the connections named `name` (their `connection_name`).
 pub async fn broker_connections(name: &str) -> Vec<String> {
-    let listed = tokio::process::Command::new("rabbitmqctl")
-        .args(["list_connections", "pid", "client_properties", "-q"])
-        .output()
-        .await
-        .expect("rabbitmqctl must be installed");
+    let listed = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new("rabbitmqctl")
+            .args(["list_connections", "pid", "client_properties", "-q"])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("rabbitmqctl list_connections answers within 60 s")
+    .expect("rabbitmqctl must be installed");
     assert!(
         listed.status.success(),
         "rabbitmqctl list_connections: {}",
@@ -198,11 +215,16 @@ pub async fn broker_connections(name: &str) -> Vec<String> {
 pub async fn broker_closes_connections(name: &str) -> usize {
     let mut closed = 0;
     for pid in broker_connections(name).await {
-        let status = tokio::process::Command::new("rabbitmqctl")
-            .args(["close_connection", &pid, "fault injection by a test", "-q"])
-            .status()
-            .await
-            .expect("rabbitmqctl close_connection");
+        let status = tokio::time::timeout(
+            Duration::from_secs(60),
+            tokio::process::Command::new("rabbitmqctl")
+                .args(["close_connection", &pid, "fault injection by a test", "-q"])
+                .kill_on_drop(true)
+                .status(),
+        )
+        .await
+        .expect("rabbitmqctl close_connection answers within 60 s")
+        .expect("rabbitmqctl close_connection");
         assert!(status.success(), "rabbitmqctl close_connection {pid}");
         closed += 1;
     }
@@ -225,6 +247,15 @@ async fn survives(seed: u64, inject: impl AsyncFnOnce(&Rig, &TestWorker, &Trigge
     assert_counts_eventually(&rig.db, &expected, Duration::from_secs(60)).await;
     worker.ready().await;
     worker.stop().await;
+    assert_exactly_once_after_stop(&rig.db, &expected).await;
+}
+
+/// After the workers stopped: the counters still equal `expected` (no late redelivery counted
+/// again), and each of the generator's messages (one event each, each with its own id) had its
+/// id claimed.
+async fn assert_exactly_once_after_stop(db: &TestDb, expected: &Counts) {
+    assert_counts_now(db, expected).await;
+    assert_claimed_ids(db, expected.values().map(|(d, b)| d + b).sum()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -254,19 +285,25 @@ async fn postgres_connection_cut_before_commit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_connection_cut_after_commit_before_ack() {
-    survives(23, async |_, worker, trigger| {
+    survives(23, async |rig, worker, trigger| {
         trigger.arm(Action::LoseCommitReply);
         // The batch committed, the worker saw an error and applied it again: every message of
-        // it is a duplicate, skipped.
+        // it is already claimed, and the retry recognises the batch as committed (reported as
+        // the attempt that committed counted it, not as duplicates).
         wait_for(
             Duration::from_secs(10),
-            "the retried batch to be skipped as duplicates",
+            "the retried batch to be recognised as committed",
             || async {
                 let stats = worker.stats();
-                (stats.db_errors >= 1 && stats.duplicates >= 1).then_some(())
+                (stats.db_errors >= 1 && stats.recovered >= 1).then_some(())
             },
         )
         .await;
+        // The COMMIT whose answer was lost must have happened.
+        assert!(
+            rig.pg.commits_swallowed() >= 1,
+            "a COMMIT's answer was swallowed (the fault's COMMIT reached Postgres)"
+        );
     })
     .await;
 }
@@ -282,14 +319,20 @@ async fn worker_killed_between_commit_and_ack() {
 
     let (held, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
     trigger.arm(Action::HoldAfterCommit(held.clone(), release.clone()));
-    held.notified().await;
+    tokio::time::timeout(Duration::from_secs(10), held.notified())
+        .await
+        .expect("a batch committed (and held before its ack) within 10 s");
     // The batch is committed and not acked: the worker dies now. Its connections drop, as a
     // crashed process's would, and it never acks.
     rig.amqp.cut();
     rig.pg.cut();
     worker.cancel.cancel();
     release.notify_one();
-    let _ = tokio::time::timeout(Duration::from_secs(15), &mut worker.handle).await;
+    // Ended before the proxies let connections through again: it cannot ack after all. Its
+    // outcome (an error, most likely, with its connections cut) does not matter.
+    let _outcome = tokio::time::timeout(Duration::from_secs(15), &mut worker.handle)
+        .await
+        .expect("the killed worker ended within 15 s");
     rig.amqp.restore();
     rig.pg.restore();
 
@@ -305,6 +348,7 @@ async fn worker_killed_between_commit_and_ack() {
     .await;
     restarted.ready().await;
     restarted.stop().await;
+    assert_exactly_once_after_stop(&rig.db, &expected).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -329,7 +373,9 @@ async fn postgres_down_longer_than_a_batch_timeout() {
     let config = rig.config();
     let worker = TestWorker::start(config).await;
     worker.ready().await;
-    let producer = rig.producer(EVENTS, 50_000, 26, false);
+    // A long confirm timeout: a copy published again would be in the queue twice, and the
+    // count of held messages below assumes each message is there once.
+    let producer = rig.producer_with_confirm_timeout(EVENTS, 50_000, 26, false, "60s");
     rig.counted_at_least(5_000).await;
     rig.pg.cut();
 
@@ -385,6 +431,7 @@ async fn postgres_down_longer_than_a_batch_timeout() {
     assert_counts_eventually(&rig.db, &expected, Duration::from_secs(60)).await;
     worker.ready().await;
     worker.stop().await;
+    assert_exactly_once_after_stop(&rig.db, &expected).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -392,10 +439,17 @@ async fn producer_survives_its_broker_connection_cut() {
     let rig = Rig::new().await;
     let worker = TestWorker::start(TestWorker::config(&rig.db, &rig.broker)).await;
     worker.ready().await;
-    let producer = rig.producer(EVENTS, RATE, 27, true);
+    // 5,000 a second: the stream lasts 10 s, and the cut lands well within it.
+    let producer = rig.producer(EVENTS, 5_000, 27, true);
     rig.counted_at_least(10_000).await;
-    rig.amqp.drop_connections();
+    let accepted = rig.amqp.accepted();
+    let open = rig.amqp.drop_connections();
+    assert!(open >= 1, "the cut dropped the producer's open connection");
     let expected = producer.finish().await;
+    assert!(
+        rig.amqp.accepted() > accepted,
+        "the producer connected again after the cut ({accepted} connections before it)"
+    );
     assert_eq!(
         expected.values().map(|(d, b)| d + b).sum::<i64>(),
         EVENTS as i64,
@@ -403,6 +457,7 @@ async fn producer_survives_its_broker_connection_cut() {
     );
     assert_counts_eventually(&rig.db, &expected, Duration::from_secs(60)).await;
     worker.stop().await;
+    assert_exactly_once_after_stop(&rig.db, &expected).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -440,8 +495,20 @@ async fn a_lost_commit_reply_does_not_double_count_messages_without_ids() {
         "the fault fired"
     );
     assert!(worker.stats().db_errors >= 1);
-    // The batch whose reply was lost is recognised by its token: its messages are skipped.
-    assert!(worker.stats().duplicates >= 1);
+    assert!(
+        rig.pg.commits_swallowed() >= 1,
+        "a COMMIT's answer was swallowed (the fault's COMMIT reached Postgres)"
+    );
+    // The batch whose reply was lost is recognised by its token: not applied again, and
+    // reported as the attempt that committed it counted it (it was reported as duplicates, and
+    // its events were missing from the worker's counts and catchall_events_total).
+    let stats = worker.stats();
+    assert!(stats.recovered >= 1, "{stats:?}");
+    assert_eq!(
+        (stats.applied, stats.duplicates),
+        (300, 0),
+        "every message reported applied, once"
+    );
     assert_eq!(rig.db.counts().await, expected, "counted once");
     worker.ready().await;
     worker.stop().await;

@@ -22,7 +22,8 @@ pub const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 /// Per-domain (delivered, bounced).
 pub type Counts = HashMap<String, (i64, i64)>;
 
-/// Waits until `check` returns `Some`, polling every 50 ms; panics with `what` after `timeout`.
+/// Waits until `check` returns `Some`, polling every 50 ms; panics with `what` after `timeout`
+/// (also when a probe is still under way then: a hung probe does not hang the test).
 pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where
     F: FnMut() -> Fut,
@@ -30,8 +31,10 @@ where
 {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        if let Some(value) = check().await {
-            return value;
+        match tokio::time::timeout_at(deadline, check()).await {
+            Ok(Some(value)) => return value,
+            Ok(None) => {}
+            Err(_) => panic!("timed out after {timeout:?} waiting for {what}"),
         }
         if tokio::time::Instant::now() >= deadline {
             panic!("timed out after {timeout:?} waiting for {what}");
@@ -558,11 +561,39 @@ pub async fn assert_counts_eventually(db: &TestDb, expected: &Counts, timeout: D
         (counted == total).then_some(())
     })
     .await;
+    assert_counts_now(db, expected).await;
+}
+
+/// Checks every domain against `expected` now (after [`assert_counts_eventually`] and the
+/// workers' stop: nothing was counted again later, by a late redelivery).
+pub async fn assert_counts_now(db: &TestDb, expected: &Counts) {
     let actual = db.counts().await;
     assert_eq!(actual.len(), expected.len(), "same domains");
     for (domain, want) in expected {
         assert_eq!(actual.get(domain), Some(want), "counters of {domain}");
     }
+}
+
+/// Checks that the dedup table (`applied_messages`) holds exactly `messages` distinct message
+/// ids: every message's id claimed (a lost one would be missing). Batch tokens (`\0catchall-batch\0…`, recorded only for
+/// batches with id-less messages) are not message ids and are left out.
+pub async fn assert_claimed_ids(db: &TestDb, messages: i64) {
+    let token_prefix: &[u8] = b"\0catchall-batch\0";
+    let claimed: i64 = db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(DISTINCT message_id) FROM applied_messages \
+             WHERE substring(message_id FOR length($1::bytea)) <> $1::bytea",
+            &[&token_prefix],
+        )
+        .await
+        .expect("count the claimed message ids")
+        .get(0);
+    assert_eq!(
+        claimed, messages,
+        "distinct message ids claimed in applied_messages"
+    );
 }
 
 /// A message without an id holding one delivery to `domain`, ready for `Store::apply`.
@@ -654,6 +685,13 @@ pub async fn sigterm(
     child: &mut tokio::process::Child,
     within: Duration,
 ) -> (std::process::ExitStatus, Duration) {
+    // A child that already exited (a zombie) would take the signal too, and its own exit
+    // status would pass for the stop's.
+    match child.try_wait() {
+        Ok(None) => {}
+        Ok(Some(status)) => panic!("the child had already exited ({status}) before SIGTERM"),
+        Err(error) => panic!("checking the child is still running before SIGTERM: {error}"),
+    }
     let pid = child.id().expect("the child's pid") as i32;
     let stopped_at = std::time::Instant::now();
     // SAFETY: kill(2) on our own child process, which has not been reaped yet.

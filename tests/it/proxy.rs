@@ -16,6 +16,10 @@ struct State {
     up: AtomicBool,
     /// Connections refused so far.
     refused: AtomicU64,
+    /// Connections accepted (not refused) so far.
+    accepted: AtomicU64,
+    /// Connections accepted and not ended yet (see [`OpenGuard`]).
+    open: AtomicU64,
     /// Server-to-client bytes are dropped while true.
     swallow_replies: AtomicBool,
     /// Swallowed server reads that held a `COMMIT` command tag, over every connection.
@@ -48,6 +52,8 @@ impl Proxy {
             upstream,
             up: AtomicBool::new(true),
             refused: AtomicU64::new(0),
+            accepted: AtomicU64::new(0),
+            open: AtomicU64::new(0),
             swallow_replies: AtomicBool::new(false),
             commits_swallowed: AtomicU64::new(0),
             generation: Mutex::new(CancellationToken::new()),
@@ -68,19 +74,28 @@ impl Proxy {
                     _ = accept_shutdown.cancelled() => return,
                 };
                 // `up` read under the generation lock that a cut holds while it flips it: a
-                // connection accepted during a cut is refused or dropped with the rest.
-                let token = {
+                // connection accepted during a cut is refused or dropped with the rest (and
+                // counted open under that lock: a cut's count includes it).
+                let (token, open) = {
                     let generation = accept_state.generation.lock().unwrap();
                     if !accept_state.up.load(Ordering::SeqCst) {
                         drop(client);
                         accept_state.refused.fetch_add(1, Ordering::SeqCst);
                         continue;
                     }
-                    generation.child_token()
+                    accept_state.accepted.fetch_add(1, Ordering::SeqCst);
+                    (
+                        generation.child_token(),
+                        OpenGuard::new(accept_state.clone()),
+                    )
                 };
                 let freeze = accept_state.freeze.lock().unwrap().clone();
                 let hold = accept_state.hold.lock().unwrap().clone();
-                tokio::spawn(serve(client, accept_state.clone(), token, freeze, hold));
+                tokio::spawn(async move {
+                    let state = open.0.clone();
+                    serve(client, state, token, freeze, hold).await;
+                    drop(open);
+                });
             }
         });
         Self {
@@ -90,9 +105,10 @@ impl Proxy {
         }
     }
 
-    /// Drops every open connection at once; new connections are still accepted.
-    pub fn drop_connections(&self) {
-        self.next_generation(None);
+    /// Drops every open connection at once; new connections are still accepted. Returns how
+    /// many connections were open (accepted and not ended) when it dropped them.
+    pub fn drop_connections(&self) -> u64 {
+        self.next_generation(None)
     }
 
     /// Drops every connection and refuses new ones until [`Proxy::restore`].
@@ -100,15 +116,23 @@ impl Proxy {
         self.next_generation(Some(false));
     }
 
+    /// How many connections were accepted (not refused) so far.
+    pub fn accepted(&self) -> u64 {
+        self.state.accepted.load(Ordering::SeqCst)
+    }
+
     /// Cancels the connections open now and starts a new generation, setting `up` (if given)
     /// under the same lock the accept loop reads it under.
-    fn next_generation(&self, up: Option<bool>) {
+    /// Returns how many connections were open then.
+    fn next_generation(&self, up: Option<bool>) -> u64 {
         let mut generation = self.state.generation.lock().unwrap();
         if let Some(up) = up {
             self.state.up.store(up, Ordering::SeqCst);
         }
+        let open = self.state.open.load(Ordering::SeqCst);
         generation.cancel();
         *generation = CancellationToken::new();
+        open
     }
 
     pub fn restore(&self) {
@@ -161,6 +185,23 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.shutdown.cancel();
         self.state.generation.lock().unwrap().cancel();
+    }
+}
+
+/// One accepted connection, counted open from its acceptance until this guard drops (when
+/// the connection's task ends, however it ends).
+struct OpenGuard(Arc<State>);
+
+impl OpenGuard {
+    fn new(state: Arc<State>) -> Self {
+        state.open.fetch_add(1, Ordering::SeqCst);
+        Self(state)
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
