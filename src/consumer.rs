@@ -1084,7 +1084,9 @@ async fn apply_attempts(
         let attempt = store
             .apply_once(Some(token), messages, before_commit, Some(abort), &mut sent)
             .await;
-        if attempt.is_err() && sent.is_some() {
+        // Only an attempt that counted something: one that found every message claimed
+        // already and failed must not replace the counts of the attempt that committed.
+        if attempt.is_err() && sent.is_some_and(|sent| sent.messages > 0) {
             maybe_committed = sent;
         }
         match attempt {
@@ -1096,13 +1098,15 @@ async fn apply_attempts(
             }
             Ok(mut applied) => {
                 // Every message a duplicate after an attempt whose COMMIT went out unanswered:
-                // that attempt committed (its token or ids are what this one found; another
-                // worker's copies of all of them in between are far less likely), so its counts
-                // are this batch's. Reported as duplicates, its events were missing from
-                // `catchall_events_total`.
+                // that attempt committed, so its counts are this batch's (reported as
+                // duplicates, its events were missing from `catchall_events_total`). Its token
+                // proves it for a batch with id-less messages; for one of ids alone, only while
+                // this channel still holds the messages unacked: closed, the broker may have
+                // redelivered them to another replica, whose commit this attempt found.
                 if let Some(committed) = maybe_committed
                     && applied.messages == 0
                     && applied.duplicates == messages.len()
+                    && channel.status().connected()
                 {
                     tracing::debug!(
                         messages = messages.len(),

@@ -808,7 +808,6 @@ impl Store {
             }
         }
         applied.domains = totals.len();
-        *sent = Some(applied);
 
         if !totals.is_empty() {
             let mut domains = Vec::with_capacity(totals.len());
@@ -826,15 +825,20 @@ impl Store {
                 Some(before_commit) => {
                     tx.execute(&upsert, &params).await?;
                     before_commit.await;
+                    *sent = Some(applied);
                     tx.commit().await?;
                 }
-                None => upsert_and_commit(tx, &upsert, &params).await?,
+                None => {
+                    *sent = Some(applied);
+                    upsert_and_commit(tx, &upsert, &params).await?;
+                }
             }
             return Ok(applied);
         }
         if let Some(before_commit) = before_commit {
             before_commit.await;
         }
+        *sent = Some(applied);
         tx.commit().await?;
         Ok(applied)
     }

@@ -26,7 +26,10 @@ pub async fn trace(request: Request, next: Next) -> Response {
         .extensions()
         .get::<MatchedPath>()
         .map(|path| path.as_str().to_owned());
+    // The HTTP conventions: `{method} {route}`, the method alone without a route, and `HTTP`
+    // for an `_OTHER` method.
     let name = match &route {
+        _ if method == "_OTHER" => "HTTP".to_owned(),
         Some(route) => format!("{method} {route}"),
         None => method.clone(),
     };

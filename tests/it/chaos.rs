@@ -1,5 +1,5 @@
 //! Chaos: two workers on one queue, random faults of every kind while 200,000 events flow, then
-//! exact counters. Part of `make test` (about 30 s); `make chaos` runs it alone, with its output.
+//! exact counters. Part of `make test` (about 40 s); `make chaos` runs it alone, with its output.
 
 use crate::faults::{Action, Rig, Trigger, broker_closes_connections, start_with_hook};
 use crate::helpers::*;
@@ -98,7 +98,7 @@ async fn two_workers_survive_random_faults_with_exact_counts() {
         slot.worker.ready().await;
     }
     // The producer publishes through the rig's AMQP proxy, so its connection can be cut too.
-    let producer = rig.producer(EVENTS, 8_000, seed, true);
+    let producer = rig.producer(EVENTS, 6_000, seed, true);
     // Beside the stream: messages with odd properties (non-UTF-8 short strings everywhere) and,
     // with a trigger refusing one domain, messages Postgres refuses (dead-lettered).
     crate::refusals::refuse_one_domain(&rig.db).await;
@@ -190,10 +190,12 @@ async fn two_workers_survive_random_faults_with_exact_counts() {
             }
         };
         *faults.entry(kind).or_default() += 1;
+        // A kind injected with nothing left to count stays to be injected under load; the stream
+        // (about 33 s) outlasts the first pass with a margin.
         if loaded {
             *under_load.entry(kind).or_default() += 1;
+            unfired.retain(|&k| k != choice);
         }
-        unfired.retain(|&k| k != choice);
     }
 
     let mut expected = producer.finish().await;

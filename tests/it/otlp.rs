@@ -144,7 +144,7 @@ async fn http_requests_are_exported_as_spans_continuing_the_callers_trace() {
                 let lookups: Vec<(String, Span)> = received
                     .iter()
                     .filter(|(_, span)| {
-                        span.name == "GET /domains/{domain}" || span.name == "_OTHER"
+                        span.name == "GET /domains/{domain}" || span.name == "HTTP"
                     })
                     .cloned()
                     .collect();
@@ -164,7 +164,7 @@ async fn http_requests_are_exported_as_spans_continuing_the_callers_trace() {
     );
     let (_, other) = spans
         .iter()
-        .find(|(_, span)| span.name == "_OTHER")
+        .find(|(_, span)| span.name == "HTTP")
         .expect("the span of the FROB request");
     assert_eq!(
         attribute(other, "http.request.method"),
