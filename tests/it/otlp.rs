@@ -143,9 +143,7 @@ async fn http_requests_are_exported_as_spans_continuing_the_callers_trace() {
                 let received = received.lock().expect("lock");
                 let lookups: Vec<(String, Span)> = received
                     .iter()
-                    .filter(|(_, span)| {
-                        span.name == "GET /domains/{domain}" || span.name == "HTTP"
-                    })
+                    .filter(|(_, span)| span.name == "GET /domains/{domain}" || span.name == "HTTP")
                     .cloned()
                     .collect();
                 (lookups.len() >= 4).then_some(lookups)
