@@ -72,7 +72,18 @@ pub fn install() -> PrometheusHandle {
                 .set_buckets_for_metric(
                     Matcher::Full("catchall_batch_events".into()),
                     &[
-                        1.0, 10.0, 100.0, 500.0, 1000.0, 5000.0, 10_000.0, 50_000.0, 100_000.0,
+                        1.0,
+                        10.0,
+                        100.0,
+                        500.0,
+                        1000.0,
+                        5000.0,
+                        10_000.0,
+                        50_000.0,
+                        100_000.0,
+                        // BATCH_SIZE may be up to 1,000,000.
+                        500_000.0,
+                        1_000_000.0,
                     ],
                 )
                 .and_then(|b| {
@@ -212,6 +223,7 @@ fn describe() {
     );
     describe_gauge!(
         "catchall_unacked_bytes",
+        Unit::Bytes,
         "Bytes of message bodies held unacknowledged (gathering and committing)."
     );
     describe_gauges();

@@ -74,6 +74,7 @@ pub async fn lag_loop(
 ) {
     describe_gauge!(
         "catchall_replica_lag_seconds",
+        metrics::Unit::Seconds,
         "How far the look-up replica (STATUS_DATABASE_URL) is behind the primary."
     );
     describe_gauge!(
