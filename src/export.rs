@@ -12,6 +12,11 @@ use std::path::PathBuf;
 /// Rows fetched per page.
 const PAGE: u32 = 10_000;
 
+/// Tries of one page: a page that times out (a busy primary, a lock queued ahead of it) or
+/// whose connection drops is read again, with growing pauses, before the export gives up. One
+/// slow page failed an export of millions of domains whole.
+const PAGE_TRIES: u32 = 5;
+
 /// Options of `catchall export`.
 #[derive(Debug, Clone, Args)]
 pub struct ExportArgs {
@@ -120,11 +125,37 @@ pub async fn write_csv(
     writeln!(out, "domain,delivered,bounced,status").context("writing the CSV")?;
     let mut after = String::new();
     let mut rows = 0u64;
+    let mut backoff = crate::backoff::Backoff::new(
+        std::time::Duration::from_millis(500),
+        std::time::Duration::from_secs(5),
+    );
     loop {
-        let page = store
-            .list_domains(Some(status), threshold, &after, PAGE)
-            .await
-            .context("reading a page of domains")?;
+        let mut tries = 0;
+        let page = loop {
+            tries += 1;
+            match store
+                .list_domains(Some(status), threshold, &after, PAGE)
+                .await
+            {
+                Ok(page) => break page,
+                Err(error) if tries < PAGE_TRIES && !error.is_permanent() => {
+                    let wait = backoff.next_wait();
+                    tracing::warn!(
+                        error = format!("{:#}", anyhow::Error::new(error)),
+                        after = %after,
+                        tries,
+                        wait_ms = wait.as_millis() as u64,
+                        "Reading a page of domains failed; reading it again."
+                    );
+                    tokio::time::sleep(wait).await;
+                }
+                Err(error) => {
+                    return Err(anyhow::Error::new(error)
+                        .context(format!("reading a page of domains ({tries} tries)")));
+                }
+            }
+        };
+        backoff.reset();
         for row in &page {
             // Domains are normalised host names (letters, digits, dots, hyphens): no quoting.
             writeln!(

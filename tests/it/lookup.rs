@@ -731,10 +731,7 @@ async fn a_stalled_lookup_is_a_503_before_the_request_timeout() {
 async fn an_export_longer_than_a_page_writes_every_domain_once() {
     const CATCH_ALL: i64 = 25_003;
     let db = TestDb::create().await;
-    let store = catchall::store::Store::connect(&db.url, 1)
-        .await
-        .expect("connect");
-    store.migrate().await.expect("migrate");
+    db.store(1).await;
     // Catch-all domains interleaved (in the listing's "C" order) with bouncing and unknown ones.
     db.client()
         .await
@@ -776,4 +773,58 @@ async fn export_catch_all(db: &TestDb) -> String {
         .expect("run catchall export");
     assert!(status.success());
     std::fs::read_to_string(&output.0).expect("the export file")
+}
+
+/// A page that times out is read again: one slow page (here behind a lock held past the 5 s
+/// look-up deadline) failed the whole export.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_reads_a_page_that_timed_out_again() {
+    use tokio::io::AsyncBufReadExt;
+    let db = TestDb::create().await;
+    db.store(1).await;
+    db.client()
+        .await
+        .batch_execute(
+            "INSERT INTO domains (domain, delivered, bounced) \
+             SELECT 'd' || lpad(i::text, 6, '0') || '.example', 1001, 0 \
+               FROM generate_series(1, 2000) i",
+        )
+        .await
+        .expect("seed the domains");
+    let locker = db.client().await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE domains IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock the domains");
+    let output = TempFile::csv("export-retry");
+    let mut export = tokio::process::Command::new(binary("catchall"))
+        .env("DATABASE_URL", &db.url)
+        .env("LOG_FORMAT", "json")
+        .args(["export", "--status", "catch-all", "--output"])
+        .arg(&output.0)
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run catchall export");
+    let mut lines = tokio::io::BufReader::new(export.stderr.take().expect("stderr piped")).lines();
+    // The first read of the page times out behind the lock (5 s), and is tried again.
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.expect("read the log") {
+            eprintln!("{line}");
+            if line.contains("reading it again") {
+                return;
+            }
+        }
+        panic!("the export ended without reading the page again");
+    })
+    .await
+    .expect("a page read again within 30 s");
+    locker.batch_execute("COMMIT").await.expect("unlock");
+    let status = tokio::time::timeout(Duration::from_secs(60), export.wait())
+        .await
+        .expect("the export ends")
+        .expect("wait for the export");
+    assert!(status.success(), "{status:?}");
+    let csv = std::fs::read_to_string(&output.0).expect("the export file");
+    assert_eq!(csv.lines().count(), 2001, "the header and every domain");
 }
