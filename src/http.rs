@@ -441,7 +441,8 @@ async fn require_query_token(
 // --- Ingest ---
 
 /// The `Idempotency-Key` header, which becomes the message id: 1–255 visible ASCII characters
-/// (an AMQP short string that Postgres can store).
+/// (an AMQP short string that Postgres can store), not beginning as a webhook's ids do
+/// ([`crate::webhooks::ID_PREFIXES`]).
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get("idempotency-key") else {
         return Ok(None);
@@ -452,7 +453,16 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
             "Idempotency-Key must be 1 to 255 visible ASCII characters",
         ));
     }
-    Ok(Some(String::from_utf8_lossy(bytes).into_owned()))
+    let key = String::from_utf8_lossy(bytes).into_owned();
+    if let Some(prefix) = crate::webhooks::ID_PREFIXES
+        .iter()
+        .find(|prefix| key.starts_with(*prefix))
+    {
+        return Err(ApiError::bad_request(format!(
+            "Idempotency-Key may not begin with {prefix:?}: the webhooks' message ids do"
+        )));
+    }
+    Ok(Some(key))
 }
 
 fn accepted(events: usize) -> Response {

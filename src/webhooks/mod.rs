@@ -251,6 +251,11 @@ pub(crate) fn unix_now() -> i64 {
 }
 
 /// How far a signed timestamp may be from now (Mailgun, SendGrid).
+/// How the webhooks' message ids begin (`sendgrid:{sg_event_id}`, `mailgun:{id}`,
+/// `sns:{MessageId}`, `postmark:{type}:{id}`): an HTTP `Idempotency-Key` may not, so a client's
+/// key can never be a provider event's id (that event would be skipped as a duplicate of it).
+pub const ID_PREFIXES: [&str; 4] = ["sendgrid:", "mailgun:", "sns:", "postmark:"];
+
 pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
 
 /// Remembers the Mailgun tokens seen within the freshness window, so a replayed request is

@@ -429,6 +429,11 @@ async fn bad_paths_bodies_and_tokens_get_4xx_json_and_publish_nothing() {
             put("/events/a.example/delivered").header("Idempotency-Key", "k".repeat(300)),
             StatusCode::BAD_REQUEST,
         ),
+        (
+            "a webhook's message id as the key",
+            put("/events/a.example/delivered").header("Idempotency-Key", "sendgrid:abc123"),
+            StatusCode::BAD_REQUEST,
+        ),
     ] {
         let (status, message) = assert_json_4xx(request.send().await.unwrap(), what).await;
         assert_eq!(status, want, "{what}: {message}");
