@@ -10,6 +10,9 @@
 //! suppression list) and a temporary failure (Mailgun retries) are ignored, like every other
 //! event (`opened`, `clicked`, `complained`, `unsubscribed`, `accepted`…).
 
+/// How this provider's message ids begin (see [`super::ID_PREFIXES`]).
+pub const ID_PREFIX: &str = "mailgun:";
+
 use super::{MAX_CLOCK_SKEW, Parsed, ReplayCache, WebhookError, event_for};
 use crate::bounce::{EnhancedCode, codes_in_text};
 use crate::event::{EventType, Evidence};
@@ -100,7 +103,7 @@ pub fn token(body: &[u8]) -> Option<String> {
 }
 
 fn parse(data: &EventData, token: &str) -> Parsed {
-    let message_id = format!("mailgun:{}", data.id.as_deref().unwrap_or(token));
+    let message_id = format!("{ID_PREFIX}{}", data.id.as_deref().unwrap_or(token));
     let ignored = || Parsed {
         events: Vec::new(),
         message_id: message_id.clone(),

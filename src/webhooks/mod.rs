@@ -254,7 +254,12 @@ pub(crate) fn unix_now() -> i64 {
 /// How the webhooks' message ids begin (`sendgrid:{sg_event_id}`, `mailgun:{id}`,
 /// `sns:{MessageId}`, `postmark:{type}:{id}`): an HTTP `Idempotency-Key` may not, so a client's
 /// key can never be a provider event's id (that event would be skipped as a duplicate of it).
-pub const ID_PREFIXES: [&str; 4] = ["sendgrid:", "mailgun:", "sns:", "postmark:"];
+pub const ID_PREFIXES: [&str; 4] = [
+    sendgrid::ID_PREFIX,
+    mailgun::ID_PREFIX,
+    sns::ID_PREFIX,
+    postmark::ID_PREFIX,
+];
 
 pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
 

@@ -7,6 +7,9 @@
 //! `SpamNotification`, `Blocked`, `DnsError`, `AutoResponder`…) is counted apart. Opens,
 //! clicks, spam complaints and subscription changes are ignored.
 
+/// How this provider's message ids begin (see [`super::ID_PREFIXES`]).
+pub const ID_PREFIX: &str = "postmark:";
+
 use super::{Parsed, WebhookError, event_for};
 use crate::bounce::codes_in_text;
 use crate::event::{EventType, Evidence};
@@ -72,7 +75,7 @@ pub fn parse(body: &[u8]) -> Result<Parsed, WebhookError> {
             ))
         })
         .unwrap_or_else(|| super::sha256_hex(body));
-    let message_id = format!("postmark:{}:{id}", record.record_type);
+    let message_id = format!("{ID_PREFIX}{}:{id}", record.record_type);
     let event = match record.record_type.as_str() {
         "Delivery" => event_for(
             record.recipient.as_deref().unwrap_or_default(),

@@ -10,6 +10,9 @@
 //! troubleshooting guide). Events without one go together under the SHA-256 of the signed
 //! body: a retried batch is counted once.
 
+/// How this provider's message ids begin (see [`super::ID_PREFIXES`]).
+pub const ID_PREFIX: &str = "sendgrid:";
+
 use super::{MAX_CLOCK_SKEW, Parsed, WebhookError, event_for, sha256_hex};
 use crate::bounce::{EnhancedCode, codes_in_text};
 use crate::event::{EventType, Evidence};
@@ -44,7 +47,7 @@ struct SgEvent {
 impl SgEvent {
     fn id(&self) -> Option<String> {
         let id = self.sg_event_id.as_ref()?.as_str()?.trim();
-        (!id.is_empty()).then(|| format!("sendgrid:{id}"))
+        (!id.is_empty()).then(|| format!("{ID_PREFIX}{id}"))
     }
 }
 
@@ -105,7 +108,7 @@ pub fn parse(body: &[u8]) -> Result<Parsed, WebhookError> {
     let events: Vec<SgEvent> =
         serde_json::from_slice(body).map_err(|e| super::bad_json("a SendGrid event array", &e))?;
     let mut parsed = Parsed {
-        message_id: format!("sendgrid:{}", sha256_hex(body)),
+        message_id: format!("{ID_PREFIX}{}", sha256_hex(body)),
         ..Parsed::default()
     };
     for event in &events {
@@ -212,7 +215,7 @@ mod tests {
                 "8i6bK9UC-zoTFx79IqRKRy==",
                 "9j7cL0VD-apUGy80JrSLSz==",
             ]
-            .map(|id| Some(format!("sendgrid:{id}")))
+            .map(|id| Some(format!("{ID_PREFIX}{id}")))
         );
         let without = parse(
             br#"[{"email":"a@x.example","event":"delivered","sg_event_id":7},

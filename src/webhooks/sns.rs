@@ -14,6 +14,9 @@
 //!   proof and every other sub-type is counted apart; `Suppressed` and
 //!   `OnAccountSuppressionList` (SES did not send) are ignored, like complaints and the rest.
 
+/// How this provider's message ids begin (see [`super::ID_PREFIXES`]).
+pub const ID_PREFIX: &str = "sns:";
+
 use super::{Parsed, WebhookArgs, WebhookError, event_for};
 use crate::bounce::{EnhancedCode, codes_in_text};
 use crate::event::{EventType, Evidence};
@@ -338,7 +341,7 @@ pub async fn handle(
     }
     verifier.verify(&envelope).await?;
     fresh(&envelope.timestamp, std::time::SystemTime::now())?;
-    let message_id = format!("sns:{}", envelope.message_id);
+    let message_id = format!("{ID_PREFIX}{}", envelope.message_id);
     match envelope.kind.as_str() {
         "SubscriptionConfirmation" => {
             verifier

@@ -726,3 +726,36 @@ pub async fn lock_waiters(client: &tokio_postgres::Client) -> Option<i64> {
         .ok()?;
     Some(row.get(0))
 }
+
+/// The lines of a child's piped stderr.
+pub type LogLines = tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>;
+
+/// Takes `child`'s piped stderr, as lines.
+pub fn stderr_lines(child: &mut tokio::process::Child) -> LogLines {
+    use tokio::io::AsyncBufReadExt;
+    tokio::io::BufReader::new(child.stderr.take().expect("stderr piped")).lines()
+}
+
+/// Reads `lines` until one contains `wanted` (returned), panicking after `within`, or if a
+/// line contains `forbidden`.
+pub async fn log_line(
+    lines: &mut LogLines,
+    wanted: &str,
+    forbidden: Option<&str>,
+    within: Duration,
+) -> String {
+    tokio::time::timeout(within, async {
+        while let Some(line) = lines.next_line().await.expect("read the log") {
+            eprintln!("{line}");
+            if let Some(forbidden) = forbidden {
+                assert!(!line.contains(forbidden), "{forbidden:?} logged: {line}");
+            }
+            if line.contains(wanted) {
+                return line;
+            }
+        }
+        panic!("the log ended without {wanted:?}");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {wanted:?} in the log within {within:?}"))
+}

@@ -764,10 +764,7 @@ async fn an_export_longer_than_a_page_writes_every_domain_once() {
 /// What `catchall export --status catch-all --output FILE` writes for `db`.
 async fn export_catch_all(db: &TestDb) -> String {
     let output = TempFile::csv("export");
-    let status = tokio::process::Command::new(binary("catchall"))
-        .env("DATABASE_URL", &db.url)
-        .args(["export", "--status", "catch-all", "--output"])
-        .arg(&output.0)
+    let status = export_command(db, &output)
         .status()
         .await
         .expect("run catchall export");
@@ -779,7 +776,6 @@ async fn export_catch_all(db: &TestDb) -> String {
 /// look-up deadline) failed the whole export.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_export_reads_a_page_that_timed_out_again() {
-    use tokio::io::AsyncBufReadExt;
     let db = TestDb::create().await;
     db.store(1).await;
     db.client()
@@ -797,28 +793,21 @@ async fn an_export_reads_a_page_that_timed_out_again() {
         .await
         .expect("lock the domains");
     let output = TempFile::csv("export-retry");
-    let mut export = tokio::process::Command::new(binary("catchall"))
-        .env("DATABASE_URL", &db.url)
+    let mut export = export_command(&db, &output)
         .env("LOG_FORMAT", "json")
-        .args(["export", "--status", "catch-all", "--output"])
-        .arg(&output.0)
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("run catchall export");
-    let mut lines = tokio::io::BufReader::new(export.stderr.take().expect("stderr piped")).lines();
+    let mut lines = stderr_lines(&mut export);
     // The first read of the page times out behind the lock (5 s), and is tried again.
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(line) = lines.next_line().await.expect("read the log") {
-            eprintln!("{line}");
-            if line.contains("reading it again") {
-                return;
-            }
-        }
-        panic!("the export ended without reading the page again");
-    })
-    .await
-    .expect("a page read again within 30 s");
+    log_line(
+        &mut lines,
+        "reading it again",
+        None,
+        Duration::from_secs(30),
+    )
+    .await;
     locker.batch_execute("COMMIT").await.expect("unlock");
     let status = tokio::time::timeout(Duration::from_secs(60), export.wait())
         .await
@@ -827,4 +816,14 @@ async fn an_export_reads_a_page_that_timed_out_again() {
     assert!(status.success(), "{status:?}");
     let csv = std::fs::read_to_string(&output.0).expect("the export file");
     assert_eq!(csv.lines().count(), 2001, "the header and every domain");
+}
+
+/// `catchall export --status catch-all --output FILE` for `db`.
+fn export_command(db: &TestDb, output: &TempFile) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(binary("catchall"));
+    command
+        .env("DATABASE_URL", &db.url)
+        .args(["export", "--status", "catch-all", "--output"])
+        .arg(&output.0);
+    command
 }

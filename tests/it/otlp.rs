@@ -50,14 +50,7 @@ async fn otlp_receiver() -> (String, Received) {
     let app = axum::Router::new()
         .route("/v1/traces", axum::routing::post(traces))
         .with_state(received.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind the OTLP receiver");
-    let url = format!(
-        "http://{}/v1/traces",
-        listener.local_addr().expect("receiver address")
-    );
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let url = format!("http://{}/v1/traces", serve(app).await);
     (url, received)
 }
 
@@ -459,7 +452,15 @@ async fn a_collector_that_does_not_answer_delays_the_exit_by_the_flush_timeout_a
     );
 }
 
-type LogLines = tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>;
+/// Serves `app` on a free port of 127.0.0.1 in the background; its address.
+async fn serve(app: axum::Router) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a port");
+    let addr = listener.local_addr().expect("its address");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
 
 /// A worker binary on `settings`, and its log's lines.
 fn logging_worker(
@@ -467,37 +468,12 @@ fn logging_worker(
     broker: &TestBroker,
     settings: &[(&str, String)],
 ) -> (tokio::process::Child, LogLines) {
-    use tokio::io::AsyncBufReadExt;
     let mut worker = worker_command(db, broker, settings)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("start the worker binary");
-    let stderr = worker.stderr.take().expect("stderr piped");
-    (worker, tokio::io::BufReader::new(stderr).lines())
-}
-
-/// Reads `lines` until one contains `wanted` (returned), panicking after `within`, or if a
-/// line contains `forbidden`.
-async fn log_line(
-    lines: &mut LogLines,
-    wanted: &str,
-    forbidden: Option<&str>,
-    within: Duration,
-) -> String {
-    tokio::time::timeout(within, async {
-        while let Some(line) = lines.next_line().await.expect("read the log") {
-            eprintln!("{line}");
-            if let Some(forbidden) = forbidden {
-                assert!(!line.contains(forbidden), "{forbidden:?} logged: {line}");
-            }
-            if line.contains(wanted) {
-                return line;
-            }
-        }
-        panic!("the log ended without {wanted:?}");
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no {wanted:?} in the log within {within:?}"))
+    let lines = stderr_lines(&mut worker);
+    (worker, lines)
 }
 
 /// A collector that refuses every export is logged: the SDK's own log lines are compiled out,
@@ -508,14 +484,7 @@ async fn failed_exports_are_logged() {
         "/v1/traces",
         axum::routing::post(|| async { StatusCode::UNAUTHORIZED }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind the refusing collector");
-    let endpoint = format!(
-        "http://{}/v1/traces",
-        listener.local_addr().expect("address")
-    );
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let endpoint = format!("http://{}/v1/traces", serve(app).await);
     let db = TestDb::create().await;
     let broker = TestBroker::new();
     let settings = [("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", endpoint)];
