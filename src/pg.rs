@@ -58,9 +58,28 @@ pub struct TlsParams {
 
 const OURS: [&str; 4] = ["sslmode", "sslrootcert", "sslcert", "sslkey"];
 
+/// The TLS connector of a Postgres URL: rustls as [`config`] set it up, built again from its
+/// files (`sslrootcert`, `sslcert`, `sslkey`) when they change ([`tls::Reloading`]), so a
+/// renewed client certificate or CA file is used from the next connection on.
+#[derive(Clone)]
+pub struct PgTls(std::sync::Arc<tls::Reloading<MakeRustlsConnect>>);
+
+impl<S> tokio_postgres::tls::MakeTlsConnect<S> for PgTls
+where
+    MakeRustlsConnect: tokio_postgres::tls::MakeTlsConnect<S>,
+{
+    type Stream = <MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<S>>::Stream;
+    type TlsConnect = <MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<S>>::TlsConnect;
+    type Error = <MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<S>>::Error;
+
+    fn make_tls_connect(&mut self, domain: &str) -> Result<Self::TlsConnect, Self::Error> {
+        self.0.current("Postgres").make_tls_connect(domain)
+    }
+}
+
 /// Parses a libpq URL or `key=value` string: the tokio-postgres configuration and the TLS
 /// connector for it.
-pub fn config(url: &str) -> Result<(tokio_postgres::Config, MakeRustlsConnect), PgError> {
+pub fn config(url: &str) -> Result<(tokio_postgres::Config, PgTls), PgError> {
     let (rest, params) = split_tls_params(url);
     let mut config: tokio_postgres::Config = rest.parse().map_err(PgError::Parse)?;
     // libpq 16: `sslrootcert=system` means `verify-full`, and a weaker mode with it is an error.
@@ -118,16 +137,33 @@ pub fn config(url: &str) -> Result<(tokio_postgres::Config, MakeRustlsConnect), 
     };
     let identity = match (&params.sslcert, &params.sslkey) {
         (Some(cert), Some(key)) if ssl_mode != SslMode::Disable => {
-            Some(Identity::from_files(cert.as_ref(), key.as_ref())?)
+            Some((PathBuf::from(cert), PathBuf::from(key)))
         }
         (Some(_), None) | (None, Some(_)) => return Err(PgError::HalfIdentity),
         _ => None,
     };
-    let mut client = tls::client_config(&roots, verify, identity)?;
-    // Postgres 17 refuses a direct TLS connection (`sslnegotiation=direct`) without this ALPN,
-    // which libpq 17 always sends; servers before 17 ignore it.
-    client.alpn_protocols = vec![b"postgresql".to_vec()];
-    Ok((config, MakeRustlsConnect::new(client)))
+    let mut files: Vec<PathBuf> = identity
+        .iter()
+        .flat_map(|(cert, key)| [cert.clone(), key.clone()])
+        .collect();
+    if let Roots::File(path) = &roots
+        && verify != Verify::None
+    {
+        files.push(path.clone());
+    }
+    let build = move || {
+        let identity = match &identity {
+            Some((cert, key)) => Some(Identity::from_files(cert, key)?),
+            None => None,
+        };
+        let mut client = tls::client_config(&roots, verify, identity)?;
+        // Postgres 17 refuses a direct TLS connection (`sslnegotiation=direct`) without this
+        // ALPN, which libpq 17 always sends; servers before 17 ignore it.
+        client.alpn_protocols = vec![b"postgresql".to_vec()];
+        Ok(MakeRustlsConnect::new(client))
+    };
+    let tls = tls::Reloading::new(files, build)?;
+    Ok((config, PgTls(std::sync::Arc::new(tls))))
 }
 
 /// `host:port/database` of a connection string, for messages: never the password.

@@ -7,7 +7,6 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_postgres::types::ToSql;
-use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_util::sync::CancellationToken;
 
 mod dedup;
@@ -233,7 +232,7 @@ pub struct Store {
     pg: Arc<tokio_postgres::Config>,
     /// For the cancel requests of abandoned attempts whose backend could not be terminated
     /// (see [`Store::abandon`]).
-    tls: MakeRustlsConnect,
+    tls: crate::pg::PgTls,
     /// Client-side deadline of one apply attempt (DB_TIMEOUT).
     db_timeout: Duration,
     /// How close to UTC midnight a claim inserts its ids on both sides of the nearest partition

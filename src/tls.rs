@@ -82,6 +82,77 @@ impl Identity {
     }
 }
 
+/// A TLS setting built from files and built again when they change: a certificate or CA file
+/// renewed in place (cert-manager, a mounted Kubernetes Secret, a CA rotation) is used by the
+/// next connection, without a restart. The files are looked at (`stat`, following symlinks as a
+/// Secret's `..data` swap needs) each time a connection is made; a change that does not build
+/// (a key written before its certificate, say) is logged and the last good setting kept, and
+/// it is tried again at the next connection.
+pub struct Reloading<T> {
+    files: Vec<PathBuf>,
+    build: Box<dyn Fn() -> Result<T, TlsError> + Send + Sync>,
+    state: std::sync::Mutex<(Vec<Option<Stamp>>, T)>,
+}
+
+/// What tells a file changed: its modification time, size and inode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp {
+    modified: Option<std::time::SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+fn stamps(files: &[PathBuf]) -> Vec<Option<Stamp>> {
+    use std::os::unix::fs::MetadataExt;
+    files
+        .iter()
+        .map(|path| {
+            std::fs::metadata(path).ok().map(|meta| Stamp {
+                modified: meta.modified().ok(),
+                len: meta.len(),
+                inode: meta.ino(),
+            })
+        })
+        .collect()
+}
+
+impl<T: Clone> Reloading<T> {
+    /// Builds the setting now (an error here is a configuration error at start) and watches
+    /// `files` (the CA file, the client certificate and its key: those of them in use).
+    pub fn new(
+        files: Vec<PathBuf>,
+        build: impl Fn() -> Result<T, TlsError> + Send + Sync + 'static,
+    ) -> Result<Self, TlsError> {
+        let seen = stamps(&files);
+        let value = build()?;
+        Ok(Self {
+            files,
+            build: Box::new(build),
+            state: std::sync::Mutex::new((seen, value)),
+        })
+    }
+
+    /// The setting for a new connection: built again first if a file changed since.
+    pub fn current(&self, what: &str) -> T {
+        let now = stamps(&self.files);
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if now != state.0 {
+            match (self.build)() {
+                Ok(value) => {
+                    tracing::info!(files = ?self.files, "{what}: TLS files changed; reloaded");
+                    *state = (now, value);
+                }
+                Err(error) => tracing::warn!(
+                    files = ?self.files,
+                    "{what}: TLS files changed but cannot be used ({error}); keeping the \
+                     previous ones until they can"
+                ),
+            }
+        }
+        state.1.clone()
+    }
+}
+
 /// The crypto provider every TLS connection uses.
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())

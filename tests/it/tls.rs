@@ -368,3 +368,108 @@ async fn tls_readyz_names_a_refused_broker_certificate() {
     );
     worker.stop().await;
 }
+
+/// TLS files renewed in place (cert-manager, a mounted Secret, a CA rotation) are read again
+/// at the next connection, without a restart. Each step replaces the CA file by a rename (a
+/// new inode, as a Secret's swap) and ends the store's backend, so the pool connects again:
+/// - a file that does not parse: logged, and the previous setting kept (the store connects);
+/// - another CA: the new connection is refused, naming the certificate (before, the files were
+///   read once at start, and it connected);
+/// - the right CA again: it connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewed_postgres_tls_files_are_used_by_the_next_connection() {
+    let db = TlsDb::create().await;
+    let dir = std::env::temp_dir();
+    let id = uuid::Uuid::now_v7().simple();
+    let ca = crate::helpers::TempFile(dir.join(format!("catchall-ca-{id}.pem")));
+    let next = crate::helpers::TempFile(dir.join(format!("catchall-ca-{id}.next")));
+    std::fs::copy(cert("ca.pem"), &ca.0).expect("copy the CA file");
+    let params = format!(
+        "sslmode=verify-full&sslrootcert={}&sslcert={}&sslkey={}",
+        ca.0.display(),
+        cert("client.pem"),
+        cert("client.key")
+    );
+    let store = Store::connect(
+        &pg_url("catchall_client", "localhost", &db.name, &params),
+        1,
+    )
+    .await
+    .expect("connects with the CA file");
+    let admin = admin().await;
+    let backends = || backends_of(&admin, &db.name);
+    let old = swap_and_end(&admin, &db.name, &ca.0, &next.0, b"not a certificate\n").await;
+    wait_for(
+        Duration::from_secs(20),
+        "a new connection with the previous CA kept",
+        || async {
+            let pids = backends().await;
+            (store.ping_within(Duration::from_secs(5)).await.is_ok()
+                && !pids.is_empty()
+                && !pids.contains(&old))
+            .then_some(())
+        },
+    )
+    .await;
+
+    let other = std::fs::read(cert("other-ca.pem")).expect("read other-ca.pem");
+    swap_and_end(&admin, &db.name, &ca.0, &next.0, &other).await;
+    let refused = wait_for(
+        Duration::from_secs(20),
+        "the next connection to use the other CA",
+        || async {
+            match store.ping_within(Duration::from_secs(5)).await {
+                Err(error) => {
+                    let text = format!("{:#}", anyhow::Error::new(error));
+                    text.contains("not signed by a CA in the CA file")
+                        .then_some(text)
+                }
+                Ok(()) => None,
+            }
+        },
+    )
+    .await;
+    eprintln!("refused after the CA file changed: {refused}");
+
+    std::fs::copy(cert("ca.pem"), &next.0).expect("copy the CA file");
+    std::fs::rename(&next.0, &ca.0).expect("swap the right CA file in");
+    wait_for(Duration::from_secs(20), "connecting again", || async {
+        store.ping_within(Duration::from_secs(5)).await.ok()
+    })
+    .await;
+    drop(store);
+}
+
+/// The pids of the backends connected to `db`.
+async fn backends_of(admin: &tokio_postgres::Client, db: &str) -> Vec<i32> {
+    admin
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE datname = $1",
+            &[&db],
+        )
+        .await
+        .expect("list the backends")
+        .iter()
+        .map(|row| row.get::<_, i32>(0))
+        .collect()
+}
+
+/// Writes `pem` to `next`, renames it over `ca` (a new inode, as a Secret's swap), ends the one
+/// backend on `db`, and returns its pid.
+async fn swap_and_end(
+    admin: &tokio_postgres::Client,
+    db: &str,
+    ca: &std::path::Path,
+    next: &std::path::Path,
+    pem: &[u8],
+) -> i32 {
+    std::fs::write(next, pem).expect("write the new CA file");
+    std::fs::rename(next, ca).expect("swap the CA file in");
+    let old = backends_of(admin, db).await;
+    assert_eq!(old.len(), 1, "one connection in the store's pool: {old:?}");
+    admin
+        .execute("SELECT pg_terminate_backend($1)", &[&old[0]])
+        .await
+        .expect("end the store's backend");
+    old[0]
+}
