@@ -48,9 +48,9 @@ postfix:
 
 # Every test runs in its own process under nextest (the metrics recorder is per process).
 nextest:
-	@$(CARGO) nextest --version >/dev/null 2>&1 || $(CARGO) install --locked cargo-nextest
+	@$(CARGO) nextest --version >/dev/null 2>&1 || $(CARGO) install --locked cargo-nextest --version 0.9.143
 
-## chaos: the fault-injection run alone (two workers, random faults, 200,000 events), with its report
+## chaos: the fault-injection run alone (two workers, random faults, at least 200,000 events), with its report
 chaos: build nextest
 	CHAOS_SEED=$${CHAOS_SEED:-$$(date +%s)} $(CARGO) nextest run --workspace --no-capture -E 'test(chaos)'
 

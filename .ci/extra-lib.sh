@@ -80,5 +80,5 @@ start_rabbit_node() { # name dist_port conf_text plugins
 }
 
 await_rabbit_node() { # name
-  rmqctl "$1@localhost" await_startup --timeout 90 >/dev/null
+  rmqctl "$1@localhost" await_startup --timeout 300 >/dev/null
 }

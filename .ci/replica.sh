@@ -60,6 +60,10 @@ online catchall_replica || ctl catchall_replica start
 wait_pg 5435
 # The replica must answer SQL and be in recovery (streaming), not merely accept TCP.
 in_recovery=$(psql -h 127.0.0.1 -p 5435 -U postgres -Atc 'SELECT pg_is_in_recovery()')
+# A replica test killed while it held replay paused (the lag tests) leaves it paused: resume.
+if [ "$in_recovery" = t ]; then
+  psql -h 127.0.0.1 -p 5435 -U postgres -Atc 'SELECT pg_wal_replay_resume()' >/dev/null
+fi
 if [ "$in_recovery" != t ]; then
   echo "replica: Postgres on 5435 is not a replica in recovery (pg_is_in_recovery: $in_recovery)" >&2
   exit 1

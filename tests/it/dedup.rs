@@ -1028,14 +1028,6 @@ async fn a_unique_violation_elsewhere_is_not_a_claim_conflict() {
 /// without `after`, by one that ends then, the default partition taking what comes after).
 /// Returns the boundary as the server's text.
 async fn partitions_meeting_soon(client: &tokio_postgres::Client, after: bool) -> String {
-    let boundary: String = client
-        .query_one(
-            "SELECT (clock_timestamp() + interval '3 seconds')::text",
-            &[],
-        )
-        .await
-        .expect("the server's clock")
-        .get(0);
     let partitions: Vec<String> = client
         .query(
             "SELECT inhrelid::regclass::text FROM pg_inherits \
@@ -1048,32 +1040,38 @@ async fn partitions_meeting_soon(client: &tokio_postgres::Client, after: bool) -
         .iter()
         .map(|row| row.get(0))
         .collect();
-    for partition in partitions {
-        client
-            .batch_execute(&format!("DROP TABLE {partition}"))
-            .await
-            .expect("drop a partition");
-    }
-    client
-        .batch_execute(&format!(
-            "CREATE TABLE applied_messages_before PARTITION OF applied_messages \
-               FOR VALUES FROM (MINVALUE) TO ('{boundary}'); \
-             CREATE UNIQUE INDEX applied_messages_before_message_id \
-               ON applied_messages_before (message_id);"
-        ))
+    let boundary: String = client
+        .query_one(
+            "SELECT (clock_timestamp() + interval '3 seconds')::text",
+            &[],
+        )
         .await
-        .expect("a partition ending at the boundary");
-    if after {
-        client
-            .batch_execute(&format!(
-                "CREATE TABLE applied_messages_after PARTITION OF applied_messages \
-                   FOR VALUES FROM ('{boundary}') TO (MAXVALUE); \
-                 CREATE UNIQUE INDEX applied_messages_after_message_id \
-                   ON applied_messages_after (message_id);"
-            ))
-            .await
-            .expect("a partition starting at the boundary");
+        .expect("the server's clock")
+        .get(0);
+    // One transaction, so one commit (one fsync) between reading the clock and the claims.
+    let mut ddl = String::from("BEGIN;");
+    for partition in partitions {
+        ddl.push_str(&format!(" DROP TABLE {partition};"));
     }
+    ddl.push_str(&format!(
+        " CREATE TABLE applied_messages_before PARTITION OF applied_messages \
+            FOR VALUES FROM (MINVALUE) TO ('{boundary}'); \
+          CREATE UNIQUE INDEX applied_messages_before_message_id \
+            ON applied_messages_before (message_id);"
+    ));
+    if after {
+        ddl.push_str(&format!(
+            " CREATE TABLE applied_messages_after PARTITION OF applied_messages \
+                FOR VALUES FROM ('{boundary}') TO (MAXVALUE); \
+              CREATE UNIQUE INDEX applied_messages_after_message_id \
+                ON applied_messages_after (message_id);"
+        ));
+    }
+    ddl.push_str(" COMMIT;");
+    client
+        .batch_execute(&ddl)
+        .await
+        .expect("partitions meeting at the boundary");
     boundary
 }
 

@@ -515,6 +515,19 @@ impl Producer {
         (output, confirmed)
     }
 
+    /// Stops the producer with SIGTERM: it settles what it sent, writes the counts it
+    /// confirmed and exits 1 (a stopped stream is not a finished one). Those counts.
+    pub async fn interrupt(mut self) -> Counts {
+        let (status, took) = sigterm(&mut self.child, Duration::from_secs(60)).await;
+        assert_eq!(
+            status.code(),
+            Some(1),
+            "a producer stopped by SIGTERM exits 1"
+        );
+        eprintln!("producer stopped by SIGTERM in {:.1} s", took.as_secs_f64());
+        read_expect(&self.expect.0)
+    }
+
     /// Waits for the producer to exit 0 and returns the counts it confirmed.
     pub async fn finish(self) -> Counts {
         let output = tokio::time::timeout(Duration::from_secs(120), self.child.wait_with_output())
