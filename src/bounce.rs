@@ -76,6 +76,12 @@ pub const UNKNOWN_RECIPIENT_TEXTS: &[&str] = &[
     "address rejected",
     "user not found",
     "unrouteable address",
+    "recipient not found",
+    "not a valid recipient",
+    "no mailbox here",
+    "unknown local part",
+    // Yahoo and AOL: `554 delivery error: dd This user doesn't have a yahoo.com account`.
+    "user doesn't have a",
 ];
 
 /// Texts that mark a rejection as a policy decision even when they also match an
@@ -102,14 +108,83 @@ pub const POLICY_TEXTS: &[&str] = &[
     "sender domain",
     "sender's",
     "sender rejected",
+    // The sending host refused, not the address: `550 Reverse DNS for your IP does not exist`,
+    // `SPF check failed: domain does not exist`.
+    "reverse dns",
+    "rdns",
+    "ptr",
+    "spf",
+    "dkim",
+    "dmarc",
+    "helo",
+    "client host",
+    "your ip",
 ];
 
-/// True if `text` says the recipient does not exist, and not that a policy refused it.
+/// True if `text` says the recipient does not exist, and not that a policy refused it. The
+/// policy words are matched at the start of a word, and not inside addresses or host names
+/// (`<jo@fullstack.example>: … User unknown` is not a full mailbox).
 pub fn says_unknown_recipient(text: &str) -> bool {
     let text = text.to_ascii_lowercase();
-    UNKNOWN_RECIPIENT_TEXTS.iter().any(|t| text.contains(t))
-        && !POLICY_TEXTS.iter().any(|t| text.contains(t))
+    if !UNKNOWN_RECIPIENT_TEXTS.iter().any(|t| text.contains(t)) {
+        return false;
+    }
+    let words = without_addresses(&text);
+    !POLICY_TEXTS.iter().any(|t| starts_a_word(&words, t))
 }
+
+/// `text` without `<…>` and without words that hold an `@` or a dot between two characters
+/// (addresses, host names, codes), each replaced by a space.
+fn without_addresses(text: &str) -> String {
+    let mut kept = String::with_capacity(text.len());
+    let mut in_brackets = false;
+    for c in text.chars() {
+        match c {
+            '<' => in_brackets = true,
+            '>' if in_brackets => {
+                in_brackets = false;
+                kept.push(' ');
+            }
+            _ if in_brackets => {}
+            _ => kept.push(c),
+        }
+    }
+    kept.split(' ')
+        .map(|word| {
+            let inner = word.trim_matches(|c: char| !c.is_alphanumeric());
+            if inner.contains('@') || inner.contains('.') {
+                ""
+            } else {
+                word
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// True if `needle` occurs in `text` where a word starts (not after a letter or digit).
+fn starts_a_word(text: &str, needle: &str) -> bool {
+    text.match_indices(needle).any(|(at, _)| {
+        !text[..at]
+            .chars()
+            .next_back()
+            .is_some_and(char::is_alphanumeric)
+    })
+}
+
+/// Replies known to say "no such recipient" under an enhanced code that, by RFC 3463, says
+/// something else: the code and a text it comes with (lower case, a substring).
+///
+/// - Microsoft 365's Directory-Based Edge Blocking, `550 5.4.1 Recipient address rejected:
+///   Access denied. AS(201806281)`: the recipient is not in the tenant's directory.
+pub const PROVIDER_UNKNOWN_RECIPIENT: &[(EnhancedCode, &str)] = &[(
+    EnhancedCode {
+        class: 5,
+        subject: 4,
+        detail: 1,
+    },
+    "as(201806281)",
+)];
 
 /// Reads a leading `"550 5.1.1 …"` or `"550-5.1.1 …"` from a server's text: the SMTP reply code
 /// and the enhanced code, where present.
@@ -136,22 +211,33 @@ pub fn codes_in_text(text: &str) -> (Option<u16>, Option<EnhancedCode>) {
     (smtp, enhanced)
 }
 
-/// The `5.1.x` details that say nothing against the recipient's address (RFC 3463, RFC 3886):
-/// `5.1.5` destination address valid, `5.1.7` bad sender's mailbox syntax, `5.1.8` bad sender's
-/// system address, `5.1.9` relayed to a non-compliant mailer. One DNS fault on the sender's
-/// domain made every domain behind a `reject_unknown_sender_domain` server `not catch-all`.
-pub const NOT_THE_RECIPIENT: &[u16] = &[5, 7, 8, 9];
+/// The `5.1.x` details that do not say the recipient's address does not exist (RFC 3463,
+/// RFC 3886): `5.1.3` bad address syntax and `5.1.4` ambiguous address (a catch-all domain's
+/// server refuses those too), `5.1.5` destination address valid, `5.1.7` bad sender's mailbox
+/// syntax, `5.1.8` bad sender's system address, `5.1.9` relayed to a non-compliant mailer. One
+/// DNS fault on the sender's domain made every domain behind a `reject_unknown_sender_domain`
+/// server `not catch-all`.
+pub const NOT_THE_RECIPIENT: &[u16] = &[3, 4, 5, 7, 8, 9];
+
+/// Codes that name no cause: `5.0.x` (other or undefined status), `5.1.0` (other address
+/// status: Postfix sends it for an unknown *sender* too) and `5.5.0` (other protocol status:
+/// Outlook.com answers an unknown recipient `550 5.5.0 Requested action not taken: mailbox
+/// unavailable`). The reply code and the text decide, and a more precise code in the text wins
+/// over such a code in a field (SendGrid's `status: "5.0.0"` beside `550 5.1.10 …`).
+fn names_no_cause(code: EnhancedCode) -> bool {
+    code.class == 5 && (code.subject == 0 || (code.detail == 0 && matches!(code.subject, 1 | 5)))
+}
 
 /// Classifies a bounce from its evidence (SPEC §3):
 ///
 /// - no evidence at all → [`BounceKind::NoSuchRecipient`] (the original wire format);
-/// - an enhanced code `5.1.x` → `NoSuchRecipient` (but the sender-side and "valid" details of
-///   [`NOT_THE_RECIPIENT`] → `Other`, and `5.1.0` is left to the reply and text); any other
-///   defined code (`4.x.x`, `5.2.x`
-///   mailbox full, `5.7.x` policy…) → [`BounceKind::Other`]; `x.0.x` (other or undefined
-///   status) says nothing, so the reply code and text decide;
-/// - otherwise a 550, 551 or 553 reply whose text says the user is unknown → `NoSuchRecipient`;
-///   anything else → `Other`.
+/// - an enhanced code `5.1.x` → `NoSuchRecipient` (but the details of [`NOT_THE_RECIPIENT`]
+///   → `Other`); a code and text of [`PROVIDER_UNKNOWN_RECIPIENT`] → `NoSuchRecipient`; any
+///   other defined code (`4.x.x`, `5.2.x` mailbox full, `5.7.x` policy…) →
+///   [`BounceKind::Other`]; a code that names no cause ([`names_no_cause`]: `5.0.x`, `5.1.0`,
+///   `5.5.0`) leaves it to the reply code and text;
+/// - otherwise a 550, 551, 553 or 554 reply whose text says the user is unknown →
+///   `NoSuchRecipient`; anything else → `Other`.
 ///
 /// Codes missing from the fields are read from the start of the text (`"550 5.1.1 …"`).
 pub fn classify(
@@ -164,18 +250,30 @@ pub fn classify(
     }
     let (text_smtp, text_code) = diagnostic.map(codes_in_text).unwrap_or_default();
     let smtp_code = smtp_code.or(text_smtp);
-    match code.or(text_code) {
-        // `5.1.0`, *other address status*, names no side: the reply and text decide, as for
-        // `5.0.x` (Postfix sends it for a sender refused as unknown).
-        Some(c) if c.class == 5 && c.subject == 1 && c.detail == 0 => {}
+    let code = match code {
+        Some(c) if names_no_cause(c) => text_code.or(code),
+        _ => code.or(text_code),
+    };
+    match code {
+        Some(c) if names_no_cause(c) => {}
         Some(c) if c.class == 5 && c.subject == 1 && !NOT_THE_RECIPIENT.contains(&c.detail) => {
             return BounceKind::NoSuchRecipient;
         }
-        Some(c) if c.class != 5 || c.subject != 0 => return BounceKind::Other,
-        _ => {}
+        Some(c)
+            if diagnostic.is_some_and(|text| {
+                let text = text.to_ascii_lowercase();
+                PROVIDER_UNKNOWN_RECIPIENT
+                    .iter()
+                    .any(|(known, words)| *known == c && text.contains(words))
+            }) =>
+        {
+            return BounceKind::NoSuchRecipient;
+        }
+        Some(_) => return BounceKind::Other,
+        None => {}
     }
     match (smtp_code, diagnostic) {
-        (Some(550 | 551 | 553), Some(text)) if says_unknown_recipient(text) => {
+        (Some(550 | 551 | 553 | 554), Some(text)) if says_unknown_recipient(text) => {
             BounceKind::NoSuchRecipient
         }
         _ => BounceKind::Other,
@@ -251,6 +349,101 @@ mod tests {
             (Some("5.1.2"), None, None, NoSuchRecipient),
             (Some("5.1.10"), None, None, NoSuchRecipient),
             (Some("5.1.6"), None, None, NoSuchRecipient),
+            // Bad syntax or an ambiguous address: a catch-all domain refuses those too.
+            (
+                Some("5.1.3"),
+                Some(553),
+                Some(
+                    "The recipient address <jo..doe@acme.example> is not a valid RFC-5321 address",
+                ),
+                Other,
+            ),
+            (Some("5.1.4"), None, None, Other),
+            // Outlook.com's unknown recipient under 5.5.0; 5.5.0 for anything else.
+            (
+                Some("5.5.0"),
+                Some(550),
+                Some("Requested action not taken: mailbox unavailable (S2017062302)"),
+                NoSuchRecipient,
+            ),
+            (Some("5.5.0"), Some(554), Some("Transaction failed"), Other),
+            // Microsoft 365's Directory-Based Edge Blocking, and 5.4.1 without its tag.
+            (
+                Some("5.4.1"),
+                Some(550),
+                Some("5.4.1 Recipient address rejected: Access denied. AS(201806281)"),
+                NoSuchRecipient,
+            ),
+            (
+                Some("5.4.1"),
+                Some(550),
+                Some("Recipient address rejected: Access denied"),
+                Other,
+            ),
+            // Yahoo and AOL: a 554 without an enhanced code (Postfix logs dsn=5.0.0).
+            (
+                Some("5.0.0"),
+                Some(554),
+                Some(
+                    "delivery error: dd This user doesn't have a yahoo.com account (jo@yahoo.com) [0] - mta1",
+                ),
+                NoSuchRecipient,
+            ),
+            (
+                None,
+                Some(554),
+                Some(
+                    "delivery error: dd Sorry your message to jo@yahoo.com cannot be delivered. This mailbox is disabled (554.30)",
+                ),
+                Other,
+            ),
+            // A code that names no cause in a field, a precise one in the text: the text's.
+            (
+                Some("5.0.0"),
+                Some(550),
+                Some(
+                    "550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup",
+                ),
+                NoSuchRecipient,
+            ),
+            (
+                Some("5.0.0"),
+                None,
+                Some("smtp; 550 5.2.2 user unknown: mailbox full"),
+                Other,
+            ),
+            // Policy words inside an address are not policy.
+            (
+                Some("5.1.0"),
+                Some(550),
+                Some("<jo@fullstack.example>: Recipient address rejected: User unknown"),
+                NoSuchRecipient,
+            ),
+            (
+                None,
+                Some(550),
+                Some("No such user: jo@spam-free.example"),
+                NoSuchRecipient,
+            ),
+            // The sending host refused, not the address.
+            (
+                None,
+                Some(550),
+                Some("Reverse DNS for your IP does not exist"),
+                Other,
+            ),
+            (
+                None,
+                Some(550),
+                Some("SPF check failed: domain does not exist"),
+                Other,
+            ),
+            (
+                None,
+                Some(550),
+                Some("Recipient not found"),
+                NoSuchRecipient,
+            ),
             // The sender's address refused, or the recipient's valid: no proof.
             (
                 Some("5.1.8"),
