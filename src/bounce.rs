@@ -122,54 +122,36 @@ pub const POLICY_TEXTS: &[&str] = &[
 ];
 
 /// True if `text` says the recipient does not exist, and not that a policy refused it. The
-/// policy words are matched at the start of a word, and not inside addresses or host names
-/// (`<jo@fullstack.example>: … User unknown` is not a full mailbox).
+/// policy words count anywhere but inside the addresses of the text
+/// (`<jo@fullstack.example>: … User unknown` is not a full mailbox); a host name or a URL keeps
+/// them (`see https://www.spamhaus.org/…` is a block).
 pub fn says_unknown_recipient(text: &str) -> bool {
     let text = text.to_ascii_lowercase();
     if !UNKNOWN_RECIPIENT_TEXTS.iter().any(|t| text.contains(t)) {
         return false;
     }
-    let words = without_addresses(&text);
-    !POLICY_TEXTS.iter().any(|t| starts_a_word(&words, t))
+    let outside = without_addresses(&text);
+    !POLICY_TEXTS.iter().any(|t| outside.contains(t))
 }
 
-/// `text` without `<…>` and without words that hold an `@` or a dot between two characters
-/// (addresses, host names, codes), each replaced by a space.
+/// `text` without its addresses: each `<…>` (closed) and each word holding an `@`, replaced by
+/// a space.
 fn without_addresses(text: &str) -> String {
     let mut kept = String::with_capacity(text.len());
-    let mut in_brackets = false;
-    for c in text.chars() {
-        match c {
-            '<' => in_brackets = true,
-            '>' if in_brackets => {
-                in_brackets = false;
-                kept.push(' ');
-            }
-            _ if in_brackets => {}
-            _ => kept.push(c),
-        }
+    let mut rest = text;
+    while let Some(open) = rest.find('<') {
+        let Some(close) = rest[open..].find('>') else {
+            break;
+        };
+        kept.push_str(&rest[..open]);
+        kept.push(' ');
+        rest = &rest[open + close + 1..];
     }
-    kept.split(' ')
-        .map(|word| {
-            let inner = word.trim_matches(|c: char| !c.is_alphanumeric());
-            if inner.contains('@') || inner.contains('.') {
-                ""
-            } else {
-                word
-            }
-        })
+    kept.push_str(rest);
+    kept.split_whitespace()
+        .filter(|word| !word.contains('@'))
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-/// True if `needle` occurs in `text` where a word starts (not after a letter or digit).
-fn starts_a_word(text: &str, needle: &str) -> bool {
-    text.match_indices(needle).any(|(at, _)| {
-        !text[..at]
-            .chars()
-            .next_back()
-            .is_some_and(char::is_alphanumeric)
-    })
 }
 
 /// Replies known to say "no such recipient" under an enhanced code that, by RFC 3463, says
@@ -424,6 +406,31 @@ mod tests {
                 Some(550),
                 Some("No such user: jo@spam-free.example"),
                 NoSuchRecipient,
+            ),
+            // A block named only by a host name or a URL is still a block.
+            (
+                None,
+                Some(550),
+                Some("Recipient rejected - see https://www.spamhaus.org/query/ip/203.0.113.9"),
+                Other,
+            ),
+            (
+                None,
+                Some(550),
+                Some("mailbox unavailable: 203.0.113.9 listed at zen.spamhaus.org"),
+                Other,
+            ),
+            (
+                None,
+                Some(550),
+                Some("size < 10MB; user unknown: mailbox full"),
+                Other,
+            ),
+            (
+                None,
+                Some(550),
+                Some("User unknown (antispam gateway)"),
+                Other,
             ),
             // The sending host refused, not the address.
             (

@@ -87,17 +87,27 @@ impl Identity {
 /// next connection, without a restart. The files are looked at (`stat`, following symlinks as a
 /// Secret's `..data` swap needs) each time a connection is made; a change that does not build
 /// (a key written before its certificate, say) is logged and the last good setting kept, and
-/// it is tried again at the next connection.
+/// it is tried again once they change again.
 pub struct Reloading<T> {
     files: Vec<PathBuf>,
     build: Box<dyn Fn() -> Result<T, TlsError> + Send + Sync>,
-    state: std::sync::Mutex<(Vec<Option<Stamp>>, T)>,
+    state: std::sync::Mutex<Loaded<T>>,
 }
 
-/// What tells a file changed: its modification time, size and inode.
+struct Loaded<T> {
+    /// The files as they were when `value` was built.
+    seen: Vec<Option<Stamp>>,
+    /// The files as they were when a build last failed (warned about once).
+    failed: Option<Vec<Option<Stamp>>>,
+    value: T,
+}
+
+/// What tells a file changed: its modification and change times, size and inode (the change
+/// time also moves when a copy keeps the old modification time, `cp -p`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Stamp {
     modified: Option<std::time::SystemTime>,
+    changed: (i64, i64),
     len: u64,
     inode: u64,
 }
@@ -109,6 +119,7 @@ fn stamps(files: &[PathBuf]) -> Vec<Option<Stamp>> {
         .map(|path| {
             std::fs::metadata(path).ok().map(|meta| Stamp {
                 modified: meta.modified().ok(),
+                changed: (meta.ctime(), meta.ctime_nsec()),
                 len: meta.len(),
                 inode: meta.ino(),
             })
@@ -128,28 +139,43 @@ impl<T: Clone> Reloading<T> {
         Ok(Self {
             files,
             build: Box::new(build),
-            state: std::sync::Mutex::new((seen, value)),
+            state: std::sync::Mutex::new(Loaded {
+                seen,
+                failed: None,
+                value,
+            }),
         })
     }
 
-    /// The setting for a new connection: built again first if a file changed since.
+    /// The setting for a new connection: built again first if a file changed since. The build
+    /// runs outside the lock (other connections go on with the current setting meanwhile).
     pub fn current(&self, what: &str) -> T {
         let now = stamps(&self.files);
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if now != state.0 {
-            match (self.build)() {
-                Ok(value) => {
-                    tracing::info!(files = ?self.files, "{what}: TLS files changed; reloaded");
-                    *state = (now, value);
-                }
-                Err(error) => tracing::warn!(
-                    files = ?self.files,
-                    "{what}: TLS files changed but cannot be used ({error}); keeping the \
-                     previous ones until they can"
-                ),
+        {
+            let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if now == state.seen || state.failed.as_ref() == Some(&now) {
+                return state.value.clone();
             }
         }
-        state.1.clone()
+        let built = (self.build)();
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match built {
+            Ok(value) => {
+                tracing::info!(files = ?self.files, "{what}: TLS files changed; reloaded");
+                state.seen = now;
+                state.failed = None;
+                state.value = value;
+            }
+            Err(error) => {
+                tracing::warn!(
+                    files = ?self.files,
+                    "{what}: TLS files changed but cannot be used ({error}); keeping the \
+                     previous ones until they change again"
+                );
+                state.failed = Some(now);
+            }
+        }
+        state.value.clone()
     }
 }
 

@@ -275,6 +275,11 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
         Ok(())
     }
 
+    /// Messages sent and neither confirmed nor given up on: awaiting a confirm or a retry.
+    pub fn unsettled(&self) -> usize {
+        self.in_flight.len() + self.retry.len()
+    }
+
     /// Waits until every message sent so far is confirmed or given up on.
     pub async fn flush(&mut self) -> anyhow::Result<()> {
         while !self.in_flight.is_empty() || !self.retry.is_empty() {
