@@ -137,6 +137,10 @@ struct Baseline {
 /// One timed window of a stage: its wall time and the CPU every process spent in it.
 struct Timed {
     secs: f64,
+    /// For worker drains, the CPU of the steady window (from a tenth counted to the end) scaled
+    /// to every event, as `steady_secs` is: the worker's start-up (connecting, migrations, the
+    /// first batch) is left out, as the limit's inputs and the floors leave out their set-up.
+    /// For other stages, the whole window.
     cpu: CpuWindow,
     /// The worker's peak RSS (`VmHWM`), for stages that run the worker binary.
     rss_mib: f64,
@@ -1382,13 +1386,13 @@ impl Run {
         let deadline = Instant::now() + Duration::from_secs(600);
         // The first counted event, and the first moment a tenth was counted (with the count).
         let mut first: Option<Instant> = None;
-        let mut tenth: Option<(Instant, f64)> = None;
+        let mut tenth: Option<(Instant, f64, measure::Mark)> = None;
         loop {
             let now = counted(&http, &base).await;
             if let Some(c) = now.filter(|c| *c > 0.0) {
                 first.get_or_insert_with(Instant::now);
                 if c >= want / 10.0 && c < want {
-                    tenth.get_or_insert_with(|| (Instant::now(), c));
+                    tenth.get_or_insert_with(|| (Instant::now(), c, sampler.mark()));
                 }
             }
             if now >= Some(want) {
@@ -1404,13 +1408,18 @@ impl Run {
         }
         let end = Instant::now();
         let secs = (end - started).as_secs_f64();
-        let cpu = sampler.stop();
+        // Seconds and CPU for every event at the rate and cost after the first tenth (the whole
+        // drain when it went faster than one poll, or the first poll past a tenth already saw
+        // half counted: scaled up from so few events, the end's idle CPU would weigh too much).
+        let (cpu, steady_secs) = match tenth.filter(|(_, c, _)| *c <= want / 2.0) {
+            Some((at, c, mark)) => (
+                sampler.stop_since(&mark).scaled(want / (want - c)),
+                (end - at).as_secs_f64() * want / (want - c),
+            ),
+            None => (sampler.stop(), secs),
+        };
         done.notify_waiters();
         let startup_secs = first.map_or(secs, |f| (f - started).as_secs_f64());
-        // Seconds for every event at the rate after the first tenth (the whole drain when it
-        // went faster than one poll).
-        let steady_secs =
-            tenth.map_or(secs, |(at, c)| (end - at).as_secs_f64() * want / (want - c));
         let lookups = match lookup_task {
             Some(task) => Some(task.await?),
             None => None,

@@ -7,6 +7,7 @@
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -173,7 +174,15 @@ struct Tracked {
 /// A window being sampled; [`Sampler::stop`] ends it.
 pub struct Sampler {
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<HashMap<i32, Tracked>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    tracked: Arc<Mutex<HashMap<i32, Tracked>>>,
+    machine: (u64, u64),
+}
+
+/// The CPU time of every tracked process at one moment of a window ([`Sampler::mark`]), to
+/// measure the rest of the window apart ([`Sampler::stop_since`]).
+pub struct Mark {
+    ticks: HashMap<i32, u64>,
     machine: (u64, u64),
 }
 
@@ -194,9 +203,10 @@ impl Sampler {
         let flag = stop.clone();
         let services = services.clone();
         let machine_before = machine();
+        let shared: Arc<Mutex<HashMap<i32, Tracked>>> = Arc::default();
+        let table = shared.clone();
         let thread = std::thread::spawn(move || {
             let own = std::process::id() as i32;
-            let mut tracked: HashMap<i32, Tracked> = HashMap::new();
             // Pids seen and not ours (other clients' backends), so they are not re-read.
             let mut ignored: HashSet<i32> = HashSet::new();
             let mut first_pass = true;
@@ -209,6 +219,7 @@ impl Sampler {
                     let Some((ppid, ticks)) = stat(pid) else {
                         continue;
                     };
+                    let mut tracked = table.lock().unwrap_or_else(|e| e.into_inner());
                     if let Some(t) = tracked.get_mut(&pid) {
                         t.last = ticks;
                         continue;
@@ -264,7 +275,7 @@ impl Sampler {
                 }
                 first_pass = false;
                 if done {
-                    return tracked;
+                    return;
                 }
                 std::thread::sleep(SAMPLE_EVERY);
             }
@@ -272,25 +283,56 @@ impl Sampler {
         Self {
             stop,
             thread: Some(thread),
+            tracked: shared,
             machine: machine_before,
         }
     }
 
-    pub fn stop(mut self) -> CpuWindow {
+    /// The CPU time of every process tracked so far, read now: [`Sampler::stop_since`] measures
+    /// from here. A process first tracked later is charged its whole life (it was born after
+    /// the mark, or too shortly before it to be classified: a backend still titled as the
+    /// postmaster).
+    pub fn mark(&self) -> Mark {
+        let mut tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
+        let ticks = tracked
+            .iter_mut()
+            .map(|(pid, t)| {
+                if let Some((_, ticks)) = stat(*pid) {
+                    t.last = ticks;
+                }
+                (*pid, t.last)
+            })
+            .collect();
+        Mark {
+            ticks,
+            machine: machine(),
+        }
+    }
+
+    pub fn stop(self) -> CpuWindow {
+        let start = Mark {
+            ticks: HashMap::new(),
+            machine: self.machine,
+        };
+        self.stop_since(&start)
+    }
+
+    /// Ends the window and measures it from `mark` on.
+    pub fn stop_since(mut self, mark: &Mark) -> CpuWindow {
         self.stop.store(true, Ordering::Relaxed);
-        let tracked = self
-            .thread
-            .take()
-            .and_then(|t| t.join().ok())
-            .unwrap_or_default();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        let tracked = std::mem::take(&mut *self.tracked.lock().unwrap_or_else(|e| e.into_inner()));
         let (busy, total) = machine();
-        let busy_share = (busy.saturating_sub(self.machine.0)) as f64
-            / (total.saturating_sub(self.machine.1)).max(1) as f64;
+        let busy_share = (busy.saturating_sub(mark.machine.0)) as f64
+            / (total.saturating_sub(mark.machine.1)).max(1) as f64;
         let us_per_tick = 1e6 / clock_ticks();
         let mut cpu_us = BTreeMap::new();
-        for t in tracked.values() {
+        for (pid, t) in &tracked {
+            let first = mark.ticks.get(pid).copied().unwrap_or(t.first);
             *cpu_us.entry(t.group.to_string()).or_insert(0.0) +=
-                t.last.saturating_sub(t.first) as f64 * us_per_tick;
+                t.last.saturating_sub(first) as f64 * us_per_tick;
         }
         CpuWindow {
             cpu_us,
@@ -306,6 +348,15 @@ impl Drop for Sampler {
 }
 
 impl CpuWindow {
+    /// The window's CPU times `factor` (busy cores unchanged): a part of a stage's events
+    /// taken for all of them.
+    pub fn scaled(mut self, factor: f64) -> Self {
+        for value in self.cpu_us.values_mut() {
+            *value *= factor;
+        }
+        self
+    }
+
     /// CPU-µs per event of each group, and `total`.
     pub fn per_event(&self, events: f64) -> BTreeMap<String, f64> {
         let mut out: BTreeMap<String, f64> = self
