@@ -206,7 +206,7 @@ pub const NOT_THE_RECIPIENT: &[u16] = &[3, 4, 5, 7, 8, 9];
 /// Outlook.com answers an unknown recipient `550 5.5.0 Requested action not taken: mailbox
 /// unavailable`). The reply code and the text decide, and a more precise code in the text wins
 /// over such a code in a field (SendGrid's `status: "5.0.0"` beside `550 5.1.10 …`).
-fn names_no_cause(code: EnhancedCode) -> bool {
+pub fn names_no_cause(code: EnhancedCode) -> bool {
     code.class == 5 && (code.subject == 0 || (code.detail == 0 && matches!(code.subject, 1 | 5)))
 }
 

@@ -2,20 +2,40 @@
 //! (`https://user:password@host/webhooks/postmark`; Postmark does not sign its webhooks).
 //!
 //! `RecordType` `Delivery` → delivered. `Bounce`: evidence from `Details` when it carries SMTP
-//! codes (`smtp;550 5.1.1 …`); otherwise a `HardBounce` (Postmark: "unknown user, mailbox not
+//! codes, at its start (`smtp;550 5.1.1 …`) or in a delivery report's `Status:` and
+//! `Diagnostic-Code:` lines; otherwise a `HardBounce` (Postmark: "unknown user, mailbox not
 //! found") counts as proof, and every other bounce type (`SoftBounce`, `Transient`,
-//! `SpamNotification`, `Blocked`, `DnsError`, `AutoResponder`…) is counted apart. Opens,
-//! clicks, spam complaints and subscription changes are ignored.
+//! `SpamNotification`, `Blocked`, `DnsError`…) is counted apart. Bounce records that are not a
+//! message bounced by the recipient's server ([`NOT_BOUNCES`]: an auto-responder, a
+//! subscription change, an address deactivated by hand…), opens, clicks and spam complaints are
+//! ignored.
 
 /// How this provider's message ids begin (see [`super::ID_PREFIXES`]).
 pub const ID_PREFIX: &str = "postmark:";
 
 use super::{Parsed, WebhookError, event_for};
-use crate::bounce::codes_in_text;
+use crate::bounce::{EnhancedCode, codes_in_text};
 use crate::event::{EventType, Evidence};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde::Deserialize;
+
+/// Postmark bounce types that are not a message bounced by the recipient's server: a reply
+/// (the mailbox exists), a subscription or address change, a test, a message never sent.
+pub const NOT_BOUNCES: &[&str] = &[
+    "AutoResponder",
+    "Subscribe",
+    "Unsubscribe",
+    "AddressChange",
+    "ChallengeVerification",
+    "OpenRelayTest",
+    "VirusNotification",
+    "ManuallyDeactivated",
+    "Unconfirmed",
+    "SMTPApiError",
+    "InboundError",
+    "TemplateRenderingFailed",
+];
 
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
@@ -81,6 +101,7 @@ pub fn parse(body: &[u8]) -> Result<Parsed, WebhookError> {
             record.recipient.as_deref().unwrap_or_default(),
             EventType::Delivered,
         ),
+        "Bounce" if NOT_BOUNCES.contains(&record.bounce_type.as_deref().unwrap_or("")) => None,
         "Bounce" => {
             let address = record.email.as_deref().unwrap_or_default();
             event_for(address, EventType::Bounced).map(|e| e.with_evidence(evidence(&record)))
@@ -113,6 +134,9 @@ fn evidence(record: &Record) -> Evidence {
             diagnostic: Some(details.to_string()),
         };
     }
+    if let Some(evidence) = report_fields(details) {
+        return evidence;
+    }
     match record.bounce_type.as_deref() {
         // Postmark's own verdict: the address does not exist. No evidence = proof.
         Some("HardBounce") => Evidence::default(),
@@ -121,6 +145,28 @@ fn evidence(record: &Record) -> Evidence {
             ..Evidence::default()
         },
     }
+}
+
+/// The codes of a delivery report's lines inside `details` (RFC 3464: `Status: 5.1.1`,
+/// `Diagnostic-Code: smtp; 550 5.1.1 …`), if it has any.
+fn report_fields(details: &str) -> Option<Evidence> {
+    let field = |name: &str| {
+        details.lines().find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| value.trim().to_string())
+        })
+    };
+    let diagnostic = field("Diagnostic-Code");
+    let (smtp_code, text_code) = diagnostic.as_deref().map(codes_in_text).unwrap_or_default();
+    let status = field("Status").and_then(|s| EnhancedCode::parse(s.split_whitespace().next()?));
+    let code = status.or(text_code);
+    (code.is_some() || smtp_code.is_some()).then(|| Evidence {
+        code,
+        smtp_code,
+        diagnostic: Some(diagnostic.unwrap_or_else(|| details.to_string())),
+    })
 }
 
 #[cfg(test)]
@@ -147,6 +193,41 @@ mod tests {
             match want {
                 Some(tally) => assert_eq!(got, vec![("example.com", tally)], "{name}"),
                 None => assert_eq!((got.len(), parsed.ignored), (0, 1), "{name}"),
+            }
+        }
+    }
+
+    /// A delivery report inside `Details` decides by its codes, whatever the bounce type (a
+    /// `HardBounce` whose report says `5.7.1` was proof, a `SoftBounce` saying `5.1.1` was
+    /// not); bounce records that are not bounces are ignored (they counted as other bounces).
+    #[test]
+    fn a_report_in_details_decides_and_records_that_are_not_bounces_are_ignored() {
+        let fixture = crate::webhooks::tests::fixture("postmark-hard-bounce.json");
+        let mut record: serde_json::Value = serde_json::from_str(&fixture).expect("fixture");
+        let report = |status: &str| {
+            format!(
+                "Reporting-MTA: dns; mx.example.com\nFinal-Recipient: rfc822; john@example.com\n\
+                 Action: failed\nStatus: {status}\nDiagnostic-Code: smtp; 550 {status} refused"
+            )
+        };
+        for (kind, details, want) in [
+            ("HardBounce", report("5.7.1"), Some(Tally::OtherBounced)),
+            ("SoftBounce", report("5.1.1"), Some(Tally::Bounced)),
+            (
+                "HardBounce",
+                "Test bounce details".to_string(),
+                Some(Tally::Bounced),
+            ),
+            ("AutoResponder", "Out of office".to_string(), None),
+            ("ManuallyDeactivated", String::new(), None),
+        ] {
+            record["Type"] = kind.into();
+            record["Details"] = details.clone().into();
+            let parsed = parse(record.to_string().as_bytes()).expect(kind);
+            let got: Vec<_> = parsed.events.iter().map(|e| e.tally()).collect();
+            match want {
+                Some(tally) => assert_eq!(got, vec![tally], "{kind} {details:?}"),
+                None => assert_eq!((got.len(), parsed.ignored), (0, 1), "{kind}"),
             }
         }
     }

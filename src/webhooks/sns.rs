@@ -438,7 +438,12 @@ pub fn parse_ses(message: &str, message_id: String) -> Result<Parsed, WebhookErr
                     .as_deref()
                     .and_then(EnhancedCode::parse)
                     .or(text_code);
-                let evidence = if code.is_some() || smtp_code.is_some() {
+                // A code that names no cause (`5.0.0`) with no reply or text says less than
+                // SES's own sub-type: `Permanent/NoEmail` stays proof.
+                let vague = smtp_code.is_none()
+                    && text.is_empty()
+                    && code.is_some_and(crate::bounce::names_no_cause);
+                let evidence = if (code.is_some() || smtp_code.is_some()) && !vague {
                     Evidence {
                         code,
                         smtp_code,
@@ -513,6 +518,43 @@ mod tests {
             (vec![d(Tally::Bounced)], 0)
         );
         assert_eq!(tallies("ses-complaint.json"), (vec![], 1));
+    }
+
+    /// `Permanent/NoEmail` (SES: the address does not exist) with only a code that names no
+    /// cause (`5.0.0`, no text) stays proof; it was judged by the code alone, `other_bounced`.
+    /// With a text, the text decides.
+    #[test]
+    fn no_email_with_a_code_that_names_no_cause_is_proof() {
+        let mut record: serde_json::Value =
+            serde_json::from_str(&fixture("ses-bounce-permanent.json")).expect("fixture");
+        record["bounce"]["bounceSubType"] = "NoEmail".into();
+        for (diagnostic, want) in [
+            (None, Tally::Bounced),
+            (Some("smtp; 550 5.0.0 Recipient not found"), Tally::Bounced),
+            (
+                Some("smtp; 550 5.0.0 Message rejected as spam"),
+                Tally::OtherBounced,
+            ),
+        ] {
+            for recipient in record["bounce"]["bouncedRecipients"]
+                .as_array_mut()
+                .expect("recipients")
+            {
+                recipient["status"] = "5.0.0".into();
+                match diagnostic {
+                    Some(text) => recipient["diagnosticCode"] = text.into(),
+                    None => {
+                        recipient
+                            .as_object_mut()
+                            .expect("a recipient")
+                            .remove("diagnosticCode");
+                    }
+                }
+            }
+            let parsed = parse_ses(&record.to_string(), "sns:x".into()).expect("parses");
+            let got: Vec<_> = parsed.events.iter().map(|e| e.tally()).collect();
+            assert_eq!(got, vec![want, want], "{diagnostic:?}");
+        }
     }
 
     /// A signed notification older than two hours is a replay (AWS retries an hour at most):
