@@ -250,7 +250,20 @@ pub(crate) fn unix_now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// How far a signed timestamp may be from now (Mailgun, SendGrid).
+/// A field a provider documents as a string: any other JSON type reads as absent, so one odd
+/// field does not refuse a whole signed batch.
+pub(crate) fn lenient_string<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<String>, D::Error> {
+    use serde::Deserialize;
+    Ok(
+        match Option::<serde_json::Value>::deserialize(deserializer)? {
+            Some(serde_json::Value::String(text)) => Some(text),
+            _ => None,
+        },
+    )
+}
+
 /// How the webhooks' message ids begin (`sendgrid:{sg_event_id}`, `mailgun:{id}`,
 /// `sns:{MessageId}`, `postmark:{type}:{id}`): an HTTP `Idempotency-Key` may not, so a client's
 /// key can never be a provider event's id (that event would be skipped as a duplicate of it).
@@ -261,6 +274,7 @@ pub const ID_PREFIXES: [&str; 4] = [
     postmark::ID_PREFIX,
 ];
 
+/// How far a signed timestamp may be from now (Mailgun, SendGrid).
 pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
 
 /// Remembers the Mailgun tokens seen within the freshness window, so a replayed request is

@@ -29,15 +29,18 @@ pub const P256_SPKI_PREFIX: [u8; 26] = [
     0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
 ];
 
+/// One event of the array. Its fields are strings in SendGrid's documentation; any other JSON
+/// type reads as absent, so one odd field does not refuse a whole signed batch (SendGrid would
+/// retry it, then drop every event in it).
 #[derive(Deserialize)]
 struct SgEvent {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::lenient_string")]
     email: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::lenient_string")]
     event: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::lenient_string")]
     status: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::lenient_string")]
     reason: Option<String>,
     /// A string in SendGrid's events; anything else is as if absent.
     #[serde(default)]
@@ -105,13 +108,18 @@ pub fn handle(
 
 /// Parses a (verified) event array.
 pub fn parse(body: &[u8]) -> Result<Parsed, WebhookError> {
-    let events: Vec<SgEvent> =
+    let events: Vec<serde_json::Value> =
         serde_json::from_slice(body).map_err(|e| super::bad_json("a SendGrid event array", &e))?;
     let mut parsed = Parsed {
         message_id: format!("{ID_PREFIX}{}", sha256_hex(body)),
         ..Parsed::default()
     };
-    for event in &events {
+    for event in events {
+        // An element that is not an object is ignored, not the whole array.
+        let Ok(event) = serde_json::from_value::<SgEvent>(event) else {
+            parsed.ignored += 1;
+            continue;
+        };
         let address = event.email.as_deref().unwrap_or_default();
         let mapped = match event.event.as_deref() {
             Some("delivered") => event_for(address, EventType::Delivered),
@@ -223,6 +231,35 @@ mod tests {
         )
         .expect("parses");
         assert_eq!(without.event_ids, [None, None]);
+    }
+
+    /// A field of another JSON type than SendGrid documents, or an element that is not an
+    /// object, costs that event only: the whole signed batch was refused (400), and SendGrid
+    /// drops a batch after its retries.
+    #[test]
+    fn an_odd_event_does_not_refuse_the_batch() {
+        let parsed = parse(
+            br#"[{"email":"a@x.example","event":"delivered"},
+            {"email":"b@y.example","event":"bounce","status":511,"reason":["550"]},
+            {"email":7,"event":"delivered"},
+            "not an event",
+            {"email":"c@z.example","event":"bounce","status":"5.1.1","reason":"550 5.1.1 no such user"}]"#,
+        )
+        .expect("parses");
+        let got: Vec<_> = parsed
+            .events
+            .iter()
+            .map(|e| (e.domain.as_str(), e.tally()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("x.example", Tally::Delivered),
+                ("y.example", Tally::OtherBounced),
+                ("z.example", Tally::Bounced),
+            ]
+        );
+        assert_eq!(parsed.ignored, 2);
     }
 
     #[test]
