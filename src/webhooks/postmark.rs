@@ -2,13 +2,12 @@
 //! (`https://user:password@host/webhooks/postmark`; Postmark does not sign its webhooks).
 //!
 //! `RecordType` `Delivery` → delivered. `Bounce`: evidence from `Details` when it carries SMTP
-//! codes, at its start (`smtp;550 5.1.1 …`) or in a delivery report's `Status:` and
-//! `Diagnostic-Code:` lines; otherwise a `HardBounce` (Postmark: "unknown user, mailbox not
-//! found") counts as proof, and every other bounce type (`SoftBounce`, `Transient`,
-//! `SpamNotification`, `Blocked`, `DnsError`…) is counted apart. Bounce records that are not a
-//! message bounced by the recipient's server ([`NOT_BOUNCES`]: an auto-responder, a
-//! subscription change, an address deactivated by hand…), opens, clicks and spam complaints are
-//! ignored.
+//! codes, at its start (`smtp;550 5.1.1 …`) or in a delivery report's lines for the recipient,
+//! whatever the bounce type; otherwise a `HardBounce` (Postmark: "unknown user, mailbox not
+//! found") counts as proof, a type that is not a message bounced by the recipient's server
+//! ([`NOT_BOUNCES`]: an auto-responder, a subscription change, an address deactivated by
+//! hand…) is ignored, and every other type (`SoftBounce`, `Transient`, `SpamNotification`,
+//! `Blocked`, `DnsError`…) is counted apart. Opens, clicks and spam complaints are ignored.
 
 /// How this provider's message ids begin (see [`super::ID_PREFIXES`]).
 pub const ID_PREFIX: &str = "postmark:";
@@ -101,10 +100,19 @@ pub fn parse(body: &[u8]) -> Result<Parsed, WebhookError> {
             record.recipient.as_deref().unwrap_or_default(),
             EventType::Delivered,
         ),
-        "Bounce" if NOT_BOUNCES.contains(&record.bounce_type.as_deref().unwrap_or("")) => None,
         "Bounce" => {
             let address = record.email.as_deref().unwrap_or_default();
-            event_for(address, EventType::Bounced).map(|e| e.with_evidence(evidence(&record)))
+            let details = record.details.as_deref().unwrap_or("").trim();
+            // Codes decide whatever the type (Postmark files some NDRs as auto-responders);
+            // without codes, a type that is not a bounce is ignored.
+            match coded_evidence(details, address) {
+                Some(evidence) => {
+                    event_for(address, EventType::Bounced).map(|e| e.with_evidence(evidence))
+                }
+                None if NOT_BOUNCES.contains(&record.bounce_type.as_deref().unwrap_or("")) => None,
+                None => event_for(address, EventType::Bounced)
+                    .map(|e| e.with_evidence(uncoded_evidence(&record, details))),
+            }
         }
         _ => None,
     };
@@ -124,19 +132,22 @@ pub fn parse(body: &[u8]) -> Result<Parsed, WebhookError> {
     })
 }
 
-fn evidence(record: &Record) -> Evidence {
-    let details = record.details.as_deref().unwrap_or("").trim();
+/// The SMTP codes `details` carries: at its start (`smtp;550 5.1.1 …`), or in the lines of a
+/// delivery report for `recipient`.
+fn coded_evidence(details: &str, recipient: &str) -> Option<Evidence> {
     let (smtp_code, code) = codes_in_text(details);
     if smtp_code.is_some() || code.is_some() {
-        return Evidence {
+        return Some(Evidence {
             code,
             smtp_code,
             diagnostic: Some(details.to_string()),
-        };
+        });
     }
-    if let Some(evidence) = report_fields(details) {
-        return evidence;
-    }
+    report_fields(details, recipient)
+}
+
+/// A bounce without codes: Postmark's type decides.
+fn uncoded_evidence(record: &Record, details: &str) -> Evidence {
     match record.bounce_type.as_deref() {
         // Postmark's own verdict: the address does not exist. No evidence = proof.
         Some("HardBounce") => Evidence::default(),
@@ -147,25 +158,92 @@ fn evidence(record: &Record) -> Evidence {
     }
 }
 
-/// The codes of a delivery report's lines inside `details` (RFC 3464: `Status: 5.1.1`,
-/// `Diagnostic-Code: smtp; 550 5.1.1 …`), if it has any.
-fn report_fields(details: &str) -> Option<Evidence> {
-    let field = |name: &str| {
-        details.lines().find_map(|line| {
-            let (key, value) = line.split_once(':')?;
-            key.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| value.trim().to_string())
-        })
+/// One recipient's fields of a delivery report (RFC 3464).
+#[derive(Default)]
+struct ReportBlock {
+    recipients: Vec<String>,
+    status: Option<EnhancedCode>,
+    diagnostic: Option<String>,
+}
+
+/// The evidence of a delivery report inside `details`, from the block of `recipient` (a report
+/// about several recipients has one each; one that names only others gives none). The server's
+/// reply in `Diagnostic-Code:` decides; the reporting server's `Status:` only when that reply
+/// has no codes (an MTA makes one up for a reply without: `550 User unknown` → `5.2.0`).
+fn report_fields(details: &str, recipient: &str) -> Option<Evidence> {
+    let mut blocks = vec![ReportBlock::default()];
+    // A line that begins with white space continues a Diagnostic-Code (RFC 5322 folding).
+    let mut folding = false;
+    for line in details.lines() {
+        let Some(block) = blocks.last_mut() else {
+            break;
+        };
+        if line.starts_with([' ', '\t']) {
+            if let (true, Some(text)) = (folding, block.diagnostic.as_mut()) {
+                text.push(' ');
+                text.push_str(line.trim());
+            }
+            continue;
+        }
+        folding = false;
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        let (key, value) = (key.trim(), value.trim());
+        if key.eq_ignore_ascii_case("Final-Recipient")
+            || key.eq_ignore_ascii_case("Original-Recipient")
+        {
+            // `rfc822; jo@example.com`
+            let address = value.split_once(';').map_or(value, |(_, a)| a);
+            let address = address.trim().trim_start_matches('<').trim_end_matches('>');
+            if block.status.is_some() || block.diagnostic.is_some() {
+                blocks.push(ReportBlock::default());
+            }
+            if let Some(block) = blocks.last_mut() {
+                block.recipients.push(address.to_string());
+            }
+        } else if key.eq_ignore_ascii_case("Status") {
+            if block.status.is_none() {
+                block.status = value
+                    .split_whitespace()
+                    .next()
+                    .and_then(EnhancedCode::parse);
+            }
+        } else if key.eq_ignore_ascii_case("Diagnostic-Code") && block.diagnostic.is_none() {
+            block.diagnostic = Some(value.to_string());
+            folding = true;
+        }
+    }
+    let wanted = recipient
+        .trim()
+        .trim_start_matches('<')
+        .trim_end_matches('>');
+    let block = if blocks.iter().any(|b| !b.recipients.is_empty()) {
+        blocks
+            .iter()
+            .find(|b| b.recipients.iter().any(|r| r.eq_ignore_ascii_case(wanted)))?
+    } else {
+        blocks.first()?
     };
-    let diagnostic = field("Diagnostic-Code");
-    let (smtp_code, text_code) = diagnostic.as_deref().map(codes_in_text).unwrap_or_default();
-    let status = field("Status").and_then(|s| EnhancedCode::parse(s.split_whitespace().next()?));
-    let code = status.or(text_code);
+    let (smtp_code, text_code) = block
+        .diagnostic
+        .as_deref()
+        .map(codes_in_text)
+        .unwrap_or_default();
+    let code = if smtp_code.is_some() || text_code.is_some() {
+        text_code
+    } else {
+        block.status
+    };
     (code.is_some() || smtp_code.is_some()).then(|| Evidence {
         code,
         smtp_code,
-        diagnostic: Some(diagnostic.unwrap_or_else(|| details.to_string())),
+        diagnostic: Some(
+            block
+                .diagnostic
+                .clone()
+                .unwrap_or_else(|| details.to_string()),
+        ),
     })
 }
 
@@ -210,6 +288,12 @@ mod tests {
                  Action: failed\nStatus: {status}\nDiagnostic-Code: smtp; 550 {status} refused"
             )
         };
+        let block = |recipient: &str, status: &str, diagnostic: &str| {
+            format!(
+                "Final-Recipient: rfc822; {recipient}\nAction: failed\nStatus: {status}\n\
+                 Diagnostic-Code: {diagnostic}\n"
+            )
+        };
         for (kind, details, want) in [
             ("HardBounce", report("5.7.1"), Some(Tally::OtherBounced)),
             ("SoftBounce", report("5.1.1"), Some(Tally::Bounced)),
@@ -220,6 +304,47 @@ mod tests {
             ),
             ("AutoResponder", "Out of office".to_string(), None),
             ("ManuallyDeactivated", String::new(), None),
+            // The server's reply decides, not the status an MTA made up for it.
+            (
+                "HardBounce",
+                block("john@example.com", "5.2.0", "smtp; 550 User unknown"),
+                Some(Tally::Bounced),
+            ),
+            (
+                "HardBounce",
+                block(
+                    "john@example.com",
+                    "5.1.1",
+                    "smtp; 550 5.7.1 rejected as spam",
+                ),
+                Some(Tally::OtherBounced),
+            ),
+            // Our recipient's block, not the first one.
+            (
+                "SoftBounce",
+                format!(
+                    "{}\n{}",
+                    block("a@x.example", "5.1.1", "smtp; 550 5.1.1 no such user"),
+                    block("John@Example.com", "5.2.2", "smtp; 552 5.2.2 mailbox full")
+                ),
+                Some(Tally::OtherBounced),
+            ),
+            // A folded Diagnostic-Code is read whole.
+            (
+                "SoftBounce",
+                block(
+                    "john@example.com",
+                    "5.0.0",
+                    "smtp; 550 Requested action not taken: mailbox\n unavailable",
+                ),
+                Some(Tally::Bounced),
+            ),
+            // An NDR Postmark filed as an auto-responder: its codes decide.
+            (
+                "AutoResponder",
+                "smtp;550 5.1.1 user unknown".to_string(),
+                Some(Tally::Bounced),
+            ),
         ] {
             record["Type"] = kind.into();
             record["Details"] = details.clone().into();
