@@ -8,8 +8,9 @@
 /// How a bounce counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BounceKind {
-    /// The recipient does not exist (`5.1.x`, or a 550/551/553 saying so), or the bounce carries
-    /// no evidence at all (the original wire format): counts toward `not catch-all`.
+    /// The recipient does not exist (`5.1.x` but those of [`NOT_THE_RECIPIENT`], a reply of
+    /// 550, 551, 553 or 554 saying so, a provider's known reply), or the bounce carries no
+    /// evidence at all (the original wire format): counts toward `not catch-all`.
     NoSuchRecipient,
     /// Any other bounce (mailbox full, policy, spam, temporary): counted apart.
     Other,
