@@ -254,15 +254,10 @@ struct KumoEnhancedCode {
     detail: u16,
 }
 
-/// KumoMTA record types (docs.kumomta.com/reference/log_record): `Delivery`, `Bounce` and
-/// `OOB` are counted; the others are acknowledged and ignored.
+/// KumoMTA record types (docs.kumomta.com/reference/log_record): only `Delivery` and `Bounce`
+/// are counted; the others are acknowledged and ignored.
 pub const KUMO_DELIVERY: &str = "Delivery";
 pub const KUMO_BOUNCE: &str = "Bounce";
-/// An out-of-band bounce: a delivery report (RFC 3464) received after the recipient's server
-/// accepted the message, logged (with `log_oob`) once per failed recipient, its `recipient`
-/// the report's original or final recipient, its `response` the report's status and
-/// diagnostic. A domain that accepts at `RCPT` and bounces later is not catch-all.
-pub const KUMO_OOB: &str = "OOB";
 
 impl RawEvent<'_> {
     /// The event, or `None` for a KumoMTA record of a type that is not counted.
@@ -280,7 +275,7 @@ impl RawEvent<'_> {
             kind if self.is_kumo_record() => {
                 let kind = match kind {
                     KUMO_DELIVERY => EventType::Delivered,
-                    KUMO_BOUNCE | KUMO_OOB => EventType::Bounced,
+                    KUMO_BOUNCE => EventType::Bounced,
                     _ => return Ok(None),
                 };
                 let recipient: Cow<'_, str> = match self.recipient {
@@ -916,17 +911,12 @@ mod tests {
         assert_eq!(full.events[0].tally(), Tally::OtherBounced);
         let plain = parse(record("Bounce", 550, None, "No such user here"));
         assert_eq!(plain.events[0].tally(), Tally::Bounced);
-        // An out-of-band bounce (a delivery report after the message was accepted) is a bounce
-        // like any other: it was ignored.
-        let oob = parse(record("OOB", 550, Some((5, 1, 1)), "user unknown"));
-        assert_eq!(oob.events[0].tally(), Tally::Bounced);
-        let oob = parse(record("OOB", 552, Some((5, 2, 2)), "mailbox full"));
-        assert_eq!(oob.events[0].tally(), Tally::OtherBounced);
         for other in [
             "TransientFailure",
             "Reception",
             "Expiration",
             "AdminBounce",
+            "OOB",
             "Feedback",
         ] {
             let parsed = parse(record(other, 451, Some((4, 7, 1)), "try later"));
