@@ -243,11 +243,9 @@ pub fn classify(
             return BounceKind::NoSuchRecipient;
         }
         Some(c)
-            if diagnostic.is_some_and(|text| {
-                let text = text.to_ascii_lowercase();
-                PROVIDER_UNKNOWN_RECIPIENT
-                    .iter()
-                    .any(|(known, words)| *known == c && text.contains(words))
+            if PROVIDER_UNKNOWN_RECIPIENT.iter().any(|(known, words)| {
+                *known == c
+                    && diagnostic.is_some_and(|text| text.to_ascii_lowercase().contains(words))
             }) =>
         {
             return BounceKind::NoSuchRecipient;

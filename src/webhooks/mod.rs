@@ -547,6 +547,15 @@ pub(crate) mod tests {
     use std::path::{Path, PathBuf};
     use std::sync::OnceLock;
 
+    /// Each event's domain and how it counts.
+    pub fn tallies(parsed: &super::Parsed) -> Vec<(&str, crate::event::Tally)> {
+        parsed
+            .events
+            .iter()
+            .map(|e| (e.domain.as_str(), e.tally()))
+            .collect()
+    }
+
     /// A sample payload from `tests/fixtures/webhooks/` (sources in its README).
     pub fn fixture(name: &str) -> String {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))

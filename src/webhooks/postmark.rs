@@ -263,11 +263,7 @@ mod tests {
         ];
         for (name, want) in cases {
             let parsed = parse(crate::webhooks::tests::fixture(name).as_bytes()).expect(name);
-            let got: Vec<_> = parsed
-                .events
-                .iter()
-                .map(|e| (e.domain.as_str(), e.tally()))
-                .collect();
+            let got = crate::webhooks::tests::tallies(&parsed);
             match want {
                 Some(tally) => assert_eq!(got, vec![("example.com", tally)], "{name}"),
                 None => assert_eq!((got.len(), parsed.ignored), (0, 1), "{name}"),

@@ -194,11 +194,7 @@ mod tests {
             now,
         )
         .expect("verifies");
-        let got: Vec<_> = parsed
-            .events
-            .iter()
-            .map(|e| (e.domain.as_str(), e.tally()))
-            .collect();
+        let got = crate::webhooks::tests::tallies(&parsed);
         assert_eq!(
             got,
             vec![
@@ -246,11 +242,7 @@ mod tests {
             {"email":"c@z.example","event":"bounce","status":"5.1.1","reason":"550 5.1.1 no such user"}]"#,
         )
         .expect("parses");
-        let got: Vec<_> = parsed
-            .events
-            .iter()
-            .map(|e| (e.domain.as_str(), e.tally()))
-            .collect();
+        let got = crate::webhooks::tests::tallies(&parsed);
         assert_eq!(
             got,
             vec![

@@ -209,12 +209,13 @@ async fn two_workers_survive_random_faults_with_exact_counts() {
         .await;
     }
     let before = rig.db.total_events().await;
-    wait_for(
-        Duration::from_secs(30),
-        "counting to go on after the last fault",
-        || async { (rig.db.total_events().await > before + 5_000).then_some(()) },
-    )
-    .await;
+    rig.db
+        .wait_total_past(
+            before + 5_000,
+            Duration::from_secs(30),
+            "counting to go on after the last fault",
+        )
+        .await;
     let mut expected = producer.interrupt().await;
     for (domain, counts) in side.await.expect("the side stream ran") {
         let entry = expected.entry(domain).or_default();

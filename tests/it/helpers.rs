@@ -118,6 +118,14 @@ impl TestDb {
             .collect()
     }
 
+    /// Waits (up to `within`) until more than `total` events are counted.
+    pub async fn wait_total_past(&self, total: i64, within: Duration, what: &str) {
+        wait_for(within, what, || async {
+            (self.total_events().await > total).then_some(())
+        })
+        .await;
+    }
+
     /// Sum of all events counted.
     pub async fn total_events(&self) -> i64 {
         let client = self.client().await;
