@@ -106,18 +106,31 @@ fn parse_postfix(line: &str) -> Option<(Event, bool)> {
     if queue_id.is_empty() || !queue_id.bytes().all(|b| b.is_ascii_alphanumeric()) {
         return None;
     }
-    let (recipient, mut rest) = address_until(fields, |c| c == '>')?;
-    if let Some(after) = rest.strip_prefix(", orig_to=<") {
-        rest = address_until(after, |c| c == '>')?.1;
-    }
     // Postfix before 3.5 (and `info_log_address_format = internal`) logs a local part
-    // unquoted, so a sender's `a@victim.example>, status=sent x"@evil.example` would close the
-    // address early: the fields must then start where Postfix's own do, and hold one status.
-    if !rest.starts_with(", relay=")
-        || rest.matches(", relay=").count() != 1
-        || rest.matches(", status=").count() != 1
-        || rest.matches(", dsn=").count() > 1
-    {
+    // unquoted. Postfix writes its own fields right after the address's `>`: `, orig_to=<…>`,
+    // then `, relay=` first and `, status=` last. So:
+    // - A `"` with no partner (`a"@evil.example`) makes an address run on past Postfix's `>`
+    //   and fields, into the remote server's text: an address holding `>, relay=` or
+    //   `>, orig_to=<` is such a run-on.
+    // - A sender's `>` (`a@victim.example>, relay=x, status=sent x"@evil.example`) closes the
+    //   address early: its forged fields are then followed by Postfix's own `>, relay=`, which
+    //   may not come before the last `, status=`.
+    // The remote server's text after the status may hold `, relay=`, `, status=` and `, dsn=`:
+    // it is only read as text (unless it also holds `>, relay=` before a `, status=`).
+    let run_on = |address: &str| address.contains(">, relay=") || address.contains(">, orig_to=<");
+    let (recipient, mut rest) = address_until(fields, |c| c == '>')?;
+    if run_on(recipient) {
+        return None;
+    }
+    if let Some(after) = rest.strip_prefix(", orig_to=<") {
+        let (original, after) = address_until(after, |c| c == '>')?;
+        if run_on(original) {
+            return None;
+        }
+        rest = after;
+    }
+    let last_status = rest.rfind(", status=")?;
+    if !rest.starts_with(", relay=") || rest[..last_status].contains(">, relay=") {
         return None;
     }
     // relay=, delay=, delays=, dsn= are Postfix's own (host names, numbers): the first
@@ -993,6 +1006,15 @@ mod tests {
             "Dec  4 10:00:00 mx1 postfix/smtp[80]: 4Qk1ABC: to=<a@victim.example>, relay=x, delay=1, delays=1, dsn=2.0.0, status=sent x@evil.example>, relay=mx.evil.example[192.0.2.9]:25, delay=0.2, delays=0/0/0.1/0.1, dsn=5.7.1, status=bounced (host mx.evil.example[192.0.2.9] said: 554 5.7.1 spam (in reply to end of DATA command))",
             "Dec  4 10:00:00 mx1 postfix/discard[90]: 4Qk1ABJ: to=<x@blocked.example>, relay=none, delay=0.1, delays=0.1/0/0/0, dsn=2.0.0, status=sent (blocked.example)",
             "Dec  4 10:00:00 mx1 postfix/smtp[80]: 4Qk1ABC: to=<a@victim.example>, relay=x y@evil.example>, relay=mx.evil.example[192.0.2.9]:25, delay=0.2, delays=0/0/0.1/0.1, dsn=2.0.0, status=sent (250 ok)",
+            "Dec  4 10:00:00 mx1 postfix/smtp[80]: 4Qk1ABC: to=<a@victim.example>, relay=x, delay=1, delays=1, dsn=2.0.0, status=sent (ok)@evil.example>, relay=mx.evil.example[192.0.2.9]:25, delay=0.2, delays=0/0/0.1/0.1, dsn=5.7.1, status=bounced (host mx.evil.example[192.0.2.9] said: 554 5.7.1 spam (in reply to end of DATA command))",
+            // A `"` with no partner (RCPT TO:<"a\""@evil.example>): the address runs on into
+            // the text of the sender's own server, which holds a delivery's fields.
+            r#"Dec  4 10:00:00 mx1 postfix/smtp[80]: 4Qk1ABC: to=<a"@evil.example>, relay=mx.evil.example[192.0.2.9]:25, delay=0.2, delays=0/0/0.1/0.1, dsn=5.0.0, status=bounced (host mx.evil.example[192.0.2.9] said: 550 x"@victim.example>, relay=mx.victim.example[198.51.100.7]:25, delay=1, delays=0/0/0/1, dsn=2.0.0, status=sent (250 ok) (in reply to RCPT TO command))"#,
+            r#"Dec  4 10:00:00 mx1 postfix/smtp[80]: 4Qk1ABC: to=<b@evil.example>, orig_to=<a"@evil.example>, relay=mx.evil.example[192.0.2.9]:25, delay=0.2, delays=0/0/0.1/0.1, dsn=5.0.0, status=bounced (host mx.evil.example[192.0.2.9] said: 550 x"@victim.example>, relay=mx.victim.example[198.51.100.7]:25, delay=1, delays=0/0/0/1, dsn=2.0.0, status=sent (250 ok) (in reply to RCPT TO command))"#,
+            r#"Dec  4 10:00:00 mx1 postfix/smtp[80]: 4Qk1ABC: to=<a"@evil.example>, relay=mx.evil.example[192.0.2.9]:25, delay=0.2, delays=0/0/0.1/0.1, dsn=4.0.0, status=deferred (host mx.evil.example[192.0.2.9] said: 450 x"@victim.example>, relay=mx.victim.example[198.51.100.7]:25, delay=1, delays=0/0/0/1, dsn=5.1.1, status=bounced (550 5.1.1 no such user) (in reply to RCPT TO command))"#,
+            // Server text that holds Postfix's own `>, relay=` before a `, status=` cannot be
+            // told from a forgery on the line alone: skipped.
+            "Dec  4 10:00:00 mx1 postfix/smtp[80]: 4Qk1ABC: to=<bob@b.example>, relay=mx.b.example[192.0.2.2]:25, delay=0.2, delays=0/0/0.1/0.1, dsn=5.1.1, status=bounced (host mx.b.example[192.0.2.2] said: 550 5.1.1 <x@b.example>, relay=y, status=unknown (in reply to RCPT TO command))",
         ] {
             assert_eq!(parse_line(LogFormat::Postfix, line), None, "{line}");
         }
@@ -1002,6 +1024,46 @@ mod tests {
         assert_eq!(event.domain, "victim.example");
         assert_eq!(event.kind, EventType::Bounced);
         assert_eq!(event.evidence.unwrap().code.unwrap().to_string(), "5.1.1");
+    }
+
+    /// The remote server's text after the status is its own: words in it that look like
+    /// Postfix's fields (`, relay=`, `, status=`, `, dsn=`) do not make the line skipped, and the
+    /// fields before it decide.
+    #[test]
+    fn postfix_fields_in_the_servers_text_are_only_text() {
+        for (line, code) in [
+            (
+                "Dec  4 10:00:00 mx1 postfix/smtp[80]: 4Qk1ABC: to=<bob@b.example>, relay=mx.b.example[192.0.2.2]:25, delay=0.2, delays=0/0/0.1/0.1, dsn=5.1.1, status=bounced (host mx.b.example[192.0.2.2] said: 550 5.1.1 <bob@b.example>: unknown user, relay=mx2.b.example refused (in reply to RCPT TO command))",
+                "5.1.1",
+            ),
+            (
+                "Dec  4 10:00:00 mx1 postfix/smtp[80]: 4Qk1ABC: to=<bob@b.example>, relay=mx.b.example[192.0.2.2]:25, delay=0.2, delays=0/0/0.1/0.1, dsn=5.1.1, status=bounced (host mx.b.example[192.0.2.2] said: 550 5.1.1 user unknown, status=5.1.1, dsn=5.2.2 (in reply to RCPT TO command))",
+                "5.1.1",
+            ),
+            (
+                "Dec  4 10:00:00 mx1 postfix/smtp[80]: 4Qk1ABC: to=<bob@b.example>, relay=mx.b.example[192.0.2.2]:25, delay=0.2, delays=0/0/0.1/0.1, dsn=5.7.1, status=bounced (host mx.b.example[192.0.2.2] said: 554 5.7.1 rejected, status=sent, relay=none (in reply to end of DATA command))",
+                "5.7.1",
+            ),
+            (
+                "Dec  4 10:00:00 mx1 postfix/smtp[80]: 4Qk1ABC: to=<bob@b.example>, relay=mx.b.example[192.0.2.2]:25, delay=0.2, delays=0/0/0.1/0.1, dsn=5.7.1, status=bounced (host mx.b.example[192.0.2.2] said: 554 5.7.1 rejected, relay=denied, status=blocked (in reply to end of DATA command))",
+                "5.7.1",
+            ),
+        ] {
+            let event = parse_line(LogFormat::Postfix, line).expect(line);
+            assert_eq!(event.domain, "b.example", "{line}");
+            assert_eq!(event.kind, EventType::Bounced, "{line}");
+            assert_eq!(
+                event.evidence.unwrap().code.unwrap().to_string(),
+                code,
+                "{line}"
+            );
+        }
+        let sent = "Dec  4 10:00:00 mx1 postfix/smtp[80]: 4Qk1ABC: to=<carol@c.example>, relay=mx.c.example[192.0.2.3]:25, delay=0.2, delays=0/0/0.1/0.1, dsn=2.0.0, status=sent (250 2.0.0 Ok, status=queued, dsn=2.0.0, relay=next)";
+        let event = parse_line(LogFormat::Postfix, sent).expect(sent);
+        assert_eq!(
+            (event.domain.as_str(), event.kind),
+            ("c.example", EventType::Delivered)
+        );
     }
 
     /// RFC 5424 lines (rsyslog's `RSYSLOG_SyslogProtocol23Format`) are read, with or without
