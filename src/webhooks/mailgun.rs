@@ -37,6 +37,10 @@ struct EventData {
     event: String,
     #[serde(default)]
     id: Option<String>,
+    /// When the event happened, in Unix seconds (`1521472262.908181`), kept as JSON text: a
+    /// number serde_json cannot hold (`1e400`) must not refuse the request.
+    #[serde(default)]
+    timestamp: Option<Box<serde_json::value::RawValue>>,
     #[serde(default)]
     recipient: Option<String>,
     #[serde(default)]
@@ -102,8 +106,40 @@ pub fn token(body: &[u8]) -> Option<String> {
         .map(|body| body.signature.token)
 }
 
+/// The message id an event is published under: its event id with the UTC day it happened
+/// (`mailgun:2018-03-19:CPgfbmQMTCKtHW6uIWtuVe`), as Mailgun's ids are unique within a day
+/// only, and deduplication keeps ids longer than that. A retry of the same event carries the
+/// same id and timestamp, so the same message id. Without an id, the request's token.
+fn message_id(data: &EventData, token: &str) -> String {
+    let timestamp = data
+        .timestamp
+        .as_deref()
+        .map(serde_json::value::RawValue::get);
+    match (data.id.as_deref(), timestamp.and_then(event_day)) {
+        (Some(id), Some(day)) => format!("{ID_PREFIX}{day}:{id}"),
+        (Some(id), None) => format!("{ID_PREFIX}{id}"),
+        (None, _) => format!("{ID_PREFIX}{token}"),
+    }
+}
+
+/// The UTC day (`2018-03-19`) of a Unix time in seconds, written as a JSON number or string.
+fn event_day(json: &str) -> Option<String> {
+    let text = match serde_json::from_str::<String>(json) {
+        Ok(text) => text,
+        Err(_) => json.to_string(),
+    };
+    let seconds: f64 = text.trim().parse().ok()?;
+    // Up to the end of year 9999, which RFC 3339 can write.
+    if !(0.0..253_402_300_800.0).contains(&seconds) {
+        return None;
+    }
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds as u64);
+    let text = humantime::format_rfc3339_seconds(time).to_string();
+    text.get(..10).map(str::to_string)
+}
+
 fn parse(data: &EventData, token: &str) -> Parsed {
-    let message_id = format!("{ID_PREFIX}{}", data.id.as_deref().unwrap_or(token));
+    let message_id = message_id(data, token);
     let ignored = || Parsed {
         events: Vec::new(),
         message_id: message_id.clone(),
@@ -234,6 +270,48 @@ mod tests {
             }
             assert!(parsed.message_id.starts_with("mailgun:"), "{name}");
         }
+    }
+
+    /// Mailgun's event ids are unique within a day only: the same id on another day is another
+    /// event (published under another message id, so not dropped as a duplicate), and a retry
+    /// of one event (a new token, the same event data) is the same message.
+    #[test]
+    fn an_event_id_is_read_with_the_day_of_its_event() {
+        let now = 1_700_000_000;
+        let replays = ReplayCache::default();
+        let body = |token: &str, event_time: serde_json::Value| {
+            let mut body: serde_json::Value =
+                serde_json::from_slice(&signed("mailgun-delivered.json", token, now)).unwrap();
+            body["event-data"]["timestamp"] = event_time;
+            serde_json::to_vec(&body).unwrap()
+        };
+        let id = |token: &str, event_time: serde_json::Value| {
+            handle(KEY, &body(token, event_time), now, &replays)
+                .unwrap_or_else(|e| panic!("{token}: {e}"))
+                .message_id
+        };
+        let monday = id("t1", serde_json::json!(1_521_472_262.908_181));
+        assert_eq!(monday, "mailgun:2018-03-19:CPgfbmQMTCKtHW6uIWtuVe");
+        assert_eq!(id("t2", serde_json::json!(1_521_472_262.908_181)), monday);
+        assert_eq!(id("t3", serde_json::json!("1521472262.908181")), monday);
+        let tuesday = id("t4", serde_json::json!(1_521_472_262.908_181 + 86_400.0));
+        assert_eq!(tuesday, "mailgun:2018-03-20:CPgfbmQMTCKtHW6uIWtuVe");
+        // No usable timestamp: the id alone, as before.
+        for (token, odd) in [
+            ("t5", serde_json::json!(null)),
+            ("t6", serde_json::json!(-1)),
+            ("t7", serde_json::json!("soon")),
+            ("t8", serde_json::json!({"s": 1})),
+            ("t9", serde_json::json!("NaN")),
+        ] {
+            assert_eq!(id(token, odd), "mailgun:CPgfbmQMTCKtHW6uIWtuVe", "{token}");
+        }
+        // A number serde_json cannot hold is not a reason to refuse the event.
+        let text = String::from_utf8(body("t10", serde_json::json!("x"))).unwrap();
+        let huge = text.replace(r#""timestamp":"x""#, r#""timestamp":1e400"#);
+        assert_ne!(huge, text);
+        let parsed = handle(KEY, huge.as_bytes(), now, &replays).expect("1e400");
+        assert_eq!(parsed.message_id, "mailgun:CPgfbmQMTCKtHW6uIWtuVe");
     }
 
     #[test]

@@ -264,7 +264,7 @@ pub(crate) fn lenient_string<'de, D: serde::Deserializer<'de>>(
     )
 }
 
-/// How the webhooks' message ids begin (`sendgrid:{sg_event_id}`, `mailgun:{id}`,
+/// How the webhooks' message ids begin (`sendgrid:{sg_event_id}`, `mailgun:{day}:{id}`,
 /// `sns:{MessageId}`, `postmark:{type}:{id}`): an HTTP `Idempotency-Key` may not, so a client's
 /// key can never be a provider event's id (that event would be skipped as a duplicate of it).
 pub const ID_PREFIXES: [&str; 4] = [
