@@ -195,12 +195,9 @@ pub fn client_config(
     let inner = match verify {
         Verify::None => None,
         Verify::Full | Verify::ChainOnly => Some(
-            WebPkiServerVerifier::builder_with_provider(
-                Arc::new(root_store(roots)?),
-                provider.clone(),
-            )
-            .build()
-            .map_err(|error| TlsError::NoSystemRoots(error.to_string()))?,
+            WebPkiServerVerifier::builder_with_provider(root_store(roots)?, provider.clone())
+                .build()
+                .map_err(|error| TlsError::NoSystemRoots(error.to_string()))?,
         ),
     };
     let verifier = Arc::new(Verifier {
@@ -219,29 +216,43 @@ pub fn client_config(
     })
 }
 
-/// The trust anchors `roots` names.
-pub fn root_store(roots: &Roots) -> Result<RootCertStore, TlsError> {
-    let mut store = RootCertStore::empty();
+/// The trust anchors `roots` names. A CA file is read at every call (it may have been
+/// renewed); the system's trust store once per process (see [`system_roots`]).
+pub fn root_store(roots: &Roots) -> Result<Arc<RootCertStore>, TlsError> {
     match roots {
         Roots::File(path) => {
+            let mut store = RootCertStore::empty();
             for cert in read_certs(path, "CA file")? {
                 store.add(cert)?;
             }
+            Ok(Arc::new(store))
         }
-        Roots::System => {
-            let loaded = rustls_native_certs::load_native_certs();
-            let (added, _ignored) = store.add_parsable_certificates(loaded.certs);
-            if added == 0 {
-                let errors: Vec<String> = loaded.errors.iter().map(|e| e.to_string()).collect();
-                return Err(TlsError::NoSystemRoots(if errors.is_empty() {
-                    "the trust store is empty".into()
-                } else {
-                    errors.join("; ")
-                }));
-            }
-        }
+        Roots::System => system_roots(),
     }
-    Ok(store)
+}
+
+/// The system's trusted roots, read on first use and kept: reading the OS trust store is
+/// hundreds of file reads, and a TLS setting is built on a runtime thread (a RabbitMQ
+/// connection's at every attempt, a Postgres one's when its files changed), where it would
+/// hold up the tasks behind it. A change to the system's store is used after a restart.
+/// A store that did not load is not kept: the next call reads it again.
+fn system_roots() -> Result<Arc<RootCertStore>, TlsError> {
+    static ROOTS: std::sync::OnceLock<Arc<RootCertStore>> = std::sync::OnceLock::new();
+    if let Some(roots) = ROOTS.get() {
+        return Ok(roots.clone());
+    }
+    let loaded = rustls_native_certs::load_native_certs();
+    let mut store = RootCertStore::empty();
+    let (added, _ignored) = store.add_parsable_certificates(loaded.certs);
+    if added == 0 {
+        let errors: Vec<String> = loaded.errors.iter().map(|e| e.to_string()).collect();
+        return Err(TlsError::NoSystemRoots(if errors.is_empty() {
+            "the trust store is empty".into()
+        } else {
+            errors.join("; ")
+        }));
+    }
+    Ok(ROOTS.get_or_init(|| Arc::new(store)).clone())
 }
 
 fn read_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -407,5 +418,24 @@ mod tests {
         let error =
             Identity::from_files(Path::new("/nonexistent/c.pem"), Path::new("/k")).unwrap_err();
         assert!(error.to_string().contains("client certificate"), "{error}");
+    }
+
+    /// The system's trust store is read once (it was read again at every RabbitMQ connection
+    /// attempt, on a runtime thread); a CA file is read at every call, as it may be renewed.
+    #[test]
+    fn the_system_roots_are_read_once_and_a_ca_file_each_time() {
+        let first = root_store(&Roots::System).expect("the system's trusted roots");
+        let again = root_store(&Roots::System).expect("the system's trusted roots");
+        assert!(Arc::ptr_eq(&first, &again));
+        assert!(!first.is_empty());
+        // A CA file (Debian's bundle, copied), then the same path holding no certificate.
+        let file = std::env::temp_dir().join(format!("catchall-roots-{}.pem", std::process::id()));
+        std::fs::copy("/etc/ssl/certs/ca-certificates.crt", &file).expect("copy the CA bundle");
+        let read = root_store(&Roots::File(file.clone())).expect("the copied bundle");
+        assert!(!read.is_empty());
+        std::fs::write(&file, "renewed, but not a certificate").expect("write");
+        let error = root_store(&Roots::File(file.clone())).unwrap_err();
+        std::fs::remove_file(&file).expect("remove");
+        assert!(error.to_string().contains("catchall-roots"), "{error}");
     }
 }
