@@ -8,6 +8,9 @@ EVENTS ?= 10000
 PY_BIN := $(shell python3 -c 'import os, site, sysconfig; print(sysconfig.get_path("scripts") + os.pathsep + os.path.join(site.USER_BASE, "bin"))' 2>/dev/null)
 export PATH := $(if $(PY_BIN),$(PY_BIN):)$(PATH)
 
+# The prerequisites install with apt one after another: `make -j test` would run apt twice at once.
+.NOTPARALLEL:
+
 .PHONY: deps start services events createEvents test extra-stop nextest chaos bench bench-baseline bench-claim bench-pg soak lint lint-rust lint-deploy build postfix
 
 ## start: make sure RabbitMQ and Postgres answer (starting them), then run the worker in the foreground

@@ -24,7 +24,7 @@ if ! answers 5432; then
   fi
   # Trust local connections, as the README's defaults expect (postgres user, no password).
   hba=/etc/postgresql/$version/main/pg_hba.conf
-  if ! grep -q '^host all all 127.0.0.1/32 trust' "$hba"; then
+  if ! as_root grep -q '^host all all 127.0.0.1/32 trust' "$hba"; then
     as_root sed -i '1i host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\nlocal all all trust' "$hba"
     echo "services: $hba now trusts every local connection (the tests' defaults); remove its first three lines to undo" >&2
   fi
