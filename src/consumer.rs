@@ -344,7 +344,7 @@ impl Consumer {
             .await
             .with_context(|| {
                 format!(
-                    "connecting to RabbitMQ at {}",
+                    "{CONNECTING}{}",
                     crate::config::redact_url(&settings.amqp_url)
                 )
             })?;
@@ -1270,6 +1270,25 @@ const GATHER_NAP: Duration = Duration::from_millis(1);
 /// it when that is under 6 s).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// How the error of a connection attempt begins, before the (password-redacted) URL.
+const CONNECTING: &str = "connecting to RabbitMQ at ";
+
+/// What `/readyz` says of a broker error: the chain without the URL, whose user name and vhost
+/// are not for whoever reaches the port (the probes need no token); the nodes' `host:port` and
+/// the failure stay, as `Postgres HOST:PORT/DB` does for Postgres. The log has the whole chain.
+fn broker_reason(error: &anyhow::Error) -> String {
+    let causes: Vec<String> = error
+        .chain()
+        .map(ToString::to_string)
+        .filter(|cause| !cause.starts_with(CONNECTING))
+        .collect();
+    if causes.is_empty() {
+        "cannot connect".into()
+    } else {
+        causes.join(": ")
+    }
+}
+
 /// The next delivery: what cancelled consumers still buffer first, then the current consumer.
 async fn next_delivery(
     draining: &mut VecDeque<lapin::Consumer>,
@@ -1372,7 +1391,7 @@ pub async fn run(
             return;
         }
         let wait = backoff.next_wait();
-        health.set_broker_error(Some(format!("{error:#}")));
+        health.set_broker_error(Some(broker_reason(&error)));
         metrics::broker_reconnect(&error, wait);
         WorkerStats::add(&settings.stats.reconnects, 1);
         tokio::select! {

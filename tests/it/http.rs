@@ -329,6 +329,36 @@ async fn readyz_is_503_while_the_consumer_cannot_run() {
     drop(closed);
 }
 
+/// `/readyz` (open to whoever reaches the port) names the broker's node and why it failed, not the
+/// URL's user name and vhost; it used to carry the whole URL, password masked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_names_the_broker_failure_without_the_urls_user() {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    let mut config = TestWorker::config(&db, &broker);
+    // RabbitMQ answers and refuses the login: no such user.
+    config.amqp.amqp_url =
+        "amqp://readyz-probe-user:wrong@127.0.0.1:5672/readyz-probe-vhost".into();
+    let worker = TestWorker::start(config).await;
+    let reason = wait_for(
+        Duration::from_secs(15),
+        "/readyz to name the refused login",
+        || async {
+            let (status, body) = get_json(&worker.url("/readyz")).await;
+            let reason = body["error"].as_str()?.to_string();
+            (status == StatusCode::SERVICE_UNAVAILABLE && reason.contains("127.0.0.1:5672"))
+                .then_some(reason)
+        },
+    )
+    .await;
+    assert!(
+        reason.starts_with("not consuming from RabbitMQ: "),
+        "{reason}"
+    );
+    assert!(!reason.contains("readyz-probe"), "{reason}");
+    worker.stop().await;
+}
+
 /// A flood of look-ups that holds every connection of the look-up pool (each one waits on a
 /// lock of `domains`) does not make the worker unready: `/readyz` pings on a connection of
 /// its own.
