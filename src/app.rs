@@ -142,17 +142,17 @@ impl App {
         };
         let lookups = lookups.with_db_timeout(lookup_deadline);
         // Readiness pings: one connection per server, so a look-up flood cannot starve them.
-        let mut ready_probes = vec![crate::http::ReadyProbe {
-            name: format!("Postgres {}", crate::pg::describe(url)),
-            store: connect(1).await?,
-            serves_lookups: config.status_database_url.is_none(),
-        }];
+        let mut ready_probes = vec![crate::http::ReadyProbe::new(
+            format!("Postgres {}", crate::pg::describe(url)),
+            connect(1).await?,
+            config.status_database_url.is_none(),
+        )];
         if let (Some(replica), Some(store)) = (&config.status_database_url, replica(1)?) {
-            ready_probes.push(crate::http::ReadyProbe {
-                name: format!("Postgres replica {}", crate::pg::describe(replica)),
+            ready_probes.push(crate::http::ReadyProbe::new(
+                format!("Postgres replica {}", crate::pg::describe(replica)),
                 store,
-                serves_lookups: true,
-            });
+                true,
+            ));
         }
         let report = store.migrate().await.context("applying migrations")?;
         for migration in report.applied_migrations() {

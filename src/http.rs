@@ -292,31 +292,23 @@ async fn readyz_lookups(
     Ok(Json(serde_json::json!({ "status": "ready" })))
 }
 
-/// Pings each server within 2 s: 503 with a short reason for the first that does not answer.
+/// Checks each server (see [`ReadyProbe::check`]): 503 with a short reason for the first that
+/// does not answer.
 async fn ping(probes: impl Iterator<Item = &ReadyProbe>) -> Result<(), ApiError> {
-    let unavailable = |message: String| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message);
     for probe in probes {
-        let name = &probe.name;
-        match probe.store.ping_within(Duration::from_secs(2)).await {
-            Ok(()) => {}
-            Err(StoreError::Timeout(_)) => {
-                return Err(unavailable(format!("{name}: no answer within 2 s")));
-            }
-            Err(error) => {
-                // The client gets a short reason; the log gets the whole error (which can
-                // carry the server's message text).
-                let reason = ready_reason(&error);
-                tracing::warn!(
-                    server = %name,
-                    error = format!("{:#}", anyhow::Error::new(error)),
-                    "Readiness check: Postgres does not answer."
-                );
-                return Err(unavailable(format!("{name}: {reason}")));
-            }
-        }
+        probe
+            .check()
+            .await
+            .map_err(|reason| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, reason))?;
     }
     Ok(())
 }
+
+/// When a readiness ping ended, and its outcome (`Err`: the short reason for the client).
+type Pinged = (Instant, Result<(), String>);
+
+/// How long a readiness ping's outcome answers the probes that follow it.
+const PING_FRESH: Duration = Duration::from_secs(1);
 
 /// A server `/readyz` pings, on a pool of its own (one connection): a flood of look-ups that
 /// exhausts the look-up pool must not make every replica unready.
@@ -328,6 +320,51 @@ pub struct ReadyProbe {
     /// The server look-ups read (`/readyz/lookups` pings only these): the replica when there
     /// is one (the primary, the other, while look-ups fall back to it), else the primary.
     pub serves_lookups: bool,
+    /// The last ping: when it ended and its outcome (see [`ReadyProbe::check`]).
+    last: Arc<tokio::sync::Mutex<Option<Pinged>>>,
+}
+
+impl ReadyProbe {
+    pub fn new(name: String, store: Store, serves_lookups: bool) -> Self {
+        Self {
+            name,
+            store,
+            serves_lookups,
+            last: Arc::default(),
+        }
+    }
+
+    /// Pings the server within 2 s, once at a time: a probe that comes while a ping runs
+    /// waits for it, and one within [`PING_FRESH`] of its end takes its outcome. Every probe
+    /// used to ping on the one connection, so a flood of `/readyz` requests (the port needs no
+    /// token) queued Kubernetes' probe behind them past its timeout, and the pod left the
+    /// Service. `Err` is the short reason for the client.
+    async fn check(&self) -> Result<(), String> {
+        let mut last = self.last.lock().await;
+        if let Some((at, outcome)) = last.as_ref()
+            && at.elapsed() < PING_FRESH
+        {
+            return outcome.clone();
+        }
+        let name = &self.name;
+        let outcome = match self.store.ping_within(Duration::from_secs(2)).await {
+            Ok(()) => Ok(()),
+            Err(StoreError::Timeout(_)) => Err(format!("{name}: no answer within 2 s")),
+            Err(error) => {
+                // The client gets a short reason; the log gets the whole error (which can
+                // carry the server's message text).
+                let reason = ready_reason(&error);
+                tracing::warn!(
+                    server = %name,
+                    error = format!("{:#}", anyhow::Error::new(error)),
+                    "Readiness check: Postgres does not answer."
+                );
+                Err(format!("{name}: {reason}"))
+            }
+        };
+        *last = Some((Instant::now(), outcome.clone()));
+        outcome
+    }
 }
 
 /// Why a readiness ping failed, fit for any client: a TLS verification failure in our own

@@ -359,6 +359,36 @@ async fn readyz_names_the_broker_failure_without_the_urls_user() {
     worker.stop().await;
 }
 
+/// A flood of `/readyz` requests (the port needs no token) shares pings: each used to ping
+/// Postgres on the probes' one connection, so Kubernetes' probe queued behind the flood past its
+/// timeout and the pod left the Service. 200 at once: 200 pings before, at most a few now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_readiness_probes_shares_its_pings() {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    let postgres = crate::proxy::Proxy::start("127.0.0.1:5432").await;
+    let mut config = TestWorker::config(&db, &broker);
+    config.database_url = format!("postgres://postgres@{}/{}", postgres.addr, db.name);
+    let worker = TestWorker::start(config).await;
+    worker.ready().await;
+    let client = reqwest::Client::new();
+    let before = postgres.pings();
+    let answers = futures_util::future::join_all((0..200).map(|_| {
+        let request = client.get(worker.url("/readyz")).send();
+        async move { request.await.map(|answer| answer.status()) }
+    }))
+    .await;
+    let pings = postgres.pings() - before;
+    let ready = answers
+        .iter()
+        .filter(|answer| matches!(answer, Ok(status) if *status == StatusCode::OK))
+        .count();
+    assert_eq!(ready, 200, "{answers:?}");
+    // (None at all when the last ping, the wait for readiness, is still fresh.)
+    assert!(pings <= 5, "{pings} pings for 200 probes");
+    worker.stop().await;
+}
+
 /// A flood of look-ups that holds every connection of the look-up pool (each one waits on a
 /// lock of `domains`) does not make the worker unready: `/readyz` pings on a connection of
 /// its own.

@@ -24,6 +24,8 @@ struct State {
     swallow_replies: AtomicBool,
     /// Swallowed server reads that held a `COMMIT` command tag, over every connection.
     commits_swallowed: AtomicU64,
+    /// Simple queries `SELECT 1` clients sent (a readiness ping), over every connection.
+    pings: AtomicU64,
     /// Cancelling it drops every connection opened under it.
     generation: Mutex<CancellationToken>,
     /// Cancelled by [`Proxy::freeze_open_connections`] for the connections open then.
@@ -56,6 +58,7 @@ impl Proxy {
             open: AtomicU64::new(0),
             swallow_replies: AtomicBool::new(false),
             commits_swallowed: AtomicU64::new(0),
+            pings: AtomicU64::new(0),
             generation: Mutex::new(CancellationToken::new()),
             freeze: Mutex::new(CancellationToken::new()),
             hold: Mutex::new(CancellationToken::new()),
@@ -174,6 +177,11 @@ impl Proxy {
         self.state.commits_swallowed.load(Ordering::SeqCst)
     }
 
+    /// How many simple queries `SELECT 1` (readiness pings) clients sent through the proxy.
+    pub fn pings(&self) -> u64 {
+        self.state.pings.load(Ordering::SeqCst)
+    }
+
     /// Stops forwarding the server's replies (requests still flow) until the next cut: what the
     /// client sends now is processed by the server, but the client never learns the outcome.
     pub fn swallow_replies(&self) {
@@ -255,6 +263,9 @@ async fn serve(
             if n == 0 || !may_forward(&token, &freeze).await {
                 return Ok::<(), std::io::Error>(());
             }
+            // A read may split one; the worker's pings are small and far apart.
+            let pings = buf[..n].windows(9).filter(|w| w == b"SELECT 1\0").count();
+            state.pings.fetch_add(pings as u64, Ordering::SeqCst);
             server_write.write_all(&buf[..n]).await?;
         }
     };
