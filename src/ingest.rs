@@ -80,7 +80,31 @@ pub struct Ingest {
 struct Link {
     settings: IngestSettings,
     open: Mutex<LinkState>,
+    /// A connection attempt is under way (see [`Link::channel`]), and its end.
+    connecting: std::sync::atomic::AtomicBool,
+    attempt_ended: tokio::sync::Notify,
 }
+
+/// Clears [`Link::connecting`] and wakes the requests waiting for the attempt when it ends,
+/// however it ends (a request whose own timeout dropped it included).
+struct Connecting<'a>(&'a Link);
+
+impl Drop for Connecting<'_> {
+    fn drop(&mut self) {
+        self.0
+            .connecting
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.0.attempt_ended.notify_waiters();
+    }
+}
+
+/// What a request is answered when another one's connection attempt did not end within
+/// [`ATTEMPT_WAIT`].
+const CONNECTING: &str = "another request is connecting to RabbitMQ";
+
+/// How long a request waits for another one's connection attempt: a broker that answers
+/// connects in milliseconds; one that does not must not hold every request for OPEN_TIMEOUT.
+const ATTEMPT_WAIT: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
 struct LinkState {
@@ -99,6 +123,8 @@ impl Ingest {
         let link = Arc::new(Link {
             settings,
             open: Mutex::new(LinkState::default()),
+            connecting: Default::default(),
+            attempt_ended: tokio::sync::Notify::new(),
         });
         tokio::spawn(pack_loop(link.clone(), queue));
         Self { link, packer }
@@ -159,11 +185,34 @@ impl Ingest {
 }
 
 impl Link {
-    /// The open channel, or a new connection with the topology declared and confirms on. After a
-    /// failed attempt, callers fail fast for `reconnect_pause` rather than queue up behind
-    /// connects to a broker that is down.
+    /// The open channel, or a new connection with the topology declared and confirms on. While
+    /// an attempt is under way callers wait for it [`ATTEMPT_WAIT`] at most, and for
+    /// `reconnect_pause` after one failed they fail fast, rather than queue up behind connects
+    /// to a broker that is down. The attempt runs outside the lock: held across it (up to
+    /// OPEN_TIMEOUT, 10 s), every request queued behind it, and at a few hundred a second they
+    /// filled HTTP_MAX_CONCURRENCY, so look-ups got 503 too.
     async fn channel(&self) -> Result<(Channel, u64), IngestError> {
-        let mut state = self.open.lock().await;
+        use std::sync::atomic::Ordering::SeqCst;
+        let mut waited = false;
+        let mut state = loop {
+            let state = self.open.lock().await;
+            if !self.connecting.load(SeqCst) || state.current.is_some() {
+                break state;
+            }
+            if waited {
+                return Err(IngestError::Unavailable(CONNECTING.into()));
+            }
+            // Registered before the lock goes, so the attempt's end (which needs the lock to
+            // store its connection first) cannot be missed.
+            let ended = self.attempt_ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            drop(state);
+            if tokio::time::timeout(ATTEMPT_WAIT, ended).await.is_err() {
+                return Err(IngestError::Unavailable(CONNECTING.into()));
+            }
+            waited = true;
+        };
         if let Some((connection, channel, number)) = &state.current {
             // Blocked by a resource alarm, the connection takes frames it will not send: each
             // publish would be answered 503 after the publish timeout, and kept, to be sent
@@ -184,9 +233,13 @@ impl Link {
         // Counted as failed until it succeeds: a request dropped mid-attempt (its own timeout)
         // leaves the pause behind it, not a queue of requests restarting the attempt.
         state.last_failure = Some(Instant::now());
+        self.connecting.store(true, SeqCst);
+        let _connecting = Connecting(self);
+        drop(state);
         let opened = tokio::time::timeout(OPEN_TIMEOUT, self.open_channel())
             .await
             .unwrap_or_else(|_| Err(anyhow::anyhow!("no connection within {OPEN_TIMEOUT:?}")));
+        let mut state = self.open.lock().await;
         match opened {
             Ok((connection, channel)) => {
                 state.opened += 1;

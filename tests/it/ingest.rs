@@ -840,6 +840,54 @@ async fn a_put_is_accepted_with_a_silent_node(
     worker.stop().await;
 }
 
+/// A broker that accepts TCP and never answers: one publish's connection attempt takes its
+/// connect timeout (4 s here), and the publishes that come meanwhile wait for it a second at most,
+/// then fail (503 over HTTP) before it ends. They used to queue behind it for all of it (up to
+/// 10 s), and at a few hundred requests a second filled the HTTP concurrency cap, look-ups' share
+/// included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_do_not_queue_behind_a_connection_attempt() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let holding = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            open.push(stream);
+        }
+    });
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    let topology = TestWorker::config(&db, &broker).amqp.topology();
+    let url = format!("amqp://guest:guest@{silent_addr}/%2f?connection_timeout=4000");
+    let ingest =
+        catchall::ingest::Ingest::start(catchall::ingest::IngestSettings::new(&url, topology));
+    // Keyed: each its own message, so each asks for the channel itself.
+    let mut outcomes: futures_util::stream::FuturesUnordered<_> = (0..20)
+        .map(|i| {
+            let event = Event::new("queue.example", catchall::event::EventType::Delivered)
+                .expect("an event");
+            let ingest = ingest.clone();
+            async move {
+                ingest
+                    .publish_one(event, Some(format!("attempt-{i}")))
+                    .await
+            }
+        })
+        .collect();
+    let mut order = Vec::new();
+    while let Some(outcome) = outcomes.next().await {
+        order.push(outcome.expect_err("nothing can be confirmed").to_string());
+    }
+    // The attempt's own failure comes last: every other publish was answered before it ended.
+    let waited = order
+        .iter()
+        .filter(|error| error.contains("another request is connecting to RabbitMQ"))
+        .count();
+    assert_eq!(waited, 19, "{order:#?}");
+    assert!(!order[19].contains("another request"), "{order:#?}");
+    holding.abort();
+}
+
 /// KumoMTA records over `POST /events` (a KumoMTA webhook pointed at the worker) are read as on
 /// the queue (SPEC §3): `Delivery` and `Bounce` counted, every other type acknowledged and
 /// counted as ignored. A 400 for them would make KumoMTA retry its `Reception` records forever.
