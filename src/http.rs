@@ -239,7 +239,13 @@ async fn status_of(state: &AppState, raw: &str) -> Result<Json<DomainStatus>, Ap
         .1
         .lookup(domain.clone())
         .await
-        .map_err(database_unavailable)?;
+        .map_err(|error| match *error {
+            // Postgres answers; this worker has more look-ups waiting than it queues.
+            StoreError::Busy => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "too many look-ups waiting")
+            }
+            _ => database_unavailable(error),
+        })?;
     Ok(Json(DomainStatus {
         status: Status::classify(counts.delivered, counts.bounced, state.threshold),
         domain,
@@ -601,13 +607,26 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for ArrayItems<T> {
     }
 }
 
-/// Parses a JSON array of events or NDJSON (one event object per line, blank lines ignored).
+/// Parses a JSON array of events, NDJSON (one event object per line, blank lines ignored), or
+/// one event object over several lines (pretty-printed, as the queue's format allows too).
 /// The error names the first bad event (array index or line number, from 1). KumoMTA records
 /// of uncounted types are counted in `ignored`, as the consumer does with them.
 pub fn parse_events(body: &[u8]) -> Result<Parsed, String> {
     let text = crate::event::strip_bom(
         std::str::from_utf8(body).map_err(|_| "body is not UTF-8".to_string())?,
     );
+    let trimmed = text.trim();
+    if trimmed.starts_with('{')
+        && trimmed.contains('\n')
+        && let Ok(one) = serde_json::from_str::<&serde_json::value::RawValue>(trimmed)
+    {
+        // As NDJSON its first line (`{`) was refused as invalid JSON.
+        let mut parsed = Parsed::default();
+        parsed.add(
+            one_event(one.get().as_bytes(), true).map_err(|reason| format!("event 1: {reason}"))?,
+        );
+        return Ok(parsed);
+    }
     let parsed = match text.trim_start().as_bytes().first() {
         None => return Err("body is empty: send a JSON array or NDJSON of events".into()),
         Some(b'[') => {
@@ -763,7 +782,10 @@ struct ListPage {
 pub const DEFAULT_PAGE: u32 = 1000;
 pub const MAX_PAGE: u32 = 10_000;
 
+/// Unknown parameters are refused (400): a client paging with another API's `cursor` or
+/// `offset` would otherwise get the first page again for ever.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ListParams {
     status: Option<String>,
     after: Option<String>,
@@ -1804,6 +1826,12 @@ mod tests {
         assert_eq!(parse_events(&with_bom).unwrap().events.len(), 2);
         let bad = b"{\"domain\":\"a.example\",\"type\":\"delivered\"}\n[1]\n";
         assert!(parse_events(bad).unwrap_err().starts_with("line 2"));
+        // One object over several lines (`curl -d @event.json`): one event, not "line 1: …".
+        let pretty = b"{\n  \"domain\": \"a.example\",\n  \"type\": \"bounced\"\n}\n";
+        let events = parse_events(pretty).unwrap().events;
+        assert_eq!((events.len(), events[0].domain.as_str()), (1, "a.example"));
+        let pretty_bad = b"{\n  \"domain\": \"a.example\",\n  \"type\": \"x\"\n}";
+        assert!(parse_events(pretty_bad).unwrap_err().starts_with("event 1"));
         assert!(
             parse_events(br#"[{"domain":"a.example","type":"x"}]"#)
                 .unwrap_err()

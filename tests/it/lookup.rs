@@ -304,6 +304,10 @@ async fn listing_returns_every_catch_all_domain_once_while_events_are_counted() 
         "after=%00",
         "after=a.example%00b",
         "status=catch-all&after=%0A",
+        // A parameter the listing does not have (another API's cursor): ignored, the client
+        // got the first page again for ever.
+        "cursor=m.example",
+        "status=catch-all&offset=1000",
     ] {
         let (status, body) = get_json(&client, &worker.url(&format!("/domains?{query}"))).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{query}");
