@@ -187,6 +187,16 @@ pub fn split_nodes(urls: &str) -> Vec<&str> {
         .collect()
 }
 
+/// The user names and vhosts `urls` names (those of its nodes that parse), for keeping them out
+/// of what `/readyz` says (see `consumer::broker_reason`).
+pub fn users_and_vhosts(urls: &str) -> Vec<String> {
+    split_nodes(urls)
+        .into_iter()
+        .filter_map(|raw| raw.parse::<AMQPUri>().ok())
+        .flat_map(|uri| [uri.authority.userinfo.username, uri.vhost])
+        .collect()
+}
+
 /// Checks `AMQP_URL` as a connection would read it (every node, its TLS files included), so
 /// that a URL no connection can use stops the start with a usage error instead of being retried
 /// as if the broker were down.

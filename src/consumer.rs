@@ -610,18 +610,32 @@ impl Consumer {
         pipeline: &mut Pipeline,
         applied: &mut Applied,
     ) -> anyhow::Result<usize> {
-        let cancelled = tokio::time::timeout(
-            CLOSE_TIMEOUT,
-            self.channel.basic_cancel(
-                self.consumer_tag.as_str().into(),
-                BasicCancelOptions::default(),
-            ),
-        )
-        .await;
+        let abort = pipeline.applier.abort.clone();
+        if abort.is_cancelled() {
+            return Ok(0);
+        }
+        let cancel = self.channel.basic_cancel(
+            self.consumer_tag.as_str().into(),
+            BasicCancelOptions::default(),
+        );
+        // A broker that does not answer (frozen, its replies lost) must not hold the stop, nor
+        // its end (`abort`) take the reserve the close needs. What it sent then stays unacked
+        // and goes back at the close, as a lost connection's would; the batches in flight are
+        // still committed and acked.
+        let cancelled = tokio::select! {
+            cancelled = tokio::time::timeout(CLOSE_TIMEOUT, cancel) => cancelled,
+            () = abort.cancelled() => return Ok(0),
+        };
         match cancelled {
-            Ok(result) => result.context("cancelling the consumer at the stop")?,
-            // A broker that does not answer (frozen, its replies lost) would hold the stop: what
-            // it sent stays unacked and goes back at the close, as a lost connection's would.
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(
+                    error = %error,
+                    "Cancelling the consumer at the stop failed; what RabbitMQ had sent goes \
+                     back to the queue."
+                );
+                return Ok(0);
+            }
             Err(_) => {
                 tracing::warn!(
                     timeout_ms = CLOSE_TIMEOUT.as_millis() as u64,
@@ -632,7 +646,6 @@ impl Consumer {
             }
         }
         self.stopping = true;
-        let abort = pipeline.applier.abort.clone();
         let mut rejected = 0;
         while !self.ended && !abort.is_cancelled() {
             let batch = self.next_batch(&abort).await?;
@@ -1273,20 +1286,48 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How the error of a connection attempt begins, before the (password-redacted) URL.
 const CONNECTING: &str = "connecting to RabbitMQ at ";
 
-/// What `/readyz` says of a broker error: the chain without the URL, whose user name and vhost
-/// are not for whoever reaches the port (the probes need no token); the nodes' `host:port` and
-/// the failure stay, as `Postgres HOST:PORT/DB` does for Postgres. The log has the whole chain.
-fn broker_reason(error: &anyhow::Error) -> String {
+/// What `/readyz` says of a broker error: the chain without the URL, and with the URL's user
+/// names and vhosts, which RabbitMQ's own answers repeat (`access to vhost 'v' refused for user
+/// 'u'`, `vhost v not found`), as `***`: they are not for whoever reaches the port (the probes
+/// need no token). The nodes' `host:port` and the failure stay, as `Postgres HOST:PORT/DB`
+/// does for Postgres. The log has the whole chain.
+fn broker_reason(error: &anyhow::Error, amqp_url: &str) -> String {
     let causes: Vec<String> = error
         .chain()
         .map(ToString::to_string)
         .filter(|cause| !cause.starts_with(CONNECTING))
         .collect();
     if causes.is_empty() {
-        "cannot connect".into()
-    } else {
-        causes.join(": ")
+        return "cannot connect".into();
     }
+    let mut reason = causes.join(": ");
+    for name in crate::amqp::users_and_vhosts(amqp_url) {
+        if name != "/" {
+            reason = without_word(&reason, &name);
+        }
+    }
+    reason
+}
+
+/// `text` with each occurrence of `word` that is not part of a longer name (no letter, digit,
+/// `-`, `_` or `.` on either side) as `***`.
+fn without_word(text: &str, word: &str) -> String {
+    if word.is_empty() {
+        return text.to_string();
+    }
+    let part_of_name = |c: char| c.is_alphanumeric() || "-_.".contains(c);
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(word) {
+        let (before, after) = (&rest[..at], &rest[at + word.len()..]);
+        let alone = !before.chars().next_back().is_some_and(part_of_name)
+            && !after.chars().next().is_some_and(part_of_name);
+        out.push_str(before);
+        out.push_str(if alone { "***" } else { word });
+        rest = after;
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The next delivery: what cancelled consumers still buffer first, then the current consumer.
@@ -1391,7 +1432,7 @@ pub async fn run(
             return;
         }
         let wait = backoff.next_wait();
-        health.set_broker_error(Some(broker_reason(&error)));
+        health.set_broker_error(Some(broker_reason(&error, &settings.amqp_url)));
         metrics::broker_reconnect(&error, wait);
         WorkerStats::add(&settings.stats.reconnects, 1);
         tokio::select! {
@@ -1431,6 +1472,22 @@ pub async fn purge_loop(store: Store, retention: Duration, cancel: CancellationT
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_word_is_masked_only_where_it_stands_alone() {
+        assert_eq!(
+            without_word(
+                "access to vhost 'v' refused for user 'u'; vhost v not found",
+                "v"
+            ),
+            "access to vhost '***' refused for user 'u'; vhost *** not found"
+        );
+        assert_eq!(
+            without_word("vhost prod-2 and prod and prod.x", "prod"),
+            "vhost prod-2 and *** and prod.x"
+        );
+        assert_eq!(without_word("nothing", ""), "nothing");
+    }
 
     #[test]
     fn prefetch_follows_body_sizes() {

@@ -333,12 +333,28 @@ async fn readyz_is_503_while_the_consumer_cannot_run() {
 /// URL's user name and vhost; it used to carry the whole URL, password masked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_names_the_broker_failure_without_the_urls_user() {
+    // RabbitMQ answers and refuses the login: no such user.
+    readyz_hides_the_user_and_vhost(
+        "amqp://readyz-probe-user:wrong@127.0.0.1:5672/readyz-probe-vhost",
+        false,
+    )
+    .await;
+}
+
+/// The same with a login RabbitMQ accepts and a vhost it refuses: its own answer names the
+/// vhost (`vhost readyz-probe-vhost not found`), and `/readyz` must not repeat it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_names_the_broker_failure_without_the_urls_vhost() {
+    readyz_hides_the_user_and_vhost("amqp://guest:guest@127.0.0.1:5672/readyz-probe-vhost", true)
+        .await;
+}
+
+/// `masked`: RabbitMQ's answer names the vhost, and `/readyz` shows `***` in its place.
+async fn readyz_hides_the_user_and_vhost(url: &str, masked: bool) {
     let db = TestDb::create().await;
     let broker = TestBroker::new();
     let mut config = TestWorker::config(&db, &broker);
-    // RabbitMQ answers and refuses the login: no such user.
-    config.amqp.amqp_url =
-        "amqp://readyz-probe-user:wrong@127.0.0.1:5672/readyz-probe-vhost".into();
+    config.amqp.amqp_url = url.into();
     let worker = TestWorker::start(config).await;
     let reason = wait_for(
         Duration::from_secs(15),
@@ -356,6 +372,7 @@ async fn readyz_names_the_broker_failure_without_the_urls_user() {
         "{reason}"
     );
     assert!(!reason.contains("readyz-probe"), "{reason}");
+    assert_eq!(reason.contains("***"), masked, "{reason}");
     worker.stop().await;
 }
 
