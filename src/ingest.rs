@@ -195,6 +195,11 @@ impl Link {
         use std::sync::atomic::Ordering::SeqCst;
         let mut waited = false;
         let mut state = loop {
+            // Registered before the flag is read: an attempt that ends after the read (it
+            // clears the flag, then wakes the waiters) wakes this one too.
+            let ended = self.attempt_ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
             let state = self.open.lock().await;
             if !self.connecting.load(SeqCst) || state.current.is_some() {
                 break state;
@@ -202,11 +207,6 @@ impl Link {
             if waited {
                 return Err(IngestError::Unavailable(CONNECTING.into()));
             }
-            // Registered before the lock goes, so the attempt's end (which needs the lock to
-            // store its connection first) cannot be missed.
-            let ended = self.attempt_ended.notified();
-            tokio::pin!(ended);
-            ended.as_mut().enable();
             drop(state);
             if tokio::time::timeout(ATTEMPT_WAIT, ended).await.is_err() {
                 return Err(IngestError::Unavailable(CONNECTING.into()));
