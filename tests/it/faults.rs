@@ -390,15 +390,17 @@ async fn postgres_down_longer_than_a_batch_timeout() {
         reason["error"].as_str().unwrap().contains("Postgres"),
         "{reason}"
     );
-    // Look-ups read the same Postgres: not ready for them either.
-    let lookups = reqwest::get(worker.url("/readyz/lookups"))
-        .await
-        .expect("GET /readyz/lookups");
-    assert_eq!(
-        lookups.status(),
-        503,
-        "look-ups need the Postgres that is cut"
-    );
+    // Look-ups read the same Postgres: not ready for them either (once the last ping's
+    // outcome, fresh for a second, is past).
+    wait_for(
+        Duration::from_secs(10),
+        "/readyz/lookups to say 503: look-ups need the Postgres that is cut",
+        || async {
+            let response = reqwest::get(worker.url("/readyz/lookups")).await.ok()?;
+            (response.status() == 503).then_some(())
+        },
+    )
+    .await;
 
     // The producer finishes while Postgres is down: the worker holds at most the prefetch, the
     // rest waits in the queue.

@@ -304,8 +304,8 @@ async fn listing_returns_every_catch_all_domain_once_while_events_are_counted() 
         "after=%00",
         "after=a.example%00b",
         "status=catch-all&after=%0A",
-        // A parameter the listing does not have (another API's cursor): ignored, the client
-        // got the first page again for ever.
+        // A parameter the listing does not have (another API's cursor): it was ignored, and
+        // the client got the first page again for ever.
         "cursor=m.example",
         "status=catch-all&offset=1000",
     ] {
