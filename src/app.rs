@@ -100,8 +100,7 @@ impl App {
         // say so until it answers. Only its URL and TLS files are checked now.
         let replica = |pool_size| -> anyhow::Result<Option<Store>> {
             config
-                .status_database_url
-                .as_deref()
+                .replica_url()
                 .map(|replica| {
                     Store::open(replica, pool_size).with_context(|| {
                         format!(
@@ -145,9 +144,9 @@ impl App {
         let mut ready_probes = vec![crate::http::ReadyProbe::new(
             format!("Postgres {}", crate::pg::describe(url)),
             connect(1).await?,
-            config.status_database_url.is_none(),
+            config.replica_url().is_none(),
         )];
-        if let (Some(replica), Some(store)) = (&config.status_database_url, replica(1)?) {
+        if let (Some(replica), Some(store)) = (config.replica_url(), replica(1)?) {
             ready_probes.push(crate::http::ReadyProbe::new(
                 format!("Postgres replica {}", crate::pg::describe(replica)),
                 store,

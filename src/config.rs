@@ -65,7 +65,8 @@ pub struct AmqpArgs {
         global = true,
         visible_alias = "catchall-exchange",
         env = "CATCHALL_EXCHANGE",
-        default_value = "catchall.events"
+        default_value = "catchall.events",
+        value_parser = broker_name
     )]
     pub exchange: String,
 
@@ -75,12 +76,20 @@ pub struct AmqpArgs {
         global = true,
         visible_alias = "catchall-queue",
         env = "CATCHALL_QUEUE",
-        default_value = "catchall.events"
+        default_value = "catchall.events",
+        value_parser = broker_name
     )]
     pub queue: String,
 
-    /// Deliveries after which the quorum queue dead-letters a message that keeps failing.
-    #[arg(long, global = true, env = "DELIVERY_LIMIT", default_value_t = 20)]
+    /// Deliveries after which the quorum queue dead-letters a message that keeps failing (at
+    /// least 1: with 0 a message returned once, by a restart, was dead-lettered).
+    #[arg(
+        long,
+        global = true,
+        env = "DELIVERY_LIMIT",
+        default_value_t = 20,
+        value_parser = clap::value_parser!(u32).range(1..=i64::from(i32::MAX))
+    )]
     pub delivery_limit: u32,
 }
 
@@ -241,6 +250,22 @@ pub fn timeout(text: &str) -> Result<Duration, String> {
     duration_within(text, Duration::from_millis(1), DAY)
 }
 
+/// An exchange or queue name: not empty (an empty line in an env file declared RabbitMQ's default
+/// exchange, or asked for a server-named queue, and the worker retried for ever), not `amq.`
+/// (RabbitMQ's own), and at most 250 bytes, so `.dlx` and `.dead` still fit in 255.
+pub fn broker_name(text: &str) -> Result<String, String> {
+    if text.trim().is_empty() {
+        return Err("must not be empty".into());
+    }
+    if text.starts_with("amq.") {
+        return Err("names beginning with `amq.` are RabbitMQ's own".into());
+    }
+    if text.len() > 250 {
+        return Err(format!("{} bytes; at most 250", text.len()));
+    }
+    Ok(text.to_string())
+}
+
 /// `SHUTDOWN_TIMEOUT`: at least 4 s, since a stop keeps up to 3 s for an attempt it abandons and
 /// the broker's close, and at most a day.
 pub fn shutdown_timeout(text: &str) -> Result<Duration, String> {
@@ -376,6 +401,14 @@ impl Config {
     pub fn check_amqp_url(&self) -> Result<(), String> {
         crate::amqp::check_urls(&self.amqp.amqp_url)
             .map_err(|error| format!("{:#}", anyhow::Error::new(error)))
+    }
+
+    /// `STATUS_DATABASE_URL`, unless unset or empty (`STATUS_DATABASE_URL=` in an env file): as
+    /// a replica URL an empty one named no host, and the worker was never ready.
+    pub fn replica_url(&self) -> Option<&str> {
+        self.status_database_url
+            .as_deref()
+            .filter(|url| !url.trim().is_empty())
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -521,7 +554,28 @@ fn redact_node(raw: &str) -> String {
         }
         None => tail.to_string(),
     };
-    format!("{head}{credentials}{tail}")
+    // Also wherever a `?` or `&` starts a pair: a path holding an `@` (a systemd unit's
+    // `/run/credentials/x@1.service/ca.pem`) moved the split above into the query, and a
+    // `password=` after it was printed.
+    mask_secret_pairs(&format!("{head}{credentials}{tail}"))
+}
+
+/// `text` with the value of every `key=value` pair that follows a `?` or `&` and whose key is a
+/// secret ([`is_secret_key`]) as `***`.
+fn mask_secret_pairs(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for (index, piece) in text.split_inclusive(['?', '&']).enumerate() {
+        let content = piece.strip_suffix(['?', '&']).unwrap_or(piece);
+        match content.split_once('=') {
+            Some((key, _)) if index > 0 && is_secret_key(key) => {
+                out.push_str(key);
+                out.push_str("=***");
+            }
+            _ => out.push_str(content),
+        }
+        out.push_str(&piece[content.len()..]);
+    }
+    out
 }
 
 /// A query key whose value is a secret: libpq's `password` and `sslpassword`, and any other
@@ -607,10 +661,24 @@ mod tests {
             vec!["catchall", "--dedup-retention", "99999999999d"],
             vec!["catchall", "--batch-timeout-ms", "18446744073709551615"],
             vec!["catchall", "healthcheck", "--timeout", "0s"],
+            // An empty name declared RabbitMQ's default exchange or a server-named queue; a
+            // delivery limit of 0 dead-lettered a message returned once.
+            vec!["catchall", "--queue", ""],
+            vec!["catchall", "--exchange", " "],
+            vec!["catchall", "--exchange", "amq.topic"],
+            vec!["catchall", "--delivery-limit", "0"],
+            vec!["catchall", "--delivery-limit", "4294967295"],
         ] {
             let err = Cli::try_parse_from(&args).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{args:?}");
         }
+        let long = "q".repeat(251);
+        assert!(Cli::try_parse_from(["catchall", "--queue", long.as_str()]).is_err());
+        // An empty replica URL (an env file's `STATUS_DATABASE_URL=`) is no replica.
+        let config = Cli::try_parse_from(["catchall", "--status-database-url", " "])
+            .unwrap()
+            .config;
+        assert_eq!(config.replica_url(), None);
         let refused = |args: &[&str]| {
             Cli::try_parse_from(args)
                 .unwrap()
@@ -750,6 +818,11 @@ mod tests {
             redact_url("postgres://u:pw@h1:5432,h2:5432/db"),
             "postgres://u:***@h1:5432,h2:5432/db"
         );
+        // A path with an `@` before the password pair (a systemd credentials directory).
+        let url = "postgres://u@db/c?sslrootcert=/run/credentials/catchall@1.service/ca.pem&password=hunter2";
+        let redacted = redact_url(url);
+        assert!(!redacted.contains("hunter2"), "{redacted}");
+        assert!(redacted.ends_with("ca.pem&password=***"), "{redacted}");
         // A password in the query of a URL with several hosts is not printed either.
         assert_eq!(
             redact_url("postgres://catchall@h1:5432,h2:5432/catchall?password=s3cret"),
