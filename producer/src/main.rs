@@ -166,15 +166,22 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let telemetry = catchall::telemetry::init(None);
     let code = match run(cli).await {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
+        Ok(true) => 0,
+        Ok(false) => 1,
         Err(error) => {
             eprintln!("catchall-producer: {error:#}");
-            ExitCode::FAILURE
+            1
         }
     };
     telemetry.shutdown();
-    code
+    // Exits here, without dropping the runtime: `publish -` reads stdin on tokio's blocking
+    // pool, a read that cannot be cancelled, and dropping the runtime waited for it. Stopped
+    // while its pipe was open and quiet, the producer printed its summary and then hung until
+    // killed (its signal handlers already gone).
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    std::process::exit(code)
 }
 
 /// Returns whether every event was confirmed.
@@ -335,19 +342,39 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             let mut line = Vec::new();
             let mut chunk = Vec::with_capacity(batch as usize);
             let mut number = 0u64;
+            // `line` holds a whole line, handled: cleared before the next is read.
+            let mut taken = false;
             loop {
                 // Once the publisher gave up, the rest would only be counted as failed (it
                 // read on to the end of its input, which for a pipe is never).
                 if publisher.gave_up {
                     break;
                 }
+                if std::mem::take(&mut taken) {
+                    line.clear();
+                }
                 let read = tokio::select! {
-                    read = next_line(&mut lines, &mut line) => read.with_context(|| format!("reading {file}"))?,
+                    biased;
                     _ = stop.cancelled() => break,
+                    read = next_line(&mut lines, &mut line) => read.with_context(|| format!("reading {file}"))?,
+                    // While the input is quiet (a pipe), a partial `--batch` goes out and what
+                    // was sent is settled all the same: confirms counted, nacks retried,
+                    // `--give-up-after` kept. They waited for the window (or the batch) to fill
+                    // or the input to end.
+                    () = tokio::time::sleep(SETTLE_EVERY), if publisher.unsettled() > 0 || !chunk.is_empty() => {
+                        if !chunk.is_empty() {
+                            publisher
+                                .send_all(Outgoing::batches(std::mem::take(&mut chunk)))
+                                .await?;
+                        }
+                        publisher.settle_ready().await?;
+                        continue;
+                    }
                 };
                 if !read {
                     break;
                 }
+                taken = true;
                 number += 1;
                 let line = line.strip_suffix(b"\r").unwrap_or(&line);
                 // A file saved with a byte order mark (RFC 8259 §8.1).
@@ -431,6 +458,10 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     Ok(failed == 0 && invalid_lines == 0 && !stopped)
 }
 
+/// How long `publish`'s input may be quiet before it sends a partial batch and settles what it
+/// sent.
+const SETTLE_EVERY: Duration = Duration::from_millis(50);
+
 /// Reads the next line of `reader` into `line`, without its `\n`; false at the end. Of a line
 /// longer than a message may be, only the first `MAX_BODY_BYTES + 1` bytes are kept (enough
 /// for it to be refused as too large): the rest is read and dropped, so one line of gigabytes
@@ -440,8 +471,9 @@ async fn next_line(
     line: &mut Vec<u8>,
 ) -> std::io::Result<bool> {
     const KEEP: usize = catchall::event::MAX_BODY_BYTES + 1;
-    line.clear();
-    let mut read_any = false;
+    // Cancel-safe (`publish` races it against settling): what a cancelled call read stays in
+    // `line`, and the caller clears it once it took a whole line.
+    let mut read_any = !line.is_empty();
     loop {
         let buffer = reader.fill_buf().await?;
         if buffer.is_empty() {
@@ -494,13 +526,32 @@ mod tests {
         let mut line = Vec::new();
         let mut read = Vec::new();
         while next_line(&mut reader, &mut line).await.expect("read") {
-            read.push(line.clone());
+            read.push(std::mem::take(&mut line));
         }
         assert_eq!(read.len(), 5);
         assert_eq!(read[0], b"one\r");
         assert_eq!(read[1].len(), catchall::event::MAX_BODY_BYTES + 1);
         assert!(parse_message(&read[1]).is_err(), "refused as too large");
         assert_eq!(read[2..], [b"two".to_vec(), Vec::new(), b"last".to_vec()]);
+    }
+
+    /// A read cancelled mid-line (`publish` races it against settling confirms) keeps what it
+    /// read: the next call finishes the line. It cleared the line first, and a line that came in
+    /// two pieces around a settle lost its first piece.
+    #[tokio::test]
+    async fn a_cancelled_read_keeps_its_part_of_the_line() {
+        use tokio::io::AsyncWriteExt;
+        let (mut writer, pipe) = tokio::io::duplex(64);
+        let mut reader = tokio::io::BufReader::new(pipe);
+        let mut line = Vec::new();
+        writer.write_all(b"{\"domain\":").await.unwrap();
+        let cancelled =
+            tokio::time::timeout(Duration::from_millis(50), next_line(&mut reader, &mut line))
+                .await;
+        assert!(cancelled.is_err(), "no whole line yet");
+        writer.write_all(b"\"a.example\"}\nnext").await.unwrap();
+        assert!(next_line(&mut reader, &mut line).await.unwrap());
+        assert_eq!(line, br#"{"domain":"a.example"}"#);
     }
 
     /// The broker's flags go before or after the subcommand, as the producer's own do (after

@@ -430,6 +430,32 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
         let Some((pending, outcome)) = self.in_flight.next().await else {
             return Ok(());
         };
+        self.settle(pending, outcome).await
+    }
+
+    /// Settles what is ready without waiting for more: the confirms that came, and the
+    /// retries that are due.
+    pub async fn settle_ready(&mut self) -> anyhow::Result<()> {
+        use futures_util::FutureExt;
+        while let Some(Some((pending, outcome))) = self.in_flight.next().now_or_never() {
+            self.settle(pending, outcome).await?;
+        }
+        while self.in_flight.len() < self.settings.window {
+            let Some(pending) = self.due_retry() else {
+                break;
+            };
+            self.publish(pending).await?;
+        }
+        Ok(())
+    }
+
+    /// Tallies a confirmed message or queues any other outcome for a retry, then sends the
+    /// retries that are due.
+    async fn settle(
+        &mut self,
+        pending: Pending,
+        outcome: anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
         match outcome {
             Ok(()) => (self.on_confirm)(&pending.message),
             Err(error) => {

@@ -362,6 +362,75 @@ async fn a_stop_does_not_wait_for_a_window_of_nacked_messages() {
     );
 }
 
+/// `publish -` on a pipe that stays open and quiet (`journalctl -f | …`): what it sent is settled
+/// meanwhile (a nacked line is retried; it waited for the window to fill or the input to end, so
+/// a nack was never retried and a confirm never counted while the pipe was quiet), and SIGTERM
+/// ends it (it printed its summary, then hung until killed: the read of stdin on tokio's
+/// blocking pool held the runtime's shutdown).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_on_a_quiet_pipe_settles_what_it_sent_and_stops() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let broker = TestBroker::new();
+    let (connection, channel) = broker.channel().await;
+    let full = nacking_queue(&broker, &channel).await;
+    let mut child = tokio::process::Command::new(binary("catchall-producer"))
+        .envs(broker.env())
+        .env("RUST_LOG", "catchall_producer=debug")
+        .args(["--confirm-timeout", "2s", "publish", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the producer");
+    let mut stdin = child.stdin.take().expect("its stdin");
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+    stdin
+        .write_all(b"{\"domain\":\"pipe.example\",\"type\":\"delivered\"}\n")
+        .await
+        .expect("write a line");
+    // Nothing more is written: the nacked line is retried all the same.
+    await_nacks(&mut lines, 3).await;
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let (status, took) = sigterm(&mut child, Duration::from_secs(30)).await;
+    eprintln!("stopped in {took:?}");
+    assert_eq!(status.code(), Some(1), "stopped by a signal: exit 1");
+    drop(stdin);
+    let _ = channel
+        .queue_delete(full.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = connection.close(200, "".into()).await;
+}
+
+/// `publish - --batch 100` on a pipe that stays open: a line is published once the pipe is quiet,
+/// not held until 99 more come (or the input ends).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_sends_a_partial_batch_when_its_pipe_is_quiet() {
+    use tokio::io::AsyncWriteExt;
+    let broker = TestBroker::new();
+    let (_connection, _channel) = broker.channel().await; // the topology
+    let mut child = tokio::process::Command::new(binary("catchall-producer"))
+        .envs(broker.env())
+        .args(["publish", "-", "--batch", "100"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the producer");
+    let mut stdin = child.stdin.take().expect("its stdin");
+    stdin
+        .write_all(b"{\"domain\":\"quiet.example\",\"type\":\"delivered\"}\n")
+        .await
+        .expect("write a line");
+    wait_for(Duration::from_secs(30), "the line in the queue", || async {
+        (broker.depth(&broker.queue).await == 1).then_some(())
+    })
+    .await;
+    let (status, _) = sigterm(&mut child, Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(1), "stopped by a signal: exit 1");
+    drop(stdin);
+}
+
 /// `publish -` given one line of 256 MiB (a JSON array by mistake, an input without newlines)
 /// holds only what it takes to refuse it as too large: it held the whole line, and a line of
 /// gigabytes took as much memory. The line is refused with its number, the next one published.
