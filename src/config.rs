@@ -257,6 +257,9 @@ pub fn broker_name(text: &str) -> Result<String, String> {
     if text.trim().is_empty() {
         return Err("must not be empty".into());
     }
+    if text.trim() != text {
+        return Err("must not begin or end with white space (it would name another one)".into());
+    }
     if text.starts_with("amq.") {
         return Err("names beginning with `amq.` are RabbitMQ's own".into());
     }
@@ -560,28 +563,30 @@ fn redact_node(raw: &str) -> String {
     mask_secret_pairs(&format!("{head}{credentials}{tail}"))
 }
 
-/// `text` with the value of every `key=value` pair that follows a `?` or `&` and whose key is a
-/// secret ([`is_secret_key`]) as `***`.
+/// `text` with the value of every `key=value` pair after its first `?` whose key is a secret
+/// ([`is_secret_key`]) as `***`, up to the next `&` (where tokio-postgres ends a value: a `?`
+/// inside it is the password's).
 fn mask_secret_pairs(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for (index, piece) in text.split_inclusive(['?', '&']).enumerate() {
-        let content = piece.strip_suffix(['?', '&']).unwrap_or(piece);
-        match content.split_once('=') {
-            Some((key, _)) if index > 0 && is_secret_key(key) => {
-                out.push_str(key);
-                out.push_str("=***");
-            }
-            _ => out.push_str(content),
-        }
-        out.push_str(&piece[content.len()..]);
-    }
-    out
+    let Some((before, query)) = text.split_once('?') else {
+        return text.to_string();
+    };
+    let pairs: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if is_secret_key(key) => format!("{key}=***"),
+            _ => pair.to_string(),
+        })
+        .collect();
+    format!("{before}?{}", pairs.join("&"))
 }
 
 /// A query key whose value is a secret: libpq's `password` and `sslpassword`, and any other
-/// key naming a password or a secret.
+/// key naming a password or a secret, also percent-encoded (`pass%77ord`, which tokio-postgres
+/// decodes).
 fn is_secret_key(key: &str) -> bool {
-    let key = key.to_ascii_lowercase();
+    let key = percent_encoding::percent_decode_str(key)
+        .decode_utf8_lossy()
+        .to_ascii_lowercase();
     key.contains("password") || key.contains("secret")
 }
 
@@ -674,6 +679,22 @@ mod tests {
         }
         let long = "q".repeat(251);
         assert!(Cli::try_parse_from(["catchall", "--queue", long.as_str()]).is_err());
+        assert!(Cli::try_parse_from(["catchall", "--queue", "catchall.events "]).is_err());
+        // The limits themselves are accepted.
+        let longest = "q".repeat(250);
+        let config = Cli::try_parse_from([
+            "catchall",
+            "--queue",
+            longest.as_str(),
+            "--delivery-limit",
+            "2147483647",
+        ])
+        .unwrap()
+        .config;
+        assert_eq!(
+            (config.amqp.queue.len(), config.amqp.delivery_limit),
+            (250, 2147483647)
+        );
         // An empty replica URL (an env file's `STATUS_DATABASE_URL=`) is no replica.
         let config = Cli::try_parse_from(["catchall", "--status-database-url", " "])
             .unwrap()
@@ -823,6 +844,18 @@ mod tests {
         let redacted = redact_url(url);
         assert!(!redacted.contains("hunter2"), "{redacted}");
         assert!(redacted.ends_with("ca.pem&password=***"), "{redacted}");
+        // The same with a `?` in the password (tokio-postgres ends a value at `&` only), and a
+        // percent-encoded key (which tokio-postgres decodes).
+        for (url, secret) in [
+            (
+                "postgres://u@db/c?sslrootcert=/run/x@1.service/ca.pem&password=ab?cd",
+                "cd",
+            ),
+            ("postgres://u@db/c?pass%77ord=hunter2", "hunter2"),
+        ] {
+            let redacted = redact_url(url);
+            assert!(!redacted.contains(secret), "{redacted}");
+        }
         // A password in the query of a URL with several hosts is not printed either.
         assert_eq!(
             redact_url("postgres://catchall@h1:5432,h2:5432/catchall?password=s3cret"),
