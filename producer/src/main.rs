@@ -344,6 +344,12 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             let mut number = 0u64;
             // `line` holds a whole line, handled: cleared before the next is read.
             let mut taken = false;
+            // Every SETTLE_EVERY, however the lines come (a pipe fed a line every 40 ms never
+            // let a per-wait timer fire): a partial `--batch` that waited that long goes out,
+            // and what was sent is settled.
+            let mut settle = tokio::time::interval(SETTLE_EVERY);
+            settle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut chunk_since: Option<Instant> = None;
             loop {
                 // Once the publisher gave up, the rest would only be counted as failed (it
                 // read on to the end of its input, which for a pipe is never).
@@ -356,13 +362,13 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 let read = tokio::select! {
                     biased;
                     _ = stop.cancelled() => break,
-                    read = next_line(&mut lines, &mut line) => read.with_context(|| format!("reading {file}"))?,
-                    // While the input is quiet (a pipe), a partial `--batch` goes out and what
+                    // On a pipe whose lines come slowly, a partial `--batch` goes out and what
                     // was sent is settled all the same: confirms counted, nacks retried,
                     // `--give-up-after` kept. They waited for the window (or the batch) to fill
                     // or the input to end.
-                    () = tokio::time::sleep(SETTLE_EVERY), if publisher.unsettled() > 0 || !chunk.is_empty() => {
-                        if !chunk.is_empty() {
+                    _ = settle.tick(), if publisher.unsettled() > 0 || !chunk.is_empty() => {
+                        if chunk_since.is_some_and(|since| since.elapsed() >= SETTLE_EVERY) {
+                            chunk_since = None;
                             publisher
                                 .send_all(Outgoing::batches(std::mem::take(&mut chunk)))
                                 .await?;
@@ -370,6 +376,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                         publisher.settle_ready().await?;
                         continue;
                     }
+                    read = next_line(&mut lines, &mut line) => read.with_context(|| format!("reading {file}"))?,
                 };
                 if !read {
                     break;
@@ -386,7 +393,10 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                     continue;
                 };
                 match parse_message(line) {
-                    Ok(events) if *first == b'{' => chunk.extend(events),
+                    Ok(events) if *first == b'{' => {
+                        chunk_since.get_or_insert_with(Instant::now);
+                        chunk.extend(events);
+                    }
                     Ok(_) => {
                         invalid_lines += 1;
                         eprintln!("{file}:{number}: skipped: expected one event object per line");
@@ -397,6 +407,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                     }
                 }
                 if chunk.len() >= batch as usize {
+                    chunk_since = None;
                     publisher
                         .send_all(Outgoing::batches(std::mem::take(&mut chunk)))
                         .await?;
@@ -458,8 +469,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     Ok(failed == 0 && invalid_lines == 0 && !stopped)
 }
 
-/// How long `publish`'s input may be quiet before it sends a partial batch and settles what it
-/// sent.
+/// How often `publish` settles what it sent, and how long a partial batch waits for more lines.
 const SETTLE_EVERY: Duration = Duration::from_millis(50);
 
 /// Reads the next line of `reader` into `line`, without its `\n`; false at the end. Of a line

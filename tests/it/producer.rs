@@ -431,6 +431,42 @@ async fn publish_sends_a_partial_batch_when_its_pipe_is_quiet() {
     drop(stdin);
 }
 
+/// `publish - --batch 100` fed a line every 20 ms (a busy log): partial batches go out while the
+/// lines keep coming. A timer restarted at every line never fired at that pace, so nothing was
+/// published before the 100th line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_sends_partial_batches_while_lines_keep_coming() {
+    use tokio::io::AsyncWriteExt;
+    let broker = TestBroker::new();
+    let (_connection, _channel) = broker.channel().await; // the topology
+    let mut child = tokio::process::Command::new(binary("catchall-producer"))
+        .envs(broker.env())
+        .args(["publish", "-", "--batch", "100"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the producer");
+    let mut stdin = child.stdin.take().expect("its stdin");
+    let mut written = 0;
+    // The input's pace, not a wait for an outcome: a line every 20 ms until one is queued.
+    while broker.depth(&broker.queue).await == 0 && written < 300 {
+        stdin
+            .write_all(b"{\"domain\":\"busy.example\",\"type\":\"delivered\"}\n")
+            .await
+            .expect("write a line");
+        written += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        written < 100,
+        "the first line reached the queue after {written} lines were written"
+    );
+    let (status, _) = sigterm(&mut child, Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(1), "stopped by a signal: exit 1");
+    drop(stdin);
+}
+
 /// `publish -` given one line of 256 MiB (a JSON array by mistake, an input without newlines)
 /// holds only what it takes to refuse it as too large: it held the whole line, and a line of
 /// gigabytes took as much memory. The line is refused with its number, the next one published.
