@@ -477,6 +477,17 @@ impl Config {
                 humantime::format_duration(self.claim_window)
             ));
         }
+        // Webhook settings no request could use: found once the worker had connected,
+        // migrated and bound its ports, they stopped it with exit 1 instead of a usage error.
+        let webhooks = self.webhooks.clone().normalized();
+        if let Some(key) = &webhooks.sendgrid_public_key {
+            crate::webhooks::sendgrid::check_key(key)
+                .map_err(|error| format!("WEBHOOK_SENDGRID_PUBLIC_KEY: {error:#}"))?;
+        }
+        if webhooks.sns_cert.is_some() {
+            crate::webhooks::sns::SnsVerifier::from_settings(&webhooks)
+                .map_err(|error| format!("WEBHOOK_SNS_CERT: {error:#}"))?;
+        }
         Ok(())
     }
 }
@@ -735,6 +746,11 @@ mod tests {
             let error = bad_amqp(url);
             assert!(error.contains(says), "{url}: {error}");
         }
+        // Webhook settings that cannot work, before anything connects.
+        let error = refused(&["catchall", "--sendgrid-public-key", "not-a-key"]);
+        assert!(error.contains("WEBHOOK_SENDGRID_PUBLIC_KEY"), "{error}");
+        let error = refused(&["catchall", "--sns-cert", "/no/such/sns.pem"]);
+        assert!(error.contains("/no/such/sns.pem"), "{error}");
         let error = refused(&["catchall", "--prefetch-bytes", "2048GiB"]);
         assert!(error.contains("PREFETCH_BYTES"), "{error}");
         let error = refused(&["catchall", "--http-body-budget", "2048GiB"]);
