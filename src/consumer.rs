@@ -228,11 +228,6 @@ pub struct Consumer {
     /// or rejected: the prefetch counts messages, so a switch to large ones would otherwise
     /// bring up to `PREFETCH` of them at once (see `vendor/README.md`, lapin).
     gate: lapin::ReadGate,
-    /// The stop cancelled the consumer: no prefetch change, and the end of the deliveries ends
-    /// the gather instead of failing it.
-    stopping: bool,
-    /// The cancelled consumer's deliveries have all been taken.
-    ended: bool,
 }
 
 /// The largest body a message may have (SPEC §3): what the prefetch assumes of a message it has
@@ -381,8 +376,6 @@ impl Consumer {
             prefetch,
             batches_at_open: settings.stats.batches(),
             gate,
-            stopping: false,
-            ended: false,
         })
     }
 
@@ -482,18 +475,12 @@ impl Consumer {
             let delivery = match next {
                 Some(Ok(delivery)) => delivery,
                 Some(Err(error)) => return Err(error).context("the consumer failed"),
-                None if self.stopping => {
-                    self.ended = true;
-                    break;
-                }
                 None => return Err(anyhow!("the broker ended the consumer")),
             };
             let size = delivery.data.len();
             self.settings.stats.unacked(size, 0);
             let committed = self.settings.stats.batches() > self.batches_at_open;
-            if !self.stopping
-                && let Some(prefetch) = self.prefetch.observe(size, committed)
-            {
+            if let Some(prefetch) = self.prefetch.observe(size, committed) {
                 self.reconsume(prefetch).await?;
                 metrics::prefetch_set(prefetch);
             }
@@ -586,78 +573,14 @@ impl Consumer {
                 return Err(error);
             }
         };
-        let mut rejected = batch.rejected;
+        let rejected = batch.rejected;
         add(&mut applied, pipeline.submit(batch).await?);
         add(&mut applied, pipeline.ack_ready().await?);
         if cancel.is_cancelled() {
-            rejected += self.stop_consuming(pipeline, &mut applied).await?;
             add(&mut applied, pipeline.drain().await?);
             return Ok(Step::Stopped { applied, rejected });
         }
         Ok(Step::Done { applied, rejected })
-    }
-
-    /// The stop's first part (SPEC §4: stop consuming, then commit and ack): cancels the
-    /// consumer, so the broker sends nothing more, then gathers and submits what it had already
-    /// sent, up to the prefetch (in hand, or on the wire until the cancel's answer). Left
-    /// unacked, those went back to the queue at the close: up to PREFETCH messages per stop,
-    /// redelivered to another worker, and each return counts against DELIVERY_LIMIT on
-    /// RabbitMQ 3.x (a message at the head of the queue through twenty rolling restarts was
-    /// dead-lettered). Gathering ends when the stop runs out of time (`abort`): what is left then
-    /// goes back as before. Returns the invalid messages it rejected.
-    async fn stop_consuming(
-        &mut self,
-        pipeline: &mut Pipeline,
-        applied: &mut Applied,
-    ) -> anyhow::Result<usize> {
-        let abort = pipeline.applier.abort.clone();
-        if abort.is_cancelled() {
-            return Ok(0);
-        }
-        let cancel = self.channel.basic_cancel(
-            self.consumer_tag.as_str().into(),
-            BasicCancelOptions::default(),
-        );
-        // A broker that does not answer (frozen, its replies lost) must not hold the stop, nor
-        // its end (`abort`) take the reserve the close needs. What it sent then stays unacked
-        // and goes back at the close, as a lost connection's would; the batches in flight are
-        // still committed and acked.
-        let cancelled = tokio::select! {
-            cancelled = tokio::time::timeout(CLOSE_TIMEOUT, cancel) => cancelled,
-            () = abort.cancelled() => return Ok(0),
-        };
-        match cancelled {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
-                tracing::warn!(
-                    error = %error,
-                    "Cancelling the consumer at the stop failed; what RabbitMQ had sent goes \
-                     back to the queue."
-                );
-                return Ok(0);
-            }
-            Err(_) => {
-                tracing::warn!(
-                    timeout_ms = CLOSE_TIMEOUT.as_millis() as u64,
-                    "RabbitMQ did not answer the consumer's cancel in time; what it had sent \
-                     goes back to the queue."
-                );
-                return Ok(0);
-            }
-        }
-        self.stopping = true;
-        let mut rejected = 0;
-        while !self.ended && !abort.is_cancelled() {
-            let batch = self.next_batch(&abort).await?;
-            rejected += batch.rejected;
-            if abort.is_cancelled() {
-                // Out of time: this batch's messages stay unacked and go back at the close.
-                break;
-            }
-            add(applied, pipeline.submit(batch).await?);
-            add(applied, pipeline.ack_ready().await?);
-        }
-        Ok(rejected)
     }
 
     /// The worker's loop: [`Consumer::step`] until the stop. Returns `Ok` when the stop came
@@ -683,16 +606,13 @@ impl Consumer {
             self.settings.stats.unacked_reset();
             return;
         }
-        let cancel = if self.stopping {
-            Ok(())
-        } else {
-            self.channel
-                .basic_cancel(
-                    self.consumer_tag.as_str().into(),
-                    BasicCancelOptions::default(),
-                )
-                .await
-        };
+        let cancel = self
+            .channel
+            .basic_cancel(
+                self.consumer_tag.as_str().into(),
+                BasicCancelOptions::default(),
+            )
+            .await;
         let channel = self.channel.close(200, "worker stopping".into()).await;
         let connection = self.connection.close(200, "worker stopping".into()).await;
         if let Err(error) = cancel.and(channel).and(connection) {
@@ -1277,10 +1197,9 @@ async fn consume(channel: &Channel, queue: &str) -> anyhow::Result<(String, lapi
 /// (benches/README.md, "Fewer wake-ups per message").
 const GATHER_NAP: Duration = Duration::from_millis(1);
 
-/// Longest a clean stop waits for RabbitMQ to answer the consumer's cancel (at the stop's start,
-/// within the commits' time) and the channel's and connection's close (milliseconds when it is
-/// well; within the [`STOP_RESERVE`] the commits in flight leave of `SHUTDOWN_TIMEOUT`, half of
-/// it when that is under 6 s).
+/// Longest a clean stop waits for RabbitMQ to answer the consumer's cancel and the channel's and
+/// connection's close (milliseconds when it is well), inside the [`STOP_RESERVE`] the commits in
+/// flight leave of `SHUTDOWN_TIMEOUT` (half of it when that is under 6 s).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How the error of a connection attempt begins, before the (password-redacted) URL.
