@@ -484,8 +484,8 @@ impl Config {
             crate::webhooks::sendgrid::check_key(key)
                 .map_err(|error| format!("WEBHOOK_SENDGRID_PUBLIC_KEY: {error:#}"))?;
         }
-        if webhooks.sns_cert.is_some() {
-            crate::webhooks::sns::SnsVerifier::from_settings(&webhooks)
+        if let Some(path) = &webhooks.sns_cert {
+            crate::webhooks::sns::pinned_cert(path)
                 .map_err(|error| format!("WEBHOOK_SNS_CERT: {error:#}"))?;
         }
         Ok(())
@@ -555,22 +555,9 @@ fn redact_node(raw: &str) -> String {
         }
         None => (String::new(), rest),
     };
-    let tail = match tail.split_once('?') {
-        Some((before, query)) => {
-            let pairs: Vec<String> = query
-                .split('&')
-                .map(|pair| match pair.split_once('=') {
-                    Some((key, _)) if is_secret_key(key) => format!("{key}=***"),
-                    _ => pair.to_string(),
-                })
-                .collect();
-            format!("{before}?{}", pairs.join("&"))
-        }
-        None => tail.to_string(),
-    };
-    // Also wherever a `?` or `&` starts a pair: a path holding an `@` (a systemd unit's
-    // `/run/credentials/x@1.service/ca.pem`) moved the split above into the query, and a
-    // `password=` after it was printed.
+    // The query's secret pairs, read from the first `?` of the whole URL, not of what follows
+    // the last `@`: a path holding an `@` (a systemd unit's `/run/credentials/x@1.service/ca.pem`)
+    // moved that split into the query, and a `password=` after it was printed.
     mask_secret_pairs(&format!("{head}{credentials}{tail}"))
 }
 

@@ -163,20 +163,18 @@ pub struct SnsVerifier {
     pub extra_confirm_hosts: Vec<String>,
 }
 
+/// The DER of the pinned SNS certificate in the PEM file `WEBHOOK_SNS_CERT` names.
+pub fn pinned_cert(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    use anyhow::Context;
+    let pem = std::fs::read_to_string(path)
+        .with_context(|| format!("reading WEBHOOK_SNS_CERT {}", path.display()))?;
+    pem_to_der(&pem)
+        .map_err(|e| anyhow::anyhow!("{} is not a PEM certificate: {e}", path.display()))
+}
+
 impl SnsVerifier {
     pub fn from_settings(settings: &WebhookArgs) -> anyhow::Result<Self> {
-        use anyhow::Context;
-        let pinned = match &settings.sns_cert {
-            Some(path) => {
-                let pem = std::fs::read_to_string(path)
-                    .with_context(|| format!("reading WEBHOOK_SNS_CERT {}", path.display()))?;
-                Some(pem_to_der(&pem).map_err(|e| {
-                    anyhow::anyhow!("{} is not a PEM certificate: {e}", path.display())
-                })?)
-            }
-            None => None,
-        };
-        Self::new(pinned)
+        Self::new(settings.sns_cert.as_deref().map(pinned_cert).transpose()?)
     }
 
     pub fn new(pinned: Option<Vec<u8>>) -> anyhow::Result<Self> {

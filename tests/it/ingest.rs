@@ -800,12 +800,9 @@ async fn ingest_connects_to_the_consumers_node_past_two_silent_ones() {
     .await;
 }
 
-/// A worker on the cluster `AMQP_URL` that `url` makes of a node that accepts TCP and never
-/// answers: one PUT, once the worker is ready or (`ready` false) at once, is answered 202.
-async fn a_put_is_accepted_with_a_silent_node(
-    ready: bool,
-    url: impl FnOnce(std::net::SocketAddr) -> String,
-) {
+/// A node that accepts TCP and never answers (its connections held open until the task is
+/// aborted): its address and the task.
+async fn silent_node() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let silent_addr = silent.local_addr().unwrap();
     let holding = tokio::spawn(async move {
@@ -814,6 +811,16 @@ async fn a_put_is_accepted_with_a_silent_node(
             open.push(stream);
         }
     });
+    (silent_addr, holding)
+}
+
+/// A worker on the cluster `AMQP_URL` that `url` makes of a node that accepts TCP and never
+/// answers: one PUT, once the worker is ready or (`ready` false) at once, is answered 202.
+async fn a_put_is_accepted_with_a_silent_node(
+    ready: bool,
+    url: impl FnOnce(std::net::SocketAddr) -> String,
+) {
+    let (silent_addr, holding) = silent_node().await;
     let db = TestDb::create().await;
     let broker = TestBroker::new();
     let mut config = TestWorker::config(&db, &broker);
@@ -847,14 +854,7 @@ async fn a_put_is_accepted_with_a_silent_node(
 /// included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_do_not_queue_behind_a_connection_attempt() {
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let silent_addr = silent.local_addr().unwrap();
-    let holding = tokio::spawn(async move {
-        let mut open = Vec::new();
-        while let Ok((stream, _)) = silent.accept().await {
-            open.push(stream);
-        }
-    });
+    let (silent_addr, holding) = silent_node().await;
     let db = TestDb::create().await;
     let broker = TestBroker::new();
     let topology = TestWorker::config(&db, &broker).amqp.topology();

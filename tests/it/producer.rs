@@ -373,17 +373,11 @@ async fn publish_on_a_quiet_pipe_settles_what_it_sent_and_stops() {
     let broker = TestBroker::new();
     let (connection, channel) = broker.channel().await;
     let full = nacking_queue(&broker, &channel).await;
-    let mut child = tokio::process::Command::new(binary("catchall-producer"))
-        .envs(broker.env())
-        .env("RUST_LOG", "catchall_producer=debug")
-        .args(["--confirm-timeout", "2s", "publish", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the producer");
-    let mut stdin = child.stdin.take().expect("its stdin");
+    let (mut child, mut stdin) = piped_producer(
+        &broker,
+        &["--confirm-timeout", "2s", "publish", "-"],
+        std::process::Stdio::piped(),
+    );
     let mut lines = tokio::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
     stdin
         .write_all(b"{\"domain\":\"pipe.example\",\"type\":\"delivered\"}\n")
@@ -409,15 +403,11 @@ async fn publish_sends_a_partial_batch_when_its_pipe_is_quiet() {
     use tokio::io::AsyncWriteExt;
     let broker = TestBroker::new();
     let (_connection, _channel) = broker.channel().await; // the topology
-    let mut child = tokio::process::Command::new(binary("catchall-producer"))
-        .envs(broker.env())
-        .args(["publish", "-", "--batch", "100"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the producer");
-    let mut stdin = child.stdin.take().expect("its stdin");
+    let (mut child, mut stdin) = piped_producer(
+        &broker,
+        &["publish", "-", "--batch", "100"],
+        std::process::Stdio::null(),
+    );
     stdin
         .write_all(b"{\"domain\":\"quiet.example\",\"type\":\"delivered\"}\n")
         .await
@@ -439,15 +429,11 @@ async fn publish_sends_partial_batches_while_lines_keep_coming() {
     use tokio::io::AsyncWriteExt;
     let broker = TestBroker::new();
     let (_connection, _channel) = broker.channel().await; // the topology
-    let mut child = tokio::process::Command::new(binary("catchall-producer"))
-        .envs(broker.env())
-        .args(["publish", "-", "--batch", "100"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the producer");
-    let mut stdin = child.stdin.take().expect("its stdin");
+    let (mut child, mut stdin) = piped_producer(
+        &broker,
+        &["publish", "-", "--batch", "100"],
+        std::process::Stdio::null(),
+    );
     let mut written = 0;
     // The input's pace, not a wait for an outcome: a line every 20 ms until one is queued.
     while broker.depth(&broker.queue).await == 0 && written < 300 {
@@ -572,6 +558,27 @@ fn logging_producer(
         .expect("start the producer");
     let lines = tokio::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
     (child, lines)
+}
+
+/// `catchall-producer ARGS` on `broker` reading a pipe the test writes (and closes by dropping
+/// it), its log (debug, for [`await_nacks`]) to `stderr`, its summary dropped.
+fn piped_producer(
+    broker: &TestBroker,
+    args: &[&str],
+    stderr: std::process::Stdio,
+) -> (tokio::process::Child, tokio::process::ChildStdin) {
+    let mut child = tokio::process::Command::new(binary("catchall-producer"))
+        .envs(broker.env())
+        .env("RUST_LOG", "catchall_producer=debug")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the producer");
+    let stdin = child.stdin.take().expect("its stdin");
+    (child, stdin)
 }
 
 /// Waits (90 s at most) until the producer logged `nacks` nacks ("Publishing again").
