@@ -149,8 +149,12 @@ pub struct Config {
     #[arg(long, env = "BATCH_SIZE", default_value_t = 2500, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub batch_size: u32,
 
-    /// How long a batch waits to fill after its first message, in milliseconds.
-    #[arg(long, env = "BATCH_TIMEOUT_MS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=86_400_000))]
+    /// How long a batch waits to fill after its first message, in milliseconds; at most a
+    /// minute. Its messages are unacked meanwhile, and RabbitMQ closes the channel of a consumer
+    /// that holds one unacked past `consumer_timeout` (30 min by default): with a day allowed, a
+    /// quiet queue's first message would come back at each close, counted against
+    /// DELIVERY_LIMIT each time, until it was dead-lettered.
+    #[arg(long, env = "BATCH_TIMEOUT_MS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=60_000))]
     pub batch_timeout_ms: u64,
 
     /// Unacknowledged messages the broker may hand this worker; at least the batch size. The
@@ -663,6 +667,9 @@ mod tests {
             vec!["catchall", "--dedup-retention", "0s"],
             vec!["catchall", "--dedup-retention", "99999999999d"],
             vec!["catchall", "--batch-timeout-ms", "18446744073709551615"],
+            // Past RabbitMQ's consumer_timeout a batch's first message would come back at each
+            // close of the channel, until the delivery limit dead-lettered it.
+            vec!["catchall", "--batch-timeout-ms", "3600000"],
             vec!["catchall", "healthcheck", "--timeout", "0s"],
             // An empty name declared RabbitMQ's default exchange or a server-named queue; a
             // delivery limit of 0 dead-lettered a message returned once.

@@ -1059,3 +1059,40 @@ async fn concurrent_publishes_on_one_channel_get_their_own_confirms() {
     let _ = connection.close(200, "".into()).await;
     assert_eq!(wrong, 0, "confirms answered another message of {PUBLISHES}");
 }
+
+/// A broker that takes publishes but never confirms them, with HTTP_REQUEST_TIMEOUT shorter
+/// than ingest's own waits (5 s for the publish, 5 s for its confirm): the request timed out
+/// first, 408 "the request took too long", which says nothing of the broker. Ingest's waits now
+/// take a third of HTTP_REQUEST_TIMEOUT each at most, so it answers itself: 503, not confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirm_that_never_comes_is_a_503_within_the_request_timeout() {
+    let proxy = Proxy::start("127.0.0.1:5672").await;
+    let url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    let (_db, _broker, worker) = ingest_worker(|config| {
+        config.amqp.amqp_url = url;
+        config.http_request_timeout = Duration::from_secs(3);
+    })
+    .await;
+    let client = client();
+    let put = || {
+        client
+            .put(worker.url("/events/confirm.example/delivered"))
+            .bearer_auth(TOKEN)
+            .send()
+    };
+    // The ingest connection is open and confirms.
+    assert_eq!(put().await.unwrap().status(), StatusCode::ACCEPTED);
+
+    proxy.swallow_replies();
+    let response = put().await.expect("PUT answered");
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.expect("a JSON error");
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "ingest's own answer, not the request's timeout: {body}"
+    );
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(error.contains("confirm"), "{body}");
+    worker.stop().await;
+}
