@@ -147,7 +147,9 @@ pub struct Publisher<F: FnMut(&Outgoing)> {
     link: Option<(Connection, Channel)>,
     in_flight: FuturesUnordered<ConfirmFuture>,
     retry: VecDeque<Pending>,
-    /// Bytes of the bodies in `in_flight` and `retry` (see [`Held`]).
+    /// The message being published, while it is (see [`Publisher::publish`]).
+    publishing: Option<Pending>,
+    /// Bytes of the bodies in `in_flight`, `retry` and `publishing` (see [`Held`]).
     held_bytes: Arc<AtomicUsize>,
     reconnect: Backoff,
     /// Since when RabbitMQ has not answered, while it does not.
@@ -178,6 +180,7 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
             link: None,
             in_flight: FuturesUnordered::new(),
             retry: VecDeque::new(),
+            publishing: None,
             held_bytes: Arc::new(AtomicUsize::new(0)),
             reconnect: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
             unreachable_since: None,
@@ -250,7 +253,7 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
 
     /// Whether a message of `bytes` must wait for room; never when nothing is pending.
     fn window_is_full(&self, bytes: usize) -> bool {
-        let pending = self.in_flight.len() + self.retry.len();
+        let pending = self.unsettled();
         let held = self.held_bytes.load(Ordering::Relaxed);
         pending >= self.settings.window
             || (pending > 0 && held.saturating_add(bytes) > self.settings.window_bytes)
@@ -277,12 +280,12 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
 
     /// Messages sent and neither confirmed nor given up on: awaiting a confirm or a retry.
     pub fn unsettled(&self) -> usize {
-        self.in_flight.len() + self.retry.len()
+        self.in_flight.len() + self.retry.len() + usize::from(self.publishing.is_some())
     }
 
     /// Waits until every message sent so far is confirmed or given up on.
     pub async fn flush(&mut self) -> anyhow::Result<()> {
-        while !self.in_flight.is_empty() || !self.retry.is_empty() {
+        while self.unsettled() > 0 {
             self.progress().await?;
         }
         Ok(())
@@ -291,7 +294,9 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
     /// One step towards settling what was sent: a retry that is due goes out, else the next
     /// confirm is awaited, else (only retries left, none due) the first is waited for.
     async fn progress(&mut self) -> anyhow::Result<()> {
-        if let Some(pending) = self.due_retry() {
+        if self.publishing.is_some() {
+            self.resume().await?;
+        } else if let Some(pending) = self.due_retry() {
             self.publish(pending).await?;
         } else if !self.in_flight.is_empty() {
             self.settle_one().await?;
@@ -304,10 +309,20 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
     /// Publishes until the broker takes the message (the confirm is awaited later), reconnecting
     /// as needed. A message fails after `max_attempts`; everything fails (an error) once
     /// RabbitMQ has been unreachable for `give_up_after`.
+    ///
+    /// The message is held in `self.publishing` meanwhile, not in this call: a caller that drops
+    /// the call (a stop racing `finish` or the window's wait, while the message waits between
+    /// connection attempts) leaves it there, where [`Publisher::unsettled`] counts it and the
+    /// next step resumes it. Dropped with the call, it was neither confirmed nor failed.
     async fn publish(&mut self, mut pending: Pending) -> anyhow::Result<()> {
         pending.not_before = None;
+        // One left by a dropped call goes back to the front of the retries.
+        if let Some(earlier) = self.publishing.replace(pending) {
+            self.retry.push_front(earlier);
+        }
         loop {
             if self.gave_up {
+                self.publishing = None;
                 self.failed += 1;
                 return Ok(());
             }
@@ -319,12 +334,16 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
                     continue;
                 }
             };
+            let Some(pending) = self.publishing.as_mut() else {
+                return Ok(());
+            };
             pending.attempts += 1;
             if pending.attempts > self.settings.max_attempts {
                 // The broker answered (it refused or did not confirm): not unreachable.
+                tracing::error!(message_id = %pending.message.id, "Message not confirmed after {} attempts; giving up on it.", self.settings.max_attempts);
+                self.publishing = None;
                 self.unreachable_since = None;
                 self.failed += 1;
-                tracing::error!(message_id = %pending.message.id, "Message not confirmed after {} attempts; giving up on it.", self.settings.max_attempts);
                 return Ok(());
             }
             if pending.attempts > 1 {
@@ -366,6 +385,9 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
             });
             match published {
                 Ok(confirm) => {
+                    let Some(pending) = self.publishing.take() else {
+                        return Ok(());
+                    };
                     self.reconnect.reset();
                     self.unreachable_since = None;
                     // From now, not from when the window first polls it.
@@ -391,11 +413,20 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
                 }
                 Err(error) => {
                     self.link = None;
-                    pending.attempts -= 1; // the connection failed, not the message
+                    // The connection failed, not the message.
+                    pending.attempts -= 1;
                     self.unavailable(error, "Publish failed; reconnecting.")
                         .await;
                 }
             }
+        }
+    }
+
+    /// A publish that a dropped call left in hand (see [`Publisher::publish`]), resumed.
+    async fn resume(&mut self) -> anyhow::Result<()> {
+        match self.publishing.take() {
+            Some(pending) => self.publish(pending).await,
+            None => Ok(()),
         }
     }
 

@@ -605,3 +605,47 @@ async fn through_a_proxy(broker: &TestBroker, args: &[&str]) -> (Proxy, Producer
     let producer = Producer::spawn(env, args);
     (proxy, producer)
 }
+
+/// A stop while a retry is being published again and RabbitMQ cannot be reached (the retry
+/// waits between connection attempts): the wait was dropped with the message in hand, which
+/// was then neither confirmed nor failed, and the summary accounted for one message fewer than
+/// were sent: 49 of 50 failed, in 3 of 8 runs (whichever of the stop and the wait woke first
+/// decided).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_while_a_retry_waits_for_the_broker_counts_it_as_failed() {
+    let broker = TestBroker::new();
+    let (connection, channel) = broker.channel().await;
+    let full = nacking_queue(&broker, &channel).await;
+    let (proxy, producer) = through_a_proxy(
+        &broker,
+        &["--events", "50", "--seed", "14", "--give-up-after", "120s"],
+    )
+    .await;
+    // Each attempt leaves a copy in the broker's queue (the full one nacks it): past 50, the
+    // nacked messages are being published again.
+    wait_for(
+        Duration::from_secs(30),
+        "retries of nacked messages",
+        || async { (broker.depth(&broker.queue).await > 50).then_some(()) },
+    )
+    .await;
+    let refused = proxy.refused();
+    proxy.cut();
+    wait_for(
+        Duration::from_secs(30),
+        "a retry waiting for the broker",
+        || async { (proxy.refused() > refused).then_some(()) },
+    )
+    .await;
+    let (status, summary, counts) = producer.stop().await;
+    let _ = channel
+        .queue_delete(full.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = connection.close(200, "".into()).await;
+    assert_eq!(status.code(), Some(1), "a stopped run exits 1");
+    assert!(counts.is_empty(), "nothing confirmed: {summary}");
+    assert!(
+        summary.contains("; 50 failed") || summary.contains(", 50 failed"),
+        "every message sent and not confirmed is failed: {summary}"
+    );
+}
