@@ -649,3 +649,75 @@ async fn a_stop_while_a_retry_waits_for_the_broker_counts_it_as_failed() {
         "every message sent and not confirmed is failed: {summary}"
     );
 }
+
+/// Bounced events unroutable mid-run (the queue's `#` binding replaced by `delivered`), among
+/// routed ones, at full speed: RabbitMQ answers a `basic.return` for each, and often acks
+/// several messages with one multiple-ack. lapin attached the waiting return to whichever
+/// confirm of that ack it settled first (a HashMap's order): a routed message was retried, and
+/// the returned one reported confirmed, so the `--expect` CSV counted events the queue never
+/// had. Every event the producer reports confirmed must reach the worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returned_message_is_never_reported_confirmed() {
+    let (db, broker, worker) = started().await;
+    let producer = Producer::spawn(
+        broker.env(),
+        &[
+            "--events",
+            "40000",
+            "--rate",
+            "8000",
+            "--seed",
+            "15",
+            "--max-attempts",
+            "2",
+        ],
+    );
+    wait_for(Duration::from_secs(30), "some events counted", || async {
+        (db.total_events().await > 1_000).then_some(())
+    })
+    .await;
+    let (connection, channel) = broker.channel().await;
+    channel
+        .queue_bind(
+            broker.queue.as_str().into(),
+            broker.exchange.as_str().into(),
+            "delivered".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind delivered");
+    channel
+        .queue_unbind(
+            broker.queue.as_str().into(),
+            broker.exchange.as_str().into(),
+            "#".into(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("unbind #");
+    let (output, confirmed) = producer.exit(Duration::from_secs(120)).await;
+    let _ = connection.close(200, "".into()).await;
+    let summary = String::from_utf8_lossy(&output.stdout);
+    eprintln!("{}", summary.trim());
+    assert!(
+        !output.status.success(),
+        "returned bounces failed: {summary}"
+    );
+    // What the worker counts is what reached the queue (a message published twice is counted
+    // once, by its id).
+    // (Polled to a deadline rather than `wait_for`, so a shortfall fails with both figures.)
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let counted = loop {
+        let counted = db.total_events().await;
+        if counted >= confirmed || Instant::now() > deadline {
+            break counted;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        counted, confirmed,
+        "the worker counted every event the producer reported confirmed, and no more"
+    );
+    worker.stop().await;
+}

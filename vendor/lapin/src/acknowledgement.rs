@@ -5,7 +5,7 @@ use crate::{
     publisher_confirm::{Confirmation, PublisherConfirm},
     returned_messages::ReturnedMessages,
     shared::SharedMutex,
-    types::DeliveryTag,
+    types::{DeliveryTag, ShortString},
 };
 use std::{collections::HashMap, fmt, sync::MutexGuard};
 use tracing::trace;
@@ -20,8 +20,9 @@ impl Acknowledgements {
         Self(SharedMutex::new(Inner::new(channel_id, returned_messages)))
     }
 
-    pub(crate) fn register_pending(&self) -> PublisherConfirm {
-        self.lock_inner().register_pending()
+    // PATCHED (catchall): the publish's `message_id`, to match a `basic.return` to it.
+    pub(crate) fn register_pending(&self, message_id: Option<ShortString>) -> PublisherConfirm {
+        self.lock_inner().register_pending(message_id)
     }
 
     pub(crate) fn get_last_pending(&self) -> Option<Promise<()>> {
@@ -85,6 +86,8 @@ struct Inner {
     delivery_tag: IdSequence<DeliveryTag>,
     last: Option<Promise<()>>,
     pending: HashMap<DeliveryTag, (PromiseResolver<Confirmation>, PromiseResolver<()>)>,
+    // PATCHED (catchall): the `message_id` of each pending publish that had one.
+    message_ids: HashMap<DeliveryTag, ShortString>,
     returned_messages: ReturnedMessages,
 }
 
@@ -95,12 +98,16 @@ impl Inner {
             delivery_tag: IdSequence::new(false),
             last: None,
             pending: HashMap::default(),
+            message_ids: HashMap::default(),
             returned_messages,
         }
     }
 
-    fn register_pending(&mut self) -> PublisherConfirm {
+    fn register_pending(&mut self, message_id: Option<ShortString>) -> PublisherConfirm {
         let delivery_tag = self.delivery_tag.next();
+        if let Some(message_id) = message_id {
+            self.message_ids.insert(delivery_tag, message_id);
+        }
         trace!("Publishing with delivery_tag {}", delivery_tag);
         let (promise, resolver) = Promise::new("acknowledgement");
         let (err_promise, err_resolver) = Promise::new("acknowledgement-error");
@@ -116,7 +123,22 @@ impl Inner {
         delivery_tag: DeliveryTag,
         resolvers: (PromiseResolver<Confirmation>, PromiseResolver<()>),
     ) {
-        let returned_message = self.returned_messages.get_waiting_message();
+        // PATCHED (catchall): the return of this message, matched by `message_id`. A return does
+        // not name its delivery tag, and one multiple-ack may settle several publishes: upstream
+        // gave the first waiting return to whichever of them it settled first (HashMap order),
+        // so a routed message was reported returned and the returned one confirmed. A publish
+        // without a `message_id` takes a waiting return that matches no pending publish's id,
+        // as upstream did.
+        let message_id = self.message_ids.remove(&delivery_tag);
+        let message_ids = &self.message_ids;
+        let returned_message = self.returned_messages.take_waiting_message(|returned| {
+            match (&message_id, returned.properties.message_id()) {
+                (Some(ours), Some(theirs)) => ours == theirs,
+                (Some(_), None) => false,
+                (None, Some(theirs)) => !message_ids.values().any(|id| id == theirs),
+                (None, None) => true,
+            }
+        });
         resolvers.0.resolve(if success {
             Confirmation::Ack(returned_message)
         } else {
@@ -128,7 +150,10 @@ impl Inner {
     }
 
     fn drop_all(&mut self, success: bool) {
-        for (delivery_tag, resolvers) in std::mem::take(&mut self.pending) {
+        // PATCHED (catchall): in tag order, as in `complete_pending_before`.
+        let mut pending: Vec<_> = std::mem::take(&mut self.pending).into_iter().collect();
+        pending.sort_unstable_by_key(|(delivery_tag, _)| *delivery_tag);
+        for (delivery_tag, resolvers) in pending {
             self.complete_pending(success, delivery_tag, resolvers);
         }
     }
@@ -159,13 +184,16 @@ impl Inner {
         // also handle the underlying acknowledgement state independently, so returning the
         // last error is sufficient.
         let mut res = Ok(());
-        for tag in self
+        // PATCHED (catchall): in tag order (upstream: the HashMap's), so a return without a
+        // `message_id` goes to the oldest publish, the same one every time.
+        let mut tags = self
             .pending
             .keys()
             .filter(|tag| **tag <= delivery_tag)
             .cloned()
-            .collect::<Vec<DeliveryTag>>()
-        {
+            .collect::<Vec<DeliveryTag>>();
+        tags.sort_unstable();
+        for tag in tags {
             if let Err(err) = self.drop_pending(tag, success) {
                 res = Err(err);
             }
@@ -174,6 +202,7 @@ impl Inner {
     }
 
     fn on_channel_error(&mut self, error: Error) {
+        self.message_ids.clear();
         for (delivery_tag, resolvers) in self.pending.drain() {
             resolvers.0.reject(error.clone());
             if Some(delivery_tag) == self.delivery_tag.current() {

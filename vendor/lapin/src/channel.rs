@@ -511,6 +511,8 @@ impl Channel {
         properties: BasicProperties,
     ) -> Result<PublisherConfirm> {
         let class_id = method.get_amqp_class_id();
+        // PATCHED (catchall): kept to match a `basic.return` to this publish.
+        let message_id = properties.message_id().clone();
         let header = AMQPContentHeader {
             class_id,
             body_size: payload.len() as PayloadSize,
@@ -540,7 +542,7 @@ impl Channel {
                 .publish_order
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            let confirm = self.before_basic_publish();
+            let confirm = self.before_basic_publish(message_id);
             self.frames.push_frames(self.id, frames, resolver);
             confirm
         };
@@ -644,9 +646,9 @@ impl Channel {
         }
     }
 
-    fn before_basic_publish(&self) -> Option<PublisherConfirm> {
+    fn before_basic_publish(&self, message_id: Option<ShortString>) -> Option<PublisherConfirm> {
         if self.status.confirm() {
-            Some(self.acknowledgements.register_pending())
+            Some(self.acknowledgements.register_pending(message_id))
         } else {
             None
         }
