@@ -232,12 +232,15 @@ impl App {
             let mut settings =
                 crate::ingest::IngestSettings::new(&config.amqp.amqp_url, config.amqp.topology());
             settings.pack_window = std::time::Duration::from_millis(config.ingest_pack_window_ms);
-            // The publish and its confirm each wait a third of HTTP_REQUEST_TIMEOUT at most, so
-            // a broker that does not confirm gets ingest's own 503 (not confirmed) before the
-            // request's 408, which says nothing of the broker.
+            // The publish and its confirm each wait a third of HTTP_REQUEST_TIMEOUT at most (and
+            // 250 ms at least: a publish that times out drops the connection every request
+            // shares), so a broker that takes publishes but never confirms them gets ingest's
+            // own 503 (not confirmed) rather than the request's 408, which says nothing of the
+            // broker.
             settings.confirm_timeout = settings
                 .confirm_timeout
-                .min(config.http_request_timeout / 3);
+                .min(config.http_request_timeout / 3)
+                .max(std::time::Duration::from_millis(250));
             crate::ingest::Ingest::start(settings)
         });
         let webhooks = match &publisher {

@@ -29,8 +29,11 @@ pub struct IngestSettings {
     pub pack_window: Duration,
     /// Most events packed into one message.
     pub pack_max: usize,
-    /// How long to wait for the broker's confirm before answering 503.
+    /// How long to wait for the broker to take a publish, and then for its confirm, before
+    /// answering 503.
     pub confirm_timeout: Duration,
+    /// How long opening the confirming channel (and declaring the topology) may take.
+    pub setup_timeout: Duration,
     /// After a failed connect, requests fail fast (503) for this long instead of each trying again.
     pub reconnect_pause: Duration,
 }
@@ -43,6 +46,7 @@ impl IngestSettings {
             pack_window: Duration::from_millis(2),
             pack_max: 1000,
             confirm_timeout: Duration::from_secs(5),
+            setup_timeout: Duration::from_secs(5),
             reconnect_pause: Duration::from_millis(500),
         }
     }
@@ -262,8 +266,8 @@ impl Link {
     }
 
     /// Connects (each node of a cluster's `AMQP_URL` in turn, each within its own connect
-    /// timeout), then opens a confirming channel within `confirm_timeout`. The whole used to
-    /// share `confirm_timeout` (5 s), one node's connect timeout: a first node that dropped
+    /// timeout), then opens a confirming channel within `setup_timeout`. The whole used to
+    /// share that 5 s, one node's connect timeout: a first node that dropped
     /// packets used it up, the next node was never tried, and ingest answered 503 for as long
     /// as the consumer's connection lasted (which decides the node tried first). The first
     /// node tried is the consumer's (see [`connect_beside`]).
@@ -276,10 +280,10 @@ impl Link {
         .await
         .context("connecting")?;
         let setup = crate::amqp::confirming_channel(&connection, &self.settings.topology);
-        let channel = tokio::time::timeout(self.settings.confirm_timeout, setup)
+        let channel = tokio::time::timeout(self.settings.setup_timeout, setup)
             .await
             .map_err(|_| {
-                anyhow::anyhow!("no channel within {:?}", self.settings.confirm_timeout)
+                anyhow::anyhow!("no channel within {:?}", self.settings.setup_timeout)
             })??;
         Ok((connection, channel))
     }

@@ -346,9 +346,6 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
                 self.failed += 1;
                 return Ok(());
             }
-            if pending.attempts > 1 {
-                self.retries += 1;
-            }
             let message = &pending.message;
             let mut properties = BasicProperties::default()
                 .with_delivery_mode(2)
@@ -388,6 +385,11 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
                     let Some(pending) = self.publishing.take() else {
                         return Ok(());
                     };
+                    // Counted once it went out (a publish that failed on the connection is
+                    // attempted again, and was counted at each attempt).
+                    if pending.attempts > 1 {
+                        self.retries += 1;
+                    }
                     self.reconnect.reset();
                     self.unreachable_since = None;
                     // From now, not from when the window first polls it.

@@ -1063,7 +1063,8 @@ async fn concurrent_publishes_on_one_channel_get_their_own_confirms() {
 /// A broker that takes publishes but never confirms them, with HTTP_REQUEST_TIMEOUT shorter
 /// than ingest's own waits (5 s for the publish, 5 s for its confirm): the request timed out
 /// first, 408 "the request took too long", which says nothing of the broker. Ingest's waits now
-/// take a third of HTTP_REQUEST_TIMEOUT each at most, so it answers itself: 503, not confirmed.
+/// take a third of HTTP_REQUEST_TIMEOUT each at most (1 s here), so it answers itself: 503, not
+/// confirmed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_confirm_that_never_comes_is_a_503_within_the_request_timeout() {
     let proxy = Proxy::start("127.0.0.1:5672").await;
@@ -1093,6 +1094,6 @@ async fn a_confirm_that_never_comes_is_a_503_within_the_request_timeout() {
         "ingest's own answer, not the request's timeout: {body}"
     );
     let error = body["error"].as_str().unwrap_or_default();
-    assert!(error.contains("confirm"), "{body}");
+    assert!(error.contains("did not confirm"), "{body}");
     worker.stop().await;
 }

@@ -93,8 +93,8 @@ async fn sigterm_with_the_broker_not_answering_still_exits_0_in_time() {
 /// SIGTERM at the shortest `SHUTDOWN_TIMEOUT` (4 s) with Postgres and RabbitMQ both not
 /// answering (a network gone quiet): a batch's attempt hangs, its upsert sent and waiting for a
 /// lock, the terminate of its backend cannot connect, and the broker does not answer the close.
-/// The stop gives the commits 2 s, the terminate up to 1 s and the close 1 s: a review read
-/// that as no margin. Measured: the stop took 3.41 s (3 runs), exit 0.
+/// The stop gave the commits half of it (2 s), which left for the terminate (up to 1 s) and the
+/// close (1 s) no margin: the stop took 3.41 s (3 runs). It keeps 5/8 for them now: 2.91 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_postgres_and_the_broker_frozen_exits_0_at_the_shortest_timeout() {
     let db = TestDb::create().await;
