@@ -236,7 +236,7 @@ impl App {
             // 250 ms at least: a publish that times out drops the connection every request
             // shares), so a broker that takes publishes but never confirms them gets ingest's
             // own 503 (not confirmed) rather than the request's 408, which says nothing of the
-            // broker.
+            // broker (with HTTP_REQUEST_TIMEOUT of 750 ms or more).
             settings.confirm_timeout = settings
                 .confirm_timeout
                 .min(config.http_request_timeout / 3)

@@ -1210,7 +1210,7 @@ const GATHER_NAP: Duration = Duration::from_millis(1);
 
 /// Longest a clean stop waits for RabbitMQ to answer the consumer's cancel and the channel's and
 /// connection's close (milliseconds when it is well), inside the [`STOP_RESERVE`] the commits in
-/// flight leave of `SHUTDOWN_TIMEOUT` (5/8 of it when that is under 6 s).
+/// flight leave of `SHUTDOWN_TIMEOUT` (5/8 of it when that is less: under 4.8 s).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How the error of a connection attempt begins, before the (password-redacted) URL.
@@ -1295,7 +1295,7 @@ pub async fn run(
     let abort = CancellationToken::new();
     {
         let (cancel, abort) = (cancel.clone(), abort.clone());
-        // Under 6 s the reserve is 5/8 of SHUTDOWN_TIMEOUT (2.5 s of the shortest, 4 s): with
+        // Under 4.8 s the reserve is 5/8 of SHUTDOWN_TIMEOUT (2.5 s of the shortest, 4 s): with
         // half, the reserve was the 2 s that a terminate that cannot connect (1 s) and a close
         // the broker does not answer (1 s) may take, and no margin beside it (measured with
         // both: 3.41 s of 4 s).

@@ -202,7 +202,9 @@ impl Inner {
     }
 
     fn on_channel_error(&mut self, error: Error) {
+        // PATCHED (catchall): a return left waiting belongs to none of the next publishes.
         self.message_ids.clear();
+        self.returned_messages.clear_waiting();
         for (delivery_tag, resolvers) in self.pending.drain() {
             resolvers.0.reject(error.clone());
             if Some(delivery_tag) == self.delivery_tag.current() {

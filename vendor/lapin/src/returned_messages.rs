@@ -55,6 +55,11 @@ impl ReturnedMessages {
         inner.waiting_messages.remove(index)
     }
 
+    // PATCHED (catchall): see `Acknowledgements::on_channel_error`.
+    pub(crate) fn clear_waiting(&self) {
+        self.lock_inner().waiting_messages.clear();
+    }
+
     pub(crate) fn clear_dropped_confirms(&self) {
         self.lock_inner().dropped_confirms.clear();
     }
