@@ -294,9 +294,7 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
     /// One step towards settling what was sent: a retry that is due goes out, else the next
     /// confirm is awaited, else (only retries left, none due) the first is waited for.
     async fn progress(&mut self) -> anyhow::Result<()> {
-        if self.publishing.is_some() {
-            self.resume().await?;
-        } else if let Some(pending) = self.due_retry() {
+        if let Some(pending) = self.due_retry() {
             self.publish(pending).await?;
         } else if !self.in_flight.is_empty() {
             self.settle_one().await?;
@@ -312,14 +310,13 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
     ///
     /// The message is held in `self.publishing` meanwhile, not in this call: a caller that drops
     /// the call (a stop racing `finish` or the window's wait, while the message waits between
-    /// connection attempts) leaves it there, where [`Publisher::unsettled`] counts it and the
-    /// next step resumes it. Dropped with the call, it was neither confirmed nor failed.
+    /// connection attempts) leaves it there, where [`Publisher::unsettled`] counts it and
+    /// [`Publisher::reclaim`] puts it back at the front of the retries. Dropped with the call, it
+    /// was neither confirmed nor failed.
     async fn publish(&mut self, mut pending: Pending) -> anyhow::Result<()> {
         pending.not_before = None;
-        // One left by a dropped call goes back to the front of the retries.
-        if let Some(earlier) = self.publishing.replace(pending) {
-            self.retry.push_front(earlier);
-        }
+        self.reclaim();
+        self.publishing = Some(pending);
         loop {
             if self.gave_up {
                 self.publishing = None;
@@ -424,14 +421,6 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
         }
     }
 
-    /// A publish that a dropped call left in hand (see [`Publisher::publish`]), resumed.
-    async fn resume(&mut self) -> anyhow::Result<()> {
-        match self.publishing.take() {
-            Some(pending) => self.publish(pending).await,
-            None => Ok(()),
-        }
-    }
-
     /// RabbitMQ did not take a message (no connection, or a publish that failed or was blocked):
     /// waits before the next attempt, or gives up once that has lasted `give_up_after` since
     /// the last message it took.
@@ -511,12 +500,21 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
 
     /// The first retry, if its backoff has passed (retries wait in the order they failed).
     fn due_retry(&mut self) -> Option<Pending> {
+        self.reclaim();
         let due = self
             .retry
             .front()?
             .not_before
             .is_none_or(|due| due <= tokio::time::Instant::now());
         if due { self.retry.pop_front() } else { None }
+    }
+
+    /// A message a dropped [`Publisher::publish`] call left in hand goes back to the front of
+    /// the retries, due at once.
+    fn reclaim(&mut self) {
+        if let Some(pending) = self.publishing.take() {
+            self.retry.push_front(pending);
+        }
     }
 }
 

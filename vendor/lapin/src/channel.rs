@@ -511,8 +511,13 @@ impl Channel {
         properties: BasicProperties,
     ) -> Result<PublisherConfirm> {
         let class_id = method.get_amqp_class_id();
-        // PATCHED (catchall): kept to match a `basic.return` to this publish.
-        let message_id = properties.message_id().clone();
+        // PATCHED (catchall): kept to match a `basic.return` to this publish (with confirms
+        // only: nothing else reads it).
+        let message_id = if self.status.confirm() {
+            properties.message_id().clone()
+        } else {
+            None
+        };
         let header = AMQPContentHeader {
             class_id,
             body_size: payload.len() as PayloadSize,
