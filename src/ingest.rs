@@ -32,8 +32,6 @@ pub struct IngestSettings {
     /// How long to wait for the broker to take a publish, and then for its confirm, before
     /// answering 503.
     pub confirm_timeout: Duration,
-    /// How long opening the confirming channel (and declaring the topology) may take.
-    pub setup_timeout: Duration,
     /// After a failed connect, requests fail fast (503) for this long instead of each trying again.
     pub reconnect_pause: Duration,
 }
@@ -46,7 +44,6 @@ impl IngestSettings {
             pack_window: Duration::from_millis(2),
             pack_max: 1000,
             confirm_timeout: Duration::from_secs(5),
-            setup_timeout: Duration::from_secs(5),
             reconnect_pause: Duration::from_millis(500),
         }
     }
@@ -266,7 +263,7 @@ impl Link {
     }
 
     /// Connects (each node of a cluster's `AMQP_URL` in turn, each within its own connect
-    /// timeout), then opens a confirming channel within `setup_timeout`. The whole used to
+    /// timeout), then opens a confirming channel within [`SETUP_TIMEOUT`]. The whole used to
     /// share that 5 s, one node's connect timeout: a first node that dropped
     /// packets used it up, the next node was never tried, and ingest answered 503 for as long
     /// as the consumer's connection lasted (which decides the node tried first). The first
@@ -280,11 +277,9 @@ impl Link {
         .await
         .context("connecting")?;
         let setup = crate::amqp::confirming_channel(&connection, &self.settings.topology);
-        let channel = tokio::time::timeout(self.settings.setup_timeout, setup)
+        let channel = tokio::time::timeout(SETUP_TIMEOUT, setup)
             .await
-            .map_err(|_| {
-                anyhow::anyhow!("no channel within {:?}", self.settings.setup_timeout)
-            })??;
+            .map_err(|_| anyhow::anyhow!("no channel within {SETUP_TIMEOUT:?}"))??;
         Ok((connection, channel))
     }
 
@@ -488,6 +483,10 @@ const MAX_MESSAGE_ID_BYTES: usize = 255;
 /// its connect timeout, then the channel): under `HTTP_REQUEST_TIMEOUT`'s default (15 s), so the
 /// request that makes it sees its end. Two silent nodes (5 s each) before a live one use it up.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest opening the confirming channel (and declaring the topology) takes, whatever the
+/// confirm wait (which a short HTTP_REQUEST_TIMEOUT shortens).
+const SETUP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Longest a stop waits for RabbitMQ to answer the close of the ingest connection.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
