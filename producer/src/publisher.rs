@@ -194,8 +194,9 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
         Ok(publisher)
     }
 
-    /// Once `stop` is cancelled, a `send` waiting for room in the window returns without
-    /// publishing, and RabbitMQ unavailable means giving up at once: a stop does not wait for a
+    /// Once `stop` is cancelled, `send` publishes nothing more (a message it is handed, or that
+    /// waits for room in the window, counts as failed), and RabbitMQ unavailable means giving up
+    /// at once: a stop does not wait for a
     /// broker that takes messages but never confirms them (up to `max_attempts` confirm
     /// timeouts), or for `give_up_after`.
     pub fn stop_on(&mut self, stop: tokio_util::sync::CancellationToken) {
@@ -236,11 +237,18 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
     pub async fn send(&mut self, message: Outgoing) -> anyhow::Result<()> {
         let stop = self.stop.clone();
         let held = message.held_bytes();
-        while self.window_is_full(held) {
+        while self.window_is_full(held) && !stop.is_cancelled() {
             tokio::select! {
                 progress = self.progress() => progress?,
-                _ = stop.cancelled() => return Ok(()),
+                _ = stop.cancelled() => {}
             }
+        }
+        // Stopped: not sent, and counted as failed rather than left out of the summary. A stop
+        // used to send whatever the window had room for (`publish`'s partial batch after its
+        // loop included), though it "stops sending".
+        if stop.is_cancelled() {
+            self.failed += 1;
+            return Ok(());
         }
         self.publish(Pending {
             _held: Held::new(held, &self.held_bytes),
@@ -550,5 +558,81 @@ mod tests {
         assert_eq!(total, MAX_BATCH_EVENTS);
         let one = Outgoing::batches(vec![Event::new("a.io", EventType::Bounced).unwrap()]);
         assert_eq!((one.len(), one[0].routing_key), (1, "bounced"));
+    }
+
+    /// A stop ends sending (README: SIGINT/SIGTERM stops `publish` sending): a message handed
+    /// to `send` after it is not published, and counts as failed. It was published whenever the
+    /// window had room (`publish` sent its partial batch after its loop stopped), and when the
+    /// window was full it was left out of the summary. Against the test broker (`AMQP_URL`), on
+    /// an exchange and queue of its own.
+    #[tokio::test]
+    async fn a_send_after_a_stop_publishes_nothing_and_counts_as_failed() {
+        use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
+        use lapin::types::FieldTable;
+        let name = format!("catchall.test.stop.{}", uuid::Uuid::now_v7().simple());
+        let amqp = AmqpArgs {
+            amqp_url: std::env::var("AMQP_URL")
+                .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+            exchange: name.clone(),
+            queue: name.clone(),
+            delivery_limit: 20,
+        };
+        let settings = PublisherSettings {
+            window: 10,
+            window_bytes: 1 << 20,
+            confirm_timeout: Duration::from_secs(5),
+            max_attempts: 3,
+            give_up_after: Duration::from_secs(10),
+        };
+        let confirmed = Arc::new(AtomicUsize::new(0));
+        let counted = confirmed.clone();
+        let mut publisher = Publisher::connect(amqp.clone(), settings, move |_| {
+            counted.fetch_add(1, Ordering::Relaxed);
+        })
+        .await
+        .expect("RabbitMQ answers");
+        let stop = tokio_util::sync::CancellationToken::new();
+        publisher.stop_on(stop.clone());
+        let event = || Outgoing::single(Event::new("a.example", EventType::Delivered).unwrap());
+        publisher.send(event()).await.expect("sent");
+        publisher.flush().await.expect("confirmed");
+        stop.cancel();
+        publisher.send(event()).await.expect("not sent, no error");
+        publisher.finish().await.expect("finished");
+        let failed = publisher.failed;
+
+        let connection = catchall::amqp::connect(&amqp.amqp_url, "catchall-producer test")
+            .await
+            .expect("connect to RabbitMQ");
+        let channel = connection.create_channel().await.expect("open a channel");
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let queued = channel
+            .queue_declare(name.as_str().into(), passive, FieldTable::default())
+            .await
+            .map(|queue| queue.message_count());
+        let topology = amqp.topology();
+        for queue in [name.clone(), topology.dead_letter_queue()] {
+            let _ = channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        for exchange in [name.clone(), topology.dead_letter_exchange()] {
+            let _ = channel
+                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+        let _ = connection.close(200, "".into()).await;
+        assert_eq!(
+            (
+                confirmed.load(Ordering::Relaxed),
+                failed,
+                queued.expect("the queue")
+            ),
+            (1, 1, 1),
+            "(confirmed, failed, in the queue): the message sent after the stop is failed, not published"
+        );
     }
 }
