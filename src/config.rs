@@ -44,7 +44,7 @@ pub struct HealthcheckArgs {
 /// The broker and the topology (SPEC §3); shared with the producer, which declares the same
 /// topology so that events published before any worker starts are kept. Global: the flags go
 /// before or after a subcommand (`catchall-producer generate --exchange x`).
-#[derive(Debug, Clone, Args)]
+#[derive(Clone, Args)]
 pub struct AmqpArgs {
     /// RabbitMQ URL; several nodes of one cluster separated by commas, tried in turn at every
     /// (re)connection. `amqps://` is TLS, with RabbitMQ's `cacertfile`, `certfile`, `keyfile`,
@@ -94,7 +94,7 @@ pub struct AmqpArgs {
 }
 
 /// Every setting of the worker.
-#[derive(Debug, Clone, Args)]
+#[derive(Clone, Args)]
 pub struct Config {
     #[command(flatten)]
     pub amqp: AmqpArgs,
@@ -326,6 +326,35 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
     }
 }
 
+/// Debug shows the URL without its password (a derived Debug showed it, so one `?config` in
+/// a log line would have leaked it).
+impl std::fmt::Debug for AmqpArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpArgs")
+            .field("amqp_url", &redact_url(&self.amqp_url))
+            .field("exchange", &self.exchange)
+            .field("queue", &self.queue)
+            .field("delivery_limit", &self.delivery_limit)
+            .finish()
+    }
+}
+
+/// Debug shows where the worker connects, without passwords, and no other setting.
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("amqp", &self.amqp)
+            .field("database_url", &redact_url(&self.database_url))
+            .field(
+                "status_database_url",
+                &self.status_database_url.as_deref().map(redact_url),
+            )
+            .field("http_addr", &self.http_addr)
+            .field("admin_addr", &self.admin_addr)
+            .finish_non_exhaustive()
+    }
+}
+
 impl AmqpArgs {
     /// The exchanges and queues these settings name.
     pub fn topology(&self) -> crate::amqp::Topology {
@@ -370,6 +399,19 @@ impl std::str::FromStr for Tokens {
             .filter(|t| !t.is_empty())
             .map(String::from)
             .collect();
+        // A header's value is read as visible ASCII, spaces and tabs (`HeaderValue::to_str`):
+        // a token with another character (`tökén`, a control character) could never match,
+        // and the route was on yet unusable.
+        if let Some(position) = tokens.iter().position(|t| {
+            !t.bytes()
+                .all(|b| b.is_ascii_graphic() || b == b' ' || b == b'\t')
+        }) {
+            return Err(format!(
+                "token {} of the list has a character an Authorization header cannot carry \
+                 (only visible ASCII, spaces and tabs)",
+                position + 1
+            ));
+        }
         Ok(Self(tokens.into()))
     }
 }
@@ -481,9 +523,50 @@ impl Config {
                 humantime::format_duration(self.claim_window)
             ));
         }
+        // Two listeners on one port: found once the worker had connected and migrated, the
+        // second bind stopped it with exit 1 instead of a usage error.
+        if let Some(admin) = self.admin_addr {
+            let http = self.http_addr;
+            // A wildcard takes the port of every address of its family, `[::]` of IPv4's too
+            // (the listener does not set IPV6_V6ONLY).
+            let covers = |wild: std::net::IpAddr, other: std::net::IpAddr| {
+                wild.is_unspecified() && (wild.is_ipv6() || other.is_ipv4())
+            };
+            if admin.port() != 0
+                && admin.port() == http.port()
+                && (admin.ip() == http.ip()
+                    || covers(admin.ip(), http.ip())
+                    || covers(http.ip(), admin.ip()))
+            {
+                return Err(format!(
+                    "ADMIN_ADDR ({admin}) and HTTP_ADDR ({http}) would listen on the same port"
+                ));
+            }
+        }
         // Webhook settings no request could use: found once the worker had connected,
         // migrated and bound its ports, they stopped it with exit 1 instead of a usage error.
         let webhooks = self.webhooks.clone().normalized();
+        if webhooks
+            .postmark_auth
+            .as_deref()
+            .is_some_and(|auth| !auth.contains(':'))
+        {
+            return Err(
+                "WEBHOOK_POSTMARK_AUTH must be USER:PASSWORD (basic auth always sends \
+                        both, so a value without a colon matches no request)"
+                    .to_string(),
+            );
+        }
+        if let Some(arn) = webhooks
+            .sns_topic_arns
+            .iter()
+            .find(|arn| !crate::webhooks::sns::is_topic_arn(arn))
+        {
+            return Err(format!(
+                "WEBHOOK_SNS_TOPIC_ARNS: {arn:?} is not an SNS topic ARN \
+                 (arn:aws:sns:REGION:ACCOUNT:TOPIC)"
+            ));
+        }
         if let Some(key) = &webhooks.sendgrid_public_key {
             crate::webhooks::sendgrid::check_key(key)
                 .map_err(|error| format!("WEBHOOK_SENDGRID_PUBLIC_KEY: {error:#}"))?;
@@ -494,6 +577,15 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Exits as clap does on a bad flag: the message on stderr, status 2.
+pub fn exit_usage(message: &str) -> ! {
+    clap::Error::raw(
+        clap::error::ErrorKind::ValueValidation,
+        format!("{message}\n"),
+    )
+    .exit()
 }
 
 /// A URL with its password replaced by `***`, for logs. A comma-separated list of nodes
@@ -899,5 +991,119 @@ mod tests {
             !query.contains("hunter2") && query.contains("sslmode=disable"),
             "{query}"
         );
+    }
+
+    /// Settings no request could use are usage errors at start, and the webhooks' lists and
+    /// secrets are trimmed. Before: a topic after `, ` refused every notification from it
+    /// (401), Postmark credentials without a colon and a token no header can carry were
+    /// accepted and matched nothing, and two listeners on one port failed after the start.
+    #[test]
+    fn settings_no_request_could_use_are_refused_and_lists_are_trimmed() {
+        let config = |args: &[&str]| {
+            let mut all = vec!["catchall"];
+            all.extend_from_slice(args);
+            Cli::try_parse_from(all).unwrap().config
+        };
+        let webhooks = config(&[
+            "--sns-topic-arns",
+            "arn:aws:sns:us-east-1:1:a, arn:aws:sns:us-east-1:1:b ,",
+            "--mailgun-signing-key",
+            "key-1\n",
+            "--postmark-auth",
+            " user:pass\n",
+        ])
+        .webhooks
+        .normalized();
+        assert_eq!(
+            webhooks.sns_topic_arns,
+            ["arn:aws:sns:us-east-1:1:a", "arn:aws:sns:us-east-1:1:b"]
+        );
+        assert_eq!(webhooks.mailgun_signing_key.as_deref(), Some("key-1"));
+        assert_eq!(webhooks.postmark_auth.as_deref(), Some("user:pass"));
+
+        for (args, says) in [
+            (vec!["--postmark-auth", "s3cret"], "USER:PASSWORD"),
+            (vec!["--sns-topic-arns", "my-topic"], "not an SNS topic ARN"),
+            (
+                vec!["--sns-topic-arns", "arn:aws:sqs:us-east-1:1:q"],
+                "not an SNS topic ARN",
+            ),
+            (
+                vec![
+                    "--http-addr",
+                    "127.0.0.1:9000",
+                    "--admin-addr",
+                    "127.0.0.1:9000",
+                ],
+                "same port",
+            ),
+            (
+                vec![
+                    "--http-addr",
+                    "0.0.0.0:9000",
+                    "--admin-addr",
+                    "127.0.0.1:9000",
+                ],
+                "same port",
+            ),
+            (
+                vec!["--http-addr", "127.0.0.1:9000", "--admin-addr", "[::]:9000"],
+                "same port",
+            ),
+        ] {
+            let error = config(&args).validate().unwrap_err();
+            assert!(error.contains(says), "{args:?}: {error}");
+        }
+        for args in [
+            vec!["--http-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"],
+            // An IPv4 wildcard leaves IPv6 loopback's port free.
+            vec!["--http-addr", "0.0.0.0:9000", "--admin-addr", "[::1]:9000"],
+            // A header carries spaces and tabs: such a token matched, and still does.
+            vec!["--ingest-tokens", "a b,c\td"],
+            vec![
+                "--http-addr",
+                "127.0.0.1:9000",
+                "--admin-addr",
+                "127.0.0.2:9000",
+            ],
+            vec![
+                "--postmark-auth",
+                "user:pa:ss",
+                "--sns-topic-arns",
+                "arn:aws-cn:sns:cn-north-1:1:t",
+            ],
+        ] {
+            assert_eq!(config(&args).validate(), Ok(()), "{args:?}");
+        }
+        for tokens in ["tökén", "good,ctl\u{1}x", "nul\u{0}"] {
+            for flag in ["--ingest-tokens", "--query-tokens"] {
+                let error = Cli::try_parse_from(["catchall", flag, tokens]).unwrap_err();
+                assert_eq!(error.exit_code(), 2, "{flag} {tokens:?}");
+            }
+        }
+    }
+
+    /// Debug never shows a URL's password (a derived Debug did: one `?config` in a log line
+    /// would have leaked it).
+    #[test]
+    fn debug_output_has_no_passwords() {
+        let config = Cli::try_parse_from([
+            "catchall",
+            "--database-url",
+            "postgres://u:hunter2@db/c",
+            "--status-database-url",
+            "postgres://u:hunter3@replica/c",
+            "--amqp-url",
+            "amqp://u:s3cret@h/%2f",
+        ])
+        .unwrap()
+        .config;
+        let ingest =
+            crate::ingest::IngestSettings::new(&config.amqp.amqp_url, config.amqp.topology());
+        let shown = format!("{config:?} {:?} {ingest:?}", config.amqp);
+        for secret in ["hunter2", "hunter3", "s3cret"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(shown.contains("db/c") && shown.contains("h/%2f"), "{shown}");
     }
 }

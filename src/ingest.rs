@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 /// What the publisher needs (not the whole worker configuration).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct IngestSettings {
     /// RabbitMQ URL; never logged with its password.
     pub amqp_url: String,
@@ -34,6 +34,20 @@ pub struct IngestSettings {
     pub confirm_timeout: Duration,
     /// After a failed connect, requests fail fast (503) for this long instead of each trying again.
     pub reconnect_pause: Duration,
+}
+
+/// Debug shows the URL without its password.
+impl std::fmt::Debug for IngestSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IngestSettings")
+            .field("amqp_url", &redact_url(&self.amqp_url))
+            .field("topology", &self.topology)
+            .field("pack_window", &self.pack_window)
+            .field("pack_max", &self.pack_max)
+            .field("confirm_timeout", &self.confirm_timeout)
+            .field("reconnect_pause", &self.reconnect_pause)
+            .finish()
+    }
 }
 
 impl IngestSettings {

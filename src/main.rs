@@ -18,13 +18,12 @@ async fn main() -> ExitCode {
         let addr = cli.config.admin_addr.unwrap_or(cli.config.http_addr);
         return healthcheck(addr, check).await;
     }
+    if let Err(error) = telemetry::log_filter() {
+        catchall::config::exit_usage(&error);
+    }
     let telemetry = telemetry::init(cli.config.log_format);
     if let Err(error) = cli.config.validate() {
-        clap::Error::raw(
-            clap::error::ErrorKind::ValueValidation,
-            format!("{error}\n"),
-        )
-        .exit();
+        catchall::config::exit_usage(&error);
     }
     let code = match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -82,11 +81,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 
     if let Err(error) = config.check_amqp_url() {
-        clap::Error::raw(
-            clap::error::ErrorKind::ValueValidation,
-            format!("{error}\n"),
-        )
-        .exit();
+        catchall::config::exit_usage(&error);
     }
     let shutdown_timeout = config.shutdown_timeout;
     let app = tokio::select! {

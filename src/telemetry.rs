@@ -87,11 +87,21 @@ pub fn init(format: Option<LogFormat>) -> Telemetry {
     init_with(format, traces)
 }
 
+/// The log filter of `RUST_LOG`, `info` when it is unset or empty; an error naming it when it
+/// does not parse (the binaries check it before [`init`], as a usage error: a bad directive
+/// fell back to `info` silently).
+pub fn log_filter() -> Result<EnvFilter, String> {
+    EnvFilter::builder()
+        .with_default_directive(tracing_subscriber::filter::LevelFilter::INFO.into())
+        .from_env()
+        .map_err(|error| format!("RUST_LOG: {error}"))
+}
+
 /// [`init`] with the traces chosen by the caller: `None` for none, `Some(None)` for the
 /// endpoint from the environment, `Some(Some(url))` for OTLP/HTTP to exactly `url` (the full
 /// `…/v1/traces` URL; tests use it).
 pub fn init_with(format: Option<LogFormat>, traces: Option<Option<String>>) -> Telemetry {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = log_filter().unwrap_or_else(|_| EnvFilter::new("info"));
     let format = format.unwrap_or(if std::io::stderr().is_terminal() {
         LogFormat::Pretty
     } else {

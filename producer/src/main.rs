@@ -164,6 +164,9 @@ impl Tally {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(error) = catchall::telemetry::log_filter() {
+        catchall::config::exit_usage(&error);
+    }
     let telemetry = catchall::telemetry::init(None);
     let code = match run(cli).await {
         Ok(true) => 0,
@@ -394,8 +397,11 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 };
                 match parse_message(line) {
                     Ok(events) if *first == b'{' => {
-                        chunk_since.get_or_insert_with(Instant::now);
-                        chunk.extend(events);
+                        // A record that holds no event (KumoMTA's `Reception`) starts no batch.
+                        if !events.is_empty() {
+                            chunk_since.get_or_insert_with(Instant::now);
+                            chunk.extend(events);
+                        }
                     }
                     Ok(_) => {
                         invalid_lines += 1;

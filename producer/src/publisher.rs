@@ -56,10 +56,13 @@ impl Outgoing {
     }
 
     /// Events packed into messages routed as `batch` (one event alone is sent as `single`); a
-    /// body over the 1 MiB limit is split in two, again until each fits.
+    /// body over the 1 MiB limit is split in two, again until each fits. No events, no
+    /// message: an empty batch `[]` is invalid (SPEC §3), and the worker dead-letters it.
     pub fn batches(mut events: Vec<Event>) -> Vec<Self> {
-        if events.len() == 1 {
-            return vec![Self::single(events.remove(0))];
+        match events.len() {
+            0 => return Vec::new(),
+            1 => return vec![Self::single(events.remove(0))],
+            _ => {}
         }
         let body = serde_json::to_vec(&events).expect("events always serialise");
         if body.len() > MAX_BODY_BYTES {
@@ -155,7 +158,8 @@ pub struct Publisher<F: FnMut(&Outgoing)> {
     /// Since when RabbitMQ has not answered, while it does not.
     unreachable_since: Option<std::time::Instant>,
     on_confirm: F,
-    /// Messages given up on after `max_attempts`.
+    /// Messages not confirmed: given up on after `max_attempts`, while RabbitMQ was unreachable
+    /// past `give_up_after`, or handed to `send` after a stop.
     pub failed: u64,
     /// Publishes repeated after a nack, return, timeout or lost connection.
     pub retries: u64,
@@ -196,9 +200,8 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
 
     /// Once `stop` is cancelled, `send` publishes nothing more (a message it is handed, or that
     /// waits for room in the window, counts as failed), and RabbitMQ unavailable means giving up
-    /// at once: a stop does not wait for a
-    /// broker that takes messages but never confirms them (up to `max_attempts` confirm
-    /// timeouts), or for `give_up_after`.
+    /// at once: a stop does not wait for a broker that takes messages but never confirms them
+    /// (up to `max_attempts` confirm timeouts), or for `give_up_after`.
     pub fn stop_on(&mut self, stop: tokio_util::sync::CancellationToken) {
         self.stop = stop;
     }
@@ -558,6 +561,9 @@ mod tests {
         assert_eq!(total, MAX_BATCH_EVENTS);
         let one = Outgoing::batches(vec![Event::new("a.io", EventType::Bounced).unwrap()]);
         assert_eq!((one.len(), one[0].routing_key), (1, "bounced"));
+        // `publish` handed over an empty chunk after a line that holds no event (a KumoMTA
+        // `Reception` record), and it went out as `[]`, which the worker dead-letters.
+        assert!(Outgoing::batches(Vec::new()).is_empty());
     }
 
     /// A stop ends sending (README: SIGINT/SIGTERM stops `publish` sending): a message handed

@@ -30,6 +30,10 @@ struct Signature {
     timestamp: String,
     token: String,
     signature: String,
+    /// On an event of a subaccount's domain, the same HMAC under the primary account's key
+    /// (`signature` is under the subaccount's), so one key verifies every subaccount.
+    #[serde(rename = "parent-signature", default)]
+    parent_signature: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -80,12 +84,19 @@ pub fn handle(
     let body: Body =
         serde_json::from_slice(body).map_err(|e| super::bad_json("a Mailgun webhook", &e))?;
     let signature = &body.signature;
-    let given = crate::hex::decode(&signature.signature)
-        .ok_or(WebhookError::Unauthorized("bad signature"))?;
     let hmac_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.as_bytes());
     let signed = format!("{}{}", signature.timestamp, signature.token);
-    ring::hmac::verify(&hmac_key, signed.as_bytes(), &given)
-        .map_err(|_| WebhookError::Unauthorized("bad signature"))?;
+    let verifies = |hex: &str| {
+        crate::hex::decode(hex)
+            .is_some_and(|given| ring::hmac::verify(&hmac_key, signed.as_bytes(), &given).is_ok())
+    };
+    // The key configured may be the subaccount's (`signature`) or the primary account's
+    // (`parent-signature`): with the primary's, every subaccount's event was refused (401).
+    if !verifies(&signature.signature)
+        && !signature.parent_signature.as_deref().is_some_and(verifies)
+    {
+        return Err(WebhookError::Unauthorized("bad signature"));
+    }
     let timestamp: i64 = signature
         .timestamp
         .parse()
@@ -312,6 +323,35 @@ mod tests {
         assert_ne!(huge, text);
         let parsed = handle(KEY, huge.as_bytes(), now, &replays).expect("1e400");
         assert_eq!(parsed.message_id, "mailgun:CPgfbmQMTCKtHW6uIWtuVe");
+    }
+
+    /// An event of a subaccount's domain is signed twice: `signature` under the subaccount's
+    /// key, `parent-signature` under the primary account's. Either key verifies it (with the
+    /// primary's, it was refused: 401 "bad signature"); a forged parent signature does not.
+    #[test]
+    fn a_subaccount_event_verifies_with_the_primary_accounts_key() {
+        let now = 1_700_000_000;
+        let replays = ReplayCache::default();
+        let body = |token: &str, parent: &str| {
+            let mut body: serde_json::Value =
+                serde_json::from_slice(&signed("mailgun-delivered.json", token, now)).unwrap();
+            let ts = now.to_string();
+            body["signature"]["signature"] = sign("subaccount-key", &ts, token).into();
+            body["signature"]["parent-signature"] = sign(parent, &ts, token).into();
+            serde_json::to_vec(&body).unwrap()
+        };
+        let parsed = handle(KEY, &body("t1", KEY), now, &replays).expect("the primary's key");
+        assert_eq!(
+            tallies(&parsed),
+            vec![("example.com".to_string(), Tally::Delivered)]
+        );
+        let parsed = handle("subaccount-key", &body("t2", KEY), now, &replays)
+            .expect("the subaccount's key");
+        assert_eq!(parsed.events.len(), 1);
+        assert!(matches!(
+            handle(KEY, &body("t3", "another-key"), now, &replays),
+            Err(WebhookError::Unauthorized("bad signature"))
+        ));
     }
 
     #[test]

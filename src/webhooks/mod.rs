@@ -91,18 +91,25 @@ pub struct WebhookArgs {
 }
 
 impl WebhookArgs {
-    /// The same settings with empty values (an env file's `KEY=`) taken as unset, so an empty
-    /// signing key never turns a route on.
+    /// The same settings trimmed, and with empty values (an env file's `KEY=`) taken as unset,
+    /// so an empty signing key never turns a route on. Untrimmed, a topic after `, ` in
+    /// `WEBHOOK_SNS_TOPIC_ARNS` (or a key with the newline a Kubernetes Secret made with `echo`
+    /// keeps) refused every request (401), which the provider does not retry.
     pub fn normalized(mut self) -> Self {
-        let clear = |value: &mut Option<String>| {
-            if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
-                *value = None;
-            }
+        let clean = |value: &mut Option<String>| {
+            *value = value
+                .take()
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty());
         };
-        clear(&mut self.mailgun_signing_key);
-        clear(&mut self.sendgrid_public_key);
-        clear(&mut self.postmark_auth);
-        self.sns_topic_arns.retain(|arn| !arn.trim().is_empty());
+        clean(&mut self.mailgun_signing_key);
+        clean(&mut self.sendgrid_public_key);
+        clean(&mut self.postmark_auth);
+        self.sns_topic_arns = std::mem::take(&mut self.sns_topic_arns)
+            .into_iter()
+            .map(|arn| arn.trim().to_string())
+            .filter(|arn| !arn.is_empty())
+            .collect();
         if self
             .sns_cert
             .as_ref()

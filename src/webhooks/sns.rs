@@ -122,6 +122,17 @@ fn is_certificate_url(raw: &str) -> bool {
             .is_some_and(|name| name.ends_with(".pem") && !name.contains('/'))
 }
 
+/// Whether `arn` has the shape of an SNS topic's ARN: `arn:PARTITION:sns:REGION:ACCOUNT:NAME`.
+pub fn is_topic_arn(arn: &str) -> bool {
+    let parts: Vec<&str> = arn.split(':').collect();
+    matches!(
+        parts.as_slice(),
+        ["arn", partition, "sns", region, account, name]
+            if partition.starts_with("aws")
+                && [region, account, name].iter().all(|part| !part.is_empty())
+    )
+}
+
 /// The SNS host of the region a topic is in: `arn:aws:sns:us-east-1:…` →
 /// `sns.us-east-1.amazonaws.com` (`arn:aws-cn:…` → `….amazonaws.com.cn`). The topic is one the
 /// settings list, so its region is trusted: a host of the general shape that is not a region

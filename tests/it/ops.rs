@@ -52,6 +52,34 @@ async fn healthcheck_exits_0_for_a_healthy_worker_and_1_otherwise() {
     assert!(stderr.starts_with("unhealthy: "), "{stderr}");
 }
 
+/// A `RUST_LOG` that does not parse is a usage error of both binaries (exit 2, naming it),
+/// before anything connects; it fell back to `info` silently and the worker started.
+#[tokio::test]
+async fn a_rust_log_that_does_not_parse_is_a_usage_error() {
+    for (name, args) in [
+        ("catchall", vec![]),
+        ("catchall-producer", vec!["send", "a.example", "delivered"]),
+    ] {
+        let output = tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::process::Command::new(binary(name))
+                .args(&args)
+                .env("RUST_LOG", "catchall=lots")
+                // Nothing answers here: had it started, it would wait to connect, not exit 2.
+                .env("AMQP_URL", "amqp://guest:guest@127.0.0.1:9/%2f")
+                .env("DATABASE_URL", "postgres://postgres@127.0.0.1:9/none")
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{name} did not exit"))
+        .expect("run the binary");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{name}: {stderr}");
+        assert!(stderr.contains("RUST_LOG"), "{name}: {stderr}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_expose_readiness_memory_and_the_dedup_table() {
     let db = TestDb::create().await;
