@@ -433,12 +433,25 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     }
     // A stop (before or while the last confirms are awaited) waits for them one confirm
     // timeout at most.
-    let interrupted = (stop.is_cancelled() && !is_tail)
-        || tokio::select! {
-            finished = publisher.finish() => { finished?; false }
-            _ = stop.cancelled(), if !is_tail => true,
-        };
-    let stopped = interrupted && !is_tail;
+    let stopped = if is_tail {
+        // `tail` ends at a stop. What it left unconfirmed is before its saved position, for the
+        // next run to publish again: one confirm timeout for it at most, and not failed, even
+        // if the publisher gives up on it meanwhile.
+        if stop.is_cancelled() {
+            let failed = publisher.failed;
+            let _ = tokio::time::timeout(confirm_timeout, publisher.finish()).await;
+            publisher.failed = failed;
+        } else {
+            publisher.finish().await?;
+        }
+        false
+    } else {
+        stop.is_cancelled()
+            || tokio::select! {
+                finished = publisher.finish() => { finished?; false }
+                _ = stop.cancelled() => true,
+            }
+    };
     if stopped {
         tracing::warn!("Stopped by a signal before every event was sent.");
         if tokio::time::timeout(confirm_timeout, publisher.finish())

@@ -798,8 +798,12 @@ pub async fn run<F: FnMut(&Outgoing)>(
             }
             continue;
         }
-        if read_chunk(current, settings, publisher, &mut stats).await? {
+        if read_chunk(current, settings, publisher, &mut stats, cancel).await? {
             continue;
+        }
+        // Stopped within the chunk: its position stays before it.
+        if cancel.is_cancelled() {
+            return Ok(stats);
         }
         // At the end of the file: rotated, truncated, or simply nothing new yet.
         match std::fs::metadata(path) {
@@ -817,7 +821,14 @@ pub async fn run<F: FnMut(&Outgoing)>(
                 let since = *rotated_since.get_or_insert_with(Instant::now);
                 // The writer moved on once the new file has data: finish the old one, switch.
                 if meta.len() > 0 || since.elapsed() >= ROTATION_GRACE {
-                    while read_chunk(current, settings, publisher, &mut stats).await? {}
+                    while !cancel.is_cancelled()
+                        && read_chunk(current, settings, publisher, &mut stats, cancel).await?
+                    {
+                    }
+                    // Stopped before the old file's end: not switched, so a restart finishes it.
+                    if cancel.is_cancelled() {
+                        return Ok(stats);
+                    }
                     // Rotated more than once since `current` was written (while stopped): the
                     // files between come first, oldest first.
                     let next = next_rotated(path, current).unwrap_or_else(|| path.to_path_buf());
@@ -859,7 +870,10 @@ fn persist(settings: &TailSettings, source: &Source) -> anyhow::Result<()> {
 
 /// Reads the complete lines after the position (at most [`CHUNK_BYTES`]), publishes their
 /// events, waits for the broker's confirms, then saves the position after them. Returns false
-/// at the end of the file (a partial last line is left for later). An error if the publisher
+/// at the end of the file (a partial last line is left for later), and when `cancel` fires
+/// before the chunk is confirmed: the position stays before the chunk, and the caller ends (it
+/// waited for a broker that was unreachable or kept nacking, up to `--give-up-after` or
+/// `--max-attempts`, and a supervisor's grace period killed it first). An error if the publisher
 /// gave up on any of them (RabbitMQ unreachable for `--give-up-after`, or a message past
 /// `--max-attempts`): the position stays before them, so a restart publishes them again (each
 /// line's `message_id` makes the lines that did arrive count once).
@@ -868,6 +882,7 @@ async fn read_chunk<F: FnMut(&Outgoing)>(
     settings: &TailSettings,
     publisher: &mut Publisher<F>,
     stats: &mut TailStats,
+    cancel: &CancellationToken,
 ) -> anyhow::Result<bool> {
     let mut buffer = Vec::with_capacity(CHUNK_BYTES);
     source
@@ -907,18 +922,25 @@ async fn read_chunk<F: FnMut(&Outgoing)>(
         if let Some(event) = event {
             stats.events += 1;
             let body = serde_json::to_vec(&event).context("serialising an event")?;
-            publisher
-                .send(Outgoing {
-                    id: line_id(source.ids.0, source.ids.1, offset, line),
-                    routing_key: event.kind.as_str(),
-                    body,
-                    events: vec![event],
-                })
-                .await?;
+            let message = Outgoing {
+                id: line_id(source.ids.0, source.ids.1, offset, line),
+                routing_key: event.kind.as_str(),
+                body,
+                events: vec![event],
+            };
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Ok(false),
+                sent = publisher.send(message) => sent?,
+            }
         }
         offset += line.len() as u64;
     }
-    publisher.flush().await?;
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => return Ok(false),
+        flushed = publisher.flush() => flushed?,
+    }
     let failed = publisher.failed - failed_before;
     if failed > 0 {
         anyhow::bail!(

@@ -751,3 +751,42 @@ async fn a_tailer_that_gives_up_on_rabbitmq_keeps_its_position_before_the_lines_
     tailer.stop().await;
     worker.stop().await;
 }
+
+/// A stop while a chunk waits for a broker that is gone ends the tailer at once (exit 0, within
+/// a confirm timeout), its position before that chunk, and the next run counts the chunk's
+/// lines once. It waited for `--give-up-after` (120 s here), then exited 1: a supervisor's
+/// grace period killed it first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_while_the_broker_is_gone_ends_the_tailer_and_loses_nothing() {
+    let (db, broker, worker) = started().await;
+    let proxy = Proxy::start("127.0.0.1:5672").await;
+    let (_dir, log, state) = log_files();
+    let counted = |n: i64| counted(&db, n);
+
+    append(&log, &postfix_lines(0..3, "u", "a.test", true));
+    let through_proxy = [
+        ("AMQP_URL", format!("amqp://guest:guest@{}/%2f", proxy.addr)),
+        ("PRODUCER_GIVE_UP_AFTER", "120s".to_string()),
+        ("PRODUCER_CONFIRM_TIMEOUT", "3s".to_string()),
+    ];
+    let tailer = Tailer::start_with(&broker, &log, &state, &through_proxy);
+    counted(3).await;
+
+    proxy.cut();
+    let refused = proxy.refused();
+    append(&log, &postfix_lines(10..14, "u", "b.test", true));
+    // The tailer read the new lines and tries to reach the broker again.
+    wait_for(
+        Duration::from_secs(30),
+        "the tailer to try the broker again",
+        || async { (proxy.refused() > refused).then_some(()) },
+    )
+    .await;
+    tailer.stop().await;
+
+    proxy.restore();
+    let tailer = Tailer::start(&broker, &log, &state);
+    counted(7).await;
+    tailer.stop().await;
+    worker.stop().await;
+}
