@@ -39,8 +39,13 @@ wait_port 5432 Postgres 60
 
 if ! answers 5672; then
   command -v rabbitmq-server >/dev/null || apt_install_no_start rabbitmq-server
-  as_root rabbitmq-server -detached
-  as_root rabbitmqctl await_startup --timeout 120 >/dev/null
+  # On loopback only (AMQP, Erlang distribution, epmd), as the extra nodes (extra-lib.sh):
+  # Debian's defaults listen on every interface.
+  as_root env RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 ERL_EPMD_ADDRESS=127.0.0.1 \
+    RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}" \
+    rabbitmq-server -detached
+  # Not `rabbitmqctl await_startup`: right after -detached the node is not registered with epmd
+  # yet, and it fails at once ("node not running at all"). The AMQP port opens as the boot ends.
 fi
 wait_port 5672 RabbitMQ 120
 
