@@ -1712,12 +1712,26 @@ mod tests {
             "net.core.somaxconn is {somaxconn}: this test needs at least 300"
         );
         let n = 600.min(somaxconn);
-        // The server accepts nothing while `first` is open: n connections at once must all be
-        // completed by the kernel. With a backlog of 128 the SYNs past it were dropped and
-        // their connects waited for TCP's retransmission a second later.
+        // The listener's backlog as the kernel holds it (`ss`: a listening socket's Send-Q).
+        // With mio's 128 the SYNs past it were dropped, and their connects waited for TCP's
+        // retransmission a second later (timed here before, which a loaded machine can
+        // blur).
+        let ss = std::process::Command::new("ss")
+            .args(["-ltnH", &format!("sport = :{}", addr.port())])
+            .output()
+            .expect("run ss (Debian: iproute2)");
+        let listing = String::from_utf8_lossy(&ss.stdout);
+        let backlog: usize = listing
+            .split_whitespace()
+            .nth(2)
+            .and_then(|q| q.parse().ok())
+            .unwrap_or_else(|| panic!("no listener in ss's output: {listing:?}"));
+        assert!(backlog >= n, "a backlog of {backlog}, below {n}");
+        // The server accepts nothing while `first` is open: n connections at once are all
+        // completed by the kernel.
         let connects = (0..n).map(|_| {
             tokio::time::timeout(
-                Duration::from_millis(800),
+                Duration::from_secs(30),
                 tokio::net::TcpStream::connect(addr),
             )
         });

@@ -72,21 +72,22 @@ async fn retries_count_against_the_window_when_every_publish_is_nacked() {
     let broker = TestBroker::new();
     let (connection, channel) = broker.channel().await;
     let full = nacking_queue(&broker, &channel).await;
-    let mut child = tokio::process::Command::new(binary("catchall-producer"))
-        .envs(broker.env())
-        .args(["--window", "100"])
-        .args(["generate", "--events", "20000000", "--batch", "100"])
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the producer");
+    let (mut child, mut lines) = logging_producer(
+        &broker,
+        &["--window", "100"],
+        &["generate", "--events", "20000000", "--batch", "100"],
+    );
     let pid = child.id().expect("the producer's pid");
     let started = Instant::now();
-    let mut peak = 0;
-    while started.elapsed() < WATCHED {
-        peak = peak.max(peak_rss_bytes(pid));
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    // The broker nacks (a producer that never got that far would stay small too).
+    await_nacks(&mut lines, 100).await;
+    // Then watched for 8 s in all, its log read on (a full pipe would stop the producer).
+    let _ = tokio::time::timeout(WATCHED.saturating_sub(started.elapsed()), async {
+        while let Ok(Some(_)) = lines.next_line().await {}
+    })
+    .await;
+    // VmHWM: the peak over the whole run.
+    let peak = peak_rss_bytes(pid);
     let _ = child.kill().await;
     let _ = channel
         .queue_delete(full.as_str().into(), QueueDeleteOptions::default())

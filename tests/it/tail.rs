@@ -750,6 +750,11 @@ async fn a_tailer_that_gives_up_on_rabbitmq_keeps_its_position_before_the_lines_
     counted(7).await;
     tailer.stop().await;
     worker.stop().await;
+    assert_eq!(
+        all_events(&db).await,
+        7,
+        "counted once, also after both stopped"
+    );
 }
 
 /// A stop while a chunk waits for a broker that is gone ends the tailer at once (exit 0, within
@@ -789,4 +794,9 @@ async fn a_stop_while_the_broker_is_gone_ends_the_tailer_and_loses_nothing() {
     counted(7).await;
     tailer.stop().await;
     worker.stop().await;
+    assert_eq!(
+        all_events(&db).await,
+        7,
+        "counted once, also after both stopped"
+    );
 }

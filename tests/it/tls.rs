@@ -207,15 +207,16 @@ async fn tls_counts_over_amqps_and_verify_full_with_client_certificates() {
     let encrypted: i64 = client
         .query_one(
             "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
-             WHERE datname = current_database() AND ssl AND usename = 'catchall_client'",
+             WHERE datname = current_database() AND ssl AND usename = 'catchall_client' \
+             AND pid <> pg_backend_pid()",
             &[],
         )
         .await
         .expect("read pg_stat_ssl")
         .get(0);
     assert!(
-        encrypted >= 2,
-        "the worker's connections use TLS: {encrypted}"
+        encrypted >= 1,
+        "the worker's connections (not this test's) use TLS: {encrypted}"
     );
 
     worker.stop().await;

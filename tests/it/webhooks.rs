@@ -690,6 +690,11 @@ async fn a_mailgun_request_answered_503_is_counted_when_mailgun_sends_it_again()
     assert_eq!(code, StatusCode::UNAUTHORIZED, "{answer}");
     counted_once(&db).await;
     worker.stop().await;
+    assert_eq!(
+        all_events(&db).await,
+        1,
+        "counted once, also after the stop"
+    );
 }
 
 /// The same through the worker's own route and publisher, with RabbitMQ really gone (its
@@ -734,6 +739,11 @@ async fn a_mailgun_request_refused_while_rabbitmq_is_down_is_counted_when_sent_a
     );
     counted_once(&db).await;
     worker.stop().await;
+    assert_eq!(
+        all_events(&db).await,
+        1,
+        "counted once, also after the stop"
+    );
 }
 
 /// POSTs `body` to `url`: the status and the answer's text.
