@@ -248,6 +248,20 @@ fn parse_node(index: usize, raw: &str) -> Result<Node, ConnectError> {
             .find(|(k, _)| k == key)
             .map(|(_, v)| v.into_owned())
     };
+    // EXTERNAL logs in with the client certificate: without one it could never log in, and
+    // was retried for ever as if the broker were down.
+    let external = uri.query.auth_mechanism == Some(lapin::uri::SASLMechanism::External);
+    if external
+        && (!matches!(uri.scheme, AMQPScheme::AMQPS)
+            || param("certfile").is_none()
+            || param("keyfile").is_none())
+    {
+        return Err(bad(
+            "auth_mechanism=external logs in with the client certificate: it needs an amqps:// \
+             URL with certfile and keyfile"
+                .into(),
+        ));
+    }
     if let Some(verify) = param("verify")
         && verify != "verify_peer"
     {

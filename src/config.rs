@@ -10,7 +10,10 @@ use std::time::Duration;
     name = "catchall",
     version,
     about = "Learns which email domains are catch-all from \
-delivered/bounced events on RabbitMQ, and serves their status over HTTP."
+delivered/bounced events on RabbitMQ, and serves their status over HTTP.",
+    after_help = "From the environment only, as their ecosystems read them: RUST_LOG (log levels, \
+default info; one that does not parse is a usage error) and OTEL_EXPORTER_OTLP_ENDPOINT with the \
+other standard OTEL_* variables (traces over OTLP/HTTP; unset, none)."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -102,8 +105,11 @@ pub struct Config {
     /// Postgres URL (or libpq `key=value` string), with libpq's TLS parameters: `sslmode`
     /// (disable, allow, prefer, require, verify-ca, verify-full), `sslrootcert`, `sslcert`,
     /// `sslkey`. Its password is never logged.
+    // Global, like the others `migrate`, `export` and `healthcheck` read: after a subcommand
+    // (`catchall migrate --database-url …`) it was "unexpected argument".
     #[arg(
         long,
+        global = true,
         env = "DATABASE_URL",
         default_value = "postgres://postgres@127.0.0.1:5432/catchall",
         hide_env_values = true
@@ -123,18 +129,24 @@ pub struct Config {
     pub max_replica_lag: Duration,
 
     /// Address of the HTTP server (status, health, metrics). Port 0 picks a free port.
-    #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    #[arg(
+        long,
+        global = true,
+        env = "HTTP_ADDR",
+        default_value = "127.0.0.1:8080"
+    )]
     pub http_addr: SocketAddr,
 
     /// A second address that serves only /healthz, /readyz, /readyz/lookups and /metrics, out
     /// of reach of HTTP_ADDR's connection cap (for probes and scrapes). Unset: none; they are
     /// served on HTTP_ADDR only.
-    #[arg(long, env = "ADMIN_ADDR")]
+    #[arg(long, global = true, env = "ADMIN_ADDR")]
     pub admin_addr: Option<SocketAddr>,
 
     /// A domain with no bounce and strictly more deliveries than this is catch-all.
     #[arg(
         long = "threshold",
+        global = true,
         visible_alias = "catchall-threshold",
         env = "CATCHALL_THRESHOLD",
         default_value_t = 1000,
@@ -206,7 +218,7 @@ pub struct Config {
     pub db_timeout: Duration,
 
     /// Log format; by default `pretty` on a terminal and `json` otherwise. Levels come from RUST_LOG.
-    #[arg(long, env = "LOG_FORMAT", value_enum)]
+    #[arg(long, global = true, env = "LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
 
     // --- HTTP ingest, queries and the server's limits (SPEC §5) ---
@@ -827,6 +839,15 @@ mod tests {
                 "TLS settings of h:5671",
             ),
             ("amqp://h:port/%2f", "invalid AMQP_URL (node 1)"),
+            // Logging in by certificate without one, or over plain AMQP: never logs in.
+            (
+                "amqps://h/%2f?auth_mechanism=external",
+                "auth_mechanism=external",
+            ),
+            (
+                "amqp://h/%2f?auth_mechanism=external",
+                "auth_mechanism=external",
+            ),
             ("amqp://h/%2f,amqp://", "invalid AMQP_URL (node 2)"),
         ] {
             let error = bad_amqp(url);
@@ -1081,6 +1102,47 @@ mod tests {
                 assert_eq!(error.exit_code(), 2, "{flag} {tokens:?}");
             }
         }
+    }
+
+    /// The settings `migrate`, `export` and `healthcheck` read go after the subcommand too
+    /// (`catchall migrate --database-url …` was "unexpected argument", exit 2).
+    #[test]
+    fn subcommands_take_the_settings_they_read() {
+        let cli = Cli::try_parse_from([
+            "catchall",
+            "migrate",
+            "--database-url",
+            "postgres://u@db/c",
+            "--log-format",
+            "json",
+        ])
+        .unwrap();
+        assert_eq!(cli.config.database_url, "postgres://u@db/c");
+        let cli = Cli::try_parse_from([
+            "catchall",
+            "export",
+            "--status",
+            "unknown",
+            "--database-url",
+            "postgres://u@db/c",
+            "--threshold",
+            "7",
+        ])
+        .unwrap();
+        assert_eq!(
+            (cli.config.database_url.as_str(), cli.config.threshold),
+            ("postgres://u@db/c", 7)
+        );
+        let cli = Cli::try_parse_from([
+            "catchall",
+            "healthcheck",
+            "--http-addr",
+            "127.0.0.1:9",
+            "--admin-addr",
+            "127.0.0.1:10",
+        ])
+        .unwrap();
+        assert_eq!(cli.config.admin_addr.map(|a| a.port()), Some(10));
     }
 
     /// Debug never shows a URL's password (a derived Debug did: one `?config` in a log line

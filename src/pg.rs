@@ -193,9 +193,14 @@ fn only_unix_sockets(config: &tokio_postgres::Config) -> bool {
 }
 
 /// Whether every host of `config` is this machine: a Unix socket, `localhost` or a loopback
-/// address.
+/// address; with `hostaddr`, every address given there, which is what is connected to (judged by
+/// `host` alone, `host=localhost hostaddr=10.0.0.5` went in plain text to 10.0.0.5).
 fn only_loopback(config: &tokio_postgres::Config) -> bool {
     use tokio_postgres::config::Host;
+    let addrs = config.get_hostaddrs();
+    if !addrs.is_empty() {
+        return addrs.iter().all(|addr| addr.is_loopback());
+    }
     let hosts = config.get_hosts();
     !hosts.is_empty()
         && hosts.iter().all(|host| match host {
@@ -441,10 +446,21 @@ mod tests {
         ] {
             assert_eq!(mode(url).unwrap(), SslMode::Disable, "{url}");
         }
-        // With a hostaddr the connection is TCP to it: sslmode counts again.
+        // With a hostaddr the connection is TCP to it: sslmode counts again, and whether it is
+        // loopback is the address's (`prefer` went in plain text to 10.0.0.5 before).
         assert_eq!(
             mode("host=/tmp hostaddr=10.0.0.5 dbname=db sslmode=require").unwrap(),
             SslMode::Require
+        );
+        for remote in [
+            "host=localhost hostaddr=10.0.0.5 dbname=db",
+            "host=/tmp hostaddr=10.0.0.5 dbname=db",
+        ] {
+            assert_eq!(mode(remote).unwrap(), SslMode::Prefer, "{remote}");
+        }
+        assert_eq!(
+            mode("host=db.example.com hostaddr=127.0.0.1 dbname=db").unwrap(),
+            SslMode::Disable
         );
         // sslrootcert=system: verify-full, and nothing weaker (libpq 16).
         assert_eq!(

@@ -66,18 +66,29 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// Reads a PEM certificate (chain) and a PEM private key (PKCS#8, PKCS#1 or SEC1).
+    /// Reads a PEM certificate (chain) and a PEM private key (PKCS#8, PKCS#1 or SEC1),
+    /// unencrypted: an encrypted key is refused with a word on how to decrypt it (it was "no
+    /// items found", and `sslpassword` or the Erlang client's `password` is not read).
     pub fn from_files(cert: &Path, key: &Path) -> Result<Self, TlsError> {
-        let certs = read_certs(cert, "client certificate")?;
         let pem = std::fs::read(key).map_err(|source| TlsError::Read {
             what: "private key",
             path: key.to_path_buf(),
             source,
         })?;
+        let encrypted = |marker: &[u8]| pem.windows(marker.len()).any(|w| w == marker);
+        if encrypted(b"ENCRYPTED PRIVATE KEY") || encrypted(b"Proc-Type: 4,ENCRYPTED") {
+            return Err(TlsError::Key {
+                path: key.to_path_buf(),
+                reason: "encrypted, which is not supported: give the key unencrypted (`openssl \
+                         pkey -in KEY -out KEY.plain`) in a file only the worker can read"
+                    .into(),
+            });
+        }
         let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|error| TlsError::Key {
             path: key.to_path_buf(),
             reason: error.to_string(),
         })?;
+        let certs = read_certs(cert, "client certificate")?;
         Ok(Self { certs, key })
     }
 }
@@ -406,6 +417,30 @@ mod tests {
         );
     }
 
+    /// An encrypted key (PKCS#8 or the traditional PEM header) is named as such; it was "no
+    /// items found".
+    #[test]
+    fn an_encrypted_private_key_is_named_as_such() {
+        let dir = std::env::temp_dir().join(format!("catchall-tls-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, pem) in [
+            (
+                "pkcs8.pem",
+                "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIBvTBXBgkqhkiG9w0BBQ0w\n-----END ENCRYPTED PRIVATE KEY-----\n",
+            ),
+            (
+                "pkcs1.pem",
+                "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-256-CBC,00\n\nMIIB\n-----END RSA PRIVATE KEY-----\n",
+            ),
+        ] {
+            let key = dir.join(name);
+            std::fs::write(&key, pem).unwrap();
+            let error = Identity::from_files(&dir.join("cert.pem"), &key).unwrap_err();
+            assert!(error.to_string().contains("encrypted"), "{name}: {error}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn missing_files_are_named() {
         let error = client_config(
@@ -415,9 +450,10 @@ mod tests {
         )
         .unwrap_err();
         assert!(error.to_string().contains("/nonexistent/ca.pem"), "{error}");
+        // The key is read first (an encrypted one is refused before the certificate is read).
         let error =
             Identity::from_files(Path::new("/nonexistent/c.pem"), Path::new("/k")).unwrap_err();
-        assert!(error.to_string().contains("client certificate"), "{error}");
+        assert!(error.to_string().contains("private key /k"), "{error}");
     }
 
     /// The system's trust store is read once (it was read again at every RabbitMQ connection
