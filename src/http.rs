@@ -1722,10 +1722,11 @@ mod tests {
             .expect("run ss (Debian: iproute2)");
         let listing = String::from_utf8_lossy(&ss.stdout);
         let backlog: usize = listing
-            .split_whitespace()
-            .nth(2)
+            .lines()
+            .find(|line| line.contains(&addr.to_string()))
+            .and_then(|line| line.split_whitespace().nth(2))
             .and_then(|q| q.parse().ok())
-            .unwrap_or_else(|| panic!("no listener in ss's output: {listing:?}"));
+            .unwrap_or_else(|| panic!("no listener on {addr} in ss's output: {listing:?}"));
         assert!(backlog >= n, "a backlog of {backlog}, below {n}");
         // The server accepts nothing while `first` is open: n connections at once are all
         // completed by the kernel.

@@ -75,18 +75,20 @@ impl Identity {
             path: key.to_path_buf(),
             source,
         })?;
-        let encrypted = |marker: &[u8]| pem.windows(marker.len()).any(|w| w == marker);
-        if encrypted(b"ENCRYPTED PRIVATE KEY") || encrypted(b"Proc-Type: 4,ENCRYPTED") {
-            return Err(TlsError::Key {
+        let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|error| {
+            // What does not load, if it is an encrypted key, says so.
+            let has = |marker: &[u8]| pem.windows(marker.len()).any(|w| w == marker);
+            let reason = if has(b"ENCRYPTED PRIVATE KEY") || has(b"Proc-Type: 4,ENCRYPTED") {
+                "encrypted, which is not supported: give the key unencrypted (`openssl pkey -in \
+                 KEY -out KEY.plain`) in a file only the worker can read"
+                    .to_string()
+            } else {
+                error.to_string()
+            };
+            TlsError::Key {
                 path: key.to_path_buf(),
-                reason: "encrypted, which is not supported: give the key unencrypted (`openssl \
-                         pkey -in KEY -out KEY.plain`) in a file only the worker can read"
-                    .into(),
-            });
-        }
-        let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|error| TlsError::Key {
-            path: key.to_path_buf(),
-            reason: error.to_string(),
+                reason,
+            }
         })?;
         let certs = read_certs(cert, "client certificate")?;
         Ok(Self { certs, key })
