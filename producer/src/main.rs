@@ -271,6 +271,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
 
     let mut invalid_lines = 0u64;
     let mut tail_stats = None;
+    // An error `tail` ended on: reported after its summary (it printed the error alone).
+    let mut tail_error = None;
     match cli.command {
         Command::Generate {
             events,
@@ -328,7 +330,9 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 poll,
                 count_loopback,
             };
-            tail_stats = Some(tail::run(&mut publisher, &settings, &stop).await?);
+            let (stats, outcome) = tail::run(&mut publisher, &settings, &stop).await;
+            tail_stats = Some(stats);
+            tail_error = outcome.err();
         }
         Command::Publish { file, batch } => {
             let reader: Box<dyn tokio::io::AsyncRead + Unpin> = if file == "-" {
@@ -434,10 +438,10 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     // A stop (before or while the last confirms are awaited) waits for them one confirm
     // timeout at most.
     let stopped = if is_tail {
-        // `tail` ends at a stop. What it left unconfirmed is before its saved position, for the
-        // next run to publish again: one confirm timeout for it at most, and not failed, even
-        // if the publisher gives up on it meanwhile.
-        if stop.is_cancelled() {
+        // `tail` ends at a stop or an error. What it left unconfirmed is before its saved
+        // position, for the next run to publish again: one confirm timeout for it at most, and
+        // not failed, even if the publisher gives up on it meanwhile.
+        if stop.is_cancelled() || tail_error.is_some() {
             let failed = publisher.failed;
             let _ = tokio::time::timeout(confirm_timeout, publisher.finish()).await;
             publisher.failed = failed;
@@ -484,6 +488,9 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     );
     if let Some(path) = expect {
         tally.write_csv(&path)?;
+    }
+    if let Some(error) = tail_error {
+        return Err(error);
     }
     Ok(failed == 0 && invalid_lines == 0 && !stopped)
 }

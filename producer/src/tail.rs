@@ -709,14 +709,25 @@ fn rotation_rank(name: &str, file_name: &str) -> Option<(i64, String)> {
     }
 }
 
-/// Follows the log until `cancel` fires, publishing each delivery line as one event.
+/// Follows the log until `cancel` fires, publishing each delivery line as one event. What it
+/// read is returned with the outcome, so an error exit reports it too.
 pub async fn run<F: FnMut(&Outgoing)>(
     publisher: &mut Publisher<F>,
     settings: &TailSettings,
     cancel: &CancellationToken,
-) -> anyhow::Result<TailStats> {
-    let path = settings.file.as_path();
+) -> (TailStats, anyhow::Result<()>) {
     let mut stats = TailStats::default();
+    let outcome = follow(publisher, settings, cancel, &mut stats).await;
+    (stats, outcome)
+}
+
+async fn follow<F: FnMut(&Outgoing)>(
+    publisher: &mut Publisher<F>,
+    settings: &TailSettings,
+    cancel: &CancellationToken,
+    stats: &mut TailStats,
+) -> anyhow::Result<()> {
+    let path = settings.file.as_path();
     let mut source: Option<Source> = None;
     if let Some(state) = &settings.state
         && let Some(Saved {
@@ -774,14 +785,14 @@ pub async fn run<F: FnMut(&Outgoing)>(
                 Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
             }
             if wait(cancel, settings.poll).await {
-                return Ok(stats);
+                return Ok(());
             }
             continue;
         };
         // A stop is honoured between chunks too, not only at the end of the file (catching up
         // on a long log); the position saved is the last chunk's.
         if cancel.is_cancelled() {
-            return Ok(stats);
+            return Ok(());
         }
         if current
             .rewritten()
@@ -791,27 +802,26 @@ pub async fn run<F: FnMut(&Outgoing)>(
                 path,
                 current,
                 settings,
-                &mut stats,
+                stats,
                 "truncated and written again",
             )? {
                 source = Some(copy);
             }
             continue;
         }
-        if read_chunk(current, settings, publisher, &mut stats, cancel).await? {
+        if read_chunk(current, settings, publisher, stats, cancel).await? {
             continue;
         }
         // Stopped within the chunk: its position stays before it.
         if cancel.is_cancelled() {
-            return Ok(stats);
+            return Ok(());
         }
         // At the end of the file: rotated, truncated, or simply nothing new yet.
         match std::fs::metadata(path) {
             Ok(meta) if current.is(&meta) => {
                 rotated_since = None;
                 if meta.len() < current.offset {
-                    if let Some(copy) = truncated(path, current, settings, &mut stats, "truncated")?
-                    {
+                    if let Some(copy) = truncated(path, current, settings, stats, "truncated")? {
                         source = Some(copy);
                     }
                     continue;
@@ -822,12 +832,12 @@ pub async fn run<F: FnMut(&Outgoing)>(
                 // The writer moved on once the new file has data: finish the old one, switch.
                 if meta.len() > 0 || since.elapsed() >= ROTATION_GRACE {
                     while !cancel.is_cancelled()
-                        && read_chunk(current, settings, publisher, &mut stats, cancel).await?
+                        && read_chunk(current, settings, publisher, stats, cancel).await?
                     {
                     }
                     // Stopped before the old file's end: not switched, so a restart finishes it.
                     if cancel.is_cancelled() {
-                        return Ok(stats);
+                        return Ok(());
                     }
                     // Rotated more than once since `current` was written (while stopped): the
                     // files between come first, oldest first.
@@ -848,7 +858,7 @@ pub async fn run<F: FnMut(&Outgoing)>(
             Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
         }
         if wait(cancel, settings.poll).await {
-            return Ok(stats);
+            return Ok(());
         }
     }
 }

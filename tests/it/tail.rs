@@ -305,6 +305,8 @@ impl Tailer {
             .args(["--format", "postfix", "--poll", "100ms", "--state"])
             .arg(state)
             .args(args)
+            // Its summary, for the tests that read it (a few lines: the pipe never fills).
+            .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .expect("start catchall-producer tail");
@@ -733,17 +735,25 @@ async fn a_tailer_that_gives_up_on_rabbitmq_keeps_its_position_before_the_lines_
         ("AMQP_URL", format!("amqp://guest:guest@{}/%2f", proxy.addr)),
         ("PRODUCER_GIVE_UP_AFTER", "1s".to_string()),
     ];
-    let mut tailer = Tailer::start_with(&broker, &log, &state, &through_proxy);
+    let tailer = Tailer::start_with(&broker, &log, &state, &through_proxy);
     counted(3).await;
 
     proxy.cut();
     let during = postfix_lines(10..14, "u", "b.test", true);
     append(&log, &during);
-    let status = tokio::time::timeout(Duration::from_secs(30), tailer.child.wait())
+    let output = tokio::time::timeout(Duration::from_secs(30), tailer.child.wait_with_output())
         .await
         .expect("the tailer exits once it gives up on RabbitMQ")
         .expect("wait for the tailer");
-    assert!(!status.success(), "the tailer exited with {status}");
+    assert!(
+        !output.status.success(),
+        "the tailer exited with {}",
+        output.status
+    );
+    // Its summary still says what was confirmed (it printed the error alone).
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("confirmed 3 events"), "{stdout}");
+    assert!(stdout.contains("tail: "), "{stdout}");
 
     proxy.restore();
     let tailer = Tailer::start(&broker, &log, &state);
