@@ -505,13 +505,11 @@ impl Config {
                 self.http_body_budget
             ));
         }
+        let webhooks = self.webhooks.clone().normalized();
         // SNS messages are refused past MAX_MESSAGE_AGE: their ids must be remembered as long.
-        let sns_on = self
-            .webhooks
-            .sns_topic_arns
-            .iter()
-            .any(|arn| !arn.trim().is_empty());
-        if sns_on && self.dedup_retention < crate::webhooks::sns::MAX_MESSAGE_AGE {
+        if !webhooks.sns_topic_arns.is_empty()
+            && self.dedup_retention < crate::webhooks::sns::MAX_MESSAGE_AGE
+        {
             return Err(format!(
                 "DEDUP_RETENTION ({}) must be at least 2h with WEBHOOK_SNS_TOPIC_ARNS set: SNS \
                  messages up to 2 h old are accepted, and one replayed after its id was \
@@ -557,7 +555,6 @@ impl Config {
         }
         // Webhook settings no request could use: found once the worker had connected,
         // migrated and bound its ports, they stopped it with exit 1 instead of a usage error.
-        let webhooks = self.webhooks.clone().normalized();
         if webhooks
             .postmark_auth
             .as_deref()

@@ -200,9 +200,9 @@ impl<F: FnMut(&Outgoing)> Publisher<F> {
 
     /// Once `stop` is cancelled, `send` publishes nothing more (a message it is handed, or that
     /// waits for room in the window, is dropped: not sent, so not failed either), and RabbitMQ
-    /// unavailable means giving up
-    /// at once: a stop does not wait for a broker that takes messages but never confirms them
-    /// (up to `max_attempts` confirm timeouts), or for `give_up_after`.
+    /// unavailable means giving up at once: a stop does not wait for a broker that takes
+    /// messages but never confirms them (up to `max_attempts` confirm timeouts), or for
+    /// `give_up_after`.
     pub fn stop_on(&mut self, stop: tokio_util::sync::CancellationToken) {
         self.stop = stop;
     }

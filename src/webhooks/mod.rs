@@ -94,21 +94,15 @@ impl WebhookArgs {
     /// The same settings trimmed, and with empty values (an env file's `KEY=`) taken as unset,
     /// so an empty signing key never turns a route on. Untrimmed, a topic after `, ` in
     /// `WEBHOOK_SNS_TOPIC_ARNS` (or a key with the newline a Kubernetes Secret made with `echo`
-    /// keeps) refused every request (401), which the provider does not retry.
+    /// keeps) refused every request (401), and every retry of it.
     pub fn normalized(mut self) -> Self {
-        let clean = |value: &mut Option<String>| {
-            *value = value
-                .take()
-                .map(|v| v.trim().to_string())
-                .filter(|v| !v.is_empty());
-        };
-        clean(&mut self.mailgun_signing_key);
-        clean(&mut self.sendgrid_public_key);
-        clean(&mut self.postmark_auth);
+        let trimmed = |value: String| Some(value.trim().to_string()).filter(|v| !v.is_empty());
+        self.mailgun_signing_key = self.mailgun_signing_key.take().and_then(trimmed);
+        self.sendgrid_public_key = self.sendgrid_public_key.take().and_then(trimmed);
+        self.postmark_auth = self.postmark_auth.take().and_then(trimmed);
         self.sns_topic_arns = std::mem::take(&mut self.sns_topic_arns)
             .into_iter()
-            .map(|arn| arn.trim().to_string())
-            .filter(|arn| !arn.is_empty())
+            .filter_map(trimmed)
             .collect();
         if self
             .sns_cert

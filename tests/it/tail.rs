@@ -756,13 +756,26 @@ async fn a_tailer_that_gives_up_on_rabbitmq_keeps_its_position_before_the_lines_
     assert!(stdout.contains("tail: "), "{stdout}");
 
     proxy.restore();
-    let tailer = Tailer::start(&broker, &log, &state);
-    counted(7).await;
+    a_new_tailer_counts_every_line_once(&db, &broker, worker, &log, &state, 7).await;
+}
+
+/// A tailer started again from the saved state: the log's `n` events are counted, and still
+/// `n` once it and the worker stopped (a line published twice would count later).
+async fn a_new_tailer_counts_every_line_once(
+    db: &TestDb,
+    broker: &TestBroker,
+    worker: TestWorker,
+    log: &Path,
+    state: &Path,
+    n: i64,
+) {
+    let tailer = Tailer::start(broker, log, state);
+    counted(db, n).await;
     tailer.stop().await;
     worker.stop().await;
     assert_eq!(
-        all_events(&db).await,
-        7,
+        all_events(db).await,
+        n,
         "counted once, also after both stopped"
     );
 }
@@ -800,13 +813,5 @@ async fn a_stop_while_the_broker_is_gone_ends_the_tailer_and_loses_nothing() {
     tailer.stop().await;
 
     proxy.restore();
-    let tailer = Tailer::start(&broker, &log, &state);
-    counted(7).await;
-    tailer.stop().await;
-    worker.stop().await;
-    assert_eq!(
-        all_events(&db).await,
-        7,
-        "counted once, also after both stopped"
-    );
+    a_new_tailer_counts_every_line_once(&db, &broker, worker, &log, &state, 7).await;
 }
