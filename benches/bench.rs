@@ -233,7 +233,7 @@ async fn main() -> Result<()> {
         template,
         empty_template,
         baseline,
-        repeats: env_u64("BENCH_REPEATS", 5).max(1) as usize,
+        repeats: env_u64("BENCH_REPEATS", 4).max(1) as usize,
         services: Services::find()?,
     };
     let started = Instant::now();
@@ -263,11 +263,21 @@ async fn main() -> Result<()> {
     write_report("latest.json", &report)
 }
 
-/// Writes a report to `target/bench/{file}`.
+/// Writes a report to `target/bench/{file}`, keeping the `soak` section of the file it replaces
+/// (`make soak` adds it; a bench run does not measure it).
 fn write_report(file: &str, report: &serde_json::Value) -> Result<()> {
     std::fs::create_dir_all("target/bench").context("creating target/bench")?;
     let path = format!("target/bench/{file}");
-    std::fs::write(&path, serde_json::to_string_pretty(report)?)
+    let mut report = report.clone();
+    let earlier: Option<serde_json::Value> = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok());
+    if let Some(soak) = earlier.and_then(|mut earlier| earlier.get_mut("soak").map(|s| s.take()))
+        && report.get("soak").is_none()
+    {
+        report["soak"] = soak;
+    }
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)
         .with_context(|| format!("writing {path}"))?;
     println!("\nwritten: {path}");
     Ok(())
@@ -326,6 +336,13 @@ impl Run {
         // touches every stage alike instead of one stage's every run.
         let mut t: std::collections::BTreeMap<&'static str, Vec<Timed>> = Default::default();
         let mut publish_rates = Vec::new();
+        if self.repeats % 2 == 1 && self.repeats > 1 {
+            eprintln!(
+                "bench: BENCH_REPEATS={} is odd: the paired stages run first in one round more \
+                 than second, and a stage's place in the round weighs on its median",
+                self.repeats
+            );
+        }
         for round in 1..=self.repeats {
             eprintln!("round {round}/{}", self.repeats);
             let mut record = |stage: &'static str, timed: Timed| {
@@ -532,15 +549,46 @@ impl Run {
             let apply_pg_us = median_of("single_apply_ids", &|x| x.cpu.postgres_per_event(n));
             let limit = measure::cores() * 1e6 / (noop_us + apply_pg_us);
             // Dedup overhead: the same single-message batches applied with ids and without,
-            // all CPU (Postgres and the applying client), as a fraction of the apply cost.
-            let apply_ids_us = median_of("single_apply_ids", &|x| x.cpu.total_per_event(n));
-            let apply_plain_us = median_of("single_apply_no_ids", &|x| x.cpu.total_per_event(n));
+            // the CPU of Postgres and the applying client (not the broker's, which the floors
+            // do not use), as a fraction of the apply cost.
+            let apply_ids_us =
+                median_of("single_apply_ids", &|x| x.cpu.without_broker_per_event(n));
+            let apply_plain_us = median_of("single_apply_no_ids", &|x| {
+                x.cpu.without_broker_per_event(n)
+            });
             let pg_ids_us = apply_pg_us;
             let pg_plain_us = median_of("single_apply_no_ids", &|x| x.cpu.postgres_per_event(n));
             // The limit of messages without ids (what the dedup-off worker is read against):
             // the same no-op drain plus the Postgres CPU of applying them without ids.
             let limit_no_ids = measure::cores() * 1e6 / (noop_us + pg_plain_us);
             let dedup_overhead = (apply_ids_us - apply_plain_us) / apply_plain_us;
+            // The same figures round by round (each from the stages of one round), for their
+            // spread: the headline figures above are from the medians of their inputs.
+            let per_round = |f: &dyn Fn(&Timed, &Timed, &Timed, &Timed) -> f64| -> Summary {
+                let stages = ["single_noop", "single_apply_ids", "single_apply_no_ids"]
+                    .map(|s| t.get(s).map(Vec::as_slice).unwrap_or_default());
+                let worker = t
+                    .get("single_worker")
+                    .map(Vec::as_slice)
+                    .unwrap_or_default();
+                Summary::of(
+                    &(0..worker
+                        .len()
+                        .min(stages.iter().map(|s| s.len()).min().unwrap_or(0)))
+                        .map(|i| f(&stages[0][i], &stages[1][i], &stages[2][i], &worker[i]))
+                        .collect::<Vec<_>>(),
+                )
+            };
+            let limit_of = |noop: &Timed, ids: &Timed| {
+                measure::cores() * 1e6
+                    / (noop.cpu.total_per_event(n) + ids.cpu.postgres_per_event(n))
+            };
+            let limit_rounds = per_round(&|noop, ids, _, _| limit_of(noop, ids));
+            let ratio_to_limit_rounds =
+                per_round(&|noop, ids, _, worker| n / worker.steady_secs / limit_of(noop, ids));
+            let overhead_rounds = per_round(&|_, ids, plain, _| {
+                ids.cpu.without_broker_per_event(n) / plain.cpu.without_broker_per_event(n) - 1.0
+            });
             eprintln!(
                 "single: limit {limit:.0} events/s (no-op drain {noop_us:.1} µs/msg + Postgres apply {apply_pg_us:.1} µs/event on {} cores), without ids {limit_no_ids:.0} (Postgres apply {pg_plain_us:.1} µs/event); dedup overhead {dedup_overhead:.3}",
                 measure::cores()
@@ -565,6 +613,11 @@ impl Run {
                     "cores": measure::cores(),
                 },
                 "dedup_overhead": round3(dedup_overhead),
+                "per_round": {
+                    "limit_events_per_s": limit_rounds.json(0),
+                    "ratio_to_limit": ratio_to_limit_rounds.json(3),
+                    "dedup_overhead": overhead_rounds.json(3),
+                },
                 "dedup_overhead_postgres_only": round3((pg_ids_us - pg_plain_us) / pg_plain_us),
                 "apply_events_per_s": rate("single_apply_ids").median.round(),
                 "apply_no_ids_events_per_s": rate("single_apply_no_ids").median.round(),

@@ -1227,13 +1227,24 @@ pub async fn serve(
     limits: ServerLimits,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
+    serve_counting_waiters(listener, app, limits, cancel, Arc::default()).await
+}
+
+/// [`serve`], counting in `waiters` the request bodies that wait for room in the body budget
+/// (the tests watch it to know a body waits).
+async fn serve_counting_waiters(
+    listener: TcpListener,
+    app: Router,
+    limits: ServerLimits,
+    cancel: CancellationToken,
+    waiters: Arc<std::sync::atomic::AtomicUsize>,
+) -> std::io::Result<()> {
     use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::service::TowerToHyperService;
 
     let budget = Arc::new(tokio::sync::Semaphore::new(
         limits.body_budget.max(MAX_BODY_BYTES),
     ));
-    let waiters = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let limited = ServiceBuilder::new()
         .layer(HandleErrorLayer::new(move |error| {
             protection_error(error, limits.request_timeout)
@@ -1428,6 +1439,40 @@ mod tests {
         (addr, cancel, server)
     }
 
+    /// Waits (5 s at most) until `n` request bodies wait for room in the body budget.
+    async fn waiting_bodies(
+        waiters: &std::sync::atomic::AtomicUsize,
+        n: usize,
+    ) -> Result<(), tokio::time::error::Elapsed> {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while waiters.load(Ordering::Relaxed) != n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+    }
+
+    /// Serves `app` with [`one_body_limits`], counting the bodies that wait for room.
+    fn serve_one_body(
+        listener: TcpListener,
+        app: Router,
+    ) -> (
+        CancellationToken,
+        Arc<std::sync::atomic::AtomicUsize>,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ) {
+        let cancel = CancellationToken::new();
+        let waiters = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let server = tokio::spawn(serve_counting_waiters(
+            listener,
+            app,
+            one_body_limits(),
+            cancel.clone(),
+            waiters.clone(),
+        ));
+        (cancel, waiters, server)
+    }
+
     /// Limits for the body-budget tests: a budget of one largest body, a 10 s request timeout.
     fn one_body_limits() -> ServerLimits {
         ServerLimits {
@@ -1473,9 +1518,7 @@ mod tests {
         let app = Router::new()
             .route("/", axum::routing::get(|| async { "ok" }))
             .route("/body", axum::routing::post(body_length));
-        let limits = one_body_limits();
-        let cancel = CancellationToken::new();
-        let server = tokio::spawn(serve(listener, app, limits, cancel.clone()));
+        let (cancel, waiters, server) = serve_one_body(listener, app);
         let post = |length: usize| {
             format!("POST /body HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n")
         };
@@ -1531,17 +1574,17 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), arrived.recv())
             .await
             .expect("the first body arrives but for its last byte");
+        assert_eq!(waiters.load(Ordering::Relaxed), 0, "nobody waits yet");
         let second = tokio::spawn(answer(small(addr).await));
+        waiting_bodies(&waiters, 1)
+            .await
+            .expect("the second body waits for the budget");
         let mut other = tokio::net::TcpStream::connect(addr).await.unwrap();
         assert!(
             get_on(&mut other, "/").await.contains("200"),
             "no body, no wait"
         );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        assert!(
-            !second.is_finished(),
-            "the second body waits for the budget"
-        );
+        assert!(!second.is_finished(), "the second body is not answered yet");
 
         first.write_all(b"a").await.unwrap();
         let first = answer(first).await;
@@ -1600,9 +1643,7 @@ mod tests {
         let app = Router::new()
             .route("/began", axum::routing::post(streamed))
             .route("/body", axum::routing::post(whole));
-        let limits = one_body_limits();
-        let cancel = CancellationToken::new();
-        let server = tokio::spawn(serve(listener, app, limits, cancel.clone()));
+        let (cancel, waiters, server) = serve_one_body(listener, app);
         let send = |path: &'static str, length: usize, first: Vec<u8>| async move {
             let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
             let head = format!(
@@ -1626,6 +1667,9 @@ mod tests {
             .expect("the stalled body's first bytes arrive");
         let waited = std::time::Instant::now();
         let small = send("/body", 3, b"abc".to_vec()).await;
+        waiting_bodies(&waiters, 1)
+            .await
+            .expect("the small body waits for the stalled body's room");
         let small = tokio::time::timeout(Duration::from_secs(6), answer(small))
             .await
             .expect("the stalled body gives its room back before the request timeout (10 s)");
@@ -1649,6 +1693,9 @@ mod tests {
             .await
             .expect("the steady body's first bytes arrive");
         let small = send("/body", 3, b"abc".to_vec()).await;
+        waiting_bodies(&waiters, 1)
+            .await
+            .expect("the small body waits for the steady body's room");
         for _ in 1..4 {
             tokio::time::sleep(Duration::from_millis(500)).await;
             steady.write_all(&vec![b'a'; quarter]).await.unwrap();
@@ -1660,6 +1707,7 @@ mod tests {
         );
         let small = answer(small).await;
         assert!(small.ends_with("\r\n\r\n3"), "{small}");
+        assert_eq!(waiters.load(Ordering::Relaxed), 0, "nobody waits any more");
 
         // Nobody waits: a body that pauses past its pace (due 3 s after its first bytes) is
         // read on when the rest comes.
@@ -1712,21 +1760,10 @@ mod tests {
             "net.core.somaxconn is {somaxconn}: this test needs at least 300"
         );
         let n = 600.min(somaxconn);
-        // The listener's backlog as the kernel holds it (`ss`: a listening socket's Send-Q).
-        // With mio's 128 the SYNs past it were dropped, and their connects waited for TCP's
-        // retransmission a second later (timed here before, which a loaded machine can
-        // blur).
-        let ss = std::process::Command::new("ss")
-            .args(["-ltnH", &format!("sport = :{}", addr.port())])
-            .output()
-            .expect("run ss (Debian: iproute2)");
-        let listing = String::from_utf8_lossy(&ss.stdout);
-        let backlog: usize = listing
-            .lines()
-            .find(|line| line.contains(&addr.to_string()))
-            .and_then(|line| line.split_whitespace().nth(2))
-            .and_then(|q| q.parse().ok())
-            .unwrap_or_else(|| panic!("no listener on {addr} in ss's output: {listing:?}"));
+        // The listener's backlog as the kernel holds it. With mio's 128 the SYNs past it were
+        // dropped, and their connects waited for TCP's retransmission a second later (timed
+        // here before, which a loaded machine can blur).
+        let (_, backlog) = listen_queue(addr);
         assert!(backlog >= n, "a backlog of {backlog}, below {n}");
         // The server accepts nothing while `first` is open: n connections at once are all
         // completed by the kernel.
@@ -1752,17 +1789,57 @@ mod tests {
         server.await.unwrap().unwrap();
     }
 
+    /// A listening socket's queue as the kernel holds it (`ss`): connections completed and not
+    /// accepted yet (Recv-Q), and the backlog (Send-Q).
+    fn listen_queue(addr: std::net::SocketAddr) -> (usize, usize) {
+        let ss = std::process::Command::new("ss")
+            .args(["-ltnH", &format!("sport = :{}", addr.port())])
+            .output()
+            .expect("run ss (Debian: iproute2)");
+        let listing = String::from_utf8_lossy(&ss.stdout);
+        let columns: Vec<usize> = listing
+            .lines()
+            .find(|line| line.contains(&addr.to_string()))
+            .map(|line| {
+                line.split_whitespace()
+                    .skip(1)
+                    .take(2)
+                    .filter_map(|q| q.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        match columns[..] {
+            [accept_queue, backlog] => (accept_queue, backlog),
+            _ => panic!("no listener on {addr} in ss's output: {listing:?}"),
+        }
+    }
+
     #[tokio::test]
     async fn connections_past_the_cap_wait_until_one_closes() {
         let (addr, cancel, server) = one_connection_server();
 
         let mut first = tokio::net::TcpStream::connect(addr).await.unwrap();
         assert!(get_on(&mut first, "/").await.contains("200"));
-        // The second connection is in the backlog, not served, while the first stays open.
+        assert_eq!(listen_queue(addr).0, 0, "nothing waits to be accepted yet");
+        // The second connection is in the backlog, not served, while the first stays open:
+        // the server does not accept it (it would leave the kernel's queue), and its request
+        // gets no answer.
         let mut second = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let waiting =
-            tokio::time::timeout(Duration::from_millis(500), get_on(&mut second, "/")).await;
+        use tokio::io::AsyncWriteExt;
+        second
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while listen_queue(addr).0 != 1 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the second connection waits in the kernel's queue");
+        let waiting = tokio::time::timeout(Duration::from_millis(500), second.readable()).await;
         assert!(waiting.is_err(), "served past the cap: {waiting:?}");
+        assert_eq!(listen_queue(addr).0, 1, "still not accepted");
         drop(first);
         let served = tokio::time::timeout(Duration::from_secs(10), async {
             let mut buffer = vec![0; 1024];

@@ -380,6 +380,17 @@ impl CpuWindow {
     pub fn total_per_event(&self, events: f64) -> f64 {
         self.cpu_us.values().sum::<f64>() / events
     }
+
+    /// CPU-µs per event of every group but the broker: what applying events in Postgres costs
+    /// (the floors send nothing through RabbitMQ, whose own upkeep would only add noise).
+    pub fn without_broker_per_event(&self, events: f64) -> f64 {
+        self.cpu_us
+            .iter()
+            .filter(|(group, _)| group.as_str() != "rabbitmq")
+            .map(|(_, us)| us)
+            .sum::<f64>()
+            / events
+    }
 }
 
 /// Median and spread of repeated runs.
