@@ -195,6 +195,61 @@ async fn sigterm_while_starting_exits_0() {
     assert!(status.success(), "exit status {status:?} after {took:?}");
 }
 
+/// SIGTERM while a host-name lookup hangs (DNS servers that do not answer: glibc waits out its
+/// timeouts on a blocking thread, which no timeout of the worker stops) ends the worker with
+/// exit 0 within SHUTDOWN_TIMEOUT. The worker logged its stop, then the runtime's drop waited
+/// for the lookup: here 60 s, past any grace period. The lookup is made to hang by an
+/// `LD_PRELOAD` shim (`tests/fixtures/hanging_lookup.c`, built with `cc`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_a_host_name_lookup_hangs_exits_0_in_time() {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    let dir = std::env::temp_dir().join(format!("catchall-hang-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).expect("create the shim's directory");
+    let (shim, marker) = (dir.join("hang.so"), dir.join("lookups"));
+    let built = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&shim)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/hanging_lookup.c"
+        ))
+        .arg("-ldl")
+        .output()
+        .expect("run cc (Debian: gcc)");
+    assert!(
+        built.status.success(),
+        "building the shim: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let url = format!("postgres://postgres@db.hang.test/{}", db.name);
+    let mut worker = spawn_worker(
+        &db,
+        &broker,
+        &[
+            ("DATABASE_URL", url),
+            ("SHUTDOWN_TIMEOUT", "5s".to_string()),
+            ("LD_PRELOAD", shim.display().to_string()),
+            ("HANG_MARKER", marker.display().to_string()),
+        ],
+    );
+    wait_for(
+        Duration::from_secs(30),
+        "the worker to look up its Postgres host",
+        || async {
+            std::fs::read_to_string(&marker)
+                .is_ok_and(|names| names.contains("db.hang.test"))
+                .then_some(())
+        },
+    )
+    .await;
+    // Exit 0 says the stop ended within SHUTDOWN_TIMEOUT (past it the worker exits 1); the
+    // 15 s bound, that nothing waited for the 60 s lookup after it.
+    let (status, took) = sigterm(&mut worker, Duration::from_secs(15)).await;
+    assert!(status.success(), "exit status {status:?} after {took:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `catchall migrate` stopped before its work is done (here: while it waits for Postgres) exits
 /// 1, so that a Job or a `migrate && deploy` does not take it for a success.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
