@@ -262,3 +262,60 @@ async fn message_ids_are_compared_as_bytes() {
     assert_eq!(stored, want, "the exact bytes are recorded");
     worker.stop().await;
 }
+
+/// A header value nested `depth` arrays deep (`A[A[…A[]…]]`), 5 bytes a level.
+fn nested_arrays(depth: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 * depth);
+    for level in (1..=depth).rev() {
+        out.push(b'A');
+        out.extend((5 * (level - 1) as u32).to_be_bytes());
+    }
+    out
+}
+
+/// A header nested 20,000 arrays deep (RabbitMQ takes it; 100 KB, within its frame size) is a
+/// message like any other: counted, the connection kept. The header's parse recursed once per
+/// level and overflowed the stack of lapin's I/O thread, which aborted the worker's process,
+/// again at each redelivery (vendor/README.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deeply_nested_header_is_handled_and_the_worker_stays() {
+    let (db, broker, worker) = started().await;
+    let mut raw = RawPublisher::connect().await;
+    let properties = Properties {
+        headers: Some(Table::default().field(b"deep", &nested_arrays(20_000))),
+        ..Properties::default()
+    };
+    raw.publish(
+        &broker.exchange,
+        b"delivered",
+        &properties,
+        br#"{"domain":"deep.example","type":"delivered"}"#,
+    )
+    .await;
+    raw.close().await;
+    let (_connection, channel) = broker.channel().await;
+    publish_raw(
+        &channel,
+        &broker.exchange,
+        "delivered",
+        br#"{"domain":"after-deep.example","type":"delivered"}"#,
+        None,
+    )
+    .await;
+    let mut expected = Counts::new();
+    expected.insert("deep.example".into(), (1, 0));
+    expected.insert("after-deep.example".into(), (1, 0));
+    assert_counts_eventually(&db, &expected, Duration::from_secs(30)).await;
+    assert_eq!(
+        worker.metric("catchall_broker_reconnects_total").await,
+        0.0,
+        "the header did not make the worker lose its connection"
+    );
+    assert_eq!(
+        broker.depth(&broker.dead_queue()).await,
+        0,
+        "nothing dead-lettered"
+    );
+    worker.ready().await;
+    worker.stop().await;
+}

@@ -100,6 +100,40 @@ pub type ParserError = nom::Err<ParserErrors>;
 /// Return type of parsers
 pub type ParserResult<I, T> = Result<(I, T), ParserError>;
 
+/// PATCHED (catchall): field arrays and tables nested deeper than this inside a value are not
+/// parsed into values but kept as a [ByteArray](../type.ByteArray.html) of their encoded
+/// contents (arrays and tables share its wire layout: a long-uint length, then the bytes).
+/// The parse recursed once per level without a bound: a header nested 20,000 arrays deep (100 KB,
+/// which RabbitMQ accepts and delivers) overflowed the stack of lapin's I/O thread and aborted
+/// the consumer's process, every time the message came back.
+pub const MAX_NESTING: usize = 64;
+
+std::thread_local! {
+    /// PATCHED (catchall): the field arrays and tables being parsed on this thread, outermost
+    /// first (see [MAX_NESTING]).
+    static NESTING: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// PATCHED (catchall): parses a nested field array or table with `parse` within
+/// [MAX_NESTING], or, past it, its encoded contents as a byte array.
+fn parse_nested<I: ParsableInput>(
+    i: I,
+    parse: impl FnOnce(I) -> ParserResult<I, AMQPValue>,
+) -> ParserResult<I, AMQPValue> {
+    struct Level;
+    impl Drop for Level {
+        fn drop(&mut self) {
+            NESTING.with(|nesting| nesting.set(nesting.get().saturating_sub(1)));
+        }
+    }
+    if NESTING.with(|nesting| nesting.get()) >= MAX_NESTING {
+        return map(parse_byte_array, AMQPValue::ByteArray).parse(i);
+    }
+    NESTING.with(|nesting| nesting.set(nesting.get() + 1));
+    let _level = Level;
+    parse(i)
+}
+
 /// Parse the [AMQPValue](../type.AMQPValue.html) of the given [AMQPType](../type.AMQPType.html)
 #[must_use]
 pub fn parse_raw_value<I: ParsableInput>(
@@ -121,9 +155,14 @@ pub fn parse_raw_value<I: ParsableInput>(
         AMQPType::DecimalValue => map(parse_decimal_value, AMQPValue::DecimalValue).parse(i),
         AMQPType::ShortString => map(parse_short_string, AMQPValue::ShortString).parse(i),
         AMQPType::LongString => map(parse_long_string, AMQPValue::LongString).parse(i),
-        AMQPType::FieldArray => map(parse_field_array, AMQPValue::FieldArray).parse(i),
+        // PATCHED (catchall): through parse_nested.
+        AMQPType::FieldArray => parse_nested(i, |i| {
+            map(parse_field_array, AMQPValue::FieldArray).parse(i)
+        }),
         AMQPType::Timestamp => map(parse_timestamp, AMQPValue::Timestamp).parse(i),
-        AMQPType::FieldTable => map(parse_field_table, AMQPValue::FieldTable).parse(i),
+        AMQPType::FieldTable => parse_nested(i, |i| {
+            map(parse_field_table, AMQPValue::FieldTable).parse(i)
+        }),
         AMQPType::ByteArray => map(parse_byte_array, AMQPValue::ByteArray).parse(i),
         AMQPType::Void => Ok((i, AMQPValue::Void)),
     })
@@ -503,6 +542,30 @@ mod test {
         let table = [0, 0, 0, 6, 1, 0xff, b'V', 1, 0xfe, b'V'];
         let (_, t) = parse_field_table(&table[..]).unwrap();
         assert_eq!(t.inner().len(), 2);
+    }
+
+    // PATCHED (catchall): nesting past MAX_NESTING is kept as bytes, not recursed into.
+    #[test]
+    fn test_parse_deep_nesting_is_bounded() {
+        let depth = 20_000;
+        let mut wire = Vec::new();
+        for level in (1..=depth).rev() {
+            wire.push(b'A');
+            wire.extend((5 * (level - 1) as u32).to_be_bytes());
+        }
+        let (rest, mut value) = parse_value(&wire[..]).unwrap();
+        assert_eq!(rest, EMPTY);
+        for _ in 0..MAX_NESTING {
+            let AMQPValue::FieldArray(array) = value else {
+                panic!("an array within the bound: {value:?}")
+            };
+            value = array.as_slice()[0].clone();
+        }
+        let AMQPValue::ByteArray(bytes) = value else {
+            panic!("bytes past the bound")
+        };
+        assert_eq!(bytes.as_slice(), &wire[5 * (MAX_NESTING + 1)..]);
+        assert_eq!(NESTING.with(|nesting| nesting.get()), 0);
     }
 
     #[test]
