@@ -259,9 +259,19 @@ struct KumoEnhancedCode {
 pub const KUMO_DELIVERY: &str = "Delivery";
 pub const KUMO_BOUNCE: &str = "Bounce";
 
+/// A KumoMTA record's `recipient`: one address, or, with `batch_handling = "BatchByDomain"`
+/// (KumoMTA 2025.12.02 and later), the list of the batch's recipients.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum KumoRecipients<'a> {
+    One(#[serde(borrow)] Cow<'a, str>),
+    Many(#[serde(borrow)] Vec<Cow<'a, str>>),
+}
+
 impl RawEvent<'_> {
-    /// The event, or `None` for a KumoMTA record of a type that is not counted.
-    fn validate(&self) -> Result<Option<Event>, RejectReason> {
+    /// Adds the record to `parsed`: its event, or for a KumoMTA record one event per recipient
+    /// (or an ignored record, for a type that is not counted).
+    fn validate_into(&self, parsed: &mut Parsed) -> Result<(), RejectReason> {
         match self.kind.as_ref() {
             "delivered" | "bounced" => {
                 let kind = self.kind.parse()?;
@@ -270,35 +280,60 @@ impl RawEvent<'_> {
                 if kind == EventType::Bounced {
                     event.evidence = self.evidence()?.boxed();
                 }
-                Ok(Some(event))
+                parsed.events.push(event);
+                Ok(())
             }
             kind if self.is_kumo_record() => {
                 let kind = match kind {
                     KUMO_DELIVERY => EventType::Delivered,
                     KUMO_BOUNCE => EventType::Bounced,
-                    _ => return Ok(None),
+                    _ => {
+                        parsed.ignored += 1;
+                        return Ok(());
+                    }
                 };
-                let recipient: Cow<'_, str> = match self.recipient {
+                let recipients = match self.recipient {
                     Some(raw) => {
                         serde_json::from_str(raw.get()).map_err(|_| RejectReason::BadShape)?
                     }
-                    None => Cow::Borrowed(""),
+                    None => KumoRecipients::One(Cow::Borrowed("")),
                 };
-                // A recipient without a domain to count under, a local `postmaster` (RFC 5321)
-                // or an address literal (`u@[192.0.2.1]`), is ignored like the record types
-                // we do not count; it was counted under the domain `postmaster`, or
-                // dead-lettered.
-                let domain = match recipient.rsplit_once('@') {
-                    None if recipient.trim().is_empty() => return Err(RejectReason::InvalidDomain),
-                    None => return Ok(None),
-                    Some((_, domain)) if domain.trim_start().starts_with('[') => return Ok(None),
-                    Some((_, domain)) => domain,
+                let recipients = match &recipients {
+                    KumoRecipients::One(recipient) => std::slice::from_ref(recipient),
+                    // No recipient at all, as a blank one.
+                    KumoRecipients::Many(list) if list.is_empty() => {
+                        return Err(RejectReason::InvalidDomain);
+                    }
+                    KumoRecipients::Many(list) => list.as_slice(),
                 };
-                let mut event = Event::new(domain, kind)?;
-                if kind == EventType::Bounced {
-                    event.evidence = self.kumo_evidence()?.boxed();
+                // Read once a recipient is counted (a bounce to `postmaster` alone is ignored
+                // whatever its response).
+                let mut evidence = None;
+                for recipient in recipients {
+                    // A recipient without a domain to count under, a local `postmaster` (RFC
+                    // 5321) or an address literal (`u@[192.0.2.1]`), is ignored like the record
+                    // types we do not count; it was counted under the domain `postmaster`, or
+                    // dead-lettered.
+                    let domain = match recipient.rsplit_once('@') {
+                        None if recipient.trim().is_empty() => {
+                            return Err(RejectReason::InvalidDomain);
+                        }
+                        Some((_, domain)) if !domain.trim_start().starts_with('[') => domain,
+                        _ => {
+                            parsed.ignored += 1;
+                            continue;
+                        }
+                    };
+                    let mut event = Event::new(domain, kind)?;
+                    if kind == EventType::Bounced {
+                        if evidence.is_none() {
+                            evidence = Some(self.kumo_evidence()?.boxed());
+                        }
+                        event.evidence = evidence.clone().flatten();
+                    }
+                    parsed.events.push(event);
                 }
-                Ok(Some(event))
+                Ok(())
             }
             _ => Err(RejectReason::UnknownType),
         }
@@ -384,12 +419,10 @@ pub struct Parsed {
 }
 
 impl Parsed {
-    /// Adds one record: its event, or `None` for a KumoMTA record of an uncounted type.
-    pub fn add(&mut self, event: Option<Event>) {
-        match event {
-            Some(event) => self.events.push(event),
-            None => self.ignored += 1,
-        }
+    /// Adds the events and ignored records of `other`.
+    pub fn append(&mut self, mut other: Parsed) {
+        self.events.append(&mut other.events);
+        self.ignored += other.ignored;
     }
 }
 
@@ -437,7 +470,11 @@ pub fn parse_body(body: &[u8]) -> Result<Parsed, RejectReason> {
         ignored: 0,
     };
     for raw in &raw {
-        parsed.add(raw.validate()?);
+        raw.validate_into(&mut parsed)?;
+    }
+    // A KumoMTA record holds an event per recipient: a message is still 10,000 events at most.
+    if parsed.events.len() > MAX_BATCH_EVENTS {
+        return Err(RejectReason::BatchTooLarge);
     }
     Ok(parsed)
 }
@@ -945,6 +982,73 @@ mod tests {
         assert_eq!(
             parse_message(br#"{"domain":"a.com","type":"Delivery"}"#),
             Err(RejectReason::UnknownType)
+        );
+    }
+
+    /// With `batch_handling = "BatchByDomain"` (KumoMTA 2025.12.02) a record's `recipient` is
+    /// the list of the batch's recipients: an event each. It was `bad_shape` (dead-lettered).
+    #[test]
+    fn a_kumomta_record_of_a_batch_counts_each_recipient() {
+        let record = |kind: &str, recipients: serde_json::Value| {
+            serde_json::json!({"type": kind, "recipient": recipients, "queue": "k.example",
+                "response": {"code": 550, "content": "user unknown",
+                    "enhanced_code": {"class": 5, "subject": 1, "detail": 1}}})
+            .to_string()
+        };
+        let parse = |body: String| parse_body(body.as_bytes());
+        let delivered = parse(record(
+            "Delivery",
+            serde_json::json!(["a@K.example", "b@k.example"]),
+        ))
+        .unwrap();
+        let one = Event::new("k.example", EventType::Delivered).unwrap();
+        assert_eq!(delivered.events, vec![one.clone(), one]);
+        let bounced = parse(record(
+            "Bounce",
+            serde_json::json!(["a@k.example", "b@k.example"]),
+        ))
+        .unwrap();
+        assert_eq!(bounced.events.len(), 2);
+        for event in &bounced.events {
+            assert_eq!(event.tally(), Tally::Bounced);
+            assert_eq!(
+                event.evidence.as_ref().unwrap().code.unwrap().to_string(),
+                "5.1.1"
+            );
+        }
+        // Recipients without a domain are ignored, each; the others counted.
+        let mixed = parse(record(
+            "Delivery",
+            serde_json::json!(["postmaster", "u@[192.0.2.1]", "c@k.example"]),
+        ))
+        .unwrap();
+        assert_eq!((mixed.events.len(), mixed.ignored), (1, 2));
+        // An uncounted type is one ignored record, whatever its recipients.
+        let transient = parse(record(
+            "TransientFailure",
+            serde_json::json!(["a@k.example", "b@k.example"]),
+        ))
+        .unwrap();
+        assert_eq!((transient.events.len(), transient.ignored), (0, 1));
+        assert_eq!(
+            parse(record("Delivery", serde_json::json!([]))),
+            Err(RejectReason::InvalidDomain)
+        );
+        assert_eq!(
+            parse(record("Delivery", serde_json::json!(["a@k.example", ""]))),
+            Err(RejectReason::InvalidDomain)
+        );
+        assert_eq!(
+            parse(record("Delivery", serde_json::json!([1, 2]))),
+            Err(RejectReason::BadShape)
+        );
+        // Still 10,000 events a message at most.
+        let many: Vec<String> = (0..=MAX_BATCH_EVENTS)
+            .map(|i| format!("u{i}@k.example"))
+            .collect();
+        assert_eq!(
+            parse(record("Delivery", serde_json::json!(many))),
+            Err(RejectReason::BatchTooLarge)
         );
     }
 

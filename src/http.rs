@@ -621,11 +621,8 @@ pub fn parse_events(body: &[u8]) -> Result<Parsed, String> {
         && let Ok(one) = serde_json::from_str::<&serde_json::value::RawValue>(trimmed)
     {
         // As NDJSON its first line (`{`) was refused as invalid JSON.
-        let mut parsed = Parsed::default();
-        parsed.add(
-            one_event(one.get().as_bytes(), true).map_err(|reason| format!("event 1: {reason}"))?,
-        );
-        return Ok(parsed);
+        return one_event(one.get().as_bytes(), true)
+            .map_err(|reason| format!("event 1: {reason}"));
     }
     let parsed = match text.trim_start().as_bytes().first() {
         None => return Err("body is empty: send a JSON array or NDJSON of events".into()),
@@ -644,7 +641,7 @@ pub fn parse_events(body: &[u8]) -> Result<Parsed, String> {
             };
             for (index, item) in items.0.iter().enumerate() {
                 let item = item.get();
-                parsed.add(
+                parsed.append(
                     one_event(item.as_bytes(), item.starts_with('{'))
                         .map_err(|reason| format!("event {}: {reason}", index + 1))?,
                 );
@@ -661,7 +658,7 @@ pub fn parse_events(body: &[u8]) -> Result<Parsed, String> {
                     return Err(format!("more than {MAX_BATCH_EVENTS} events"));
                 }
                 let is_object = line.trim_start().starts_with('{');
-                parsed.add(
+                parsed.append(
                     one_event(line.as_bytes(), is_object)
                         .map_err(|reason| format!("line {}: {reason}", number + 1))?,
                 );
@@ -672,17 +669,20 @@ pub fn parse_events(body: &[u8]) -> Result<Parsed, String> {
     if parsed.events.is_empty() && parsed.ignored == 0 {
         return Err("no events in the body".into());
     }
+    // A KumoMTA record holds an event per recipient.
+    if parsed.events.len() > MAX_BATCH_EVENTS {
+        return Err(format!("more than {MAX_BATCH_EVENTS} events"));
+    }
     Ok(parsed)
 }
 
-/// One event object, parsed and normalised by the wire format's own rules: `None` for a
-/// KumoMTA record of an uncounted type.
-fn one_event(json: &[u8], is_object: bool) -> Result<Option<Event>, String> {
+/// One event object, parsed and normalised by the wire format's own rules: its event, or a
+/// KumoMTA record's, one per recipient (none, and `ignored`, for an uncounted type).
+fn one_event(json: &[u8], is_object: bool) -> Result<Parsed, String> {
     if !is_object {
         return Err("not an event object".into());
     }
-    let mut parsed = parse_body(json).map_err(|reason| reason.to_string())?;
-    Ok(parsed.events.pop())
+    parse_body(json).map_err(|reason| reason.to_string())
 }
 
 // --- Bulk look-up and listing ---
@@ -1951,6 +1951,24 @@ mod tests {
         // The same rules as NDJSON and the wire format: a repeated key is an error.
         let repeated = br#"[{"domain":"a.example","type":"delivered","type":"bounced"}]"#;
         assert!(parse_events(repeated).unwrap_err().starts_with("event 1"));
+        // A KumoMTA record of a batch (`BatchByDomain`): an event per recipient, on each path
+        // (only the last recipient's was kept); past 10,000 events in all, refused.
+        let batch = r#"{"type":"Delivery","recipient":["a@k.example","b@k.example"],"response":{"code":250}}"#;
+        for body in [
+            format!("{batch}\n{event}\n"),
+            format!("[{batch},{event}]"),
+            batch.replace(',', ",\n"),
+        ] {
+            let events = parse_events(body.as_bytes()).unwrap().events;
+            assert!(events.len() >= 2, "{body}: {events:?}");
+            assert_eq!(events[0].domain, "k.example", "{body}");
+            assert_eq!(events[1].domain, "k.example", "{body}");
+        }
+        let body = format!("{}\n{batch}\n", vec![event; 9_999].join("\n"));
+        assert_eq!(
+            parse_events(body.as_bytes()).unwrap_err(),
+            "more than 10000 events"
+        );
     }
 
     #[test]
