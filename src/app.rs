@@ -358,11 +358,16 @@ impl App {
             served
         });
         let consumer_cancel = cancel.clone();
-        tracker.spawn(async move {
+        let consumer = tracker.spawn(async move {
+            // As for the servers: a consumer that ends before the stop (a panic) stops the
+            // worker, which exits 1 with the reason. Alone, the task died and the worker went on
+            // serving look-ups and answering /readyz 200 without consuming again.
+            let _stop_all = consumer_cancel.clone().drop_guard();
             consumer::run(consumer_settings, store, health, consumer_cancel).await;
         });
         tracker.close();
         tracker.wait().await;
+        consumer.await.context("the consumer task panicked")?;
         server
             .await
             .context("the HTTP server task panicked")?

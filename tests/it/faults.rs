@@ -515,3 +515,37 @@ async fn a_lost_commit_reply_does_not_double_count_messages_without_ids() {
     worker.ready().await;
     worker.stop().await;
 }
+
+/// A panic on the consumer's task (here injected where a committed batch is acked) stops the
+/// worker with an error that names it, as a server's end does: the task died alone, and the
+/// worker went on answering `/readyz` 200 and serving look-ups, never consuming again, and
+/// exited 0 at its stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_the_consumer_stops_the_worker_with_an_error() {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    let hook: FaultHook = Arc::new(|point| match point {
+        FaultPoint::AfterCommit => panic!("injected: the consumer panics after a commit"),
+        FaultPoint::BeforeCommit => None,
+    });
+    let mut worker = start_with_hook(TestWorker::config(&db, &broker), hook).await;
+    worker.ready().await;
+    let (_connection, channel) = broker.channel().await;
+    publish_raw(
+        &channel,
+        &broker.exchange,
+        "delivered",
+        br#"{"domain":"panic.example","type":"delivered"}"#,
+        None,
+    )
+    .await;
+    let ended = tokio::time::timeout(Duration::from_secs(30), &mut worker.handle)
+        .await
+        .expect("the worker stops by itself")
+        .expect("App::run itself did not panic");
+    let error = ended.expect_err("the worker stops with an error");
+    assert!(
+        format!("{error:#}").contains("consumer"),
+        "the error names the consumer: {error:#}"
+    );
+}

@@ -280,3 +280,44 @@ async fn postgres_not_answering(db: &TestDb) -> (crate::proxy::Proxy, String) {
     let url = format!("postgres://postgres@{}/{}", postgres.addr, db.name);
     (postgres, url)
 }
+
+/// The replica's lag loop ends at the stop even while a measurement waits for servers that do
+/// not answer: it waited for the query (2 s) and then the primary's ping (2 s), which at the
+/// shortest SHUTDOWN_TIMEOUT (4 s) could outlast the stop and exit 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replica_lag_loop_ends_at_the_stop_while_postgres_does_not_answer() {
+    let db = TestDb::create().await;
+    let (replica, primary) = (
+        crate::proxy::Proxy::start("127.0.0.1:5432").await,
+        crate::proxy::Proxy::start("127.0.0.1:5432").await,
+    );
+    replica.swallow_replies();
+    primary.swallow_replies();
+    let store = |proxy: &crate::proxy::Proxy| {
+        catchall::store::Store::open(
+            &format!("postgres://postgres@{}/{}", proxy.addr, db.name),
+            1,
+        )
+        .expect("a store")
+    };
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let lag_loop = tokio::spawn(catchall::replica::lag_loop(
+        store(&replica),
+        store(&primary),
+        Duration::from_secs(5),
+        Duration::from_secs(30),
+        catchall::replica::Fallback::new(false),
+        cancel.clone(),
+    ));
+    wait_for(
+        Duration::from_secs(10),
+        "the loop to measure the replica's lag",
+        || async { (replica.accepted() >= 1).then_some(()) },
+    )
+    .await;
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_millis(1_000), lag_loop)
+        .await
+        .expect("the loop ends within a second of the stop")
+        .expect("the loop did not panic");
+}
