@@ -650,13 +650,17 @@ pub fn parse_events(body: &[u8]) -> Result<Parsed, String> {
         }
         Some(_) => {
             let mut parsed = Parsed::default();
+            let mut records = 0;
             for (number, line) in text.lines().enumerate() {
                 if line.trim().is_empty() {
                     continue;
                 }
-                if parsed.events.len() + parsed.ignored == MAX_BATCH_EVENTS {
+                // Records (lines), as the array's items are counted: a KumoMTA record of a
+                // batch adds an event per recipient, and one without a domain none.
+                if records == MAX_BATCH_EVENTS || parsed.events.len() > MAX_BATCH_EVENTS {
                     return Err(format!("more than {MAX_BATCH_EVENTS} events"));
                 }
+                records += 1;
                 let is_object = line.trim_start().starts_with('{');
                 parsed.append(
                     one_event(line.as_bytes(), is_object)
@@ -1969,6 +1973,19 @@ mod tests {
             parse_events(body.as_bytes()).unwrap_err(),
             "more than 10000 events"
         );
+        // Records without a domain are no events: 10,000 such recipients and one event are
+        // one event, as NDJSON and as an array (NDJSON counted them, and refused the body).
+        let nobody =
+            serde_json::json!({"type": "Delivery", "recipient": vec!["postmaster"; 10_000],
+            "response": {"code": 250}})
+            .to_string();
+        for body in [
+            format!("{nobody}\n{event}\n"),
+            format!("[{nobody},{event}]"),
+        ] {
+            let parsed = parse_events(body.as_bytes()).unwrap();
+            assert_eq!((parsed.events.len(), parsed.ignored), (1, 10_000));
+        }
     }
 
     #[test]

@@ -178,7 +178,7 @@ fn describe() {
     counter!("catchall_events_total", "type" => "other_bounced").absolute(0);
     describe_counter!(
         "catchall_records_ignored_total",
-        "KumoMTA log records of types that are not counted (acknowledged), by source."
+        "KumoMTA log records of types that are not counted, and recipients without a domain to count under (acknowledged), by source."
     );
     counter!("catchall_records_ignored_total", "source" => "kumomta").absolute(0);
     describe_counter!(

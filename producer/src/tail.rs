@@ -1013,7 +1013,13 @@ mod tests {
         let evidence = event.evidence.unwrap();
         assert_eq!(evidence.code.unwrap().to_string(), "5.1.1");
         assert_eq!(evidence.smtp_code, Some(550));
-        assert!(evidence.diagnostic.unwrap().starts_with("550 5.1.1 "));
+        assert!(
+            evidence
+                .diagnostic
+                .as_deref()
+                .unwrap()
+                .starts_with("550 5.1.1 ")
+        );
     }
 
     /// What a sender controls in the log (its envelope addresses, a refused recipient) cannot
