@@ -401,8 +401,27 @@ impl Tokens {
     }
 }
 
+impl Tokens {
+    /// Why no request could use the list, naming the token by its place only. A header's value
+    /// is read as visible ASCII, spaces and tabs (`HeaderValue::to_str`): a token with another
+    /// character (`tökén`, a control character) could never match, and the route was on yet
+    /// unusable. Checked by [`Config::validate`], not while parsing: clap's error for a value
+    /// that does not parse quotes the value, and so printed every token of the list.
+    fn unusable(&self) -> Option<String> {
+        let position = self.0.iter().position(|t| {
+            !t.bytes()
+                .all(|b| b.is_ascii_graphic() || b == b' ' || b == b'\t')
+        })?;
+        Some(format!(
+            "token {} of the list has a character an Authorization header cannot carry \
+             (only visible ASCII, spaces and tabs)",
+            position + 1
+        ))
+    }
+}
+
 impl std::str::FromStr for Tokens {
-    type Err = String;
+    type Err = std::convert::Infallible;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let tokens: Vec<String> = s
@@ -411,19 +430,6 @@ impl std::str::FromStr for Tokens {
             .filter(|t| !t.is_empty())
             .map(String::from)
             .collect();
-        // A header's value is read as visible ASCII, spaces and tabs (`HeaderValue::to_str`):
-        // a token with another character (`tökén`, a control character) could never match,
-        // and the route was on yet unusable.
-        if let Some(position) = tokens.iter().position(|t| {
-            !t.bytes()
-                .all(|b| b.is_ascii_graphic() || b == b' ' || b == b'\t')
-        }) {
-            return Err(format!(
-                "token {} of the list has a character an Authorization header cannot carry \
-                 (only visible ASCII, spaces and tabs)",
-                position + 1
-            ));
-        }
         Ok(Self(tokens.into()))
     }
 }
@@ -473,6 +479,14 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), String> {
+        for (name, tokens) in [
+            ("INGEST_TOKENS", &self.ingest_tokens),
+            ("QUERY_TOKENS", &self.query_tokens),
+        ] {
+            if let Some(why) = tokens.as_ref().and_then(Tokens::unusable) {
+                return Err(format!("{name}: {why}"));
+            }
+        }
         if u32::from(self.prefetch) < self.batch_size {
             return Err(format!(
                 "PREFETCH ({}) must be at least BATCH_SIZE ({}), or batches could never fill",
@@ -1093,10 +1107,23 @@ mod tests {
         ] {
             assert_eq!(config(&args).validate(), Ok(()), "{args:?}");
         }
-        for tokens in ["tökén", "good,ctl\u{1}x", "nul\u{0}"] {
-            for flag in ["--ingest-tokens", "--query-tokens"] {
-                let error = Cli::try_parse_from(["catchall", flag, tokens]).unwrap_err();
-                assert_eq!(error.exit_code(), 2, "{flag} {tokens:?}");
+        // Refused at start (exit 2), naming the setting and the token's place, never a token:
+        // clap's error quoted the whole list, the good tokens with it.
+        for tokens in [
+            "prod-s3cret,tökén",
+            "prod-s3cret,ctl\u{1}x",
+            "prod-s3cret,nul\u{0}",
+        ] {
+            for (flag, name) in [
+                ("--ingest-tokens", "INGEST_TOKENS"),
+                ("--query-tokens", "QUERY_TOKENS"),
+            ] {
+                let error = config(&[flag, tokens]).validate().unwrap_err();
+                assert!(
+                    error.starts_with(name) && error.contains("token 2 of the list"),
+                    "{error}"
+                );
+                assert!(!error.contains("s3cret"), "{error}");
             }
         }
     }
