@@ -247,7 +247,8 @@ impl SnsVerifier {
         Ok(der)
     }
 
-    /// Verifies the envelope's signature with its certificate.
+    /// Verifies the envelope's signature with its certificate. What can be refused without the
+    /// certificate is refused first: a forged request fetched one from AWS, each time.
     pub async fn verify(&self, envelope: &Envelope) -> Result<(), WebhookError> {
         let algorithm: &dyn ring::signature::VerificationAlgorithm =
             match envelope.signature_version.as_str() {
@@ -255,6 +256,37 @@ impl SnsVerifier {
                 "2" => &ring::signature::RSA_PKCS1_2048_8192_SHA256,
                 _ => return Err(WebhookError::Unauthorized("unknown SignatureVersion")),
             };
+        // The signed string joins `Name\nvalue\n`: a line break in a value other than the
+        // Message (which comes first) moves text between fields and keeps the signature valid.
+        // A captured notification with a Subject verified again without it and with
+        // `MessageId` = "<id>\nSubject\n<subject>", under a new id, so it counted twice.
+        // SNS allows none there (a Subject is a line of printable ASCII; ids, times, ARNs,
+        // URLs and tokens have none).
+        let signed = [
+            Some(&envelope.message_id),
+            envelope.subject.as_ref(),
+            Some(&envelope.timestamp),
+            Some(&envelope.topic_arn),
+            Some(&envelope.kind),
+            envelope.subscribe_url.as_ref(),
+            envelope.token.as_ref(),
+        ];
+        if signed
+            .into_iter()
+            .flatten()
+            .any(|value| value.contains('\n'))
+        {
+            return Err(WebhookError::Unauthorized(
+                "a line break in a signed field other than the Message",
+            ));
+        }
+        let signature = STANDARD
+            .decode(envelope.signature.trim())
+            .map_err(|_| WebhookError::Unauthorized("bad signature"))?;
+        // RSA keys of 2048 to 8192 bits, as the algorithms accept.
+        if !(256..=1024).contains(&signature.len()) {
+            return Err(WebhookError::Unauthorized("bad signature"));
+        }
         let der = self
             .certificate(&envelope.signing_cert_url, &envelope.topic_arn)
             .await?;
@@ -266,9 +298,6 @@ impl SnsVerifier {
             .subject_public_key
             .raw_bytes()
             .to_vec();
-        let signature = STANDARD
-            .decode(envelope.signature.trim())
-            .map_err(|_| WebhookError::Unauthorized("bad signature"))?;
         ring::signature::UnparsedPublicKey::new(algorithm, key)
             .verify(canonical_string(envelope).as_bytes(), &signature)
             .map_err(|_| WebhookError::Unauthorized("bad signature"))
@@ -348,8 +377,9 @@ pub async fn handle(
     if !topics.iter().any(|t| t == &envelope.topic_arn) {
         return Err(WebhookError::Unauthorized("topic not allowed"));
     }
-    verifier.verify(&envelope).await?;
+    // Before the signature, whose certificate may have to be fetched.
     fresh(&envelope.timestamp, std::time::SystemTime::now())?;
+    verifier.verify(&envelope).await?;
     let message_id = format!("{ID_PREFIX}{}", envelope.message_id);
     match envelope.kind.as_str() {
         "SubscriptionConfirmation" => {
@@ -692,6 +722,39 @@ mod tests {
             other_topic,
             Err(WebhookError::Unauthorized("topic not allowed"))
         ));
+        // A line break moved between signed fields keeps the signed string, and so the
+        // signature: refused (it verified, under a new id).
+        let mut shifted: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let subject = shifted["Subject"]
+            .as_str()
+            .expect("the fixture has a Subject")
+            .to_string();
+        let id = shifted["MessageId"].as_str().unwrap().to_string();
+        shifted.as_object_mut().unwrap().remove("Subject");
+        shifted["MessageId"] = format!("{id}\nSubject\n{subject}").into();
+        let envelope: Envelope = serde_json::from_value(shifted.clone()).unwrap();
+        let original: Envelope = serde_json::from_str(&body).unwrap();
+        assert_eq!(canonical_string(&envelope), canonical_string(&original));
+        assert!(matches!(
+            handle(&verifier, &topics, shifted.to_string().as_bytes()).await,
+            Err(WebhookError::Unauthorized(
+                "a line break in a signed field other than the Message"
+            ))
+        ));
+        // Without a pinned certificate, a signature that cannot be one is refused before any
+        // fetch of the certificate (each forged request fetched it: 503 with no network here).
+        let unpinned = SnsVerifier::new(None).unwrap();
+        let mut junk: serde_json::Value = serde_json::from_str(&body).unwrap();
+        junk["SigningCertURL"] =
+            "https://sns.us-west-2.amazonaws.com/SimpleNotificationService-nothere.pem".into();
+        for signature in ["!!", "AAAA"] {
+            junk["Signature"] = signature.into();
+            let envelope: Envelope = serde_json::from_value(junk.clone()).unwrap();
+            assert!(matches!(
+                unpinned.verify(&envelope).await,
+                Err(WebhookError::Unauthorized("bad signature"))
+            ));
+        }
         // Without a pinned certificate, a certificate URL off SNS is refused before any fetch.
         let unpinned = SnsVerifier::new(None).unwrap();
         let mut elsewhere: serde_json::Value = serde_json::from_str(&body).unwrap();
