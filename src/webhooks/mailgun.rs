@@ -57,8 +57,11 @@ struct EventData {
 
 #[derive(Deserialize)]
 struct DeliveryStatus {
+    /// A number or a string, kept as JSON text: the body is parsed before its signature is
+    /// checked, and as a `Value` any JSON an unsigned request put here was built whole (a 1 MiB
+    /// array of `{"":0}` is about 100 MB of maps).
     #[serde(default)]
-    code: Option<serde_json::Value>,
+    code: Option<Box<serde_json::value::RawValue>>,
     #[serde(rename = "enhanced-code", default)]
     enhanced_code: Option<String>,
     #[serde(default)]
@@ -199,8 +202,13 @@ fn evidence(data: &EventData) -> Evidence {
     let (text_smtp, text_code) = codes_in_text(text);
     let smtp_code = status
         .code
-        .as_ref()
-        .and_then(|c| c.as_u64().or_else(|| c.as_str()?.parse().ok()))
+        .as_deref()
+        .map(serde_json::value::RawValue::get)
+        .and_then(|c| {
+            serde_json::from_str::<u64>(c)
+                .ok()
+                .or_else(|| serde_json::from_str::<String>(c).ok()?.trim().parse().ok())
+        })
         .and_then(|c| u16::try_from(c).ok())
         .filter(|c| (200..600).contains(c))
         .or(text_smtp);
@@ -224,6 +232,26 @@ fn evidence(data: &EventData) -> Evidence {
 mod tests {
     use super::*;
     use crate::event::Tally;
+
+    /// `delivery-status.code` is read as a number or a numeric string; any other JSON there is
+    /// no code (and stays text: it was built as a `Value` before the signature was checked).
+    #[test]
+    fn a_delivery_code_is_a_number_or_a_numeric_string() {
+        let code = |code: &str| {
+            let data: EventData = serde_json::from_str(&format!(
+                r#"{{"event":"failed","delivery-status":{{"code":{code},"message":"no"}}}}"#
+            ))
+            .unwrap();
+            evidence(&data).smtp_code
+        };
+        assert_eq!(code("550"), Some(550));
+        assert_eq!(code(r#"" 550""#), Some(550));
+        assert_eq!(code("605"), None);
+        let junk = format!("[{}]", vec![r#"{"":0}"#; 10_000].join(","));
+        for other in [r#""x""#, "null", "5.5", junk.as_str()] {
+            assert_eq!(code(other), None, "{other}");
+        }
+    }
 
     const KEY: &str = "key-test-signing-0123456789abcdef";
 
