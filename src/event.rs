@@ -439,6 +439,41 @@ impl Parsed {
     }
 }
 
+pub(crate) const TOO_MANY_ITEMS: &str = "too many items";
+
+/// The items of a JSON array, refused as soon as there is one more than [`MAX_BATCH_EVENTS`]:
+/// a 1 MiB body of half a million tiny items is not built first (a message's events; `POST
+/// /events` takes each item as its own text, parsed as an event by the wire format's rules like
+/// an NDJSON line; the bulk look-up takes strings). The consumer built a message's whole array
+/// first: 87,000 `{"type":""}` in a 1 MiB body, about 25 MB, before refusing it.
+pub(crate) struct ArrayItems<T>(pub(crate) Vec<T>);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for ArrayItems<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Items<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Items<T> {
+            type Value = ArrayItems<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON array")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element()? {
+                    if items.len() == MAX_BATCH_EVENTS {
+                        return Err(serde::de::Error::custom(TOO_MANY_ITEMS));
+                    }
+                    items.push(item);
+                }
+                Ok(ArrayItems(items))
+            }
+        }
+        deserializer.deserialize_seq(Items(std::marker::PhantomData))
+    }
+}
+
 /// Parses a message body: one event object or an array of 1 to 10,000 of them.
 ///
 /// The message is valid whole or not at all: the first invalid event rejects it.
@@ -460,14 +495,17 @@ pub fn parse_body(body: &[u8]) -> Result<Parsed, RejectReason> {
     let text = strip_bom(std::str::from_utf8(body).map_err(|_| RejectReason::NotUtf8)?);
     let raw: Vec<RawEvent<'_>> = match text.trim_start().as_bytes().first() {
         Some(b'[') => {
-            let raw: Vec<RawEvent<'_>> = serde_json::from_str(text).map_err(json_error)?;
-            if raw.is_empty() {
+            let raw: ArrayItems<RawEvent<'_>> = serde_json::from_str(text).map_err(|e| {
+                if e.to_string().starts_with(TOO_MANY_ITEMS) {
+                    RejectReason::BatchTooLarge
+                } else {
+                    json_error(e)
+                }
+            })?;
+            if raw.0.is_empty() {
                 return Err(RejectReason::EmptyBatch);
             }
-            if raw.len() > MAX_BATCH_EVENTS {
-                return Err(RejectReason::BatchTooLarge);
-            }
-            raw
+            raw.0
         }
         Some(b'{') => vec![serde_json::from_str(text).map_err(json_error)?],
         _ => {
@@ -794,6 +832,8 @@ mod tests {
         let mut huge = br#"{"domain":"a.com","type":"delivered","pad":""#.to_vec();
         huge.resize(MAX_BODY_BYTES + 1, b'x');
         huge.extend_from_slice(b"\"}");
+        let cut_short =
+            format!("[{}x]", r#"{"type":""},"#.repeat(MAX_BATCH_EVENTS + 1)).into_bytes();
         let cases: Vec<(&[u8], RejectReason)> = vec![
             (b"", RejectReason::NotJson),
             (b"not json", RejectReason::NotJson),
@@ -818,6 +858,8 @@ mod tests {
                 RejectReason::InvalidDomain,
             ),
             (&over_max, RejectReason::BatchTooLarge),
+            // Refused at its 10,001st item, before the rest is read (or built).
+            (&cut_short, RejectReason::BatchTooLarge),
             (&huge, RejectReason::TooLarge),
         ];
         for (body, want) in cases {

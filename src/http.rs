@@ -4,8 +4,8 @@
 
 use crate::config::Tokens;
 use crate::event::{
-    Event, EventType, MAX_BATCH_EVENTS, MAX_BODY_BYTES, Parsed, Status, normalize_domain,
-    parse_body,
+    ArrayItems, Event, EventType, MAX_BATCH_EVENTS, MAX_BODY_BYTES, Parsed, Status, TOO_MANY_ITEMS,
+    normalize_domain, parse_body,
 };
 use crate::health::Health;
 use crate::ingest::{Ingest, IngestError};
@@ -571,40 +571,6 @@ async fn post_events(
         metrics::records_ignored(parsed.ignored);
     }
     Ok(accepted_ignoring(parsed.events.len(), parsed.ignored))
-}
-
-const TOO_MANY_ITEMS: &str = "too many items";
-
-/// The items of a JSON array, refused as soon as there is one more than [`MAX_BATCH_EVENTS`]:
-/// a 1 MiB body of half a million tiny items is not built first (`POST /events` takes each item
-/// as its own text, parsed as an event by the wire format's rules like an NDJSON line; the bulk
-/// look-up takes strings).
-struct ArrayItems<T>(Vec<T>);
-
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for ArrayItems<T> {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Items<T>(std::marker::PhantomData<T>);
-        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Items<T> {
-            type Value = ArrayItems<T>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a JSON array")
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<Self::Value, A::Error> {
-                let mut items = Vec::new();
-                while let Some(item) = seq.next_element()? {
-                    if items.len() == MAX_BATCH_EVENTS {
-                        return Err(serde::de::Error::custom(TOO_MANY_ITEMS));
-                    }
-                    items.push(item);
-                }
-                Ok(ArrayItems(items))
-            }
-        }
-        deserializer.deserialize_seq(Items(std::marker::PhantomData))
-    }
 }
 
 /// Parses a JSON array of events, NDJSON (one event object per line, blank lines ignored), or
