@@ -16,7 +16,7 @@
 //! Writes `target/bench/latest.json`.
 //!
 //! Issue 13 added, so that one run means something and is read against the true limit:
-//! - `BENCH_REPEATS` (default 5) interleaved rounds (A B C … A B C …), each figure reported as
+//! - `BENCH_REPEATS` (default 4) interleaved rounds (A B C … A B C …), each figure reported as
 //!   the median with its spread (min/max, interquartile range);
 //! - the CPU time of every process (broker, Postgres backends and server processes, worker,
 //!   bench) over each timed window, as CPU-µs per event (see `measure`);

@@ -15,6 +15,11 @@ use std::sync::Arc;
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// Largest accepted batch (a JSON array of events).
 pub const MAX_BATCH_EVENTS: usize = 10_000;
+/// The most of a bounce's diagnostic kept (an SMTP reply line is at most 512 octets, RFC 5321
+/// §4.5.3.1.5; a multi-line one says why in its first lines). Each event is classified on its
+/// text and carries it when republished: a KumoMTA batch record of 10,000 recipients and a
+/// 900 KB response scanned and serialized the 900 KB once per recipient (about 9 GB).
+pub const MAX_DIAGNOSTIC_BYTES: usize = 2048;
 /// Longest host name, in octets.
 const MAX_DOMAIN_OCTETS: usize = 253;
 /// Longest label of a host name, in octets.
@@ -79,8 +84,18 @@ pub struct Evidence {
 }
 
 impl Evidence {
-    /// `None` when every field is empty, so an event without evidence carries none.
-    pub fn shared(self) -> Option<Arc<Self>> {
+    /// `None` when every field is empty, so an event without evidence carries none. A
+    /// diagnostic is kept to its first [`MAX_DIAGNOSTIC_BYTES`] (at a character boundary).
+    pub fn shared(mut self) -> Option<Arc<Self>> {
+        if let Some(diagnostic) = &mut self.diagnostic
+            && diagnostic.len() > MAX_DIAGNOSTIC_BYTES
+        {
+            let mut end = MAX_DIAGNOSTIC_BYTES;
+            while !diagnostic.is_char_boundary(end) {
+                end -= 1;
+            }
+            diagnostic.truncate(end);
+        }
         (self.code.is_some() || self.smtp_code.is_some() || self.diagnostic.is_some())
             .then(|| Arc::new(self))
     }
@@ -1105,6 +1120,23 @@ mod tests {
             shared
                 .iter()
                 .all(|event| Arc::ptr_eq(event.evidence.as_ref().unwrap(), first))
+        );
+        // The diagnostic is kept to its first 2 KiB (a character boundary): each recipient's
+        // event is classified on it and carries it when republished.
+        assert_eq!(
+            first.diagnostic.as_deref().map(str::len),
+            Some(MAX_DIAGNOSTIC_BYTES)
+        );
+        let wide = Evidence {
+            diagnostic: Some(format!("a{}", "é".repeat(MAX_DIAGNOSTIC_BYTES))),
+            ..Evidence::default()
+        }
+        .shared()
+        .unwrap();
+        let kept = wide.diagnostic.as_deref().unwrap();
+        assert_eq!(
+            (kept.len(), kept.chars().count()),
+            (MAX_DIAGNOSTIC_BYTES - 1, 1024)
         );
         // Still 10,000 events a message at most.
         let many: Vec<String> = (0..=MAX_BATCH_EVENTS)

@@ -611,6 +611,10 @@ pub fn parse_events(body: &[u8]) -> Result<Parsed, String> {
                     one_event(item.as_bytes(), item.starts_with('{'))
                         .map_err(|reason| format!("event {}: {reason}", index + 1))?,
                 );
+                // A KumoMTA record of a batch adds an event per recipient.
+                if parsed.events.len() > MAX_BATCH_EVENTS {
+                    return Err(format!("more than {MAX_BATCH_EVENTS} events"));
+                }
             }
             parsed
         }

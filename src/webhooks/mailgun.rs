@@ -251,6 +251,9 @@ mod tests {
         for other in [r#""x""#, "null", "5.5", junk.as_str()] {
             assert_eq!(code(other), None, "{other}");
         }
+        // Kept as the request's text, not built.
+        let status: DeliveryStatus = serde_json::from_str(r#"{"code":[1, {"a":2}]}"#).unwrap();
+        assert_eq!(status.code.unwrap().get(), r#"[1, {"a":2}]"#);
     }
 
     const KEY: &str = "key-test-signing-0123456789abcdef";
