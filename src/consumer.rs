@@ -49,6 +49,10 @@ pub enum FaultPoint {
     BeforeCommit,
     /// The transaction committed; the ack is next.
     AfterCommit,
+    /// The prefetch is about to be raised (`basic.qos`, `basic.cancel`, `basic.consume`, each
+    /// awaiting the broker's reply); a future returned here stands for a broker that does not
+    /// answer them.
+    BeforeRaise,
 }
 
 /// A test's fault injector, called at each [`FaultPoint`] (see [`ConsumerSettings::fault_hook`]):
@@ -481,7 +485,16 @@ impl Consumer {
             self.settings.stats.unacked(size, 0);
             let committed = self.settings.stats.batches() > self.batches_at_open;
             if let Some(prefetch) = self.prefetch.observe(size, committed) {
-                self.reconsume(prefetch).await?;
+                // The raise awaits three replies of the broker; a stop does not wait for them:
+                // a broker that stopped answering then held the stop until the heartbeat gave
+                // up, past SHUTDOWN_TIMEOUT. What this batch gathered stays unacked and comes
+                // back, as after a lost connection.
+                tokio::select! {
+                    raised = self.reconsume(prefetch) => raised?,
+                    _ = cancel.cancelled() => {
+                        return Err(anyhow!("stopped while raising the prefetch"));
+                    }
+                }
                 metrics::prefetch_set(prefetch);
             }
             if traced {
@@ -527,6 +540,14 @@ impl Consumer {
 
     /// Restarts the consumer with a new prefetch (see [`Prefetch`]).
     async fn reconsume(&mut self, prefetch: u16) -> anyhow::Result<()> {
+        if let Some(unanswered) = self
+            .settings
+            .fault_hook
+            .as_ref()
+            .and_then(|hook| hook(FaultPoint::BeforeRaise))
+        {
+            unanswered.await;
+        }
         self.channel
             .basic_qos(prefetch, BasicQosOptions::default())
             .await

@@ -526,7 +526,7 @@ async fn a_panic_in_the_consumer_stops_the_worker_with_an_error() {
     let broker = TestBroker::new();
     let hook: FaultHook = Arc::new(|point| match point {
         FaultPoint::AfterCommit => panic!("injected: the consumer panics after a commit"),
-        FaultPoint::BeforeCommit => None,
+        FaultPoint::BeforeCommit | FaultPoint::BeforeRaise => None,
     });
     let mut worker = start_with_hook(TestWorker::config(&db, &broker), hook).await;
     worker.ready().await;
@@ -548,4 +548,41 @@ async fn a_panic_in_the_consumer_stops_the_worker_with_an_error() {
         format!("{error:#}").contains("consumer"),
         "the error names the consumer: {error:#}"
     );
+}
+
+/// A stop while the prefetch is being raised and the broker does not answer (the raise's
+/// replies never come) ends the worker cleanly and in time, and loses nothing: what it had
+/// gathered comes back to the next worker. The raise was not raced against the stop, which
+/// then waited for the heartbeat to give up on the broker, past SHUTDOWN_TIMEOUT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_while_the_prefetch_is_raised_and_the_broker_does_not_answer_is_clean() {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    let raising = Arc::new(Notify::new());
+    let hook: FaultHook = {
+        let raising = raising.clone();
+        Arc::new(move |point| {
+            (point == FaultPoint::BeforeRaise).then(
+                || -> futures_util::future::BoxFuture<'static, ()> {
+                    let raising = raising.clone();
+                    Box::pin(async move {
+                        raising.notify_one();
+                        std::future::pending::<()>().await;
+                    })
+                },
+            )
+        })
+    };
+    let worker = start_with_hook(TestWorker::config(&db, &broker), hook).await;
+    // Single-event messages: after a first window of 64 and a commit, the prefetch is raised.
+    let expected = generate(&broker, 500, 1, 27).await;
+    tokio::time::timeout(Duration::from_secs(30), raising.notified())
+        .await
+        .expect("the worker raises its prefetch");
+    // Within 15 s and without an error (it waited for the broker's replies for ever).
+    worker.stop().await;
+    let next = TestWorker::start(TestWorker::config(&db, &broker)).await;
+    assert_counts_eventually(&db, &expected, Duration::from_secs(60)).await;
+    next.stop().await;
+    assert_counts_now(&db, &expected).await;
 }
