@@ -21,9 +21,12 @@ pub struct App {
     /// Status look-ups.
     lookups: Store,
     /// With a replica (`lookups`): the primary's look-up pool, read while the replica is too
-    /// far behind, and the replica's one connection for measuring its lag.
+    /// far behind; and one connection to the replica for measuring its lag and one to the
+    /// primary for checking it answers, out of reach of the look-ups (on the look-up pool, a
+    /// primary busy with the look-ups the fallback sent it failed its 2 s ping, and the
+    /// look-ups went back to the lagging replica).
     primary: Option<Store>,
-    lag_probe: Option<Store>,
+    lag_probe: Option<(Store, Store)>,
     /// Look-ups start on the primary: the replica did not answer at start.
     replica_down_at_start: bool,
     /// One connection for sampling the dedup table.
@@ -135,7 +138,14 @@ impl App {
                 let primary = connect(config.db_pool_size)
                     .await?
                     .with_db_timeout(lookup_deadline);
-                (replica_pool, Some(primary), replica(1)?)
+                let probes = match replica(1)? {
+                    Some(lag) => Some((
+                        lag,
+                        Store::open(url, 1).context("the primary's settings (DATABASE_URL)")?,
+                    )),
+                    None => None,
+                };
+                (replica_pool, Some(primary), probes)
             }
             None => (connect(config.db_pool_size).await?, None, None),
         };
@@ -256,7 +266,6 @@ impl App {
         let ingest = ingest_tokens.and_then(|tokens| Some((publisher.clone()?, tokens)));
         let closing = publisher;
         let fallback = crate::replica::Fallback::new(replica_down_at_start);
-        let primary_probe = primary.clone();
         let state = AppState {
             lookups: crate::lookups::Lookups::spawn(lookups.clone()),
             store: lookups,
@@ -318,10 +327,10 @@ impl App {
             config.dedup_retention,
             cancel.clone(),
         ));
-        if let (Some(lag_probe), Some(primary)) = (lag_probe, primary_probe) {
+        if let Some((lag_probe, primary_ping)) = lag_probe {
             tracker.spawn(crate::replica::lag_loop(
                 lag_probe,
-                primary,
+                primary_ping,
                 std::time::Duration::from_secs(5),
                 config.max_replica_lag,
                 fallback,

@@ -60,8 +60,8 @@ impl Fallback {
 /// lag then grows from the last one measured (the replica is at least that far behind: it kept
 /// its last value, a replica down for hours looking current). `replica` is a pool of its own, so
 /// look-ups holding every pooled connection do not make the replica look down. While the lag
-/// passes `max_lag` or the replica does not answer, `fallback` sends reads to `primary`, if it
-/// answers (in a failover the replica lags because its primary is gone: stale answers beat
+/// passes `max_lag` or the replica does not answer, `fallback` sends reads to the primary, if
+/// `primary` (a pool of its own too, not the look-ups') answers (in a failover the replica lags because its primary is gone: stale answers beat
 /// none); back to the replica once its lag is under half of `max_lag`, so a replica hovering
 /// around the bound does not make answers flip between two servers every few seconds.
 pub async fn lag_loop(

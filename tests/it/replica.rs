@@ -295,6 +295,26 @@ async fn a_replica_down_at_start_does_not_stop_counting() {
     worker.stop().await;
 }
 
+/// A worker's settings on the primary's database `name`, looking up from the replica, with a
+/// `MAX_REPLICA_LAG` of 1 s.
+fn lagging_replica_config(name: &str, broker: &TestBroker) -> catchall::config::Config {
+    let mut config = catchall::config::Config::with_names(
+        &format!("{PRIMARY}/{name}"),
+        &broker.exchange,
+        &broker.queue,
+    );
+    config.status_database_url = Some(format!("{REPLICA}/{name}"));
+    config.max_replica_lag = Duration::from_secs(1);
+    config
+}
+
+/// The delivered count `GET /domains/{domain}` answers, if it answers.
+async fn delivered(worker: &TestWorker, domain: &str) -> Option<i64> {
+    let url = worker.url(&format!("/domains/{domain}"));
+    let body: serde_json::Value = reqwest::get(&url).await.ok()?.json().await.ok()?;
+    body["delivered"].as_i64()
+}
+
 /// A replica further behind than MAX_REPLICA_LAG (its replay paused: a broken stream, or an
 /// operator's pause) is not read: look-ups answer from the primary until it catches up, then
 /// from the replica again. They answered from the stale replica for as long as it lagged, and
@@ -304,22 +324,9 @@ async fn lookups_read_the_primary_while_the_replica_lags() {
     let (database, replica) = ReplicaDb::create().await;
     let name = database.name.clone();
     let broker = TestBroker::new();
-    let mut config = catchall::config::Config::with_names(
-        &format!("{PRIMARY}/{name}"),
-        &broker.exchange,
-        &broker.queue,
-    );
-    config.status_database_url = Some(format!("{REPLICA}/{name}"));
-    config.max_replica_lag = Duration::from_secs(1);
+    let config = lagging_replica_config(&name, &broker);
     let worker = TestWorker::start(config).await;
     worker.ready().await;
-    let status = |domain: &str| {
-        let url = worker.url(&format!("/domains/{domain}"));
-        async move {
-            let body: serde_json::Value = reqwest::get(&url).await.ok()?.json().await.ok()?;
-            body["delivered"].as_i64()
-        }
-    };
     let publish = |domain: &'static str, count: usize| {
         let broker = &broker;
         async move {
@@ -333,7 +340,7 @@ async fn lookups_read_the_primary_while_the_replica_lags() {
     };
     publish("before.example", 3).await;
     wait_for(Duration::from_secs(30), "the replica to serve", || async {
-        (status("before.example").await == Some(3)).then_some(())
+        (delivered(&worker, "before.example").await == Some(3)).then_some(())
     })
     .await;
 
@@ -345,7 +352,7 @@ async fn lookups_read_the_primary_while_the_replica_lags() {
     wait_for(
         Duration::from_secs(30),
         "look-ups from the primary while the replica lags",
-        || async { (status("during.example").await == Some(5)).then_some(()) },
+        || async { (delivered(&worker, "during.example").await == Some(5)).then_some(()) },
     )
     .await;
     assert_eq!(worker.metric("catchall_lookups_from_primary").await, 1.0);
@@ -367,7 +374,7 @@ async fn lookups_read_the_primary_while_the_replica_lags() {
         },
     )
     .await;
-    assert_eq!(status("during.example").await, Some(5));
+    assert_eq!(delivered(&worker, "during.example").await, Some(5));
 
     // A failover: the primary gone, the replica cut off and lagging. Look-ups stay on the
     // replica, whose answers, however old, beat none (they went to the primary, and failed).
@@ -378,11 +385,85 @@ async fn lookups_read_the_primary_while_the_replica_lags() {
         || async {
             let lag = worker.try_metric("catchall_replica_lag_seconds").await?;
             let from_primary = worker.try_metric("catchall_lookups_from_primary").await?;
-            let answered = status("during.example").await;
+            let answered = delivered(&worker, "during.example").await;
             (lag > 2.0 && from_primary == 0.0 && answered == Some(5)).then_some(())
         },
     )
     .await;
     pg_ctl_cluster("catchall_primary", "start").await;
+    worker.stop().await;
+}
+
+/// While the replica lags, a primary busy with the look-ups the fallback sent it is not taken
+/// for down: the check that it answers has a connection of its own. It pinged on the look-up
+/// pool, whose every connection the look-ups held (here one, waiting on a lock), failed its 2 s
+/// and sent the look-ups back to the lagging replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_primary_busy_with_lookups_is_not_taken_for_down() {
+    let (database, replica) = ReplicaDb::create().await;
+    let name = database.name.clone();
+    let broker = TestBroker::new();
+    let mut config = lagging_replica_config(&name, &broker);
+    config.db_pool_size = 1;
+    // A look-up waits 4 s for Postgres at most (a third of it): out of step with the lag
+    // loop's 5 s, so its checks land at every point of a look-up's wait.
+    config.http_request_timeout = Duration::from_secs(12);
+    let worker = TestWorker::start(config).await;
+    worker.ready().await;
+    let (_connection, channel) = broker.channel().await;
+    let body = br#"{"domain":"busy.example","type":"delivered"}"#;
+    crate::helpers::publish_raw(&channel, &broker.exchange, "x", body, None).await;
+    wait_for(Duration::from_secs(30), "the replica to serve", || async {
+        (delivered(&worker, "busy.example").await == Some(1)).then_some(())
+    })
+    .await;
+    replica
+        .batch_execute("SELECT pg_wal_replay_pause()")
+        .await
+        .expect("pause the replica's replay");
+    crate::helpers::publish_raw(&channel, &broker.exchange, "x", body, None).await;
+    wait_for(
+        Duration::from_secs(30),
+        "look-ups from the primary while the replica lags",
+        || async { (delivered(&worker, "busy.example").await == Some(2)).then_some(()) },
+    )
+    .await;
+    // The look-ups hold the primary's one look-up connection: each waits on a lock until its
+    // deadline, and more wait behind it.
+    let locker = client(&format!("{PRIMARY}/{name}")).await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE domains IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock the table on the primary");
+    let flooding = tokio_util::sync::CancellationToken::new();
+    let floods: Vec<_> = (0..8)
+        .map(|_| {
+            let (url, flooding) = (worker.url("/domains/busy.example"), flooding.clone());
+            tokio::spawn(async move {
+                while !flooding.is_cancelled() {
+                    let _ = reqwest::get(&url).await;
+                }
+            })
+        })
+        .collect();
+    // Four ticks of the lag loop (every 5 s): the fallback holds.
+    let until = tokio::time::Instant::now() + Duration::from_secs(20);
+    while tokio::time::Instant::now() < until {
+        assert_eq!(
+            worker.metric("catchall_lookups_from_primary").await,
+            1.0,
+            "look-ups went back to the lagging replica"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    flooding.cancel();
+    for flood in floods {
+        let _ = flood.await;
+    }
+    locker.batch_execute("ROLLBACK").await.expect("unlock");
+    replica
+        .batch_execute("SELECT pg_wal_replay_resume()")
+        .await
+        .expect("resume the replica's replay");
     worker.stop().await;
 }
