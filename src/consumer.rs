@@ -540,14 +540,7 @@ impl Consumer {
 
     /// Restarts the consumer with a new prefetch (see [`Prefetch`]).
     async fn reconsume(&mut self, prefetch: u16) -> anyhow::Result<()> {
-        if let Some(unanswered) = self
-            .settings
-            .fault_hook
-            .as_ref()
-            .and_then(|hook| hook(FaultPoint::BeforeRaise))
-        {
-            unanswered.await;
-        }
+        fault(self.settings.fault_hook.as_ref(), FaultPoint::BeforeRaise).await;
         self.channel
             .basic_qos(prefetch, BasicQosOptions::default())
             .await
@@ -717,11 +710,10 @@ struct Applier {
     gate: lapin::ReadGate,
 }
 
-impl Applier {
-    async fn fault(&self, point: FaultPoint) {
-        if let Some(fault) = self.hook.as_ref().and_then(|hook| hook(point)) {
-            fault.await;
-        }
+/// Awaits what a test's `hook` injects at `point`, if anything.
+async fn fault(hook: Option<&FaultHook>, point: FaultPoint) {
+    if let Some(fault) = hook.and_then(|hook| hook(point)) {
+        fault.await;
     }
 }
 
@@ -835,7 +827,7 @@ impl Pipeline {
             }
         };
         let (applied, ack_tag) = (settled.applied, settled.ack_tag());
-        self.applier.fault(FaultPoint::AfterCommit).await;
+        fault(self.applier.hook.as_ref(), FaultPoint::AfterCommit).await;
         ack(&self.applier.channel, ack_tag)
             .instrument(tracing::info_span!(parent: &oldest.span, "ack", tag = ack_tag))
             .await?;

@@ -447,10 +447,14 @@ impl Parsed {
         Ok(())
     }
 
-    /// Adds the events and ignored records of `other`.
-    pub fn append(&mut self, mut other: Parsed) {
+    /// Adds the events and ignored records of `other`, within [`MAX_BATCH_EVENTS`] events.
+    pub fn append(&mut self, mut other: Parsed) -> Result<(), RejectReason> {
+        if self.events.len() + other.events.len() > MAX_BATCH_EVENTS {
+            return Err(RejectReason::BatchTooLarge);
+        }
         self.events.append(&mut other.events);
         self.ignored += other.ignored;
+        Ok(())
     }
 }
 

@@ -596,7 +596,7 @@ pub fn parse_events(body: &[u8]) -> Result<Parsed, String> {
             let items: ArrayItems<&serde_json::value::RawValue> = serde_json::from_str(text)
                 .map_err(|e| {
                     if e.to_string().starts_with(TOO_MANY_ITEMS) {
-                        format!("more than {MAX_BATCH_EVENTS} events")
+                        too_many_events()
                     } else {
                         format!("body is not a valid JSON array: {e}")
                     }
@@ -607,14 +607,13 @@ pub fn parse_events(body: &[u8]) -> Result<Parsed, String> {
             };
             for (index, item) in items.0.iter().enumerate() {
                 let item = item.get();
-                parsed.append(
-                    one_event(item.as_bytes(), item.starts_with('{'))
-                        .map_err(|reason| format!("event {}: {reason}", index + 1))?,
-                );
                 // A KumoMTA record of a batch adds an event per recipient.
-                if parsed.events.len() > MAX_BATCH_EVENTS {
-                    return Err(format!("more than {MAX_BATCH_EVENTS} events"));
-                }
+                parsed
+                    .append(
+                        one_event(item.as_bytes(), item.starts_with('{'))
+                            .map_err(|reason| format!("event {}: {reason}", index + 1))?,
+                    )
+                    .map_err(|_| too_many_events())?;
             }
             parsed
         }
@@ -625,17 +624,20 @@ pub fn parse_events(body: &[u8]) -> Result<Parsed, String> {
                 if line.trim().is_empty() {
                     continue;
                 }
-                // Records (lines), as the array's items are counted: a KumoMTA record of a
-                // batch adds an event per recipient, and one without a domain none.
-                if records == MAX_BATCH_EVENTS || parsed.events.len() > MAX_BATCH_EVENTS {
-                    return Err(format!("more than {MAX_BATCH_EVENTS} events"));
+                // Records (lines), as the array's items are counted; the events too, as a
+                // KumoMTA record of a batch adds one per recipient (and one without a domain
+                // none).
+                if records == MAX_BATCH_EVENTS {
+                    return Err(too_many_events());
                 }
                 records += 1;
                 let is_object = line.trim_start().starts_with('{');
-                parsed.append(
-                    one_event(line.as_bytes(), is_object)
-                        .map_err(|reason| format!("line {}: {reason}", number + 1))?,
-                );
+                parsed
+                    .append(
+                        one_event(line.as_bytes(), is_object)
+                            .map_err(|reason| format!("line {}: {reason}", number + 1))?,
+                    )
+                    .map_err(|_| too_many_events())?;
             }
             parsed
         }
@@ -643,11 +645,11 @@ pub fn parse_events(body: &[u8]) -> Result<Parsed, String> {
     if parsed.events.is_empty() && parsed.ignored == 0 {
         return Err("no events in the body".into());
     }
-    // A KumoMTA record holds an event per recipient.
-    if parsed.events.len() > MAX_BATCH_EVENTS {
-        return Err(format!("more than {MAX_BATCH_EVENTS} events"));
-    }
     Ok(parsed)
+}
+
+fn too_many_events() -> String {
+    format!("more than {MAX_BATCH_EVENTS} events")
 }
 
 /// One event object, parsed and normalised by the wire format's own rules: its event, or a

@@ -33,15 +33,9 @@ async fn main() -> ExitCode {
         }
     };
     telemetry.shutdown();
-    // Exits here, without dropping the runtime: a host-name lookup (of the Postgres or
-    // RabbitMQ host) runs on tokio's blocking pool, where no timeout of ours stops it, and
-    // dropping the runtime waited for it. With DNS unreachable (glibc waits its timeouts, for
-    // each name of the search list), a worker stopped while it connected logged its stop, then
-    // hung past its grace period until killed. The producer ends the same way.
-    use std::io::Write;
-    let _ = std::io::stdout().flush();
-    let _ = std::io::stderr().flush();
-    std::process::exit(code)
+    // A host-name lookup (of the Postgres or RabbitMQ host) may still run on tokio's blocking
+    // pool, where no timeout of ours stops it.
+    catchall::signals::exit(code)
 }
 
 /// `catchall healthcheck`: one line on stderr when unhealthy, nothing otherwise.

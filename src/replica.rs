@@ -98,47 +98,55 @@ pub async fn lag_loop(
         // A measurement against servers that do not answer takes up to 4 s (the query, then
         // the primary's ping): the stop does not wait for it (it did, past the shortest
         // SHUTDOWN_TIMEOUT's share).
-        let measured = async {
-            match replica.query_f64_within(LAG, Duration::from_secs(2)).await {
-                Ok(lag) => {
-                    last = Some((lag, Instant::now()));
-                    gauge!("catchall_replica_lag_seconds").set(lag);
-                    gauge!("catchall_replica_up").set(1.0);
-                    let bound = max_lag.as_secs_f64();
-                    let behind = lag
-                        > if fallback.is_active() {
-                            bound / 2.0
-                        } else {
-                            bound
-                        };
-                    if behind {
-                        use_primary(
-                            &primary,
-                            &fallback,
-                            "the replica is further behind than MAX_REPLICA_LAG",
-                        )
-                        .await;
-                    } else {
-                        fallback.set(false, "");
-                    }
-                }
-                Err(error) => {
-                    gauge!("catchall_replica_up").set(0.0);
-                    if let Some((lag, at)) = last {
-                        gauge!("catchall_replica_lag_seconds")
-                            .set(lag + at.elapsed().as_secs_f64());
-                    }
-                    tracing::warn!(
-                        error = format!("{:#}", anyhow::Error::new(error)),
-                        "The look-up replica does not answer."
-                    );
-                    use_primary(&primary, &fallback, "the replica does not answer").await;
-                }
-            }
-        };
         tokio::select! {
-            () = measured => {}
+            () = measure(&replica, &primary, max_lag, &fallback, &mut last) => {}
             _ = cancel.cancelled() => return,
+        }
+    }
+}
+
+/// One measurement of the lag loop: the gauges, and where look-ups read. `last` is the last
+/// lag measured, and when.
+async fn measure(
+    replica: &Store,
+    primary: &Store,
+    max_lag: Duration,
+    fallback: &Fallback,
+    last: &mut Option<(f64, Instant)>,
+) {
+    match replica.query_f64_within(LAG, Duration::from_secs(2)).await {
+        Ok(lag) => {
+            *last = Some((lag, Instant::now()));
+            gauge!("catchall_replica_lag_seconds").set(lag);
+            gauge!("catchall_replica_up").set(1.0);
+            let bound = max_lag.as_secs_f64();
+            let behind = lag
+                > if fallback.is_active() {
+                    bound / 2.0
+                } else {
+                    bound
+                };
+            if behind {
+                use_primary(
+                    primary,
+                    fallback,
+                    "the replica is further behind than MAX_REPLICA_LAG",
+                )
+                .await;
+            } else {
+                fallback.set(false, "");
+            }
+        }
+        Err(error) => {
+            gauge!("catchall_replica_up").set(0.0);
+            if let Some((lag, at)) = *last {
+                gauge!("catchall_replica_lag_seconds").set(lag + at.elapsed().as_secs_f64());
+            }
+            tracing::warn!(
+                error = format!("{:#}", anyhow::Error::new(error)),
+                "The look-up replica does not answer."
+            );
+            use_primary(primary, fallback, "the replica does not answer").await;
         }
     }
 }

@@ -3,6 +3,18 @@
 //! or 143, as the signal's default would have).
 
 use std::sync::{Arc, OnceLock};
+
+/// Ends the process with `code` once stdout and stderr are flushed, without dropping the Tokio
+/// runtime: work on its blocking pool cannot be cancelled, and the runtime's drop waited for
+/// it. A host-name lookup with DNS not answering (glibc waits out its timeouts, for each name
+/// of the search list) held a stopped worker past its grace period; `publish -`'s read of a
+/// quiet stdin held a stopped producer after its summary, until killed.
+pub fn exit(code: i32) -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    std::process::exit(code)
+}
 use tokio_util::sync::CancellationToken;
 
 pub struct Stop {

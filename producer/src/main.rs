@@ -177,14 +177,8 @@ async fn main() -> ExitCode {
         }
     };
     telemetry.shutdown();
-    // Exits here, without dropping the runtime: `publish -` reads stdin on tokio's blocking
-    // pool, a read that cannot be cancelled, and dropping the runtime waited for it. Stopped
-    // while its pipe was open and quiet, the producer printed its summary and then hung until
-    // killed (its signal handlers already gone).
-    use std::io::Write;
-    let _ = std::io::stdout().flush();
-    let _ = std::io::stderr().flush();
-    std::process::exit(code)
+    // `publish -` may still read stdin on tokio's blocking pool.
+    catchall::signals::exit(code)
 }
 
 /// Returns whether every event was confirmed.
