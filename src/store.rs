@@ -553,12 +553,21 @@ impl Store {
         Ok(report)
     }
 
-    /// The one `float8` a query returns within `within` (the lag probe); see
+    /// The one row a query returns within `within` (the lag probe); see
     /// [`Store::ping_within`] for a connection that does not answer.
-    pub async fn query_f64_within(&self, sql: &str, within: Duration) -> Result<f64, StoreError> {
+    pub async fn query_one_within(
+        &self,
+        sql: &str,
+        within: Duration,
+    ) -> Result<tokio_postgres::Row, StoreError> {
         let (client, deadline) = self.client_within(within).await?;
         let answer = tokio::time::timeout_at(deadline, client.query_one(sql, &[])).await;
-        Ok(done_within(client, answer, within)?.try_get(0)?)
+        done_within(client, answer, within)
+    }
+
+    /// The one `float8` a query returns within `within` (see [`Store::query_one_within`]).
+    pub async fn query_f64_within(&self, sql: &str, within: Duration) -> Result<f64, StoreError> {
+        Ok(self.query_one_within(sql, within).await?.try_get(0)?)
     }
 
     /// Checks that Postgres answers a query within `within`. A connection that does not answer

@@ -467,3 +467,91 @@ async fn a_primary_busy_with_lookups_is_not_taken_for_down() {
         .expect("resume the replica's replay");
     worker.stop().await;
 }
+
+/// Processes stopped with SIGSTOP, continued when dropped (also when the test fails).
+struct Stopped(Vec<i32>);
+
+impl Stopped {
+    fn stop(pids: Vec<i32>) -> Self {
+        for &pid in &pids {
+            // SAFETY: kill(2) with a pid and a signal number has no memory effects.
+            assert_eq!(
+                unsafe { libc::kill(pid, libc::SIGSTOP) },
+                0,
+                "SIGSTOP {pid}"
+            );
+        }
+        Self(pids)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        }
+    }
+}
+
+/// A replica whose WAL receiver runs and receives nothing (here its primary's WAL sender is
+/// stopped; a network that drops packets without a reset does the same) is behind as soon as
+/// the primary writes, and look-ups read the primary. It read 0 s of lag (it has replayed all
+/// it received) until `wal_receiver_timeout` (60 s) ended the receiver, and answered stale
+/// counts all that time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_that_receives_nothing_is_behind_once_the_primary_writes() {
+    let (database, _replica) = ReplicaDb::create().await;
+    let name = database.name.clone();
+    let broker = TestBroker::new();
+    let worker = TestWorker::start(lagging_replica_config(&name, &broker)).await;
+    worker.ready().await;
+    let (_connection, channel) = broker.channel().await;
+    let body = br#"{"domain":"stuck.example","type":"delivered"}"#;
+    crate::helpers::publish_raw(&channel, &broker.exchange, "x", body, None).await;
+    wait_for(Duration::from_secs(30), "the replica to serve", || async {
+        let from_primary = worker.try_metric("catchall_lookups_from_primary").await?;
+        (from_primary == 0.0 && delivered(&worker, "stuck.example").await == Some(1)).then_some(())
+    })
+    .await;
+
+    let senders: Vec<i32> = client(&format!("{PRIMARY}/postgres"))
+        .await
+        .query("SELECT pid FROM pg_stat_replication", &[])
+        .await
+        .expect("the primary's WAL senders")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(!senders.is_empty(), "the replica streams from the primary");
+    let stopped = Stopped::stop(senders);
+    for _ in 0..4 {
+        crate::helpers::publish_raw(&channel, &broker.exchange, "x", body, None).await;
+    }
+    let lag = wait_for(
+        Duration::from_secs(30),
+        "look-ups from the primary while the replica receives nothing",
+        || async {
+            let from_primary = worker.try_metric("catchall_lookups_from_primary").await?;
+            let lag = worker.try_metric("catchall_replica_lag_seconds").await?;
+            (from_primary == 1.0 && delivered(&worker, "stuck.example").await == Some(5))
+                .then_some(lag)
+        },
+    )
+    .await;
+    assert!(lag > 1.0, "the lag passed MAX_REPLICA_LAG: {lag}");
+
+    drop(stopped);
+    wait_for(
+        Duration::from_secs(30),
+        "look-ups from the replica again once it streams",
+        || async {
+            let from_primary = worker.try_metric("catchall_lookups_from_primary").await?;
+            let lag = worker.try_metric("catchall_replica_lag_seconds").await?;
+            (from_primary == 0.0 && lag < 0.5).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(delivered(&worker, "stuck.example").await, Some(5));
+    worker.stop().await;
+}
