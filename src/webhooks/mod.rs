@@ -589,8 +589,12 @@ pub(crate) mod tests {
     }
 
     pub fn test_cert_der() -> Vec<u8> {
-        let pem = std::fs::read_to_string(test_key_dir().join("cert.pem")).unwrap();
-        super::sns::pem_der_for_tests(&pem)
+        super::sns::pem_der_for_tests(&test_cert_pem())
+    }
+
+    /// The PEM of the certificate whose key [`rsa_sign`] signs with.
+    pub fn test_cert_pem() -> String {
+        std::fs::read_to_string(test_key_dir().join("cert.pem")).unwrap()
     }
 
     /// Signs `data` with the test key: SHA1withRSA (`1`) or SHA256withRSA (`2`), base64.

@@ -24,7 +24,8 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde::Deserialize;
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use x509_cert::Certificate;
 use x509_cert::der::{Decode, DecodePem};
 
@@ -163,12 +164,59 @@ fn on_region_host(raw: &str, topic_arn: &str) -> bool {
 /// The most of a certificate's PEM read from `SigningCertURL` (AWS's are under 2 KiB).
 const MAX_CERTIFICATE_BYTES: usize = 16 * 1024;
 
+/// The most certificate URLs remembered; past it, the failed ones are forgotten (and all, if
+/// that is not enough).
+const MAX_CERTIFICATE_URLS: usize = 64;
+
+/// How long a URL that served no certificate (a 4xx, or not a certificate) is refused without
+/// fetching it again: each forged request with one such URL fetched it from AWS.
+const REFUSED_FOR: Duration = Duration::from_secs(600);
+
+/// How long a fetch that failed on AWS's side (a 5xx, the network) is answered 503 without
+/// fetching again: SNS retries, and a burst of deliveries waits for one fetch, not one each.
+const UNAVAILABLE_FOR: Duration = Duration::from_secs(5);
+
+/// What a fetch of a certificate URL gave.
+#[derive(Clone)]
+enum Fetched {
+    Certificate(Arc<[u8]>),
+    Refused(&'static str, Instant),
+    Unavailable(String, Instant),
+}
+
+impl Fetched {
+    fn new(fetch: Result<Vec<u8>, WebhookError>, now: Instant) -> Self {
+        match fetch {
+            Ok(der) => Self::Certificate(der.into()),
+            Err(WebhookError::Unauthorized(why)) => Self::Refused(why, now + REFUSED_FOR),
+            Err(error) => Self::Unavailable(error.to_string(), now + UNAVAILABLE_FOR),
+        }
+    }
+
+    /// A failure remembered for long enough: the next request fetches again.
+    fn expired(&self, now: Instant) -> bool {
+        match self {
+            Self::Certificate(_) => false,
+            Self::Refused(_, until) | Self::Unavailable(_, until) => now >= *until,
+        }
+    }
+
+    fn answer(&self) -> Result<Vec<u8>, WebhookError> {
+        match self {
+            Self::Certificate(der) => Ok(der.to_vec()),
+            Self::Refused(why, _) => Err(WebhookError::Unauthorized(why)),
+            Self::Unavailable(why, _) => Err(WebhookError::Unavailable(why.clone())),
+        }
+    }
+}
+
 /// Verifies SNS signatures and answers subscription handshakes.
 pub struct SnsVerifier {
     /// The certificate pinned by `WEBHOOK_SNS_CERT` (DER); used instead of `SigningCertURL`.
     pinned: Option<Vec<u8>>,
-    /// Certificates fetched, by URL.
-    fetched: Mutex<HashMap<String, Vec<u8>>>,
+    /// Fetches of certificates, by URL: under way (later requests wait for it), done, or
+    /// failed a short while ago.
+    fetched: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Fetched>>>>,
     client: reqwest::Client,
     /// Hosts besides `sns.*.amazonaws.com` whose `SubscribeURL` may be GET (tests).
     pub extra_confirm_hosts: Vec<String>,
@@ -210,14 +258,34 @@ impl SnsVerifier {
                 "SigningCertURL is not an SNS certificate URL",
             ));
         }
-        if let Some(der) = self
-            .fetched
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(url)
-        {
-            return Ok(der.clone());
-        }
+        let fetch = {
+            let mut fetched = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            match fetched.get(url) {
+                Some(fetch) if !fetch.get().is_some_and(|done| done.expired(now)) => fetch.clone(),
+                _ => {
+                    if fetched.len() >= MAX_CERTIFICATE_URLS {
+                        fetched.retain(|_, fetch| {
+                            matches!(fetch.get(), Some(Fetched::Certificate(_)))
+                        });
+                        if fetched.len() >= MAX_CERTIFICATE_URLS {
+                            fetched.clear();
+                        }
+                    }
+                    let fetch = Arc::new(tokio::sync::OnceCell::new());
+                    fetched.insert(url.to_string(), fetch.clone());
+                    fetch
+                }
+            }
+        };
+        fetch
+            .get_or_init(|| async { Fetched::new(self.fetch(url).await, Instant::now()) })
+            .await
+            .answer()
+    }
+
+    /// The DER of the certificate at `url`, an SNS certificate URL.
+    async fn fetch(&self, url: &str) -> Result<Vec<u8>, WebhookError> {
         let fetch = async {
             let mut response = self.client.get(url).send().await?.error_for_status()?;
             let mut pem = Vec::new();
@@ -237,14 +305,8 @@ impl SnsVerifier {
             ))?;
         let pem = String::from_utf8(pem)
             .map_err(|_| WebhookError::Unauthorized("SigningCertURL is not a certificate"))?;
-        let der = pem_to_der(&pem)
-            .map_err(|_| WebhookError::Unauthorized("SigningCertURL is not a certificate"))?;
-        let mut fetched = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
-        if fetched.len() > 64 {
-            fetched.clear();
-        }
-        fetched.insert(url.to_string(), der.clone());
-        Ok(der)
+        pem_to_der(&pem)
+            .map_err(|_| WebhookError::Unauthorized("SigningCertURL is not a certificate"))
     }
 
     /// Verifies the envelope's signature with its certificate. What can be refused without the
@@ -524,7 +586,142 @@ fn certificate_fetch_error(
 mod tests {
     use super::*;
     use crate::event::Tally;
-    use crate::webhooks::tests::{fixture, sns_envelope, test_cert_der};
+    use crate::webhooks::tests::{fixture, sns_envelope, test_cert_der, test_cert_pem};
+
+    /// Requests a [`serve_sns_host`] answered, by path.
+    type Requests = Arc<Mutex<HashMap<String, usize>>>;
+
+    /// An HTTPS server on 127.0.0.1 with a certificate for `sns.us-west-2.amazonaws.com` (AWS is
+    /// out of reach here), and a client that reaches it under that name. It serves the test
+    /// certificate at `/SimpleNotificationService-good.pem` once `gate` has a permit, 503 at
+    /// `…-down.pem`, 404 elsewhere, and counts the requests by path.
+    async fn serve_sns_host(gate: Arc<tokio::sync::Semaphore>) -> (reqwest::Client, Requests) {
+        use hyper::service::service_fn;
+        let host = "sns.us-west-2.amazonaws.com";
+        let tls = rcgen::generate_simple_self_signed(vec![host.to_string()]).unwrap();
+        let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![tls.cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(tls.signing_key.serialize_der().into()),
+        )
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let requests = Requests::default();
+        let counted = requests.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (acceptor, requests, gate) = (acceptor.clone(), counted.clone(), gate.clone());
+                tokio::spawn(async move {
+                    let Ok(stream) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let service = service_fn(move |request: hyper::Request<_>| {
+                        let (requests, gate) = (requests.clone(), gate.clone());
+                        async move {
+                            let path = request.uri().path().to_string();
+                            *requests.lock().unwrap().entry(path.clone()).or_default() += 1;
+                            let (status, body) = match path.as_str() {
+                                "/SimpleNotificationService-good.pem" => {
+                                    drop(gate.acquire().await);
+                                    (200, test_cert_pem())
+                                }
+                                "/SimpleNotificationService-down.pem" => (503, String::new()),
+                                _ => (404, String::new()),
+                            };
+                            hyper::Response::builder()
+                                .status(status)
+                                .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        let client = reqwest::Client::builder()
+            .resolve(host, address)
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_der(tls.cert.der()).unwrap())
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        (client, requests)
+    }
+
+    /// Concurrent requests with one SigningCertURL share one fetch of it, and a URL that failed
+    /// is not fetched again at once: each request fetched it, so a forger could have the worker
+    /// fetch from AWS as often as they liked with one URL.
+    #[tokio::test]
+    async fn a_certificate_url_is_fetched_once_at_a_time_and_failures_are_remembered() {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let (client, requests) = serve_sns_host(gate.clone()).await;
+        let mut verifier = SnsVerifier::new(None).unwrap();
+        verifier.client = client;
+        let verifier = Arc::new(verifier);
+        let body = sns_envelope("Notification", &fixture("ses-delivery.json"), "2");
+        let at = |name: &str| {
+            let mut envelope: serde_json::Value = serde_json::from_str(&body).unwrap();
+            envelope["SigningCertURL"] =
+                format!("https://sns.us-west-2.amazonaws.com/SimpleNotificationService-{name}.pem")
+                    .into();
+            serde_json::from_value::<Envelope>(envelope).unwrap()
+        };
+        let count = |name: &str| {
+            let path = format!("/SimpleNotificationService-{name}.pem");
+            requests.lock().unwrap().get(&path).copied().unwrap_or(0)
+        };
+
+        let verifying: Vec<_> = (0..8)
+            .map(|_| {
+                let (verifier, envelope) = (verifier.clone(), at("good"));
+                tokio::spawn(async move { verifier.verify(&envelope).await })
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while count("good") == 0 {
+            assert!(Instant::now() < deadline, "no fetch of the certificate");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The other seven wait for that fetch rather than send their own (they reached the
+        // server within this time when each fetched).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(count("good"), 1, "requests for the certificate under way");
+        gate.add_permits(1);
+        for verified in verifying {
+            verified
+                .await
+                .unwrap()
+                .expect("verified with the fetched certificate");
+        }
+        verifier.verify(&at("good")).await.expect("verified");
+        assert_eq!(count("good"), 1, "the certificate is kept");
+
+        for _ in 0..3 {
+            assert!(matches!(
+                verifier.verify(&at("nothere")).await,
+                Err(WebhookError::Unauthorized(
+                    "SigningCertURL does not serve a certificate"
+                ))
+            ));
+            assert!(matches!(
+                verifier.verify(&at("down")).await,
+                Err(WebhookError::Unavailable(_))
+            ));
+        }
+        assert_eq!(
+            (count("nothere"), count("down")),
+            (1, 1),
+            "failed fetches are remembered"
+        );
+    }
 
     fn tallies(name: &str) -> (Vec<(String, Tally)>, usize) {
         let parsed = parse_ses(&fixture(name), "sns:x".into()).expect(name);
