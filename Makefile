@@ -38,6 +38,7 @@ build:
 test: deps services build nextest postfix
 	bash .ci/extra.sh  # TLS broker and Postgres, 3-node cluster, replica (tests/it/{tls,cluster,replica}.rs)
 	$(CARGO) nextest run --workspace --no-fail-fast
+	bash .ci/vendor-test.sh  # the patched crates' own unit tests (vendor/README.md)
 
 ## extra-stop: stop the extra servers `make test` leaves running (TLS, cluster, replica): they take CPU
 ## while idle, so stop them before `make bench`

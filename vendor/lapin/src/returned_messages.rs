@@ -89,6 +89,8 @@ struct Inner {
     waiting_messages: VecDeque<BasicReturnMessage>,
     messages: Vec<BasicReturnMessage>,
     dropped_confirms: Vec<Promise<Confirmation>>,
+    // PATCHED (catchall): see `register_dropped_confirm`.
+    prune_dropped_confirms_at: usize,
 }
 
 impl Inner {
@@ -155,6 +157,16 @@ impl Inner {
 
     fn register_dropped_confirm(&mut self, promise: Promise<Confirmation>) {
         trace!("Registering new dropped PublisherConfirm");
+        // PATCHED (catchall): dropped confirms that settled since are let go here too, not only
+        // in `drain` (`wait_for_confirms`), which a publisher that drops each confirm at its
+        // own timeout may never call: they piled up until the channel closed. Settled ones are
+        // looked at once the list has doubled since the last look, so each costs O(1) over time.
+        if self.dropped_confirms.len() >= self.prune_dropped_confirms_at {
+            for promise in std::mem::take(&mut self.dropped_confirms) {
+                self.process_dropped_confirm(promise, None);
+            }
+            self.prune_dropped_confirms_at = (2 * self.dropped_confirms.len()).max(64);
+        }
         self.process_dropped_confirm(promise, None)
     }
 
@@ -177,5 +189,36 @@ impl Inner {
             );
         }
         messages
+    }
+}
+
+// PATCHED (catchall): test of `register_dropped_confirm`'s pruning.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settled_dropped_confirms_do_not_pile_up() {
+        let returned = ReturnedMessages::default();
+        let mut unsettled = Vec::new();
+        // Each dropped unsettled (at the publisher's timeout); all but one in 100 settled then.
+        for i in 0..10_000 {
+            let (promise, resolver) = Promise::new("test");
+            returned.register_dropped_confirm(promise);
+            if i % 100 == 0 {
+                unsettled.push(resolver);
+            } else {
+                resolver.resolve(Confirmation::Ack(None));
+            }
+        }
+        let kept = returned.lock_inner().dropped_confirms.len();
+        // The 100 unsettled ones, and those dropped since the last look: at most twice as many
+        // as it kept (or 64) in all. All 10,000 were kept before.
+        assert!((100..=200).contains(&kept), "{kept} dropped confirms kept");
+        for resolver in &unsettled {
+            resolver.resolve(Confirmation::Ack(None));
+        }
+        assert!(returned.drain().is_empty());
+        assert!(returned.lock_inner().dropped_confirms.is_empty());
     }
 }
