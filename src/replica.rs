@@ -11,7 +11,8 @@ use tokio_postgres::types::PgLsn;
 use tokio_util::sync::CancellationToken;
 
 /// Seconds the replica is behind by its own account, and what it has replayed (NULL on a
-/// primary). The account is 0 when it streams from its primary and has replayed all it received
+/// server not in recovery: `pg_last_wal_replay_lsn()` stays where it was on a promoted standby,
+/// or on a primary after crash recovery, and such a server would lag for ever). The account is 0 when it streams from its primary and has replayed all it received
 /// (or is a primary), else the age of the last transaction it replayed. Without a WAL receiver
 /// (primary gone, replication broken) what it received says nothing of what it missed, so the
 /// age counts: it used to show 0 there, a replica cut off for hours looking current.
@@ -26,7 +27,8 @@ const REPLICA: &str = "SELECT CASE \
             AND pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 \
        ELSE EXTRACT(EPOCH FROM now() \
             - COALESCE(pg_last_xact_replay_timestamp(), pg_postmaster_start_time())) \
-     END::float8, pg_last_wal_replay_lsn()";
+     END::float8, \
+     CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() END";
 
 /// How far the primary has flushed its WAL: all a replica can have received from it.
 const PRIMARY: &str = "SELECT pg_current_wal_flush_lsn()";
@@ -36,40 +38,87 @@ const PRIMARY: &str = "SELECT pg_current_wal_flush_lsn()";
 /// it lacks WAL the primary had then. This is measured in the lag loop's ticks (5 s), whatever
 /// the replica says of itself, and whatever was written (a checkpoint's record on an idle
 /// primary is not hours of lag, as the age of the last transaction replayed would say).
+///
+/// What the replica lacked before the first position read (at the worker's start, after the
+/// primary did not answer, or after its WAL went back: another server) is not known, so until
+/// the replica has replayed that first position, its own account counts too: a replica hours
+/// behind read milliseconds at first, and look-ups read it.
 #[derive(Default)]
-struct Unreplayed(std::collections::VecDeque<(u64, Instant)>);
+struct Unreplayed {
+    positions: std::collections::VecDeque<(u64, Instant)>,
+    /// The positions tell the whole lag (see above).
+    complete: bool,
+    /// The first position read since the start or the last gap, while not `complete`.
+    first: Option<u64>,
+}
 
 impl Unreplayed {
-    /// At most this many positions are kept (85 minutes of ticks); past it, the ones after the
-    /// oldest go, so the lag stays right and a partial catch-up is seen a little late.
+    /// At most this many positions are kept (85 minutes of ticks); past it, the second oldest
+    /// goes and the next takes its time, so the lag is never read short (a position is taken
+    /// for older than it is).
     const MOST: usize = 1024;
 
     /// The primary had flushed its WAL to `position` at `at`.
     fn flushed(&mut self, position: u64, at: Instant) {
-        if self.0.back().is_none_or(|&(newest, _)| position > newest) {
-            if self.0.len() >= Self::MOST {
-                self.0.remove(1);
-            }
-            self.0.push_back((position, at));
+        if !self.complete && self.first.is_none() {
+            self.first = Some(position);
         }
+        match self.positions.back() {
+            Some(&(newest, _)) if position == newest => {}
+            // Another server's WAL (a failover to a server behind, a restore): the positions
+            // read say nothing of it.
+            Some(&(newest, _)) if position < newest => {
+                self.positions.clear();
+                self.gap();
+                self.first = Some(position);
+                self.positions.push_back((position, at));
+            }
+            _ => {
+                if self.positions.len() >= Self::MOST
+                    && let Some((_, older)) = self.positions.remove(1)
+                    && let Some(next) = self.positions.get_mut(1)
+                {
+                    next.1 = older;
+                }
+                self.positions.push_back((position, at));
+            }
+        }
+    }
+
+    /// Positions were not read for a while (the primary did not answer): the replica may lack
+    /// WAL written meanwhile, before the next position read.
+    fn gap(&mut self) {
+        self.complete = false;
+        self.first = None;
     }
 
     /// The replica has replayed up to `position`.
     fn replayed(&mut self, position: u64) {
         while self
-            .0
+            .positions
             .front()
             .is_some_and(|&(oldest, _)| oldest <= position)
         {
-            self.0.pop_front();
+            self.positions.pop_front();
+        }
+        if self.first.is_some_and(|first| first <= position) {
+            self.complete = true;
+            self.first = None;
         }
     }
 
-    /// Seconds since the oldest position the replica lacks was read on the primary.
-    fn lag(&self) -> f64 {
-        self.0
+    /// Seconds since the oldest position the replica lacks was read on the primary, or the
+    /// replica's `own_account` if more while the positions do not tell the whole lag.
+    fn lag(&self, own_account: f64) -> f64 {
+        let lag = self
+            .positions
             .front()
-            .map_or(0.0, |(_, at)| at.elapsed().as_secs_f64())
+            .map_or(0.0, |(_, at)| at.elapsed().as_secs_f64());
+        if self.complete {
+            lag
+        } else {
+            lag.max(own_account)
+        }
     }
 }
 
@@ -176,6 +225,10 @@ async fn measure(
     );
     // The primary answers if it tells its WAL position (a server in recovery cannot).
     let flushed = on_primary.and_then(|row| Ok(u64::from(row.try_get::<_, PgLsn>(0)?)));
+    match &flushed {
+        Ok(flushed) => unreplayed.flushed(*flushed, read_at),
+        Err(_) => unreplayed.gap(),
+    }
     let on_replica = on_replica.and_then(|row| {
         Ok((
             row.try_get::<_, f64>(0)?,
@@ -184,22 +237,15 @@ async fn measure(
     });
     match on_replica {
         Ok((own_account, replayed)) => {
-            let lag = match (&flushed, replayed) {
-                // Not a replica: nothing to lag behind.
-                (_, None) => {
+            let lag = match replayed {
+                Some(replayed) => {
+                    unreplayed.replayed(replayed.into());
+                    unreplayed.lag(own_account)
+                }
+                // Not in recovery: nothing to lag behind.
+                None => {
                     *unreplayed = Unreplayed::default();
                     own_account
-                }
-                (Ok(flushed), Some(replayed)) => {
-                    unreplayed.flushed(*flushed, read_at);
-                    unreplayed.replayed(replayed.into());
-                    unreplayed.lag()
-                }
-                // The primary does not answer (a failover, a network cut): the replica's own
-                // account, unless it is known to lack more.
-                (Err(_), Some(replayed)) => {
-                    unreplayed.replayed(replayed.into());
-                    own_account.max(unreplayed.lag())
                 }
             };
             *last = Some((lag, Instant::now()));
@@ -248,5 +294,79 @@ fn use_primary(primary: Result<(), StoreError>, fallback: &Fallback, why: &str) 
             );
             fallback.set(false, "");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Unreplayed;
+    use std::time::{Duration, Instant};
+
+    fn ago(now: Instant, seconds: u64) -> Instant {
+        now.checked_sub(Duration::from_secs(seconds))
+            .expect("an instant in the past")
+    }
+
+    fn assert_lag(unreplayed: &Unreplayed, own_account: f64, from: f64, to: f64) {
+        let lag = unreplayed.lag(own_account);
+        assert!((from..to).contains(&lag), "lag {lag}, not in {from}..{to}");
+    }
+
+    /// The lag is the age of the oldest primary position not replayed; the replica's own account
+    /// counts until it has replayed the first position read since the start, a gap, or a primary
+    /// whose WAL went back.
+    #[test]
+    fn the_lag_is_the_age_of_the_oldest_position_not_replayed() {
+        let now = Instant::now();
+        let mut unreplayed = Unreplayed::default();
+        // Started against a replica an hour behind: not read as current.
+        unreplayed.flushed(100, ago(now, 20));
+        unreplayed.replayed(50);
+        assert_lag(&unreplayed, 3600.0, 3600.0, 3601.0);
+        unreplayed.flushed(200, ago(now, 10));
+        unreplayed.replayed(100);
+        assert_lag(&unreplayed, 3600.0, 10.0, 11.0);
+        unreplayed.replayed(200);
+        assert_lag(&unreplayed, 3600.0, 0.0, 0.001);
+        // It receives nothing while the primary writes: the position ages, whatever the
+        // replica's own account says.
+        unreplayed.flushed(300, ago(now, 30));
+        unreplayed.replayed(200);
+        assert_lag(&unreplayed, 0.0, 30.0, 31.0);
+        unreplayed.replayed(300);
+        // The primary did not answer for a while: the own account counts again.
+        unreplayed.gap();
+        unreplayed.replayed(300);
+        assert_lag(&unreplayed, 7200.0, 7200.0, 7201.0);
+        unreplayed.flushed(400, ago(now, 5));
+        unreplayed.replayed(400);
+        assert_lag(&unreplayed, 7200.0, 0.0, 0.001);
+        // The primary's WAL went back (another server): its earlier positions are dropped,
+        // and the own account counts until the replica has replayed the new one.
+        unreplayed.flushed(500, ago(now, 4));
+        unreplayed.flushed(350, ago(now, 1));
+        unreplayed.replayed(340);
+        assert_lag(&unreplayed, 100.0, 100.0, 101.0);
+        unreplayed.replayed(350);
+        assert_lag(&unreplayed, 100.0, 0.0, 0.001);
+    }
+
+    /// Past [`Unreplayed::MOST`] positions, the lag is never read short: a partial catch-up
+    /// reads the age of the oldest position kept, not of a much newer one.
+    #[test]
+    fn the_cap_on_positions_never_reads_the_lag_short() {
+        let now = Instant::now();
+        let mut unreplayed = Unreplayed::default();
+        unreplayed.flushed(0, ago(now, 5000));
+        unreplayed.replayed(0);
+        for i in 1..=2000u64 {
+            unreplayed.flushed(i, ago(now, 3000 - i));
+        }
+        assert!(unreplayed.positions.len() <= Unreplayed::MOST);
+        assert_lag(&unreplayed, 0.0, 2999.0, 3000.0);
+        unreplayed.replayed(1);
+        assert_lag(&unreplayed, 0.0, 2998.0, 3000.0);
+        unreplayed.replayed(1999);
+        assert_lag(&unreplayed, 0.0, 1000.0, 1001.0);
     }
 }

@@ -473,15 +473,17 @@ struct Stopped(Vec<i32>);
 
 impl Stopped {
     fn stop(pids: Vec<i32>) -> Self {
-        for &pid in &pids {
+        let mut stopped = Self(Vec::new());
+        for pid in pids {
             // SAFETY: kill(2) with a pid and a signal number has no memory effects.
             assert_eq!(
                 unsafe { libc::kill(pid, libc::SIGSTOP) },
                 0,
                 "SIGSTOP {pid}"
             );
+            stopped.0.push(pid);
         }
-        Self(pids)
+        stopped
     }
 }
 
@@ -553,5 +555,92 @@ async fn a_replica_that_receives_nothing_is_behind_once_the_primary_writes() {
     )
     .await;
     assert_eq!(delivered(&worker, "stuck.example").await, Some(5));
+    worker.stop().await;
+}
+
+/// A worker started while the replica lags is not misled by knowing no earlier primary
+/// position: the replica's own account counts at its first measurement, and look-ups read the
+/// primary. (A first version of the lag against the primary's WAL read milliseconds there, and
+/// look-ups read the stale replica until the lag had grown past MAX_REPLICA_LAG.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_started_against_a_lagging_replica_does_not_read_it() {
+    let (database, replica) = ReplicaDb::create().await;
+    let name = database.name.clone();
+    let broker = TestBroker::new();
+    // Migrated and counted without a worker: the gauges are the process's, and a worker
+    // before would have left its lag behind.
+    let store = catchall::store::Store::connect(&format!("{PRIMARY}/{name}"), 1)
+        .await
+        .expect("connect to the primary");
+    store.migrate().await.expect("migrate");
+    store
+        .apply(&[crate::helpers::one_delivery("late.example")])
+        .await
+        .expect("count one delivery");
+    let on_replica = client(&format!("{REPLICA}/{name}")).await;
+    wait_for(
+        Duration::from_secs(30),
+        "the replica to have it",
+        || async {
+            let row = on_replica
+                .query_opt(
+                    "SELECT delivered FROM domains WHERE domain = 'late.example'",
+                    &[],
+                )
+                .await
+                .ok()??;
+            (row.get::<_, i64>(0) == 1).then_some(())
+        },
+    )
+    .await;
+
+    replica
+        .batch_execute("SELECT pg_wal_replay_pause()")
+        .await
+        .expect("pause the replica's replay");
+    client(&format!("{PRIMARY}/{name}"))
+        .await
+        .batch_execute("UPDATE domains SET delivered = delivered + 1 WHERE domain = 'late.example'")
+        .await
+        .expect("a write on the primary");
+    wait_for(
+        Duration::from_secs(30),
+        "the replica to have received the write, and replayed nothing for 2 s",
+        || async {
+            let row = replica
+                .query_one(
+                    "SELECT pg_last_wal_receive_lsn() > pg_last_wal_replay_lsn() \
+                     AND now() - pg_last_xact_replay_timestamp() > interval '2 s'",
+                    &[],
+                )
+                .await
+                .ok()?;
+            row.get::<_, bool>(0).then_some(())
+        },
+    )
+    .await;
+
+    let worker = TestWorker::start(lagging_replica_config(&name, &broker)).await;
+    let lag = wait_for(
+        Duration::from_secs(15),
+        "the first measurement of the lag",
+        || async { worker.try_metric("catchall_replica_lag_seconds").await },
+    )
+    .await;
+    assert!(lag > 1.0, "the first measurement read {lag} s");
+    wait_for(
+        Duration::from_secs(15),
+        "look-ups from the primary",
+        || async {
+            let from_primary = worker.try_metric("catchall_lookups_from_primary").await?;
+            (from_primary == 1.0 && delivered(&worker, "late.example").await == Some(2))
+                .then_some(())
+        },
+    )
+    .await;
+    replica
+        .batch_execute("SELECT pg_wal_replay_resume()")
+        .await
+        .expect("resume the replica's replay");
     worker.stop().await;
 }
