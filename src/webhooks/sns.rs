@@ -107,20 +107,28 @@ pub fn is_sns_url(raw: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
+/// The longest SigningCertURL accepted (AWS's are about 100 bytes).
+const MAX_CERTIFICATE_URL_BYTES: usize = 256;
+
 /// True for an SNS signing certificate's URL: an SNS host (see [`is_sns_url`]) and a path
-/// `/SimpleNotificationService-….pem`, with no query or fragment (each new spelling of one
-/// certificate would be a fetch of its own).
+/// `/SimpleNotificationService-NAME.pem` (NAME letters and digits), with no query or fragment,
+/// written as the URL parser writes it back (AWS sends it so): each new spelling of one
+/// certificate (`:443`, `/x/../`, a tab, which the parser drops) would be a fetch and a cache
+/// entry of its own.
 fn is_certificate_url(raw: &str) -> bool {
     let Ok(url) = url::Url::parse(raw) else {
         return false;
     };
-    is_sns_url(raw)
+    raw.len() <= MAX_CERTIFICATE_URL_BYTES
+        && url.as_str() == raw
+        && is_sns_url(raw)
         && url.query().is_none()
         && url.fragment().is_none()
         && url
             .path()
             .strip_prefix("/SimpleNotificationService-")
-            .is_some_and(|name| name.ends_with(".pem") && !name.contains('/'))
+            .and_then(|name| name.strip_suffix(".pem"))
+            .is_some_and(|name| !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric()))
 }
 
 /// Whether `arn` has the shape of an SNS topic's ARN: `arn:PARTITION:sns:REGION:ACCOUNT:NAME`.
@@ -164,16 +172,18 @@ fn on_region_host(raw: &str, topic_arn: &str) -> bool {
 /// The most of a certificate's PEM read from `SigningCertURL` (AWS's are under 2 KiB).
 const MAX_CERTIFICATE_BYTES: usize = 16 * 1024;
 
-/// The most certificate URLs remembered; past it, the failed ones are forgotten (and all, if
-/// that is not enough).
+/// The most certificate URLs remembered; past it, the failed ones are forgotten, and a URL
+/// that still finds no room is fetched without being remembered.
 const MAX_CERTIFICATE_URLS: usize = 64;
 
-/// How long a URL that served no certificate (a 4xx, or not a certificate) is refused without
-/// fetching it again: each forged request with one such URL fetched it from AWS.
-const REFUSED_FOR: Duration = Duration::from_secs(600);
+/// How long a URL that served no certificate (400, 404, 410, or a body that is not one) is
+/// refused without fetching it again: each forged request with one such URL fetched it from
+/// AWS. Short: a certificate AWS has yet to publish at its URL is refused no longer than that.
+const REFUSED_FOR: Duration = Duration::from_secs(60);
 
-/// How long a fetch that failed on AWS's side (a 5xx, the network) is answered 503 without
-/// fetching again: SNS retries, and a burst of deliveries waits for one fetch, not one each.
+/// How long a fetch that failed otherwise (a 5xx, a 403 or 429 of AWS's throttling, the
+/// network) is answered 503 without fetching again: SNS retries, and a burst of deliveries
+/// waits for one fetch, not one each.
 const UNAVAILABLE_FOR: Duration = Duration::from_secs(5);
 
 /// What a fetch of a certificate URL gave.
@@ -201,22 +211,26 @@ impl Fetched {
         }
     }
 
-    fn answer(&self) -> Result<Vec<u8>, WebhookError> {
+    fn answer(&self) -> Result<Arc<[u8]>, WebhookError> {
         match self {
-            Self::Certificate(der) => Ok(der.to_vec()),
+            Self::Certificate(der) => Ok(der.clone()),
             Self::Refused(why, _) => Err(WebhookError::Unauthorized(why)),
             Self::Unavailable(why, _) => Err(WebhookError::Unavailable(why.clone())),
         }
     }
 }
 
+/// A fetch of a certificate URL, on a task of its own (a request that stops waiting does not
+/// stop it), awaited by every request with that URL.
+type Fetch = futures_util::future::Shared<futures_util::future::BoxFuture<'static, Fetched>>;
+
 /// Verifies SNS signatures and answers subscription handshakes.
 pub struct SnsVerifier {
     /// The certificate pinned by `WEBHOOK_SNS_CERT` (DER); used instead of `SigningCertURL`.
-    pinned: Option<Vec<u8>>,
+    pinned: Option<Arc<[u8]>>,
     /// Fetches of certificates, by URL: under way (later requests wait for it), done, or
     /// failed a short while ago.
-    fetched: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Fetched>>>>,
+    fetched: Mutex<HashMap<String, Fetch>>,
     client: reqwest::Client,
     /// Hosts besides `sns.*.amazonaws.com` whose `SubscribeURL` may be GET (tests).
     pub extra_confirm_hosts: Vec<String>,
@@ -242,14 +256,14 @@ impl SnsVerifier {
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
         Ok(Self {
-            pinned,
+            pinned: pinned.map(Arc::from),
             fetched: Mutex::new(HashMap::new()),
             client,
             extra_confirm_hosts: Vec::new(),
         })
     }
 
-    async fn certificate(&self, url: &str, topic_arn: &str) -> Result<Vec<u8>, WebhookError> {
+    async fn certificate(&self, url: &str, topic_arn: &str) -> Result<Arc<[u8]>, WebhookError> {
         if let Some(pinned) = &self.pinned {
             return Ok(pinned.clone());
         }
@@ -262,51 +276,41 @@ impl SnsVerifier {
             let mut fetched = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
             let now = Instant::now();
             match fetched.get(url) {
-                Some(fetch) if !fetch.get().is_some_and(|done| done.expired(now)) => fetch.clone(),
+                Some(fetch) if !fetch.peek().is_some_and(|done| done.expired(now)) => fetch.clone(),
                 _ => {
+                    let fetch = self.start_fetch(url);
+                    fetched.remove(url);
                     if fetched.len() >= MAX_CERTIFICATE_URLS {
+                        // Failures go first; fetches under way and certificates stay.
                         fetched.retain(|_, fetch| {
-                            matches!(fetch.get(), Some(Fetched::Certificate(_)))
+                            !matches!(
+                                fetch.peek(),
+                                Some(Fetched::Refused(..) | Fetched::Unavailable(..))
+                            )
                         });
-                        if fetched.len() >= MAX_CERTIFICATE_URLS {
-                            fetched.clear();
-                        }
                     }
-                    let fetch = Arc::new(tokio::sync::OnceCell::new());
-                    fetched.insert(url.to_string(), fetch.clone());
+                    if fetched.len() < MAX_CERTIFICATE_URLS {
+                        fetched.insert(url.to_string(), fetch.clone());
+                    }
                     fetch
                 }
             }
         };
-        fetch
-            .get_or_init(|| async { Fetched::new(self.fetch(url).await, Instant::now()) })
-            .await
-            .answer()
+        fetch.await.answer()
     }
 
-    /// The DER of the certificate at `url`, an SNS certificate URL.
-    async fn fetch(&self, url: &str) -> Result<Vec<u8>, WebhookError> {
-        let fetch = async {
-            let mut response = self.client.get(url).send().await?.error_for_status()?;
-            let mut pem = Vec::new();
-            while let Some(chunk) = response.chunk().await? {
-                pem.extend_from_slice(&chunk);
-                if pem.len() > MAX_CERTIFICATE_BYTES {
-                    return Ok(None);
-                }
-            }
-            Ok(Some(pem))
-        };
-        let pem = fetch
-            .await
-            .map_err(|e: reqwest::Error| certificate_fetch_error(e.status(), &e))?
-            .ok_or(WebhookError::Unauthorized(
-                "SigningCertURL serves more than a certificate",
-            ))?;
-        let pem = String::from_utf8(pem)
-            .map_err(|_| WebhookError::Unauthorized("SigningCertURL is not a certificate"))?;
-        pem_to_der(&pem)
-            .map_err(|_| WebhookError::Unauthorized("SigningCertURL is not a certificate"))
+    /// Starts fetching the certificate at `url`, an SNS certificate URL.
+    fn start_fetch(&self, url: &str) -> Fetch {
+        use futures_util::FutureExt;
+        let fetch = tokio::spawn(fetch_certificate(self.client.clone(), url.to_string()));
+        async move {
+            let fetched = fetch
+                .await
+                .unwrap_or_else(|e| Err(WebhookError::Unavailable(e.to_string())));
+            Fetched::new(fetched, Instant::now())
+        }
+        .boxed()
+        .shared()
     }
 
     /// Verifies the envelope's signature with its certificate. What can be refused without the
@@ -567,15 +571,47 @@ pub fn parse_ses(message: &str, message_id: String) -> Result<Parsed, WebhookErr
     Ok(parsed)
 }
 
-/// What a failed fetch of the SigningCertURL certificate answers: a 4xx is the caller's doing
-/// (the URL's path is theirs to choose), so the message is refused (401); a network error or a
-/// 5xx is AWS's, so the sender should retry (503).
+/// The DER of the certificate at `url`, an SNS certificate URL.
+async fn fetch_certificate(client: reqwest::Client, url: String) -> Result<Vec<u8>, WebhookError> {
+    let fetch = async {
+        let mut response = client.get(&url).send().await?.error_for_status()?;
+        // Redirects are not followed: a 3xx is no certificate, and not the URL's fault.
+        if !response.status().is_success() {
+            return Ok(Err(response.status()));
+        }
+        let mut pem = Vec::new();
+        while let Some(chunk) = response.chunk().await? {
+            pem.extend_from_slice(&chunk);
+            if pem.len() > MAX_CERTIFICATE_BYTES {
+                return Ok(Ok(None));
+            }
+        }
+        Ok(Ok(Some(pem)))
+    };
+    let pem = fetch
+        .await
+        .map_err(|e: reqwest::Error| certificate_fetch_error(e.status(), &e))?
+        .map_err(|status| {
+            WebhookError::Unavailable(format!("fetching the SNS certificate: {status}"))
+        })?
+        .ok_or(WebhookError::Unauthorized(
+            "SigningCertURL serves more than a certificate",
+        ))?;
+    let pem = String::from_utf8(pem)
+        .map_err(|_| WebhookError::Unauthorized("SigningCertURL is not a certificate"))?;
+    pem_to_der(&pem).map_err(|_| WebhookError::Unauthorized("SigningCertURL is not a certificate"))
+}
+
+/// What a failed fetch of the SigningCertURL certificate answers: no such certificate (400,
+/// 404, 410) is the caller's doing (the URL's path is theirs to choose), so the message is
+/// refused (401); anything else (a network error, a 5xx, or a 403, 408 or 429 of AWS's
+/// throttling) is no word on the certificate, so the sender should retry (503).
 fn certificate_fetch_error(
     status: Option<reqwest::StatusCode>,
     error: &dyn std::fmt::Display,
 ) -> WebhookError {
-    match status {
-        Some(status) if status.is_client_error() => {
+    match status.map(|status| status.as_u16()) {
+        Some(400 | 404 | 410) => {
             WebhookError::Unauthorized("SigningCertURL does not serve a certificate")
         }
         _ => WebhookError::Unavailable(format!("fetching the SNS certificate: {error}")),
@@ -881,6 +917,17 @@ mod tests {
             "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-x/y.pem",
             "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-x.txt",
             "https://sns.s3.amazonaws.com/SimpleNotificationService-x.pem",
+            // Other spellings of one URL: each was a fetch and a cache entry of its own.
+            "https://sns.us-east-1.amazonaws.com:443/SimpleNotificationService-x.pem",
+            "https://sns.us-east-1.amazonaws.com/y/../SimpleNotificationService-x.pem",
+            "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-\tx.pem",
+            "https://SNS.us-east-1.amazonaws.com/SimpleNotificationService-x.pem",
+            "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-%78.pem",
+            "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-.pem",
+            &format!(
+                "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-{}.pem",
+                "a".repeat(256)
+            ),
         ] {
             assert!(!is_certificate_url(bad), "{bad}");
         }
@@ -963,10 +1010,11 @@ mod tests {
         ));
     }
 
-    /// A 4xx fetching the certificate (a path the caller chose) is refused, 401; a network
-    /// error or a 5xx stays 503, for the sender to retry.
+    /// No certificate at the URL (a path the caller chose: 400, 404, 410) is refused, 401; a
+    /// network error, a 5xx or AWS's throttling (403, 408, 429) stays 503, for the sender to
+    /// retry (a 4xx was refused, and SNS does not retry a 4xx: the notification was lost).
     #[test]
-    fn certificate_fetch_4xx_is_refused_5xx_is_unavailable() {
+    fn a_missing_certificate_is_refused_other_failures_are_unavailable() {
         use axum::http::StatusCode;
         let answer = |status: Option<u16>| {
             certificate_fetch_error(
@@ -974,7 +1022,7 @@ mod tests {
                 &"failed",
             )
         };
-        for status in [400, 403, 404] {
+        for status in [400, 404, 410] {
             let error = answer(Some(status));
             assert!(
                 matches!(error, WebhookError::Unauthorized(_)),
@@ -985,7 +1033,7 @@ mod tests {
                 (StatusCode::UNAUTHORIZED, "refused")
             );
         }
-        for status in [Some(500), Some(503), None] {
+        for status in [Some(403), Some(408), Some(429), Some(500), Some(503), None] {
             let error = answer(status);
             assert!(
                 matches!(error, WebhookError::Unavailable(_)),
