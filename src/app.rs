@@ -242,6 +242,7 @@ impl App {
             let mut settings =
                 crate::ingest::IngestSettings::new(&config.amqp.amqp_url, config.amqp.topology());
             settings.pack_window = std::time::Duration::from_millis(config.ingest_pack_window_ms);
+            settings.max_unconfirmed = config.ingest_max_unconfirmed as usize;
             // The publish and its confirm each wait a third of HTTP_REQUEST_TIMEOUT at most (and
             // 250 ms at least: a publish that times out drops the connection every request
             // shares), so a broker that takes publishes but never confirms them gets ingest's

@@ -236,6 +236,13 @@ pub struct Config {
     #[arg(long, env = "INGEST_PACK_WINDOW_MS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=86_400_000))]
     pub ingest_pack_window_ms: u64,
 
+    /// Most messages the ingest publisher (HTTP ingest and webhooks) has sent and RabbitMQ has not
+    /// confirmed yet; past it, publishes are answered 503 at once. A broker that holds confirms
+    /// back (a quorum queue without its majority) otherwise left one waiting confirm per
+    /// request, for as long as clients retried.
+    #[arg(long, env = "INGEST_MAX_UNCONFIRMED", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub ingest_max_unconfirmed: u32,
+
     /// Requests served at once; past it requests get 503 with Retry-After instead of queueing.
     #[arg(long, env = "HTTP_MAX_CONCURRENCY", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub http_max_concurrency: u32,

@@ -34,6 +34,8 @@ pub struct IngestSettings {
     pub confirm_timeout: Duration,
     /// After a failed connect, requests fail fast (503) for this long instead of each trying again.
     pub reconnect_pause: Duration,
+    /// Most messages sent and not confirmed yet (see [`Unconfirmed`]).
+    pub max_unconfirmed: usize,
 }
 
 /// Debug shows the URL without its password.
@@ -46,6 +48,7 @@ impl std::fmt::Debug for IngestSettings {
             .field("pack_max", &self.pack_max)
             .field("confirm_timeout", &self.confirm_timeout)
             .field("reconnect_pause", &self.reconnect_pause)
+            .field("max_unconfirmed", &self.max_unconfirmed)
             .finish()
     }
 }
@@ -59,6 +62,7 @@ impl IngestSettings {
             pack_max: 1000,
             confirm_timeout: Duration::from_secs(5),
             reconnect_pause: Duration::from_millis(500),
+            max_unconfirmed: 10_000,
         }
     }
 }
@@ -84,6 +88,37 @@ type Reply = oneshot::Sender<Result<(), IngestError>>;
 /// Why a publish was refused at once: the connection is blocked by a resource alarm.
 const BLOCKED: &str = "RabbitMQ blocks publishing (a memory or disk alarm)";
 
+/// Why a publish was refused at once: [`IngestSettings::max_unconfirmed`] messages await their
+/// confirm.
+const UNCONFIRMED: &str = "too many messages await RabbitMQ's confirm (INGEST_MAX_UNCONFIRMED)";
+
+/// A message sent whose confirm has not come: one of [`IngestSettings::max_unconfirmed`], held
+/// until the confirm (or the connection's end) settles it, whatever became of the request. The
+/// gauge `catchall_ingest_unconfirmed` counts them.
+struct Unconfirmed {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Unconfirmed {
+    fn take(permits: &Arc<tokio::sync::Semaphore>) -> Option<Self> {
+        let _permit = permits.clone().try_acquire_owned().ok()?;
+        crate::metrics::ingest_unconfirmed(1.0);
+        Some(Self { _permit })
+    }
+}
+
+impl Drop for Unconfirmed {
+    fn drop(&mut self) {
+        crate::metrics::ingest_unconfirmed(-1.0);
+    }
+}
+
+/// A message handed to the broker: its confirm, to await with [`Link::settle`].
+struct Sent {
+    confirm: PublisherConfirm,
+    unconfirmed: Unconfirmed,
+}
+
 /// The publisher shared by the HTTP handlers. Cheap to clone.
 #[derive(Clone)]
 pub struct Ingest {
@@ -98,6 +133,8 @@ struct Link {
     /// A connection attempt is under way (see [`Link::channel`]), and its end.
     connecting: std::sync::atomic::AtomicBool,
     attempt_ended: tokio::sync::Notify,
+    /// Permits for messages sent and not confirmed yet (see [`Unconfirmed`]).
+    unconfirmed: Arc<tokio::sync::Semaphore>,
 }
 
 /// Clears [`Link::connecting`] and wakes the requests waiting for the attempt when it ends,
@@ -136,10 +173,11 @@ impl Ingest {
     pub fn start(settings: IngestSettings) -> Self {
         let (packer, queue) = mpsc::channel(settings.pack_max * 4);
         let link = Arc::new(Link {
-            settings,
             open: Mutex::new(LinkState::default()),
             connecting: Default::default(),
             attempt_ended: tokio::sync::Notify::new(),
+            unconfirmed: Arc::new(tokio::sync::Semaphore::new(settings.max_unconfirmed)),
+            settings,
         });
         tokio::spawn(pack_loop(link.clone(), queue));
         Self { link, packer }
@@ -173,8 +211,8 @@ impl Ingest {
     pub async fn publish_one(&self, event: Event, key: Option<String>) -> Result<(), IngestError> {
         if let Some(key) = key {
             let body = serde_json::to_vec(&event).expect("an event always serialises");
-            let confirm = self.link.send(event.kind.as_str(), &body, &key).await?;
-            return self.link.settle(confirm).await;
+            let sent = self.link.send(event.kind.as_str(), &body, &key).await?;
+            return self.link.settle(sent).await;
         }
         let (reply, answer) = oneshot::channel();
         self.packer
@@ -194,8 +232,8 @@ impl Ingest {
     ) -> Result<(), IngestError> {
         let body = serde_json::to_vec(events).expect("events always serialise");
         let id = key.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-        let confirm = self.link.send("batch", &body, &id).await?;
-        self.link.settle(confirm).await
+        let sent = self.link.send("batch", &body, &id).await?;
+        self.link.settle(sent).await
     }
 }
 
@@ -304,10 +342,15 @@ impl Link {
         routing_key: &str,
         body: &[u8],
         message_id: &str,
-    ) -> Result<PublisherConfirm, IngestError> {
+    ) -> Result<Sent, IngestError> {
         if body.len() > MAX_BODY_BYTES {
             return Err(IngestError::TooLarge(body.len()));
         }
+        let Some(unconfirmed) = Unconfirmed::take(&self.unconfirmed) else {
+            let error = IngestError::Unavailable(UNCONFIRMED.into());
+            crate::metrics::ingest_published("unconfirmed", Some(&error));
+            return Err(error);
+        };
         let (channel, connection) = match self.channel().await {
             Ok(open) => open,
             Err(error) => {
@@ -341,7 +384,10 @@ impl Link {
         )
         .await;
         match published {
-            Ok(Ok(confirm)) => Ok(confirm),
+            Ok(Ok(confirm)) => Ok(Sent {
+                confirm,
+                unconfirmed,
+            }),
             Ok(Err(error)) => {
                 self.forget(connection);
                 crate::metrics::ingest_published("unavailable", Some(&error));
@@ -363,9 +409,17 @@ impl Link {
     /// (timed out, or the request dropped: its client gone, or past HTTP_REQUEST_TIMEOUT):
     /// dropped unresolved, lapin keeps a confirm until `wait_for_confirms`, which nothing calls,
     /// so the long-lived ingest channel held one more for every request that stopped waiting.
-    async fn settle(&self, confirm: PublisherConfirm) -> Result<(), IngestError> {
+    async fn settle(&self, sent: Sent) -> Result<(), IngestError> {
         let timeout = self.settings.confirm_timeout;
-        let confirm = tokio::spawn(confirm);
+        let Sent {
+            confirm,
+            unconfirmed,
+        } = sent;
+        let confirm = tokio::spawn(async move {
+            let outcome = confirm.await;
+            drop(unconfirmed);
+            outcome
+        });
         let (outcome, result) = match tokio::time::timeout(timeout, confirm).await {
             Ok(Err(error)) => (
                 "unavailable",
@@ -480,7 +534,7 @@ async fn pack_loop(link: Arc<Link>, mut queue: mpsc::Receiver<(Event, Reply)>) {
         let link = link.clone();
         tokio::spawn(async move {
             let outcome = match sent {
-                Ok(confirm) => link.settle(confirm).await,
+                Ok(sent) => link.settle(sent).await,
                 Err(error) => Err(error),
             };
             for reply in replies {

@@ -222,6 +222,11 @@ fn describe() {
         "The prefetch (basic.qos) in force: PREFETCH_BYTES / 1 MiB at start, raised up to PREFETCH for small bodies."
     );
     describe_gauge!(
+        "catchall_ingest_unconfirmed",
+        "Messages the HTTP ingest and the webhooks sent whose confirm has not come (at most INGEST_MAX_UNCONFIRMED)."
+    );
+    gauge!("catchall_ingest_unconfirmed").set(0.0);
+    describe_gauge!(
         "catchall_unacked_bytes",
         Unit::Bytes,
         "Bytes of message bodies held unacknowledged (gathering and committing)."
@@ -437,15 +442,22 @@ pub fn webhook_handled(
 }
 
 /// The outcomes of `catchall_ingest_publishes_total`.
-pub const INGEST_OUTCOMES: [&str; 7] = [
+pub const INGEST_OUTCOMES: [&str; 8] = [
     "acked",
     "nacked",
     "returned",
     "confirm_timeout",
     "publish_timeout",
     "blocked",
+    "unconfirmed",
     "unavailable",
 ];
+
+/// Messages the ingest publisher sent whose confirm has not come, one more (`1.0`) or one fewer
+/// (`-1.0`); bounded by INGEST_MAX_UNCONFIRMED.
+pub fn ingest_unconfirmed(change: f64) {
+    gauge!("catchall_ingest_unconfirmed").increment(change);
+}
 
 /// A message the HTTP ingest or a webhook published (or could not): `outcome` is one of
 /// [`INGEST_OUTCOMES`]. A failure is logged too, at most ten lines a second (at debug level

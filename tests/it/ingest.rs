@@ -1097,3 +1097,69 @@ async fn a_confirm_that_never_comes_is_a_503_within_the_request_timeout() {
     assert!(error.contains("did not confirm"), "{body}");
     worker.stop().await;
 }
+
+/// A broker that takes publishes and holds their confirms back (as a quorum queue without its
+/// majority does): each request stops waiting at its timeout (503), and its confirm is still
+/// awaited. Past `INGEST_MAX_UNCONFIRMED` of them, publishes are answered 503 at once, and the
+/// room comes back when the connection's end settles them. There was no bound: one waiting
+/// confirm (and a task) per request, for as long as clients retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_awaiting_their_confirm_are_bounded() {
+    let proxy = Proxy::start("127.0.0.1:5672").await;
+    let url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    let (_db, _broker, worker) = ingest_worker(|config| {
+        config.amqp.amqp_url = url;
+        config.http_request_timeout = Duration::from_secs(3);
+        config.ingest_max_unconfirmed = 4;
+    })
+    .await;
+    let client = client();
+    let put = |key: String| {
+        client
+            .put(worker.url("/events/held.example/delivered"))
+            .bearer_auth(TOKEN)
+            .header("Idempotency-Key", key)
+            .send()
+    };
+    let error_of = |response: reqwest::Response| async move {
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body: serde_json::Value = response.json().await.expect("a JSON error");
+        body["error"].as_str().unwrap_or_default().to_string()
+    };
+    assert_eq!(
+        put("first".into()).await.unwrap().status(),
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(worker.metric("catchall_ingest_unconfirmed").await, 0.0);
+
+    proxy.swallow_replies();
+    let held = futures_util::future::join_all((0..4).map(|i| put(format!("held-{i}")))).await;
+    for response in held {
+        let error = error_of(response.expect("PUT answered")).await;
+        assert!(error.contains("did not confirm"), "{error}");
+    }
+    assert_eq!(worker.metric("catchall_ingest_unconfirmed").await, 4.0);
+    // The fifth is refused at once, without a wait of its own (the answer's text is the same).
+    let error = error_of(put("one-more".into()).await.expect("PUT answered")).await;
+    assert!(error.contains("did not confirm"), "{error}");
+    let outcome =
+        |outcome: &str| format!("catchall_ingest_publishes_total{{outcome=\"{outcome}\"}}");
+    assert_eq!(worker.metric(&outcome("unconfirmed")).await, 1.0);
+    assert_eq!(worker.metric(&outcome("confirm_timeout")).await, 4.0);
+
+    // The connection's end settles what it held (the confirms fail): room again.
+    proxy.drop_connections();
+    proxy.restore();
+    wait_for(
+        Duration::from_secs(30),
+        "the held confirms settled and a PUT accepted",
+        || async {
+            let unconfirmed = worker.try_metric("catchall_ingest_unconfirmed").await?;
+            let key = uuid::Uuid::now_v7().to_string();
+            (unconfirmed == 0.0 && put(key).await.ok()?.status() == StatusCode::ACCEPTED)
+                .then_some(())
+        },
+    )
+    .await;
+    worker.stop().await;
+}
