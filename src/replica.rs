@@ -10,10 +10,13 @@ use std::time::{Duration, Instant};
 use tokio_postgres::types::PgLsn;
 use tokio_util::sync::CancellationToken;
 
-/// Seconds the replica is behind by its own account, and what it has replayed (NULL on a
-/// server not in recovery: `pg_last_wal_replay_lsn()` stays where it was on a promoted standby,
-/// or on a primary after crash recovery, and such a server would lag for ever). The account is 0 when it streams from its primary and has replayed all it received
-/// (or is a primary), else the age of the last transaction it replayed. Without a WAL receiver
+/// Seconds the replica is behind by its own account, and how far it has replayed its WAL: on a
+/// server not in recovery, how far it has flushed its own (`pg_last_wal_replay_lsn()` stays
+/// where it was on a promoted standby, or on a primary after crash recovery: the same server
+/// as the primary then lagged for ever, and a standby promoted apart from it, which gets none
+/// of the writes, must not read as current). The account is 0 when it streams from its primary
+/// and has replayed all it received (or is a primary), else the age of the last transaction it
+/// replayed. Without a WAL receiver
 /// (primary gone, replication broken) what it received says nothing of what it missed, so the
 /// age counts: it used to show 0 there, a replica cut off for hours looking current.
 /// `pg_stat_wal_receiver` has its row (its pid, at least) for every role while a receiver runs.
@@ -28,7 +31,8 @@ const REPLICA: &str = "SELECT CASE \
        ELSE EXTRACT(EPOCH FROM now() \
             - COALESCE(pg_last_xact_replay_timestamp(), pg_postmaster_start_time())) \
      END::float8, \
-     CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() END";
+     CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+          ELSE pg_current_wal_flush_lsn() END";
 
 /// How far the primary has flushed its WAL: all a replica can have received from it.
 const PRIMARY: &str = "SELECT pg_current_wal_flush_lsn()";
@@ -50,6 +54,8 @@ struct Unreplayed {
     complete: bool,
     /// The first position read since the start or the last gap, while not `complete`.
     first: Option<u64>,
+    /// The last position read.
+    newest: Option<u64>,
 }
 
 impl Unreplayed {
@@ -60,19 +66,18 @@ impl Unreplayed {
 
     /// The primary had flushed its WAL to `position` at `at`.
     fn flushed(&mut self, position: u64, at: Instant) {
+        // Another server's WAL (a failover to a server behind, a restore): the positions
+        // read say nothing of it.
+        if self.newest.is_some_and(|newest| position < newest) {
+            self.positions.clear();
+            self.gap();
+        }
+        self.newest = Some(position);
         if !self.complete && self.first.is_none() {
             self.first = Some(position);
         }
         match self.positions.back() {
-            Some(&(newest, _)) if position == newest => {}
-            // Another server's WAL (a failover to a server behind, a restore): the positions
-            // read say nothing of it.
-            Some(&(newest, _)) if position < newest => {
-                self.positions.clear();
-                self.gap();
-                self.first = Some(position);
-                self.positions.push_back((position, at));
-            }
+            Some(&(newest, _)) if position <= newest => {}
             _ => {
                 if self.positions.len() >= Self::MOST
                     && let Some((_, older)) = self.positions.remove(1)
@@ -92,8 +97,13 @@ impl Unreplayed {
         self.first = None;
     }
 
-    /// The replica has replayed up to `position`.
+    /// The replica has replayed up to `position`. Past the last position read on the primary,
+    /// it does not follow that primary (a replica left on an old timeline after a failover, or
+    /// a primary's position read a moment before the replica's): its own account counts.
     fn replayed(&mut self, position: u64) {
+        if self.newest.is_some_and(|newest| position > newest) {
+            self.gap();
+        }
         while self
             .positions
             .front()
@@ -242,10 +252,10 @@ async fn measure(
                     unreplayed.replayed(replayed.into());
                     unreplayed.lag(own_account)
                 }
-                // Not in recovery: nothing to lag behind.
+                // Nothing replayed yet: the replica's own account.
                 None => {
-                    *unreplayed = Unreplayed::default();
-                    own_account
+                    unreplayed.gap();
+                    unreplayed.lag(own_account)
                 }
             };
             *last = Some((lag, Instant::now()));
@@ -344,11 +354,20 @@ mod tests {
         // The primary's WAL went back (another server): its earlier positions are dropped,
         // and the own account counts until the replica has replayed the new one.
         unreplayed.flushed(500, ago(now, 4));
+        unreplayed.replayed(500);
         unreplayed.flushed(350, ago(now, 1));
         unreplayed.replayed(340);
         assert_lag(&unreplayed, 100.0, 100.0, 101.0);
         unreplayed.replayed(350);
         assert_lag(&unreplayed, 100.0, 0.0, 0.001);
+        // A replica past the primary's last position (left on an old timeline) does not follow
+        // it: its own account counts, until it has replayed a position read after.
+        unreplayed.flushed(360, ago(now, 1));
+        unreplayed.replayed(9000);
+        assert_lag(&unreplayed, 50.0, 50.0, 51.0);
+        unreplayed.flushed(9100, ago(now, 1));
+        unreplayed.replayed(9100);
+        assert_lag(&unreplayed, 50.0, 0.0, 0.001);
     }
 
     /// Past [`Unreplayed::MOST`] positions, the lag is never read short: a partial catch-up
