@@ -173,8 +173,13 @@ fn on_region_host(raw: &str, topic_arn: &str) -> bool {
 const MAX_CERTIFICATE_BYTES: usize = 16 * 1024;
 
 /// The most certificate URLs remembered; past it, the failed ones are forgotten, and a URL
-/// that still finds no room is fetched without being remembered.
+/// that still finds no room is answered 503 (SNS retries).
 const MAX_CERTIFICATE_URLS: usize = 64;
+
+/// The most certificate fetches under way at once; past it, a request with a URL not fetched
+/// yet is answered 503. A fetch goes on when its requests are gone, so forged requests with
+/// new URLs that close at once would otherwise start fetches from AWS without bound.
+const MAX_FETCHES: usize = 8;
 
 /// How long a URL that served no certificate (400, 404, 410, or a body that is not one) is
 /// refused without fetching it again: each forged request with one such URL fetched it from
@@ -278,7 +283,6 @@ impl SnsVerifier {
             match fetched.get(url) {
                 Some(fetch) if !fetch.peek().is_some_and(|done| done.expired(now)) => fetch.clone(),
                 _ => {
-                    let fetch = self.start_fetch(url);
                     fetched.remove(url);
                     if fetched.len() >= MAX_CERTIFICATE_URLS {
                         // Failures go first; fetches under way and certificates stay.
@@ -289,9 +293,14 @@ impl SnsVerifier {
                             )
                         });
                     }
-                    if fetched.len() < MAX_CERTIFICATE_URLS {
-                        fetched.insert(url.to_string(), fetch.clone());
+                    let under_way = fetched.values().filter(|f| f.peek().is_none()).count();
+                    if fetched.len() >= MAX_CERTIFICATE_URLS || under_way >= MAX_FETCHES {
+                        return Err(WebhookError::Unavailable(
+                            "too many SNS certificate fetches under way".into(),
+                        ));
                     }
+                    let fetch = self.start_fetch(url);
+                    fetched.insert(url.to_string(), fetch.clone());
                     fetch
                 }
             }
@@ -299,18 +308,22 @@ impl SnsVerifier {
         fetch.await.answer()
     }
 
-    /// Starts fetching the certificate at `url`, an SNS certificate URL.
+    /// Starts fetching the certificate at `url`, an SNS certificate URL. The fetch is driven to
+    /// its end by a task of its own, so its outcome is there to `Shared::peek` (expiry,
+    /// eviction) once it ends, even when every request that waited for it is gone.
     fn start_fetch(&self, url: &str) -> Fetch {
         use futures_util::FutureExt;
         let fetch = tokio::spawn(fetch_certificate(self.client.clone(), url.to_string()));
-        async move {
+        let fetch = async move {
             let fetched = fetch
                 .await
                 .unwrap_or_else(|e| Err(WebhookError::Unavailable(e.to_string())));
             Fetched::new(fetched, Instant::now())
         }
         .boxed()
-        .shared()
+        .shared();
+        tokio::spawn(fetch.clone());
+        fetch
     }
 
     /// Verifies the envelope's signature with its certificate. What can be refused without the
@@ -669,6 +682,10 @@ mod tests {
                                     (200, test_cert_pem())
                                 }
                                 "/SimpleNotificationService-down.pem" => (503, String::new()),
+                                "/SimpleNotificationService-slow.pem" => {
+                                    drop(gate.acquire().await);
+                                    (404, String::new())
+                                }
                                 _ => (404, String::new()),
                             };
                             hyper::Response::builder()
@@ -715,6 +732,20 @@ mod tests {
             requests.lock().unwrap().get(&path).copied().unwrap_or(0)
         };
 
+        // A request that stops waiting (its client gone) leaves the fetch to end alone: its
+        // outcome is kept (it stayed "under way" for ever, never expired nor evicted).
+        let gone = {
+            let (verifier, envelope) = (verifier.clone(), at("slow"));
+            tokio::spawn(async move { verifier.verify(&envelope).await })
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while count("slow") == 0 {
+            assert!(Instant::now() < deadline, "no fetch of the slow URL");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        gone.abort();
+        let _ = gone.await;
+
         let verifying: Vec<_> = (0..8)
             .map(|_| {
                 let (verifier, envelope) = (verifier.clone(), at("good"));
@@ -757,6 +788,21 @@ mod tests {
             (1, 1),
             "failed fetches are remembered"
         );
+        let slow = "https://sns.us-west-2.amazonaws.com/SimpleNotificationService-slow.pem";
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let done = verifier.fetched.lock().unwrap()[slow].peek().is_some();
+            if done {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the abandoned fetch never ended");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(matches!(
+            verifier.verify(&at("slow")).await,
+            Err(WebhookError::Unauthorized(_))
+        ));
+        assert_eq!(count("slow"), 1, "the abandoned fetch's outcome is kept");
     }
 
     fn tallies(name: &str) -> (Vec<(String, Tally)>, usize) {
