@@ -11,7 +11,6 @@
 use crate::amqp::{Topology, connect_beside};
 use crate::config::redact_url;
 use crate::event::{Event, MAX_BODY_BYTES};
-use lapin::PublisherConfirm;
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use std::sync::Arc;
@@ -93,8 +92,9 @@ const BLOCKED: &str = "RabbitMQ blocks publishing (a memory or disk alarm)";
 const UNCONFIRMED: &str = "too many messages await RabbitMQ's confirm (INGEST_MAX_UNCONFIRMED)";
 
 /// A message sent whose confirm has not come: one of [`IngestSettings::max_unconfirmed`], held
-/// until the confirm (or the connection's end) settles it, whatever became of the request. The
-/// gauge `catchall_ingest_unconfirmed` counts them.
+/// until the confirm (or the connection's end) settles it, whatever became of the request (see
+/// [`Link::send`]). The gauge `catchall_ingest_unconfirmed` counts them (over every publisher of
+/// the process).
 struct Unconfirmed {
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
@@ -113,11 +113,9 @@ impl Drop for Unconfirmed {
     }
 }
 
-/// A message handed to the broker: its confirm, to await with [`Link::settle`].
-struct Sent {
-    confirm: PublisherConfirm,
-    unconfirmed: Unconfirmed,
-}
+/// A message handed to the broker: the task awaiting its confirm (see [`Link::send`]), to
+/// await with [`Link::settle`].
+struct Sent(tokio::task::JoinHandle<Option<lapin::Result<Confirmation>>>);
 
 /// The publisher shared by the HTTP handlers. Cheap to clone.
 #[derive(Clone)]
@@ -176,7 +174,11 @@ impl Ingest {
             open: Mutex::new(LinkState::default()),
             connecting: Default::default(),
             attempt_ended: tokio::sync::Notify::new(),
-            unconfirmed: Arc::new(tokio::sync::Semaphore::new(settings.max_unconfirmed)),
+            unconfirmed: Arc::new(tokio::sync::Semaphore::new(
+                settings
+                    .max_unconfirmed
+                    .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+            )),
             settings,
         });
         tokio::spawn(pack_loop(link.clone(), queue));
@@ -211,7 +213,7 @@ impl Ingest {
     pub async fn publish_one(&self, event: Event, key: Option<String>) -> Result<(), IngestError> {
         if let Some(key) = key {
             let body = serde_json::to_vec(&event).expect("an event always serialises");
-            let sent = self.link.send(event.kind.as_str(), &body, &key).await?;
+            let sent = self.link.send(event.kind.as_str(), body, &key).await?;
             return self.link.settle(sent).await;
         }
         let (reply, answer) = oneshot::channel();
@@ -232,7 +234,7 @@ impl Ingest {
     ) -> Result<(), IngestError> {
         let body = serde_json::to_vec(events).expect("events always serialise");
         let id = key.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-        let sent = self.link.send("batch", &body, &id).await?;
+        let sent = self.link.send("batch", body, &id).await?;
         self.link.settle(sent).await
     }
 }
@@ -336,21 +338,21 @@ impl Link {
     }
 
     /// Hands a message to the broker (persistent, mandatory, JSON, with its id); the confirm is
-    /// awaited with [`Link::settle`].
+    /// awaited with [`Link::settle`]. The publish and then its confirm are awaited to their end
+    /// on a task of their own that holds the message's [`Unconfirmed`] permit, whatever becomes
+    /// of the wait (timed out, or the request dropped: its client gone, or past
+    /// HTTP_REQUEST_TIMEOUT): lapin holds the message and its confirm until the broker settles
+    /// it or the connection ends, and a confirm dropped unresolved stayed in lapin until
+    /// `wait_for_confirms`, which nothing calls.
     async fn send(
         &self,
         routing_key: &str,
-        body: &[u8],
+        body: Vec<u8>,
         message_id: &str,
     ) -> Result<Sent, IngestError> {
         if body.len() > MAX_BODY_BYTES {
             return Err(IngestError::TooLarge(body.len()));
         }
-        let Some(unconfirmed) = Unconfirmed::take(&self.unconfirmed) else {
-            let error = IngestError::Unavailable(UNCONFIRMED.into());
-            crate::metrics::ingest_published("unconfirmed", Some(&error));
-            return Err(error);
-        };
         let (channel, connection) = match self.channel().await {
             Ok(open) => open,
             Err(error) => {
@@ -362,36 +364,55 @@ impl Link {
                 return Err(error);
             }
         };
+        let Some(unconfirmed) = Unconfirmed::take(&self.unconfirmed) else {
+            let error = IngestError::Unavailable(UNCONFIRMED.into());
+            crate::metrics::ingest_published("unconfirmed", Some(&error));
+            return Err(error);
+        };
         let properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into())
             .with_message_id(short_message_id(message_id).as_ref().into());
-        // A broker blocked by a resource alarm accepts no publish: bounded like the confirm,
-        // so the pack loop and callers are not stalled behind it.
-        let timeout = self.settings.confirm_timeout;
-        let published = tokio::time::timeout(
-            timeout,
-            channel.basic_publish(
-                self.settings.topology.exchange.as_str().into(),
-                routing_key.into(),
+        let exchange = self.settings.topology.exchange.clone();
+        let routing_key = routing_key.to_string();
+        let (published, publishing) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            let _unconfirmed = unconfirmed;
+            let publish = channel.basic_publish(
+                exchange.as_str().into(),
+                routing_key.as_str().into(),
                 BasicPublishOptions {
                     mandatory: true,
                     ..BasicPublishOptions::default()
                 },
-                body,
+                &body,
                 properties,
-            ),
-        )
-        .await;
-        match published {
-            Ok(Ok(confirm)) => Ok(Sent {
-                confirm,
-                unconfirmed,
-            }),
-            Ok(Err(error)) => {
+            );
+            match publish.await {
+                Ok(confirm) => {
+                    let _ = published.send(Ok(()));
+                    Some(confirm.await)
+                }
+                Err(error) => {
+                    let _ = published.send(Err(error));
+                    None
+                }
+            }
+        });
+        // A broker blocked by a resource alarm accepts no publish: bounded like the confirm,
+        // so the pack loop and callers are not stalled behind it.
+        let timeout = self.settings.confirm_timeout;
+        match tokio::time::timeout(timeout, publishing).await {
+            Ok(Ok(Ok(()))) => Ok(Sent(task)),
+            Ok(Ok(Err(error))) => {
                 self.forget(connection);
                 crate::metrics::ingest_published("unavailable", Some(&error));
                 Err(IngestError::Unavailable(error.to_string()))
+            }
+            Ok(Err(_)) => {
+                let error = IngestError::Unavailable("the publishing task ended".into());
+                crate::metrics::ingest_published("unavailable", Some(&error));
+                Err(error)
             }
             Err(_) => {
                 self.forget(connection);
@@ -404,30 +425,22 @@ impl Link {
         }
     }
 
-    /// Waits for the broker's verdict on a message. Only an ack of a routed message is success.
-    /// The confirm is awaited to its end in a task of its own, whatever becomes of the wait
-    /// (timed out, or the request dropped: its client gone, or past HTTP_REQUEST_TIMEOUT):
-    /// dropped unresolved, lapin keeps a confirm until `wait_for_confirms`, which nothing calls,
-    /// so the long-lived ingest channel held one more for every request that stopped waiting.
+    /// Waits for the broker's verdict on a message (see [`Link::send`]). Only an ack of a
+    /// routed message is success.
     async fn settle(&self, sent: Sent) -> Result<(), IngestError> {
         let timeout = self.settings.confirm_timeout;
-        let Sent {
-            confirm,
-            unconfirmed,
-        } = sent;
-        let confirm = tokio::spawn(async move {
-            let outcome = confirm.await;
-            drop(unconfirmed);
-            outcome
-        });
-        let (outcome, result) = match tokio::time::timeout(timeout, confirm).await {
+        let (outcome, result) = match tokio::time::timeout(timeout, sent.0).await {
+            Ok(Ok(Some(outcome))) => Self::verdict(outcome),
+            Ok(Ok(None)) => (
+                "unavailable",
+                Err(IngestError::Unavailable("the publish failed".into())),
+            ),
             Ok(Err(error)) => (
                 "unavailable",
                 Err(IngestError::Unavailable(format!(
                     "waiting for the confirm: {error}"
                 ))),
             ),
-            Ok(Ok(outcome)) => Self::verdict(outcome),
             Err(_) => (
                 "confirm_timeout",
                 Err(IngestError::NotConfirmed(format!(
@@ -530,7 +543,7 @@ async fn pack_loop(link: Arc<Link>, mut queue: mpsc::Receiver<(Event, Reply)>) {
         };
         let body = body.expect("events always serialise");
         let id = uuid::Uuid::now_v7().to_string();
-        let sent = link.send(routing_key, &body, &id).await;
+        let sent = link.send(routing_key, body, &id).await;
         let link = link.clone();
         tokio::spawn(async move {
             let outcome = match sent {

@@ -205,7 +205,8 @@ fn describe() {
         "catchall_ingest_publishes_total",
         "Messages the HTTP ingest and the webhooks published, by outcome: acked, nacked, returned \
          (unroutable), confirm_timeout, publish_timeout (the broker took no publish), blocked (a \
-         RabbitMQ resource alarm), unavailable (no connection, or it failed)."
+         RabbitMQ resource alarm), unconfirmed (refused: INGEST_MAX_UNCONFIRMED messages await \
+         their confirm), unavailable (no connection, or it failed)."
     );
     for outcome in INGEST_OUTCOMES {
         counter!("catchall_ingest_publishes_total", "outcome" => outcome).absolute(0);
