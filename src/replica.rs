@@ -97,12 +97,15 @@ impl Unreplayed {
         self.first = None;
     }
 
-    /// The replica has replayed up to `position`. Past the last position read on the primary,
-    /// it does not follow that primary (a replica left on an old timeline after a failover, or
-    /// a primary's position read a moment before the replica's): its own account counts.
-    fn replayed(&mut self, position: u64) {
-        if self.newest.is_some_and(|newest| position > newest) {
+    /// The replica has replayed up to `position`, read before the primary's position of this
+    /// tick if `before_primary`. A server that follows the primary (or is the primary) cannot
+    /// be past a position the primary flushed after: one that is does not follow it (a standby
+    /// promoted apart from it, a replica left on an old timeline after a failover). Then its
+    /// own account counts, and the positions are not taken for replayed: it falls behind.
+    fn replayed(&mut self, position: u64, before_primary: bool) {
+        if before_primary && self.newest.is_some_and(|newest| position > newest) {
             self.gap();
+            return;
         }
         while self
             .positions
@@ -207,8 +210,8 @@ pub async fn lag_loop(
             _ = ticker.tick() => {}
             _ = cancel.cancelled() => return,
         }
-        // A measurement against servers that do not answer takes up to 2 s (the two queries
-        // run at once): the stop does not wait for it (it did, past the shortest
+        // A measurement against servers that do not answer takes up to 4 s (the replica's
+        // query, then the primary's): the stop does not wait for it (it did, past the shortest
         // SHUTDOWN_TIMEOUT's share).
         tokio::select! {
             () = measure(&replica, &primary, max_lag, &fallback, &mut last, &mut unreplayed) => {}
@@ -228,11 +231,11 @@ async fn measure(
     unreplayed: &mut Unreplayed,
 ) {
     let within = Duration::from_secs(2);
+    // The replica first, then the primary: a server that follows the primary is then never
+    // past the primary's position (see `Unreplayed::replayed`).
+    let on_replica = replica.query_one_within(REPLICA, within).await;
     let read_at = Instant::now();
-    let (on_primary, on_replica) = tokio::join!(
-        primary.query_one_within(PRIMARY, within),
-        replica.query_one_within(REPLICA, within),
-    );
+    let on_primary = primary.query_one_within(PRIMARY, within).await;
     // The primary answers if it tells its WAL position (a server in recovery cannot).
     let flushed = on_primary.and_then(|row| Ok(u64::from(row.try_get::<_, PgLsn>(0)?)));
     match &flushed {
@@ -249,7 +252,7 @@ async fn measure(
         Ok((own_account, replayed)) => {
             let lag = match replayed {
                 Some(replayed) => {
-                    unreplayed.replayed(replayed.into());
+                    unreplayed.replayed(replayed.into(), flushed.is_ok());
                     unreplayed.lag(own_account)
                 }
                 // Nothing replayed yet: the replica's own account.
@@ -331,42 +334,44 @@ mod tests {
         let mut unreplayed = Unreplayed::default();
         // Started against a replica an hour behind: not read as current.
         unreplayed.flushed(100, ago(now, 20));
-        unreplayed.replayed(50);
+        unreplayed.replayed(50, true);
         assert_lag(&unreplayed, 3600.0, 3600.0, 3601.0);
         unreplayed.flushed(200, ago(now, 10));
-        unreplayed.replayed(100);
+        unreplayed.replayed(100, true);
         assert_lag(&unreplayed, 3600.0, 10.0, 11.0);
-        unreplayed.replayed(200);
+        unreplayed.replayed(200, true);
         assert_lag(&unreplayed, 3600.0, 0.0, 0.001);
         // It receives nothing while the primary writes: the position ages, whatever the
         // replica's own account says.
         unreplayed.flushed(300, ago(now, 30));
-        unreplayed.replayed(200);
+        unreplayed.replayed(200, true);
         assert_lag(&unreplayed, 0.0, 30.0, 31.0);
-        unreplayed.replayed(300);
+        unreplayed.replayed(300, true);
         // The primary did not answer for a while: the own account counts again.
         unreplayed.gap();
-        unreplayed.replayed(300);
+        unreplayed.replayed(320, false);
         assert_lag(&unreplayed, 7200.0, 7200.0, 7201.0);
         unreplayed.flushed(400, ago(now, 5));
-        unreplayed.replayed(400);
+        unreplayed.replayed(400, true);
         assert_lag(&unreplayed, 7200.0, 0.0, 0.001);
         // The primary's WAL went back (another server): its earlier positions are dropped,
         // and the own account counts until the replica has replayed the new one.
         unreplayed.flushed(500, ago(now, 4));
-        unreplayed.replayed(500);
+        unreplayed.replayed(500, true);
         unreplayed.flushed(350, ago(now, 1));
-        unreplayed.replayed(340);
+        unreplayed.replayed(340, true);
         assert_lag(&unreplayed, 100.0, 100.0, 101.0);
-        unreplayed.replayed(350);
+        unreplayed.replayed(350, true);
         assert_lag(&unreplayed, 100.0, 0.0, 0.001);
-        // A replica past the primary's last position (left on an old timeline) does not follow
-        // it: its own account counts, until it has replayed a position read after.
-        unreplayed.flushed(360, ago(now, 1));
-        unreplayed.replayed(9000);
+        // A server past the primary's position read after its own (left on an old timeline,
+        // or promoted apart) does not follow it: the primary's positions age, and its own
+        // account counts, until it has replayed a position read after.
+        unreplayed.flushed(360, ago(now, 20));
+        unreplayed.replayed(9000, true);
+        assert_lag(&unreplayed, 0.0, 20.0, 21.0);
         assert_lag(&unreplayed, 50.0, 50.0, 51.0);
         unreplayed.flushed(9100, ago(now, 1));
-        unreplayed.replayed(9100);
+        unreplayed.replayed(9100, true);
         assert_lag(&unreplayed, 50.0, 0.0, 0.001);
     }
 
@@ -377,15 +382,15 @@ mod tests {
         let now = Instant::now();
         let mut unreplayed = Unreplayed::default();
         unreplayed.flushed(0, ago(now, 5000));
-        unreplayed.replayed(0);
+        unreplayed.replayed(0, true);
         for i in 1..=2000u64 {
             unreplayed.flushed(i, ago(now, 3000 - i));
         }
         assert!(unreplayed.positions.len() <= Unreplayed::MOST);
         assert_lag(&unreplayed, 0.0, 2999.0, 3000.0);
-        unreplayed.replayed(1);
+        unreplayed.replayed(1, true);
         assert_lag(&unreplayed, 0.0, 2998.0, 3000.0);
-        unreplayed.replayed(1999);
+        unreplayed.replayed(1999, true);
         assert_lag(&unreplayed, 0.0, 1000.0, 1001.0);
     }
 }
