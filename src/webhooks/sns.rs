@@ -22,6 +22,7 @@ use crate::bounce::{EnhancedCode, codes_in_text};
 use crate::event::{EventType, Evidence};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use futures_util::FutureExt;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -172,13 +173,15 @@ fn on_region_host(raw: &str, topic_arn: &str) -> bool {
 /// The most of a certificate's PEM read from `SigningCertURL` (AWS's are under 2 KiB).
 const MAX_CERTIFICATE_BYTES: usize = 16 * 1024;
 
-/// The most certificate URLs remembered; past it, the failed ones are forgotten, and a URL
-/// that still finds no room is answered 503 (SNS retries).
+/// The most certificate URLs remembered; past it, the failed ones are forgotten.
 const MAX_CERTIFICATE_URLS: usize = 64;
 
-/// The most certificate fetches under way at once; past it, a request with a URL not fetched
-/// yet is answered 503. A fetch goes on when its requests are gone, so forged requests with
-/// new URLs that close at once would otherwise start fetches from AWS without bound.
+/// The most shared certificate fetches under way at once. A shared fetch goes on when its
+/// requests are gone, so forged requests with new URLs that close at once would otherwise
+/// start fetches from AWS without bound. Past it (or with no room left among the URLs), a
+/// request fetches on its own, bounded by HTTP_MAX_CONCURRENCY and ended with the request, and
+/// only a certificate is remembered: answered 503 instead, forged requests that kept the
+/// shared fetches busy made every new certificate fail, AWS's next one included.
 const MAX_FETCHES: usize = 8;
 
 /// How long a URL that served no certificate (400, 404, 410, or a body that is not one) is
@@ -281,7 +284,9 @@ impl SnsVerifier {
             let mut fetched = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
             let now = Instant::now();
             match fetched.get(url) {
-                Some(fetch) if !fetch.peek().is_some_and(|done| done.expired(now)) => fetch.clone(),
+                Some(fetch) if !fetch.peek().is_some_and(|done| done.expired(now)) => {
+                    Some(fetch.clone())
+                }
                 _ => {
                     fetched.remove(url);
                     if fetched.len() >= MAX_CERTIFICATE_URLS {
@@ -295,24 +300,37 @@ impl SnsVerifier {
                     }
                     let under_way = fetched.values().filter(|f| f.peek().is_none()).count();
                     if fetched.len() >= MAX_CERTIFICATE_URLS || under_way >= MAX_FETCHES {
-                        return Err(WebhookError::Unavailable(
-                            "too many SNS certificate fetches under way".into(),
-                        ));
+                        None
+                    } else {
+                        let fetch = self.start_fetch(url);
+                        fetched.insert(url.to_string(), fetch.clone());
+                        Some(fetch)
                     }
-                    let fetch = self.start_fetch(url);
-                    fetched.insert(url.to_string(), fetch.clone());
-                    fetch
                 }
             }
         };
-        fetch.await.answer()
+        if let Some(fetch) = fetch {
+            return fetch.await.answer();
+        }
+        let fetched = fetch_certificate(self.client.clone(), url.to_string()).await;
+        if let Ok(der) = &fetched {
+            let mut cache = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
+            if cache.len() < MAX_CERTIFICATE_URLS {
+                let done = futures_util::future::ready(Fetched::Certificate(der.as_slice().into()))
+                    .boxed()
+                    .shared();
+                // Polled once, so that `peek` sees it done.
+                let _ = done.clone().now_or_never();
+                cache.insert(url.to_string(), done);
+            }
+        }
+        fetched.map(Arc::from)
     }
 
     /// Starts fetching the certificate at `url`, an SNS certificate URL. The fetch is driven to
     /// its end by a task of its own, so its outcome is there to `Shared::peek` (expiry,
     /// eviction) once it ends, even when every request that waited for it is gone.
     fn start_fetch(&self, url: &str) -> Fetch {
-        use futures_util::FutureExt;
         let fetch = tokio::spawn(fetch_certificate(self.client.clone(), url.to_string()));
         let fetch = async move {
             let fetched = fetch
@@ -641,10 +659,11 @@ mod tests {
     type Requests = Arc<Mutex<HashMap<String, usize>>>;
 
     /// An HTTPS server on 127.0.0.1 with a certificate for `sns.us-west-2.amazonaws.com` (AWS is
-    /// out of reach here), and a client that reaches it under that name. It serves the test
+    /// out of reach here), and a verifier (no pinned certificate) whose client reaches it under
+    /// that name. It serves the test
     /// certificate at `/SimpleNotificationService-good.pem` once `gate` has a permit, 503 at
     /// `…-down.pem`, 404 elsewhere, and counts the requests by path.
-    async fn serve_sns_host(gate: Arc<tokio::sync::Semaphore>) -> (reqwest::Client, Requests) {
+    async fn serve_sns_host(gate: Arc<tokio::sync::Semaphore>) -> (Arc<SnsVerifier>, Requests) {
         use hyper::service::service_fn;
         let host = "sns.us-west-2.amazonaws.com";
         let tls = rcgen::generate_simple_self_signed(vec![host.to_string()]).unwrap();
@@ -682,7 +701,8 @@ mod tests {
                                     (200, test_cert_pem())
                                 }
                                 "/SimpleNotificationService-down.pem" => (503, String::new()),
-                                "/SimpleNotificationService-slow.pem" => {
+                                "/SimpleNotificationService-now.pem" => (200, test_cert_pem()),
+                                held if held.starts_with("/SimpleNotificationService-slow") => {
                                     drop(gate.acquire().await);
                                     (404, String::new())
                                 }
@@ -706,7 +726,65 @@ mod tests {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .unwrap();
-        (client, requests)
+        let mut verifier = SnsVerifier::new(None).unwrap();
+        verifier.client = client;
+        (Arc::new(verifier), requests)
+    }
+
+    /// `body`, an SNS envelope, with its SigningCertURL at `SimpleNotificationService-{name}.pem`.
+    fn signed_at(body: &str, name: &str) -> Envelope {
+        let mut envelope: serde_json::Value = serde_json::from_str(body).unwrap();
+        envelope["SigningCertURL"] =
+            format!("https://sns.us-west-2.amazonaws.com/SimpleNotificationService-{name}.pem")
+                .into();
+        serde_json::from_value(envelope).unwrap()
+    }
+
+    /// The requests the server had for `SimpleNotificationService-{name}.pem`.
+    fn fetches(requests: &Requests, name: &str) -> usize {
+        let path = format!("/SimpleNotificationService-{name}.pem");
+        requests.lock().unwrap().get(&path).copied().unwrap_or(0)
+    }
+
+    /// With every shared fetch busy (forged requests with new URLs whose answers AWS holds), a
+    /// request fetches on its own and the certificate is remembered: it was answered 503, so
+    /// such a flood made every certificate not fetched yet fail, AWS's next one included.
+    #[tokio::test]
+    async fn with_every_shared_fetch_busy_a_request_fetches_on_its_own() {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let (verifier, requests) = serve_sns_host(gate.clone()).await;
+        let body = sns_envelope("Notification", &fixture("ses-delivery.json"), "2");
+        let busy: Vec<_> = (0..MAX_FETCHES)
+            .map(|i| {
+                let (verifier, envelope) =
+                    (verifier.clone(), signed_at(&body, &format!("slow{i}")));
+                tokio::spawn(async move { verifier.verify(&envelope).await })
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while (0..MAX_FETCHES).any(|i| fetches(&requests, &format!("slow{i}")) == 0) {
+            assert!(
+                Instant::now() < deadline,
+                "the shared fetches did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        verifier
+            .verify(&signed_at(&body, "now"))
+            .await
+            .expect("verified with a certificate fetched on its own");
+        verifier
+            .verify(&signed_at(&body, "now"))
+            .await
+            .expect("verified with the certificate remembered");
+        assert_eq!(fetches(&requests, "now"), 1);
+        gate.add_permits(1);
+        for refused in busy {
+            assert!(matches!(
+                refused.await.unwrap(),
+                Err(WebhookError::Unauthorized(_))
+            ));
+        }
     }
 
     /// Concurrent requests with one SigningCertURL share one fetch of it, and a URL that failed
@@ -715,22 +793,10 @@ mod tests {
     #[tokio::test]
     async fn a_certificate_url_is_fetched_once_at_a_time_and_failures_are_remembered() {
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
-        let (client, requests) = serve_sns_host(gate.clone()).await;
-        let mut verifier = SnsVerifier::new(None).unwrap();
-        verifier.client = client;
-        let verifier = Arc::new(verifier);
+        let (verifier, requests) = serve_sns_host(gate.clone()).await;
         let body = sns_envelope("Notification", &fixture("ses-delivery.json"), "2");
-        let at = |name: &str| {
-            let mut envelope: serde_json::Value = serde_json::from_str(&body).unwrap();
-            envelope["SigningCertURL"] =
-                format!("https://sns.us-west-2.amazonaws.com/SimpleNotificationService-{name}.pem")
-                    .into();
-            serde_json::from_value::<Envelope>(envelope).unwrap()
-        };
-        let count = |name: &str| {
-            let path = format!("/SimpleNotificationService-{name}.pem");
-            requests.lock().unwrap().get(&path).copied().unwrap_or(0)
-        };
+        let at = |name: &str| signed_at(&body, name);
+        let count = |name: &str| fetches(&requests, name);
 
         // A request that stops waiting (its client gone) leaves the fetch to end alone: its
         // outcome is kept (it stayed "under way" for ever, never expired nor evicted).
