@@ -180,9 +180,26 @@ const MAX_CERTIFICATE_URLS: usize = 64;
 /// requests are gone, so forged requests with new URLs that close at once would otherwise
 /// start fetches from AWS without bound. Past it (or with no room left among the URLs), a
 /// request fetches on its own, bounded by HTTP_MAX_CONCURRENCY and ended with the request, and
-/// only a certificate is remembered: answered 503 instead, forged requests that kept the
-/// shared fetches busy made every new certificate fail, AWS's next one included.
+/// what it gave is remembered as a shared fetch's would be, if there is room: answered 503
+/// instead, forged requests that kept the shared fetches busy made every new certificate fail,
+/// AWS's next one included.
 const MAX_FETCHES: usize = 8;
+
+/// The most fetches requests make on their own at once (see [`MAX_FETCHES`]); past it, 503.
+const MAX_OWN_FETCHES: usize = 32;
+
+/// With the map past [`MAX_CERTIFICATE_URLS`], forgets the failures; fetches under way and
+/// certificates stay.
+fn make_room(fetched: &mut HashMap<String, Fetch>) {
+    if fetched.len() >= MAX_CERTIFICATE_URLS {
+        fetched.retain(|_, fetch| {
+            !matches!(
+                fetch.peek(),
+                Some(Fetched::Refused(..) | Fetched::Unavailable(..))
+            )
+        });
+    }
+}
 
 /// How long a URL that served no certificate (400, 404, 410, or a body that is not one) is
 /// refused without fetching it again: each forged request with one such URL fetched it from
@@ -229,7 +246,7 @@ impl Fetched {
 }
 
 /// A fetch of a certificate URL, on a task of its own (a request that stops waiting does not
-/// stop it), awaited by every request with that URL.
+/// stop it), awaited by every request with that URL; or the outcome of a request's own fetch.
 type Fetch = futures_util::future::Shared<futures_util::future::BoxFuture<'static, Fetched>>;
 
 /// Verifies SNS signatures and answers subscription handshakes.
@@ -239,6 +256,8 @@ pub struct SnsVerifier {
     /// Fetches of certificates, by URL: under way (later requests wait for it), done, or
     /// failed a short while ago.
     fetched: Mutex<HashMap<String, Fetch>>,
+    /// Permits for requests' own fetches ([`MAX_OWN_FETCHES`]).
+    own_fetches: tokio::sync::Semaphore,
     client: reqwest::Client,
     /// Hosts besides `sns.*.amazonaws.com` whose `SubscribeURL` may be GET (tests).
     pub extra_confirm_hosts: Vec<String>,
@@ -266,6 +285,7 @@ impl SnsVerifier {
         Ok(Self {
             pinned: pinned.map(Arc::from),
             fetched: Mutex::new(HashMap::new()),
+            own_fetches: tokio::sync::Semaphore::new(MAX_OWN_FETCHES),
             client,
             extra_confirm_hosts: Vec::new(),
         })
@@ -289,15 +309,7 @@ impl SnsVerifier {
                 }
                 _ => {
                     fetched.remove(url);
-                    if fetched.len() >= MAX_CERTIFICATE_URLS {
-                        // Failures go first; fetches under way and certificates stay.
-                        fetched.retain(|_, fetch| {
-                            !matches!(
-                                fetch.peek(),
-                                Some(Fetched::Refused(..) | Fetched::Unavailable(..))
-                            )
-                        });
-                    }
+                    make_room(&mut fetched);
                     let under_way = fetched.values().filter(|f| f.peek().is_none()).count();
                     if fetched.len() >= MAX_CERTIFICATE_URLS || under_way >= MAX_FETCHES {
                         None
@@ -312,19 +324,37 @@ impl SnsVerifier {
         if let Some(fetch) = fetch {
             return fetch.await.answer();
         }
-        let fetched = fetch_certificate(self.client.clone(), url.to_string()).await;
-        if let Ok(der) = &fetched {
-            let mut cache = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
-            if cache.len() < MAX_CERTIFICATE_URLS {
-                let done = futures_util::future::ready(Fetched::Certificate(der.as_slice().into()))
-                    .boxed()
-                    .shared();
-                // Polled once, so that `peek` sees it done.
-                let _ = done.clone().now_or_never();
-                cache.insert(url.to_string(), done);
-            }
+        let Ok(_fetching) = self.own_fetches.try_acquire() else {
+            return Err(WebhookError::Unavailable(
+                "too many SNS certificate fetches under way".into(),
+            ));
+        };
+        let done = Fetched::new(
+            fetch_certificate(self.client.clone(), url.to_string()).await,
+            Instant::now(),
+        );
+        self.remember(url, &done);
+        done.answer()
+    }
+
+    /// Remembers what a request's own fetch of `url` gave, unless a shared fetch of it is under
+    /// way or done, or no room is left once the failures are forgotten.
+    fn remember(&self, url: &str, done: &Fetched) {
+        let mut fetched = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
+        if fetched
+            .get(url)
+            .is_some_and(|fetch| matches!(fetch.peek(), None | Some(Fetched::Certificate(_))))
+        {
+            return;
         }
-        fetched.map(Arc::from)
+        fetched.remove(url);
+        make_room(&mut fetched);
+        if fetched.len() < MAX_CERTIFICATE_URLS {
+            let done = futures_util::future::ready(done.clone()).boxed().shared();
+            // Polled once, so that `peek` sees it done.
+            let _ = done.clone().now_or_never();
+            fetched.insert(url.to_string(), done);
+        }
     }
 
     /// Starts fetching the certificate at `url`, an SNS certificate URL. The fetch is driven to
@@ -747,8 +777,8 @@ mod tests {
     }
 
     /// With every shared fetch busy (forged requests with new URLs whose answers AWS holds), a
-    /// request fetches on its own and the certificate is remembered: it was answered 503, so
-    /// such a flood made every certificate not fetched yet fail, AWS's next one included.
+    /// request fetches on its own and what it gets is remembered: it was answered 503, so such
+    /// a flood made every certificate not fetched yet fail, AWS's next one included.
     #[tokio::test]
     async fn with_every_shared_fetch_busy_a_request_fetches_on_its_own() {
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
@@ -778,6 +808,14 @@ mod tests {
             .await
             .expect("verified with the certificate remembered");
         assert_eq!(fetches(&requests, "now"), 1);
+        // A failure of a request's own fetch is remembered too (each forged request fetched).
+        for _ in 0..3 {
+            assert!(matches!(
+                verifier.verify(&signed_at(&body, "nothere")).await,
+                Err(WebhookError::Unauthorized(_))
+            ));
+        }
+        assert_eq!(fetches(&requests, "nothere"), 1);
         gate.add_permits(1);
         for refused in busy {
             assert!(matches!(
