@@ -179,14 +179,21 @@ const MAX_CERTIFICATE_URLS: usize = 64;
 /// The most shared certificate fetches under way at once. A shared fetch goes on when its
 /// requests are gone, so forged requests with new URLs that close at once would otherwise
 /// start fetches from AWS without bound. Past it (or with no room left among the URLs), a
-/// request fetches on its own, bounded by HTTP_MAX_CONCURRENCY and ended with the request, and
-/// what it gave is remembered as a shared fetch's would be, if there is room: answered 503
-/// instead, forged requests that kept the shared fetches busy made every new certificate fail,
-/// AWS's next one included.
+/// request fetches on its own ([`MAX_OWN_FETCHES`]), ended with the request, and what it gave
+/// is remembered as a shared fetch's would be, if there is room: answered 503 instead, forged
+/// requests that kept the shared fetches busy made every new certificate fail, AWS's next one
+/// included.
 const MAX_FETCHES: usize = 8;
 
-/// The most fetches requests make on their own at once (see [`MAX_FETCHES`]); past it, 503.
+/// The most fetches requests make on their own at once (see [`MAX_FETCHES`]). Past it a
+/// request waits in turn, [`OWN_FETCH_WAIT`] at most, then gets 503: refused at once, forged
+/// requests that kept every place busy made every new certificate fail again.
 const MAX_OWN_FETCHES: usize = 32;
+
+/// How long a request waits for a place among [`MAX_OWN_FETCHES`]: the places turn over within
+/// a fetch's time (AWS answers a missing name at once; 10 s at most), and requests are served
+/// in turn, so one that arrives during a flood gets its place.
+const OWN_FETCH_WAIT: Duration = Duration::from_secs(5);
 
 /// With the map past [`MAX_CERTIFICATE_URLS`], forgets the failures; fetches under way and
 /// certificates stay.
@@ -324,7 +331,9 @@ impl SnsVerifier {
         if let Some(fetch) = fetch {
             return fetch.await.answer();
         }
-        let Ok(_fetching) = self.own_fetches.try_acquire() else {
+        let Ok(Ok(_fetching)) =
+            tokio::time::timeout(OWN_FETCH_WAIT, self.own_fetches.acquire()).await
+        else {
             return Err(WebhookError::Unavailable(
                 "too many SNS certificate fetches under way".into(),
             ));
@@ -338,7 +347,7 @@ impl SnsVerifier {
     }
 
     /// Remembers what a request's own fetch of `url` gave, unless a shared fetch of it is under
-    /// way or done, or no room is left once the failures are forgotten.
+    /// way, a certificate is kept for it, or no room is left once the failures are forgotten.
     fn remember(&self, url: &str, done: &Fetched) {
         let mut fetched = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
         if fetched
@@ -809,6 +818,14 @@ mod tests {
             .expect("verified with the certificate remembered");
         assert_eq!(fetches(&requests, "now"), 1);
         // A failure of a request's own fetch is remembered too (each forged request fetched).
+        let under_way = verifier
+            .fetched
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|fetch| fetch.peek().is_none())
+            .count();
+        assert_eq!(under_way, MAX_FETCHES, "every shared fetch is busy");
         for _ in 0..3 {
             assert!(matches!(
                 verifier.verify(&signed_at(&body, "nothere")).await,
