@@ -162,6 +162,21 @@ async fn page_all(
     query: &str,
     limit: u32,
 ) -> Vec<Value> {
+    page_all_with(client, worker, query, limit, || async {}).await
+}
+
+/// [`page_all`], awaiting `between` after each page but the last.
+async fn page_all_with<F, Fut>(
+    client: &reqwest::Client,
+    worker: &TestWorker,
+    query: &str,
+    limit: u32,
+    mut between: F,
+) -> Vec<Value>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let mut all: Vec<Value> = Vec::new();
     let mut after = String::new();
     loop {
@@ -187,6 +202,7 @@ async fn page_all(
                     domains.last().and_then(|d| d["domain"].as_str())
                 );
                 after = next.to_string();
+                between().await;
             }
             None => return all,
         }
@@ -254,7 +270,24 @@ async fn listing_returns_every_catch_all_domain_once_while_events_are_counted() 
 
     let client = reqwest::Client::new();
     let start = db.total_events().await;
-    let listed = page_all(&client, &worker, "status=catch-all", 7).await;
+    // After the first page, events are counted before the next: the listing and the counting
+    // overlap whatever the timing (a fast listing ran between two commits once).
+    let mut first_page = true;
+    let listed = page_all_with(&client, &worker, "status=catch-all", 7, || {
+        let first = std::mem::take(&mut first_page);
+        let db = &db;
+        async move {
+            if first {
+                wait_for(
+                    Duration::from_secs(30),
+                    "events counted while the listing pages",
+                    || async { (db.total_events().await > start).then_some(()) },
+                )
+                .await;
+            }
+        }
+    })
+    .await;
     let during = db.total_events().await;
     let names: Vec<String> = listed
         .iter()
