@@ -192,8 +192,10 @@ const MAX_OWN_FETCHES: usize = 32;
 
 /// How long a request waits for a place among [`MAX_OWN_FETCHES`]: the places turn over within
 /// a fetch's time (AWS answers a missing name at once; 10 s at most), and requests are served
-/// in turn, so one that arrives during a flood gets its place.
-const OWN_FETCH_WAIT: Duration = Duration::from_secs(5);
+/// in turn, so one that arrives during a flood gets its place unless the queue ahead of it
+/// takes longer than this to drain. Short: the wait, the fetch (10 s at most) and the publish
+/// all fall within the request's HTTP_REQUEST_TIMEOUT (15 s by default).
+const OWN_FETCH_WAIT: Duration = Duration::from_secs(2);
 
 /// With the map past [`MAX_CERTIFICATE_URLS`], forgets the failures; fetches under way and
 /// certificates stay.
@@ -338,6 +340,19 @@ impl SnsVerifier {
                 "too many SNS certificate fetches under way".into(),
             ));
         };
+        // Another request's fetch may have ended while this one waited (a burst of deliveries
+        // with one new URL, or of forged requests with one missing name): its outcome serves.
+        let known = {
+            let fetched = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            fetched
+                .get(url)
+                .filter(|fetch| fetch.peek().is_some_and(|done| !done.expired(now)))
+                .cloned()
+        };
+        if let Some(known) = known {
+            return known.await.answer();
+        }
         let done = Fetched::new(
             fetch_certificate(self.client.clone(), url.to_string()).await,
             Instant::now(),
@@ -817,7 +832,6 @@ mod tests {
             .await
             .expect("verified with the certificate remembered");
         assert_eq!(fetches(&requests, "now"), 1);
-        // A failure of a request's own fetch is remembered too (each forged request fetched).
         let under_way = verifier
             .fetched
             .lock()
@@ -826,6 +840,7 @@ mod tests {
             .filter(|fetch| fetch.peek().is_none())
             .count();
         assert_eq!(under_way, MAX_FETCHES, "every shared fetch is busy");
+        // A failure of a request's own fetch is remembered too (each forged request fetched).
         for _ in 0..3 {
             assert!(matches!(
                 verifier.verify(&signed_at(&body, "nothere")).await,
@@ -833,6 +848,26 @@ mod tests {
             ));
         }
         assert_eq!(fetches(&requests, "nothere"), 1);
+        // Concurrent requests with one missing name: those that waited for a place use what
+        // the first ones' fetches gave (each fetched in turn).
+        let burst: Vec<_> = (0..MAX_OWN_FETCHES + 16)
+            .map(|_| {
+                let (verifier, envelope) = (verifier.clone(), signed_at(&body, "missing"));
+                tokio::spawn(async move { verifier.verify(&envelope).await })
+            })
+            .collect();
+        for refused in burst {
+            assert!(matches!(
+                refused.await.unwrap(),
+                Err(WebhookError::Unauthorized(_))
+            ));
+        }
+        assert!(
+            fetches(&requests, "missing") <= MAX_OWN_FETCHES,
+            "{} fetches for {} requests",
+            fetches(&requests, "missing"),
+            MAX_OWN_FETCHES + 16
+        );
         gate.add_permits(1);
         for refused in busy {
             assert!(matches!(
