@@ -50,12 +50,22 @@ const PRIMARY: &str = "SELECT pg_current_wal_flush_lsn()";
 #[derive(Default)]
 struct Unreplayed {
     positions: std::collections::VecDeque<(u64, Instant)>,
-    /// The positions tell the whole lag (see above).
-    complete: bool,
-    /// The first position read since the start or the last gap, while not `complete`.
-    first: Option<u64>,
+    /// Whether the positions tell the whole lag (see above).
+    whole: Whole,
     /// The last position read.
     newest: Option<u64>,
+}
+
+/// Whether [`Unreplayed`]'s positions tell the whole lag.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+enum Whole {
+    /// No position read since the start or the last gap.
+    #[default]
+    Unknown,
+    /// Once the replica has replayed this position, the first read since the start or the
+    /// last gap.
+    Once(u64),
+    Yes,
 }
 
 impl Unreplayed {
@@ -73,8 +83,8 @@ impl Unreplayed {
             self.gap();
         }
         self.newest = Some(position);
-        if !self.complete && self.first.is_none() {
-            self.first = Some(position);
+        if self.whole == Whole::Unknown {
+            self.whole = Whole::Once(position);
         }
         match self.positions.back() {
             Some(&(newest, _)) if position <= newest => {}
@@ -93,8 +103,7 @@ impl Unreplayed {
     /// Positions were not read for a while (the primary did not answer): the replica may lack
     /// WAL written meanwhile, before the next position read.
     fn gap(&mut self) {
-        self.complete = false;
-        self.first = None;
+        self.whole = Whole::Unknown;
     }
 
     /// The replica has replayed up to `position`, read before the primary's position of this
@@ -114,9 +123,8 @@ impl Unreplayed {
         {
             self.positions.pop_front();
         }
-        if self.first.is_some_and(|first| first <= position) {
-            self.complete = true;
-            self.first = None;
+        if matches!(self.whole, Whole::Once(first) if first <= position) {
+            self.whole = Whole::Yes;
         }
     }
 
@@ -127,7 +135,7 @@ impl Unreplayed {
             .positions
             .front()
             .map_or(0.0, |(_, at)| at.elapsed().as_secs_f64());
-        if self.complete {
+        if self.whole == Whole::Yes {
             lag
         } else {
             lag.max(own_account)

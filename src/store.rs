@@ -565,11 +565,6 @@ impl Store {
         done_within(client, answer, within)
     }
 
-    /// The one `float8` a query returns within `within` (see [`Store::query_one_within`]).
-    pub async fn query_f64_within(&self, sql: &str, within: Duration) -> Result<f64, StoreError> {
-        Ok(self.query_one_within(sql, within).await?.try_get(0)?)
-    }
-
     /// Checks that Postgres answers a query within `within`. A connection that does not answer
     /// in time leaves the pool: a socket to a host that vanished without a reset would
     /// otherwise hold every later probe until TCP gives up (about 15 minutes), long after

@@ -285,7 +285,7 @@ async fn a_statement_of_a_connection_dropped_without_a_cancel_does_not_outlive_i
     let update = "UPDATE domains SET delivered = delivered + 1 \
                   WHERE domain = 'dropped.example' RETURNING delivered::float8";
     let error = store
-        .query_f64_within(update, Duration::from_secs(1))
+        .query_one_within(update, Duration::from_secs(1))
         .await
         .expect_err("the row is locked");
     assert!(

@@ -518,9 +518,10 @@ async fn connects_past_the_first_host(url: &str) {
 
 /// `store` runs a query and gets its answer.
 async fn assert_answers(store: &Store) {
-    let one = store
-        .query_f64_within("SELECT 1::float8", Duration::from_secs(5))
+    let one: f64 = store
+        .query_one_within("SELECT 1::float8", Duration::from_secs(5))
         .await
-        .expect("a query");
+        .expect("a query")
+        .get(0);
     assert_eq!(one, 1.0);
 }
