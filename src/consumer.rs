@@ -256,7 +256,12 @@ const MAX_BODY: usize = 1 << 20;
 /// processed and acked as usual, nothing is requeued), then basic.consume with the new prefetch.
 /// The connection reads on while it waits for those replies, through whatever the old consumer
 /// was sent before them, so a raise is made only from a prefetch whose deliveries fit the budget
-/// at 1 MiB each: once, from the first one.
+/// at 1 MiB each: once, from the first one. Nor after a window with a delivery over 1 MiB, its
+/// body and what its header holds once parsed (`lapin::ReadGate::header_weight`): a window of
+/// small bodies with headers of megabytes raises nothing. (Deliveries sent after the window,
+/// while the replies are awaited, are read whatever their headers: up to the first prefetch of
+/// them.) The mean is of the bodies alone: a delivery's header is dropped when it is taken, and
+/// a `traceparent` weighs ~1 KiB parsed (its table's B-tree node), 20 times a single event.
 #[derive(Debug, Clone)]
 struct Prefetch {
     budget: u64,
@@ -293,27 +298,29 @@ impl Prefetch {
         (budget / body.max(1)).clamp(1, u64::from(max)) as u16
     }
 
-    /// Records one delivery; returns the new prefetch when it must change. `may_raise`: a batch
+    /// Records one delivery of a `body` and `weight` bytes in all (body and parsed header);
+    /// returns the new prefetch when it must change. `may_raise`: a batch
     /// committed since the connection opened. While nothing commits (Postgres stalled from the
     /// start, or again after a reconnect) a window passes without a raise: more messages in hand
     /// would not be counted sooner, and when they turn large they fill the read gate, which
     /// blocks the broker's writes until it closes the connection (30 s), and again on every
     /// connection after it. Each close returns what was unacked, and RabbitMQ 3.x counts that
     /// as a delivery against `DELIVERY_LIMIT`.
-    fn observe(&mut self, body: usize, may_raise: bool) -> Option<u16> {
+    fn observe(&mut self, body: usize, weight: usize, may_raise: bool) -> Option<u16> {
         if self.current != self.initial {
             return None; // raised already: it changes no more
         }
         self.window_bytes += body as u64;
-        self.window_largest = self.window_largest.max(body);
+        self.window_largest = self.window_largest.max(weight.max(body));
         self.window_seen += 1;
         if self.window_seen < self.window_len {
             return None;
         }
         let mean = self.window_bytes / self.window_seen as u64;
         let target = Self::fit(self.budget, mean, self.max);
-        // No raise after a body over the largest allowed: a raise reads past the gate while it
-        // awaits the broker's replies, which fits the budget only for bodies of at most 1 MiB.
+        // No raise after a delivery over the largest body allowed: a raise reads past the gate
+        // while it awaits the broker's replies, which fits the budget only for deliveries of at
+        // most 1 MiB.
         let oversized = self.window_largest > MAX_BODY;
         self.window_bytes = 0;
         self.window_largest = 0;
@@ -481,10 +488,17 @@ impl Consumer {
                 Some(Err(error)) => return Err(error).context("the consumer failed"),
                 None => return Err(anyhow!("the broker ended the consumer")),
             };
+            // Its headers go with it at the end of this turn: what the read gate counted for
+            // them is given back now, its body's bytes at its ack or reject. A raise of the
+            // prefetch reads past the gate what the broker sent before its replies, and a small
+            // body can come with a header that is megabytes once parsed: see `observe`.
+            let header = lapin::ReadGate::header_weight(&delivery.properties);
+            self.gate.release(header);
             let size = delivery.data.len();
             self.settings.stats.unacked(size, 0);
             let committed = self.settings.stats.batches() > self.batches_at_open;
-            if let Some(prefetch) = self.prefetch.observe(size, committed) {
+            let weight = size.saturating_add(usize::try_from(header).unwrap_or(usize::MAX));
+            if let Some(prefetch) = self.prefetch.observe(size, weight, committed) {
                 // The raise awaits three replies of the broker; a stop does not wait for them:
                 // a broker that stopped answering then held the stop until the heartbeat gave
                 // up, past SHUTDOWN_TIMEOUT. What this batch gathered stays unacked and comes
@@ -833,6 +847,7 @@ impl Pipeline {
             .await?;
         self.applier.stats.unacked(0, oldest.bytes);
         self.applier.gate.release(oldest.bytes as u64);
+        metrics::read_gate_bytes(self.applier.gate.held());
         oldest.span.record("applied", applied.messages as i64);
         oldest.span.record("duplicates", applied.duplicates as i64);
         oldest
@@ -892,6 +907,7 @@ impl Pipeline {
         if ack_each(&self.applier.channel, &tags, deadline).await {
             self.applier.stats.unacked(0, released);
             self.applier.gate.release(released as u64);
+            metrics::read_gate_bytes(self.applier.gate.held());
         }
     }
 
@@ -1444,63 +1460,85 @@ mod tests {
         assert_eq!(prefetch.current, 64);
         // A window of small bodies raises it to PREFETCH, at the end of the window only.
         let raised: Vec<_> = (0..64)
-            .filter_map(|_| prefetch.observe(200, true))
+            .filter_map(|_| seen(&mut prefetch, 200, true))
             .collect();
         assert_eq!(raised, vec![5000]);
         // A large body does not lower it (the read gate holds the bytes).
-        assert_eq!(prefetch.observe(MIB as usize, true), None);
+        assert_eq!(seen(&mut prefetch, MIB as usize, true), None);
         assert_eq!(prefetch.current, 5000);
         let changes: Vec<_> = (0..10_000)
-            .filter_map(|_| prefetch.observe(100, true))
+            .filter_map(|_| seen(&mut prefetch, 100, true))
             .collect();
         assert_eq!(changes, Vec::<u16>::new());
         // The window's mean body decides, not its largest: one 90 KiB body among single events
         // raises it as far as the small ones alone would.
         let mut mixed = Prefetch::new(64 * MIB, 5000);
         let raised: Vec<_> = (0..64)
-            .filter_map(|i| mixed.observe(if i == 40 { 90 << 10 } else { 50 }, true))
+            .filter_map(|i| seen(&mut mixed, if i == 40 { 90 << 10 } else { 50 }, true))
             .collect();
         assert_eq!(raised, vec![5000]);
         // Not from a window that held a body over 1 MiB (dead-lettered, but read first).
         let mut oversized = Prefetch::new(64 * MIB, 5000);
         let changes: Vec<_> = (0..64)
-            .filter_map(|i| oversized.observe(if i == 40 { 2 << 20 } else { 50 }, true))
+            .filter_map(|i| seen(&mut oversized, if i == 40 { 2 << 20 } else { 50 }, true))
             .collect();
         assert_eq!(changes, Vec::<u16>::new());
         // Raised once, from the first prefetch only: mid-size bodies first keep it there.
         let mut mid = Prefetch::new(64 * MIB, 5000);
         let raised: Vec<_> = (0..64)
-            .filter_map(|_| mid.observe(100 << 10, true))
+            .filter_map(|_| seen(&mut mid, 100 << 10, true))
             .collect();
         assert_eq!(raised, vec![655]);
-        let changes: Vec<_> = (0..10_000).filter_map(|_| mid.observe(100, true)).collect();
+        let changes: Vec<_> = (0..10_000)
+            .filter_map(|_| seen(&mut mid, 100, true))
+            .collect();
         assert_eq!(changes, Vec::<u16>::new(), "raised once already");
         // A budget under 1 MiB starts at one message and is raised too.
         let mut small_budget = Prefetch::new(256 << 10, 5000);
         assert_eq!(small_budget.current, 1);
         let raised: Vec<_> = (0..64)
-            .filter_map(|_| small_budget.observe(100, true))
+            .filter_map(|_| seen(&mut small_budget, 100, true))
             .collect();
         assert_eq!(raised, vec![2621]);
         // Large bodies from the start keep it low: nothing raises it.
         let mut large = Prefetch::new(64 * MIB, 5000);
         let changes: Vec<_> = (0..1000)
-            .filter_map(|_| large.observe(MIB as usize, true))
+            .filter_map(|_| seen(&mut large, MIB as usize, true))
             .collect();
         assert_eq!(changes, Vec::<u16>::new());
         assert_eq!(large.current, 64);
         // Bodies over the budget: one at a time.
         let mut tiny = Prefetch::new(1000, 5000);
         assert_eq!(tiny.current, 1);
-        assert_eq!(tiny.observe(4000, true), None);
+        assert_eq!(seen(&mut tiny, 4000, true), None);
         // Nothing committed on the connection: windows pass without a raise, and the first
         // window after a commit raises it.
         let mut stalled = Prefetch::new(64 * MIB, 5000);
         let changes: Vec<_> = (0..640)
-            .filter_map(|_| stalled.observe(100, false))
+            .filter_map(|_| seen(&mut stalled, 100, false))
             .collect();
         assert_eq!(changes, Vec::<u16>::new(), "no raise before a commit");
-        let raised: Vec<_> = (0..64).filter_map(|_| stalled.observe(100, true)).collect();
+        let raised: Vec<_> = (0..64)
+            .filter_map(|_| seen(&mut stalled, 100, true))
+            .collect();
         assert_eq!(raised, vec![5000], "one window after the first commit");
+        // Small bodies whose headers are megabytes once parsed: no raise (it would read the
+        // deliveries sent before the broker's replies, headers and all); headers of a few KiB
+        // leave the mean of the bodies as it was.
+        let mut heavy = Prefetch::new(64 * MIB, 5000);
+        let changes: Vec<_> = (0..64)
+            .filter_map(|_| heavy.observe(100, 6 << 20, true))
+            .collect();
+        assert_eq!(changes, Vec::<u16>::new());
+        let mut traced = Prefetch::new(64 * MIB, 5000);
+        let raised: Vec<_> = (0..64)
+            .filter_map(|_| traced.observe(100, 1300, true))
+            .collect();
+        assert_eq!(raised, vec![5000]);
+    }
+
+    /// A delivery without headers.
+    fn seen(prefetch: &mut Prefetch, body: usize, may_raise: bool) -> Option<u16> {
+        prefetch.observe(body, body, may_raise)
     }
 }

@@ -232,6 +232,11 @@ fn describe() {
         Unit::Bytes,
         "Bytes of message bodies held unacknowledged (gathering and committing)."
     );
+    describe_gauge!(
+        "catchall_read_gate_bytes",
+        Unit::Bytes,
+        "What the consumer connection's read gate holds, after each ack: bodies unacked and the parsed headers of deliveries read and not yet taken (the connection stops reading at PREFETCH_BYTES)."
+    );
     describe_gauges();
 }
 
@@ -319,6 +324,11 @@ pub fn prefetch_set(prefetch: u16) {
 /// Bytes of bodies held unacked right now.
 pub fn unacked_bytes(bytes: usize) {
     gauge!("catchall_unacked_bytes").set(bytes as f64);
+}
+
+/// What the consumer connection's read gate holds (`lapin::ReadGate::held`), set after acks.
+pub fn read_gate_bytes(bytes: u64) {
+    gauge!("catchall_read_gate_bytes").set(bytes as f64);
 }
 
 /// A batch was committed: its messages and events, by outcome and type (the bounces that prove

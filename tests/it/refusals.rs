@@ -3,6 +3,7 @@
 //! and memory stays bounded by bytes while Postgres refuses.
 
 use crate::helpers::*;
+use crate::rawamqp::{Properties, RawPublisher, Table};
 use std::time::{Duration, Instant};
 
 /// A trigger on `domains` that refuses `refused.example` (a permanent, content-caused error).
@@ -996,11 +997,7 @@ async fn a_postgres_stall_behind_a_full_read_gate_costs_a_reconnect_and_no_count
         || async { (db.total_events().await >= SWITCH_SMALL as i64).then_some(()) },
     )
     .await;
-    let stall = db.client().await;
-    stall
-        .batch_execute("BEGIN; LOCK TABLE domains IN ACCESS EXCLUSIVE MODE")
-        .await
-        .expect("lock domains");
+    let stall = lock_domains(&db).await;
     wait_for(
         Duration::from_secs(120),
         "the broker closes the blocked connection and the worker reconnects",
@@ -1047,11 +1044,7 @@ async fn a_stall_from_the_start_keeps_the_first_prefetch_and_the_connection() {
         ("DB_TIMEOUT", "5s".to_string()),
     ];
     let total = small_then_large_queued(&db, &broker, &settings, 100, 40).await;
-    let stall = db.client().await;
-    stall
-        .batch_execute("BEGIN; LOCK TABLE domains IN ACCESS EXCLUSIVE MODE")
-        .await
-        .expect("lock domains");
+    let stall = lock_domains(&db).await;
     let (mut child, port) = spawn_on_a_port(worker_command(&db, &broker, &settings)).await;
     wait_for(
         Duration::from_secs(30),
@@ -1101,6 +1094,195 @@ async fn a_stall_from_the_start_keeps_the_first_prefetch_and_the_connection() {
     let (status, _) = sigterm(&mut child, Duration::from_secs(30)).await;
     assert!(status.success(), "{status}");
     assert_eq!(db.total_events().await, total, "counted once each");
+}
+
+/// Small messages whose headers are large once parsed: a header frame of 128 KiB of voids
+/// (`V`, one byte each) parses to 6 MiB of values. Only bodies counted against
+/// PREFETCH_BYTES, so while the worker's batches waited for Postgres its connection read and
+/// parsed its whole first prefetch of them (64 × 6 MiB); a publisher who sets such headers on
+/// every message takes the worker that far past its budget after each raise of the prefetch,
+/// 10,000 × 6 MiB at the default `PREFETCH`. The read gate now counts what a header holds once
+/// parsed and leaves frames unparsed while it is full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_count_against_prefetch_bytes_as_they_are_once_parsed() {
+    // The first prefetch under the default budget (64 MiB / 1 MiB).
+    const MESSAGES: usize = 64;
+    const BOUND: u64 = (64 << 20) + (64 << 20);
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    // Batches of one, one at a time: with the table locked, the worker takes two messages and
+    // leaves the rest to its connection.
+    let settings = [
+        ("BATCH_SIZE", "1".to_string()),
+        ("IN_FLIGHT", "1".to_string()),
+    ];
+    let (mut first, _) = ready_worker(&db, &broker, &settings).await;
+    first.kill().await.expect("stop the first worker");
+    publish_heavy_headers(&broker, MESSAGES).await;
+    let stall = lock_domains(&db).await;
+    let (mut child, port) = spawn_on_a_port(worker_command(&db, &broker, &settings)).await;
+    let pid = child.id().expect("pid");
+    wait_for(
+        Duration::from_secs(60),
+        "the broker sends the whole prefetch",
+        || async { (broker.depth(&broker.queue).await == 0).then_some(()) },
+    )
+    .await;
+    // Either the connection reads and parses all of it, or it stops with bytes left unread in
+    // its socket. Unread bytes are also seen for a moment while a connection reads on, so they
+    // must stay for 2 s (parsing all 64 takes well under that).
+    let mut unread_since: Option<Instant> = None;
+    wait_for(
+        Duration::from_secs(60),
+        "the connection holds bytes unread for 2 s, or its memory passes the bound",
+        || {
+            let unread = unread_from_port(pid, 5672) > 0;
+            let since = if unread {
+                *unread_since.get_or_insert_with(Instant::now)
+            } else {
+                unread_since = None;
+                Instant::now()
+            };
+            async move {
+                (peak_rss_bytes(pid) > BOUND || since.elapsed() >= Duration::from_secs(2))
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    let stalled_peak = peak_rss_bytes(pid);
+    eprintln!("peak RSS while stalled {} MiB", stalled_peak >> 20);
+    assert!(
+        stalled_peak < BOUND,
+        "peak RSS {stalled_peak} bytes while Postgres stalled"
+    );
+    stall
+        .batch_execute("COMMIT")
+        .await
+        .expect("release domains");
+    // Every message counted and acked, and the gate's count back to 0: what it was given for
+    // each header was given back.
+    wait_for(
+        Duration::from_secs(120),
+        "every message counted",
+        || async {
+            let held = child_metric(port, "catchall_unacked_bytes").await?;
+            let gate = child_metric(port, "catchall_read_gate_bytes").await?;
+            (db.total_events().await == MESSAGES as i64
+                && broker.depth(&broker.queue).await == 0
+                && held == 0.0
+                && gate == 0.0)
+                .then_some(())
+        },
+    )
+    .await;
+    let peak = peak_rss_bytes(pid);
+    assert!(peak < BOUND, "peak RSS {peak} bytes");
+    assert_eq!(
+        child_metric(port, "catchall_broker_reconnects_total").await,
+        Some(0.0),
+        "the connection was kept"
+    );
+    // A window of small bodies with such headers raises nothing: a raise reads past the gate
+    // whatever the broker sent before its replies (it was raised to PREFETCH).
+    assert_eq!(
+        child_metric(port, "catchall_prefetch_messages").await,
+        Some(MESSAGES as f64),
+        "the first prefetch kept"
+    );
+    assert_eq!(
+        broker.depth(&broker.dead_queue()).await,
+        0,
+        "nothing dead-lettered"
+    );
+    let _ = child.kill().await;
+}
+
+/// A delivery whose header alone weighs more than `PREFETCH_BYTES` once parsed still arrives,
+/// as a body larger than the budget does: the gate counts a delivery once its body is read.
+/// Counted when its header was parsed, the first one closed the gate before its body and the
+/// consumer stalled for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_heavier_than_prefetch_bytes_still_arrives() {
+    const MESSAGES: usize = 5;
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    let (mut child, port) = ready_worker(
+        &db,
+        &broker,
+        &[("PREFETCH_BYTES", (1u64 << 20).to_string())],
+    )
+    .await;
+    publish_heavy_headers(&broker, MESSAGES).await;
+    wait_for(Duration::from_secs(60), "every event counted", || async {
+        let gate = child_metric(port, "catchall_read_gate_bytes").await?;
+        (db.total_events().await == MESSAGES as i64 && gate == 0.0).then_some(())
+    })
+    .await;
+    let _ = child.kill().await;
+}
+
+/// Publishes `messages` single events (`h<i>.example`, ids `heavy-<i>`), each with a header of
+/// 130,000 voids: 128 KiB on the wire, 6 MiB once parsed.
+async fn publish_heavy_headers(broker: &TestBroker, messages: usize) {
+    let mut voids = vec![b'A'];
+    voids.extend(130_000u32.to_be_bytes());
+    voids.resize(voids.len() + 130_000, b'V');
+    let mut raw = RawPublisher::connect().await;
+    for i in 0..messages {
+        let properties = Properties {
+            headers: Some(Table::default().field(b"v", &voids)),
+            message_id: Some(format!("heavy-{i}").into_bytes()),
+            ..Properties::default()
+        };
+        let body = format!(r#"{{"domain":"h{i}.example","type":"delivered"}}"#);
+        raw.publish(&broker.exchange, b"delivered", &properties, body.as_bytes())
+            .await;
+    }
+    raw.close().await;
+}
+
+/// Bytes the kernel holds unread in `pid`'s TCP sockets to `remote_port` (`/proc/<pid>/net/tcp`,
+/// its sockets found by inode among its file descriptors).
+fn unread_from_port(pid: u32, remote_port: u16) -> u64 {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("list the worker's file descriptors")
+        .filter_map(|entry| {
+            let link = std::fs::read_link(entry.ok()?.path()).ok()?;
+            let link = link.to_str()?;
+            Some(
+                link.strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .to_string(),
+            )
+        })
+        .collect();
+    let port = format!(":{remote_port:04X}");
+    ["tcp", "tcp6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).ok())
+        .flat_map(|text| text.lines().skip(1).map(str::to_string).collect::<Vec<_>>())
+        .filter_map(|line| {
+            // sl local rem st tx_queue:rx_queue tr:when retrnsmt uid timeout inode …
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (remote, queues, inode) = (fields.get(2)?, fields.get(4)?, fields.get(9)?);
+            if !remote.ends_with(&port) || !inodes.contains(*inode) {
+                return None;
+            }
+            u64::from_str_radix(queues.split(':').nth(1)?, 16).ok()
+        })
+        .sum()
+}
+
+/// A client whose transaction holds `domains` locked (ACCESS EXCLUSIVE) until its `COMMIT`:
+/// every batch waits.
+async fn lock_domains(db: &TestDb) -> tokio_postgres::Client {
+    let client = db.client().await;
+    client
+        .batch_execute("BEGIN; LOCK TABLE domains IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock domains");
+    client
 }
 
 /// The budget of the small-then-large queue below.

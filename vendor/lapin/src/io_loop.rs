@@ -63,10 +63,12 @@ pub(crate) struct IoLoop<
     serialized_frames: VecDeque<(FrameSize, FrameSending)>,
     half_closed: bool,
     first_connection: bool,
-    // PATCHED (catchall): see `crate::ReadGate`; per channel, the body under way (its size,
-    // and the bytes of it not yet read).
+    // PATCHED (catchall): see `crate::ReadGate`; per channel, the delivery under way (its
+    // weight: its body's size and its header's `header_weight`, and the bytes of its body not
+    // yet read); whether `handle_frames` left frames unparsed because the gate was closed.
     read_gate: Option<crate::ReadGate>,
     bodies: std::collections::HashMap<u16, (u64, u64)>,
+    frames_held: bool,
 }
 
 impl<
@@ -120,12 +122,14 @@ impl<
             first_connection: true,
             read_gate,
             bodies: Default::default(),
+            frames_held: false,
         }
     }
 
     fn reset(&mut self) {
         // PATCHED (catchall): a new socket starts with no body under way.
         self.bodies.clear();
+        self.frames_held = false;
         self.status = Status::Initial;
         self.receive_buffer.reset();
         self.send_buffer.reset();
@@ -357,10 +361,16 @@ impl<
         );
         // PATCHED (catchall): a server whose frames wait unread behind the gate is not silent
         // (the last read did not run dry); one that is silent still misses its heartbeats.
+        // Frames left unparsed while the gate was closed are parsed once it opens, whether or
+        // not the socket has more (the release that opened it may have woken an earlier turn).
         if self.gated() && self.socket_state.readable() {
             self.heartbeat.update_last_read();
         }
-        if !self.can_read() && !self.can_write() && self.should_continue(connection_killswitch) {
+        if !self.can_read()
+            && !self.can_write()
+            && !(self.frames_held && !self.gated())
+            && self.should_continue(connection_killswitch)
+        {
             trace!("io_loop cannot do anything for now, waiting for socket events.");
             self.socket_state.wait();
         }
@@ -631,26 +641,38 @@ impl<
 
     fn handle_frames(&mut self, connection_killswitch: &KillSwitch) -> Result<bool> {
         let mut did_something = false;
+        // PATCHED (catchall): while the read gate is closed, the frames already read wait in
+        // the receive buffer unparsed: a parsed header can take ~50× its bytes (see
+        // `ReadGate::header_weight`), and a buffer holds 32 frames.
+        self.frames_held = false;
         while self.can_parse() {
+            if self.gated() {
+                self.frames_held = true;
+                break;
+            }
             if let Some(frame) = self.parse(connection_killswitch)? {
-                // PATCHED (catchall): the gate counts a body once it is read whole (counted
-                // from its header, a body the size of the budget would close the gate before
-                // its end and never complete).
+                // PATCHED (catchall): the gate counts a delivery once its body is read whole,
+                // body and header together (counted from its header, a delivery that weighs
+                // the budget would close the gate before its end and never complete).
                 if let Some(gate) = &self.read_gate {
                     match &frame {
                         AMQPFrame::Header(channel_id, header) if *channel_id != 0 => {
+                            let weight = crate::ReadGate::header_weight(&header.properties);
                             if header.body_size == 0 {
+                                gate.add(weight);
                                 self.bodies.remove(channel_id);
                             } else {
-                                self.bodies
-                                    .insert(*channel_id, (header.body_size, header.body_size));
+                                self.bodies.insert(
+                                    *channel_id,
+                                    (header.body_size.saturating_add(weight), header.body_size),
+                                );
                             }
                         }
                         AMQPFrame::Body(channel_id, payload) if *channel_id != 0 => {
-                            if let Some((size, remaining)) = self.bodies.get_mut(channel_id) {
+                            if let Some((weight, remaining)) = self.bodies.get_mut(channel_id) {
                                 *remaining = remaining.saturating_sub(payload.len() as u64);
                                 if *remaining == 0 {
-                                    gate.add(*size);
+                                    gate.add(*weight);
                                     self.bodies.remove(channel_id);
                                 }
                             }
