@@ -306,6 +306,7 @@ impl App {
                     _ = ticker.tick() => {
                         upkeep.run_upkeep();
                         metrics::process_memory();
+                        metrics::read_gate_sample();
                         metrics::readiness(upkeep_health.consuming() && upkeep_health.db_error().is_none());
                     }
                     _ = upkeep_cancel.cancelled() => {

@@ -235,7 +235,7 @@ fn describe() {
     describe_gauge!(
         "catchall_read_gate_bytes",
         Unit::Bytes,
-        "What the consumer connection's read gate holds, after each ack: bodies unacked and the parsed headers of deliveries read and not yet taken (the connection stops reading at PREFETCH_BYTES)."
+        "What the consumer connection's read gate holds (sampled every 5 s): bodies unacked and the parsed properties of deliveries read and not yet taken; at PREFETCH_BYTES the connection stops reading."
     );
     describe_gauges();
 }
@@ -326,9 +326,25 @@ pub fn unacked_bytes(bytes: usize) {
     gauge!("catchall_unacked_bytes").set(bytes as f64);
 }
 
-/// What the consumer connection's read gate holds (`lapin::ReadGate::held`), set after acks.
-pub fn read_gate_bytes(bytes: u64) {
-    gauge!("catchall_read_gate_bytes").set(bytes as f64);
+/// The consumer connection's read gate, sampled by [`read_gate_sample`]; `None` between
+/// connections. One per process: the worker has one consumer.
+static READ_GATE: std::sync::Mutex<Option<lapin::ReadGate>> = std::sync::Mutex::new(None);
+
+/// The consumer connection now reading is `gate`'s (`None`: it ended).
+pub fn read_gate_in_use(gate: Option<&lapin::ReadGate>) {
+    *READ_GATE.lock().unwrap_or_else(|e| e.into_inner()) = gate.cloned();
+    read_gate_sample();
+}
+
+/// Samples what the consumer connection's read gate holds (`lapin::ReadGate::held`): 0
+/// between connections.
+pub fn read_gate_sample() {
+    let held = READ_GATE
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .map_or(0, lapin::ReadGate::held);
+    gauge!("catchall_read_gate_bytes").set(held as f64);
 }
 
 /// A batch was committed: its messages and events, by outcome and type (the bounces that prove

@@ -1097,11 +1097,11 @@ async fn a_stall_from_the_start_keeps_the_first_prefetch_and_the_connection() {
 }
 
 /// Small messages whose headers are large once parsed: a header frame of 128 KiB of voids
-/// (`V`, one byte each) parses to 6 MiB of values. Only bodies counted against
+/// (`V`, one byte each) parses to 5 MiB of values. Only bodies counted against
 /// PREFETCH_BYTES, so while the worker's batches waited for Postgres its connection read and
-/// parsed its whole first prefetch of them (64 × 6 MiB); a publisher who sets such headers on
+/// parsed its whole first prefetch of them (64 × 5 MiB); a publisher who sets such headers on
 /// every message takes the worker that far past its budget after each raise of the prefetch,
-/// 10,000 × 6 MiB at the default `PREFETCH`. The read gate now counts what a header holds once
+/// 10,000 × 5 MiB at the default `PREFETCH`. The read gate now counts what a header holds once
 /// parsed and leaves frames unparsed while it is full.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_count_against_prefetch_bytes_as_they_are_once_parsed() {
@@ -1223,7 +1223,7 @@ async fn a_header_heavier_than_prefetch_bytes_still_arrives() {
 }
 
 /// Publishes `messages` single events (`h<i>.example`, ids `heavy-<i>`), each with a header of
-/// 130,000 voids: 128 KiB on the wire, 6 MiB once parsed.
+/// 130,000 voids: 128 KiB on the wire, 5 MiB once parsed.
 async fn publish_heavy_headers(broker: &TestBroker, messages: usize) {
     let mut voids = vec![b'A'];
     voids.extend(130_000u32.to_be_bytes());
