@@ -271,8 +271,8 @@ struct Prefetch {
     /// The prefetch in force, and the first one (the only one raised from).
     current: u16,
     initial: u16,
-    /// Bytes, largest body and deliveries seen in the current window, and the deliveries it
-    /// spans.
+    /// Bytes of bodies, the largest delivery (body and parsed header) and the deliveries seen
+    /// in the current window, and the deliveries it spans.
     window_bytes: u64,
     window_largest: usize,
     window_seen: usize,

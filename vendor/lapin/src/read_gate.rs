@@ -116,7 +116,8 @@ impl ReadGate {
             + properties.headers().as_ref().map_or(0, table_weight)
     }
 
-    /// A body of `bytes` was read whole.
+    /// A delivery whose body was read whole, weighing `bytes` (its body's size and its
+    /// `header_weight`).
     pub(crate) fn add(&self, bytes: u64) {
         self.inner.held.fetch_add(bytes, Ordering::SeqCst);
     }
