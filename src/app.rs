@@ -3,10 +3,11 @@
 use crate::config::{Config, Tokens, redact_url};
 use crate::consumer;
 use crate::health::Health;
-use crate::http::{AppState, router};
+use crate::http::{AppState, ServerLimits, StartPhase, Switch, router};
 use crate::metrics;
 use crate::store::Store;
 use anyhow::Context;
+use axum::Router;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -34,9 +35,8 @@ pub struct App {
     /// What `/readyz` pings: the primary and (with STATUS_DATABASE_URL) the replica, one
     /// connection each, apart from the look-up pool.
     ready_probes: Vec<crate::http::ReadyProbe>,
-    listener: TcpListener,
-    /// `ADMIN_ADDR`'s listener (probes and metrics only), when set.
-    admin: Option<TcpListener>,
+    /// The servers of `HTTP_ADDR` and `ADMIN_ADDR`, serving since [`App::listen`].
+    servers: Servers,
     health: Arc<Health>,
     /// What the consumer uses of `config`.
     consumer: consumer::ConsumerSettings,
@@ -45,17 +45,42 @@ pub struct App {
 /// Connects to Postgres at `url`, waiting with backoff (1 s doubling to 30 s) while it does not
 /// answer: a worker started before its database (a restart of both, a new cluster) waits for it
 /// instead of exiting. A URL that cannot work, or a server that refuses the worker, fails at
-/// once (see [`crate::store::StoreError::is_unreachable`]).
-pub async fn connect_waiting(url: &str, pool_size: u32) -> anyhow::Result<Store> {
+/// once (see [`crate::store::StoreError::is_unreachable`]). What it waits for goes to `phase`
+/// (what a starting worker's `/readyz` says), with no password and no server text.
+pub async fn connect_waiting(
+    url: &str,
+    pool_size: u32,
+    phase: Option<&StartPhase>,
+) -> anyhow::Result<Store> {
     let mut backoff = crate::backoff::Backoff::new(
         std::time::Duration::from_secs(1),
         std::time::Duration::from_secs(30),
     );
+    let (mut attempts, since) = (0, std::time::SystemTime::now());
     loop {
+        attempts += 1;
         match Store::connect(url, pool_size).await {
-            Ok(store) => return Ok(store),
+            Ok(store) => {
+                if let Some(phase) = phase {
+                    phase.set(format!(
+                        "connected to Postgres {}",
+                        crate::pg::describe(url)
+                    ));
+                }
+                return Ok(store);
+            }
             Err(error) if error.is_unreachable() => {
                 let wait = backoff.next_wait();
+                if let Some(phase) = phase {
+                    phase.set(format!(
+                        "Postgres {} does not answer ({}): {attempts} attempts since {}, the next \
+                         at {}",
+                        crate::pg::describe(url),
+                        error.short_reason(),
+                        humantime::format_rfc3339_seconds(since),
+                        humantime::format_rfc3339_seconds(std::time::SystemTime::now() + wait),
+                    ));
+                }
                 tracing::warn!(
                     error = format!("{:#}", anyhow::Error::new(error)),
                     postgres = %redact_url(url),
@@ -72,10 +97,73 @@ pub async fn connect_waiting(url: &str, pool_size: u32) -> anyhow::Result<Store>
     }
 }
 
+/// A worker starting: its HTTP addresses bound and answering ([`crate::http::starting_router`]:
+/// `/healthz` 200, `/metrics`, 503 with what it waits for elsewhere) while [`Starting::build`]
+/// connects to Postgres and migrates. A worker whose database is not there yet is alive,
+/// scraped and says why it is not ready (SPEC §5), instead of refusing every connection.
+pub struct Starting {
+    config: Config,
+    servers: Servers,
+    phase: StartPhase,
+}
+
+/// A listener's server, running from [`App::listen`] until the worker stops.
+struct Served {
+    addr: SocketAddr,
+    /// Set to the worker's router by [`App::run`].
+    switch: Switch,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Served {
+    fn spawn(
+        listener: TcpListener,
+        starting: Router,
+        limits: ServerLimits,
+        stop: CancellationToken,
+    ) -> std::io::Result<Self> {
+        let switch = Switch::new(starting);
+        Ok(Self {
+            addr: listener.local_addr()?,
+            task: tokio::spawn(crate::http::serve(listener, switch.router(), limits, stop)),
+            switch,
+        })
+    }
+
+    /// Waits for the server to end (after the stop, or on a failure).
+    async fn ended(self) -> std::io::Result<()> {
+        self.task
+            .await
+            .unwrap_or_else(|panic| Err(std::io::Error::other(format!("it panicked: {panic}"))))
+    }
+}
+
+/// The HTTP and admin servers, and their stop (also when dropped: a stop signal during the start,
+/// a start or run that fails).
+struct Servers {
+    http: Served,
+    admin: Option<Served>,
+    stop: tokio_util::sync::DropGuard,
+}
+
+/// The admin listener has a connection cap of its own: a client that holds every connection
+/// HTTP_ADDR allows cannot make the probes fail and the pod restart.
+fn admin_limits(limits: ServerLimits) -> ServerLimits {
+    ServerLimits {
+        max_connections: 64,
+        ..limits
+    }
+}
+
 impl App {
-    /// Connects to Postgres (waiting while it does not answer; failing fast when it refuses),
-    /// applies the migrations and binds the HTTP address.
+    /// [`App::listen`], then [`Starting::build`].
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        Self::listen(config)?.build().await
+    }
+
+    /// Checks the settings, binds the HTTP (and admin) address and serves the probes and the
+    /// metrics on them while the worker starts (see [`Starting`]).
+    pub fn listen(config: Config) -> anyhow::Result<Starting> {
         config.validate().map_err(anyhow::Error::msg)?;
         config.check_amqp_url().map_err(anyhow::Error::msg)?;
         if config.claim_window.is_zero() {
@@ -92,8 +180,67 @@ impl App {
                  `1M` or `30d`.)"
             );
         }
+        let http = crate::http::bind(config.http_addr)
+            .with_context(|| format!("binding the HTTP address {}", config.http_addr))?;
+        let admin = match config.admin_addr {
+            Some(addr) => Some(
+                crate::http::bind(addr)
+                    .with_context(|| format!("binding the admin address {addr}"))?,
+            ),
+            None => None,
+        };
+        let phase = StartPhase::default();
+        phase.set(format!(
+            "connecting to Postgres {}",
+            crate::pg::describe(&config.database_url)
+        ));
+        // The recorder first: a gauge set before it is lost.
+        let app = crate::http::starting_router(phase.clone(), metrics::install());
+        metrics::readiness(false);
+        let stop = CancellationToken::new();
+        let limits = ServerLimits::from_config(&config);
+        let http = Served::spawn(http, app.clone(), limits, stop.clone())
+            .context("reading the HTTP address")?;
+        let admin = admin
+            .map(|admin| Served::spawn(admin, app, admin_limits(limits), stop.clone()))
+            .transpose()
+            .context("reading the admin address")?;
+        tracing::info!(
+            http = %http.addr,
+            admin = admin.as_ref().map(|admin| admin.addr.to_string()),
+            // `/healthz` and `/metrics` answer, the rest 503 until Postgres answers and the
+            // migrations ran.
+            "Listening while starting."
+        );
+        Ok(Starting {
+            config,
+            servers: Servers {
+                http,
+                admin,
+                stop: stop.drop_guard(),
+            },
+            phase,
+        })
+    }
+}
+
+impl Starting {
+    /// The address the HTTP server listens on (useful with port 0).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.servers.http.addr
+    }
+
+    /// Connects to Postgres (waiting while it does not answer; failing fast when it refuses)
+    /// and applies the migrations; `/readyz` says which meanwhile. The servers go on serving
+    /// the start's router until [`App::run`] gives them the worker's.
+    pub async fn build(self) -> anyhow::Result<App> {
+        let Starting {
+            config,
+            servers,
+            phase,
+        } = self;
         let url = config.database_url.as_str();
-        let connect = |size| connect_waiting(url, size);
+        let connect = |size| connect_waiting(url, size, Some(&phase));
         // The commits in flight, plus the purge.
         let store = connect(config.in_flight + 1)
             .await?
@@ -124,6 +271,13 @@ impl App {
         let mut replica_down_at_start = false;
         let (lookups, primary, lag_probe) = match replica(config.db_pool_size)? {
             Some(replica_pool) => {
+                phase.set(format!(
+                    "connecting to the look-up replica {}",
+                    config
+                        .replica_url()
+                        .map(crate::pg::describe)
+                        .unwrap_or_default()
+                ));
                 if let Err(error) = replica_pool
                     .ping_within(std::time::Duration::from_secs(5))
                     .await
@@ -163,21 +317,13 @@ impl App {
                 true,
             ));
         }
+        phase.set("applying migrations");
         let report = store.migrate().await.context("applying migrations")?;
         for migration in report.applied_migrations() {
             tracing::info!(migration = %migration, "Migration applied.");
         }
-        let listener = crate::http::bind(config.http_addr)
-            .with_context(|| format!("binding the HTTP address {}", config.http_addr))?;
-        let admin = match config.admin_addr {
-            Some(addr) => Some(
-                crate::http::bind(addr)
-                    .with_context(|| format!("binding the admin address {addr}"))?,
-            ),
-            None => None,
-        };
         let dedup_probe = connect(1).await?;
-        Ok(Self {
+        Ok(App {
             consumer: consumer::ConsumerSettings::from_config(&config),
             config,
             store,
@@ -187,12 +333,13 @@ impl App {
             replica_down_at_start,
             dedup_probe,
             ready_probes,
-            listener,
-            admin,
+            servers,
             health: Arc::new(Health::default()),
         })
     }
+}
 
+impl App {
     /// Installs a fault injector (tests only; see [`consumer::FaultPoint`]).
     pub fn set_fault_hook(&mut self, hook: consumer::FaultHook) {
         self.consumer.fault_hook = Some(hook);
@@ -205,17 +352,12 @@ impl App {
 
     /// The address the HTTP server listens on (useful with port 0).
     pub fn http_addr(&self) -> anyhow::Result<SocketAddr> {
-        self.listener
-            .local_addr()
-            .context("reading the HTTP address")
+        Ok(self.servers.http.addr)
     }
 
     /// The address `ADMIN_ADDR` listens on, when set (useful with port 0).
     pub fn admin_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
-        self.admin
-            .as_ref()
-            .map(|admin| admin.local_addr().context("reading the admin address"))
-            .transpose()
+        Ok(self.servers.admin.as_ref().map(|admin| admin.addr))
     }
 
     /// Runs until `cancel` fires, then commits and acks what is in flight, stops the HTTP server
@@ -230,8 +372,12 @@ impl App {
             replica_down_at_start,
             dedup_probe,
             ready_probes,
-            listener,
-            admin,
+            servers:
+                Servers {
+                    http,
+                    admin,
+                    stop: stop_servers,
+                },
             health,
             consumer: consumer_settings,
         } = self;
@@ -282,9 +428,8 @@ impl App {
             query_tokens: Tokens::configured(&config.query_tokens),
             webhooks,
         };
-        let limits = crate::http::ServerLimits::from_config(&config);
         tracing::info!(
-            http = %listener.local_addr().context("reading the HTTP address")?,
+            http = %http.addr,
             amqp = %redact_url(&config.amqp.amqp_url),
             exchange = %config.amqp.exchange,
             queue = %config.amqp.queue,
@@ -339,27 +484,35 @@ impl App {
                 cancel.clone(),
             ));
         }
-        // The admin listener has a connection cap of its own: a client that holds every
-        // connection HTTP_ADDR allows cannot make the probes fail and the pod restart.
+        // The servers have run since `listen`; from now on they serve the worker's routers,
+        // and they stop with it.
+        let stop_servers = stop_servers.disarm();
+        tracker.spawn({
+            let cancel = cancel.clone();
+            let stop_servers = stop_servers.clone();
+            async move {
+                cancel.cancelled().await;
+                stop_servers.cancel();
+            }
+        });
+        // Should `run` end before the stop (an error below), the servers stop too.
+        let _stop_servers = stop_servers.drop_guard();
         let admin_server = admin.map(|admin| {
-            let admin_limits = crate::http::ServerLimits {
-                max_connections: 64,
-                ..limits
-            };
-            let app = crate::http::admin_router(state.clone());
+            admin.switch.start(crate::http::admin_router(state.clone()));
             let stop_all = cancel.clone();
             tracker.spawn(async move {
                 // A server that ends before the stop (an error, a panic) stops the worker: it
                 // exits 1 with the reason instead of counting on without probes or metrics.
-                let _stop_all = stop_all.clone().drop_guard();
-                crate::http::serve(admin, app, admin_limits, stop_all).await
+                let _stop_all = stop_all.drop_guard();
+                admin.ended().await
             })
         });
+        http.switch.start(router(state));
         let http_cancel = cancel.clone();
         let server = tracker.spawn(async move {
             // As for the admin server above.
-            let _stop_all = http_cancel.clone().drop_guard();
-            let served = crate::http::serve(listener, router(state), limits, http_cancel).await;
+            let _stop_all = http_cancel.drop_guard();
+            let served = http.ended().await;
             // Only HTTP requests publish through it: closed once the server has stopped (its
             // drain ends 2 s before SHUTDOWN_TIMEOUT, the close takes at most 1 s), while the
             // consumer may still be stopping.

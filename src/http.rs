@@ -117,6 +117,97 @@ fn probes() -> Router<AppState> {
 /// timeout.
 const PROBES: [&str; 4] = ["/healthz", "/readyz", "/readyz/lookups", "/metrics"];
 
+/// What a starting worker waits for (Postgres, the migrations), which `/readyz` and every route
+/// but `/healthz` and `/metrics` say while [`starting_router`] serves.
+#[derive(Clone, Default)]
+pub struct StartPhase(Arc<std::sync::Mutex<String>>);
+
+impl StartPhase {
+    pub fn set(&self, phase: impl Into<String>) {
+        *self.0.lock().unwrap_or_else(|poison| poison.into_inner()) = phase.into();
+    }
+
+    pub fn get(&self) -> String {
+        self.0
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .clone()
+    }
+}
+
+/// What `HTTP_ADDR` and `ADMIN_ADDR` serve while the worker connects to Postgres and migrates
+/// (SPEC §5: `/healthz` answers while the process runs): `/healthz` 200, `/metrics`, and 503
+/// with what it waits for on every other path (`/readyz` too), with `Retry-After`.
+pub fn starting_router(phase: StartPhase, metrics: PrometheusHandle) -> Router {
+    let starting = move || {
+        let phase = phase.clone();
+        async move {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("starting: {}", phase.get()),
+            )
+        }
+    };
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move { metrics_answer(&metrics) }
+            }),
+        )
+        .fallback(starting)
+        .layer(middleware::from_fn(track))
+}
+
+/// What a listener serves: [`starting_router`] until [`Switch::start`] sets the worker's
+/// router. One server per listener for the worker's whole life, from before Postgres answers:
+/// no hand-over between servers, one connection cap, and keep-alive connections carry on.
+#[derive(Clone)]
+pub struct Switch {
+    starting: Router,
+    started: Arc<std::sync::OnceLock<Router>>,
+}
+
+impl Switch {
+    pub fn new(starting: Router) -> Self {
+        Self {
+            starting,
+            started: Arc::default(),
+        }
+    }
+
+    /// Serves `app` from now on (requests under way end on the start's router).
+    pub fn start(&self, app: Router) {
+        let _ = self.started.set(app);
+    }
+
+    /// The router to [`serve`].
+    pub fn router(&self) -> Router {
+        Router::new().fallback_service(self.clone())
+    }
+}
+
+impl tower::Service<Request> for Switch {
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = tower::util::Oneshot<Router, Request>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        use tower::ServiceExt;
+        let router = self.started.get().unwrap_or(&self.starting).clone();
+        router.oneshot(request)
+    }
+}
+
 /// What `ADMIN_ADDR` serves: the probes and the metrics, nothing that reads a body or counts.
 pub fn admin_router(state: AppState) -> Router {
     probes()
@@ -400,13 +491,18 @@ fn ready_reason(error: &crate::store::StoreError) -> String {
 }
 
 async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
+    metrics_answer(&state.metrics)
+}
+
+fn metrics_answer(metrics: &PrometheusHandle) -> Response {
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(),
+        metrics.render(),
     )
+        .into_response()
 }
 
 async fn not_found() -> ApiError {

@@ -67,7 +67,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     if let Some(Command::Migrate) = cli.command {
         let migrate = async {
-            let store = catchall::app::connect_waiting(&config.database_url, 1).await?;
+            let store = catchall::app::connect_waiting(&config.database_url, 1, None).await?;
             store.migrate().await.context("applying migrations")
         };
         let report = tokio::select! {

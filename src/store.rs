@@ -22,8 +22,7 @@ pub const MIGRATION_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 /// The session advisory lock a replica holds while it migrates ("catchal"): the others wait
 /// for it, without a time limit, before they run theirs.
 pub const MIGRATION_LOCK: i64 = 0x0063_6174_6368_616c;
-/// Migration attempts given up on a lock before the start fails (about a minute in all, within
-/// the Kubernetes startup probe's five).
+/// Migration attempts given up on a lock before the start fails (about a minute in all).
 pub const MIGRATION_LOCK_ATTEMPTS: u32 = 6;
 
 /// Whether a migration failed waiting for a lock (SQLSTATE 55P03, `lock_timeout`).

@@ -697,7 +697,26 @@ pub fn worker_command(
 /// Starts `command` (a worker binary with `HTTP_ADDR=127.0.0.1:0` and JSON logs) and reads the
 /// port it bound from its "Worker starting." line; its log goes on to the test's stderr. No
 /// port is picked, freed and bound again, which another test could take in between.
-pub async fn spawn_on_a_port(mut command: tokio::process::Command) -> (tokio::process::Child, u16) {
+pub async fn spawn_on_a_port(command: tokio::process::Command) -> (tokio::process::Child, u16) {
+    let (child, (http, _)) = spawn_until_logged(command, "Worker starting.").await;
+    (child, http)
+}
+
+/// [`spawn_on_a_port`] as soon as the worker listens, before it connects to Postgres ("Listening
+/// while starting."): its HTTP port and, with `ADMIN_ADDR`, its admin port.
+pub async fn spawn_listening(
+    command: tokio::process::Command,
+) -> (tokio::process::Child, u16, Option<u16>) {
+    let (child, (http, admin)) = spawn_until_logged(command, "Listening while starting.").await;
+    (child, http, admin)
+}
+
+/// [`spawn_on_a_port`] up to the log line `message`, which names the HTTP address (`http`) and
+/// may name the admin one (`admin`).
+async fn spawn_until_logged(
+    mut command: tokio::process::Command,
+    message: &'static str,
+) -> (tokio::process::Child, (u16, Option<u16>)) {
     use tokio::io::AsyncBufReadExt;
     let mut child = command
         .stderr(std::process::Stdio::piped())
@@ -713,17 +732,23 @@ pub async fn spawn_on_a_port(mut command: tokio::process::Command) -> (tokio::pr
             let Ok(record) = serde_json::from_str::<serde_json::Value>(&line) else {
                 continue;
             };
-            if record["message"] == "Worker starting."
-                && let Some(addr) = record["http"].as_str().and_then(|a| a.parse().ok())
+            let port = |field: &str| {
+                record[field]
+                    .as_str()
+                    .and_then(|a| a.parse().ok())
+                    .map(|addr: SocketAddr| addr.port())
+            };
+            if record["message"] == message
+                && let Some(http) = port("http")
                 && let Some(port_tx) = port_tx.take()
             {
-                let _ = port_tx.send(SocketAddr::port(&addr));
+                let _ = port_tx.send((http, port("admin")));
             }
         }
     });
     let port = tokio::time::timeout(Duration::from_secs(30), port_rx)
         .await
-        .expect("the worker logs \"Worker starting.\" within 30 s")
+        .unwrap_or_else(|_| panic!("the worker logs {message:?} within 30 s"))
         .expect("the worker's start-up line names its HTTP address");
     (child, port)
 }

@@ -253,3 +253,123 @@ async fn the_broker_password_is_not_in_a_trace_log() {
     );
     let _ = worker.kill().await;
 }
+
+/// SPEC §5: `/healthz` answers 200 while the process runs, and `/readyz` 503 with a reason. A
+/// worker whose Postgres did not answer at start used to refuse every connection until it did
+/// (and had migrated): no liveness, no metrics, no word of what it waited for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_and_metrics_answer_while_postgres_does_not_at_start() {
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    let postgres = crate::proxy::Proxy::start("127.0.0.1:5432").await;
+    postgres.cut();
+    // A password (trust authentication ignores it) that no answer may show.
+    let through_proxy = db.url.replace(
+        "postgres@127.0.0.1:5432",
+        &format!("postgres:hunter2@{}", postgres.addr),
+    );
+    assert_ne!(through_proxy, db.url);
+    let (mut child, port, admin) = spawn_listening(worker_command(
+        &db,
+        &broker,
+        &[
+            ("DATABASE_URL", through_proxy),
+            ("ADMIN_ADDR", "127.0.0.1:0".into()),
+        ],
+    ))
+    .await;
+    let admin = admin.expect("the start-up line names the admin address");
+    let get = async |port: u16, path: &str| {
+        let response = reqwest::get(format!("http://127.0.0.1:{port}{path}"))
+            .await
+            .expect("the worker answers");
+        let status = response.status().as_u16();
+        (status, response.text().await.expect("a body"))
+    };
+    let starting = |body: &str| -> String {
+        let error: serde_json::Value = serde_json::from_str(body).expect("a JSON error");
+        let error = error["error"].as_str().expect("an error text").to_string();
+        assert!(error.starts_with("starting: "), "{error}");
+        assert!(!error.contains("hunter2"), "the password in {error}");
+        error
+    };
+
+    // Waiting for Postgres: alive, scraped, and /readyz names what it waits for.
+    let reason = wait_for(
+        Duration::from_secs(30),
+        "a refused attempt in /readyz",
+        || async {
+            let (status, body) = get(port, "/readyz").await;
+            assert_eq!(status, 503, "/readyz while starting: {body}");
+            let error = starting(&body);
+            error.contains("does not answer").then_some(error)
+        },
+    )
+    .await;
+    assert!(
+        reason.contains(&postgres.addr.to_string()) && reason.contains("the next at"),
+        "{reason}"
+    );
+    assert!(postgres.refused() >= 1, "the worker tried Postgres");
+    for port in [port, admin] {
+        assert_eq!(
+            get(port, "/healthz").await,
+            (200, r#"{"status":"ok"}"#.into())
+        );
+        let (status, metrics) = get(port, "/metrics").await;
+        assert_eq!(status, 200);
+        assert!(
+            metrics.lines().any(|line| line == "catchall_ready 0"),
+            "catchall_ready 0 while starting:\n{metrics}"
+        );
+        for path in ["/readyz", "/readyz/lookups"] {
+            let (status, body) = get(port, path).await;
+            assert_eq!(status, 503, "{path} while starting: {body}");
+            starting(&body);
+        }
+    }
+    let (status, body) = get(port, "/domains/example.com").await;
+    assert_eq!(status, 503, "a look-up while starting: {body}");
+    starting(&body);
+
+    // Postgres back, with another replica's migration under way (its lock held here): the
+    // worker says it waits for the migrations.
+    let migrating = db.client().await;
+    migrating
+        .execute(
+            "SELECT pg_advisory_lock($1)",
+            &[&catchall::store::MIGRATION_LOCK],
+        )
+        .await
+        .expect("take the migration lock");
+    postgres.restore();
+    wait_for(
+        Duration::from_secs(60),
+        "the migrations in /readyz",
+        || async {
+            let (_, body) = get(port, "/readyz").await;
+            (starting(&body) == "starting: applying migrations").then_some(())
+        },
+    )
+    .await;
+
+    // The migrations done: the worker consumes, and its own routes answer on both addresses.
+    drop(migrating);
+    wait_for(
+        Duration::from_secs(60),
+        "/readyz 200 after the start",
+        || async { (get(port, "/readyz").await.0 == 200).then_some(()) },
+    )
+    .await;
+    let (status, body) = get(port, "/domains/example.com").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"unknown\""), "{body}");
+    assert_eq!(get(admin, "/readyz").await.0, 200);
+    assert_eq!(
+        get(admin, "/domains/example.com").await.0,
+        404,
+        "no API on the admin address"
+    );
+    let (status, _) = sigterm(&mut child, Duration::from_secs(15)).await;
+    assert!(status.success(), "exit status {status}");
+}
