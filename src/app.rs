@@ -323,6 +323,10 @@ impl Starting {
             tracing::info!(migration = %migration, "Migration applied.");
         }
         let dedup_probe = connect(1).await?;
+        servers.http.switch.started_soon();
+        if let Some(admin) = &servers.admin {
+            admin.switch.started_soon();
+        }
         Ok(App {
             consumer: consumer::ConsumerSettings::from_config(&config),
             config,
@@ -427,6 +431,10 @@ impl App {
             ingest,
             query_tokens: Tokens::configured(&config.query_tokens),
             webhooks,
+            answers: crate::http::AnswerBudget::new(
+                config.http_answer_budget,
+                config.http_request_timeout / 3,
+            ),
         };
         tracing::info!(
             http = %http.addr,

@@ -257,6 +257,12 @@ pub struct Config {
     #[arg(long, env = "HTTP_BODY_BUDGET", default_value = "32MiB", value_parser = parse_bytes)]
     pub http_body_budget: u64,
 
+    /// Large answers (listings, bulk look-ups) held at once until they are sent: room for one
+    /// is taken before it is read from Postgres, for at most a third of HTTP_REQUEST_TIMEOUT
+    /// (then 503), and given back once the kernel has taken its last byte. At least 1MiB.
+    #[arg(long, env = "HTTP_ANSWER_BUDGET", default_value = "32MiB", value_parser = parse_bytes)]
+    pub http_answer_budget: u64,
+
     /// How long a request may take from its headers to its answer (slower ones get 408).
     #[arg(long, env = "HTTP_REQUEST_TIMEOUT", default_value = "15s", value_parser = timeout)]
     pub http_request_timeout: Duration,
@@ -514,6 +520,7 @@ impl Config {
         const TIB: u64 = 1 << 40;
         for (name, bytes) in [
             ("HTTP_BODY_BUDGET", self.http_body_budget),
+            ("HTTP_ANSWER_BUDGET", self.http_answer_budget),
             ("PREFETCH_BYTES", self.prefetch_bytes),
         ] {
             if bytes > TIB {
@@ -524,6 +531,12 @@ impl Config {
             return Err(format!(
                 "HTTP_BODY_BUDGET ({} bytes) must be at least 1MiB, the largest body a request may have",
                 self.http_body_budget
+            ));
+        }
+        if self.http_answer_budget < 1 << 20 {
+            return Err(format!(
+                "HTTP_ANSWER_BUDGET ({} bytes) must be at least 1MiB",
+                self.http_answer_budget
             ));
         }
         let webhooks = self.webhooks.clone().normalized();

@@ -53,6 +53,99 @@ pub struct AppState {
     pub query_tokens: Option<Tokens>,
     /// The ESP webhook routes (each on only with its provider's setting); `None`: none is set.
     pub webhooks: Option<crate::webhooks::WebhookState>,
+    /// Room for the large answers held at once (`HTTP_ANSWER_BUDGET`).
+    pub answers: AnswerBudget,
+}
+
+/// The large answers (listings, bulk look-ups) a worker holds at once, in bytes
+/// (`HTTP_ANSWER_BUDGET`). An answer takes room for the most it can be before it is read from
+/// Postgres, keeps what it turned out to be, and gives it back once the kernel has taken its
+/// last byte ([`budgeted_json`]). Without it, clients that ask and do not read held an answer
+/// each, up to `HTTP_MAX_CONNECTIONS` of them (a megabyte or more each: in the socket's send
+/// buffer or in hyper's), whatever the worker's memory. The price: such clients hold their
+/// room for as long as their connection lives (about 80 s at most), and large answers to
+/// others wait, then get 503, meanwhile.
+#[derive(Clone)]
+pub struct AnswerBudget {
+    room: Arc<tokio::sync::Semaphore>,
+    /// All of it, in bytes (the most one answer takes).
+    total: u32,
+    /// How long an answer waits for room before it is refused (503).
+    wait: Duration,
+}
+
+impl AnswerBudget {
+    pub fn new(bytes: u64, wait: Duration) -> Self {
+        let total = bytes.min(u64::from(u32::MAX)) as u32;
+        Self {
+            room: Arc::new(tokio::sync::Semaphore::new(total as usize)),
+            total,
+            wait,
+        }
+    }
+
+    /// Room for an answer of at most `most` bytes (all of the budget if it is larger), or 503
+    /// once `wait` has passed without it.
+    async fn take(&self, most: usize) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        let bytes = most.clamp(1, self.total as usize) as u32;
+        match tokio::time::timeout(self.wait, self.room.clone().acquire_many_owned(bytes)).await {
+            Ok(Ok(room)) => Ok(room),
+            _ => Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many large answers are being sent; try again",
+            )),
+        }
+    }
+}
+
+/// The most an accepted connection's socket holds unsent (`TCP_NOTSENT_LOWAT`): by default its
+/// send buffer grows to 4 MiB (`tcp_wmem`) for a client that does not read.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const NOT_SENT_MOST: u32 = 64 * 1024;
+
+/// The most one entry of a listing or a look-up answer takes in JSON: a domain of 253 bytes,
+/// the longest status, three counters of 20 digits, and the names around them.
+const ENTRY_JSON_MOST: usize = 400;
+
+/// What a listing or look-up answer takes besides its entries (`{"results":[…]}`,
+/// `{"domains":[…],"next":"<a domain>"}`).
+const ANSWER_JSON_MOST: usize = 300;
+
+/// `value` as a JSON answer that holds `room` (shrunk to its size) for as long as any of its
+/// bytes are: hyper holds the answer without copying it until the kernel has taken the last
+/// byte, so a client that does not read keeps it counted.
+fn budgeted_json<T: Serialize>(
+    value: &T,
+    mut room: tokio::sync::OwnedSemaphorePermit,
+) -> Result<Response, ApiError> {
+    let mut json = serde_json::to_vec(value).map_err(|error| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding the answer: {error}"),
+        )
+    })?;
+    // serde_json grows its buffer by doubling: up to twice the answer.
+    json.shrink_to_fit();
+    // An answer larger than it was thought to be keeps what it has (at most the whole budget).
+    let keep = json.len().clamp(1, room.num_permits());
+    drop(room.split(room.num_permits() - keep));
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        Bytes::from_owner(Answer { json, _room: room }),
+    )
+        .into_response())
+}
+
+/// An answer's bytes with its room in the [`AnswerBudget`], given back with them.
+struct Answer {
+    json: Vec<u8>,
+    _room: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl AsRef<[u8]> for Answer {
+    fn as_ref(&self) -> &[u8] {
+        &self.json
+    }
 }
 
 impl AppState {
@@ -164,23 +257,36 @@ pub fn starting_router(phase: StartPhase, metrics: PrometheusHandle) -> Router {
 /// What a listener serves: [`starting_router`] until [`Switch::start`] sets the worker's
 /// router. One server per listener for the worker's whole life, from before Postgres answers:
 /// no hand-over between servers, one connection cap, and keep-alive connections carry on.
+/// Once the start is done ([`Switch::started_soon`]), requests wait for the worker's router
+/// (set as `App::run` begins) rather than be told the worker is starting.
 #[derive(Clone)]
 pub struct Switch {
     starting: Router,
-    started: Arc<std::sync::OnceLock<Router>>,
+    started: Arc<tokio::sync::watch::Sender<Option<Router>>>,
+    soon: Arc<AtomicBool>,
 }
+
+/// The longest a request waits for the worker's router once the start is done (an `App` that
+/// is never run).
+const SWITCH_WAIT: Duration = Duration::from_secs(5);
 
 impl Switch {
     pub fn new(starting: Router) -> Self {
         Self {
             starting,
-            started: Arc::default(),
+            started: Arc::new(tokio::sync::watch::Sender::new(None)),
+            soon: Arc::default(),
         }
+    }
+
+    /// The start is done: requests wait (up to [`SWITCH_WAIT`]) for [`Switch::start`].
+    pub fn started_soon(&self) {
+        self.soon.store(true, Ordering::Release);
     }
 
     /// Serves `app` from now on (requests under way end on the start's router).
     pub fn start(&self, app: Router) {
-        let _ = self.started.set(app);
+        self.started.send_replace(Some(app));
     }
 
     /// The router to [`serve`].
@@ -192,7 +298,7 @@ impl Switch {
 impl tower::Service<Request> for Switch {
     type Response = Response;
     type Error = std::convert::Infallible;
-    type Future = tower::util::Oneshot<Router, Request>;
+    type Future = futures_util::future::BoxFuture<'static, Result<Response, Self::Error>>;
 
     fn poll_ready(
         &mut self,
@@ -202,9 +308,23 @@ impl tower::Service<Request> for Switch {
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
+        use futures_util::FutureExt;
         use tower::ServiceExt;
-        let router = self.started.get().unwrap_or(&self.starting).clone();
-        router.oneshot(request)
+        if let Some(router) = self.started.borrow().clone() {
+            return router.oneshot(request).boxed();
+        }
+        if !self.soon.load(Ordering::Acquire) {
+            return self.starting.clone().oneshot(request).boxed();
+        }
+        let (mut started, starting) = (self.started.subscribe(), self.starting.clone());
+        async move {
+            let router = tokio::time::timeout(SWITCH_WAIT, started.wait_for(Option::is_some))
+                .await
+                .ok()
+                .and_then(|router| router.ok().and_then(|router| router.clone()));
+            router.unwrap_or(starting).oneshot(request).await
+        }
+        .boxed()
     }
 }
 
@@ -778,8 +898,9 @@ enum LookupEntry {
 /// asked. Invalid domains are reported in their entry, not by failing the whole request.
 async fn lookup_domains(
     State(state): State<AppState>,
+    body_room: Option<axum::Extension<BodyRoom>>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<LookupAnswer>, ApiError> {
+) -> Result<Response, ApiError> {
     let body = body.map_err(|rejection| {
         let (status, text) = body_rejection(&rejection);
         ApiError::new(status, text)
@@ -800,6 +921,22 @@ async fn lookup_domains(
             }
         })?;
     let domains = request.domains.0;
+    let body_len = body.len();
+    drop(body);
+    // The body is read: its room goes back before the answer waits for its own (slow readers
+    // holding the answer budget kept bulk look-ups on body room others waited for).
+    if let Some(axum::Extension(body_room)) = body_room {
+        body_room.release();
+    }
+    // An invalid entry is answered with what was sent: never longer than it was in the body
+    // (what JSON escapes on output came escaped in the input).
+    let most = domains
+        .iter()
+        .map(|raw| raw.len() * 6 + ENTRY_JSON_MOST)
+        .sum::<usize>()
+        .min(domains.len() * ENTRY_JSON_MOST + body_len)
+        + ANSWER_JSON_MOST;
+    let room = state.answers.take(most).await?;
     let normalised: Vec<Result<String, String>> = domains
         .iter()
         .map(|raw| normalize_domain(raw).map_err(|reason| format!("invalid domain: {reason}")))
@@ -833,7 +970,7 @@ async fn lookup_domains(
             Err(error) => LookupEntry::Invalid { domain: raw, error },
         })
         .collect();
-    Ok(Json(LookupAnswer { results }))
+    budgeted_json(&LookupAnswer { results }, room)
 }
 
 /// The answer of `POST /domains/lookup` (serialised straight from the structs, no JSON tree).
@@ -882,7 +1019,7 @@ pub fn parse_status(raw: &str) -> Result<Status, String> {
 async fn list_domains(
     State(state): State<AppState>,
     query: Result<Query<ListParams>, QueryRejection>,
-) -> Result<Json<ListPage>, ApiError> {
+) -> Result<Response, ApiError> {
     let Query(params) = query.map_err(|rejection| {
         ApiError::bad_request(format!("invalid query: {}", rejection.body_text()))
     })?;
@@ -911,6 +1048,10 @@ async fn list_domains(
             "after must be a domain (a previous page's next), without control characters",
         ));
     }
+    let room = state
+        .answers
+        .take(limit as usize * ENTRY_JSON_MOST + ANSWER_JSON_MOST)
+        .await?;
     let page = state
         .reader()
         .0
@@ -930,7 +1071,7 @@ async fn list_domains(
             other_bounced: row.other_bounced,
         })
         .collect();
-    Ok(Json(ListPage { domains, next }))
+    budgeted_json(&ListPage { domains, next }, room)
 }
 
 // --- The server ---
@@ -1083,8 +1224,25 @@ type Acquiring = futures_util::future::BoxFuture<
     Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError>,
 >;
 
-/// What one request reserved, released when its answer is made.
-type Held = Arc<std::sync::OnceLock<tokio::sync::OwnedSemaphorePermit>>;
+/// What one request reserved, released when its answer is made, or before by the handler
+/// ([`BodyRoom::release`]).
+type Held = Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>;
+
+/// A request's room in the body budget, in its extensions: a handler that has read its body
+/// gives it back before it waits for something else (room for its answer).
+#[derive(Clone)]
+pub struct BodyRoom(Held);
+
+impl BodyRoom {
+    fn release(&self) {
+        drop(
+            self.0
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner())
+                .take(),
+        );
+    }
+}
 
 impl<S> tower::Service<Request> for BodyBudget<S>
 where
@@ -1122,7 +1280,8 @@ where
             return Either::Left(self.inner.call(request));
         }
         let held = Held::default();
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
+        parts.extensions.insert(BodyRoom(held.clone()));
         let body = axum::body::Body::new(BudgetBody {
             inner: body,
             budget: self.budget.clone(),
@@ -1216,7 +1375,10 @@ impl hyper::body::Body for BudgetBody {
                 Poll::Ready(Ok(permit)) => permit,
                 Poll::Ready(Err(error)) => return Poll::Ready(Some(Err(axum::Error::new(error)))),
             };
-            let _ = self.held.set(permit);
+            *self
+                .held
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner()) = Some(permit);
             let (frame, _, _) = self.waiting.take().expect("a chunk waits");
             let mut pace = Pace::start(std::mem::take(&mut self.reserve));
             pace.received(frame.data_ref().map_or(0, |data| data.len()), self.timeout);
@@ -1374,6 +1536,11 @@ async fn serve_counting_waiters(
             _ = cancel.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
+        // What the kernel holds unsent for a client that does not read: an answer handed to it
+        // leaves the answer budget. Not SO_SNDBUF, which would also cap what is in flight to a
+        // client that reads (and its throughput far away).
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        let _ = socket2::SockRef::from(&stream).set_tcp_notsent_lowat(NOT_SENT_MOST);
         // Set at the connection's lifetime: from then on every answer says `Connection: close`.
         let last_call = Arc::new(AtomicBool::new(false));
         let service = TowerToHyperService::new(

@@ -777,14 +777,70 @@ pub async fn sigterm(
     (status, stopped_at.elapsed())
 }
 
+/// Which queue of a TCP socket [`socket_queue_bytes`] sums.
+pub enum Queue {
+    /// Sent and not acknowledged by the peer, or not sent yet (`tx_queue`).
+    Unsent,
+    /// Received and not read by the process (`rx_queue`).
+    Unread,
+}
+
+/// Bytes the kernel holds in `queue` of `pid`'s TCP sockets whose (local, remote) ports
+/// `pick` takes (`/proc/<pid>/net/tcp`, its sockets found by inode among its file descriptors).
+pub fn socket_queue_bytes(pid: u32, queue: Queue, pick: impl Fn(u16, u16) -> bool) -> u64 {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("list the process' file descriptors")
+        .filter_map(|entry| {
+            let link = std::fs::read_link(entry.ok()?.path()).ok()?;
+            let link = link.to_str()?;
+            Some(
+                link.strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .to_string(),
+            )
+        })
+        .collect();
+    let port = |address: &str| u16::from_str_radix(address.rsplit(':').next()?, 16).ok();
+    ["tcp", "tcp6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).ok())
+        .flat_map(|text| text.lines().skip(1).map(str::to_string).collect::<Vec<_>>())
+        .filter_map(|line| {
+            // sl local rem st tx_queue:rx_queue tr:when retrnsmt uid timeout inode …
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (local, remote) = (port(fields.get(1)?)?, port(fields.get(2)?)?);
+            let (queues, inode) = (fields.get(4)?, fields.get(9)?);
+            if !pick(local, remote) || !inodes.contains(*inode) {
+                return None;
+            }
+            let (unsent, unread) = queues.split_once(':')?;
+            let bytes = match queue {
+                Queue::Unsent => unsent,
+                Queue::Unread => unread,
+            };
+            u64::from_str_radix(bytes, 16).ok()
+        })
+        .sum()
+}
+
+/// Resident memory of a process now, from /proc (VmRSS).
+pub fn rss_bytes(pid: u32) -> u64 {
+    status_bytes(pid, "VmRSS:")
+}
+
 /// Peak resident memory of a process, from /proc (VmHWM).
 pub fn peak_rss_bytes(pid: u32) -> u64 {
+    status_bytes(pid, "VmHWM:")
+}
+
+/// A size in `/proc/<pid>/status` (`field` with its colon), in bytes.
+fn status_bytes(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
     status
         .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .find_map(|line| line.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("VmHWM in /proc/<pid>/status")
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
         * 1024
 }
 

@@ -865,3 +865,120 @@ fn export_command(db: &TestDb, output: &TempFile) -> tokio::process::Command {
         .arg(&output.0);
     command
 }
+
+/// Clients that ask for large answers and do not read them hold no more than
+/// `HTTP_ANSWER_BUDGET` of the worker's memory (its own and its sockets' send queues, which a
+/// container's memory limit counts too). Listing pages of 10,000 domains (1.28 MB) to clients
+/// with a 4 KiB receive window, then pages of 4,000 to clients with a 208 KiB one (which take
+/// enough for hyper to hold the rest without the answer's body): 80 slow clients used to hold
+/// 68 MiB in the kernel's send queues of the worker's sockets (which grow to 4 MiB each) or in
+/// hyper's buffers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_readers_of_large_answers_hold_at_most_the_answer_budget() {
+    const CLIENTS: usize = 80;
+    let db = TestDb::create().await;
+    let broker = TestBroker::new();
+    let (child, port) = spawn_on_a_port(worker_command(
+        &db,
+        &broker,
+        &[
+            ("HTTP_ANSWER_BUDGET", "8MiB".into()),
+            // Answers wait for room up to a third of it, then 503.
+            ("HTTP_REQUEST_TIMEOUT", "3s".into()),
+        ],
+    ))
+    .await;
+    let pid = child.id().expect("the worker's pid");
+    let list = |limit: u32| format!("http://127.0.0.1:{port}/domains?limit={limit}");
+    wait_for(Duration::from_secs(30), "the worker to list", || async {
+        let response = reqwest::get(list(1)).await.ok()?;
+        (response.status() == StatusCode::OK).then_some(())
+    })
+    .await;
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO domains (domain, delivered, bounced) \
+             SELECT 'a-domain-name-long-enough-' || i || '.example', 2000, 0 \
+             FROM generate_series(1, 20000) AS i",
+            &[],
+        )
+        .await
+        .expect("seed catch-all domains");
+    let page = reqwest::get(list(10_000))
+        .await
+        .expect("GET a page")
+        .bytes()
+        .await
+        .expect("its body");
+    assert!(page.len() > 1_200_000, "{} bytes a page", page.len());
+    // `/domains` answers so far, by code.
+    let answered = async |code: &str| -> f64 {
+        let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("its body");
+        let series = format!("catchall_http_requests_total{{route=\"/domains\",code=\"{code}\"}} ");
+        metrics
+            .lines()
+            .filter_map(|line| line.strip_prefix(&series)?.parse::<f64>().ok())
+            .sum()
+    };
+
+    for (window, limit) in [(4096, 10_000), (212_992, 4_000)] {
+        let before = (answered("200").await, answered("503").await, rss_bytes(pid));
+        // Slow readers: a receive window of `window`, and nothing read.
+        let mut clients = Vec::new();
+        for _ in 0..CLIENTS {
+            let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+            socket.set_recv_buffer_size(window).expect("SO_RCVBUF");
+            let mut stream = socket
+                .connect(([127, 0, 0, 1], port).into())
+                .await
+                .expect("connect");
+            let request = format!("GET /domains?limit={limit} HTTP/1.1\r\nHost: worker\r\n\r\n");
+            tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
+                .await
+                .expect("send the request");
+            clients.push(stream);
+        }
+        // Every request answered: with the page, or 503 once it waited a second for room.
+        let (pages, refused) = wait_for(
+            Duration::from_secs(60),
+            "every slow request answered",
+            || async {
+                let pages = answered("200").await - before.0;
+                let refused = answered("503").await - before.1;
+                (pages + refused >= CLIENTS as f64).then_some((pages, refused))
+            },
+        )
+        .await;
+        let unsent = socket_queue_bytes(pid, Queue::Unsent, |local, _| local == port);
+        let held = rss_bytes(pid).saturating_sub(before.2) + unsent;
+        eprintln!(
+            "{CLIENTS} slow readers (window {window}, limit {limit}): {pages} pages, {refused} \
+             refused; the worker holds {:.1} MiB more (RSS and send queues, {:.1} MiB unsent)",
+            held as f64 / f64::from(1 << 20),
+            unsent as f64 / f64::from(1 << 20),
+        );
+        assert!(pages >= 1.0 && unsent > 0, "pages were sent and sit unread");
+        assert!(
+            held < 24 << 20,
+            "{CLIENTS} slow readers hold {} MiB of the worker's memory (budget 8 MiB)",
+            held >> 20
+        );
+        // Gone: their room comes back for the next round.
+        drop(clients);
+        wait_for(
+            Duration::from_secs(30),
+            "the slow readers' room back",
+            || async {
+                let response = reqwest::get(list(10_000)).await.ok()?;
+                (response.status() == StatusCode::OK).then_some(())
+            },
+        )
+        .await;
+    }
+}

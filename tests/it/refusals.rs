@@ -1242,36 +1242,9 @@ async fn publish_heavy_headers(broker: &TestBroker, messages: usize) {
     raw.close().await;
 }
 
-/// Bytes the kernel holds unread in `pid`'s TCP sockets to `remote_port` (`/proc/<pid>/net/tcp`,
-/// its sockets found by inode among its file descriptors).
+/// Bytes the kernel holds unread in `pid`'s TCP sockets to `remote_port`.
 fn unread_from_port(pid: u32, remote_port: u16) -> u64 {
-    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("list the worker's file descriptors")
-        .filter_map(|entry| {
-            let link = std::fs::read_link(entry.ok()?.path()).ok()?;
-            let link = link.to_str()?;
-            Some(
-                link.strip_prefix("socket:[")?
-                    .strip_suffix(']')?
-                    .to_string(),
-            )
-        })
-        .collect();
-    let port = format!(":{remote_port:04X}");
-    ["tcp", "tcp6"]
-        .iter()
-        .filter_map(|table| std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).ok())
-        .flat_map(|text| text.lines().skip(1).map(str::to_string).collect::<Vec<_>>())
-        .filter_map(|line| {
-            // sl local rem st tx_queue:rx_queue tr:when retrnsmt uid timeout inode …
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let (remote, queues, inode) = (fields.get(2)?, fields.get(4)?, fields.get(9)?);
-            if !remote.ends_with(&port) || !inodes.contains(*inode) {
-                return None;
-            }
-            u64::from_str_radix(queues.split(':').nth(1)?, 16).ok()
-        })
-        .sum()
+    socket_queue_bytes(pid, Queue::Unread, |_, remote| remote == remote_port)
 }
 
 /// A client whose transaction holds `domains` locked (ACCESS EXCLUSIVE) until its `COMMIT`:
