@@ -107,7 +107,9 @@ pub struct Starting {
     phase: StartPhase,
 }
 
-/// A listener's server, running from [`App::listen`] until the worker stops.
+/// A listener's server, running from [`App::listen`] until the worker stops. One that fails
+/// during the start is noticed when `App::run` waits for it (the worker then stops with its
+/// error), not before.
 struct Served {
     addr: SocketAddr,
     /// Set to the worker's router by [`App::run`].

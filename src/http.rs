@@ -98,14 +98,40 @@ impl AnswerBudget {
     }
 }
 
-/// The most an accepted connection's socket holds unsent (`TCP_NOTSENT_LOWAT`): by default its
-/// send buffer grows to 4 MiB (`tcp_wmem`) for a client that does not read.
+/// About the most an accepted connection's socket holds unsent (`TCP_NOTSENT_LOWAT`; the kernel
+/// checks it before each segment, so up to a segment more): by default its send buffer grows
+/// to 4 MiB (`tcp_wmem`) for a client that does not read.
 #[cfg(any(target_os = "linux", target_os = "android"))]
 const NOT_SENT_MOST: u32 = 64 * 1024;
 
 /// The most one entry of a listing or a look-up answer takes in JSON: a domain of 253 bytes,
 /// the longest status, three counters of 20 digits, and the names around them.
 const ENTRY_JSON_MOST: usize = 400;
+
+/// Room in the [`AnswerBudget`] for the answer of a bulk look-up, taken before its body is read
+/// (an extractor ahead of the body's): a look-up waiting for room holds neither body room nor
+/// a parsed body. For the most a body of its `Content-Length` (1 MiB without one) can ask:
+/// an entry takes 3 bytes of the body at least and at most 400 of the answer, and an invalid
+/// one is echoed no longer than it was sent (what JSON escapes came escaped).
+pub struct BulkAnswerRoom(tokio::sync::OwnedSemaphorePermit);
+
+impl axum::extract::FromRequestParts<AppState> for BulkAnswerRoom {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let body = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|length| length.to_str().ok()?.parse::<usize>().ok())
+            .map_or(MAX_BODY_BYTES, |length| length.min(MAX_BODY_BYTES));
+        let entries = (body / 3).min(MAX_BATCH_EVENTS);
+        let most = entries * ENTRY_JSON_MOST + body + ANSWER_JSON_MOST;
+        Ok(Self(state.answers.take(most).await?))
+    }
+}
 
 /// What a listing or look-up answer takes besides its entries (`{"results":[…]}`,
 /// `{"domains":[…],"next":"<a domain>"}`).
@@ -229,10 +255,13 @@ impl StartPhase {
 }
 
 /// What `HTTP_ADDR` and `ADMIN_ADDR` serve while the worker connects to Postgres and migrates
-/// (SPEC §5: `/healthz` answers while the process runs): `/healthz` 200, `/metrics`, and 503
-/// with what it waits for on every other path (`/readyz` too), with `Retry-After`.
+/// (SPEC §5: `/healthz` answers while the process runs): `/healthz` 200, `/metrics`, 503 with
+/// what it waits for on `/readyz` and `/readyz/lookups`, and 503 `starting` on every other
+/// path, with `Retry-After`.
 pub fn starting_router(phase: StartPhase, metrics: PrometheusHandle) -> Router {
-    let starting = move || {
+    // What it waits for (the server's host:port/db) only where the probes look, as `/readyz`
+    // says it once started; every other path just says it is starting.
+    let waiting = move || {
         let phase = phase.clone();
         async move {
             ApiError::new(
@@ -241,8 +270,11 @@ pub fn starting_router(phase: StartPhase, metrics: PrometheusHandle) -> Router {
             )
         }
     };
+    let starting = || async { ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "starting") };
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(waiting.clone()))
+        .route("/readyz/lookups", get(waiting))
         .route(
             "/metrics",
             get(move || {
@@ -898,7 +930,7 @@ enum LookupEntry {
 /// asked. Invalid domains are reported in their entry, not by failing the whole request.
 async fn lookup_domains(
     State(state): State<AppState>,
-    body_room: Option<axum::Extension<BodyRoom>>,
+    BulkAnswerRoom(room): BulkAnswerRoom,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body.map_err(|rejection| {
@@ -921,22 +953,7 @@ async fn lookup_domains(
             }
         })?;
     let domains = request.domains.0;
-    let body_len = body.len();
     drop(body);
-    // The body is read: its room goes back before the answer waits for its own (slow readers
-    // holding the answer budget kept bulk look-ups on body room others waited for).
-    if let Some(axum::Extension(body_room)) = body_room {
-        body_room.release();
-    }
-    // An invalid entry is answered with what was sent: never longer than it was in the body
-    // (what JSON escapes on output came escaped in the input).
-    let most = domains
-        .iter()
-        .map(|raw| raw.len() * 6 + ENTRY_JSON_MOST)
-        .sum::<usize>()
-        .min(domains.len() * ENTRY_JSON_MOST + body_len)
-        + ANSWER_JSON_MOST;
-    let room = state.answers.take(most).await?;
     let normalised: Vec<Result<String, String>> = domains
         .iter()
         .map(|raw| normalize_domain(raw).map_err(|reason| format!("invalid domain: {reason}")))
@@ -1224,25 +1241,8 @@ type Acquiring = futures_util::future::BoxFuture<
     Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError>,
 >;
 
-/// What one request reserved, released when its answer is made, or before by the handler
-/// ([`BodyRoom::release`]).
-type Held = Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>;
-
-/// A request's room in the body budget, in its extensions: a handler that has read its body
-/// gives it back before it waits for something else (room for its answer).
-#[derive(Clone)]
-pub struct BodyRoom(Held);
-
-impl BodyRoom {
-    fn release(&self) {
-        drop(
-            self.0
-                .lock()
-                .unwrap_or_else(|poison| poison.into_inner())
-                .take(),
-        );
-    }
-}
+/// What one request reserved, released when its answer is made.
+type Held = Arc<std::sync::OnceLock<tokio::sync::OwnedSemaphorePermit>>;
 
 impl<S> tower::Service<Request> for BodyBudget<S>
 where
@@ -1280,8 +1280,7 @@ where
             return Either::Left(self.inner.call(request));
         }
         let held = Held::default();
-        let (mut parts, body) = request.into_parts();
-        parts.extensions.insert(BodyRoom(held.clone()));
+        let (parts, body) = request.into_parts();
         let body = axum::body::Body::new(BudgetBody {
             inner: body,
             budget: self.budget.clone(),
@@ -1375,10 +1374,7 @@ impl hyper::body::Body for BudgetBody {
                 Poll::Ready(Ok(permit)) => permit,
                 Poll::Ready(Err(error)) => return Poll::Ready(Some(Err(axum::Error::new(error)))),
             };
-            *self
-                .held
-                .lock()
-                .unwrap_or_else(|poison| poison.into_inner()) = Some(permit);
+            let _ = self.held.set(permit);
             let (frame, _, _) = self.waiting.take().expect("a chunk waits");
             let mut pace = Pace::start(std::mem::take(&mut self.reserve));
             pace.received(frame.data_ref().map_or(0, |data| data.len()), self.timeout);
@@ -1563,6 +1559,10 @@ async fn serve_counting_waiters(
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
+                // Answers are queued as they are, never copied into hyper's buffer: the room of
+                // a large one lives in its bytes (see `budgeted_json`). TCP writes vectored, so
+                // this is hyper's choice anyway; said here so that a wrapper cannot change it.
+                .writev(true)
                 .header_read_timeout(limits.header_timeout)
                 .max_header_size(limits.max_header_bytes);
             let connection = builder.serve_connection(TokioIo::new(stream), service);
