@@ -869,10 +869,10 @@ fn export_command(db: &TestDb, output: &TempFile) -> tokio::process::Command {
 /// Clients that ask for large answers and do not read them hold no more than
 /// `HTTP_ANSWER_BUDGET` of the worker's memory (its own and its sockets' send queues, which a
 /// container's memory limit counts too). Listing pages of 10,000 domains (1.28 MB) to clients
-/// with a 4 KiB receive window, then pages of 4,000 to clients with a 208 KiB one (which take
-/// enough for hyper to hold the rest without the answer's body): 80 slow clients used to hold
-/// 68 MiB in the kernel's send queues of the worker's sockets (which grow to 4 MiB each) or in
-/// hyper's buffers.
+/// with a 4 KiB receive window, pages of 4,000 to clients with a 208 KiB one (which take
+/// enough for hyper to hold the rest without the answer's body), then bulk look-ups of 10,000
+/// domains: 80 slow clients of the first kind used to hold 73 MiB in the kernel's send queues
+/// of the worker's sockets (which grow to 4 MiB each) or in hyper's buffers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_readers_of_large_answers_hold_at_most_the_answer_budget() {
     const CLIENTS: usize = 80;
@@ -912,7 +912,7 @@ async fn slow_readers_of_large_answers_hold_at_most_the_answer_budget() {
         .await
         .expect("its body");
     assert!(page.len() > 1_200_000, "{} bytes a page", page.len());
-    // `/domains` answers so far, by code.
+    // `/domains` and `/domains/lookup` answers so far, by code.
     let answered = async |code: &str| -> f64 {
         let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
             .await
@@ -920,16 +920,42 @@ async fn slow_readers_of_large_answers_hold_at_most_the_answer_budget() {
             .text()
             .await
             .expect("its body");
-        let series = format!("catchall_http_requests_total{{route=\"/domains\",code=\"{code}\"}} ");
-        metrics
-            .lines()
-            .filter_map(|line| line.strip_prefix(&series)?.parse::<f64>().ok())
+        ["/domains", "/domains/lookup"]
+            .iter()
+            .map(|route| {
+                let series =
+                    format!("catchall_http_requests_total{{route=\"{route}\",code=\"{code}\"}} ");
+                metrics
+                    .lines()
+                    .filter_map(|line| line.strip_prefix(&series)?.parse::<f64>().ok())
+                    .sum::<f64>()
+            })
             .sum()
     };
 
-    for (window, limit) in [(4096, 10_000), (212_992, 4_000)] {
+    // A bulk look-up of the first 10,000 domains: a 390 KB body, an 880 KB answer.
+    let bulk = {
+        let domains: Vec<String> = (1..=10_000)
+            .map(|i| format!("a-domain-name-long-enough-{i}.example"))
+            .collect();
+        let body = json!({ "domains": domains }).to_string();
+        format!(
+            "POST /domains/lookup HTTP/1.1\r\nHost: worker\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let page = |limit: u32| format!("GET /domains?limit={limit} HTTP/1.1\r\nHost: worker\r\n\r\n");
+    for (window, what, request) in [
+        (4096, "pages of 10,000", page(10_000)),
+        (212_992, "pages of 4,000", page(4_000)),
+        (4096, "bulk look-ups of 10,000", bulk),
+    ] {
         let before = (answered("200").await, answered("503").await, rss_bytes(pid));
         // Slow readers: a receive window of `window`, and nothing read.
+        // Each sends its request on a task of its own (a bulk body waits for the worker to
+        // read it), then holds the connection.
+        let hold = CancellationToken::new();
         let mut clients = Vec::new();
         for _ in 0..CLIENTS {
             let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
@@ -938,11 +964,12 @@ async fn slow_readers_of_large_answers_hold_at_most_the_answer_budget() {
                 .connect(([127, 0, 0, 1], port).into())
                 .await
                 .expect("connect");
-            let request = format!("GET /domains?limit={limit} HTTP/1.1\r\nHost: worker\r\n\r\n");
-            tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
-                .await
-                .expect("send the request");
-            clients.push(stream);
+            let (request, hold) = (request.clone(), hold.clone());
+            clients.push(tokio::spawn(async move {
+                // A 503 before the body was read may end the connection under the write.
+                let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes()).await;
+                hold.cancelled().await;
+            }));
         }
         // Every request answered: with the page, or 503 once it waited a second for room.
         let (pages, refused) = wait_for(
@@ -958,19 +985,25 @@ async fn slow_readers_of_large_answers_hold_at_most_the_answer_budget() {
         let unsent = socket_queue_bytes(pid, Queue::Unsent, |local, _| local == port);
         let held = rss_bytes(pid).saturating_sub(before.2) + unsent;
         eprintln!(
-            "{CLIENTS} slow readers (window {window}, limit {limit}): {pages} pages, {refused} \
+            "{CLIENTS} slow readers of {what} (window {window}): {pages} answered, {refused} \
              refused; the worker holds {:.1} MiB more (RSS and send queues, {:.1} MiB unsent)",
             held as f64 / f64::from(1 << 20),
             unsent as f64 / f64::from(1 << 20),
         );
-        assert!(pages >= 1.0 && unsent > 0, "pages were sent and sit unread");
+        assert!(
+            pages >= 1.0 && unsent > 0,
+            "answers were sent and sit unread"
+        );
         assert!(
             held < 24 << 20,
             "{CLIENTS} slow readers hold {} MiB of the worker's memory (budget 8 MiB)",
             held >> 20
         );
         // Gone: their room comes back for the next round.
-        drop(clients);
+        hold.cancel();
+        for client in clients {
+            client.await.expect("a client task");
+        }
         wait_for(
             Duration::from_secs(30),
             "the slow readers' room back",
