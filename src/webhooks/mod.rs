@@ -592,6 +592,11 @@ pub(crate) mod tests {
         super::sns::pem_der_for_tests(&test_cert_pem())
     }
 
+    /// The PEM of the key [`rsa_sign`] signs with (PKCS #8).
+    pub fn test_key_pem() -> String {
+        std::fs::read_to_string(test_key_dir().join("key.pem")).unwrap()
+    }
+
     /// The PEM of the certificate whose key [`rsa_sign`] signs with.
     pub fn test_cert_pem() -> String {
         std::fs::read_to_string(test_key_dir().join("cert.pem")).unwrap()

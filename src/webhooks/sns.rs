@@ -443,6 +443,19 @@ impl SnsVerifier {
             .await?;
         let certificate = Certificate::from_der(&der)
             .map_err(|_| WebhookError::Unauthorized("unreadable SNS certificate"))?;
+        // A certificate past its validity vouches for nothing, fetched or pinned (AWS signs
+        // with a new one, at a new URL, before the old one expires).
+        let validity = &certificate.tbs_certificate.validity;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        if now < validity.not_before.to_unix_duration()
+            || now > validity.not_after.to_unix_duration()
+        {
+            return Err(WebhookError::Unauthorized(
+                "the SNS certificate is expired or not yet valid",
+            ));
+        }
         let key = certificate
             .tbs_certificate
             .subject_public_key_info
@@ -1132,6 +1145,58 @@ mod tests {
             ),
         ] {
             assert!(!is_certificate_url(bad), "{bad}");
+        }
+    }
+
+    /// A certificate outside its validity is refused, whatever it signed: it was trusted for
+    /// ever once fetched (and pinned ones too). The same key, certified for a day in 2020 and
+    /// for a day in 2100, signs a message that the current certificate verifies.
+    #[tokio::test]
+    async fn a_certificate_outside_its_validity_is_refused() {
+        let topics = vec!["arn:aws:sns:us-west-2:123456789012:MyTopic".to_string()];
+        let body = sns_envelope("Notification", &fixture("ses-delivery.json"), "2");
+        let current = SnsVerifier::new(Some(test_cert_der())).unwrap();
+        handle(&current, &topics, body.as_bytes())
+            .await
+            .expect("the current certificate verifies");
+        let key = {
+            use base64::Engine;
+            let pem = crate::webhooks::tests::test_key_pem();
+            let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+            let der = base64::engine::general_purpose::STANDARD
+                .decode(body)
+                .expect("a PEM key");
+            rcgen::KeyPair::from_pkcs8_der_and_sign_algo(
+                &rustls::pki_types::PrivatePkcs8KeyDer::from(der),
+                &rcgen::PKCS_RSA_SHA256,
+            )
+            .expect("the test key (PKCS #8)")
+        };
+        for (from, until) in [
+            (
+                rcgen::date_time_ymd(2020, 1, 1),
+                rcgen::date_time_ymd(2020, 1, 2),
+            ),
+            (
+                rcgen::date_time_ymd(2100, 1, 1),
+                rcgen::date_time_ymd(2100, 1, 2),
+            ),
+        ] {
+            let mut params =
+                rcgen::CertificateParams::new(vec!["sns.us-west-2.amazonaws.com".into()]).unwrap();
+            (params.not_before, params.not_after) = (from, until);
+            let certificate = params.self_signed(&key).expect("a certificate");
+            let verifier = SnsVerifier::new(Some(certificate.der().to_vec())).unwrap();
+            let refused = handle(&verifier, &topics, body.as_bytes()).await;
+            assert!(
+                matches!(
+                    refused,
+                    Err(WebhookError::Unauthorized(
+                        "the SNS certificate is expired or not yet valid"
+                    ))
+                ),
+                "valid from {from} until {until}: {refused:?}"
+            );
         }
     }
 
