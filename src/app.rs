@@ -227,11 +227,6 @@ impl App {
 }
 
 impl Starting {
-    /// The address the HTTP server listens on (useful with port 0).
-    pub fn http_addr(&self) -> SocketAddr {
-        self.servers.http.addr
-    }
-
     /// Connects to Postgres (waiting while it does not answer; failing fast when it refuses)
     /// and applies the migrations; `/readyz` says which meanwhile. The servers go on serving
     /// the start's router until [`App::run`] gives them the worker's.
@@ -357,13 +352,13 @@ impl App {
     }
 
     /// The address the HTTP server listens on (useful with port 0).
-    pub fn http_addr(&self) -> anyhow::Result<SocketAddr> {
-        Ok(self.servers.http.addr)
+    pub fn http_addr(&self) -> SocketAddr {
+        self.servers.http.addr
     }
 
     /// The address `ADMIN_ADDR` listens on, when set (useful with port 0).
-    pub fn admin_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
-        Ok(self.servers.admin.as_ref().map(|admin| admin.addr))
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.servers.admin.as_ref().map(|admin| admin.addr)
     }
 
     /// Runs until `cancel` fires, then commits and acks what is in flight, stops the HTTP server

@@ -108,6 +108,10 @@ const NOT_SENT_MOST: u32 = 64 * 1024;
 /// the longest status, three counters of 20 digits, and the names around them.
 const ENTRY_JSON_MOST: usize = 400;
 
+/// What a listing or look-up answer takes besides its entries (`{"results":[…]}`,
+/// `{"domains":[…],"next":"<a domain>"}`).
+const ANSWER_JSON_MOST: usize = 300;
+
 /// Room in the [`AnswerBudget`] for the answer of a bulk look-up, taken before its body is read
 /// (an extractor ahead of the body's): a look-up waiting for room holds neither body room nor
 /// a parsed body. For the most a body of its `Content-Length` (1 MiB without one) can ask:
@@ -132,10 +136,6 @@ impl axum::extract::FromRequestParts<AppState> for BulkAnswerRoom {
         Ok(Self(state.answers.take(most).await?))
     }
 }
-
-/// What a listing or look-up answer takes besides its entries (`{"results":[…]}`,
-/// `{"domains":[…],"next":"<a domain>"}`).
-const ANSWER_JSON_MOST: usize = 300;
 
 /// `value` as a JSON answer that holds `room` (shrunk to its size) for as long as any of its
 /// bytes are: hyper holds the answer without copying it until the kernel has taken the last

@@ -106,7 +106,7 @@ async fn run(databases: &[String; 4], topology: &Topology) -> Result<Value> {
     config.ingest_tokens = Some(TOKEN.parse().map_err(anyhow::Error::msg)?);
     config.http_max_concurrency = 4096;
     let app = App::build(config).await?;
-    let base = format!("http://{}", app.http_addr()?);
+    let base = format!("http://{}", app.http_addr());
     let cancel = CancellationToken::new();
     let worker = tokio::spawn(app.run(cancel.clone()));
     let http = reqwest::Client::builder()

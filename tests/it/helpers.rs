@@ -352,8 +352,7 @@ impl TestWorker {
         );
         // Logs go to the test's output (shown when it fails); RUST_LOG sets the levels.
         catchall::telemetry::init(Some(catchall::config::LogFormat::Pretty));
-        let addr = app.http_addr().expect("bound address");
-        let admin = app.admin_addr().expect("bound admin address");
+        let (addr, admin) = (app.http_addr(), app.admin_addr());
         let worker_stats = app.stats();
         let cancel = CancellationToken::new();
         let handle = tokio::spawn(app.run(cancel.clone()));
